@@ -168,9 +168,10 @@ pub fn validate_trust_domain(td: &str) -> Result<(), &'static str> {
     if td.len() > 255 {
         return Err("it is longer than 255 characters");
     }
-    if !td.bytes().all(|b| {
-        b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
-    }) {
+    if !td
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
+    {
         return Err("only lowercase letters, digits, `.`, `-` and `_` are allowed");
     }
     Ok(())
@@ -237,8 +238,8 @@ impl TrustDomains {
 /// The SPIFFE URI SANs of a DER certificate, in order.
 pub fn spiffe_uris_from_der(der: &[u8]) -> Result<Vec<String>, IdentityError> {
     use x509_parser::prelude::*;
-    let (_, cert) = X509Certificate::from_der(der)
-        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
     let mut out = Vec::new();
     let san = cert
         .subject_alternative_name()
@@ -272,7 +273,9 @@ mod tests {
 
     #[test]
     fn parses_istio_identity() {
-        let id: Identity = "spiffe://cluster.local/ns/default/sa/sleep".parse().unwrap();
+        let id: Identity = "spiffe://cluster.local/ns/default/sa/sleep"
+            .parse()
+            .unwrap();
         assert_eq!(id.trust_domain(), "cluster.local");
         assert_eq!(id.namespace(), Some("default"));
         assert_eq!(id.service_account(), Some("sleep"));
@@ -331,9 +334,9 @@ mod tests {
     fn cert_with_uris(uris: &[&str]) -> Vec<u8> {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         for u in uris {
-            params
-                .subject_alt_names
-                .push(rcgen::SanType::URI(rcgen::string::Ia5String::try_from(*u).unwrap()));
+            params.subject_alt_names.push(rcgen::SanType::URI(
+                rcgen::string::Ia5String::try_from(*u).unwrap(),
+            ));
         }
         let key = rcgen::KeyPair::generate().unwrap();
         params.self_signed(&key).unwrap().der().to_vec()

@@ -1,1 +1,343 @@
-//! placeholder
+//! Outrigger's data plane.
+//!
+//! One [`Proxy`] owns the mesh-facing inbound listeners and the admin listener. Each accepted
+//! connection goes through: PeerAuthentication mode for the port → TLS or plaintext (peeked) →
+//! mTLS termination with SPIFFE verification → protocol (configured, ALPN, or sniffed) →
+//! authorization → forwarding to the loopback backend → metrics and access log.
+//!
+//! Policy and credentials are published by the caller (the `outrigger` binary) through
+//! [`PolicyHandle`] and [`outrigger_tls::CertStore`]; the proxy loads them once per connection
+//! (credentials) or per request (policy, so a policy change applies to the next request on a
+//! keep-alive connection without waiting for it to close).
+#![forbid(unsafe_code)]
+
+pub mod access_log;
+pub mod admin;
+mod authz;
+pub mod detect;
+mod http_fwd;
+pub mod inbound;
+pub mod io;
+pub mod jwt_authn;
+pub mod metrics;
+pub mod outbound;
+mod tcp_fwd;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use outrigger_identity::Identity;
+use outrigger_policy::Snapshot;
+use outrigger_tls::CertStore;
+
+pub use access_log::{AccessLog, AccessLogTarget};
+pub use metrics::Metrics;
+
+/// How an inbound listener treats the bytes inside the (m)TLS session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1 or HTTP/2 (chosen by ALPN, or by the HTTP/2 preface).
+    Http,
+    /// Opaque bytes: L4 authorization only.
+    Tcp,
+    /// HTTP when the first bytes are HTTP, opaque TCP otherwise.
+    Auto,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Tcp => "tcp",
+            Protocol::Auto => "auto",
+        }
+    }
+}
+
+/// One mesh-facing listener and the application port behind it.
+#[derive(Debug, Clone)]
+pub struct InboundConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub backend: SocketAddr,
+    pub protocol: Protocol,
+}
+
+/// What the proxy knows of the workload it fronts; used for metric labels and headers.
+#[derive(Debug, Clone)]
+pub struct WorkloadInfo {
+    pub identity: Identity,
+    pub namespace: String,
+    /// The workload name (Istio: the Deployment; here: `workload.name`, default the service
+    /// account).
+    pub name: String,
+    pub app: String,
+    pub version: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+    /// The mesh hostname of the service this workload backs, if configured.
+    pub service_host: Option<String>,
+    pub cluster: String,
+}
+
+/// Timeouts and limits. Defaults follow Envoy's where one exists.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How long to wait for a client's first bytes (TLS peek, HTTP sniff).
+    pub detect_timeout: Duration,
+    /// TLS handshake deadline.
+    pub handshake_timeout: Duration,
+    /// Connect timeout to the backend (Istio's `connectTimeout` default: 10 s).
+    pub connect_timeout: Duration,
+    /// After a shutdown signal, how long in-flight requests may finish.
+    pub drain_timeout: Duration,
+    /// Path normalization before authorization.
+    pub path_normalization: outrigger_policy::PathNormalization,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            detect_timeout: Duration::from_secs(1),
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
+            path_normalization: outrigger_policy::PathNormalization::default(),
+        }
+    }
+}
+
+/// The policy in force and where it came from.
+pub struct PolicyState {
+    pub snapshot: Snapshot,
+    /// The files the snapshot was built from.
+    pub sources: Vec<String>,
+    /// Increases with every successful (re)load.
+    pub version: u64,
+    pub loaded_at: SystemTime,
+}
+
+/// The last failed reload, kept for `/config_dump` until a reload succeeds.
+#[derive(Debug, Clone)]
+pub struct ReloadFailure {
+    pub at: SystemTime,
+    pub error: String,
+}
+
+/// The published policy: swapped atomically, watched by long-lived connections.
+pub struct PolicyHandle {
+    current: ArcSwap<PolicyState>,
+    last_failure: ArcSwap<Option<ReloadFailure>>,
+    changed: watch::Sender<u64>,
+}
+
+impl PolicyHandle {
+    pub fn new(state: PolicyState) -> Arc<Self> {
+        let (changed, _) = watch::channel(state.version);
+        Arc::new(PolicyHandle {
+            current: ArcSwap::from_pointee(state),
+            last_failure: ArcSwap::from_pointee(None),
+            changed,
+        })
+    }
+
+    /// The policy in force (lock-free).
+    pub fn load(&self) -> Arc<PolicyState> {
+        self.current.load_full()
+    }
+
+    /// Swaps in a new policy; every later decision uses it.
+    pub fn publish(&self, state: PolicyState) {
+        let v = state.version;
+        self.current.store(Arc::new(state));
+        self.last_failure.store(Arc::new(None));
+        self.changed.send_replace(v);
+    }
+
+    /// Records a failed reload: the previous policy stays in force.
+    pub fn record_failure(&self, error: String) {
+        self.last_failure.store(Arc::new(Some(ReloadFailure {
+            at: SystemTime::now(),
+            error,
+        })));
+    }
+
+    pub fn last_failure(&self) -> Option<ReloadFailure> {
+        (**self.last_failure.load()).clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+/// State shared by every connection.
+pub(crate) struct Ctx {
+    pub certs: CertStore,
+    pub policy: Arc<PolicyHandle>,
+    pub metrics: Arc<Metrics>,
+    pub access_log: AccessLog,
+    pub workload: WorkloadInfo,
+    pub settings: Settings,
+    pub dest_labels: metrics::TcpLabels,
+    pub ready: AtomicBool,
+    pub inbound: Vec<InboundConfig>,
+    pub jwks: Arc<jwt_authn::JwksCache>,
+    /// Dropped receivers tell the drain that a connection has finished.
+    pub drain: watch::Receiver<bool>,
+}
+
+/// The running data plane.
+pub struct Proxy {
+    ctx: Arc<Ctx>,
+    listeners: Vec<(Arc<InboundConfig>, TcpListener)>,
+    admin: Option<TcpListener>,
+    outbound: outbound::Bound,
+    drain_tx: watch::Sender<bool>,
+}
+
+/// Everything [`Proxy::bind`] needs.
+pub struct ProxyOptions {
+    pub inbound: Vec<InboundConfig>,
+    pub admin: Option<SocketAddr>,
+    pub workload: WorkloadInfo,
+    pub settings: Settings,
+    pub access_log: AccessLog,
+    pub metrics: Arc<Metrics>,
+    pub jwt: jwt_authn::JwtSettings,
+    /// Mesh destinations the application calls through loopback listeners.
+    pub outbound: Vec<outbound::OutboundConfig>,
+    /// The `HTTP_PROXY` listener, if any.
+    pub outbound_proxy: Option<outbound::OutboundProxyConfig>,
+}
+
+impl Proxy {
+    /// Binds every listener now, so that a port in use is a start-up error, not a log line.
+    pub async fn bind(
+        opts: ProxyOptions,
+        certs: CertStore,
+        policy: Arc<PolicyHandle>,
+    ) -> std::io::Result<Proxy> {
+        let mut listeners = Vec::new();
+        for cfg in &opts.inbound {
+            let l = TcpListener::bind(cfg.listen).await.map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "inbound listener `{}`: cannot listen on {}: {e}",
+                        cfg.name, cfg.listen
+                    ),
+                )
+            })?;
+            let mut cfg = cfg.clone();
+            cfg.listen = l.local_addr()?;
+            listeners.push((Arc::new(cfg), l));
+        }
+        let admin = match opts.admin {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("admin listener: cannot listen on {addr}: {e}"),
+                )
+            })?),
+            None => None,
+        };
+        let outbound = outbound::bind(
+            &opts.outbound,
+            opts.outbound_proxy.as_ref(),
+            &opts.workload,
+            &certs,
+        )
+        .await?;
+        let (drain_tx, drain_rx) = watch::channel(false);
+        let dest_labels = metrics::destination_labels(&opts.workload);
+        let jwks = jwt_authn::JwksCache::new(opts.jwt, opts.metrics.clone());
+        let ctx = Arc::new(Ctx {
+            certs,
+            policy,
+            metrics: opts.metrics,
+            access_log: opts.access_log,
+            dest_labels,
+            workload: opts.workload,
+            settings: opts.settings,
+            ready: AtomicBool::new(false),
+            inbound: listeners.iter().map(|(c, _)| (**c).clone()).collect(),
+            jwks,
+            drain: drain_rx,
+        });
+        Ok(Proxy {
+            ctx,
+            listeners,
+            admin,
+            outbound,
+            drain_tx,
+        })
+    }
+
+    /// The bound inbound listeners (useful when configured with port 0).
+    pub fn inbound_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.listeners
+            .iter()
+            .map(|(c, _)| (c.name.clone(), c.listen))
+            .collect()
+    }
+
+    /// The bound outbound listeners by name (the HTTP proxy is `http-proxy`).
+    pub fn outbound_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.outbound.addrs()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish
+    /// (up to `drain_timeout`) and returns.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let Proxy {
+            ctx,
+            listeners,
+            admin,
+            outbound,
+            drain_tx,
+        } = self;
+        let mut tasks = tokio::task::JoinSet::new();
+        for (cfg, l) in listeners {
+            tasks.spawn(inbound::serve_listener(l, cfg, ctx.clone()));
+        }
+        if let Some(l) = admin {
+            tasks.spawn(admin::serve(l, ctx.clone()));
+        }
+        outbound::spawn(outbound, &ctx, &mut tasks);
+        let jwks_refresh = ctx.jwks.spawn_refresh();
+        ctx.ready.store(true, Ordering::SeqCst);
+        tracing::info!(
+            identity = %ctx.workload.identity,
+            listeners = ctx.inbound.len(),
+            "outrigger is ready"
+        );
+        shutdown.await;
+        ctx.ready.store(false, Ordering::SeqCst);
+        tracing::info!("shutting down: no new connections; draining in-flight requests");
+        let _ = drain_tx.send(true);
+        let drain_timeout = ctx.settings.drain_timeout;
+        drop(ctx);
+        // Every connection task and listener holds a receiver; `closed` resolves when all are
+        // gone.
+        match tokio::time::timeout(drain_timeout, drain_tx.closed()).await {
+            Ok(()) => tracing::info!("drained: all connections finished"),
+            Err(_) => tracing::warn!(
+                timeout_s = drain_timeout.as_secs(),
+                "drain timeout: closing remaining connections"
+            ),
+        }
+        tasks.abort_all();
+        jwks_refresh.abort();
+    }
+}

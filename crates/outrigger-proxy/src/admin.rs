@@ -1,0 +1,149 @@
+//! The admin listener: readiness, Prometheus metrics, and a dump of the configuration in force.
+//! Bind it to loopback (the default): `/config_dump` names files and identities.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::Ctx;
+
+pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
+    let mut drain = ctx.drain.clone();
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = drain.wait_for(|d| *d) => break,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let ctx = ctx.clone();
+                async move { Ok::<_, Infallible>(route(req, &ctx)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+fn route(req: Request<Incoming>, ctx: &Ctx) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET\n".into(),
+        );
+    }
+    match req.uri().path() {
+        "/healthz/ready" => {
+            if ctx.ready.load(Ordering::SeqCst) {
+                reply(StatusCode::OK, "text/plain", "ready\n".into())
+            } else {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready\n".into(),
+                )
+            }
+        }
+        "/metrics" | "/stats/prometheus" => reply(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            ctx.metrics.encode(),
+        ),
+        "/config_dump" => reply(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string_pretty(&config_dump(ctx)).unwrap_or_default() + "\n",
+        ),
+        "/" => reply(
+            StatusCode::OK,
+            "text/plain",
+            "outrigger admin\n  /healthz/ready  readiness\n  /metrics        Prometheus metrics (Istio names)\n  /config_dump    listeners, certificate and policy in force\n".into(),
+        ),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn config_dump(ctx: &Ctx) -> serde_json::Value {
+    let certs = ctx.certs.certs();
+    let policy = ctx.policy.load();
+    let listeners: Vec<_> = ctx
+        .inbound
+        .iter()
+        .map(|l| {
+            let mtls = policy.snapshot.mtls_mode(l.listen.port());
+            serde_json::json!({
+                "name": l.name,
+                "listen": l.listen.to_string(),
+                "backend": l.backend.to_string(),
+                "protocol": l.protocol.as_str(),
+                "mtls_mode": mtls.mode.to_string(),
+                "mtls_mode_from": mtls.source,
+            })
+        })
+        .collect();
+    let failure = ctx
+        .policy
+        .last_failure()
+        .map(|f| serde_json::json!({ "at_unix": unix(f.at), "error": f.error }));
+    serde_json::json!({
+        "workload": {
+            "identity": ctx.workload.identity.to_string(),
+            "namespace": ctx.workload.namespace,
+            "name": ctx.workload.name,
+        },
+        "certificate": {
+            "identity": certs.identity().to_string(),
+            "not_after_unix": unix(certs.not_after()),
+        },
+        "inbound": listeners,
+        "policy": {
+            "version": policy.version,
+            "loaded_at_unix": unix(policy.loaded_at),
+            "files": policy.sources,
+            "applied": policy.snapshot.applied().iter().map(|a| serde_json::json!({
+                "kind": a.kind.to_string(),
+                "name": a.key(),
+                "scope": a.scope.to_string(),
+                "action": a.action.map(|x| format!("{x:?}").to_uppercase()),
+                "dry_run": a.dry_run,
+                "source": a.source.to_string(),
+            })).collect::<Vec<_>>(),
+            "ignored": policy.snapshot.ignored().iter().map(|i| serde_json::json!({
+                "kind": i.kind,
+                "name": format!("{}/{}", i.namespace, i.name),
+                "reason": i.reason.to_string(),
+                "source": i.source.to_string(),
+            })).collect::<Vec<_>>(),
+            "last_reload_error": failure,
+        },
+    })
+}

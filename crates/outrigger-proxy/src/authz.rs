@@ -1,0 +1,197 @@
+//! Authorization of requests and connections against the policy in force, and the mapping of
+//! a decision to what the client sees — in one place.
+//!
+//! HTTP: a denial is `403 RBAC: access denied`, Envoy's RBAC filter's answer; a path that
+//! cannot be normalized is `400`. TCP: a denied connection is closed.
+
+use http::StatusCode;
+use http::header::HeaderMap;
+
+use outrigger_policy::{Decision, HttpAttrs, Reason, Request, normalize_path};
+
+use crate::Ctx;
+use crate::inbound::ConnInfo;
+use crate::metrics::DecisionLabels;
+
+/// Envoy's RBAC filter body for a denied request.
+pub(crate) const RBAC_DENIED: &str = "RBAC: access denied";
+
+/// The outcome of an authorization check.
+pub(crate) struct Verdict {
+    /// `Some` when the request must not reach the application: the status and body to answer.
+    pub deny: Option<(StatusCode, &'static str)>,
+    /// The deciding policy and rule (`ns/name[rule]`), for the access log.
+    pub policy: Option<String>,
+    /// Why: `allow_matched`, `deny_matched`, `no_allow_matched`, `no_policies`, ...
+    pub result: &'static str,
+}
+
+/// Request headers for policy `request.headers[...]` conditions.
+struct HeaderView<'a>(&'a HeaderMap);
+
+impl outrigger_policy::Headers for HeaderView<'_> {
+    fn values<'s>(&'s self, lower_case_name: &str, f: &mut dyn FnMut(&'s str)) {
+        for v in self.0.get_all(lower_case_name) {
+            if let Ok(s) = v.to_str() {
+                f(s);
+            }
+        }
+    }
+}
+
+fn reason_name(r: &Reason<'_>) -> &'static str {
+    match r {
+        Reason::NoPolicies => "no_policies",
+        Reason::NoAllowPolicies => "no_allow_policies",
+        Reason::AllowMatched(_) => "allow_matched",
+        Reason::DenyMatched(_) => "deny_matched",
+        Reason::CustomProviderUnavailable(_) => "custom_provider_unavailable",
+        Reason::NoAllowMatched => "no_allow_matched",
+    }
+}
+
+/// Records the decision (metrics, AUDIT and dry-run log lines) and turns it into a verdict.
+fn conclude(ctx: &Ctx, conn: &ConnInfo, d: &Decision<'_>, what: &str) -> Verdict {
+    let result = reason_name(&d.reason);
+    let matched = match d.reason {
+        Reason::AllowMatched(m) | Reason::DenyMatched(m) | Reason::CustomProviderUnavailable(m) => {
+            Some(format!("{}[{}]", m.policy, m.rule))
+        }
+        _ => None,
+    };
+    for a in &d.audit {
+        tracing::info!(
+            target: "outrigger::audit",
+            policy = a.policy, rule = a.rule,
+            source = conn.source_principal_str(), src = %conn.src, request = what,
+            allowed = d.allowed,
+            "AUDIT policy matched"
+        );
+    }
+    if let Some(would) = d.dry_run_allowed {
+        for m in &d.dry_run {
+            tracing::info!(
+                target: "outrigger::audit",
+                policy = m.policy, rule = m.rule, action = ?m.action,
+                source = conn.source_principal_str(), request = what,
+                "dry-run policy matched"
+            );
+        }
+        if would != d.allowed {
+            tracing::info!(
+                target: "outrigger::audit",
+                source = conn.source_principal_str(), request = what,
+                enforced = d.allowed, dry_run_would_allow = would,
+                "dry-run policies would decide differently"
+            );
+        }
+    }
+    // CUSTOM with a provider: Outrigger has no external authorizer client yet, and a check
+    // that cannot be made must not allow (fail closed), so such a request is denied.
+    let allowed = d.allowed && d.custom.is_none();
+    if let Some(c) = &d.custom {
+        tracing::warn!(
+            provider = c.provider,
+            policy = c.matched.policy,
+            "CUSTOM authorization requested but external authorizers are not supported; denying"
+        );
+    }
+    ctx.metrics
+        .decisions
+        .get_or_create(&DecisionLabels {
+            action: if allowed { "allow" } else { "deny" },
+            result,
+        })
+        .inc();
+    if !allowed {
+        tracing::debug!(
+            listener = %conn.listener.name, source = conn.source_principal_str(),
+            request = what, reason = result, policy = matched.as_deref().unwrap_or("-"),
+            "denied by authorization policy"
+        );
+    }
+    Verdict {
+        deny: (!allowed).then_some((StatusCode::FORBIDDEN, RBAC_DENIED)),
+        policy: matched,
+        result,
+    }
+}
+
+fn base_request<'a>(conn: &'a ConnInfo) -> Request<'a> {
+    let mut r = Request::tcp(conn.src.ip(), conn.dst.ip(), conn.listener.listen.port());
+    r.source_principal = conn.peer_principal.as_deref();
+    r.sni = conn.sni.as_deref();
+    r
+}
+
+/// Authorizes one HTTP request. Normalizes its path first (and forwards the normalized path,
+/// as Envoy does, so the application sees what was authorized).
+pub(crate) fn check_http(
+    ctx: &Ctx,
+    conn: &ConnInfo,
+    parts: &mut http::request::Parts,
+    snapshot: &outrigger_policy::Snapshot,
+    jwt: Option<&outrigger_policy::JwtClaims>,
+) -> Verdict {
+    let raw = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let normalized = match normalize_path(raw, ctx.settings.path_normalization) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::debug!(src = %conn.src, path = raw, "path cannot be normalized: {e}");
+            return Verdict {
+                deny: Some((StatusCode::BAD_REQUEST, "Bad Request")),
+                policy: None,
+                result: "bad_path",
+            };
+        }
+    };
+    let target = normalized.to_string();
+    if target != raw {
+        let mut p = parts.uri.clone().into_parts();
+        match target.parse() {
+            Ok(pq) => p.path_and_query = Some(pq),
+            Err(_) => {
+                return Verdict {
+                    deny: Some((StatusCode::BAD_REQUEST, "Bad Request")),
+                    policy: None,
+                    result: "bad_path",
+                };
+            }
+        }
+        if let Ok(u) = http::Uri::from_parts(p) {
+            parts.uri = u;
+        }
+    }
+    let host = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("");
+    let headers = HeaderView(&parts.headers);
+    let mut req = base_request(conn).with_http(HttpAttrs {
+        method: parts.method.as_str(),
+        host,
+        path: &normalized.path,
+        headers: &headers,
+    });
+    req.jwt = jwt;
+    let d = snapshot.authorize(&req);
+    conclude(ctx, conn, &d, &normalized.path)
+}
+
+/// Authorizes a TCP connection (L4 attributes only).
+pub(crate) fn check_tcp(ctx: &Ctx, conn: &ConnInfo) -> Verdict {
+    let policy = ctx.policy.load();
+    let d = policy.snapshot.authorize(&base_request(conn));
+    conclude(ctx, conn, &d, "tcp")
+}

@@ -1,0 +1,597 @@
+//! HTTP forwarding: one hyper server connection per downstream connection, one backend
+//! connection (HTTP/1.1, or HTTP/2 multiplexed) per downstream connection, bodies streamed both
+//! ways (so a 1 GiB upload holds only a few buffers), trailers (gRPC) passed through.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::future;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1 as client1, http2 as client2};
+use hyper::server::conn::{http1 as server1, http2 as server2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulConnection;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use crate::Ctx;
+use crate::access_log::{AccessRecord, now_rfc3339};
+use crate::authz;
+use crate::inbound::ConnInfo;
+use crate::metrics::{Lv, RequestLabels};
+
+static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Envoy's body for a request it could not connect upstream for, so clients and dashboards see
+/// the text they know.
+const UPSTREAM_CONNECT_ERROR: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: connection failure";
+
+pub(crate) async fn serve<T>(io: T, h2: bool, conn: Arc<ConnInfo>, ctx: Arc<Ctx>)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let backend = Arc::new(Backend::new(
+        conn.listener.backend,
+        h2,
+        ctx.settings.connect_timeout,
+    ));
+    let drain = ctx.drain.clone();
+    let svc_ctx = ctx.clone();
+    let svc = service_fn(move |req| handle(req, conn.clone(), svc_ctx.clone(), backend.clone()));
+    let io = TokioIo::new(io);
+    let result = if h2 {
+        let c = server2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .serve_connection(io, svc);
+        drive(c, drain).await
+    } else {
+        let c = server1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .serve_connection(io, svc);
+        drive(c, drain).await
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "downstream HTTP connection ended with an error");
+    }
+}
+
+/// Runs a server connection; on drain, asks it to finish in-flight requests and close.
+async fn drive<C>(
+    conn: C,
+    mut drain: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), hyper::Error>
+where
+    C: GracefulConnection<Error = hyper::Error>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        _ = drain.wait_for(|d| *d) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await
+}
+
+type ReqBody = Metered<Incoming>;
+
+enum Sender {
+    H1(client1::SendRequest<ReqBody>),
+    H2(client2::SendRequest<ReqBody>),
+}
+
+/// The backend connection of one downstream connection, opened on first use and reopened if
+/// the application closed it.
+struct Backend {
+    addr: SocketAddr,
+    h2: bool,
+    connect_timeout: Duration,
+    sender: tokio::sync::Mutex<Option<Sender>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum BackendError {
+    #[error("cannot connect to backend {0}: {1}")]
+    Connect(SocketAddr, std::io::Error),
+    #[error("connect to backend {0} timed out")]
+    ConnectTimeout(SocketAddr),
+    #[error("backend {0}: {1}")]
+    Http(SocketAddr, hyper::Error),
+}
+
+impl Backend {
+    fn new(addr: SocketAddr, h2: bool, connect_timeout: Duration) -> Self {
+        Backend {
+            addr,
+            h2,
+            connect_timeout,
+            sender: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn connect(&self) -> Result<Sender, BackendError> {
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr))
+            .await
+            .map_err(|_| BackendError::ConnectTimeout(self.addr))?
+            .map_err(|e| BackendError::Connect(self.addr, e))?;
+        let _ = stream.set_nodelay(true);
+        let io = TokioIo::new(stream);
+        if self.h2 {
+            let (tx, conn) = client2::Builder::new(TokioExecutor::new())
+                .timer(hyper_util::rt::TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(|e| BackendError::Http(self.addr, e))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "backend HTTP/2 connection ended");
+                }
+            });
+            Ok(Sender::H2(tx))
+        } else {
+            let (tx, conn) = client1::handshake(io)
+                .await
+                .map_err(|e| BackendError::Http(self.addr, e))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "backend HTTP/1 connection ended");
+                }
+            });
+            Ok(Sender::H1(tx))
+        }
+    }
+
+    /// Sends one request. A request that never left because the pooled connection had just
+    /// been closed by the application is sent again on a fresh connection.
+    async fn send(&self, req: Request<ReqBody>) -> Result<Response<Incoming>, BackendError> {
+        let mut req = req;
+        for attempt in 0..2 {
+            let mut sender = {
+                let mut slot = self.sender.lock().await;
+                match slot.take() {
+                    Some(s) if !is_closed(&s) => s,
+                    _ => self.connect().await?,
+                }
+            };
+            let fut = match &mut sender {
+                Sender::H1(tx) => {
+                    if tx.ready().await.is_err() {
+                        continue;
+                    }
+                    future::Either::Left(tx.try_send_request(req))
+                }
+                Sender::H2(tx) => {
+                    if tx.ready().await.is_err() {
+                        continue;
+                    }
+                    future::Either::Right(tx.try_send_request(req))
+                }
+            };
+            // HTTP/2 senders are shared by concurrent streams; HTTP/1 requests on one
+            // downstream connection are sequential (the next one is read only after this
+            // response ends), so the sender can go back to the slot now in both cases.
+            *self.sender.lock().await = Some(sender);
+            let res = fut.await;
+            match res {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(back) if attempt == 0 => req = back,
+                    _ => return Err(BackendError::Http(self.addr, e.into_error())),
+                },
+            }
+        }
+        Err(BackendError::Connect(
+            self.addr,
+            std::io::Error::other("backend connection closed twice in a row"),
+        ))
+    }
+}
+
+fn is_closed(s: &Sender) -> bool {
+    match s {
+        Sender::H1(tx) => tx.is_closed(),
+        Sender::H2(tx) => tx.is_closed(),
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) are for one connection and are not forwarded.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if let Some(conn) = h.get(header::CONNECTION).cloned()
+        && let Ok(list) = conn.to_str()
+    {
+        for name in list.split(',') {
+            let name = name.trim();
+            if !name.is_empty() && !name.eq_ignore_ascii_case("te") {
+                h.remove(name);
+            }
+        }
+    }
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        h.remove(name);
+    }
+    // `te: trailers` must reach gRPC servers; any other TE value is hop-by-hop.
+    if let Some(te) = h.get(header::TE)
+        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
+    {
+        h.remove(header::TE);
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    conn: Arc<ConnInfo>,
+    ctx: Arc<Ctx>,
+    backend: Arc<Backend>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let start = Instant::now();
+    let (mut parts, body) = req.into_parts();
+    let protocol = if parts.version == http::Version::HTTP_2 {
+        "HTTP/2"
+    } else {
+        "HTTP/1.1"
+    };
+    let mut rec = Recorder::new(&ctx, &conn, &parts, protocol, start);
+
+    // One policy snapshot for the whole request: authentication and authorization agree.
+    let policy = ctx.policy.load();
+    let jwt_rules: Vec<&outrigger_policy::crd::JwtRule> = policy
+        .snapshot
+        .request_authentications()
+        .flat_map(|(_, spec)| spec.jwt_rules.iter())
+        .collect();
+    let jwt = match crate::jwt_authn::authenticate(&ctx.jwks, &jwt_rules, &mut parts).await {
+        Ok(claims) => {
+            if !jwt_rules.is_empty() {
+                ctx.metrics
+                    .jwt_authn
+                    .get_or_create(&crate::metrics::DecisionLabels {
+                        action: "allow",
+                        result: if claims.is_some() {
+                            "verified"
+                        } else {
+                            "no_token"
+                        },
+                    })
+                    .inc();
+            }
+            claims
+        }
+        Err(e) => {
+            ctx.metrics
+                .jwt_authn
+                .get_or_create(&crate::metrics::DecisionLabels {
+                    action: "deny",
+                    result: "invalid",
+                })
+                .inc();
+            tracing::info!(
+                listener = %conn.listener.name, src = %conn.src,
+                source = conn.source_principal_str(),
+                "JWT refused: {}; answering 401", e.reason
+            );
+            rec.authz_result = Some("jwt_invalid");
+            let challenge = crate::jwt_authn::www_authenticate(&parts);
+            let mut resp = local_reply(StatusCode::UNAUTHORIZED, "Jwt verification fails", rec);
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, challenge);
+            return Ok(resp);
+        }
+    };
+    let verdict = authz::check_http(&ctx, &conn, &mut parts, &policy.snapshot, jwt.as_ref());
+    drop(jwt_rules);
+    drop(policy);
+    rec.authz_policy = verdict.policy.clone();
+    rec.authz_result = Some(verdict.result);
+    if let Some((status, body)) = verdict.deny {
+        // Envoy's response flag for an RBAC denial is `RBAC`.
+        rec.flags = if status == StatusCode::FORBIDDEN {
+            "RBAC"
+        } else {
+            "-"
+        };
+        return Ok(local_reply(status, body, rec));
+    }
+
+    strip_hop_by_hop(&mut parts.headers);
+    // Never forward a client's own claim about its certificate: only ours is trusted.
+    parts.headers.remove(&XFCC);
+    if let Some(xfcc) = &conn.xfcc {
+        parts.headers.insert(XFCC.clone(), xfcc.clone());
+        parts
+            .headers
+            .insert(XFP.clone(), HeaderValue::from_static("https"));
+    }
+    let received = Arc::new(AtomicU64::new(0));
+    rec.received = Some(received.clone());
+    let req = Request::from_parts(
+        parts,
+        Metered {
+            inner: body,
+            counter: received,
+        },
+    );
+    match backend.send(req).await {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            rec.code = parts.status.as_u16();
+            if let Some(s) = parts.headers.get("grpc-status") {
+                rec.grpc_status = s.to_str().ok().map(Lv::new);
+            }
+            Ok(Response::from_parts(
+                parts,
+                ProxyBody {
+                    inner: Either::Left(body),
+                    rec: Some(rec),
+                },
+            ))
+        }
+        Err(e) => {
+            tracing::warn!(
+                listener = %conn.listener.name,
+                backend = %conn.listener.backend,
+                "request failed: {e}; answering 503"
+            );
+            rec.flags = "UF";
+            Ok(local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                UPSTREAM_CONNECT_ERROR,
+                rec,
+            ))
+        }
+    }
+}
+
+fn local_reply(status: StatusCode, body: &'static str, mut rec: Recorder) -> Response<ProxyBody> {
+    rec.code = status.as_u16();
+    let mut resp = Response::new(ProxyBody {
+        inner: Either::Right(Full::new(Bytes::from_static(body.as_bytes()))),
+        rec: Some(rec),
+    });
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
+
+/// A request body that counts the bytes it yields.
+pub(crate) struct Metered<B> {
+    inner: B,
+    counter: Arc<AtomicU64>,
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Metered<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let res = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &res
+            && let Some(d) = f.data_ref()
+        {
+            self.counter.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The response body: the application's, streamed, or a local reply. It records the request's
+/// metrics and access log line once, when it ends or is dropped (client gone).
+pub(crate) struct ProxyBody {
+    inner: Either<Incoming, Full<Bytes>>,
+    rec: Option<Recorder>,
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let res = Pin::new(&mut this.inner).poll_frame(cx);
+        match &res {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(rec) = &mut this.rec {
+                    if let Some(d) = f.data_ref() {
+                        rec.sent += d.len() as u64;
+                    } else if let Some(t) = f.trailers_ref()
+                        && let Some(s) = t.get("grpc-status")
+                    {
+                        rec.grpc_status = s.to_str().ok().map(Lv::new);
+                    }
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(rec) = this.rec.take() {
+                    rec.finish();
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(rec) = &mut this.rec {
+                    rec.flags = "UR";
+                }
+            }
+            Poll::Pending => {}
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let Some(rec) = self.rec.take() {
+            rec.finish();
+        }
+    }
+}
+
+/// What one request reports when it is over.
+pub(crate) struct Recorder {
+    ctx: Arc<Ctx>,
+    conn: Arc<ConnInfo>,
+    start: Instant,
+    code: u16,
+    flags: &'static str,
+    sent: u64,
+    received: Option<Arc<AtomicU64>>,
+    grpc_status: Option<Lv>,
+    authz_policy: Option<String>,
+    authz_result: Option<&'static str>,
+    protocol: &'static str,
+    /// Only captured when the access log is on.
+    log: Option<LogFields>,
+}
+
+struct LogFields {
+    start_time: String,
+    method: String,
+    authority: String,
+    path: String,
+    request_id: Option<String>,
+}
+
+impl Recorder {
+    fn new(
+        ctx: &Arc<Ctx>,
+        conn: &Arc<ConnInfo>,
+        parts: &http::request::Parts,
+        protocol: &'static str,
+        start: Instant,
+    ) -> Self {
+        let log = ctx.access_log.enabled().then(|| LogFields {
+            start_time: now_rfc3339(),
+            method: parts.method.to_string(),
+            authority: parts
+                .uri
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| {
+                    parts
+                        .headers
+                        .get(header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                })
+                .unwrap_or("")
+                .to_string(),
+            path: parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+                .to_string(),
+            request_id: parts
+                .headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+        });
+        Recorder {
+            ctx: ctx.clone(),
+            conn: conn.clone(),
+            start,
+            code: 0,
+            flags: "-",
+            sent: 0,
+            received: None,
+            grpc_status: None,
+            authz_policy: None,
+            authz_result: None,
+            protocol,
+            log,
+        }
+    }
+
+    fn finish(self) {
+        let elapsed = self.start.elapsed();
+        let mut conn_labels = self.conn.labels.clone();
+        conn_labels.request_protocol = if self.grpc_status.is_some() {
+            "grpc"
+        } else {
+            "http"
+        };
+        conn_labels.response_flags = self.flags;
+        let labels = RequestLabels {
+            conn: conn_labels,
+            response_code: self.code,
+            grpc_response_status: self.grpc_status.clone().unwrap_or_else(|| Lv::new("")),
+        };
+        let m = &self.ctx.metrics;
+        m.requests.get_or_create(&labels).inc();
+        m.request_duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64() * 1000.0);
+        if let Some(log) = &self.log {
+            let received = self
+                .received
+                .as_ref()
+                .map(|r| r.load(Ordering::Relaxed))
+                .unwrap_or(0);
+            self.ctx.access_log.log(&AccessRecord {
+                start_time: log.start_time.clone(),
+                kind: "http",
+                listener: &self.conn.listener.name,
+                protocol: self.protocol,
+                method: Some(&log.method),
+                authority: Some(&log.authority),
+                path: Some(&log.path),
+                response_code: Some(self.code),
+                response_flags: self.flags,
+                duration_ms: elapsed.as_millis() as u64,
+                bytes_received: received,
+                bytes_sent: self.sent,
+                downstream_remote_address: self.conn.src.to_string(),
+                downstream_local_address: self.conn.dst.to_string(),
+                upstream_host: self.conn.listener.backend.to_string(),
+                source_principal: self.conn.source_principal_str(),
+                destination_principal: &self.conn.labels.destination_principal.0,
+                connection_security_policy: self.conn.security_policy(),
+                authz_policy: self.authz_policy.as_deref(),
+                authz_result: self.authz_result,
+                request_id: log.request_id.as_deref(),
+            });
+        }
+    }
+}

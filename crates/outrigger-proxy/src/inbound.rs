@@ -1,0 +1,212 @@
+//! The inbound path: accept, apply PeerAuthentication, terminate mTLS, pick the protocol,
+//! hand over to HTTP or TCP forwarding.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::HeaderValue;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+
+use outrigger_policy::MtlsMode;
+
+use crate::detect::{self, Sniffed};
+use crate::io::Rewind;
+use crate::metrics::{Lv, TcpLabels, connection_labels};
+use crate::{Ctx, InboundConfig, Protocol};
+
+/// What one downstream connection carries to every request on it.
+pub(crate) struct ConnInfo {
+    pub listener: Arc<InboundConfig>,
+    /// The peer principal as policies write it (`td/ns/x/sa/y`).
+    pub peer_principal: Option<String>,
+    /// Envoy-format `x-forwarded-client-cert` for this peer.
+    pub xfcc: Option<HeaderValue>,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub sni: Option<String>,
+    pub labels: TcpLabels,
+}
+
+impl ConnInfo {
+    pub fn security_policy(&self) -> &'static str {
+        self.labels.connection_security_policy
+    }
+    pub fn source_principal_str(&self) -> &str {
+        &self.labels.source_principal.0
+    }
+}
+
+pub(crate) async fn serve_listener(listener: TcpListener, cfg: Arc<InboundConfig>, ctx: Arc<Ctx>) {
+    let mut drain = ctx.drain.clone();
+    let listener_lv = Lv::new(&cfg.name);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = drain.wait_for(|d| *d) => break,
+        };
+        match accepted {
+            Ok((stream, src)) => {
+                let ctx = ctx.clone();
+                let cfg = cfg.clone();
+                let lv = listener_lv.clone();
+                tokio::spawn(async move {
+                    handle_connection(stream, src, cfg, lv, ctx).await;
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(listener = %cfg.name, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::debug!(listener = %cfg.name, "listener stopped accepting");
+}
+
+async fn handle_connection(
+    stream: TcpStream,
+    src: SocketAddr,
+    cfg: Arc<InboundConfig>,
+    listener_lv: Lv,
+    ctx: Arc<Ctx>,
+) {
+    let _ = stream.set_nodelay(true);
+    let dst = stream.local_addr().unwrap_or(cfg.listen);
+    let policy = ctx.policy.load();
+    // "portLevelMtls: Port specific mutual TLS settings" — keyed by the port the workload
+    // receives on, which for Outrigger is the mesh-facing listener port.
+    let mtls = policy.snapshot.mtls_mode(cfg.listen.port());
+    drop(policy);
+    let is_tls = match detect::peek_is_tls(&stream, ctx.settings.detect_timeout).await {
+        Ok(Some(t)) => t,
+        // Nothing sent in time: under STRICT that can only become a rejection; otherwise the
+        // client may be waiting for a server-first protocol, so it is plaintext.
+        Ok(None) => false,
+        Err(e) => {
+            tracing::debug!(%src, error = %e, "connection failed before any byte");
+            return;
+        }
+    };
+    let policy_name = mtls.source.as_deref().unwrap_or("<default>");
+    match (mtls.mode, is_tls) {
+        (MtlsMode::Strict, false) => {
+            ctx.metrics.reject(&listener_lv, "plaintext");
+            tracing::warn!(
+                listener = %cfg.name, %src,
+                peer_authentication = policy_name,
+                "plaintext connection refused: mTLS mode is STRICT on port {}",
+                cfg.listen.port()
+            );
+        }
+        (MtlsMode::Disable, _) | (MtlsMode::Permissive, false) => {
+            // DISABLE: "Connection is not tunneled" — bytes pass as they come, TLS included,
+            // exactly as a sidecar with mTLS disabled does.
+            let conn = ConnInfo {
+                listener: cfg,
+                peer_principal: None,
+                xfcc: None,
+                src,
+                dst,
+                sni: None,
+                labels: connection_labels(&ctx.dest_labels, None),
+            };
+            serve_stream(stream, None, Arc::new(conn), ctx).await;
+        }
+        (MtlsMode::Strict | MtlsMode::Permissive, true) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(ctx.certs.server_config());
+            let tls =
+                match tokio::time::timeout(ctx.settings.handshake_timeout, acceptor.accept(stream))
+                    .await
+                {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        ctx.metrics.reject(&listener_lv, "tls_handshake");
+                        tracing::warn!(
+                            listener = %cfg.name, %src,
+                            "mTLS handshake refused: {}",
+                            outrigger_tls::verify::describe_handshake_error(&e)
+                        );
+                        return;
+                    }
+                    Err(_) => {
+                        ctx.metrics.reject(&listener_lv, "tls_timeout");
+                        tracing::warn!(listener = %cfg.name, %src, "mTLS handshake timed out");
+                        return;
+                    }
+                };
+            let (_, session) = tls.get_ref();
+            let peer_chain = session.peer_certificates().unwrap_or(&[]);
+            // The verifier already required a trusted chain with one SPIFFE ID from a trusted
+            // domain; this only reads it back.
+            let peer = match outrigger_tls::peer_identity(peer_chain) {
+                Ok(id) => id,
+                Err(e) => {
+                    ctx.metrics.reject(&listener_lv, "identity");
+                    tracing::warn!(listener = %cfg.name, %src, "peer identity refused: {e}");
+                    return;
+                }
+            };
+            let xfcc = peer_chain.first().and_then(|leaf| {
+                HeaderValue::from_str(&format!(
+                    "By={};Hash={};Subject=\"\";URI={}",
+                    ctx.workload.identity,
+                    outrigger_tls::cert_sha256_hex(leaf.as_ref()),
+                    peer
+                ))
+                .ok()
+            });
+            let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+            let sni = session.server_name().map(str::to_string);
+            let conn = ConnInfo {
+                listener: cfg,
+                peer_principal: Some(peer.principal()),
+                labels: connection_labels(&ctx.dest_labels, Some(&peer)),
+                xfcc,
+                src,
+                dst,
+                sni,
+            };
+            serve_stream(tls, alpn.as_deref(), Arc::new(conn), ctx).await;
+        }
+    }
+}
+
+/// The protocol an ALPN value commits the client to. Istio's sidecars offer `istio-http/1.1`
+/// or `istio-h2` for HTTP and `istio` / `istio-peer-exchange` for TCP or unknown protocols.
+fn alpn_protocol(alpn: Option<&[u8]>) -> Option<Sniffed> {
+    match alpn? {
+        b"h2" | b"istio-h2" => Some(Sniffed::Http2),
+        b"http/1.1" | b"http/1.0" | b"istio-http/1.1" | b"istio-http/1.0" => Some(Sniffed::Http1),
+        _ => None,
+    }
+}
+
+async fn serve_stream<T>(mut io: T, alpn: Option<&[u8]>, conn: Arc<ConnInfo>, ctx: Arc<Ctx>)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let configured = conn.listener.protocol;
+    let (proto, replay) = match configured {
+        Protocol::Tcp => (Sniffed::Opaque, bytes::Bytes::new()),
+        Protocol::Http | Protocol::Auto => match alpn_protocol(alpn) {
+            Some(p) => (p, bytes::Bytes::new()),
+            None => match detect::sniff(&mut io, ctx.settings.detect_timeout).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(src = %conn.src, error = %e, "connection failed during detection");
+                    return;
+                }
+            },
+        },
+    };
+    let io = Rewind::new(replay, io);
+    match (proto, configured) {
+        (Sniffed::Http2, _) => crate::http_fwd::serve(io, true, conn, ctx).await,
+        (Sniffed::Http1, _) | (Sniffed::Opaque, Protocol::Http) => {
+            // A listener declared `http` answers non-HTTP bytes with HTTP's own 400.
+            crate::http_fwd::serve(io, false, conn, ctx).await
+        }
+        (Sniffed::Opaque, _) => crate::tcp_fwd::serve(io, conn, ctx).await,
+    }
+}

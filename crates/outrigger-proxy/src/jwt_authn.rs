@@ -1,0 +1,765 @@
+//! RequestAuthentication: find the request's JWTs where the rules say, verify them against
+//! the issuers' key sets (fetched over HTTPS, cached, refreshed), and hand the verified claims
+//! to authorization.
+//!
+//! Istio: "RequestAuthentication defines what request authentication methods are supported by
+//! a workload. It will reject a request if the request contains invalid authentication
+//! information ... A request that does not contain any authentication credentials will be
+//! accepted but will not have any authenticated identity."
+//!
+//! Choices (documented in docs/jwt.md):
+//! - Every token found is verified; one invalid token rejects the request (401), even when
+//!   another is valid. A token whose issuer no rule names is invalid (as Envoy since #15194).
+//! - The principal and claims come from the first token verified, in rule order.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+
+use outrigger_policy::JwtClaims;
+use outrigger_policy::crd::JwtRule;
+use outrigger_policy::jwt::{self, ClaimRules, Jwks, JwtError};
+
+use crate::metrics::Metrics;
+
+/// Istio's default `timeout` for fetching a JWKS: "If not set, the default timeout is 5s."
+const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// A token naming an unknown `kid` may trigger a refetch at most this often per key set.
+const UNKNOWN_KID_REFETCH: Duration = Duration::from_secs(30);
+/// Key sets and discovery documents larger than this are refused.
+const MAX_DOCUMENT: usize = 1 << 20;
+
+/// JWT settings from the agent configuration.
+#[derive(Debug, Clone)]
+pub struct JwtSettings {
+    /// Extra trust anchors for JWKS/OIDC HTTPS (PEM), on top of the system roots.
+    pub extra_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// How long fetched keys are used before they are fetched again.
+    pub refresh_interval: Duration,
+    /// Verified claims passed to the application: header name → claim (nested with `.`).
+    pub identity_headers: Vec<(HeaderName, String)>,
+}
+
+impl Default for JwtSettings {
+    fn default() -> Self {
+        JwtSettings {
+            extra_roots: Vec::new(),
+            // istiod refreshes JWKS it resolves every 20 minutes.
+            refresh_interval: Duration::from_secs(20 * 60),
+            identity_headers: Vec::new(),
+        }
+    }
+}
+
+/// Where a rule's keys come from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum KeySource {
+    Inline(String),
+    Uri(String),
+    /// Only `issuer` given: "the public key set is implicitly set from the OpenID Connect
+    /// spec" — `<issuer>/.well-known/openid-configuration` names `jwks_uri`.
+    Discovery(String),
+}
+
+impl KeySource {
+    fn of(rule: &JwtRule) -> KeySource {
+        if !rule.jwks.is_empty() {
+            KeySource::Inline(rule.jwks.clone())
+        } else if !rule.jwks_uri.is_empty() {
+            KeySource::Uri(rule.jwks_uri.clone())
+        } else {
+            KeySource::Discovery(rule.issuer.clone())
+        }
+    }
+}
+
+#[derive(Default)]
+struct Entry {
+    keys: Option<Arc<Jwks>>,
+    fetched_at: Option<Instant>,
+    last_attempt: Option<Instant>,
+    last_error: Option<String>,
+    /// When a token's unknown `kid` last caused a refetch (the rate limit's clock).
+    kid_refetch_at: Option<Instant>,
+}
+
+/// Key sets by source, shared by all connections.
+pub struct JwksCache {
+    entries: Mutex<HashMap<KeySource, Entry>>,
+    /// One fetch at a time per source; others wait for it and read the result.
+    fetch_locks: Mutex<HashMap<KeySource, Arc<tokio::sync::Mutex<()>>>>,
+    tls: Arc<rustls::ClientConfig>,
+    settings: JwtSettings,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    #[error("{0}")]
+    Msg(String),
+}
+
+fn msg(e: impl std::fmt::Display) -> FetchError {
+    FetchError::Msg(e.to_string())
+}
+
+impl JwksCache {
+    pub fn new(settings: JwtSettings, metrics: Arc<Metrics>) -> Arc<Self> {
+        let mut roots = rustls::RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        for c in native.certs {
+            let _ = roots.add(c);
+        }
+        for c in &settings.extra_roots {
+            let _ = roots.add(c.clone());
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(outrigger_tls::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .expect("the provider supports TLS 1.2 and 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Arc::new(JwksCache {
+            entries: Mutex::new(HashMap::new()),
+            fetch_locks: Mutex::new(HashMap::new()),
+            tls: Arc::new(tls),
+            settings,
+            metrics,
+        })
+    }
+
+    pub fn settings(&self) -> &JwtSettings {
+        &self.settings
+    }
+
+    fn cached(&self, src: &KeySource) -> (Option<Arc<Jwks>>, bool, Option<Instant>) {
+        let entries = self.entries.lock().expect("jwks cache lock");
+        match entries.get(src) {
+            Some(e) => {
+                let fresh = e
+                    .fetched_at
+                    .is_some_and(|t| t.elapsed() < self.settings.refresh_interval);
+                (e.keys.clone(), fresh, e.last_attempt)
+            }
+            None => (None, false, None),
+        }
+    }
+
+    /// The keys for a rule. Fresh keys return at once; stale keys return at once while a
+    /// refresh runs in the background; with no keys yet, the caller waits for the first fetch
+    /// (at most `timeout`). An unreachable issuer keeps the last good keys in use.
+    async fn keys(
+        self: &Arc<Self>,
+        src: &KeySource,
+        timeout: Duration,
+    ) -> Result<Arc<Jwks>, String> {
+        if let KeySource::Inline(text) = src {
+            if let (Some(k), _, _) = self.cached(src) {
+                return Ok(k);
+            }
+            let k = Arc::new(Jwks::parse(text).map_err(|e| format!("inline jwks: {e}"))?);
+            let mut entries = self.entries.lock().expect("jwks cache lock");
+            entries.insert(
+                src.clone(),
+                Entry {
+                    keys: Some(k.clone()),
+                    fetched_at: None,
+                    last_attempt: None,
+                    last_error: None,
+                    kid_refetch_at: None,
+                },
+            );
+            return Ok(k);
+        }
+        match self.cached(src) {
+            (Some(k), true, _) => Ok(k),
+            (Some(k), false, _) => {
+                let me = self.clone();
+                let src = src.clone();
+                tokio::spawn(async move {
+                    let _ = me.refresh(&src, timeout, false).await;
+                });
+                Ok(k)
+            }
+            (None, _, _) => self.refresh(src, timeout, false).await,
+        }
+    }
+
+    /// Fetches now (one fetch per source at a time). With `for_unknown_kid`, fetches only if no
+    /// unknown kid caused a fetch within [`UNKNOWN_KID_REFETCH`]: a flood of tokens with made-up
+    /// kids cannot turn into a flood of requests to the issuer.
+    async fn refresh(
+        self: &Arc<Self>,
+        src: &KeySource,
+        timeout: Duration,
+        for_unknown_kid: bool,
+    ) -> Result<Arc<Jwks>, String> {
+        let lock = {
+            let mut locks = self.fetch_locks.lock().expect("fetch lock map");
+            locks.entry(src.clone()).or_default().clone()
+        };
+        let started = Instant::now();
+        let _guard = lock.lock().await;
+        // Someone else fetched while we waited: use theirs.
+        if let (Some(k), _, Some(at)) = self.cached(src)
+            && at >= started
+        {
+            return Ok(k);
+        }
+        if for_unknown_kid {
+            let mut entries = self.entries.lock().expect("jwks cache lock");
+            let e = entries.entry(src.clone()).or_default();
+            if let (Some(k), Some(at)) = (&e.keys, e.kid_refetch_at)
+                && at.elapsed() < UNKNOWN_KID_REFETCH
+            {
+                return Ok(k.clone());
+            }
+            e.kid_refetch_at = Some(Instant::now());
+        }
+        let result = tokio::time::timeout(timeout, self.fetch(src))
+            .await
+            .unwrap_or_else(|_| Err(msg(format!("timed out after {timeout:?}"))));
+        let mut entries = self.entries.lock().expect("jwks cache lock");
+        let e = entries.entry(src.clone()).or_default();
+        e.last_attempt = Some(Instant::now());
+        let outcome = match result {
+            Ok(jwks) => {
+                let k = Arc::new(jwks);
+                e.keys = Some(k.clone());
+                e.fetched_at = Some(Instant::now());
+                e.last_error = None;
+                Ok(k)
+            }
+            Err(err) => {
+                let text = format!("fetching keys for {}: {err}", describe(src));
+                e.last_error = Some(text.clone());
+                match &e.keys {
+                    Some(old) => {
+                        tracing::warn!("{text}; the previously fetched keys stay in use");
+                        Ok(old.clone())
+                    }
+                    None => {
+                        tracing::warn!("{text}");
+                        Err(text)
+                    }
+                }
+            }
+        };
+        self.metrics
+            .jwks_fetches
+            .get_or_create(&crate::metrics::ReloadLabels {
+                source: "jwks",
+                result: if e.last_error.is_none() {
+                    "success"
+                } else {
+                    "error"
+                },
+            })
+            .inc();
+        outcome
+    }
+
+    async fn fetch(&self, src: &KeySource) -> Result<Jwks, FetchError> {
+        let uri = match src {
+            KeySource::Inline(_) => unreachable!("inline key sets are never fetched"),
+            KeySource::Uri(u) => u.clone(),
+            KeySource::Discovery(issuer) => {
+                let url = format!(
+                    "{}/.well-known/openid-configuration",
+                    issuer.trim_end_matches('/')
+                );
+                let doc = self.get(&url).await?;
+                let v: serde_json::Value = serde_json::from_slice(&doc)
+                    .map_err(|e| msg(format!("{url}: not JSON: {e}")))?;
+                v.get("jwks_uri")
+                    .and_then(|j| j.as_str())
+                    .ok_or_else(|| msg(format!("{url}: no `jwks_uri`")))?
+                    .to_string()
+            }
+        };
+        let body = self.get(&uri).await?;
+        let text = std::str::from_utf8(&body).map_err(|_| msg(format!("{uri}: not UTF-8")))?;
+        Jwks::parse(text).map_err(|e| msg(format!("{uri}: {e}")))
+    }
+
+    /// A plain GET over HTTPS (or HTTP), returning the body (at most 1 MiB).
+    async fn get(&self, url: &str) -> Result<Bytes, FetchError> {
+        let uri: http::Uri = url.parse().map_err(|e| msg(format!("{url}: {e}")))?;
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(msg(format!("{url}: only https:// (or http://) URLs"))),
+        };
+        let host = uri
+            .host()
+            .ok_or_else(|| msg(format!("{url}: no host")))?
+            .to_string();
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tcp = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
+            .await
+            .map_err(|e| msg(format!("{url}: connect: {e}")))?;
+        let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let req = http::Request::get(path)
+            .header(
+                http::header::HOST,
+                uri.authority().map(|a| a.as_str()).unwrap_or(&host),
+            )
+            .header(http::header::ACCEPT, "application/json")
+            .header(
+                http::header::USER_AGENT,
+                concat!("outrigger/", env!("CARGO_PKG_VERSION")),
+            )
+            .body(Empty::<Bytes>::new())
+            .map_err(msg)?;
+        let resp = if https {
+            let name =
+                rustls_pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string())
+                    .map_err(|e| msg(format!("{url}: {e}")))?;
+            let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| msg(format!("{url}: TLS: {e}")))?;
+            send(TokioIo::new(tls), req).await?
+        } else {
+            send(TokioIo::new(tcp), req).await?
+        };
+        if !resp.status().is_success() {
+            return Err(msg(format!("{url}: HTTP {}", resp.status())));
+        }
+        let body = Limited::new(resp.into_body(), MAX_DOCUMENT)
+            .collect()
+            .await
+            .map_err(|e| msg(format!("{url}: {e}")))?;
+        Ok(body.to_bytes())
+    }
+
+    /// Refreshes every fetched key set on the schedule (runs until the cache is dropped).
+    pub fn spawn_refresh(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        let every = self.settings.refresh_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(me) = weak.upgrade() else { return };
+                let sources: Vec<KeySource> = me
+                    .entries
+                    .lock()
+                    .expect("jwks cache lock")
+                    .keys()
+                    .filter(|s| !matches!(s, KeySource::Inline(_)))
+                    .cloned()
+                    .collect();
+                for s in sources {
+                    let _ = me.refresh(&s, DEFAULT_FETCH_TIMEOUT, false).await;
+                }
+            }
+        })
+    }
+}
+
+async fn send<T>(
+    io: TokioIo<T>,
+    req: http::Request<Empty<Bytes>>,
+) -> Result<http::Response<hyper::body::Incoming>, FetchError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(msg)?;
+    tokio::spawn(conn);
+    tx.send_request(req).await.map_err(msg)
+}
+
+fn describe(src: &KeySource) -> String {
+    match src {
+        KeySource::Inline(_) => "inline jwks".into(),
+        KeySource::Uri(u) => u.clone(),
+        KeySource::Discovery(i) => format!("issuer {i} (OpenID discovery)"),
+    }
+}
+
+/// Where a token was found, to remove it when `forwardOriginalToken` is false.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Location {
+    Header(HeaderName),
+    Param(String),
+    Cookie(String),
+}
+
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"'))
+}
+
+/// The tokens a rule looks for, with where each was found. "If no explicit location is
+/// specified the following default locations are tried in order: 1) The Authorization header
+/// using the Bearer schema ... 2) `access_token` query parameter."
+fn extract<'a>(
+    rule: &JwtRule,
+    parts: &'a http::request::Parts,
+    out: &mut Vec<(&'a str, Location)>,
+) {
+    let query = parts.uri.query();
+    let explicit = !rule.from_headers.is_empty()
+        || !rule.from_params.is_empty()
+        || !rule.from_cookies.is_empty();
+    let mut push = |t: &'a str, loc: Location| {
+        let t = t.trim();
+        if !t.is_empty() && !out.iter().any(|(x, l)| *x == t && *l == loc) {
+            out.push((t, loc));
+        }
+    };
+    if !explicit {
+        for v in parts.headers.get_all(http::header::AUTHORIZATION) {
+            if let Ok(v) = v.to_str()
+                && v.len() > 7
+                && v[..7].eq_ignore_ascii_case("bearer ")
+            {
+                push(&v[7..], Location::Header(http::header::AUTHORIZATION));
+            }
+        }
+        if let Some(t) = query_param(query, "access_token") {
+            push(t, Location::Param("access_token".into()));
+        }
+        return;
+    }
+    for h in &rule.from_headers {
+        let Ok(name) = HeaderName::from_bytes(h.name.to_ascii_lowercase().as_bytes()) else {
+            continue;
+        };
+        for v in parts.headers.get_all(&name) {
+            if let Ok(v) = v.to_str()
+                && let Some(t) = v.strip_prefix(h.prefix.as_str())
+            {
+                push(t, Location::Header(name.clone()));
+            }
+        }
+    }
+    for p in &rule.from_params {
+        if let Some(t) = query_param(query, p) {
+            push(t, Location::Param(p.clone()));
+        }
+    }
+    for c in &rule.from_cookies {
+        if let Some(t) = cookie(&parts.headers, c) {
+            push(t, Location::Cookie(c.clone()));
+        }
+    }
+}
+
+/// A request that must be answered 401.
+#[derive(Debug)]
+pub struct Unauthenticated {
+    pub reason: String,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn claim_text(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        serde_json::Value::Array(a) => Some(
+            a.iter()
+                .filter_map(claim_text)
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        _ => None,
+    }
+}
+
+fn claim_at<'a>(claims: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
+    path.split('.').try_fold(claims, |v, p| v.get(p))
+}
+
+fn set_header(headers: &mut HeaderMap, name: &str, value: &str) {
+    if let (Ok(n), Ok(v)) = (
+        HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()),
+        HeaderValue::from_str(value),
+    ) {
+        headers.insert(n, v);
+    }
+}
+
+/// Authenticates a request: `Ok(None)` when it carries no token, `Ok(Some(claims))` when every
+/// token it carries verified, `Err` (401) otherwise. Rewrites headers: strips every header
+/// Outrigger sets from verified claims (so a client cannot forge them), then sets them.
+pub async fn authenticate(
+    cache: &Arc<JwksCache>,
+    rules: &[&JwtRule],
+    parts: &mut http::request::Parts,
+) -> Result<Option<JwtClaims>, Unauthenticated> {
+    // Headers derived from verified claims are ours alone.
+    for rule in rules {
+        if !rule.output_payload_to_header.is_empty() {
+            parts
+                .headers
+                .remove(rule.output_payload_to_header.to_ascii_lowercase().as_str());
+        }
+        for c in &rule.output_claim_to_headers {
+            parts.headers.remove(c.header.to_ascii_lowercase().as_str());
+        }
+    }
+    for (h, _) in &cache.settings.identity_headers {
+        parts.headers.remove(h);
+    }
+    if rules.is_empty() {
+        return Ok(None);
+    }
+
+    // (token, location, index of the rule that found it)
+    let mut found: Vec<(String, Location, usize)> = Vec::new();
+    {
+        let mut scratch = Vec::new();
+        for (i, rule) in rules.iter().enumerate() {
+            scratch.clear();
+            extract(rule, parts, &mut scratch);
+            for (t, loc) in scratch.drain(..) {
+                found.push((t.to_string(), loc, i));
+            }
+        }
+    }
+    if found.is_empty() {
+        return Ok(None);
+    }
+
+    let now = now_unix();
+    let mut verified: Option<(JwtClaims, usize, String)> = None;
+    let mut to_remove: Vec<Location> = Vec::new();
+    let mut checked: Vec<&str> = Vec::new();
+    for (token, _, _) in &found {
+        if checked.contains(&token.as_str()) {
+            continue;
+        }
+        checked.push(token);
+        let decoded = jwt::decode(token).map_err(|e| Unauthenticated {
+            reason: e.to_string(),
+        })?;
+        let iss = decoded.issuer().unwrap_or("").to_string();
+        // The rules that both looked where this token was and name its issuer.
+        let candidates: Vec<usize> = found
+            .iter()
+            .filter(|(t, _, i)| t == token && rules[*i].issuer == iss)
+            .map(|(_, _, i)| *i)
+            .collect();
+        if candidates.is_empty() {
+            return Err(Unauthenticated {
+                reason: format!("no jwtRule for issuer `{iss}` at the token's location"),
+            });
+        }
+        let mut last_err = String::new();
+        let mut ok_rule = None;
+        for &ri in &candidates {
+            let rule = rules[ri];
+            let timeout = rule
+                .timeout
+                .as_deref()
+                .and_then(parse_go_duration)
+                .unwrap_or(DEFAULT_FETCH_TIMEOUT);
+            let src = KeySource::of(rule);
+            let keys = match cache.keys(&src, timeout).await {
+                Ok(k) => k,
+                Err(e) => {
+                    last_err = e;
+                    continue;
+                }
+            };
+            let mut sig = decoded.verify_signature(&keys);
+            if let Err(JwtError::UnknownKid(_)) = &sig
+                && !matches!(src, KeySource::Inline(_))
+            {
+                // The issuer may have rotated its keys: refetch (rate-limited) and retry.
+                if let Ok(k) = cache.refresh(&src, timeout, true).await {
+                    sig = decoded.verify_signature(&k);
+                }
+            }
+            let result = sig.and_then(|_| {
+                decoded.check_claims(&ClaimRules {
+                    issuer: &rule.issuer,
+                    audiences: &rule.audiences,
+                    now,
+                    clock_skew: jwt::DEFAULT_CLOCK_SKEW_SECS,
+                })
+            });
+            match result {
+                Ok(()) => {
+                    ok_rule = Some(ri);
+                    break;
+                }
+                Err(e) => last_err = e.to_string(),
+            }
+        }
+        let Some(ri) = ok_rule else {
+            return Err(Unauthenticated { reason: last_err });
+        };
+        let rule = rules[ri];
+        if !rule.forward_original_token {
+            for (t, loc, _) in &found {
+                if t == token {
+                    to_remove.push(loc.clone());
+                }
+            }
+        }
+        if verified.is_none() {
+            let claims = JwtClaims::new(decoded.claims.clone())
+                .with_space_delimited_claims(&rule.space_delimited_claims);
+            verified = Some((claims, ri, decoded.payload_b64.to_string()));
+        }
+    }
+
+    let Some((claims, ri, payload_b64)) = verified else {
+        return Ok(None);
+    };
+    let rule = rules[ri];
+    // "forwardOriginalToken: If set to true, the original token will be kept for the
+    // upstream request. Default is false."
+    for loc in to_remove {
+        if let Location::Header(h) = loc {
+            parts.headers.remove(h);
+        }
+    }
+    if !rule.output_payload_to_header.is_empty() {
+        set_header(
+            &mut parts.headers,
+            &rule.output_payload_to_header,
+            &payload_b64,
+        );
+    }
+    for c in &rule.output_claim_to_headers {
+        if let Some(v) = claim_at(claims.payload(), &c.claim).and_then(claim_text) {
+            set_header(&mut parts.headers, &c.header, &v);
+        }
+    }
+    for (h, claim) in &cache.settings.identity_headers {
+        if let Some(v) = claim_at(claims.payload(), claim).and_then(claim_text)
+            && let Ok(v) = HeaderValue::from_str(&v)
+        {
+            parts.headers.insert(h.clone(), v);
+        }
+    }
+    warn_on_group_overage(&claims);
+    Ok(Some(claims))
+}
+
+/// Azure AD: "If a user is a member of more groups than the overage limit (200 for JWTs), ...
+/// the groups claim is replaced by `_claim_names`/`_claim_sources`" pointing at Microsoft
+/// Graph. A policy on `request.auth.claims[groups]` then sees no groups: say so in the log
+/// instead of letting it silently deny (or, for a DENY policy, silently allow).
+fn warn_on_group_overage(claims: &JwtClaims) {
+    let p = claims.payload();
+    if p.get("groups").is_none()
+        && p.get("_claim_names")
+            .and_then(|n| n.get("groups"))
+            .is_some()
+    {
+        tracing::warn!(
+            sub = p.get("sub").and_then(|s| s.as_str()).unwrap_or("-"),
+            "token has Azure AD group overage (_claim_names.groups instead of groups): \
+             policies on request.auth.claims[groups] see no groups for this user; use app \
+             roles (the `roles` claim) or assign fewer groups (see docs/azure-ad.md)"
+        );
+    }
+}
+
+/// Istio writes durations as Go does (`5s`, `1m30s`, `500ms`).
+fn parse_go_duration(s: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    let mut rest = s.trim();
+    while !rest.is_empty() {
+        let n_end = rest.find(|c: char| !c.is_ascii_digit() && c != '.')?;
+        let n: f64 = rest[..n_end].parse().ok()?;
+        let u_end = rest[n_end..]
+            .find(|c: char| c.is_ascii_digit())
+            .map(|i| n_end + i)
+            .unwrap_or(rest.len());
+        let secs = match &rest[n_end..u_end] {
+            "ms" => n / 1000.0,
+            "s" => n,
+            "m" => n * 60.0,
+            "h" => n * 3600.0,
+            _ => return None,
+        };
+        total += Duration::from_secs_f64(secs);
+        rest = &rest[u_end..];
+    }
+    Some(total)
+}
+
+/// Envoy's answer to a request whose JWT failed: 401, body "Jwt verification fails", and a
+/// `www-authenticate` challenge naming the error (RFC 6750 §3).
+pub(crate) fn www_authenticate(parts: &http::request::Parts) -> HeaderValue {
+    let host = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("");
+    HeaderValue::from_str(&format!(
+        "Bearer realm=\"http://{host}{}\", error=\"invalid_token\"",
+        parts.uri.path()
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static("Bearer error=\"invalid_token\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_go_duration("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_go_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_go_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_go_duration("5"), None);
+    }
+
+    #[test]
+    fn query_and_cookie_extraction() {
+        assert_eq!(
+            query_param(Some("a=1&access_token=xyz"), "access_token"),
+            Some("xyz")
+        );
+        assert_eq!(query_param(Some("access_tokenx=1"), "access_token"), None);
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::COOKIE,
+            "a=1; session=\"tok\"; b=2".parse().unwrap(),
+        );
+        assert_eq!(cookie(&h, "session"), Some("tok"));
+        assert_eq!(cookie(&h, "nope"), None);
+    }
+}

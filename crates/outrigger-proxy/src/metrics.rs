@@ -1,0 +1,415 @@
+//! Prometheus metrics with Istio's standard names and labels, so the dashboards that read a
+//! sidecar's metrics (Grafana's Istio dashboards, Kiali) read Outrigger's unchanged.
+//!
+//! Istio's standard metrics (https://istio.io/latest/docs/reference/config/metrics/):
+//! "Request Count (istio_requests_total): This is a COUNTER incremented for every request
+//! handled by an Istio proxy", "Request Duration (istio_request_duration_milliseconds): This is
+//! a DISTRIBUTION which measures the duration of requests", "Tcp Byte Sent
+//! (istio_tcp_sent_bytes_total)", "Tcp Byte Received (istio_tcp_received_bytes_total)", "Tcp
+//! Connections Opened (istio_tcp_connections_opened_total)", "Tcp Connections Closed
+//! (istio_tcp_connections_closed_total)".
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// A label value shared between connections without copying the string.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Lv(pub Arc<str>);
+
+impl Lv {
+    pub fn new(s: &str) -> Self {
+        Lv(Arc::from(s))
+    }
+    pub fn unknown() -> Self {
+        Lv::new("unknown")
+    }
+}
+
+impl From<&str> for Lv {
+    fn from(s: &str) -> Self {
+        Lv::new(s)
+    }
+}
+
+impl EncodeLabelValue for Lv {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&&*self.0, encoder)
+    }
+}
+
+/// The labels Istio's proxies put on `istio_tcp_*` metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: &'static str,
+    pub source_workload: Lv,
+    pub source_canonical_service: Lv,
+    pub source_canonical_revision: Lv,
+    pub source_workload_namespace: Lv,
+    pub source_principal: Lv,
+    pub source_app: Lv,
+    pub source_version: Lv,
+    pub source_cluster: Lv,
+    pub destination_workload: Lv,
+    pub destination_workload_namespace: Lv,
+    pub destination_principal: Lv,
+    pub destination_app: Lv,
+    pub destination_version: Lv,
+    pub destination_service: Lv,
+    pub destination_canonical_service: Lv,
+    pub destination_canonical_revision: Lv,
+    pub destination_service_name: Lv,
+    pub destination_service_namespace: Lv,
+    pub destination_cluster: Lv,
+    pub request_protocol: &'static str,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+}
+
+/// The labels of `istio_requests_total` and `istio_request_duration_milliseconds`: the TCP
+/// labels plus the response.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    #[prometheus(flatten)]
+    pub conn: TcpLabels,
+    pub response_code: u16,
+    pub grpc_response_status: Lv,
+}
+
+/// Why a connection was refused before it reached the application.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RejectLabels {
+    pub listener: Lv,
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub source: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub action: &'static str,
+    pub result: &'static str,
+}
+
+/// Istio's default buckets for request duration in milliseconds.
+const DURATION_BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS_MS)
+}
+
+/// Every metric the proxy reports.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    pub tcp_opened: Family<TcpLabels, Counter>,
+    pub tcp_closed: Family<TcpLabels, Counter>,
+    pub tcp_received: Family<TcpLabels, Counter>,
+    pub tcp_sent: Family<TcpLabels, Counter>,
+    pub rejected: Family<RejectLabels, Counter>,
+    pub reloads: Family<ReloadLabels, Counter>,
+    pub decisions: Family<DecisionLabels, Counter>,
+    pub jwks_fetches: Family<ReloadLabels, Counter>,
+    pub jwt_authn: Family<DecisionLabels, Counter>,
+    pub access_log_dropped: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_duration =
+            Family::<RequestLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                duration_histogram,
+            );
+        let tcp_opened = Family::<TcpLabels, Counter>::default();
+        let tcp_closed = Family::<TcpLabels, Counter>::default();
+        let tcp_received = Family::<TcpLabels, Counter>::default();
+        let tcp_sent = Family::<TcpLabels, Counter>::default();
+        let rejected = Family::<RejectLabels, Counter>::default();
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        let access_log_dropped = Counter::default();
+        let jwks_fetches = Family::<ReloadLabels, Counter>::default();
+        let jwt_authn = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "outrigger_jwks_fetches",
+            "JWKS and OpenID discovery fetches, by result (errors keep the last good keys)",
+            jwks_fetches.clone(),
+        );
+        registry.register(
+            "outrigger_jwt_authentications",
+            "RequestAuthentication outcomes: action allow|deny, result no_token|verified|invalid",
+            jwt_authn.clone(),
+        );
+        // prometheus-client appends `_total` to counters.
+        registry.register(
+            "istio_requests",
+            "Requests handled by this proxy",
+            requests.clone(),
+        );
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Duration of requests, from the first byte received to the last byte sent",
+            request_duration.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            tcp_opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            tcp_closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the downstream peer on TCP connections",
+            tcp_received.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent to the downstream peer on TCP connections",
+            tcp_sent.clone(),
+        );
+        registry.register(
+            "outrigger_connections_rejected",
+            "Connections refused before reaching the application, by reason",
+            rejected.clone(),
+        );
+        registry.register(
+            "outrigger_config_reloads",
+            "Policy and certificate reloads, by result",
+            reloads.clone(),
+        );
+        registry.register(
+            "outrigger_authorization_decisions",
+            "Authorization decisions, by deciding action and result",
+            decisions.clone(),
+        );
+        registry.register(
+            "outrigger_access_log_dropped",
+            "Access log lines dropped because the log writer could not keep up",
+            access_log_dropped.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            tcp_opened,
+            tcp_closed,
+            tcp_received,
+            tcp_sent,
+            rejected,
+            reloads,
+            decisions,
+            jwks_fetches,
+            jwt_authn,
+            access_log_dropped,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn reject(&self, listener: &Lv, reason: &'static str) {
+        self.rejected
+            .get_or_create(&RejectLabels {
+                listener: listener.clone(),
+                reason,
+            })
+            .inc();
+    }
+}
+
+/// The destination half of the labels: fixed for the life of the proxy.
+pub fn destination_labels(w: &crate::WorkloadInfo) -> TcpLabels {
+    let or_unknown = |s: &str| {
+        if s.is_empty() {
+            Lv::unknown()
+        } else {
+            Lv::new(s)
+        }
+    };
+    let (service, service_name) = match &w.service_host {
+        Some(h) => (Lv::new(h), Lv::new(h.split('.').next().unwrap_or(h))),
+        None => (Lv::unknown(), Lv::unknown()),
+    };
+    TcpLabels {
+        reporter: "destination",
+        source_workload: Lv::unknown(),
+        source_canonical_service: Lv::unknown(),
+        source_canonical_revision: Lv::unknown(),
+        source_workload_namespace: Lv::unknown(),
+        source_principal: Lv::unknown(),
+        source_app: Lv::unknown(),
+        source_version: Lv::unknown(),
+        source_cluster: Lv::unknown(),
+        destination_workload: or_unknown(&w.name),
+        destination_workload_namespace: or_unknown(&w.namespace),
+        destination_principal: Lv::new(&w.identity.to_string()),
+        destination_app: or_unknown(&w.app),
+        destination_version: or_unknown(&w.version),
+        destination_service: service,
+        destination_canonical_service: or_unknown(&w.canonical_service),
+        destination_canonical_revision: or_unknown(&w.canonical_revision),
+        destination_service_name: service_name,
+        destination_service_namespace: or_unknown(&w.namespace),
+        destination_cluster: or_unknown(&w.cluster),
+        request_protocol: "tcp",
+        response_flags: "-",
+        connection_security_policy: "none",
+    }
+}
+
+/// The labels of one downstream connection: the destination labels plus what the peer's
+/// certificate says. Istio fills `source_workload` from peer metadata exchange, which a
+/// certificate alone does not carry; the namespace comes from the SPIFFE ID.
+pub fn connection_labels(
+    dest: &TcpLabels,
+    peer: Option<&outrigger_identity::Identity>,
+) -> TcpLabels {
+    let mut l = dest.clone();
+    if let Some(id) = peer {
+        l.source_principal = Lv::new(&id.to_string());
+        if let Some(ns) = id.namespace() {
+            l.source_workload_namespace = Lv::new(ns);
+        }
+        l.connection_security_policy = "mutual_tls";
+    }
+    l
+}
+
+/// The source half of the labels for `reporter="source"` (outbound): this workload is the
+/// source. Istio: "reporter: This identifies the reporter of the request. It is set to
+/// `destination` if report is from a server Istio proxy and `source` if report is from a client
+/// Istio proxy". The destination's workload labels come from Istio's peer metadata exchange,
+/// which a certificate alone does not carry: they stay `unknown`. "connection_security_policy
+/// [...] is set to `unknown` when report is from source since security policy cannot be
+/// properly populated."
+pub fn source_labels(w: &crate::WorkloadInfo) -> TcpLabels {
+    let or_unknown = |s: &str| {
+        if s.is_empty() {
+            Lv::unknown()
+        } else {
+            Lv::new(s)
+        }
+    };
+    TcpLabels {
+        reporter: "source",
+        source_workload: or_unknown(&w.name),
+        source_canonical_service: or_unknown(&w.canonical_service),
+        source_canonical_revision: or_unknown(&w.canonical_revision),
+        source_workload_namespace: or_unknown(&w.namespace),
+        source_principal: Lv::new(&w.identity.to_string()),
+        source_app: or_unknown(&w.app),
+        source_version: or_unknown(&w.version),
+        source_cluster: or_unknown(&w.cluster),
+        destination_workload: Lv::unknown(),
+        destination_workload_namespace: Lv::unknown(),
+        destination_principal: Lv::unknown(),
+        destination_app: Lv::unknown(),
+        destination_version: Lv::unknown(),
+        destination_service: Lv::unknown(),
+        destination_canonical_service: Lv::unknown(),
+        destination_canonical_revision: Lv::unknown(),
+        destination_service_name: Lv::unknown(),
+        destination_service_namespace: Lv::unknown(),
+        destination_cluster: Lv::unknown(),
+        request_protocol: "http",
+        response_flags: "-",
+        connection_security_policy: "unknown",
+    }
+}
+
+/// `source` labels for a call to the service `host`: `destination_service` is the host,
+/// `destination_service_name` its first label and, for a Kubernetes name
+/// (`name.ns.svc[.domain]`), `destination_service_namespace` its second.
+pub fn destination_service_labels(source: &TcpLabels, host: &str) -> TcpLabels {
+    let mut l = source.clone();
+    let parts: Vec<&str> = host.split('.').collect();
+    l.destination_service = Lv::new(host);
+    l.destination_service_name = Lv::new(parts[0]);
+    if parts.len() >= 3 && parts[2] == "svc" {
+        l.destination_service_namespace = Lv::new(parts[1]);
+        l.destination_workload_namespace = Lv::new(parts[1]);
+    }
+    l
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_labels_are_istios() {
+        let m = Metrics::new();
+        let conn = TcpLabels {
+            reporter: "destination",
+            source_workload: Lv::unknown(),
+            source_canonical_service: Lv::unknown(),
+            source_canonical_revision: Lv::unknown(),
+            source_workload_namespace: Lv::new("default"),
+            source_principal: Lv::new("spiffe://cluster.local/ns/default/sa/sleep"),
+            source_app: Lv::unknown(),
+            source_version: Lv::unknown(),
+            source_cluster: Lv::unknown(),
+            destination_workload: Lv::new("app"),
+            destination_workload_namespace: Lv::new("legacy"),
+            destination_principal: Lv::new("spiffe://cluster.local/ns/legacy/sa/app"),
+            destination_app: Lv::new("app"),
+            destination_version: Lv::unknown(),
+            destination_service: Lv::unknown(),
+            destination_canonical_service: Lv::new("app"),
+            destination_canonical_revision: Lv::new("latest"),
+            destination_service_name: Lv::unknown(),
+            destination_service_namespace: Lv::new("legacy"),
+            destination_cluster: Lv::new("Kubernetes"),
+            request_protocol: "http",
+            response_flags: "-",
+            connection_security_policy: "mutual_tls",
+        };
+        let labels = RequestLabels {
+            conn: conn.clone(),
+            response_code: 200,
+            grpc_response_status: Lv::new(""),
+        };
+        m.requests.get_or_create(&labels).inc();
+        m.request_duration.get_or_create(&labels).observe(3.0);
+        m.tcp_opened.get_or_create(&conn).inc();
+        let text = m.encode();
+        assert!(
+            text.contains("istio_requests_total{reporter=\"destination\""),
+            "{text}"
+        );
+        assert!(text.contains("response_code=\"200\""), "{text}");
+        assert!(text.contains("connection_security_policy=\"mutual_tls\""));
+        assert!(text.contains("istio_request_duration_milliseconds_bucket{"));
+        assert!(text.contains("istio_tcp_connections_opened_total{"));
+        assert!(text.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\""));
+    }
+}

@@ -1,0 +1,896 @@
+//! HTTP origination: the application's plaintext HTTP/1.1 or h2c on loopback, sent to a mesh
+//! destination over mTLS, with retries, timeouts, Istio's `reporter="source"` metrics and an
+//! access-log line per request. Also the HTTP-proxy mode, where the request's host picks the
+//! destination.
+//!
+//! Retries (Istio's default `retryOn` is "connect-failure,refused-stream,unavailable,
+//! cancelled,retriable-status-codes", with Envoy's `previous_hosts` predicate so that a retry
+//! goes to another host):
+//! * a connection that cannot be made (refused, timed out, mTLS refused, including a server
+//!   with the wrong identity) sends nothing, so any request is retried on another endpoint;
+//! * a connection that fails after the request was sent and before the response head is
+//!   retried only for an idempotent method (GET, HEAD, OPTIONS, TRACE, PUT, DELETE) without a
+//!   body, which can be replayed safely;
+//! * a response, whatever its status, is returned as is.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Uri};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulConnection;
+use tokio::net::TcpStream;
+
+use super::endpoints::{ActiveGuard, Endpoint, Outcome};
+use super::pool::{self, H1Lease, SendError, UpBody};
+use super::{Destination, OutboundProtocol};
+use crate::Ctx;
+use crate::access_log::{AccessRecord, now_rfc3339};
+use crate::metrics::{Lv, RequestLabels, TcpLabels};
+
+/// Envoy's local-reply bodies, so that applications and dashboards see the text they know.
+const NO_HEALTHY_UPSTREAM: &str = "no healthy upstream";
+const UPSTREAM_TIMEOUT: &str = "upstream request timeout";
+
+/// Where a listener's requests go.
+#[derive(Clone)]
+pub(crate) enum Route {
+    /// A dedicated listener: every request goes to this destination.
+    Fixed(Arc<Destination>),
+    /// The HTTP proxy listener: the request's host decides.
+    Proxy(Arc<ProxyRoutes>),
+}
+
+/// The HTTP proxy's table: host names (and their Kubernetes short forms) → destination.
+pub(crate) struct ProxyRoutes {
+    by_host_port: HashMap<(String, u16), Arc<Destination>>,
+    by_host: HashMap<String, Vec<Arc<Destination>>>,
+    allow_plain_egress: bool,
+    known: String,
+    source: TcpLabels,
+}
+
+/// The names a Kubernetes service answers to inside the mesh, as a sidecar's route table
+/// lists them: `name`, `name.ns`, `name.ns.svc`, `name.ns.svc.<domain>`.
+fn host_aliases(fqdn: &str) -> Vec<String> {
+    let fqdn = fqdn.to_ascii_lowercase();
+    let labels: Vec<&str> = fqdn.split('.').collect();
+    if labels.len() >= 3 && labels[2] == "svc" {
+        (1..=labels.len())
+            .filter(|n| *n <= 3 || *n == labels.len())
+            .map(|n| labels[..n].join("."))
+            .collect()
+    } else {
+        vec![fqdn]
+    }
+}
+
+impl ProxyRoutes {
+    pub fn new(dests: &[Arc<Destination>], allow_plain_egress: bool, source: &TcpLabels) -> Self {
+        let mut by_host_port = HashMap::new();
+        let mut by_host: HashMap<String, Vec<Arc<Destination>>> = HashMap::new();
+        let mut known = Vec::new();
+        for d in dests {
+            if d.cfg.protocol == OutboundProtocol::Tcp {
+                continue;
+            }
+            known.push(format!("{}:{}", d.cfg.host, d.cfg.port));
+            for alias in host_aliases(&d.cfg.host) {
+                by_host_port
+                    .entry((alias.clone(), d.cfg.port))
+                    .or_insert_with(|| d.clone());
+                by_host.entry(alias).or_default().push(d.clone());
+            }
+        }
+        ProxyRoutes {
+            by_host_port,
+            by_host,
+            allow_plain_egress,
+            known: if known.is_empty() {
+                "none".into()
+            } else {
+                known.join(", ")
+            },
+            source: source.clone(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_host.values().flatten().count()
+    }
+
+    /// `host[:port]` → destination. Without a port, the host alone when it names exactly one
+    /// destination, else port 80 (the HTTP default).
+    fn lookup(&self, host: &str, port: Option<u16>) -> Option<&Arc<Destination>> {
+        let host = host.to_ascii_lowercase();
+        match port {
+            Some(p) => self.by_host_port.get(&(host, p)),
+            None => match self.by_host.get(&host) {
+                Some(v) if v.len() == 1 => v.first(),
+                _ => self.by_host_port.get(&(host, 80)),
+            },
+        }
+    }
+}
+
+pub(crate) async fn serve(stream: TcpStream, src: SocketAddr, route: Route, ctx: Arc<Ctx>) {
+    let dst = stream.local_addr().unwrap_or(src);
+    let drain = ctx.drain.clone();
+    let svc_ctx = ctx.clone();
+    let svc = service_fn(move |req| handle(req, src, dst, route.clone(), svc_ctx.clone()));
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    if let Err(e) = drive(conn, drain).await {
+        tracing::debug!(error = %e, "application HTTP connection ended with an error");
+    }
+}
+
+/// Runs a server connection; on drain, lets in-flight requests finish and closes.
+async fn drive<C>(conn: C, mut drain: tokio::sync::watch::Receiver<bool>) -> Result<(), C::Error>
+where
+    C: GracefulConnection,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        _ = drain.wait_for(|d| *d) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) belong to one connection and are not forwarded.
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if let Some(conn) = h.get(header::CONNECTION).cloned()
+        && let Ok(list) = conn.to_str()
+    {
+        for name in list.split(',') {
+            let name = name.trim();
+            if !name.is_empty() && !name.eq_ignore_ascii_case("te") {
+                h.remove(name);
+            }
+        }
+    }
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        h.remove(name);
+    }
+    if let Some(te) = h.get(header::TE)
+        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
+    {
+        h.remove(header::TE);
+    }
+}
+
+/// The request's target host and port: the absolute-form URI (proxy requests), else `Host`.
+fn request_authority(parts: &http::request::Parts) -> Option<Authority> {
+    parts.uri.authority().cloned().or_else(|| {
+        parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse::<Authority>().ok())
+    })
+}
+
+/// An authority that only makes sense on this host (`127.0.0.1:9080`, `localhost`): the
+/// application addressed the listener, not the service.
+fn is_local_authority(a: &Authority) -> bool {
+    let host = a.host().trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok()
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    src: SocketAddr,
+    dst: SocketAddr,
+    route: Route,
+    ctx: Arc<Ctx>,
+) -> Result<Response<OutBody>, Infallible> {
+    let start = Instant::now();
+    let (parts, body) = req.into_parts();
+    let app_authority = request_authority(&parts);
+    match route {
+        Route::Fixed(dest) => {
+            // The application called the loopback listener: the service's own name goes
+            // upstream, unless the application named a host itself.
+            let authority = match app_authority {
+                Some(a) if !is_local_authority(&a) => a,
+                _ => dest.authority.clone(),
+            };
+            Ok(forward(parts, body, dest, authority, src, dst, ctx, start).await)
+        }
+        Route::Proxy(routes) => {
+            let listener = Lv::new("http-proxy");
+            let Some(authority) = app_authority else {
+                let rec = Rec::new(
+                    &ctx,
+                    routes.source.clone(),
+                    listener,
+                    &parts,
+                    src,
+                    dst,
+                    start,
+                );
+                return Ok(local_reply(
+                    StatusCode::BAD_REQUEST,
+                    "outrigger HTTP proxy: the request names no host (no absolute URI, no Host header)\n".into(),
+                    "NR",
+                    rec,
+                ));
+            };
+            if parts.method == Method::CONNECT {
+                let rec = Rec::new(
+                    &ctx,
+                    routes.source.clone(),
+                    listener,
+                    &parts,
+                    src,
+                    dst,
+                    start,
+                );
+                return Ok(local_reply(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!(
+                        "outrigger HTTP proxy: CONNECT {authority} is not supported; call mesh services over plain HTTP (Outrigger adds mTLS), or give a TCP service its own outbound listener\n"
+                    ),
+                    "NR",
+                    rec,
+                ));
+            }
+            match routes.lookup(authority.host(), authority.port_u16()) {
+                Some(dest) => {
+                    Ok(forward(parts, body, dest.clone(), authority, src, dst, ctx, start).await)
+                }
+                None if routes.allow_plain_egress => {
+                    Ok(egress(parts, body, authority, &routes, src, dst, ctx, start).await)
+                }
+                None => {
+                    let labels = crate::metrics::destination_service_labels(
+                        &routes.source,
+                        authority.host(),
+                    );
+                    let rec = Rec::new(&ctx, labels, listener, &parts, src, dst, start);
+                    tracing::warn!(
+                        host = %authority,
+                        "HTTP proxy: not a configured mesh service and plain egress is off; answering 502"
+                    );
+                    Ok(local_reply(
+                        StatusCode::BAD_GATEWAY,
+                        format!(
+                            "outrigger HTTP proxy: `{authority}` is not a mesh service configured on this agent (configured: {}). Add it under `outbound:` in the agent configuration, or set `outboundProxy.allowPlainEgress: true` to let non-mesh hosts through in plaintext.\n",
+                            routes.known
+                        ),
+                        "NR",
+                        rec,
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// Rebuilds a bodiless request for a retry after the connection failed mid-request.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Replay {
+    fn build(&self) -> Request<UpBody> {
+        let mut r = Request::new(Either::Right(Empty::new()));
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.version_mut() = self.version;
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    mut parts: http::request::Parts,
+    body: Incoming,
+    dest: Arc<Destination>,
+    authority: Authority,
+    src: SocketAddr,
+    dst: SocketAddr,
+    ctx: Arc<Ctx>,
+    start: Instant,
+) -> Response<OutBody> {
+    let mut rec = Rec::new(
+        &ctx,
+        dest.labels.clone(),
+        dest.listener_lv.clone(),
+        &parts,
+        src,
+        dst,
+        start,
+    );
+    let downstream_version = parts.version;
+    strip_hop_by_hop(&mut parts.headers);
+    let h2 = dest.cfg.protocol == OutboundProtocol::Http2
+        || dest.cfg.pool.h2_upgrade
+        || downstream_version == Version::HTTP_2;
+    let pq = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    if h2 {
+        // HTTP/2 carries the authority in `:authority`, built from an absolute URI.
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(authority.clone())
+            .path_and_query(pq)
+            .build()
+            .unwrap_or_default();
+        parts.version = Version::HTTP_2;
+        parts.headers.remove(header::HOST);
+    } else {
+        parts.uri = Uri::from(pq);
+        parts.version = Version::HTTP_11;
+        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
+    rec.authority = Some(authority.as_str().to_string());
+    let empty = body.is_end_stream();
+    let replay = (empty && idempotent(&parts.method)).then(|| Replay {
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        version: parts.version,
+        headers: parts.headers.clone(),
+    });
+    let up_body: UpBody = if empty {
+        Either::Right(Empty::new())
+    } else {
+        Either::Left(Counting {
+            inner: body,
+            counter: rec.received.clone(),
+        })
+    };
+    let mut req = Some(Request::from_parts(parts, up_body));
+
+    let deadline = dest.cfg.timeout.map(|t| start + t);
+    let per_try = dest.cfg.retries.per_try_timeout;
+    let attempts = 1 + dest.cfg.retries.attempts;
+    let mut tried: Vec<SocketAddr> = Vec::with_capacity(2);
+    let mut failure: (StatusCode, String, &'static str) = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        NO_HEALTHY_UPSTREAM.to_string(),
+        "UH",
+    );
+    for attempt in 0..attempts {
+        let Some(request) = req.take() else { break };
+        let Some(ep) = dest.endpoints.pick(&tried) else {
+            if attempt == 0 {
+                tracing::warn!(
+                    destination = %dest.authority,
+                    "no healthy upstream: every endpoint is ejected or none is known"
+                );
+            }
+            break;
+        };
+        tried.push(ep.addr);
+        rec.upstream = Some(ep.addr);
+        let active = ActiveGuard::new(ep.clone());
+        let try_deadline = match (deadline, per_try) {
+            (Some(d), Some(p)) => Some(d.min(Instant::now() + p)),
+            (Some(d), None) => Some(d),
+            (None, Some(p)) => Some(Instant::now() + p),
+            (None, None) => None,
+        };
+        let send = pool::send(&dest, &ep, request, h2);
+        let result = match try_deadline {
+            Some(d) => match tokio::time::timeout_at(d.into(), send).await {
+                Ok(r) => r,
+                Err(_) => {
+                    dest.endpoints.report(&ep, Outcome::GatewayError);
+                    failure = (
+                        StatusCode::GATEWAY_TIMEOUT,
+                        UPSTREAM_TIMEOUT.to_string(),
+                        "UT",
+                    );
+                    tracing::warn!(
+                        destination = %dest.authority, endpoint = %ep.addr,
+                        "upstream request timed out; answering 504"
+                    );
+                    break;
+                }
+            },
+            None => send.await,
+        };
+        match result {
+            Ok(sent) => {
+                let status = sent.response.status();
+                let outcome = match status.as_u16() {
+                    502..=504 => Outcome::GatewayError,
+                    500..=599 => Outcome::ServerError,
+                    _ => Outcome::Success,
+                };
+                dest.endpoints.report(&ep, outcome);
+                rec.peer = sent.peer;
+                let (mut rparts, rbody) = sent.response.into_parts();
+                strip_hop_by_hop(&mut rparts.headers);
+                rparts.version = downstream_version;
+                rec.code = status.as_u16();
+                if let Some(s) = rparts.headers.get("grpc-status") {
+                    rec.grpc_status = s.to_str().ok().map(Lv::new);
+                }
+                let max = dest.cfg.pool.max_requests_per_connection;
+                return Response::from_parts(
+                    rparts,
+                    OutBody {
+                        inner: Either::Left(rbody),
+                        lease: sent.lease.map(|l| (ep.clone(), l, max)),
+                        rec: Some(rec),
+                        _active: Some(active),
+                    },
+                );
+            }
+            Err(SendError::Connect(e, back)) => {
+                dest.endpoints.report(&ep, Outcome::GatewayError);
+                if e.identity_mismatch() {
+                    tracing::warn!(
+                        destination = %dest.authority, endpoint = %ep.addr,
+                        "server identity refused: {e}"
+                    );
+                } else {
+                    tracing::warn!(
+                        destination = %dest.authority, endpoint = %ep.addr,
+                        retry = attempt + 1 < attempts,
+                        "upstream connection failed: {e}"
+                    );
+                }
+                failure = (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: {e}"
+                    ),
+                    "UF",
+                );
+                req = Some(*back);
+            }
+            Err(SendError::Sent(e)) => {
+                dest.endpoints.report(&ep, Outcome::GatewayError);
+                tracing::warn!(
+                    destination = %dest.authority, endpoint = %ep.addr,
+                    retry = replay.is_some() && attempt + 1 < attempts,
+                    "upstream connection failed after the request was sent: {e}"
+                );
+                failure = (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "upstream connect error or disconnect/reset before headers. reset reason: connection termination ({e})"
+                    ),
+                    "UR",
+                );
+                req = replay.as_ref().map(Replay::build);
+            }
+        }
+    }
+    let (status, body, flags) = failure;
+    local_reply(status, body, flags, rec)
+}
+
+/// Plain HTTP to a host outside the mesh (`allowPlainEgress`), one connection per request.
+#[allow(clippy::too_many_arguments)]
+async fn egress(
+    mut parts: http::request::Parts,
+    body: Incoming,
+    authority: Authority,
+    routes: &ProxyRoutes,
+    src: SocketAddr,
+    dst: SocketAddr,
+    ctx: Arc<Ctx>,
+    start: Instant,
+) -> Response<OutBody> {
+    let labels = crate::metrics::destination_service_labels(&routes.source, authority.host());
+    let mut rec = Rec::new(&ctx, labels, Lv::new("http-proxy"), &parts, src, dst, start);
+    rec.authority = Some(authority.as_str().to_string());
+    rec.security = "none";
+    strip_hop_by_hop(&mut parts.headers);
+    let pq = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    parts.uri = Uri::from(pq);
+    let downstream_version = parts.version;
+    parts.version = Version::HTTP_11;
+    if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+        parts.headers.insert(header::HOST, v);
+    }
+    let port = authority.port_u16().unwrap_or(80);
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let connect = async {
+        let s = TcpStream::connect((host, port)).await?;
+        let _ = s.set_nodelay(true);
+        std::io::Result::Ok(s)
+    };
+    let stream = match tokio::time::timeout(Duration::from_secs(10), connect).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("upstream connect error: {authority}: {e}"),
+                "UF",
+                rec,
+            );
+        }
+        Err(_) => {
+            return local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("upstream connect error: {authority}: connection timed out"),
+                "UF",
+                rec,
+            );
+        }
+    };
+    rec.upstream = stream.peer_addr().ok();
+    let up_body: UpBody = Either::Left(Counting {
+        inner: body,
+        counter: rec.received.clone(),
+    });
+    let result = async {
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        tx.send_request(Request::from_parts(parts, up_body)).await
+    }
+    .await;
+    match result {
+        Ok(resp) => {
+            let (mut rparts, rbody) = resp.into_parts();
+            strip_hop_by_hop(&mut rparts.headers);
+            rparts.version = downstream_version;
+            rec.code = rparts.status.as_u16();
+            Response::from_parts(
+                rparts,
+                OutBody {
+                    inner: Either::Left(rbody),
+                    lease: None,
+                    rec: Some(rec),
+                    _active: None,
+                },
+            )
+        }
+        Err(e) => local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("upstream connect error or disconnect/reset before headers: {e}"),
+            "UR",
+            rec,
+        ),
+    }
+}
+
+fn local_reply(
+    status: StatusCode,
+    body: String,
+    flags: &'static str,
+    mut rec: Rec,
+) -> Response<OutBody> {
+    rec.code = status.as_u16();
+    rec.flags = flags;
+    let mut resp = Response::new(OutBody {
+        inner: Either::Right(Full::new(Bytes::from(body))),
+        lease: None,
+        rec: Some(rec),
+        _active: None,
+    });
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
+
+/// A request body that counts the bytes it yields.
+pub(crate) struct Counting<B> {
+    inner: B,
+    counter: Arc<AtomicU64>,
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Counting<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let res = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &res
+            && let Some(d) = f.data_ref()
+        {
+            self.counter.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The response body to the application. When it ends it gives its HTTP/1.1 connection back
+/// to the pool and records the request (metrics, access log); dropped early (the application
+/// went away), the connection is closed instead.
+pub(crate) struct OutBody {
+    inner: Either<Incoming, Full<Bytes>>,
+    lease: Option<(Arc<Endpoint>, H1Lease, u32)>,
+    rec: Option<Rec>,
+    _active: Option<ActiveGuard>,
+}
+
+impl OutBody {
+    fn release(&mut self) {
+        if let Some((ep, lease, max)) = self.lease.take() {
+            lease.release(&ep, max);
+        }
+    }
+}
+
+impl Body for OutBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let res = Pin::new(&mut this.inner).poll_frame(cx);
+        match &res {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(rec) = &mut this.rec {
+                    if let Some(d) = f.data_ref() {
+                        rec.sent += d.len() as u64;
+                    } else if let Some(t) = f.trailers_ref()
+                        && let Some(s) = t.get("grpc-status")
+                    {
+                        rec.grpc_status = s.to_str().ok().map(Lv::new);
+                    }
+                }
+            }
+            Poll::Ready(None) => {
+                this.release();
+                if let Some(rec) = this.rec.take() {
+                    rec.finish();
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                this.lease = None;
+                if let Some(rec) = &mut this.rec {
+                    rec.flags = "UR";
+                }
+            }
+            Poll::Pending => {}
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for OutBody {
+    fn drop(&mut self) {
+        // An empty response is never polled: it ended, and its connection is reusable.
+        if self.inner.is_end_stream() {
+            self.release();
+        }
+        if let Some(rec) = self.rec.take() {
+            rec.finish();
+        }
+    }
+}
+
+/// What one outbound request reports when it is over.
+struct Rec {
+    ctx: Arc<Ctx>,
+    labels: TcpLabels,
+    listener: Lv,
+    start: Instant,
+    code: u16,
+    flags: &'static str,
+    sent: u64,
+    received: Arc<AtomicU64>,
+    grpc_status: Option<Lv>,
+    peer: Lv,
+    upstream: Option<SocketAddr>,
+    authority: Option<String>,
+    security: &'static str,
+    src: SocketAddr,
+    dst: SocketAddr,
+    protocol: &'static str,
+    log: Option<LogFields>,
+}
+
+struct LogFields {
+    start_time: String,
+    method: String,
+    path: String,
+    request_id: Option<String>,
+}
+
+impl Rec {
+    fn new(
+        ctx: &Arc<Ctx>,
+        labels: TcpLabels,
+        listener: Lv,
+        parts: &http::request::Parts,
+        src: SocketAddr,
+        dst: SocketAddr,
+        start: Instant,
+    ) -> Self {
+        let log = ctx.access_log.enabled().then(|| LogFields {
+            start_time: now_rfc3339(),
+            method: parts.method.to_string(),
+            path: parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_default(),
+            request_id: parts
+                .headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+        });
+        Rec {
+            ctx: ctx.clone(),
+            labels,
+            listener,
+            start,
+            code: 0,
+            flags: "-",
+            sent: 0,
+            received: Arc::new(AtomicU64::new(0)),
+            grpc_status: None,
+            peer: Lv::unknown(),
+            upstream: None,
+            authority: None,
+            security: "mutual_tls",
+            src,
+            dst,
+            protocol: if parts.version == Version::HTTP_2 {
+                "HTTP/2"
+            } else {
+                "HTTP/1.1"
+            },
+            log,
+        }
+    }
+
+    fn finish(self) {
+        let elapsed = self.start.elapsed();
+        let mut conn = self.labels;
+        conn.destination_principal = self.peer.clone();
+        conn.request_protocol = if self.grpc_status.is_some() {
+            "grpc"
+        } else {
+            "http"
+        };
+        conn.response_flags = self.flags;
+        let labels = RequestLabels {
+            conn,
+            response_code: self.code,
+            grpc_response_status: self.grpc_status.clone().unwrap_or_else(|| Lv::new("")),
+        };
+        let m = &self.ctx.metrics;
+        m.requests.get_or_create(&labels).inc();
+        m.request_duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64() * 1000.0);
+        if let Some(log) = &self.log {
+            let security = if self.peer.0.as_ref() == "unknown" {
+                "none"
+            } else {
+                self.security
+            };
+            self.ctx.access_log.log(&AccessRecord {
+                start_time: log.start_time.clone(),
+                kind: "http",
+                listener: &self.listener.0,
+                protocol: self.protocol,
+                method: Some(&log.method),
+                authority: self.authority.as_deref(),
+                path: Some(&log.path),
+                response_code: Some(self.code),
+                response_flags: self.flags,
+                duration_ms: elapsed.as_millis() as u64,
+                bytes_received: self.received.load(Ordering::Relaxed),
+                bytes_sent: self.sent,
+                downstream_remote_address: self.src.to_string(),
+                downstream_local_address: self.dst.to_string(),
+                upstream_host: self
+                    .upstream
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                source_principal: &labels.conn.source_principal.0,
+                destination_principal: &self.peer.0,
+                connection_security_policy: security,
+                authz_policy: None,
+                authz_result: None,
+                request_id: log.request_id.as_deref(),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kubernetes_short_names() {
+        assert_eq!(
+            host_aliases("ratings.default.svc.cluster.local"),
+            vec![
+                "ratings",
+                "ratings.default",
+                "ratings.default.svc",
+                "ratings.default.svc.cluster.local"
+            ]
+        );
+        assert_eq!(host_aliases("db.example.com"), vec!["db.example.com"]);
+    }
+
+    #[test]
+    fn local_authorities() {
+        for a in [
+            "127.0.0.1:9080",
+            "localhost:9080",
+            "[::1]:9080",
+            "LOCALHOST",
+        ] {
+            assert!(is_local_authority(&a.parse().unwrap()), "{a}");
+        }
+        assert!(!is_local_authority(
+            &"ratings.default:8080".parse().unwrap()
+        ));
+    }
+}

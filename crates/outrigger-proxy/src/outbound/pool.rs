@@ -1,0 +1,448 @@
+//! mTLS origination and connection pools.
+//!
+//! Every upstream connection is TLS with the workload certificate as the client certificate,
+//! the Istio SNI of the destination, and Istio's ALPN so that a sidecar's inbound listener
+//! terminates it (its filter chains match `istio-http/1.0`, `istio-http/1.1`, `istio-h2` for
+//! HTTP and `istio`/`istio-peer-exchange` for TCP) instead of passing it through. The server's
+//! chain is verified against the mesh roots and its SPIFFE ID pinned by
+//! [`outrigger_tls::client_config`].
+//!
+//! Pools are per endpoint: HTTP/1.1 connections are kept alive and reused one request at a
+//! time; an HTTP/2 connection is shared by every concurrent request to the endpoint.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1 as client1, http2 as client2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use outrigger_identity::Identity;
+use outrigger_tls::CertStore;
+use outrigger_tls::rustls::ClientConfig;
+
+use super::Destination;
+use super::endpoints::Endpoint;
+use crate::metrics::Lv;
+
+/// The body sent upstream: the application's (counted), or nothing.
+pub(crate) type UpBody =
+    http_body_util::Either<super::http_origin::Counting<Incoming>, http_body_util::Empty<Bytes>>;
+
+/// Istio's ALPN overrides for upstream mTLS (istio/istio `alpn` filter): the Istio value first
+/// (it selects the sidecar's filter chain), then the generic ones.
+pub const ALPN_HTTP1: &[&[u8]] = &[b"istio-http/1.1", b"istio", b"http/1.1"];
+pub const ALPN_HTTP2: &[&[u8]] = &[b"istio-h2", b"istio", b"h2"];
+/// TCP: only `istio`. A sidecar also offers `istio-peer-exchange`, which obliges both sides to
+/// run Istio's TCP metadata exchange inside the stream; Outrigger does not, so it must not
+/// offer it.
+pub const ALPN_TCP: &[&[u8]] = &[b"istio"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Alpn {
+    Http1 = 0,
+    Http2 = 1,
+    Tcp = 2,
+}
+
+impl Alpn {
+    fn protocols(self) -> &'static [&'static [u8]] {
+        match self {
+            Alpn::Http1 => ALPN_HTTP1,
+            Alpn::Http2 => ALPN_HTTP2,
+            Alpn::Tcp => ALPN_TCP,
+        }
+    }
+}
+
+/// Why an upstream connection could not be made. Nothing was sent: any request may be retried
+/// on another endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connection to {0} failed: {1}")]
+    Tcp(SocketAddr, std::io::Error),
+    #[error("connection to {0} timed out after {1:?} (connectTimeout)")]
+    Timeout(SocketAddr, Duration),
+    #[error("mTLS handshake with {addr} failed: {reason}")]
+    Handshake {
+        addr: SocketAddr,
+        reason: String,
+        /// The server is a valid mesh workload but not the expected identity.
+        identity_mismatch: bool,
+    },
+    #[error("cannot build the client TLS configuration: {0}")]
+    Config(String),
+    #[error("HTTP handshake with {0} failed: {1}")]
+    Http(SocketAddr, hyper::Error),
+    #[error("connection to {0} closed before the request could be sent")]
+    Closed(SocketAddr),
+}
+
+impl ConnectError {
+    pub fn identity_mismatch(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::Handshake {
+                identity_mismatch: true,
+                ..
+            }
+        )
+    }
+}
+
+/// Client TLS configs of one destination, rebuilt after a certificate rotation.
+pub(crate) struct TlsConfigs {
+    certs: CertStore,
+    expected: Vec<Identity>,
+    cache: Mutex<[Option<(u64, Arc<ClientConfig>)>; 3]>,
+}
+
+impl TlsConfigs {
+    pub fn new(certs: CertStore, expected: Vec<Identity>) -> Self {
+        TlsConfigs {
+            certs,
+            expected,
+            cache: Mutex::new([None, None, None]),
+        }
+    }
+
+    fn get(&self, alpn: Alpn) -> Result<Arc<ClientConfig>, ConnectError> {
+        let generation = self.certs.generation();
+        {
+            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((g, cfg)) = &cache[alpn as usize]
+                && *g == generation
+            {
+                return Ok(cfg.clone());
+            }
+        }
+        let cfg = self
+            .certs
+            .client_config(&self.expected, alpn.protocols())
+            .map_err(|e| ConnectError::Config(e.to_string()))?;
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())[alpn as usize] =
+            Some((generation, cfg.clone()));
+        Ok(cfg)
+    }
+}
+
+fn is_identity_mismatch(e: &std::io::Error) -> bool {
+    use outrigger_tls::rustls::{CertificateError, Error};
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<Error>())
+        .is_some_and(|re| match re {
+            Error::InvalidCertificate(CertificateError::Other(o)) => matches!(
+                o.0.downcast_ref::<outrigger_tls::PeerVerifyError>(),
+                Some(outrigger_tls::PeerVerifyError::UnexpectedIdentity { .. })
+            ),
+            _ => false,
+        })
+}
+
+/// TCP connect + mTLS handshake, together bounded by `connectTimeout`. Returns the stream and
+/// the server's verified SPIFFE ID.
+pub(crate) async fn connect_tls(
+    dest: &Destination,
+    addr: SocketAddr,
+    alpn: Alpn,
+) -> Result<(TlsStream<TcpStream>, Lv), ConnectError> {
+    let config = dest.tls.get(alpn)?;
+    let timeout = dest.cfg.pool.connect_timeout;
+    let fut = async {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| ConnectError::Tcp(addr, e))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(dest.server_name.clone(), tcp)
+            .await
+            .map_err(|e| ConnectError::Handshake {
+                addr,
+                identity_mismatch: is_identity_mismatch(&e),
+                reason: outrigger_tls::describe_handshake_error(&e),
+            })?;
+        let (_, session) = tls.get_ref();
+        // The verifier has checked the chain and the pin; this reads the identity back for
+        // metrics and the access log.
+        let peer = outrigger_tls::peer_identity(session.peer_certificates().unwrap_or(&[]))
+            .map(|id| Lv::new(&id.to_string()))
+            .unwrap_or_else(|_| Lv::unknown());
+        Ok((tls, peer))
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| ConnectError::Timeout(addr, timeout))?
+}
+
+struct IdleH1 {
+    tx: client1::SendRequest<UpBody>,
+    peer: Lv,
+    uses: u32,
+    idle_since: Instant,
+}
+
+#[derive(Clone)]
+struct H2Conn {
+    tx: client2::SendRequest<UpBody>,
+    peer: Lv,
+    uses: Arc<AtomicU32>,
+}
+
+/// The pooled connections of one endpoint.
+#[derive(Default)]
+pub(crate) struct EndpointPool {
+    h1: Mutex<Vec<IdleH1>>,
+    h2: Mutex<Option<H2Conn>>,
+    /// Serializes HTTP/2 connection establishment, so that a burst of concurrent requests
+    /// shares one new connection instead of opening one each.
+    h2_connecting: tokio::sync::Mutex<()>,
+}
+
+impl EndpointPool {
+    /// Drops every pooled connection (the endpoint was ejected).
+    pub fn clear(&self) {
+        self.h1.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// An HTTP/1.1 connection lent to one request; given back when the response body has ended.
+pub(crate) struct H1Lease {
+    tx: client1::SendRequest<UpBody>,
+    peer: Lv,
+    uses: u32,
+}
+
+impl H1Lease {
+    /// Returns the connection to its endpoint's pool, unless it reached
+    /// `maxRequestsPerConnection` or is no longer usable.
+    pub fn release(self, ep: &Endpoint, max_requests: u32) {
+        if self.tx.is_closed() || (max_requests > 0 && self.uses >= max_requests) {
+            return;
+        }
+        ep.pool
+            .h1
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(IdleH1 {
+                tx: self.tx,
+                peer: self.peer,
+                uses: self.uses,
+                idle_since: Instant::now(),
+            });
+    }
+}
+
+/// Why a request failed on one endpoint.
+pub(crate) enum SendError {
+    /// Nothing was sent; the request comes back.
+    Connect(ConnectError, Box<Request<UpBody>>),
+    /// The request was (at least partly) sent and the connection failed before the response
+    /// head arrived.
+    Sent(hyper::Error),
+}
+
+/// A response and what it holds of its connection.
+pub(crate) struct Sent {
+    pub response: Response<Incoming>,
+    pub lease: Option<H1Lease>,
+    pub peer: Lv,
+}
+
+/// Sends one request to `ep`, on a pooled connection or a new one. A pooled connection that
+/// turns out to be closed (the server timed it out) is replaced transparently.
+pub(crate) async fn send(
+    dest: &Destination,
+    ep: &Endpoint,
+    req: Request<UpBody>,
+    h2: bool,
+) -> Result<Sent, SendError> {
+    if h2 {
+        send_h2(dest, ep, req).await
+    } else {
+        send_h1(dest, ep, req).await
+    }
+}
+
+async fn send_h1(
+    dest: &Destination,
+    ep: &Endpoint,
+    req: Request<UpBody>,
+) -> Result<Sent, SendError> {
+    let idle_timeout = dest.cfg.pool.idle_timeout;
+    let mut req = req;
+    // Pooled connections first; each one that fails before sending is discarded.
+    loop {
+        let idle = {
+            let mut idle = ep.pool.h1.lock().unwrap_or_else(|e| e.into_inner());
+            let mut found = None;
+            while let Some(c) = idle.pop() {
+                if !c.tx.is_closed() && c.tx.is_ready() && c.idle_since.elapsed() < idle_timeout {
+                    found = Some(c);
+                    break;
+                }
+            }
+            found
+        };
+        let Some(mut c) = idle else { break };
+        c.uses += 1;
+        match c.tx.try_send_request(req).await {
+            Ok(response) => {
+                return Ok(Sent {
+                    response,
+                    lease: Some(H1Lease {
+                        tx: c.tx,
+                        peer: c.peer.clone(),
+                        uses: c.uses,
+                    }),
+                    peer: c.peer,
+                });
+            }
+            Err(mut e) => match e.take_message() {
+                Some(back) => req = back,
+                None => return Err(SendError::Sent(e.into_error())),
+            },
+        }
+    }
+    let (tls, peer) = match connect_tls(dest, ep.addr, Alpn::Http1).await {
+        Ok(c) => c,
+        Err(e) => return Err(SendError::Connect(e, Box::new(req))),
+    };
+    let (mut tx, conn) = match client1::handshake(TokioIo::new(tls)).await {
+        Ok(x) => x,
+        Err(e) => {
+            return Err(SendError::Connect(
+                ConnectError::Http(ep.addr, e),
+                Box::new(req),
+            ));
+        }
+    };
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
+        }
+    });
+    match tx.try_send_request(req).await {
+        Ok(response) => Ok(Sent {
+            response,
+            lease: Some(H1Lease {
+                tx,
+                peer: peer.clone(),
+                uses: 1,
+            }),
+            peer,
+        }),
+        Err(mut e) => match e.take_message() {
+            Some(back) => Err(SendError::Connect(
+                ConnectError::Closed(ep.addr),
+                Box::new(back),
+            )),
+            None => Err(SendError::Sent(e.into_error())),
+        },
+    }
+}
+
+async fn h2_conn(dest: &Destination, ep: &Endpoint) -> Result<H2Conn, ConnectError> {
+    let max = dest.cfg.pool.max_requests_per_connection;
+    let usable =
+        |c: &H2Conn| !c.tx.is_closed() && (max == 0 || c.uses.load(Ordering::Relaxed) < max);
+    if let Some(c) = ep
+        .pool
+        .h2
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        && usable(c)
+    {
+        return Ok(c.clone());
+    }
+    let _connecting = ep.pool.h2_connecting.lock().await;
+    if let Some(c) = ep
+        .pool
+        .h2
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        && usable(c)
+    {
+        return Ok(c.clone());
+    }
+    let (tls, peer) = connect_tls(dest, ep.addr, Alpn::Http2).await?;
+    let (tx, conn) = client2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        // Detect a dead peer on an otherwise idle multiplexed connection.
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| ConnectError::Http(ep.addr, e))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+        }
+    });
+    let c = H2Conn {
+        tx,
+        peer,
+        uses: Arc::new(AtomicU32::new(0)),
+    };
+    *ep.pool.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
+    Ok(c)
+}
+
+async fn send_h2(
+    dest: &Destination,
+    ep: &Endpoint,
+    req: Request<UpBody>,
+) -> Result<Sent, SendError> {
+    let mut req = req;
+    for _ in 0..2 {
+        let c = match h2_conn(dest, ep).await {
+            Ok(c) => c,
+            Err(e) => return Err(SendError::Connect(e, Box::new(req))),
+        };
+        c.uses.fetch_add(1, Ordering::Relaxed);
+        let mut tx = c.tx.clone();
+        if tx.ready().await.is_err() {
+            forget_h2(ep, &c);
+            continue;
+        }
+        match tx.try_send_request(req).await {
+            Ok(response) => {
+                return Ok(Sent {
+                    response,
+                    lease: None,
+                    peer: c.peer,
+                });
+            }
+            Err(mut e) => match e.take_message() {
+                Some(back) => {
+                    forget_h2(ep, &c);
+                    req = back;
+                }
+                None => return Err(SendError::Sent(e.into_error())),
+            },
+        }
+    }
+    Err(SendError::Connect(
+        ConnectError::Closed(ep.addr),
+        Box::new(req),
+    ))
+}
+
+/// Removes `c` from the pool if it is still the current connection.
+fn forget_h2(ep: &Endpoint, c: &H2Conn) {
+    let mut slot = ep.pool.h2.lock().unwrap_or_else(|e| e.into_inner());
+    if slot
+        .as_ref()
+        .is_some_and(|cur| Arc::ptr_eq(&cur.uses, &c.uses))
+    {
+        *slot = None;
+    }
+}

@@ -1,0 +1,156 @@
+//! Opaque TCP origination: the application's bytes inside mTLS (ALPN `istio`), with Istio's
+//! `istio_tcp_*` metrics (reporter="source") and one access-log line per connection.
+//!
+//! A connection that cannot be made is tried on another endpoint (nothing was sent yet); once
+//! established, the bytes flow until either side closes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+
+use super::Destination;
+use super::endpoints::{ActiveGuard, Outcome};
+use super::pool::{self, Alpn};
+use crate::Ctx;
+use crate::access_log::{AccessRecord, now_rfc3339};
+use crate::io::{ByteCounts, Counted};
+use crate::metrics::{Lv, TcpLabels};
+
+/// How often byte counters of long-lived connections are published to the metrics.
+const METRICS_FLUSH: Duration = Duration::from_secs(5);
+
+pub(crate) async fn serve(
+    stream: TcpStream,
+    src: SocketAddr,
+    dest: Arc<Destination>,
+    ctx: Arc<Ctx>,
+) {
+    let start = Instant::now();
+    let start_time = ctx.access_log.enabled().then(now_rfc3339);
+    let dst = stream.local_addr().unwrap_or(src);
+    let counts = Arc::new(ByteCounts::default());
+    let mut labels = dest.labels.clone();
+    labels.request_protocol = "tcp";
+    let attempts = 1 + dest.cfg.retries.attempts;
+    let mut tried = Vec::new();
+    let mut flags = "UH";
+    let mut upstream = None;
+    let mut peer = Lv::unknown();
+    for attempt in 0..attempts {
+        let Some(ep) = dest.endpoints.pick(&tried) else {
+            break;
+        };
+        tried.push(ep.addr);
+        upstream = Some(ep.addr);
+        match pool::connect_tls(&dest, ep.addr, Alpn::Tcp).await {
+            Ok((tls, p)) => {
+                dest.endpoints.report(&ep, Outcome::Success);
+                peer = p;
+                labels.destination_principal = peer.clone();
+                flags = "-";
+                let _active = ActiveGuard::new(ep.clone());
+                ctx.metrics.tcp_opened.get_or_create(&labels).inc();
+                pump(stream, tls, &ctx, &counts, &labels).await;
+                break;
+            }
+            Err(e) => {
+                dest.endpoints.report(&ep, Outcome::GatewayError);
+                flags = "UF";
+                if e.identity_mismatch() {
+                    tracing::warn!(destination = %dest.authority, endpoint = %ep.addr, "server identity refused: {e}");
+                } else {
+                    tracing::warn!(
+                        destination = %dest.authority, endpoint = %ep.addr,
+                        retry = attempt + 1 < attempts,
+                        "upstream connection failed: {e}"
+                    );
+                }
+            }
+        }
+    }
+    if flags != "-" {
+        // Never connected: the application's connection is closed without a byte.
+        labels.response_flags = flags;
+        ctx.metrics.tcp_opened.get_or_create(&labels).inc();
+    }
+    ctx.metrics.tcp_closed.get_or_create(&labels).inc();
+    if let Some(start_time) = start_time {
+        ctx.access_log.log(&AccessRecord {
+            start_time,
+            kind: "tcp",
+            listener: &dest.cfg.name,
+            protocol: "tcp",
+            method: None,
+            authority: Some(dest.authority.as_str()),
+            path: None,
+            response_code: None,
+            response_flags: flags,
+            duration_ms: start.elapsed().as_millis() as u64,
+            bytes_received: counts.received(),
+            bytes_sent: counts.sent(),
+            downstream_remote_address: src.to_string(),
+            downstream_local_address: dst.to_string(),
+            upstream_host: upstream
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into()),
+            source_principal: &labels.source_principal.0,
+            destination_principal: &peer.0,
+            connection_security_policy: if flags == "-" { "mutual_tls" } else { "none" },
+            authz_policy: None,
+            authz_result: None,
+            request_id: None,
+        });
+    }
+}
+
+/// Copies both ways until either side closes; publishes byte counts every few seconds. On
+/// drain a TCP connection has no request boundary to wait for: it runs until the drain
+/// timeout closes it.
+async fn pump(
+    app: TcpStream,
+    upstream: tokio_rustls::client::TlsStream<TcpStream>,
+    ctx: &Arc<Ctx>,
+    counts: &Arc<ByteCounts>,
+    labels: &TcpLabels,
+) {
+    // `received`: bytes read from the application (Istio: "bytes received during request");
+    // `sent`: bytes written to it ("bytes sent during response").
+    let mut down = Counted::new(app, counts.clone());
+    let mut up = upstream;
+    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+    tokio::pin!(copy);
+    let mut published = (0u64, 0u64);
+    let mut tick = tokio::time::interval(METRICS_FLUSH);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            r = &mut copy => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "outbound TCP connection ended with an error");
+                }
+                break;
+            }
+            _ = tick.tick() => publish(ctx, labels, counts, &mut published),
+        }
+    }
+    publish(ctx, labels, counts, &mut published);
+}
+
+fn publish(ctx: &Ctx, labels: &TcpLabels, counts: &ByteCounts, published: &mut (u64, u64)) {
+    let (r, s) = (counts.received(), counts.sent());
+    if r > published.0 {
+        ctx.metrics
+            .tcp_received
+            .get_or_create(labels)
+            .inc_by(r - published.0);
+    }
+    if s > published.1 {
+        ctx.metrics
+            .tcp_sent
+            .get_or_create(labels)
+            .inc_by(s - published.1);
+    }
+    *published = (r, s);
+}

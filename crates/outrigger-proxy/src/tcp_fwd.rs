@@ -1,0 +1,170 @@
+//! Opaque TCP forwarding with L4 authorization, Istio's TCP metrics and a connection log line.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use crate::Ctx;
+use crate::access_log::{AccessRecord, now_rfc3339};
+use crate::authz;
+use crate::inbound::ConnInfo;
+use crate::io::{ByteCounts, Counted};
+
+/// How often byte counters of long-lived connections are published to the metrics.
+const METRICS_FLUSH: Duration = Duration::from_secs(5);
+
+pub(crate) async fn serve<T>(io: T, conn: Arc<ConnInfo>, ctx: Arc<Ctx>)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let start = Instant::now();
+    let start_time = ctx.access_log.enabled().then(now_rfc3339);
+    let labels = conn.labels.clone();
+    ctx.metrics.tcp_opened.get_or_create(&labels).inc();
+    let counts = Arc::new(ByteCounts::default());
+    let mut verdict = authz::check_tcp(&ctx, &conn);
+    let flags;
+    let mut published = (0u64, 0u64);
+
+    if verdict.deny.is_none() {
+        match tokio::time::timeout(
+            ctx.settings.connect_timeout,
+            TcpStream::connect(conn.listener.backend),
+        )
+        .await
+        {
+            Ok(Ok(upstream)) => {
+                let _ = upstream.set_nodelay(true);
+                let (f, v) =
+                    pump(io, upstream, &conn, &ctx, &counts, &labels, &mut published).await;
+                flags = f;
+                if let Some(v) = v {
+                    verdict = v;
+                }
+            }
+            Ok(Err(e)) => {
+                flags = "UF";
+                tracing::warn!(
+                    listener = %conn.listener.name,
+                    backend = %conn.listener.backend,
+                    "cannot connect to backend: {e}; closing the connection"
+                );
+            }
+            Err(_) => {
+                flags = "UF";
+                tracing::warn!(
+                    listener = %conn.listener.name,
+                    backend = %conn.listener.backend,
+                    "connect to backend timed out; closing the connection"
+                );
+            }
+        }
+    } else {
+        flags = "RBAC";
+    }
+
+    publish_bytes(&ctx, &labels, &counts, &mut published);
+    ctx.metrics.tcp_closed.get_or_create(&labels).inc();
+    if let Some(start_time) = start_time {
+        ctx.access_log.log(&AccessRecord {
+            start_time,
+            kind: "tcp",
+            listener: &conn.listener.name,
+            protocol: "tcp",
+            method: None,
+            authority: None,
+            path: None,
+            response_code: None,
+            response_flags: flags,
+            duration_ms: start.elapsed().as_millis() as u64,
+            bytes_received: counts.received(),
+            bytes_sent: counts.sent(),
+            downstream_remote_address: conn.src.to_string(),
+            downstream_local_address: conn.dst.to_string(),
+            upstream_host: conn.listener.backend.to_string(),
+            source_principal: conn.source_principal_str(),
+            destination_principal: &conn.labels.destination_principal.0,
+            connection_security_policy: conn.security_policy(),
+            authz_policy: verdict.policy.as_deref(),
+            authz_result: Some(verdict.result),
+            request_id: None,
+        });
+    }
+}
+
+/// Copies both ways until either side closes, the proxy drains, or a policy change denies the
+/// connection. Returns the response flags and, if policy closed it, the new verdict.
+async fn pump<T>(
+    io: T,
+    upstream: TcpStream,
+    conn: &Arc<ConnInfo>,
+    ctx: &Arc<Ctx>,
+    counts: &Arc<ByteCounts>,
+    labels: &crate::metrics::TcpLabels,
+    published: &mut (u64, u64),
+) -> (&'static str, Option<authz::Verdict>)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut down = Counted::new(io, counts.clone());
+    let mut up = upstream;
+    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+    tokio::pin!(copy);
+    let mut policy_rx = ctx.policy.subscribe();
+    let mut drain = ctx.drain.clone();
+    let mut tick = tokio::time::interval(METRICS_FLUSH);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            r = &mut copy => {
+                if let Err(e) = r {
+                    tracing::debug!(src = %conn.src, error = %e, "TCP connection ended with an error");
+                }
+                return ("-", None);
+            }
+            changed = policy_rx.changed() => {
+                if changed.is_err() {
+                    continue;
+                }
+                // "Long-lived connections are re-authorized when policy changes."
+                let v = authz::check_tcp(ctx, conn);
+                if v.deny.is_some() {
+                    tracing::info!(
+                        src = %conn.src,
+                        policy = v.policy.as_deref().unwrap_or("-"),
+                        "policy changed: closing a TCP connection that is now denied"
+                    );
+                    return ("RBAC", Some(v));
+                }
+            }
+            _ = tick.tick() => publish_bytes(ctx, labels, counts, published),
+            // On drain a TCP connection has no request boundary to wait for: it keeps
+            // running until the drain timeout closes it.
+            _ = drain.wait_for(|d| *d), if !*drain.borrow() => {}
+        }
+    }
+}
+
+fn publish_bytes(
+    ctx: &Ctx,
+    labels: &crate::metrics::TcpLabels,
+    counts: &ByteCounts,
+    published: &mut (u64, u64),
+) {
+    let (r, s) = (counts.received(), counts.sent());
+    if r > published.0 {
+        ctx.metrics
+            .tcp_received
+            .get_or_create(labels)
+            .inc_by(r - published.0);
+    }
+    if s > published.1 {
+        ctx.metrics
+            .tcp_sent
+            .get_or_create(labels)
+            .inc_by(s - published.1);
+    }
+    *published = (r, s);
+}

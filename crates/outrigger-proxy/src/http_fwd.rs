@@ -24,6 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use crate::Ctx;
 use crate::access_log::{AccessRecord, now_rfc3339};
@@ -298,7 +299,8 @@ async fn handle(
             return Ok(resp);
         }
     };
-    let verdict = authz::check_http(&ctx, &conn, &mut parts, &policy.snapshot, jwt.as_ref());
+    let (verdict, inflight) =
+        authz::check_http(&ctx, &conn, &mut parts, &policy.snapshot, jwt.as_ref());
     drop(jwt_rules);
     drop(policy);
     rec.authz_policy = verdict.policy.clone();
@@ -343,6 +345,11 @@ async fn handle(
                 parts,
                 ProxyBody {
                     inner: Either::Left(body),
+                    reauth: inflight.map(|f| Reauth {
+                        inflight: f,
+                        watch: Watch::Idle(ctx.policy.subscribe()),
+                        raced: false,
+                    }),
                     rec: Some(rec),
                 },
             ))
@@ -367,6 +374,7 @@ fn local_reply(status: StatusCode, body: &'static str, mut rec: Recorder) -> Res
     rec.code = status.as_u16();
     let mut resp = Response::new(ProxyBody {
         inner: Either::Right(Full::new(Bytes::from_static(body.as_bytes()))),
+        reauth: None,
         rec: Some(rec),
     });
     *resp.status_mut() = status;
@@ -411,7 +419,78 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Metered<B> {
 /// metrics and access log line once, when it ends or is dropped (client gone).
 pub(crate) struct ProxyBody {
     inner: Either<Incoming, Full<Bytes>>,
+    /// Present while an allowed response streams: a policy change re-authorizes it.
+    reauth: Option<Reauth>,
     rec: Option<Recorder>,
+}
+
+type Changed = Pin<Box<dyn Future<Output = Option<watch::Receiver<u64>>> + Send>>;
+
+/// Watching for policy changes costs nothing until the response body has to wait: only then
+/// is a waker registered on the policy channel (one allocation, for long responses only).
+enum Watch {
+    Idle(watch::Receiver<u64>),
+    Waiting(Changed),
+    Done,
+}
+
+struct Reauth {
+    inflight: authz::InFlight,
+    watch: Watch,
+    /// A change seen while arming, not yet acted on.
+    raced: bool,
+}
+
+impl Reauth {
+    /// True when the policy changed since the last look.
+    fn policy_changed(&mut self, cx: &mut Context<'_>) -> bool {
+        if std::mem::take(&mut self.raced) {
+            return true;
+        }
+        match &mut self.watch {
+            Watch::Idle(rx) => {
+                if rx.has_changed().unwrap_or(false) {
+                    rx.borrow_and_update();
+                    true
+                } else {
+                    false
+                }
+            }
+            Watch::Waiting(f) => match f.as_mut().poll(cx) {
+                Poll::Ready(Some(mut rx)) => {
+                    rx.borrow_and_update();
+                    self.watch = Watch::Idle(rx);
+                    true
+                }
+                Poll::Ready(None) => {
+                    self.watch = Watch::Done;
+                    false
+                }
+                Poll::Pending => false,
+            },
+            Watch::Done => false,
+        }
+    }
+
+    /// The body is about to wait: be woken by a policy change too.
+    fn arm(&mut self, cx: &mut Context<'_>) {
+        match std::mem::replace(&mut self.watch, Watch::Done) {
+            Watch::Idle(mut rx) => {
+                let mut f: Changed = Box::pin(async move { rx.changed().await.ok().map(|_| rx) });
+                // Register the waker now. A change that raced in is reported at the next poll.
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(Some(rx)) => {
+                        self.watch = Watch::Idle(rx);
+                        self.raced = true;
+                        cx.waker().wake_by_ref();
+                    }
+                    Poll::Ready(None) => self.watch = Watch::Done,
+                    Poll::Pending => self.watch = Watch::Waiting(f),
+                }
+            }
+            other => self.watch = other,
+        }
+    }
 }
 
 impl Body for ProxyBody {
@@ -423,7 +502,29 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
+        if let (Some(r), Some(rec)) = (&mut this.reauth, &mut this.rec)
+            && r.policy_changed(cx)
+        {
+            let v = authz::recheck(&rec.ctx, &rec.conn, &r.inflight);
+            if v.deny.is_some() {
+                tracing::info!(
+                    src = %rec.conn.src,
+                    source = rec.conn.source_principal_str(),
+                    policy = v.policy.as_deref().unwrap_or("-"),
+                    "policy changed: ending a streaming response that is now denied"
+                );
+                rec.flags = "RBAC";
+                rec.authz_result = Some(v.result);
+                this.reauth = None;
+                return Poll::Ready(Some(Err("authorization revoked by a policy change".into())));
+            }
+        }
         let res = Pin::new(&mut this.inner).poll_frame(cx);
+        if res.is_pending()
+            && let Some(r) = &mut this.reauth
+        {
+            r.arm(cx);
+        }
         match &res {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(rec) = &mut this.rec {

@@ -256,3 +256,83 @@ fn check_explains_decisions_from_the_example_policies() {
     let (code, out) = check(&["--from", "not a principal"]);
     assert_eq!(code, 1, "{out}");
 }
+
+/// An HTTP/2 stream that is allowed when it starts and denied by a policy change ends (the
+/// stream is reset); a new request on the same connection is refused; another caller's
+/// stream carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_http2_requests_are_reauthorized_when_policy_changes() {
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    let allow = |who: &[&str]| {
+        let list = who
+            .iter()
+            .map(|w| format!("\"cluster.local/ns/default/sa/{w}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: allow-grpc\n  namespace: legacy\nspec:\n  rules:\n  - from:\n    - source:\n        principals: [{list}]\n"
+        )
+    };
+    mesh.policy("authz.yaml", &allow(&["alice", "bob"]));
+    let agent = mesh.start(&[("grpc", start_echo().await, "http")]);
+    let alice = mesh.pki.issue("default", "alice");
+    let bob = mesh.pki.issue("default", "bob");
+
+    async fn open_stream(
+        c: &mut HttpConn,
+    ) -> (
+        tokio::sync::mpsc::Sender<Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>>,
+        hyper::body::Incoming,
+    ) {
+        let (tx, body) = channel_body();
+        let req = http::Request::post("https://outrigger.test/echo")
+            .header("content-type", "application/grpc")
+            .body(body)
+            .unwrap();
+        let resp = c.send(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        (tx, resp.into_body())
+    }
+    async fn echo_once(
+        tx: &tokio::sync::mpsc::Sender<Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>>,
+        body: &mut hyper::body::Incoming,
+    ) -> Result<(), String> {
+        tx.send(Ok(hyper::body::Frame::data(bytes::Bytes::from_static(b"ping"))))
+            .await
+            .map_err(|e| e.to_string())?;
+        let f = tokio::time::timeout(Duration::from_secs(10), http_body_util::BodyExt::frame(body))
+            .await
+            .map_err(|_| "timeout".to_string())?;
+        match f {
+            Some(Ok(f)) if f.is_data() => Ok(()),
+            Some(Err(e)) => Err(e.to_string()),
+            other => Err(format!("{other:?}")),
+        }
+    }
+
+    let mut ca = mesh.connect(agent.addr("grpc"), &alice, true).await;
+    let mut cb = mesh.connect(agent.addr("grpc"), &bob, true).await;
+    let (atx, mut abody) = open_stream(&mut ca).await;
+    let (btx, mut bbody) = open_stream(&mut cb).await;
+    echo_once(&atx, &mut abody).await.unwrap();
+    echo_once(&btx, &mut bbody).await.unwrap();
+
+    // Revoke alice while her stream is idle.
+    mesh.policy("authz.yaml", &allow(&["bob"]));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_millis(200), http_body_util::BodyExt::frame(&mut abody)).await {
+            Ok(Some(Err(e))) => break e.to_string(),
+            Ok(None) => break "ended".to_string(),
+            Ok(Some(Ok(f))) => panic!("unexpected frame {f:?}"),
+            Err(_) => assert!(Instant::now() < deadline, "alice's stream was not ended"),
+        }
+    };
+    eprintln!("alice's stream ended: {ended}");
+    agent.wait_for_log("policy changed: ending a streaming response that is now denied");
+    // A new request on alice's connection is refused; bob's stream still works.
+    let got = ca.fetch(get("/x", true)).await.unwrap();
+    assert_eq!(got.status, 403);
+    echo_once(&btx, &mut bbody).await.unwrap();
+}

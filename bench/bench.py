@@ -566,11 +566,29 @@ def run_target(name: str, args, work: Path, backend_proc: Proc, backend: int,
                 pdir = Path(args.perf)
                 pdir.mkdir(parents=True, exist_ok=True)
                 perf = subprocess.Popen(
-                    ["perf", "record", "-e", "cpu-clock", "-F", "999", "-g", "-p", str(proc.pid),
+                    ["perf", "record", "-e", "cpu-clock", "-F", "999", "-g", "-p", ",".join(str(p) for p in proc_tree(proc.pid)),
                      "-o", str(pdir / f"perf-{name}-{sc}.data")],
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )
+            sysc = None
+            if args.syscalls:
+                sysc = subprocess.Popen(
+                    ["perf", "stat", "-x", ",", "-e", "raw_syscalls:sys_enter",
+                     "-p", ",".join(str(p) for p in proc_tree(measured))],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                    text=True,
+                )
             r = loadgen(args, work, port, tls, sc, args.duration, f"{name}/{sc}")
+            if sysc:
+                sysc.send_signal(signal.SIGINT)
+                try:
+                    _, err = sysc.communicate(timeout=30)
+                    n_sys = next(int(l.split(",")[0]) for l in err.splitlines()
+                                 if "raw_syscalls:sys_enter" in l and l.split(",")[0].isdigit())
+                    r["syscalls"] = n_sys
+                    r["syscalls_per_request"] = n_sys / max(r["requests"], 1)
+                except (subprocess.TimeoutExpired, StopIteration, ValueError):
+                    sysc.kill()
             if perf:
                 perf.send_signal(signal.SIGINT)
                 try:
@@ -598,6 +616,7 @@ def run_target(name: str, args, work: Path, backend_proc: Proc, backend: int,
                 f"cpu {r['proxy_cpu_s_per_1k']:.4f} s/1k  util {r['proxy_cpu_util']:.2f}  "
                 f"peak {r['peak_rss_kib'] / 1024:.1f} MiB  core busy proxy/load "
                 f"{r['proxy_core_busy'] or 0:.2f}/{r['load_core_busy'] or 0:.2f}  loadavg {r['loadavg'][0]}"
+                + (f"  syscalls/req {r['syscalls_per_request']:.2f}" if "syscalls_per_request" in r else "")
             )
             if r["errors"]:
                 log(f"  errors: {r['error_kinds']}")
@@ -668,6 +687,18 @@ def report(doc: dict) -> str:
                 f"{s['proxy_cpu_util']:.2f} | {s.get('proxy_core_busy') or 0:.2f} / {s.get('load_core_busy') or 0:.2f} | "
                 f"{s['peak_rss_kib'] / 1024:.1f} |"
             )
+    if any("syscalls_per_request" in sc_ for r_ in res.values() for sc_ in r_["scenarios"].values()):
+        lines.append("\n### Proxy system calls per request\n")
+        lines.append("| target | " + " | ".join(doc["params"]["scenarios"]) + " |")
+        lines.append("|---|" + "---:|" * len(doc["params"]["scenarios"]))
+        for t in names:
+            if t == "baseline":
+                continue
+            cells = [
+                f"{res[t]['scenarios'].get(sc, {}).get('syscalls_per_request', float('nan')):.2f}"
+                for sc in doc["params"]["scenarios"]
+            ]
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
     lines.append("\n### Idle memory (after start, before any load)\n")
     lines.append("| target | processes | idle RSS MiB | idle PSS MiB | peak RSS MiB (any scenario) |")
     lines.append("|---|---:|---:|---:|---:|")
@@ -743,6 +774,9 @@ def main() -> int:
     ap.add_argument("--envoy", default=os.environ.get("ENVOY_BIN"), help="Envoy binary")
     ap.add_argument("--perf", help="record `perf record -e cpu-clock -g` of each proxy per scenario into this "
                     "directory (profiling runs only: perf adds overhead to the CPU figures)")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="count the proxy's system calls per request (perf stat raw_syscalls:sys_enter; "
+                    "adds a little overhead to the CPU figures)")
     ap.add_argument("--work", help="scratch directory (default: a new temporary one)")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()

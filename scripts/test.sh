@@ -49,3 +49,4 @@ log "tests (cargo nextest)"
 cargo nextest run --workspace --locked --no-fail-fast
 log "doc tests"
 cargo test --workspace --doc --locked
+./scripts/windows-test.sh   # Windows: cross-build, tests under Wine (see the script)

@@ -39,7 +39,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 
 #[derive(Parser)]
-#[command(name = "loadgen", about = "Outrigger benchmark load generator and backend")]
+#[command(
+    name = "loadgen",
+    about = "Outrigger benchmark load generator and backend"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -395,12 +398,15 @@ struct Shared {
     claimed: AtomicU64,
     connections: AtomicU64,
     errors: Mutex<BTreeMap<String, u64>>,
+    /// What the first TLS handshake negotiated (version, suite, group, ALPN).
+    negotiated: std::sync::OnceLock<serde_json::Value>,
 }
 
 impl Shared {
     /// Takes one request from the budget; false once the deadline or the budget is reached.
     fn claim(&self) -> bool {
-        Instant::now() < self.deadline && self.claimed.fetch_add(1, Ordering::Relaxed) < self.a.requests
+        Instant::now() < self.deadline
+            && self.claimed.fetch_add(1, Ordering::Relaxed) < self.a.requests
     }
     fn error(&self, kind: impl Into<String>) {
         let mut e = self.errors.lock().unwrap();
@@ -417,6 +423,15 @@ impl Shared {
             None => Ok(Box::new(tcp)),
             Some((c, name)) => {
                 let s = c.connect(name.clone(), tcp).await.context("tls")?;
+                if self.negotiated.get().is_none() {
+                    let conn = s.get_ref().1;
+                    let _ = self.negotiated.set(serde_json::json!({
+                        "version": conn.protocol_version().map(|v| format!("{v:?}")),
+                        "cipher_suite": conn.negotiated_cipher_suite().map(|c| format!("{:?}", c.suite())),
+                        "kx_group": conn.negotiated_key_exchange_group().map(|g| format!("{:?}", g.name())),
+                        "alpn": conn.alpn_protocol().map(|a| String::from_utf8_lossy(a).into_owned()),
+                    }));
+                }
                 Ok(Box::new(s))
             }
         }
@@ -448,12 +463,13 @@ fn record(h: &mut Histogram<u64>, t0: Instant) {
     h.saturating_record(us);
 }
 
-async fn read_response(
-    resp: Response<Incoming>,
-    expect: u16,
-) -> std::result::Result<(), String> {
+async fn read_response(resp: Response<Incoming>, expect: u16) -> std::result::Result<(), String> {
     let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.map_err(|e| format!("body: {e}"))?;
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?;
     drop(body);
     if status != expect {
         return Err(format!("status {status}"));
@@ -559,10 +575,9 @@ async fn h2_connection(sh: Arc<Shared>) -> Histogram<u64> {
     while !sh.remaining().is_zero() && sh.claimed.load(Ordering::Relaxed) < sh.a.requests {
         let conn = timeout(sh.req_timeout, async {
             let io = sh.connect().await?;
-            let (send, conn) =
-                hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-                    .handshake(TokioIo::new(io))
-                    .await?;
+            let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .handshake(TokioIo::new(io))
+                .await?;
             anyhow::Ok((send, conn))
         })
         .await;
@@ -649,6 +664,7 @@ async fn run(a: RunArgs) -> Result<serde_json::Value> {
         claimed: AtomicU64::new(0),
         connections: AtomicU64::new(0),
         errors: Mutex::new(BTreeMap::new()),
+        negotiated: std::sync::OnceLock::new(),
     });
     let mut tasks = Vec::with_capacity(a.connections);
     for _ in 0..a.connections {
@@ -691,6 +707,7 @@ async fn run(a: RunArgs) -> Result<serde_json::Value> {
         "errors": n_err,
         "error_kinds": errors,
         "connections_opened": sh.connections.load(Ordering::Relaxed),
+        "negotiated": sh.negotiated.get().cloned(),
         "rps": ok as f64 / elapsed,
         "latency_ms": {
             "p50": ms(0.50),

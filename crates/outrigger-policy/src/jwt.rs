@@ -542,7 +542,8 @@ mod tests {
                 sig
             }
         };
-        let cases: Vec<(&str, Box<dyn Fn(&[u8]) -> Vec<u8>>)> = vec![
+        type Signer<'a> = Box<dyn Fn(&[u8]) -> Vec<u8> + 'a>;
+        let cases: Vec<(&str, Signer)> = vec![
             ("RS256", Box::new(rsa_sign(&signature::RSA_PKCS1_SHA256))),
             ("RS384", Box::new(rsa_sign(&signature::RSA_PKCS1_SHA384))),
             ("RS512", Box::new(rsa_sign(&signature::RSA_PKCS1_SHA512))),

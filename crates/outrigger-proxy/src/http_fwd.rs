@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
@@ -21,7 +21,6 @@ use hyper::client::conn::{http1 as client1, http2 as client2};
 use hyper::server::conn::{http1 as server1, http2 as server2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -29,6 +28,7 @@ use tokio::sync::watch;
 use crate::Ctx;
 use crate::access_log::{AccessRecord, now_rfc3339};
 use crate::authz;
+use crate::http_common::{Metered, drive, strip_hop_by_hop};
 use crate::inbound::ConnInfo;
 use crate::metrics::{Lv, RequestLabels};
 
@@ -68,23 +68,6 @@ where
     if let Err(e) = result {
         tracing::debug!(error = %e, "downstream HTTP connection ended with an error");
     }
-}
-
-/// Runs a server connection; on drain, asks it to finish in-flight requests and close.
-async fn drive<C>(
-    conn: C,
-    mut drain: tokio::sync::watch::Receiver<bool>,
-) -> Result<(), hyper::Error>
-where
-    C: GracefulConnection<Error = hyper::Error>,
-{
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => return r,
-        _ = drain.wait_for(|d| *d) => {}
-    }
-    conn.as_mut().graceful_shutdown();
-    conn.await
 }
 
 type ReqBody = Metered<Incoming>;
@@ -205,37 +188,6 @@ fn is_closed(s: &Sender) -> bool {
     match s {
         Sender::H1(tx) => tx.is_closed(),
         Sender::H2(tx) => tx.is_closed(),
-    }
-}
-
-/// Hop-by-hop headers (RFC 9110 §7.6.1) are for one connection and are not forwarded.
-fn strip_hop_by_hop(h: &mut HeaderMap) {
-    if let Some(conn) = h.get(header::CONNECTION).cloned()
-        && let Ok(list) = conn.to_str()
-    {
-        for name in list.split(',') {
-            let name = name.trim();
-            if !name.is_empty() && !name.eq_ignore_ascii_case("te") {
-                h.remove(name);
-            }
-        }
-    }
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-    ] {
-        h.remove(name);
-    }
-    // `te: trailers` must reach gRPC servers; any other TE value is hop-by-hop.
-    if let Some(te) = h.get(header::TE)
-        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
-    {
-        h.remove(header::TE);
     }
 }
 
@@ -383,38 +335,6 @@ fn local_reply(status: StatusCode, body: &'static str, mut rec: Recorder) -> Res
     resp
 }
 
-/// A request body that counts the bytes it yields.
-pub(crate) struct Metered<B> {
-    inner: B,
-    counter: Arc<AtomicU64>,
-}
-
-impl<B: Body<Data = Bytes> + Unpin> Body for Metered<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let res = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &res
-            && let Some(d) = f.data_ref()
-        {
-            self.counter.fetch_add(d.len() as u64, Ordering::Relaxed);
-        }
-        res
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// The response body: the application's, streamed, or a local reply. It records the request's
 /// metrics and access log line once, when it ends or is dropped (client gone).
 pub(crate) struct ProxyBody {
@@ -535,6 +455,13 @@ impl Body for ProxyBody {
                     {
                         rec.grpc_status = s.to_str().ok().map(Lv::new);
                     }
+                }
+                // hyper stops polling a body that says it has ended, so this may be the last
+                // look: record now, before the client can see the response end.
+                if this.inner.is_end_stream()
+                    && let Some(rec) = this.rec.take()
+                {
+                    rec.finish();
                 }
             }
             Poll::Ready(None) => {

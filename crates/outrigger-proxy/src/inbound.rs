@@ -147,15 +147,9 @@ async fn handle_connection(
                     return;
                 }
             };
-            let xfcc = peer_chain.first().and_then(|leaf| {
-                HeaderValue::from_str(&format!(
-                    "By={};Hash={};Subject=\"\";URI={}",
-                    ctx.workload.identity,
-                    outrigger_tls::cert_sha256_hex(leaf.as_ref()),
-                    peer
-                ))
-                .ok()
-            });
+            let xfcc = peer_chain
+                .first()
+                .and_then(|leaf| xfcc_header(&ctx, leaf.as_ref(), &peer));
             let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
             let sni = session.server_name().map(str::to_string);
             let conn = ConnInfo {
@@ -172,6 +166,22 @@ async fn handle_connection(
     }
 }
 
+/// Envoy-format `x-forwarded-client-cert` for a verified peer: `By=` this workload, `Hash=`
+/// the peer leaf's SHA-256, `URI=` the peer's SPIFFE ID.
+pub(crate) fn xfcc_header(
+    ctx: &Ctx,
+    leaf_der: &[u8],
+    peer: &outrigger_identity::Identity,
+) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!(
+        "By={};Hash={};Subject=\"\";URI={}",
+        ctx.workload.identity,
+        outrigger_tls::cert_sha256_hex(leaf_der),
+        peer
+    ))
+    .ok()
+}
+
 /// The protocol an ALPN value commits the client to. Istio's sidecars offer `istio-http/1.1`
 /// or `istio-h2` for HTTP and `istio` / `istio-peer-exchange` for TCP or unknown protocols.
 fn alpn_protocol(alpn: Option<&[u8]>) -> Option<Sniffed> {
@@ -182,7 +192,31 @@ fn alpn_protocol(alpn: Option<&[u8]>) -> Option<Sniffed> {
     }
 }
 
-async fn serve_stream<T>(mut io: T, alpn: Option<&[u8]>, conn: Arc<ConnInfo>, ctx: Arc<Ctx>)
+pub(crate) async fn serve_stream<T>(io: T, alpn: Option<&[u8]>, conn: Arc<ConnInfo>, ctx: Arc<Ctx>)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if let Some((io, kind)) = classify_stream(io, alpn, &conn, &ctx).await {
+        serve_classified(io, kind, conn, ctx).await;
+    }
+}
+
+/// How a decrypted stream is served once its protocol is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamKind {
+    /// HTTP; `true` for HTTP/2.
+    Http(bool),
+    Tcp,
+}
+
+/// Picks the protocol of a stream (configured, ALPN, or sniffed); the sniffed bytes are
+/// replayed. `None`: the stream failed during detection.
+pub(crate) async fn classify_stream<T>(
+    mut io: T,
+    alpn: Option<&[u8]>,
+    conn: &ConnInfo,
+    ctx: &Ctx,
+) -> Option<(Rewind<T>, StreamKind)>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -195,18 +229,28 @@ where
                 Ok(r) => r,
                 Err(e) => {
                     tracing::debug!(src = %conn.src, error = %e, "connection failed during detection");
-                    return;
+                    return None;
                 }
             },
         },
     };
-    let io = Rewind::new(replay, io);
-    match (proto, configured) {
-        (Sniffed::Http2, _) => crate::http_fwd::serve(io, true, conn, ctx).await,
-        (Sniffed::Http1, _) | (Sniffed::Opaque, Protocol::Http) => {
-            // A listener declared `http` answers non-HTTP bytes with HTTP's own 400.
-            crate::http_fwd::serve(io, false, conn, ctx).await
-        }
-        (Sniffed::Opaque, _) => crate::tcp_fwd::serve(io, conn, ctx).await,
+    let kind = match (proto, configured) {
+        (Sniffed::Http2, _) => StreamKind::Http(true),
+        // A listener declared `http` answers non-HTTP bytes with HTTP's own 400.
+        (Sniffed::Http1, _) | (Sniffed::Opaque, Protocol::Http) => StreamKind::Http(false),
+        (Sniffed::Opaque, _) => StreamKind::Tcp,
+    };
+    Some((Rewind::new(replay, io), kind))
+}
+
+/// Serves a classified stream: HTTP forwarding (per-request authorization) or TCP forwarding
+/// (per-connection authorization).
+pub(crate) async fn serve_classified<T>(io: T, kind: StreamKind, conn: Arc<ConnInfo>, ctx: Arc<Ctx>)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    match kind {
+        StreamKind::Http(h2) => crate::http_fwd::serve(io, h2, conn, ctx).await,
+        StreamKind::Tcp => crate::tcp_fwd::serve(io, conn, ctx).await,
     }
 }

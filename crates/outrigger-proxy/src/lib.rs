@@ -15,6 +15,8 @@ pub mod access_log;
 pub mod admin;
 mod authz;
 pub mod detect;
+pub mod hbone;
+mod http_common;
 mod http_fwd;
 pub mod inbound;
 pub mod io;
@@ -198,6 +200,7 @@ pub struct Proxy {
     ctx: Arc<Ctx>,
     listeners: Vec<(Arc<InboundConfig>, TcpListener)>,
     admin: Option<TcpListener>,
+    hbone: Option<TcpListener>,
     outbound: outbound::Bound,
     drain_tx: watch::Sender<bool>,
 }
@@ -215,6 +218,8 @@ pub struct ProxyOptions {
     pub outbound: Vec<outbound::OutboundConfig>,
     /// The `HTTP_PROXY` listener, if any.
     pub outbound_proxy: Option<outbound::OutboundProxyConfig>,
+    /// The inbound HBONE listener (Istio ambient), if enabled.
+    pub hbone: Option<hbone::HboneConfig>,
 }
 
 impl Proxy {
@@ -248,6 +253,15 @@ impl Proxy {
             })?),
             None => None,
         };
+        let hbone = match &opts.hbone {
+            Some(h) => Some(TcpListener::bind(h.listen).await.map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("HBONE listener: cannot listen on {}: {e}", h.listen),
+                )
+            })?),
+            None => None,
+        };
         let outbound = outbound::bind(
             &opts.outbound,
             opts.outbound_proxy.as_ref(),
@@ -275,9 +289,15 @@ impl Proxy {
             ctx,
             listeners,
             admin,
+            hbone,
             outbound,
             drain_tx,
         })
+    }
+
+    /// The bound HBONE listener, if enabled.
+    pub fn hbone_addr(&self) -> Option<SocketAddr> {
+        self.hbone.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The bound inbound listeners (useful when configured with port 0).
@@ -304,6 +324,7 @@ impl Proxy {
             ctx,
             listeners,
             admin,
+            hbone,
             outbound,
             drain_tx,
         } = self;
@@ -313,6 +334,9 @@ impl Proxy {
         }
         if let Some(l) = admin {
             tasks.spawn(admin::serve(l, ctx.clone()));
+        }
+        if let Some(l) = hbone {
+            tasks.spawn(hbone::server::serve_listener(l, ctx.clone()));
         }
         outbound::spawn(outbound, &ctx, &mut tasks);
         let jwks_refresh = ctx.jwks.spawn_refresh();

@@ -236,6 +236,26 @@ impl Metrics {
         out
     }
 
+    /// Adds the bytes counted on a connection since the last call to the TCP byte counters
+    /// (called periodically for long-lived connections and once at close).
+    pub fn publish_tcp_bytes(
+        &self,
+        labels: &TcpLabels,
+        counts: &crate::io::ByteCounts,
+        published: &mut (u64, u64),
+    ) {
+        let (r, s) = (counts.received(), counts.sent());
+        if r > published.0 {
+            self.tcp_received
+                .get_or_create(labels)
+                .inc_by(r - published.0);
+        }
+        if s > published.1 {
+            self.tcp_sent.get_or_create(labels).inc_by(s - published.1);
+        }
+        *published = (r, s);
+    }
+
     pub fn reject(&self, listener: &Lv, reason: &'static str) {
         self.rejected
             .get_or_create(&RejectLabels {

@@ -65,7 +65,8 @@ where
         flags = "RBAC";
     }
 
-    publish_bytes(&ctx, &labels, &counts, &mut published);
+    ctx.metrics
+        .publish_tcp_bytes(&labels, &counts, &mut published);
     ctx.metrics.tcp_closed.get_or_create(&labels).inc();
     if let Some(start_time) = start_time {
         ctx.access_log.log(&AccessRecord {
@@ -139,32 +140,10 @@ where
                     return ("RBAC", Some(v));
                 }
             }
-            _ = tick.tick() => publish_bytes(ctx, labels, counts, published),
+            _ = tick.tick() => ctx.metrics.publish_tcp_bytes(labels, counts, published),
             // On drain a TCP connection has no request boundary to wait for: it keeps
             // running until the drain timeout closes it.
             _ = drain.wait_for(|d| *d), if !*drain.borrow() => {}
         }
     }
-}
-
-fn publish_bytes(
-    ctx: &Ctx,
-    labels: &crate::metrics::TcpLabels,
-    counts: &ByteCounts,
-    published: &mut (u64, u64),
-) {
-    let (r, s) = (counts.received(), counts.sent());
-    if r > published.0 {
-        ctx.metrics
-            .tcp_received
-            .get_or_create(labels)
-            .inc_by(r - published.0);
-    }
-    if s > published.1 {
-        ctx.metrics
-            .tcp_sent
-            .get_or_create(labels)
-            .inc_by(s - published.1);
-    }
-    *published = (r, s);
 }

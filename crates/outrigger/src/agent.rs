@@ -117,6 +117,7 @@ impl Agent {
                 metrics: metrics.clone(),
                 outbound: cfg.outbound.clone(),
                 outbound_proxy: cfg.outbound_proxy.clone(),
+                hbone: cfg.hbone.clone(),
             },
             certs.clone(),
             policy.clone(),
@@ -144,6 +145,11 @@ impl Agent {
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.proxy.admin_addr()
+    }
+
+    /// The bound HBONE listener, if enabled.
+    pub fn hbone_addr(&self) -> Option<SocketAddr> {
+        self.proxy.hbone_addr()
     }
 
     /// Outbound listeners by name (the HTTP proxy is `http-proxy`).
@@ -195,7 +201,8 @@ pub(crate) fn jwt_settings(
     })
 }
 
-/// Resolves on Ctrl-C, or on SIGTERM where there is one (systemd, Kubernetes).
+/// Resolves on Ctrl-C, on SIGTERM where there is one (systemd, Kubernetes), and on Windows on
+/// Ctrl-Break, console close and system shutdown.
 pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
@@ -212,7 +219,27 @@ pub async fn shutdown_signal() {
             _ = term.recv() => {}
         }
     }
-    #[cfg(not(unix))]
+    #[cfg(windows)]
+    {
+        // A console agent stops on Ctrl-C, Ctrl-Break (what `taskkill` without /F and most
+        // process supervisors send), the console window closing, and system shutdown. Windows
+        // gives a closing console only a few seconds, so the drain may be cut short there; the
+        // service (crate::windows) is the way to run unattended.
+        use tokio::signal::windows::{ctrl_break, ctrl_close, ctrl_shutdown};
+        let (Ok(mut brk), Ok(mut close), Ok(mut shut)) =
+            (ctrl_break(), ctrl_close(), ctrl_shutdown())
+        else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = brk.recv() => {}
+            _ = close.recv() => {}
+            _ = shut.recv() => {}
+        }
+    }
+    #[cfg(not(any(unix, windows)))]
     {
         let _ = tokio::signal::ctrl_c().await;
     }

@@ -314,6 +314,13 @@ fn finish(args: &CheckArgs, out: serde_json::Value, allowed: bool) -> anyhow::Re
             .as_deref()
             .unwrap_or("a plaintext caller (no identity)")
     );
+    if let Some(j) = out.get("jwt") {
+        let what = match j["request_principal"].as_str() {
+            Some(p) => format!("verified, request principal {p}"),
+            None => "ignored: no RequestAuthentication applies to this workload".to_string(),
+        };
+        println!("JWT:       {what}");
+    }
     println!(
         "Decision:  {} — {}",
         if allowed { "ALLOW" } else { "DENY" },

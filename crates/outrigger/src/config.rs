@@ -75,6 +75,20 @@ struct RawConfig {
     outbound: Vec<outbound::RawOutbound>,
     #[serde(default)]
     outbound_proxy: Option<outbound::RawOutboundProxy>,
+    #[serde(default)]
+    hbone: Option<Spanned<RawHbone>>,
+}
+
+/// `hbone:` — the Istio ambient (HBONE) listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawHbone {
+    #[serde(default)]
+    enabled: Option<bool>,
+    #[serde(default)]
+    listen: Option<Spanned<String>>,
+    #[serde(default)]
+    network: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -283,7 +297,14 @@ pub struct AgentConfig {
     /// Mesh destinations the application calls (see `config_outbound.rs`).
     pub outbound: Vec<outrigger_proxy::outbound::OutboundConfig>,
     pub outbound_proxy: Option<outrigger_proxy::outbound::OutboundProxyConfig>,
+    /// The inbound HBONE listener (`hbone:`), `None` when disabled.
+    pub hbone: Option<outrigger_proxy::hbone::HboneConfig>,
+    /// The Istio network this workload is on (`hbone.network`; empty: the default network).
+    pub network: String,
 }
+
+/// The HBONE port and address ztunnel listens on (`[::]:15008`); ours defaults to IPv4.
+pub const DEFAULT_HBONE_LISTEN: &str = "0.0.0.0:15008";
 
 /// RequestAuthentication settings of the agent (the rules themselves are Istio policy).
 #[derive(Debug, Clone)]
@@ -670,6 +691,7 @@ impl Validator<'_> {
         };
         let (outbound, outbound_proxy) =
             self.outbound(&raw.outbound, raw.outbound_proxy.as_ref(), &trust_domains)?;
+        let (hbone, network) = self.hbone(raw.hbone.as_ref(), &inbound)?;
         let t = &raw.timeouts;
         Ok(AgentConfig {
             file: self.file.to_path_buf(),
@@ -699,7 +721,73 @@ impl Validator<'_> {
             jwt,
             outbound,
             outbound_proxy,
+            hbone,
+            network,
         })
+    }
+
+    /// `hbone:`: present means enabled unless `enabled: false`.
+    fn hbone(
+        &self,
+        raw: Option<&Spanned<RawHbone>>,
+        inbound: &[InboundConfig],
+    ) -> Result<(Option<outrigger_proxy::hbone::HboneConfig>, String), ConfigError> {
+        let Some(h) = raw else {
+            return Ok((None, String::new()));
+        };
+        let network = match &h.value.network {
+            None => String::new(),
+            Some(n) => {
+                let ok = !n.value.is_empty()
+                    && n.value.len() <= 63
+                    && n.value
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
+                if !ok {
+                    return Err(self.err(
+                        n,
+                        "hbone.network",
+                        format!(
+                            "`{}` is not a network name (letters, digits, `-`, `_`, `.`; at most 63), e.g. `network1`",
+                            n.value
+                        ),
+                    ));
+                }
+                n.value.clone()
+            }
+        };
+        if h.value.enabled == Some(false) {
+            return Ok((None, network));
+        }
+        let listen = match &h.value.listen {
+            Some(l) => self.addr(l, "hbone.listen")?,
+            None => DEFAULT_HBONE_LISTEN.parse().expect("valid default"),
+        };
+        if inbound.is_empty() {
+            return Err(self.err(
+                h,
+                "hbone",
+                "HBONE streams are routed to inbound listeners by port, and there are none: add an inbound listener or set `enabled: false`",
+            ));
+        }
+        let at = h.value.listen.as_ref();
+        for l in inbound {
+            if l.listen.port() == listen.port() && l.listen.port() != 0 {
+                let reason = format!(
+                    "port {} is also inbound listener `{}`'s port; HBONE needs its own (Istio's is 15008)",
+                    listen.port(),
+                    l.name
+                );
+                return Err(match at {
+                    Some(a) => self.err(a, "hbone.listen", reason),
+                    None => self.err(h, "hbone.listen", reason),
+                });
+            }
+        }
+        Ok((
+            Some(outrigger_proxy::hbone::HboneConfig { listen }),
+            network,
+        ))
     }
 }
 
@@ -1013,6 +1101,21 @@ outboundProxy:
     }
 
     #[test]
+    fn the_outbound_doc_example_parses() {
+        // The first YAML block of docs/outbound.md is the reference example: keep it valid.
+        let doc = include_str!("../../../docs/outbound.md");
+        let yaml = doc
+            .split("```yaml\n")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .expect("a yaml block in docs/outbound.md");
+        let c = parse(&format!("{GOOD}{yaml}")).unwrap();
+        assert_eq!(c.outbound.len(), 2);
+        assert!(c.outbound[1].via_gateway);
+        assert!(c.outbound_proxy.is_some());
+    }
+
+    #[test]
     fn an_outbound_only_agent_is_valid() {
         let text = GOOD.replace(
             "inbound:\n  - name: web\n    listen: 0.0.0.0:8080\n    backend: 127.0.0.1:5000\n    protocol: http\n",
@@ -1022,6 +1125,76 @@ outboundProxy:
         let c = parse(&format!("{text}{OUTBOUND}")).unwrap();
         assert!(c.inbound.is_empty());
         assert_eq!(c.outbound.len(), 3);
+    }
+
+    #[test]
+    fn hbone_is_off_by_default_and_on_when_present() {
+        let c = parse(GOOD).unwrap();
+        assert!(c.hbone.is_none());
+        assert_eq!(c.network, "");
+        let c = parse(&format!("{GOOD}hbone: {{}}\n")).unwrap();
+        assert_eq!(
+            c.hbone.unwrap().listen,
+            DEFAULT_HBONE_LISTEN.parse().unwrap()
+        );
+        let c = parse(&format!(
+            "{GOOD}hbone:\n  listen: 10.0.0.5:15008\n  network: net-1\n"
+        ))
+        .unwrap();
+        assert_eq!(c.hbone.unwrap().listen, "10.0.0.5:15008".parse().unwrap());
+        assert_eq!(c.network, "net-1");
+        let c = parse(&format!(
+            "{GOOD}hbone:\n  enabled: false\n  network: net-1\n"
+        ))
+        .unwrap();
+        assert!(c.hbone.is_none());
+        assert_eq!(c.network, "net-1");
+    }
+
+    #[test]
+    fn hbone_errors_name_file_line_and_field() {
+        // GOOD ends with a newline: what is appended starts on the next line.
+        let first = GOOD.lines().count() + 1;
+        let cases = [
+            (
+                "hbone:\n  listen: 15008\n",
+                "hbone.listen",
+                first + 1,
+                "not an address",
+            ),
+            (
+                "hbone:\n  network: \"net 1\"\n",
+                "hbone.network",
+                first + 1,
+                "not a network name",
+            ),
+            (
+                "hbone:\n  listen: 0.0.0.0:8080\n",
+                "hbone.listen",
+                first + 1,
+                "inbound listener `web`",
+            ),
+            ("hbone:\n  listn: 0.0.0.0:15008\n", "", first + 1, "listn"),
+        ];
+        for (extra, field, line, reason) in cases {
+            let e = parse(&format!("{GOOD}{extra}")).unwrap_err();
+            let text = e.to_string();
+            assert_eq!(e.field, field, "{text}");
+            assert_eq!(e.line as usize, line, "{text}");
+            assert!(text.starts_with("/etc/outrigger/agent.yaml:"), "{text}");
+            assert!(text.contains(reason), "{text}");
+        }
+        // HBONE routes to inbound listeners: an outbound-only agent cannot enable it.
+        let outbound_only = GOOD.replace(
+            "inbound:\n  - name: web\n    listen: 0.0.0.0:8080\n    backend: 127.0.0.1:5000\n    protocol: http\n",
+            "",
+        );
+        let e = parse(&format!(
+            "{outbound_only}{OUTBOUND}hbone:\n  enabled: true\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "hbone", "{e}");
+        assert!(e.line > 0, "{e}");
     }
 
     #[test]

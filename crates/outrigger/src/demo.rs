@@ -228,7 +228,46 @@ async fn run(keep: bool) -> anyhow::Result<()> {
     std::fs::write(pol.join("peer-authentication.yaml"), PEER_AUTHENTICATION)?;
     std::fs::write(pol.join("authorization.yaml"), AUTHORIZATION)?;
 
-    // 4. Outrigger in front of it.
+    // 4. A second mesh service, `ratings`, with its own identity and its own Outrigger in
+    //    front of it: the target of the application's outbound calls.
+    let ratings_id = Identity::istio(TRUST_DOMAIN, "default", "ratings")?;
+    let reviews_id = Identity::istio(TRUST_DOMAIN, "default", "reviews")?;
+    issue(&ca, &p.certs("ratings"), &ratings_id, &[], &root)?;
+    let ratings_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let ratings_app = ratings_listener.local_addr()?;
+    tokio::spawn(serve_app(ratings_listener));
+    let ratings_cfg_path = p.root.join("ratings.yaml");
+    std::fs::write(
+        &ratings_cfg_path,
+        format!(
+            "\
+trustDomain: {TRUST_DOMAIN}
+workload: {{namespace: default, serviceAccount: ratings, labels: {{app: ratings}}}}
+certificates:
+  files: {{certChain: ratings/cert-chain.pem, key: ratings/key.pem, rootCert: ratings/root-cert.pem}}
+inbound:
+  - {{name: ratings, listen: \"127.0.0.1:0\", backend: \"{ratings_app}\", protocol: http}}
+policy:
+  paths: [policies]
+admin:
+  listen: \"off\"
+accessLog: ratings-access.log
+"
+        ),
+    )?;
+    let ratings_agent = Agent::start(&AgentConfig::load(&ratings_cfg_path)?)
+        .await
+        .context("starting the ratings service's outrigger")?;
+    let ratings_addr: SocketAddr = ratings_agent.inbound_addrs()[0].1;
+    let (ratings_stop_tx, ratings_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let ratings_served = tokio::spawn(ratings_agent.run(async {
+        let _ = ratings_stop_rx.await;
+    }));
+    println!(
+        "  mesh service ratings.default ({ratings_id}) behind its own outrigger on {ratings_addr}"
+    );
+
+    // 5. Outrigger in front of the application, and in front of its outbound calls.
     let agent_cfg = format!(
         "\
 trustDomain: {TRUST_DOMAIN}
@@ -252,6 +291,21 @@ policy:
 admin:
   listen: 127.0.0.1:0
 accessLog: access.log
+outbound:
+  # The app calls http://127.0.0.1:<port>/ ; Outrigger originates mTLS and pins the identity.
+  - name: ratings
+    listen: 127.0.0.1:0
+    host: ratings.default.svc.cluster.local
+    port: 8080
+    endpoints: [\"{ratings_addr}\"]
+    identity: {ratings_id}
+  # The same server, but this destination expects another identity: refused.
+  - name: reviews
+    listen: 127.0.0.1:0
+    host: reviews.default.svc.cluster.local
+    port: 8080
+    endpoints: [\"{ratings_addr}\"]
+    identity: {reviews_id}
 "
     );
     let cfg_path = p.root.join("agent.yaml");
@@ -260,6 +314,14 @@ accessLog: access.log
     let agent = Agent::start(&cfg).await.context("starting outrigger")?;
     let addr: SocketAddr = agent.inbound_addrs()[0].1;
     let admin = agent.admin_addr();
+    let outbound: std::collections::BTreeMap<String, SocketAddr> =
+        agent.outbound_addrs().into_iter().collect();
+    let (Some(to_ratings), Some(to_reviews)) = (
+        outbound.get("ratings").copied(),
+        outbound.get("reviews").copied(),
+    ) else {
+        anyhow::bail!("the demo agent did not bind its outbound listeners");
+    };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let served = tokio::spawn(agent.run(async {
         let _ = stop_rx.await;
@@ -269,7 +331,11 @@ accessLog: access.log
         cfg_path.display()
     );
 
-    // 5. Real calls.
+    println!(
+        "  outbound: the app calls ratings at http://{to_ratings}/ and reviews at http://{to_reviews}/ (mTLS added by outrigger)\n"
+    );
+
+    // 6. Real calls.
     let trust = TrustDomains::new(TRUST_DOMAIN, &[])?;
     let mut check = Check { ok: true };
     let port = addr.port();
@@ -301,6 +367,20 @@ accessLog: access.log
         |_| false,
         &curl_mtls(&p, "rogue", port, "GET"),
     );
+    check.report(
+        "the app calls ratings through outrigger's outbound listener (plain HTTP on loopback)",
+        "HTTP 200, and ratings sees the app's verified identity",
+        plain_get(to_ratings, "/ratings").await,
+        |r| r.status == 200 && r.body.contains(&app_id.to_string()),
+        &format!("curl -sS http://{to_ratings}/ratings"),
+    );
+    check.report(
+        &format!("the app calls reviews, but the server presents {ratings_id}"),
+        "HTTP 503: outrigger refuses a server that is not the expected identity",
+        plain_get(to_reviews, "/reviews").await,
+        |r| r.status == 503 && r.body.contains(&reviews_id.to_string()),
+        &format!("curl -sS http://{to_reviews}/reviews"),
+    );
     if let Some(a) = admin {
         println!("Metrics (Istio names):   curl -s http://{a}/metrics | grep istio_requests_total");
         println!("Config in force:         curl -s http://{a}/config_dump");
@@ -323,9 +403,11 @@ accessLog: access.log
         crate::agent::shutdown_signal().await;
     }
     let _ = stop_tx.send(());
+    let _ = ratings_stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), served).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), ratings_served).await;
     if check.ok {
-        println!("\nAll four calls behaved as expected.");
+        println!("\nAll six calls behaved as expected.");
         Ok(())
     } else {
         anyhow::bail!("some calls did not behave as expected (see [FAIL] above)")

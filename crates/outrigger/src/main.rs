@@ -6,6 +6,8 @@ mod client;
 mod config;
 mod demo;
 mod policy_files;
+mod register;
+mod windows;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,6 +64,16 @@ certificate from an untrusted CA. It prints how to repeat each call with curl.")
     /// Manage Outrigger's built-in certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Install, start, stop or remove Outrigger as a Windows service (see docs/windows.md).
+    #[command(subcommand)]
+    Service(windows::ServiceCommand),
+    /// Check this host for ways around Outrigger: application ports reachable from the
+    /// network, Outrigger's listeners, Windows Firewall rules. Prints the commands that fix
+    /// what it finds.
+    Doctor(windows::DoctorArgs),
+    /// Mesh registration: the Istio resources that make this host a mesh workload.
+    #[command(subcommand)]
+    Mesh(MeshCommand),
     /// Print the version.
     Version,
 }
@@ -78,7 +90,7 @@ struct RunArgs {
     #[arg(long)]
     check_config: bool,
     /// Once listening, write the bound addresses here as JSON
-    /// ({"inbound":{"<name>":"ip:port"},"admin":"ip:port"}); useful with port 0.
+    /// ({"inbound":{"<name>":"ip:port"},"admin":"ip:port","hbone":"ip:port"}); useful with port 0.
     #[arg(long, value_name = "PATH")]
     ready_file: Option<PathBuf>,
 }
@@ -88,6 +100,20 @@ struct DemoArgs {
     /// Leave the demo mesh running (until Ctrl-C) so you can call it yourself.
     #[arg(long)]
     keep: bool,
+}
+
+#[derive(Subcommand)]
+enum MeshCommand {
+    /// Print the WorkloadEntry (and ServiceEntry / WorkloadGroup where needed) for this host.
+    #[command(after_help = "\
+Example:
+  outrigger mesh register --config agent.yaml --address 10.0.0.5 | kubectl apply -f -
+
+The WorkloadEntry carries the address, the service account, the network (hbone.network), the
+listener ports and labels including security.istio.io/tlsMode: istio; with HBONE enabled, also
+the ambient markers so that ztunnel and waypoints reach this host over HBONE on port 15008.
+See docs/ambient.md.")]
+    Register(register::RegisterArgs),
 }
 
 #[derive(Subcommand)]
@@ -199,9 +225,16 @@ fn write_ready_file(path: &std::path::Path, agent: &agent::Agent) -> anyhow::Res
         .into_iter()
         .map(|(n, a)| (n, a.to_string().into()))
         .collect();
+    let outbound: serde_json::Map<String, serde_json::Value> = agent
+        .outbound_addrs()
+        .into_iter()
+        .map(|(n, a)| (n, a.to_string().into()))
+        .collect();
     let doc = serde_json::json!({
         "inbound": inbound,
+        "outbound": outbound,
         "admin": agent.admin_addr().map(|a| a.to_string()),
+        "hbone": agent.hbone_addr().map(|a| a.to_string()),
     });
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, doc.to_string()).with_context(|| format!("writing {}", tmp.display()))?;
@@ -257,6 +290,9 @@ fn main() -> ExitCode {
         Command::Run(a) => run(a),
         Command::Demo(a) => demo::main(a.keep),
         Command::Ca(c) => ca(c),
+        Command::Service(c) => windows::service(c),
+        Command::Doctor(a) => windows::doctor(a),
+        Command::Mesh(MeshCommand::Register(a)) => register::run(a),
         Command::Check(a) => match check::run(a) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(2),

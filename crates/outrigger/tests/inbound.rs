@@ -264,7 +264,12 @@ async fn bad_client_certificates_are_refused() {
             result.map(|g| g.status)
         );
     }
-    let m = agent.metrics();
+    // The proxy counts a refusal just after the client has seen the alert.
+    let m = agent.wait_metric(
+        "outrigger_connections_rejected_total",
+        &["reason=\"tls_handshake\""],
+        cases.len() as f64,
+    );
     assert_eq!(
         metric_value(
             &m,

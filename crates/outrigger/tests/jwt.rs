@@ -578,3 +578,51 @@ spec:
         401
     );
 }
+
+#[test]
+fn check_evaluates_a_token() {
+    let fixtures =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/istio-jwt");
+    let jwks = std::fs::read_to_string(fixtures.join("istio-demo-jwks.json")).unwrap();
+    let mesh = Mesh::new();
+    mesh.policy(
+        "jwt.yaml",
+        &format!(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: demo, namespace: legacy}}\nspec:\n  jwtRules:\n  - issuer: testing@secure.istio.io\n    jwks: '{}'\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: need-jwt, namespace: legacy}}\nspec:\n  rules:\n  - from: [{{source: {{requestPrincipals: [\"*\"]}}}}]\n",
+            jwks.trim()
+        ),
+    );
+    let cfg = mesh.dir().join("agent.yaml");
+    std::fs::write(
+        &cfg,
+        mesh.config(&[("web", "127.0.0.1:5000".parse().unwrap(), "http")], ""),
+    )
+    .unwrap();
+    let run = |token: &str| {
+        let out = std::process::Command::new(BIN)
+            .args([
+                "check",
+                "--from",
+                "cluster.local/ns/default/sa/sleep",
+                "--config",
+            ])
+            .arg(&cfg)
+            .arg("--jwt")
+            .arg(fixtures.join(token))
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = run("demo.jwt");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("request principal testing@secure.istio.io/testing@secure.istio.io"),
+        "{out}"
+    );
+    let (code, out) = run("token-issuer1.jwt");
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("401 Jwt verification fails"), "{out}");
+}

@@ -77,12 +77,24 @@ inbound:
 fn start_client(mesh: &Mesh, outbound: &str) -> AgentProc {
     let dir = mesh.dir().join("client");
     std::fs::create_dir_all(&dir).unwrap();
-    let cfg = agent_yaml(mesh, &mesh.agent.dir, common::AGENT_NS, common::AGENT_SA, "  []\n", outbound);
+    let cfg = agent_yaml(
+        mesh,
+        &mesh.agent.dir,
+        common::AGENT_NS,
+        common::AGENT_SA,
+        "  []\n",
+        outbound,
+    );
     AgentProc::start(&dir, &cfg)
 }
 
 /// Starts a server agent `default/<sa>` whose inbound `web` fronts `backend`.
-fn start_server_agent(mesh: &Mesh, sa: &str, backend: SocketAddr, protocol: &str) -> (AgentProc, Issued) {
+fn start_server_agent(
+    mesh: &Mesh,
+    sa: &str,
+    backend: SocketAddr,
+    protocol: &str,
+) -> (AgentProc, Issued) {
     let issued = mesh.pki.issue("default", sa);
     let dir = mesh.dir().join(format!("server-{sa}"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -112,7 +124,12 @@ impl MeshServer {
     }
 
     /// Starts again on a known address (after [`kill`](Self::kill)).
-    async fn start_at(name: &'static str, certs: &Issued, mesh: &Mesh, addr: SocketAddr) -> MeshServer {
+    async fn start_at(
+        name: &'static str,
+        certs: &Issued,
+        mesh: &Mesh,
+        addr: SocketAddr,
+    ) -> MeshServer {
         let deadline = Instant::now() + WAIT;
         let l = loop {
             match TcpListener::bind(addr).await {
@@ -156,11 +173,13 @@ impl MeshServer {
                         .map(|a| String::from_utf8_lossy(a).into_owned())
                         .unwrap_or_default();
                     let sni = session.server_name().unwrap_or_default().to_string();
-                    let peer = outrigger_tls::peer_identity(session.peer_certificates().unwrap_or(&[]))
-                        .map(|i| i.to_string())
-                        .unwrap_or_default();
+                    let peer =
+                        outrigger_tls::peer_identity(session.peer_certificates().unwrap_or(&[]))
+                            .map(|i| i.to_string())
+                            .unwrap_or_default();
                     let svc = service_fn(move |req: http::Request<Incoming>| {
-                        let (alpn, sni, peer, hits) = (alpn.clone(), sni.clone(), peer.clone(), hits.clone());
+                        let (alpn, sni, peer, hits) =
+                            (alpn.clone(), sni.clone(), peer.clone(), hits.clone());
                         async move {
                             hits.fetch_add(1, Ordering::SeqCst);
                             let host = req
@@ -176,8 +195,15 @@ impl MeshServer {
                                 "conn": conn_no, "host": host, "path": req.uri().path(),
                             });
                             // Slow enough that concurrent requests overlap on the wire.
+                            // `?ms=N` sets how slow (default 200 ms).
                             if req.uri().path() == "/slow" {
-                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                let ms = req
+                                    .uri()
+                                    .query()
+                                    .and_then(|q| q.strip_prefix("ms="))
+                                    .and_then(|v| v.parse().ok())
+                                    .unwrap_or(200);
+                                tokio::time::sleep(Duration::from_millis(ms)).await;
                             }
                             Ok::<_, std::convert::Infallible>(http::Response::new(
                                 http_body_util::Full::new(Bytes::from(doc.to_string())),
@@ -240,6 +266,24 @@ async fn app_get(addr: SocketAddr, target: &str) -> anyhow::Result<(u16, String)
     .map_err(|_| anyhow::anyhow!("GET {target} via {addr} took longer than {WAIT:?}"))?
 }
 
+/// A POST with a body on a new connection.
+async fn app_post(addr: SocketAddr, path: &str, body: Vec<u8>) -> anyhow::Result<(u16, String)> {
+    tokio::time::timeout(WAIT, async {
+        let s = TcpStream::connect(addr).await?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await?;
+        tokio::spawn(conn);
+        let req = http::Request::post(path)
+            .header("host", addr.to_string())
+            .body(http_body_util::Full::new(Bytes::from(body)))?;
+        let resp = send.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("POST {path} via {addr} took longer than {WAIT:?}"))?
+}
+
 fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
@@ -295,16 +339,26 @@ async fn outrigger_outbound_to_outrigger_inbound_and_wrong_identity_refused() {
         assert_eq!(status, 200);
     }
 
+    // A request body streams through (1 MiB upload; the echo app answers with its length).
+    let (status, body) = app_post(ok, "/sink", vec![7u8; 1 << 20]).await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "1048576"));
+
     // The wrong identity: the handshake is refused, the app gets 503, the log names both.
     let (status, body) = app_get(wrong, "/steal").await.unwrap();
     assert_eq!(status, 503, "{body}");
-    assert!(body.contains(RATINGS_ID) && body.contains(REVIEWS_ID), "{body}");
+    assert!(
+        body.contains(RATINGS_ID) && body.contains(REVIEWS_ID),
+        "{body}"
+    );
     let log = client.wait_for_log("server identity refused");
     let line = log
         .lines()
         .find(|l| l.contains("server identity refused"))
         .unwrap();
-    assert!(line.contains(RATINGS_ID) && line.contains(REVIEWS_ID), "{line}");
+    assert!(
+        line.contains(RATINGS_ID) && line.contains(REVIEWS_ID),
+        "{line}"
+    );
     assert!(
         !server.stdout().contains("/steal"),
         "a refused request must not reach the server"
@@ -327,11 +381,15 @@ async fn outrigger_outbound_to_outrigger_inbound_and_wrong_identity_refused() {
             "response_code=\"200\"",
         ],
     );
-    assert_eq!(n, Some(6.0), "{metrics}");
+    assert_eq!(n, Some(7.0), "{metrics}");
     let refused = metric_value(
         &metrics,
         "istio_requests_total",
-        &["reporter=\"source\"", "response_code=\"503\"", "response_flags=\"UF\""],
+        &[
+            "reporter=\"source\"",
+            "response_code=\"503\"",
+            "response_flags=\"UF\"",
+        ],
     );
     assert_eq!(refused, Some(1.0), "{metrics}");
     let log = client.wait_for_log("\"path\":\"/hello?x=1\"");
@@ -342,6 +400,12 @@ async fn outrigger_outbound_to_outrigger_inbound_and_wrong_identity_refused() {
     assert_eq!(rec["destination_principal"], RATINGS_ID);
     assert_eq!(rec["source_principal"], CLIENT_ID);
     assert_eq!(rec["upstream_host"], server.addr("web").to_string());
+
+    // Shutdown: outbound listeners, pooled connections and DNS tasks do not hold the drain.
+    let mut client = client;
+    assert!(client.terminate().success());
+    let log = client.stderr();
+    assert!(log.contains("drained: all connections finished"), "{log}");
 }
 
 /// What goes on the wire: Istio's SNI and ALPN, the workload certificate; HTTP/2 upstream
@@ -384,6 +448,12 @@ async fn http2_upstream_multiplexes_on_one_connection() {
     assert_eq!(v["peer"], CLIENT_ID);
     assert_eq!(v["version"], "HTTP/1.1");
     assert_eq!(v["host"], format!("{RATINGS}:8080"));
+    // Keep-alive: sequential requests reuse the pooled HTTP/1.1 connection.
+    for i in 0..5 {
+        let (status, body) = app_get(h1, &format!("/again/{i}")).await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(json(&body)["conn"], 1, "{body}");
+    }
     let before = server.accepted.load(Ordering::SeqCst);
     assert_eq!(before, 1);
 
@@ -397,7 +467,7 @@ async fn http2_upstream_multiplexes_on_one_connection() {
         let (status, body) = r.unwrap().unwrap();
         assert_eq!(status, 200, "{body}");
         let v = json(&body);
-        assert_eq!(v["version"], "HTTP/2", "{v}");
+        assert_eq!(v["version"], "HTTP/2.0", "{v}");
         assert_eq!(v["alpn"], "istio-h2", "{v}");
         assert_eq!(v["host"], format!("{RATINGS}:8080"), "{v}");
         conns.insert(v["conn"].as_u64().unwrap());
@@ -408,7 +478,7 @@ async fn http2_upstream_multiplexes_on_one_connection() {
         "16 concurrent requests should share one HTTP/2 connection, used {conns:?}"
     );
     assert_eq!(server.accepted.load(Ordering::SeqCst), before + 1);
-    assert_eq!(server.hits.load(Ordering::SeqCst), 17);
+    assert_eq!(server.hits.load(Ordering::SeqCst), 22);
 }
 
 /// One of two endpoints dies mid-run: no idempotent request fails (retries go to the other
@@ -539,9 +609,16 @@ async fn tcp_outbound_to_outrigger_inbound() {
         let closed = metric_value(
             &m,
             "istio_tcp_connections_closed_total",
-            &["reporter=\"source\"", &format!("destination_principal=\"{RATINGS_ID}\"")],
+            &[
+                "reporter=\"source\"",
+                &format!("destination_principal=\"{RATINGS_ID}\""),
+            ],
         );
-        let sent = metric_value(&m, "istio_tcp_received_bytes_total", &["reporter=\"source\""]);
+        let sent = metric_value(
+            &m,
+            "istio_tcp_received_bytes_total",
+            &["reporter=\"source\""],
+        );
         if closed == Some(1.0) && sent == Some(100_000.0) {
             break;
         }
@@ -579,13 +656,15 @@ async fn http_proxy_mode_routes_two_services_by_host() {
   - name: reviews
     host: {REVIEWS}
     port: 9080
-    endpoints: [\"{b}\"]
+    endpoints: [\"localhost:{b}\"]
+    dnsRefreshRate: 1s
     identity: {{serviceAccount: reviews}}
 outboundProxy:
   listen: 127.0.0.1:{port}
 ",
             a = ratings.addr,
-            b = reviews.addr
+            // A DNS name: resolved at start and re-resolved every second.
+            b = reviews.addr.port()
         ),
     );
     let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -601,7 +680,13 @@ outboundProxy:
         let v = json(&body);
         assert_eq!(v["server"], server, "{url}: {v}");
         assert_eq!(v["peer"], CLIENT_ID);
-        assert!(v["sni"].as_str().unwrap().ends_with(&format!("_.{server}.default.svc.cluster.local")), "{v}");
+        assert!(
+            v["sni"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("_.{server}.default.svc.cluster.local")),
+            "{v}"
+        );
     }
     let (status, body) = app_get(proxy, "http://example.com/").await.unwrap();
     assert_eq!(status, 502, "{body}");
@@ -637,7 +722,9 @@ outboundProxy:
         ),
     );
     let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let (status, body) = app_get(proxy, &format!("http://{outside}/plain")).await.unwrap();
+    let (status, body) = app_get(proxy, &format!("http://{outside}/plain"))
+        .await
+        .unwrap();
     assert_eq!(status, 200, "{body}\n{}", client.stderr());
     let seen: outrigger_testkit::Seen = serde_json::from_str(&body).unwrap();
     assert_eq!(seen.path, "/plain");
@@ -645,4 +732,79 @@ outboundProxy:
     let (status, _) = app_get(proxy, "http://ratings:8080/mesh").await.unwrap();
     assert_eq!(status, 200);
     assert_eq!(ratings.hits.load(Ordering::SeqCst), 1);
+}
+
+/// `connectTimeout` bounds the TCP connect and the mTLS handshake (a server that accepts but
+/// never answers is skipped for another endpoint); `timeout` bounds the request (504).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_and_request_timeouts() {
+    let mesh = Mesh::new();
+    let good = MeshServer::start("good", &mesh.pki.issue("default", "ratings"), &mesh).await;
+    // Accepts TCP connections and never says a word.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let h = held.clone();
+    let silent_task = tokio::spawn(async move {
+        while let Ok((s, _)) = silent.accept().await {
+            h.lock().unwrap().push(s);
+        }
+    });
+    let (p0, p1, p2) = (free_port(), free_port(), free_port());
+    let client = start_client(
+        &mesh,
+        &format!(
+            "outbound:
+  - name: mixed
+    listen: 127.0.0.1:{p0}
+    host: {RATINGS}
+    port: 8080
+    endpoints: [\"{silent_addr}\", \"{g}\"]
+    identity: {RATINGS_ID}
+    trafficPolicy:
+      loadBalancer: {{simple: ROUND_ROBIN}}
+      connectionPool: {{tcp: {{connectTimeout: 300ms}}}}
+  - name: only-silent
+    listen: 127.0.0.1:{p1}
+    host: {RATINGS}
+    port: 8080
+    endpoints: [\"{silent_addr}\"]
+    identity: {RATINGS_ID}
+    retries: {{attempts: 0}}
+    trafficPolicy:
+      connectionPool: {{tcp: {{connectTimeout: 300ms}}}}
+  - name: impatient
+    listen: 127.0.0.1:{p2}
+    host: {RATINGS}
+    port: 8080
+    endpoints: [\"{g}\"]
+    identity: {RATINGS_ID}
+    timeout: 1s
+",
+            g = good.addr
+        ),
+    );
+    let at = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+    for i in 0..4 {
+        let started = Instant::now();
+        let (status, body) = app_get(at(p0), &format!("/mixed/{i}")).await.unwrap();
+        assert_eq!(status, 200, "{body}\n{}", client.stderr());
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    let started = Instant::now();
+    let (status, body) = app_get(at(p1), "/never").await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("timed out"), "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "connectTimeout 300ms took {:?}",
+        started.elapsed()
+    );
+    // The request timeout is generous (1 s) so that a loaded machine never trips it on the
+    // fast request; the slow one takes 3 s.
+    let (status, body) = app_get(at(p2), "/slow?ms=3000").await.unwrap();
+    assert_eq!((status, body.as_str()), (504, "upstream request timeout"));
+    let (status, _) = app_get(at(p2), "/fast").await.unwrap();
+    assert_eq!(status, 200);
+    silent_task.abort();
 }

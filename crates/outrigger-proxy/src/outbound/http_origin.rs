@@ -23,7 +23,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -31,7 +31,6 @@ use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::TcpStream;
 
 use super::endpoints::{ActiveGuard, Endpoint, Outcome};
@@ -39,6 +38,7 @@ use super::pool::{self, H1Lease, SendError, UpBody};
 use super::{Destination, OutboundProtocol};
 use crate::Ctx;
 use crate::access_log::{AccessRecord, now_rfc3339};
+use crate::http_common::{Metered, drive, strip_hop_by_hop};
 use crate::metrics::{Lv, RequestLabels, TcpLabels};
 
 /// Envoy's local-reply bodies, so that applications and dashboards see the text they know.
@@ -138,50 +138,6 @@ pub(crate) async fn serve(stream: TcpStream, src: SocketAddr, route: Route, ctx:
     }
 }
 
-/// Runs a server connection; on drain, lets in-flight requests finish and closes.
-async fn drive<C>(conn: C, mut drain: tokio::sync::watch::Receiver<bool>) -> Result<(), C::Error>
-where
-    C: GracefulConnection,
-{
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => return r,
-        _ = drain.wait_for(|d| *d) => {}
-    }
-    conn.as_mut().graceful_shutdown();
-    conn.await
-}
-
-/// Hop-by-hop headers (RFC 9110 §7.6.1) belong to one connection and are not forwarded.
-pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
-    if let Some(conn) = h.get(header::CONNECTION).cloned()
-        && let Ok(list) = conn.to_str()
-    {
-        for name in list.split(',') {
-            let name = name.trim();
-            if !name.is_empty() && !name.eq_ignore_ascii_case("te") {
-                h.remove(name);
-            }
-        }
-    }
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-    ] {
-        h.remove(name);
-    }
-    if let Some(te) = h.get(header::TE)
-        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
-    {
-        h.remove(header::TE);
-    }
-}
-
 /// The request's target host and port: the absolute-form URI (proxy requests), else `Host`.
 fn request_authority(parts: &http::request::Parts) -> Option<Authority> {
     parts.uri.authority().cloned().or_else(|| {
@@ -277,7 +233,8 @@ async fn handle(
                         &routes.source,
                         authority.host(),
                     );
-                    let rec = Rec::new(&ctx, labels, listener, &parts, src, dst, start);
+                    let mut rec = Rec::new(&ctx, labels, listener, &parts, src, dst, start);
+                    rec.authority = Some(authority.as_str().to_string());
                     tracing::warn!(
                         host = %authority,
                         "HTTP proxy: not a configured mesh service and plain egress is off; answering 502"
@@ -374,7 +331,7 @@ async fn forward(
     let up_body: UpBody = if empty {
         Either::Right(Empty::new())
     } else {
-        Either::Left(Counting {
+        Either::Left(Metered {
             inner: body,
             counter: rec.received.clone(),
         })
@@ -561,7 +518,7 @@ async fn egress(
         }
     };
     rec.upstream = stream.peer_addr().ok();
-    let up_body: UpBody = Either::Left(Counting {
+    let up_body: UpBody = Either::Left(Metered {
         inner: body,
         counter: rec.received.clone(),
     });
@@ -616,38 +573,6 @@ fn local_reply(
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     resp
-}
-
-/// A request body that counts the bytes it yields.
-pub(crate) struct Counting<B> {
-    inner: B,
-    counter: Arc<AtomicU64>,
-}
-
-impl<B: Body<Data = Bytes> + Unpin> Body for Counting<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let res = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &res
-            && let Some(d) = f.data_ref()
-        {
-            self.counter.fetch_add(d.len() as u64, Ordering::Relaxed);
-        }
-        res
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }
 
 /// The response body to the application. When it ends it gives its HTTP/1.1 connection back

@@ -33,7 +33,7 @@ use crate::metrics::Lv;
 
 /// The body sent upstream: the application's (counted), or nothing.
 pub(crate) type UpBody =
-    http_body_util::Either<super::http_origin::Counting<Incoming>, http_body_util::Empty<Bytes>>;
+    http_body_util::Either<crate::http_common::Metered<Incoming>, http_body_util::Empty<Bytes>>;
 
 /// Istio's ALPN overrides for upstream mTLS (istio/istio `alpn` filter): the Istio value first
 /// (it selects the sidecar's filter chain), then the generic ones.
@@ -96,11 +96,14 @@ impl ConnectError {
     }
 }
 
+type CachedConfig = (u64, Arc<ClientConfig>);
+
 /// Client TLS configs of one destination, rebuilt after a certificate rotation.
 pub(crate) struct TlsConfigs {
     certs: CertStore,
     expected: Vec<Identity>,
-    cache: Mutex<[Option<(u64, Arc<ClientConfig>)>; 3]>,
+    /// Per [`Alpn`]: the certificate generation it was built from, and the config.
+    cache: Mutex<[Option<CachedConfig>; 3]>,
 }
 
 impl TlsConfigs {
@@ -282,12 +285,20 @@ async fn send_h1(
         let idle = {
             let mut idle = ep.pool.h1.lock().unwrap_or_else(|e| e.into_inner());
             let mut found = None;
+            // A connection whose previous response has just ended may not be ready yet: it
+            // stays pooled. Closed and expired ones are dropped (which closes them).
+            let mut busy = Vec::new();
             while let Some(c) = idle.pop() {
-                if !c.tx.is_closed() && c.tx.is_ready() && c.idle_since.elapsed() < idle_timeout {
+                if c.tx.is_closed() || c.idle_since.elapsed() >= idle_timeout {
+                    continue;
+                }
+                if c.tx.is_ready() {
                     found = Some(c);
                     break;
                 }
+                busy.push(c);
             }
+            idle.extend(busy);
             found
         };
         let Some(mut c) = idle else { break };
@@ -444,5 +455,52 @@ fn forget_h2(ep: &Endpoint, c: &H2Conn) {
         .is_some_and(|cur| Arc::ptr_eq(&cur.uses, &c.uses))
     {
         *slot = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outrigger_testkit::TestPki;
+    use outrigger_tls::CertSource;
+
+    #[test]
+    fn client_configs_are_cached_and_rebuilt_after_rotation() {
+        let pki = TestPki::new();
+        let issued = pki.issue("legacy", "windows-app");
+        let store = CertStore::new(
+            CertSource::Files {
+                chain: issued.dir.join("cert-chain.pem"),
+                key: issued.dir.join("key.pem"),
+                roots: issued.dir.join("root-cert.pem"),
+            },
+            pki.trust(),
+            vec![b"istio".to_vec()],
+        )
+        .unwrap();
+        let tls = TlsConfigs::new(store.clone(), vec![pki.id("default", "ratings")]);
+        let a = tls.get(Alpn::Http1).unwrap();
+        assert!(Arc::ptr_eq(&a, &tls.get(Alpn::Http1).unwrap()), "cached");
+        assert_eq!(
+            a.alpn_protocols,
+            vec![
+                b"istio-http/1.1".to_vec(),
+                b"istio".to_vec(),
+                b"http/1.1".to_vec()
+            ]
+        );
+        let h2 = tls.get(Alpn::Http2).unwrap();
+        assert_eq!(h2.alpn_protocols[0], b"istio-h2".to_vec());
+        assert_eq!(
+            tls.get(Alpn::Tcp).unwrap().alpn_protocols,
+            vec![b"istio".to_vec()]
+        );
+
+        // Rotation: a new certificate in the same files.
+        pki.issue("legacy", "windows-app");
+        assert!(store.reload().unwrap());
+        let b = tls.get(Alpn::Http1).unwrap();
+        assert!(!Arc::ptr_eq(&a, &b), "rebuilt with the new certificate");
+        assert!(Arc::ptr_eq(&b, &tls.get(Alpn::Http1).unwrap()));
     }
 }

@@ -132,25 +132,9 @@ async fn pump(
                 }
                 break;
             }
-            _ = tick.tick() => publish(ctx, labels, counts, &mut published),
+            _ = tick.tick() => ctx.metrics.publish_tcp_bytes(labels, counts, &mut published),
         }
     }
-    publish(ctx, labels, counts, &mut published);
-}
-
-fn publish(ctx: &Ctx, labels: &TcpLabels, counts: &ByteCounts, published: &mut (u64, u64)) {
-    let (r, s) = (counts.received(), counts.sent());
-    if r > published.0 {
-        ctx.metrics
-            .tcp_received
-            .get_or_create(labels)
-            .inc_by(r - published.0);
-    }
-    if s > published.1 {
-        ctx.metrics
-            .tcp_sent
-            .get_or_create(labels)
-            .inc_by(s - published.1);
-    }
-    *published = (r, s);
+    ctx.metrics
+        .publish_tcp_bytes(labels, counts, &mut published);
 }

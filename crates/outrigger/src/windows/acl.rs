@@ -152,7 +152,10 @@ mod tests {
             &p("D:/logs"),
         );
         assert_eq!(plan.len(), 2);
-        assert_eq!(plan[0], restrict(&p("D:/outrigger/key.pem"), ACCOUNT, false));
+        assert_eq!(
+            plan[0],
+            restrict(&p("D:/outrigger/key.pem"), ACCOUNT, false)
+        );
         assert_eq!(plan[1], grant_modify(&p("D:/logs"), ACCOUNT));
     }
 

@@ -40,6 +40,10 @@ Event Log source, and creates the log directory. See docs/windows.md.")]
         /// Do not change the ACLs of the key and log directories.
         #[arg(long)]
         no_acl: bool,
+        /// Where the service writes agent.log (rotated at 10 MiB, 10 kept) and, when the
+        /// configuration says `accessLog: stdout`, access.log.
+        #[arg(long, value_name = "DIR", default_value_os_t = paths::logs_dir())]
+        log_dir: PathBuf,
     },
     /// Stop (if running) and remove the service. Files and logs are left in place.
     Uninstall {

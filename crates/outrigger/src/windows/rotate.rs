@@ -133,7 +133,8 @@ mod tests {
         let f = RotatingFile::open(&path, 25, 2).unwrap();
         for i in 0..7 {
             // 10 bytes a record: two fit in 25 bytes, a third starts a new file.
-            (&f).write_all(format!("record {i:02}\n").as_bytes()).unwrap();
+            (&f).write_all(format!("record {i:02}\n").as_bytes())
+                .unwrap();
         }
         assert_eq!(read(&path), "record 06\n");
         assert_eq!(
@@ -188,6 +189,9 @@ mod tests {
         });
         let text = read(&path);
         assert!(text.contains("WARN"), "{text}");
-        assert!(text.contains("backend unreachable listener=\"web\""), "{text}");
+        assert!(
+            text.contains("backend unreachable listener=\"web\""),
+            "{text}"
+        );
     }
 }

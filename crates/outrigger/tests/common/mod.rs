@@ -269,3 +269,22 @@ spec:
   mtls:
     mode: STRICT
 ";
+
+impl AgentProc {
+    /// Polls `/metrics` until the metric reaches `want` (the proxy records some outcomes just
+    /// after the client has seen them); returns the metrics text. Fails after 10 s.
+    pub fn wait_metric(&self, name: &str, needles: &[&str], want: f64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let m = self.metrics();
+            if metric_value(&m, name, needles) == Some(want) {
+                return m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}{needles:?} never reached {want}:\n{m}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! The inbound HBONE listener: mTLS with the workload certificate (ALPN `h2`), then HTTP/2;
+//! each CONNECT stream is one inner connection to a configured inbound listener.
+//!
+//! Per stream, following ztunnel's inbound (`src/proxy/inbound.rs`):
+//! * not CONNECT, or an `:authority` that is not `ip:port` → `400`;
+//! * the IP is not an address this connection arrived on (ztunnel: "IPMismatch") → `400`;
+//! * no inbound listener serves the port → `503`, never a forward anywhere else;
+//! * otherwise `200`, and the stream's bytes go through the same code as a direct mTLS
+//!   connection on that listener: the peer identity is the outer handshake's, the listener's
+//!   port selects PeerAuthentication's port-level mode and AuthorizationPolicy's `ports`, HTTP
+//!   gets RequestAuthentication and L7 rules per request, TCP gets L4 rules.
+//!
+//! Unlike ztunnel, the `200` is sent before the backend is dialled and before L4
+//! authorization: the stream is then served by the unchanged direct-path code, which denies a
+//! TCP connection by closing it (the stream is reset) and an HTTP request with `403`.
+//!
+//! PeerAuthentication: an HBONE stream is always mutual TLS, so STRICT and PERMISSIVE accept
+//! it; as in ambient, DISABLE does not turn HBONE away either (it only allows plaintext on the
+//! direct listener).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument;
+
+use crate::hbone::request::{self, ConnectRequest};
+use crate::hbone::{
+    ALPN_H2, CONNECTION_WINDOW, FRAME_SIZE, H2Io, MAX_CONCURRENT_STREAMS, MAX_HEADER_LIST,
+    MAX_SEND_BUFFER, STREAM_WINDOW,
+};
+use crate::inbound::{self, ConnInfo, StreamKind};
+use crate::io::{ByteCounts, Counted};
+use crate::metrics::{Lv, TcpLabels, connection_labels};
+use crate::{Ctx, InboundConfig};
+
+/// The listener name in logs and `outrigger_connections_rejected`.
+pub(crate) const LISTENER_NAME: &str = "hbone";
+
+/// What every connection of the HBONE listener shares.
+struct Shared {
+    ctx: Arc<Ctx>,
+    /// The inbound listeners a CONNECT may target.
+    targets: Vec<Arc<InboundConfig>>,
+    lv: Lv,
+}
+
+pub(crate) async fn serve_listener(listener: TcpListener, ctx: Arc<Ctx>) {
+    let mut drain = ctx.drain.clone();
+    let shared = Arc::new(Shared {
+        targets: ctx.inbound.iter().cloned().map(Arc::new).collect(),
+        ctx,
+        lv: Lv::new(LISTENER_NAME),
+    });
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = drain.wait_for(|d| *d) => break,
+        };
+        match accepted {
+            Ok((stream, src)) => {
+                let shared = shared.clone();
+                tokio::spawn(async move { handle_connection(stream, src, shared).await });
+            }
+            Err(e) => {
+                tracing::warn!(listener = LISTENER_NAME, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::debug!(listener = LISTENER_NAME, "HBONE listener stopped accepting");
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+async fn handle_connection(stream: TcpStream, src: SocketAddr, shared: Arc<Shared>) {
+    let ctx = &shared.ctx;
+    let _ = stream.set_nodelay(true);
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
+    let src = SocketAddr::new(canonical(src.ip()), src.port());
+    let acceptor = tokio_rustls::TlsAcceptor::from(ctx.certs.server_config());
+    let tls =
+        match tokio::time::timeout(ctx.settings.handshake_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                ctx.metrics.reject(&shared.lv, "tls_handshake");
+                tracing::warn!(
+                    listener = LISTENER_NAME, %src,
+                    "HBONE mTLS handshake refused: {}",
+                    outrigger_tls::verify::describe_handshake_error(&e)
+                );
+                return;
+            }
+            Err(_) => {
+                ctx.metrics.reject(&shared.lv, "tls_timeout");
+                tracing::warn!(listener = LISTENER_NAME, %src, "HBONE mTLS handshake timed out");
+                return;
+            }
+        };
+    let (_, session) = tls.get_ref();
+    if let Some(alpn) = session.alpn_protocol()
+        && alpn != ALPN_H2
+    {
+        ctx.metrics.reject(&shared.lv, "alpn");
+        tracing::warn!(
+            listener = LISTENER_NAME, %src,
+            alpn = %String::from_utf8_lossy(alpn),
+            "HBONE connection refused: it negotiated ALPN other than h2"
+        );
+        return;
+    }
+    let peer_chain = session.peer_certificates().unwrap_or(&[]);
+    let peer = match outrigger_tls::peer_identity(peer_chain) {
+        Ok(id) => id,
+        Err(e) => {
+            ctx.metrics.reject(&shared.lv, "identity");
+            tracing::warn!(listener = LISTENER_NAME, %src, "HBONE peer identity refused: {e}");
+            return;
+        }
+    };
+    let xfcc = peer_chain
+        .first()
+        .and_then(|leaf| inbound::xfcc_header(ctx, leaf.as_ref(), &peer));
+    let peer_principal = peer.principal();
+    let labels = connection_labels(&ctx.dest_labels, Some(&peer));
+
+    let mut h2 = match tokio::time::timeout(
+        ctx.settings.handshake_timeout,
+        h2::server::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(FRAME_SIZE)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .handshake::<_, Bytes>(tls),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            ctx.metrics.reject(&shared.lv, "http2");
+            tracing::warn!(listener = LISTENER_NAME, %src, peer = %peer, "HBONE HTTP/2 handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            ctx.metrics.reject(&shared.lv, "http2");
+            tracing::warn!(listener = LISTENER_NAME, %src, peer = %peer, "HBONE HTTP/2 handshake timed out");
+            return;
+        }
+    };
+    tracing::debug!(listener = LISTENER_NAME, %src, peer = %peer, "HBONE connection established");
+    let outer = Arc::new(Outer {
+        src,
+        local,
+        peer_principal,
+        xfcc,
+        labels,
+    });
+    let mut drain = ctx.drain.clone();
+    let mut draining = false;
+    loop {
+        let next = tokio::select! {
+            r = h2.accept() => r,
+            _ = drain.wait_for(|d| *d), if !draining => {
+                // "graceful_shutdown": GOAWAY, then keep driving the connection until the
+                // streams in flight end.
+                draining = true;
+                h2.graceful_shutdown();
+                continue;
+            }
+        };
+        match next {
+            Some(Ok((req, respond))) => {
+                let shared = shared.clone();
+                let outer = outer.clone();
+                tokio::spawn(serve_connect(req, respond, outer, shared));
+            }
+            Some(Err(e)) => {
+                tracing::debug!(listener = LISTENER_NAME, %src, "HBONE connection ended: {e}");
+                break;
+            }
+            None => break,
+        }
+    }
+}
+
+/// What the outer (mTLS) connection gives every stream on it.
+struct Outer {
+    src: SocketAddr,
+    local: SocketAddr,
+    peer_principal: String,
+    xfcc: Option<HeaderValue>,
+    labels: TcpLabels,
+}
+
+fn reply(respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode) {
+    let resp = Response::builder()
+        .status(status)
+        .body(())
+        .expect("a status-only response is valid");
+    if let Err(e) = respond.send_response(resp, true) {
+        tracing::debug!(error = %e, "could not answer the HBONE CONNECT");
+    }
+}
+
+/// Chooses the inbound listener for a CONNECT target: the port is the listener's port, and
+/// the IP must be one this connection arrived on (or the listener's own address).
+fn route(
+    targets: &[Arc<InboundConfig>],
+    local: SocketAddr,
+    target: SocketAddr,
+) -> Result<&Arc<InboundConfig>, StatusCode> {
+    let ip = canonical(target.ip());
+    let listener = targets
+        .iter()
+        .find(|l| l.listen.port() == target.port())
+        .ok_or(StatusCode::SERVICE_UNAVAILABLE)?;
+    let ours = ip == canonical(local.ip())
+        || (!listener.listen.ip().is_unspecified() && ip == canonical(listener.listen.ip()));
+    if !ours {
+        return Err(StatusCode::BAD_REQUEST);
+    }
+    Ok(listener)
+}
+
+/// The metric labels of one stream: the outer connection's plus the source workload's
+/// metadata from `baggage` where the certificate says nothing (ztunnel's "derived source").
+/// The namespace stays the verified one from the SPIFFE ID.
+fn stream_labels(outer: &TcpLabels, c: &ConnectRequest) -> TcpLabels {
+    let mut l = outer.clone();
+    let b = &c.baggage;
+    if let Some(w) = &b.workload_name {
+        l.source_workload = Lv::new(w);
+    }
+    if let Some(s) = &b.service_name {
+        l.source_canonical_service = Lv::new(s);
+        l.source_app = Lv::new(s);
+    }
+    if let Some(r) = &b.revision {
+        l.source_canonical_revision = Lv::new(r);
+        l.source_version = Lv::new(r);
+    }
+    if let Some(c) = &b.cluster {
+        l.source_cluster = Lv::new(c);
+    }
+    l
+}
+
+async fn serve_connect(
+    req: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    outer: Arc<Outer>,
+    shared: Arc<Shared>,
+) {
+    let (parts, recv) = req.into_parts();
+    let connect = match request::parse(&parts.method, &parts.uri, &parts.headers) {
+        Ok(c) => c,
+        Err(e) => {
+            shared.ctx.metrics.reject(&shared.lv, "hbone_request");
+            tracing::info!(listener = LISTENER_NAME, src = %outer.src, "HBONE request refused: {e}");
+            reply(&mut respond, e.status());
+            return;
+        }
+    };
+    let listener = match route(&shared.targets, outer.local, connect.target) {
+        Ok(l) => l.clone(),
+        Err(status) => {
+            shared.ctx.metrics.reject(&shared.lv, "hbone_destination");
+            let why = if status == StatusCode::BAD_REQUEST {
+                "the destination IP is not an address of this host"
+            } else {
+                "no inbound listener serves this destination port"
+            };
+            tracing::info!(
+                listener = LISTENER_NAME, src = %outer.src, target = %connect.target,
+                status = status.as_u16(),
+                "HBONE CONNECT refused: {why}"
+            );
+            reply(&mut respond, status);
+            return;
+        }
+    };
+    let span = tracing::info_span!(
+        "hbone",
+        src = %outer.src,
+        target = %connect.target,
+        listener = %listener.name,
+        traceparent = %connect.traceparent.as_deref().unwrap_or("-"),
+        forwarded_for = %connect.forwarded_for.as_deref().unwrap_or("-"),
+        forwarded_host = %connect.forwarded_host.as_deref().unwrap_or("-"),
+    );
+    async move {
+        let conn = Arc::new(ConnInfo {
+            listener,
+            peer_principal: Some(outer.peer_principal.clone()),
+            xfcc: outer.xfcc.clone(),
+            src: outer.src,
+            dst: connect.target,
+            sni: None,
+            labels: stream_labels(&outer.labels, &connect),
+        });
+        let ok = Response::builder()
+            .status(StatusCode::OK)
+            .body(())
+            .expect("a status-only response is valid");
+        let send = match respond.send_response(ok, false) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "HBONE stream reset before it was answered");
+                return;
+            }
+        };
+        tracing::debug!(
+            source = %outer.peer_principal,
+            baggage_workload = %connect.baggage.workload_name.as_deref().unwrap_or("-"),
+            "HBONE stream accepted"
+        );
+        let io = H2Io::new(recv, send);
+        let ctx = shared.ctx.clone();
+        let Some((io, kind)) = inbound::classify_stream(io, None, &conn, &ctx).await else {
+            return;
+        };
+        match kind {
+            // TCP forwarding reports `istio_tcp_*` itself.
+            StreamKind::Tcp => inbound::serve_classified(io, kind, conn, ctx).await,
+            // ztunnel reports `istio_tcp_*` for every HBONE stream; the inner HTTP requests
+            // add `istio_requests_total` on top.
+            StreamKind::Http(_) => {
+                let labels = conn.labels.clone();
+                let counts = Arc::new(ByteCounts::default());
+                ctx.metrics.tcp_opened.get_or_create(&labels).inc();
+                let io = Counted::new(io, counts.clone());
+                inbound::serve_classified(io, kind, conn, ctx.clone()).await;
+                ctx.metrics
+                    .tcp_received
+                    .get_or_create(&labels)
+                    .inc_by(counts.received());
+                ctx.metrics
+                    .tcp_sent
+                    .get_or_create(&labels)
+                    .inc_by(counts.sent());
+                ctx.metrics.tcp_closed.get_or_create(&labels).inc();
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Protocol;
+
+    fn l(name: &str, listen: &str) -> Arc<InboundConfig> {
+        Arc::new(InboundConfig {
+            name: name.into(),
+            listen: listen.parse().unwrap(),
+            backend: "127.0.0.1:5000".parse().unwrap(),
+            protocol: Protocol::Auto,
+        })
+    }
+
+    #[test]
+    fn routes_by_port_and_checks_the_ip() {
+        let targets = vec![l("web", "0.0.0.0:8080"), l("db", "10.0.0.7:5432")];
+        let local: SocketAddr = "10.0.0.5:15008".parse().unwrap();
+        let r = |t: &str| route(&targets, local, t.parse().unwrap()).map(|l| l.name.clone());
+        assert_eq!(r("10.0.0.5:8080").unwrap(), "web");
+        assert_eq!(r("[::ffff:10.0.0.5]:8080").unwrap(), "web");
+        // Another host's address: ztunnel's IPMismatch.
+        assert_eq!(r("10.0.0.9:8080"), Err(StatusCode::BAD_REQUEST));
+        // A listener bound to a specific address accepts that address too.
+        assert_eq!(r("10.0.0.7:5432").unwrap(), "db");
+        // No listener on the port: never forwarded anywhere.
+        assert_eq!(r("10.0.0.5:22"), Err(StatusCode::SERVICE_UNAVAILABLE));
+    }
+}

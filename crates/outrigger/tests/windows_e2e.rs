@@ -1,0 +1,489 @@
+//! The Windows build end to end: `outrigger.exe` (cross-built for x86_64-pc-windows-gnu) runs
+//! under Wine in front of a Linux echo backend on 127.0.0.1; Linux mTLS clients are authorized
+//! and served, a plaintext client is refused, and `outrigger.exe doctor` tells a loopback-only
+//! application from one exposed on the network.
+//!
+//! `scripts/windows-test.sh` builds the .exe, prepares the Wine prefix and sets
+//! `OUTRIGGER_WINDOWS_EXE` (the .exe) and `OUTRIGGER_REQUIRE_WINDOWS=1`. Without
+//! `OUTRIGGER_WINDOWS_EXE` the tests say loudly that they were skipped, and pass only if
+//! `OUTRIGGER_REQUIRE_WINDOWS` is unset (a plain `cargo test` on a machine without Wine).
+//! `OUTRIGGER_WINE` names the Wine loader (default: `wine64` on PATH, else
+//! /usr/lib/wine/wine64, where Debian's wine64 package puts it).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outrigger_testkit::{HttpConn, TestPki, get, plaintext_request, start_echo, tls_connect};
+
+/// How long Wine may take to start the agent (the first start in a fresh prefix is slow).
+const START_LIMIT: Duration = Duration::from_secs(120);
+
+/// The .exe and the Wine loader, or `None` when this run is not meant to test Windows.
+fn windows_exe() -> Option<(PathBuf, PathBuf)> {
+    let Some(exe) = std::env::var_os("OUTRIGGER_WINDOWS_EXE").filter(|v| !v.is_empty()) else {
+        eprintln!(
+            "\n*** SKIPPED: the Windows end-to-end test needs OUTRIGGER_WINDOWS_EXE (an \
+             outrigger.exe) and Wine; scripts/windows-test.sh sets them up ***\n"
+        );
+        assert!(
+            std::env::var_os("OUTRIGGER_REQUIRE_WINDOWS").is_none(),
+            "OUTRIGGER_REQUIRE_WINDOWS is set but OUTRIGGER_WINDOWS_EXE is not"
+        );
+        return None;
+    };
+    let exe = PathBuf::from(exe);
+    assert!(
+        exe.is_file(),
+        "OUTRIGGER_WINDOWS_EXE={} is not a file",
+        exe.display()
+    );
+    let wine = std::env::var_os("OUTRIGGER_WINE")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("PATH").and_then(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join("wine64"))
+                    .find(|w| w.is_file())
+            })
+        })
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/wine/wine64"));
+    Some((exe, wine))
+}
+
+/// A Linux path as a Windows program under Wine sees it (drive Z: is the Unix root).
+fn win_path(p: &Path) -> String {
+    format!("Z:{}", p.display()).replace('/', "\\")
+}
+
+fn wine_command(wine: &Path, exe: &Path) -> Command {
+    let mut c = Command::new(wine);
+    c.arg(exe).stdin(Stdio::null());
+    // Keep Wine quiet and away from a display; the prefix comes from the environment
+    // (scripts/windows-test.sh sets WINEPREFIX and installs the ProcessPrng shim there).
+    c.env("WINEDEBUG", "-all").env_remove("DISPLAY");
+    c
+}
+
+/// `outrigger.exe run` under Wine. Killed on drop.
+struct WinAgent {
+    child: Child,
+    dir: PathBuf,
+    web: std::net::SocketAddr,
+}
+
+impl WinAgent {
+    fn start(wine: &Path, exe: &Path, dir: &Path, config: &str) -> WinAgent {
+        let cfg = dir.join("agent.yaml");
+        std::fs::write(&cfg, config).unwrap();
+        let ready = dir.join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let child = wine_command(wine, exe)
+            .arg("run")
+            .arg("--config")
+            .arg(win_path(&cfg))
+            .arg("--ready-file")
+            .arg(win_path(&ready))
+            .stdout(std::fs::File::create(dir.join("stdout.log")).unwrap())
+            .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
+            .spawn()
+            .expect("start wine");
+        let mut agent = WinAgent {
+            child,
+            dir: dir.to_path_buf(),
+            web: "0.0.0.0:0".parse().unwrap(),
+        };
+        let deadline = Instant::now() + START_LIMIT;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&ready) {
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                agent.web = v["inbound"]["web"].as_str().unwrap().parse().unwrap();
+                return agent;
+            }
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                panic!(
+                    "outrigger.exe exited ({status}) before listening:\n{}",
+                    agent.stderr()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "outrigger.exe did not listen within {START_LIMIT:?}:\n{}",
+                agent.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+
+    fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let all = self.stderr()
+                + &std::fs::read_to_string(self.dir.join("stdout.log")).unwrap_or_default();
+            if all.contains(needle) {
+                return all;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the log never contained {needle:?}:\n{all}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for WinAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config(pki: &TestPki, agent_certs: &Path, inbound: &[(&str, std::net::SocketAddr)]) -> String {
+    let d = |f: &str| win_path(&agent_certs.join(f));
+    let mut s = format!(
+        "trustDomain: cluster.local
+workload:
+  namespace: legacy
+  serviceAccount: windows-app
+  labels: {{app: windows-app}}
+certificates:
+  files:
+    certChain: '{}'
+    key: '{}'
+    rootCert: '{}'
+policy:
+  paths: ['{}']
+admin:
+  listen: 127.0.0.1:0
+timeouts:
+  detect: 500ms
+  drain: 5s
+inbound:
+",
+        d("cert-chain.pem"),
+        d("key.pem"),
+        d("root-cert.pem"),
+        win_path(&pki.path().join("policies")),
+    );
+    for (name, backend) in inbound {
+        s += &format!(
+            "  - {{name: {name}, listen: '127.0.0.1:0', backend: '{backend}', protocol: http}}\n"
+        );
+    }
+    s
+}
+
+const MESH_STRICT: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec:
+  mtls: {mode: STRICT}
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_exe_under_wine_serves_mtls_and_refuses_plaintext() {
+    let Some((exe, wine)) = windows_exe() else {
+        return;
+    };
+    let pki = TestPki::new();
+    let agent_certs = pki.issue("legacy", "windows-app");
+    std::fs::create_dir_all(pki.path().join("policies")).unwrap();
+    std::fs::write(pki.path().join("policies").join("pa.yaml"), MESH_STRICT).unwrap();
+    let echo = start_echo().await;
+    let dir = pki.path().join("run");
+    std::fs::create_dir_all(&dir).unwrap();
+    let agent = WinAgent::start(
+        &wine,
+        &exe,
+        &dir,
+        &config(&pki, &agent_certs.dir, &[("web", echo)]),
+    );
+
+    // A mesh client (Linux, rustls) over mTLS with Istio's ALPN, HTTP/1.1 and HTTP/2.
+    let sleep = pki.issue("default", "sleep");
+    let agent_id = pki.id("legacy", "windows-app");
+    for h2 in [false, true] {
+        let alpn: &[&[u8]] = if h2 {
+            &[b"istio-h2"]
+        } else {
+            &[b"istio-http/1.1"]
+        };
+        let cfg = outrigger_tls::client_config(
+            &sleep.certs,
+            &pki.trust(),
+            std::slice::from_ref(&agent_id),
+            alpn,
+        )
+        .unwrap();
+        let tls = tls_connect(agent.web, Arc::clone(&cfg)).await.unwrap();
+        let mut c = HttpConn::new(tls, h2).await.unwrap();
+        let got = c.fetch(get("/from-linux", h2)).await.unwrap();
+        assert_eq!(
+            got.status,
+            200,
+            "h2={h2}: {}\n{}",
+            got.text(),
+            agent.stderr()
+        );
+        let seen = got.seen();
+        assert_eq!(seen.path, "/from-linux");
+        assert_eq!(
+            seen.version,
+            if h2 { "HTTP/2.0" } else { "HTTP/1.1" },
+            "h2={h2}"
+        );
+        let xfcc = seen.header("x-forwarded-client-cert").unwrap_or_default();
+        assert!(
+            xfcc.starts_with("By=spiffe://cluster.local/ns/legacy/sa/windows-app;")
+                && xfcc.ends_with(";URI=spiffe://cluster.local/ns/default/sa/sleep"),
+            "{xfcc}"
+        );
+    }
+
+    // Plaintext: closed without a byte of answer (STRICT).
+    let answer = plaintext_request(agent.web).await;
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    agent.wait_for_log("plaintext connection refused");
+
+    // A client with a certificate from another CA: no service either.
+    let rogue = TestPki::new();
+    let stranger = rogue.issue("default", "sleep");
+    let cfg = outrigger_tls::client_config(
+        &stranger.certs,
+        &pki.trust(),
+        std::slice::from_ref(&agent_id),
+        &[b"istio-http/1.1"],
+    )
+    .unwrap();
+    let refused = match tls_connect(agent.web, cfg).await {
+        Err(_) => true,
+        // TLS 1.3: the server's rejection of the client certificate arrives after the client
+        // considers the handshake done, so it shows on the first request.
+        Ok(tls) => match HttpConn::new(tls, false).await {
+            Err(_) => true,
+            Ok(mut c) => c.fetch(get("/", false)).await.is_err(),
+        },
+    };
+    assert!(refused, "a certificate from a foreign CA was served");
+}
+
+#[test]
+fn windows_doctor_under_wine_finds_an_exposed_app_port() {
+    let Some((exe, wine)) = windows_exe() else {
+        return;
+    };
+    // Two "applications": one on loopback only, one on every address (the mistake).
+    let private = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let exposed = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let private_port = private.local_addr().unwrap().port();
+    let exposed_port = exposed.local_addr().unwrap().port();
+    let pki = TestPki::new();
+    let certs = pki.issue("legacy", "windows-app");
+    std::fs::create_dir_all(pki.path().join("policies")).unwrap();
+    let cfg = config(
+        &pki,
+        &certs.dir,
+        &[
+            ("web", format!("127.0.0.1:{private_port}").parse().unwrap()),
+            (
+                "legacy",
+                format!("127.0.0.1:{exposed_port}").parse().unwrap(),
+            ),
+        ],
+    );
+    let cfg_path = pki.path().join("agent.yaml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+
+    let mut child = wine_command(&wine, &exe)
+        .arg("doctor")
+        .arg("--config")
+        .arg(win_path(&cfg_path))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start wine");
+    // Bounded: the doctor's probes each wait at most a second, netsh/netstat at most 30s.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("outrigger.exe doctor did not finish in 180s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    println!("{text}");
+    // Wine's netstat lists no listening sockets, so under Wine the doctor judges from the
+    // outside: it connects to each application port on this host's network address.
+    let Some(host) = host_address() else {
+        eprintln!(
+            "\n*** SKIPPED (part): this host has no non-loopback address for the doctor to \
+             probe ***\n"
+        );
+        assert!(text.contains("found no non-loopback address"), "{text}");
+        return;
+    };
+    assert!(
+        !out.status.success(),
+        "an exposed port must fail the doctor:\n{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "[FAIL] listener legacy: the application answers on {}",
+            std::net::SocketAddr::new(host, exposed_port)
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "[ OK ] listener web: the application port {private_port} does not answer on"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "fix: netsh advfirewall firewall add rule name=\"Outrigger: block direct access to app port {exposed_port}\" dir=in action=block protocol=TCP localport={exposed_port}"
+        )),
+        "{text}"
+    );
+    drop((private, exposed));
+}
+
+/// This host's address on its default route (a UDP "connect" sends nothing).
+fn host_address() -> Option<std::net::IpAddr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("203.0.113.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+/// Runs `outrigger.exe <args>` under Wine to completion (bounded) and returns its output.
+fn wine_run(wine: &Path, exe: &Path, args: &[&str]) -> (bool, String) {
+    let mut child = wine_command(wine, exe)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start wine");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("outrigger.exe {args:?} did not finish in 180s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    println!("$ outrigger.exe {}\n{text}", args.join(" "));
+    (out.status.success(), text)
+}
+
+/// The Windows service lifecycle through Wine's service control manager: install, start
+/// (the agent serves mTLS as the service), stop (a graceful drain, logged to the rotating
+/// file), uninstall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_service_under_wine_installs_serves_drains_and_uninstalls() {
+    let Some((exe, wine)) = windows_exe() else {
+        return;
+    };
+    let pki = TestPki::new();
+    let agent_certs = pki.issue("legacy", "windows-app");
+    std::fs::create_dir_all(pki.path().join("policies")).unwrap();
+    let echo = start_echo().await;
+    // The service writes no ready file: give it a port up front.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = config(&pki, &agent_certs.dir, &[("web", echo)]).replace(
+        "listen: '127.0.0.1:0'",
+        &format!("listen: '127.0.0.1:{port}'"),
+    );
+    let cfg_path = pki.path().join("agent.yaml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let logs = pki.path().join("logs");
+    // A name of its own, so that a leftover from an earlier run cannot interfere.
+    let name = format!("OutriggerE2E{}", std::process::id());
+
+    struct Uninstall<'a>(&'a Path, &'a Path, String);
+    impl Drop for Uninstall<'_> {
+        fn drop(&mut self) {
+            let _ = wine_run(self.0, self.1, &["service", "uninstall", "--name", &self.2]);
+        }
+    }
+    let (ok, text) = wine_run(
+        &wine,
+        &exe,
+        &[
+            "service",
+            "install",
+            "--config",
+            &win_path(&cfg_path),
+            "--name",
+            &name,
+            "--manual",
+            "--log-dir",
+            &win_path(&logs),
+        ],
+    );
+    assert!(ok, "{text}");
+    let _cleanup = Uninstall(&wine, &exe, name.clone());
+    assert!(
+        text.contains(&format!(r"account: NT SERVICE\{name}")),
+        "{text}"
+    );
+    assert!(text.contains("icacls"), "{text}");
+
+    let (ok, text) = wine_run(&wine, &exe, &["service", "start", "--name", &name]);
+    assert!(ok, "{text}");
+    assert!(text.contains("is running"), "{text}");
+    let (ok, text) = wine_run(&wine, &exe, &["service", "status", "--name", &name]);
+    assert!(ok && text.contains("state:   Running"), "{text}");
+
+    // The service serves a mesh client.
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let sleep = pki.issue("default", "sleep");
+    let cfg = outrigger_tls::client_config(
+        &sleep.certs,
+        &pki.trust(),
+        &[pki.id("legacy", "windows-app")],
+        &[b"istio-http/1.1"],
+    )
+    .unwrap();
+    let tls = tls_connect(addr, cfg).await.unwrap();
+    let mut c = HttpConn::new(tls, false).await.unwrap();
+    let got = c.fetch(get("/via-service", false)).await.unwrap();
+    assert_eq!(got.status, 200, "{}", got.text());
+    drop(c);
+
+    let (ok, text) = wine_run(&wine, &exe, &["service", "stop", "--name", &name]);
+    assert!(ok && text.contains("stopped"), "{text}");
+    let log = std::fs::read_to_string(logs.join("agent.log")).unwrap_or_default();
+    for needle in [
+        "starting as a Windows service",
+        "stop requested by the service control manager: draining",
+        "drained",
+    ] {
+        assert!(log.contains(needle), "agent.log lacks {needle:?}:\n{log}");
+    }
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still listening after stop"
+    );
+
+    let (ok, text) = wine_run(&wine, &exe, &["service", "uninstall", "--name", &name]);
+    assert!(ok, "{text}");
+    let (ok, text) = wine_run(&wine, &exe, &["service", "status", "--name", &name]);
+    assert!(!ok && text.contains("is it installed?"), "{text}");
+}

@@ -1,0 +1,633 @@
+//! Interop with the real ztunnel (github.com/istio/ztunnel), built from its public source
+//! outside this repository (see docs/ambient.md for how).
+//!
+//! Skipped, saying so on stderr, unless `ZTUNNEL_BIN` (the ztunnel binary, built with its
+//! `testing` feature for the fake CA) and `ZTUNNEL_TLS_DIR` (ztunnel's `src/tls` directory,
+//! which holds its published test root `root-cert.pem` and key `ca-key.pem`) are set. Needs
+//! root: ztunnel binds 15001/15006/15008/15020/15021 on the wildcard address, so it runs in a
+//! network namespace of its own, joined to this one by a veth pair on a private /30.
+//!
+//! * ztunnel → Outrigger: `curl` inside ztunnel's namespace goes through ztunnel's SOCKS5
+//!   outbound; ztunnel finds Outrigger's workload (protocol HBONE) in its local config and
+//!   opens HBONE to Outrigger's :15008. Outrigger verifies ztunnel's identity
+//!   (`default/sleep`, from ztunnel's fake CA) and authorizes it; ztunnel verifies
+//!   Outrigger's (`legacy/windows-app`, signed by the same test root).
+//! * Outrigger → ztunnel: Outrigger's HBONE client opens CONNECT streams to ztunnel's :15008,
+//!   pinning ztunnel's identity; ztunnel's own metrics then name Outrigger's principal.
+//! * With `ZTUNNEL_BENCH_MIB` set: the same bulk upload through each HBONE server, with wall
+//!   time and the server process's CPU time (run with `--release`).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use common::*;
+use outrigger_proxy::hbone::{HboneClient, HboneError, SourceInfo};
+use outrigger_tls::{CertSource, CertStore};
+
+/// The identity ztunnel's fake CA gives its workload (`PROXY_WORKLOAD_INFO`).
+const ZT_NS: &str = "default";
+const ZT_SA: &str = "sleep";
+/// Port of the TCP sink/echo helper started inside ztunnel's namespace.
+const HELPER_PORT: u16 = 19090;
+/// Outrigger's inbound listener port (on the veth address).
+const WEB_PORT: u16 = 18080;
+const SINK_PORT: u16 = 18081;
+
+struct Env {
+    bin: PathBuf,
+    tls_dir: PathBuf,
+}
+
+fn env_or_skip(test: &str) -> Option<Env> {
+    let bin = std::env::var_os("ZTUNNEL_BIN").map(PathBuf::from);
+    let tls = std::env::var_os("ZTUNNEL_TLS_DIR").map(PathBuf::from);
+    match (bin, tls) {
+        (Some(bin), Some(tls_dir)) => {
+            assert!(bin.is_file(), "ZTUNNEL_BIN={} is not a file", bin.display());
+            for f in ["root-cert.pem", "ca-key.pem"] {
+                assert!(
+                    tls_dir.join(f).is_file(),
+                    "ZTUNNEL_TLS_DIR={} has no {f} (point it at ztunnel's src/tls)",
+                    tls_dir.display()
+                );
+            }
+            Some(Env { bin, tls_dir })
+        }
+        _ => {
+            // Written to the real stderr, past libtest's output capture, so that a skip is
+            // visible in every run.
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED {test}: set ZTUNNEL_BIN (ztunnel built with --features testing) and \
+                 ZTUNNEL_TLS_DIR (ztunnel's src/tls) to run the ztunnel interop test; see docs/ambient.md"
+            );
+            None
+        }
+    }
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace joined to this one by a veth pair: `host` here, `peer` inside.
+/// Deleted on drop (after the processes in it, which are declared later and dropped first).
+struct Netns {
+    name: String,
+    link: String,
+    host: std::net::Ipv4Addr,
+    peer: std::net::Ipv4Addr,
+}
+
+impl Netns {
+    fn new() -> Netns {
+        let id = std::process::id() % 200;
+        let name = format!("ozt-{}", std::process::id());
+        let link = format!("ozt{id}h");
+        let (host, peer) = (
+            std::net::Ipv4Addr::new(10, 248, id as u8 + 20, 1),
+            std::net::Ipv4Addr::new(10, 248, id as u8 + 20, 2),
+        );
+        let _ = Command::new("ip").args(["link", "del", &link]).output();
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Netns {
+            name,
+            link,
+            host,
+            peer,
+        };
+        let inner = format!("ozt{id}n");
+        sh(&["ip", "-n", &ns.name, "link", "set", "lo", "up"]);
+        sh(&[
+            "ip", "link", "add", &ns.link, "type", "veth", "peer", "name", &inner,
+        ]);
+        sh(&["ip", "link", "set", &inner, "netns", &ns.name]);
+        sh(&["ip", "addr", "add", &format!("{host}/30"), "dev", &ns.link]);
+        sh(&["ip", "link", "set", &ns.link, "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("{peer}/30"),
+            "dev",
+            &inner,
+        ]);
+        sh(&["ip", "-n", &ns.name, "link", "set", &inner, "up"]);
+        ns
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.link])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// A child process killed on drop.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// CPU seconds (user + system) used so far by process `pid`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    let hz = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .unwrap_or(100.0);
+    ticks / hz
+}
+
+/// Waits until `addr` accepts TCP connections (bounded).
+fn wait_listening(addr: SocketAddr, what: &str, log: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while StdStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not listen on {addr} in 60s:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Starts this test binary's helper (see [`netns_tcp_helper`]) on `addr`, in `netns` if given.
+fn start_helper(netns: Option<&Netns>, addr: SocketAddr, dir: &Path, name: &str) -> Proc {
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = match netns {
+        Some(ns) => ns.command(&exe),
+        None => Command::new(&exe),
+    };
+    let log = dir.join(format!("{name}.log"));
+    cmd.args([
+        "--ignored",
+        "--exact",
+        "netns_tcp_helper",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("OUTRIGGER_TCP_HELPER", addr.to_string())
+    .stdin(Stdio::null())
+    .stdout(std::fs::File::create(&log).unwrap())
+    .stderr(Stdio::null());
+    Proc {
+        child: cmd.spawn().unwrap(),
+        log,
+    }
+}
+
+/// Not a test: the TCP helper run (by [`start_helper`]) inside ztunnel's namespace, where the
+/// test process cannot listen. For each connection it reads until EOF, counting bytes, and
+/// answers `count\n` (a sink) — or, if the first byte is `E`, echoes everything back.
+#[test]
+#[ignore = "helper process for ztunnel_interop; started by the interop test itself"]
+fn netns_tcp_helper() {
+    let addr = std::env::var("OUTRIGGER_TCP_HELPER")
+        .expect("run only by the interop test, with OUTRIGGER_TCP_HELPER=<ip:port>");
+    let l = StdListener::bind(&addr).unwrap();
+    println!("listening on {addr}");
+    // Serves until killed by the test (a bounded number of connections).
+    for conn in l.incoming().take(10_000) {
+        let Ok(mut s) = conn else { continue };
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut total = 0u64;
+            let mut echo = None;
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if echo.is_none() {
+                            echo = Some(buf[0] == b'E');
+                        }
+                        total += n as u64;
+                        if echo == Some(true) && s.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            if echo != Some(true) {
+                let _ = writeln!(s, "{total}");
+            }
+        });
+    }
+}
+
+/// Outrigger's certificate, signed by ztunnel's published test root so that each side trusts
+/// the other: the CA directory is ztunnel's `root-cert.pem` plus its `ca-key.pem`.
+fn issue_from_ztunnel_root(env: &Env, dir: &Path, ns: &str, sa: &str) -> PathBuf {
+    let ca = dir.join("ztunnel-ca");
+    std::fs::create_dir_all(&ca).unwrap();
+    std::fs::copy(env.tls_dir.join("root-cert.pem"), ca.join("root-cert.pem")).unwrap();
+    std::fs::copy(env.tls_dir.join("ca-key.pem"), ca.join("root-key.pem")).unwrap();
+    let ca = outrigger_tls::ca::BuiltinCa::load(&ca).expect("ztunnel's test CA loads");
+    let id = outrigger_identity::Identity::istio("cluster.local", ns, sa).unwrap();
+    let out = dir.join(format!("{ns}-{sa}"));
+    ca.issue(&id, Duration::from_secs(3600))
+        .unwrap()
+        .write_to(&out)
+        .unwrap();
+    out
+}
+
+fn ztunnel_config(ns: &Netns) -> String {
+    format!(
+        r#"workloads:
+- uid: cluster1//v1/Pod/{ZT_NS}/{ZT_SA}
+  name: {ZT_SA}
+  namespace: {ZT_NS}
+  serviceAccount: {ZT_SA}
+  workloadIps: ["{peer}"]
+  protocol: HBONE
+  node: local
+  network: ""
+- uid: cluster1/networking.istio.io/WorkloadEntry/{AGENT_NS}/{AGENT_SA}
+  name: {AGENT_SA}
+  namespace: {AGENT_NS}
+  serviceAccount: {AGENT_SA}
+  workloadIps: ["{host}"]
+  protocol: HBONE
+  node: vm
+  network: ""
+policies: []
+services: []
+"#,
+        peer = ns.peer,
+        host = ns.host,
+    )
+}
+
+fn start_ztunnel(env: &Env, ns: &Netns, dir: &Path) -> Proc {
+    let cfg = dir.join("ztunnel-local.yaml");
+    std::fs::write(&cfg, ztunnel_config(ns)).unwrap();
+    let log = dir.join("ztunnel.log");
+    let mut cmd = ns.command(&env.bin);
+    cmd.env("FAKE_CA", "true")
+        .env("XDS_ADDRESS", "")
+        .env("LOCAL_XDS_PATH", &cfg)
+        .env("PROXY_MODE", "dedicated")
+        .env("PROXY_WORKLOAD_INFO", format!("{ZT_NS}/{ZT_SA}/{ZT_SA}"))
+        .env("UNSTABLE_ENABLE_SOCKS5", "true")
+        .env("ZTUNNEL_WORKER_THREADS", "2")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(dir.join("ztunnel.err")).unwrap());
+    let p = Proc {
+        child: cmd.spawn().expect("start ztunnel"),
+        log,
+    };
+    let readiness = SocketAddr::new(ns.peer.into(), 15021);
+    wait_listening(readiness, "ztunnel", || {
+        p.log() + &std::fs::read_to_string(dir.join("ztunnel.err")).unwrap_or_default()
+    });
+    // Ready means certificates and config are loaded.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut s = StdStream::connect(readiness).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = write!(s, "GET /healthz/ready HTTP/1.0\r\n\r\n");
+        let mut r = String::new();
+        let _ = s.read_to_string(&mut r);
+        if r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ztunnel never ready:\n{r}\n{}",
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    p
+}
+
+fn hbone_client(certs: &Path) -> HboneClient {
+    let store = CertStore::new(
+        CertSource::Files {
+            chain: certs.join("cert-chain.pem"),
+            key: certs.join("key.pem"),
+            roots: certs.join("root-cert.pem"),
+        },
+        outrigger_identity::TrustDomains::new("cluster.local", &[]).unwrap(),
+        vec![b"h2".to_vec()],
+    )
+    .unwrap();
+    HboneClient::new(store, &SourceInfo::default(), Duration::from_secs(10))
+}
+
+fn agent_config(certs: &Path, ns: &Netns, echo: SocketAddr, sink: SocketAddr) -> String {
+    format!(
+        "trustDomain: cluster.local
+workload:
+  namespace: {AGENT_NS}
+  serviceAccount: {AGENT_SA}
+  labels:
+    app: windows-app
+certificates:
+  files:
+    certChain: {d}/cert-chain.pem
+    key: {d}/key.pem
+    rootCert: {d}/root-cert.pem
+policy:
+  paths: [policies]
+admin:
+  listen: 127.0.0.1:0
+accessLog: off
+runtime:
+  workerThreads: 2
+inbound:
+  - name: web
+    listen: {host}:{WEB_PORT}
+    backend: {echo}
+    protocol: http
+  - name: sink
+    listen: {host}:{SINK_PORT}
+    backend: {sink}
+    protocol: tcp
+hbone:
+  listen: {host}:15008
+",
+        d = certs.display(),
+        host = ns.host,
+    )
+}
+
+const ALLOW_ZTUNNEL_ONLY: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: allow-sleep
+  namespace: legacy
+spec:
+  rules:
+  - from:
+    - source:
+        principals: [\"cluster.local/ns/default/sa/sleep\"]
+";
+
+/// Uploads `bytes` through one HBONE stream to a sink; returns (seconds, server CPU seconds).
+async fn upload(
+    client: &HboneClient,
+    peer: SocketAddr,
+    id: &outrigger_identity::Identity,
+    target: SocketAddr,
+    bytes: u64,
+    server_pid: u32,
+) -> (f64, f64) {
+    let cpu0 = cpu_seconds(server_pid);
+    let t0 = Instant::now();
+    let mut s = client.connect(peer, id, target).await.unwrap();
+    let chunk = vec![b'S'; 256 * 1024];
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = chunk.len().min((bytes - sent) as usize);
+        s.write_all(&chunk[..n]).await.unwrap();
+        sent += n as u64;
+    }
+    s.shutdown().await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(600), s.read_to_string(&mut answer))
+        .await
+        .expect("sink answered in time")
+        .unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    assert_eq!(answer.trim(), bytes.to_string(), "the sink got every byte");
+    (secs, cpu_seconds(server_pid) - cpu0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztunnel_and_outrigger_speak_hbone_both_ways() {
+    let Some(env) = env_or_skip("ztunnel_and_outrigger_speak_hbone_both_ways") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let ns = Netns::new();
+    let certs = issue_from_ztunnel_root(&env, dir, AGENT_NS, AGENT_SA);
+    let ztunnel = start_ztunnel(&env, &ns, dir);
+    let helper_addr = SocketAddr::new(ns.peer.into(), HELPER_PORT);
+    let helper = start_helper(Some(&ns), helper_addr, dir, "netns-helper");
+    wait_listening(helper_addr, "netns helper", || helper.log());
+    let local_sink_addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let local_sink_addr = {
+        let l = StdListener::bind(local_sink_addr).unwrap();
+        l.local_addr().unwrap()
+    };
+    let local_sink = start_helper(None, local_sink_addr, dir, "local-sink");
+    wait_listening(local_sink_addr, "local sink", || local_sink.log());
+
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("pa.yaml"), MESH_STRICT).unwrap();
+    std::fs::write(policies.join("authz.yaml"), ALLOW_ZTUNNEL_ONLY).unwrap();
+    let echo = outrigger_testkit::start_echo().await;
+    let agent = AgentProc::start(dir, &agent_config(&certs, &ns, echo, local_sink_addr));
+
+    // ztunnel → Outrigger: curl in ztunnel's namespace, through ztunnel's SOCKS5 outbound,
+    // to Outrigger's workload address; ztunnel carries it over HBONE to Outrigger's :15008.
+    let url = format!("http://{}:{WEB_PORT}/via-ztunnel", ns.host);
+    let out = ns
+        .command(Path::new("curl"))
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "--socks5",
+            "127.0.0.1:15080",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "curl through ztunnel failed: {}\nztunnel:\n{}\noutrigger:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        ztunnel.log(),
+        agent.stderr()
+    );
+    let seen: outrigger_testkit::Seen = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("not the echo's answer ({e}): {body}"));
+    assert_eq!(seen.path, "/via-ztunnel");
+    let xfcc = seen.header("x-forwarded-client-cert").unwrap_or_default();
+    assert!(
+        xfcc.ends_with(";URI=spiffe://cluster.local/ns/default/sa/sleep"),
+        "Outrigger did not see ztunnel's identity: {xfcc}"
+    );
+    let m = agent.metrics();
+    let n = metric_value(
+        &m,
+        "istio_requests_total",
+        &[
+            "source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\"",
+            "connection_security_policy=\"mutual_tls\"",
+            "response_code=\"200\"",
+        ],
+    );
+    assert_eq!(n, Some(1.0), "{m}");
+    // ztunnel's access log names Outrigger's verified identity as the destination.
+    let zlog = ztunnel.log();
+    assert!(
+        zlog.contains("spiffe://cluster.local/ns/legacy/sa/windows-app"),
+        "ztunnel's log does not name Outrigger's identity:\n{zlog}"
+    );
+
+    // Outrigger → ztunnel: Outrigger's HBONE client, pinning ztunnel's identity.
+    let client = hbone_client(&certs);
+    let zt_hbone = SocketAddr::new(ns.peer.into(), 15008);
+    let zt_id = outrigger_identity::Identity::istio("cluster.local", ZT_NS, ZT_SA).unwrap();
+    let mut s = client.connect(zt_hbone, &zt_id, helper_addr).await.unwrap();
+    let data: Vec<u8> = std::iter::once(b'E')
+        .chain((0..1_000_000u32).map(|i| i as u8))
+        .collect();
+    s.write_all(&data).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(back == data, "echo through ztunnel corrupted the data");
+    // ztunnel's own metrics (its :15020, reached through the tunnel) name our principal.
+    let s = client
+        .connect(zt_hbone, &zt_id, SocketAddr::new(ns.peer.into(), 15020))
+        .await
+        .unwrap();
+    let mut http = outrigger_testkit::HttpConn::new(s, false).await.unwrap();
+    let got = http
+        .fetch(outrigger_testkit::get("/metrics", false))
+        .await
+        .unwrap();
+    assert_eq!(got.status, 200);
+    let zm = got.text();
+    assert!(
+        zm.lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total")
+                && l.contains(
+                    "source_principal=\"spiffe://cluster.local/ns/legacy/sa/windows-app\""
+                )),
+        "ztunnel's metrics do not name Outrigger's identity:\n{zm}"
+    );
+    // A wrong pin is refused by our client.
+    let wrong = outrigger_identity::Identity::istio("cluster.local", "default", "other").unwrap();
+    match hbone_client(&certs)
+        .connect(zt_hbone, &wrong, helper_addr)
+        .await
+    {
+        Err(HboneError::Tls(_, msg)) => assert!(msg.contains("sleep"), "{msg}"),
+        Err(e) => panic!("unexpected error: {e}"),
+        Ok(_) => panic!("connected to ztunnel while expecting another identity"),
+    }
+
+    // Benchmark: the same upload through each HBONE server, same client, same sink.
+    if let Some(mib) = std::env::var("ZTUNNEL_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if cfg!(debug_assertions) {
+            eprintln!("WARNING: debug build; run with --release for meaningful numbers");
+        }
+        let bytes = mib * 1024 * 1024;
+        let me = outrigger_identity::Identity::istio("cluster.local", AGENT_NS, AGENT_SA).unwrap();
+        let our_hbone = SocketAddr::new(ns.host.into(), 15008);
+        let our_sink = SocketAddr::new(ns.host.into(), SINK_PORT);
+        // Outrigger only accepts ztunnel's identity here: the benchmark client presents it
+        // too (a certificate for default/sleep from the same root).
+        let sleep_certs = issue_from_ztunnel_root(&env, dir, ZT_NS, ZT_SA);
+        let bench_client = hbone_client(&sleep_certs);
+        // Warm both paths (connection setup, pools), then measure.
+        let _ = upload(
+            &bench_client,
+            zt_hbone,
+            &zt_id,
+            helper_addr,
+            1 << 20,
+            ztunnel.child.id(),
+        )
+        .await;
+        let _ = upload(
+            &bench_client,
+            our_hbone,
+            &me,
+            our_sink,
+            1 << 20,
+            agent.child.id(),
+        )
+        .await;
+        let (zt_s, zt_cpu) = upload(
+            &bench_client,
+            zt_hbone,
+            &zt_id,
+            helper_addr,
+            bytes,
+            ztunnel.child.id(),
+        )
+        .await;
+        let (or_s, or_cpu) = upload(
+            &bench_client,
+            our_hbone,
+            &me,
+            our_sink,
+            bytes,
+            agent.child.id(),
+        )
+        .await;
+        let gib = bytes as f64 / (1u64 << 30) as f64;
+        for (name, s, cpu) in [("ztunnel", zt_s, zt_cpu), ("outrigger", or_s, or_cpu)] {
+            eprintln!(
+                "BENCH hbone-upload server={name} bytes={bytes} seconds={s:.2} MiB/s={:.0} server_cpu_s={cpu:.2} cpu_s_per_GiB={:.2} MiB_per_cpu_s={:.0}",
+                mib as f64 / s,
+                cpu / gib,
+                mib as f64 / cpu.max(0.001),
+            );
+        }
+    }
+}

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Windows, tested from Linux: cross-builds Outrigger for x86_64-pc-windows-gnu and runs its
+# tests under Wine. scripts/test.sh (and so CI) runs it; it also runs on its own.
+#
+#  1. installs what it needs: the mingw-w64 cross compiler and Wine (Debian packages), and the
+#     Rust target (aws-lc-sys builds its C with mingw's gcc; no cmake or NASM needed);
+#  2. prepares a Wine prefix under target/ with the ProcessPrng shim (windows/README.md:
+#     Debian 12's Wine 8 lacks ProcessPrng, which Rust's std imports);
+#  3. lints the Windows-only code (clippy for the Windows target, warnings are errors);
+#  4. runs the Windows unit tests under Wine: outrigger-identity, -policy, -proxy (lib) and
+#     the outrigger binary's own tests;
+#  5. builds outrigger.exe and runs crates/outrigger/tests/windows_e2e.rs (a Linux test) that
+#     puts it under Wine in front of a Linux echo backend and calls it with Linux mTLS and
+#     plaintext clients.
+#
+# Uses the same target/ as the rest of the suite (CARGO_TARGET_DIR if set), so CI builds each
+# thing once. Every step is bounded by `timeout`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+started=$(date +%s)
+TARGET=x86_64-pc-windows-gnu
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+mkdir -p "$CARGO_TARGET_DIR"
+CARGO_TARGET_DIR="$(cd "$CARGO_TARGET_DIR" && pwd)"
+
+# 1. Tools.
+wine_bin() { command -v wine64 || { [ -x /usr/lib/wine/wine64 ] && echo /usr/lib/wine/wine64; } || true; }
+need_apt=()
+command -v x86_64-w64-mingw32-gcc >/dev/null || need_apt+=(gcc-mingw-w64-x86-64)
+[ -n "$(wine_bin)" ] || need_apt+=(wine64)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "installing ${need_apt[*]} (apt)"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+fi
+if ! rustup target list --installed | grep -qx "$TARGET"; then
+  log "rustup target add $TARGET"
+  rustup target add "$TARGET"
+fi
+WINE="$(wine_bin)"
+[ -n "$WINE" ] || { echo "error: wine64 not found after installing it" >&2; exit 1; }
+echo "wine: $WINE ($("$WINE" --version 2>/dev/null || echo '?'))"
+
+# 2. The Wine prefix. No display, no Mono/Gecko installers; our shim is loaded native-first.
+export WINEPREFIX="$CARGO_TARGET_DIR/wine-prefix"
+export WINEDEBUG=-all
+export WINEDLLOVERRIDES="mscoree,mshtml=;bcryptprimitives=n"
+unset DISPLAY
+cleanup() { WINEPREFIX="$WINEPREFIX" timeout 30 wineserver -k 2>/dev/null || true; }
+trap cleanup EXIT
+if [ ! -f "$WINEPREFIX/system.reg" ]; then
+  log "creating the Wine prefix $WINEPREFIX"
+  timeout 300 "$WINE" wineboot --init >/dev/null 2>&1
+  timeout 60 wineserver -w || true
+fi
+shim="$CARGO_TARGET_DIR/$TARGET/bcryptprimitives.dll"
+src=windows/bcryptprimitives-shim
+mkdir -p "$(dirname "$shim")"
+if [ ! -f "$shim" ] || [ "$src/bcryptprimitives.c" -nt "$shim" ] || [ "$src/bcryptprimitives.def" -nt "$shim" ]; then
+  log "building the ProcessPrng shim ($src)"
+  x86_64-w64-mingw32-gcc -O2 -Wall -Wextra -Werror -shared -s -o "$shim" \
+    "$src/bcryptprimitives.c" "$src/bcryptprimitives.def" -ladvapi32
+fi
+cp "$shim" "$WINEPREFIX/drive_c/windows/system32/bcryptprimitives.dll"
+
+# 3. Lints for the Windows-only code: the binary with its unit tests (`--profile test`). Not
+#    --all-targets: crates/outrigger/tests/ are Linux tests (they start the Linux binary).
+log "cargo clippy --target $TARGET -p outrigger (warnings are errors)"
+timeout 1800 cargo clippy --target "$TARGET" -p outrigger --bin outrigger --profile test --locked -- -D warnings
+
+# 4. Unit tests under Wine.
+export CARGO_TARGET_X86_64_PC_WINDOWS_GNU_RUNNER="$WINE"
+log "Windows unit tests under Wine"
+timeout 1800 cargo test --target "$TARGET" --locked \
+  -p outrigger-identity -p outrigger-policy -p outrigger-proxy -p outrigger --lib --bins
+
+# 5. outrigger.exe under Wine, end to end.
+log "building outrigger.exe"
+timeout 1800 cargo build --target "$TARGET" --locked -p outrigger --bin outrigger
+log "end to end: outrigger.exe under Wine, Linux clients and backend"
+OUTRIGGER_WINDOWS_EXE="$CARGO_TARGET_DIR/$TARGET/debug/outrigger.exe" \
+OUTRIGGER_WINE="$WINE" \
+OUTRIGGER_REQUIRE_WINDOWS=1 \
+  timeout 900 cargo test --locked -p outrigger --test windows_e2e -- --nocapture
+
+log "Windows tests passed in $(( $(date +%s) - started ))s"

@@ -342,3 +342,63 @@ async fn streaming_http2_requests_are_reauthorized_when_policy_changes() {
     assert_eq!(got.status, 403);
     echo_once(&btx, &mut bbody).await.unwrap();
 }
+
+/// A policy file with an error never half-applies: the last good policy stays in force, the
+/// failure is counted and shown in /config_dump, and fixing the file applies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_reload_keeps_the_last_good_policy() {
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    let allow = |who: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: allow-one\n  namespace: legacy\nspec:\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/default/sa/{who}\"]\n"
+        )
+    };
+    mesh.policy("authz.yaml", &allow("sleep"));
+    let agent = mesh.start(&[("web", start_echo().await, "http")]);
+    let sleep = mesh.pki.issue("default", "sleep");
+    async fn status(mesh: &Mesh, agent: &AgentProc, who: &Issued) -> u16 {
+        let mut c = mesh.connect(agent.addr("web"), who, false).await;
+        c.fetch(get("/", false)).await.unwrap().status
+    }
+    assert_eq!(status(&mesh, &agent, &sleep).await, 200);
+
+    // A typo in a new version of the file, plus a second, valid change in another file that
+    // would deny sleep: neither applies, because the set as a whole is invalid.
+    mesh.policy(
+        "authz.yaml",
+        &allow("sleep").replace("principals", "principalz"),
+    );
+    mesh.policy("deny.yaml", "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-all\n  namespace: legacy\nspec:\n  action: DENY\n  rules: [{}]\n");
+    agent.wait_metric(
+        "outrigger_config_reloads_total",
+        &["source=\"policy\"", "result=\"error\""],
+        1.0,
+    );
+    assert_eq!(
+        status(&mesh, &agent, &sleep).await,
+        200,
+        "the last good policy stays in force"
+    );
+    let dump = agent.admin_get("/config_dump");
+    assert!(
+        dump.contains("principalz"),
+        "config_dump shows the reload error: {dump}"
+    );
+    let log = agent.wait_for_log("policy reload failed; the previous policy stays in force");
+    assert!(log.contains("authz.yaml:"), "{log}");
+
+    // Fixed: the whole new set applies (deny-all now denies sleep).
+    mesh.policy("authz.yaml", &allow("sleep"));
+    agent.wait_metric(
+        "outrigger_config_reloads_total",
+        &["source=\"policy\"", "result=\"success\""],
+        1.0,
+    );
+    assert_eq!(status(&mesh, &agent, &sleep).await, 403);
+    let dump = agent.admin_get("/config_dump");
+    assert!(
+        dump.contains("deny.yaml") && !dump.contains("principalz"),
+        "{dump}"
+    );
+}

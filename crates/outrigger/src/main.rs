@@ -173,9 +173,15 @@ fn init_logging(format: LogFormat, level: &str) {
 }
 
 fn runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
+    // One worker: Tokio's current-thread scheduler does the same work without the
+    // work-stealing machinery (cross-thread wakeups, atomics) that one thread cannot use.
+    let mut b = if worker_threads == Some(1) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
     b.enable_all().thread_name("outrigger-worker");
-    if let Some(n) = worker_threads {
+    if let Some(n) = worker_threads.filter(|n| *n > 1) {
         b.worker_threads(n);
     }
     Ok(b.build()?)

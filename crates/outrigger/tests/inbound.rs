@@ -104,7 +104,11 @@ async fn permissive_accepts_mtls_and_plaintext_and_labels_them() {
         &peer_authentication("default", "istio-system", "  mtls:\n    mode: PERMISSIVE\n"),
     );
     let echo = start_echo().await;
-    let agent = mesh.start(&[("web", echo, "http")]);
+    // One worker thread: the agent then runs Tokio's current-thread scheduler.
+    let agent = AgentProc::start(
+        mesh.dir(),
+        &mesh.config(&[("web", echo, "http")], "runtime:\n  workerThreads: 1\n"),
+    );
     let sleep = mesh.pki.issue("default", "sleep");
 
     let mut c = mesh.connect(agent.addr("web"), &sleep, false).await;

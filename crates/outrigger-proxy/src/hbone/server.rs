@@ -20,10 +20,12 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use crate::hbone::request::{self, ConnectRequest};
@@ -66,7 +68,7 @@ pub(crate) async fn serve_listener(listener: TcpListener, ctx: Arc<Ctx>) {
             }
             Err(e) => {
                 tracing::warn!(listener = LISTENER_NAME, error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
@@ -170,11 +172,29 @@ async fn handle_connection(stream: TcpStream, src: SocketAddr, shared: Arc<Share
         xfcc,
         labels,
     });
+    // Keepalive, as ztunnel's HBONE server does: a PING every 10 s; no PONG within 20 s means
+    // the peer is gone and the connection (with its streams) is closed.
+    let mut peer_dead = spawn_keepalive(h2.ping_pong());
+    let mut keepalive_over = false;
     let mut drain = ctx.drain.clone();
     let mut draining = false;
     loop {
         let next = tokio::select! {
             r = h2.accept() => r,
+            r = &mut peer_dead, if !keepalive_over => {
+                // A oneshot must not be polled again once it has completed.
+                keepalive_over = true;
+                if r.is_err() {
+                    // No keepalive (or it ended with the connection).
+                    continue;
+                }
+                tracing::info!(
+                    listener = LISTENER_NAME, %src, peer = %outer.peer_principal,
+                    "HBONE peer did not answer PING in time: closing the connection"
+                );
+                h2.abrupt_shutdown(h2::Reason::NO_ERROR);
+                break;
+            }
             _ = drain.wait_for(|d| *d), if !draining => {
                 // "graceful_shutdown": GOAWAY, then keep driving the connection until the
                 // streams in flight end.
@@ -196,6 +216,32 @@ async fn handle_connection(stream: TcpStream, src: SocketAddr, shared: Arc<Share
             None => break,
         }
     }
+}
+
+const PING_INTERVAL: Duration = Duration::from_secs(10);
+const PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Pings the peer every [`PING_INTERVAL`]; resolves `Ok(())` when a PING goes unanswered for
+/// [`PING_TIMEOUT`]. The task ends with the connection (its ping then fails).
+fn spawn_keepalive(ping: Option<h2::PingPong>) -> oneshot::Receiver<()> {
+    let (dead, rx) = oneshot::channel();
+    if let Some(mut ping) = ping {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PING_INTERVAL).await;
+                match tokio::time::timeout(PING_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
+                    Ok(Ok(_)) => {}
+                    // The connection ended: nothing to report.
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        let _ = dead.send(());
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    rx
 }
 
 /// What the outer (mTLS) connection gives every stream on it.

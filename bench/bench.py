@@ -566,7 +566,8 @@ def run_target(name: str, args, work: Path, backend_proc: Proc, backend: int,
                 pdir = Path(args.perf)
                 pdir.mkdir(parents=True, exist_ok=True)
                 perf = subprocess.Popen(
-                    ["perf", "record", "-e", "cpu-clock", "-F", "999", "-g", "-p", ",".join(str(p) for p in proc_tree(proc.pid)),
+                    ["perf", "record", "-e", "cpu-clock", "-F", "999", "-g",
+                     "-p", ",".join(str(p) for p in proc_tree(proc.pid)),
                      "-o", str(pdir / f"perf-{name}-{sc}.data")],
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )
@@ -817,6 +818,10 @@ def main() -> int:
                         "--out", str(work / "certs" / name), "--ttl", "24h"],
                        check=True, capture_output=True, timeout=60)
 
+    load1 = float(open("/proc/loadavg").read().split()[0])
+    if load1 > 0.5:
+        log(f"WARNING: load average is {load1:.2f} before the run: other processes share these "
+            "cores, so req/s and latency will be depressed (CPU per request is less affected)")
     started = dt.datetime.now(dt.timezone.utc)
     backend_ready = work / "backend.addr"
     backend_ready.unlink(missing_ok=True)

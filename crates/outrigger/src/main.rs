@@ -207,6 +207,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         if let Some(a) = agent.admin_addr() {
             tracing::info!(admin = %a, "admin endpoints: /healthz/ready /metrics /config_dump");
         }
+        if let Some(a) = agent.hbone_addr() {
+            tracing::info!(
+                hbone = %a,
+                network = %cfg.network,
+                "HBONE listener (Istio ambient): CONNECT streams are routed to the inbound listeners by port"
+            );
+        }
         if args.check_config {
             println!(
                 "configuration OK: {} ({} inbound listener(s), {} policy resource(s) in force)",

@@ -10,12 +10,17 @@
 //! `OUTRIGGER_WINE` names the Wine loader (default: `wine64` on PATH, else
 //! /usr/lib/wine/wine64, where Debian's wine64 package puts it).
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outrigger_testkit::{HttpConn, TestPki, get, plaintext_request, start_echo, tls_connect};
+use bytes::Bytes;
+use hyper::body::Frame;
+use outrigger_testkit::{
+    HttpConn, TestPki, channel_body, get, plaintext_request, start_echo, tls_connect,
+};
 
 /// How long Wine may take to start the agent (the first start in a fresh prefix is slow).
 const START_LIMIT: Duration = Duration::from_secs(120);
@@ -23,7 +28,9 @@ const START_LIMIT: Duration = Duration::from_secs(120);
 /// The .exe and the Wine loader, or `None` when this run is not meant to test Windows.
 fn windows_exe() -> Option<(PathBuf, PathBuf)> {
     let Some(exe) = std::env::var_os("OUTRIGGER_WINDOWS_EXE").filter(|v| !v.is_empty()) else {
-        eprintln!(
+        // Straight to the stderr handle, past libtest's output capture, so it is seen.
+        let _ = writeln!(
+            std::io::stderr(),
             "\n*** SKIPPED: the Windows end-to-end test needs OUTRIGGER_WINDOWS_EXE (an \
              outrigger.exe) and Wine; scripts/windows-test.sh sets them up ***\n"
         );
@@ -271,6 +278,28 @@ async fn windows_exe_under_wine_serves_mtls_and_refuses_plaintext() {
         },
     };
     assert!(refused, "a certificate from a foreign CA was served");
+
+    // Wine turns SIGINT into the console's Ctrl-C event: the agent drains and exits cleanly
+    // (agent::shutdown_signal).
+    let mut agent = agent;
+    let _ = Command::new("kill")
+        .arg("-INT")
+        .arg(agent.child.id().to_string())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = agent.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "outrigger.exe did not stop on Ctrl-C:\n{}",
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}:\n{}", agent.stderr());
+    agent.wait_for_log("drained");
 }
 
 #[test]
@@ -450,6 +479,19 @@ async fn windows_service_under_wine_installs_serves_drains_and_uninstalls() {
     assert!(text.contains("is running"), "{text}");
     let (ok, text) = wine_run(&wine, &exe, &["service", "status", "--name", &name]);
     assert!(ok && text.contains("state:   Running"), "{text}");
+    // The doctor sees the service, its account, and no bypass (the echo backend is loopback).
+    let (ok, text) = wine_run(
+        &wine,
+        &exe,
+        &["doctor", "--config", &win_path(&cfg_path), "--name", &name],
+    );
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!(
+            r"[ OK ] Windows service {name} runs as NT SERVICE\{name}"
+        )),
+        "{text}"
+    );
 
     // The service serves a mesh client.
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -465,9 +507,47 @@ async fn windows_service_under_wine_installs_serves_drains_and_uninstalls() {
     let mut c = HttpConn::new(tls, false).await.unwrap();
     let got = c.fetch(get("/via-service", false)).await.unwrap();
     assert_eq!(got.status, 200, "{}", got.text());
-    drop(c);
 
-    let (ok, text) = wine_run(&wine, &exe, &["service", "stop", "--name", &name]);
+    // Stop drains: an upload in flight when SCM stops the service still completes.
+    let (body_tx, req_body) = channel_body();
+    body_tx
+        .send(Ok(Frame::data(Bytes::from_static(b"first "))))
+        .await
+        .unwrap();
+    let req = http::Request::post("/sink")
+        .header("host", "outrigger.test")
+        .body(req_body)
+        .unwrap();
+    let in_flight = tokio::spawn(async move { c.fetch(req).await });
+    // Let the request reach the agent: an idle connection would simply be closed by the drain.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stopper = {
+        let (wine, exe, name) = (wine.clone(), exe.clone(), name.clone());
+        std::thread::spawn(move || wine_run(&wine, &exe, &["service", "stop", "--name", &name]))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(logs.join("agent.log"))
+        .unwrap_or_default()
+        .contains("stop requested by the service control manager")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the service never began to drain"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    body_tx
+        .send(Ok(Frame::data(Bytes::from_static(b"second"))))
+        .await
+        .unwrap();
+    drop(body_tx);
+    let got = tokio::time::timeout(Duration::from_secs(30), in_flight)
+        .await
+        .expect("the in-flight upload finished")
+        .unwrap()
+        .unwrap();
+    assert_eq!((got.status, got.text()), (200, "12".to_string()));
+    let (ok, text) = stopper.join().unwrap();
     assert!(ok && text.contains("stopped"), "{text}");
     let log = std::fs::read_to_string(logs.join("agent.log")).unwrap_or_default();
     for needle in [

@@ -12,6 +12,7 @@
 //!    that Outrigger's own listeners are up.
 //! 3. **Windows Firewall** (Windows only): every profile on, an inbound allow rule for each of
 //!    Outrigger's ports, and no allow rule for an application port (`netsh advfirewall`).
+//! 4. **The service** (Windows only): installed, running, not as LocalSystem.
 //!
 //! Gathering (sockets, processes) is kept apart from judging ([`judge`]), so the judging and
 //! the parsers are tested on every platform with recorded output.
@@ -83,6 +84,16 @@ pub struct Observed {
     pub firewall: Option<Result<Firewall, String>>,
     /// This executable, for firewall rules bound to the program.
     pub exe: String,
+    /// The Windows service `--name`, as the service control manager reports it (None where
+    /// there are no Windows services).
+    pub service: Option<Result<ServiceFacts, String>>,
+}
+
+/// What the doctor checks of the installed service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceFacts {
+    pub state: String,
+    pub account: String,
 }
 
 pub fn main(args: DoctorArgs) -> anyhow::Result<()> {
@@ -96,7 +107,7 @@ pub fn main(args: DoctorArgs) -> anyhow::Result<()> {
             backend: l.backend,
         })
         .collect();
-    let observed = observe(&ports, &args.addresses);
+    let observed = observe(&ports, &args.addresses, &args.name);
     let findings = judge(&ports, &observed, &args.name);
     print!("{}", report(&args.config, &observed, &findings));
     let failed = findings
@@ -113,7 +124,7 @@ pub fn main(args: DoctorArgs) -> anyhow::Result<()> {
 // Gathering
 
 /// Probes and reads the host. Bounded: each probe waits at most a second.
-pub fn observe(ports: &[Port], extra: &[IpAddr]) -> Observed {
+pub fn observe(ports: &[Port], extra: &[IpAddr], service: &str) -> Observed {
     let mut addresses = host_addresses();
     for a in extra {
         if !addresses.contains(a) {
@@ -137,7 +148,18 @@ pub fn observe(ports: &[Port], extra: &[IpAddr]) -> Observed {
         exe: std::env::current_exe()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|_| "outrigger.exe".into()),
+        service: service_facts(service),
     }
+}
+
+#[cfg(windows)]
+fn service_facts(name: &str) -> Option<Result<ServiceFacts, String>> {
+    Some(super::service::facts(name).map_err(|e| format!("{e:#}")))
+}
+
+#[cfg(not(windows))]
+fn service_facts(_name: &str) -> Option<Result<ServiceFacts, String>> {
+    None
 }
 
 /// The host's non-loopback addresses: the source address of the default route (a UDP
@@ -658,6 +680,49 @@ pub fn judge(ports: &[Port], seen: &Observed, service: &str) -> Vec<Finding> {
         )),
         Some(Ok(fw)) => judge_firewall(ports, fw, &seen.exe, &mut out),
     }
+
+    // 4. The service: installed, running, under its own account.
+    match &seen.service {
+        None => {}
+        // The error names the service already ("service X: ... (is it installed?)").
+        Some(Err(e)) => out.push(Finding::new(Severity::Note, e.clone())),
+        Some(Ok(f)) => {
+            let system = ["localsystem", r"nt authority\system", ".\\localsystem", ""]
+                .contains(&f.account.to_ascii_lowercase().as_str());
+            if system {
+                out.push(
+                    Finding::new(
+                        Severity::Warn,
+                        format!(
+                            "Windows service {service} runs as LocalSystem, which can do \
+                             anything on this host; a virtual account needs no password and \
+                             can only what Outrigger needs"
+                        ),
+                    )
+                    .with_fix(vec![
+                        format!("sc.exe config {service} obj= \"NT SERVICE\\{service}\""),
+                        "then re-run the icacls commands of docs/windows.md (§4) for that \
+                         account, and restart the service"
+                            .into(),
+                    ]),
+                );
+            } else {
+                out.push(Finding::new(
+                    Severity::Ok,
+                    format!("Windows service {service} runs as {}", f.account),
+                ));
+            }
+            if f.state != "Running" {
+                out.push(
+                    Finding::new(
+                        Severity::Warn,
+                        format!("Windows service {service} is {}", f.state),
+                    )
+                    .with_fix(vec![format!("outrigger service start --name {service}")]),
+                );
+            }
+        }
+    }
     out
 }
 
@@ -1038,7 +1103,50 @@ Ok.
                 .collect()),
             firewall: firewall.map(Ok),
             exe: r"C:\Program Files\Outrigger\outrigger.exe".into(),
+            service: None,
         }
+    }
+
+    #[test]
+    fn the_service_account_and_state_are_checked() {
+        let ports = [port("web", "0.0.0.0:8080", "127.0.0.1:5000")];
+        let mut seen = seen_with(&[], &["127.0.0.1:5000", "0.0.0.0:8080"], None);
+        seen.service = Some(Ok(ServiceFacts {
+            state: "Running".into(),
+            account: r"NT SERVICE\Outrigger".into(),
+        }));
+        let text = report(
+            Path::new("a.yaml"),
+            &seen,
+            &judge(&ports, &seen, "Outrigger"),
+        );
+        assert!(
+            text.contains(r"[ OK ] Windows service Outrigger runs as NT SERVICE\Outrigger"),
+            "{text}"
+        );
+        assert!(!text.contains("[WARN] Windows service"), "{text}");
+
+        seen.service = Some(Ok(ServiceFacts {
+            state: "Stopped".into(),
+            account: "LocalSystem".into(),
+        }));
+        let text = report(Path::new("a.yaml"), &seen, &judge(&ports, &seen, "Edge"));
+        assert!(
+            text.contains("[WARN] Windows service Edge runs as LocalSystem"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"fix: sc.exe config Edge obj= "NT SERVICE\Edge""#),
+            "{text}"
+        );
+        assert!(
+            text.contains("[WARN] Windows service Edge is Stopped"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fix: outrigger service start --name Edge"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -1146,7 +1254,7 @@ Ok.
                 &format!("127.0.0.1:{private_port}"),
             ),
         ];
-        let seen = observe(&ports, &[]);
+        let seen = observe(&ports, &[], "OutriggerDoctorTest");
         let f = judge(&ports, &seen, "Outrigger");
         let text = report(Path::new("agent.yaml"), &seen, &f);
         println!("{text}");

@@ -19,7 +19,8 @@ struct Inner {
     path: PathBuf,
     max_bytes: u64,
     keep: usize,
-    file: File,
+    /// None only for the moment of a rotation (Windows cannot rename an open file).
+    file: Option<File>,
     written: u64,
 }
 
@@ -36,7 +37,7 @@ impl RotatingFile {
                 path: path.to_path_buf(),
                 max_bytes,
                 keep,
-                file,
+                file: Some(file),
                 written,
             }),
         })
@@ -53,11 +54,12 @@ impl RotatingFile {
 impl Inner {
     fn rotate(&mut self) -> io::Result<()> {
         if self.keep == 0 {
-            self.file.set_len(0)?;
+            if let Some(f) = &self.file {
+                f.set_len(0)?;
+            }
             self.written = 0;
             return Ok(());
         }
-        // Windows cannot rename a file we hold open without FILE_SHARE_DELETE, so reopen after.
         let oldest = RotatingFile::old_path(&self.path, self.keep);
         match std::fs::remove_file(&oldest) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
@@ -70,21 +72,22 @@ impl Inner {
                 _ => {}
             }
         }
-        // Swap in a placeholder handle so the current file is closed before it is renamed.
-        let placeholder = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(RotatingFile::old_path(&self.path, 0))?;
-        drop(std::mem::replace(&mut self.file, placeholder));
+        // Close before renaming: Windows cannot rename a file that is open without
+        // FILE_SHARE_DELETE. Whatever happens, reopen `path` (renamed or not) to go on logging.
+        drop(self.file.take());
         let renamed = std::fs::rename(&self.path, RotatingFile::old_path(&self.path, 1));
-        let reopened = OpenOptions::new()
+        self.reopen()?;
+        renamed
+    }
+
+    fn reopen(&mut self) -> io::Result<()> {
+        let file = OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&self.path);
-        let _ = std::fs::remove_file(RotatingFile::old_path(&self.path, 0));
-        self.file = reopened?;
-        self.written = self.file.metadata()?.len();
-        renamed
+            .open(&self.path)?;
+        self.written = file.metadata()?.len();
+        self.file = Some(file);
+        Ok(())
     }
 }
 
@@ -96,17 +99,22 @@ impl Write for &RotatingFile {
             // keep appending to the current file and try again at the next record.
             let _ = inner.rotate();
         }
-        inner.file.write_all(buf)?;
+        if inner.file.is_none() {
+            // A rotation could not reopen the file (say, the disk was full): try again.
+            inner.reopen()?;
+        }
+        if let Some(f) = &mut inner.file {
+            f.write_all(buf)?;
+        }
         inner.written += buf.len() as u64;
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .file
-            .flush()
+        match &mut self.inner.lock().unwrap_or_else(|p| p.into_inner()).file {
+            Some(f) => f.flush(),
+            None => Ok(()),
+        }
     }
 }
 

@@ -380,6 +380,23 @@ fn status(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The state and account of an installed service, for `outrigger doctor`.
+pub fn facts(name: &str) -> anyhow::Result<super::doctor::ServiceFacts> {
+    let svc = open(
+        name,
+        ServiceAccess::QUERY_STATUS | ServiceAccess::QUERY_CONFIG,
+    )?;
+    let st = svc.query_status().map_err(|e| anyhow::anyhow!(winerr(e)))?;
+    let config = svc.query_config().map_err(|e| anyhow::anyhow!(winerr(e)))?;
+    Ok(super::doctor::ServiceFacts {
+        state: format!("{:?}", st.current_state),
+        account: config
+            .account_name
+            .map(|a| a.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    })
+}
+
 /// Polls until the service reaches `want`, fails if it lands in another steady state.
 fn wait_for(
     svc: &windows_service::service::Service,
@@ -515,6 +532,10 @@ fn serve(
         cfg.access_log = outrigger_proxy::AccessLogTarget::File(p.log_dir.join("access.log"));
     }
     init_logging(&cfg, &p.log_dir, log.clone())?;
+    // A service has no stderr: record panics where an administrator looks.
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!("panic: {info}\n{}", std::backtrace::Backtrace::force_capture());
+    }));
     tracing::info!(service = %p.name, config = %p.config.display(), "starting as a Windows service");
     let rt = crate::runtime(cfg.worker_threads)?;
     rt.block_on(async {
@@ -600,8 +621,9 @@ mod tests {
         );
     }
 
-    /// Outside SCM, StartServiceCtrlDispatcher fails at once (on Windows with error 1063; Wine
-    /// may differ): the entry point must say how to run instead, not hang.
+    /// Outside SCM, StartServiceCtrlDispatcher fails (on Windows at once with error 1063; Wine
+    /// 8 first waits about 10 s for its services.exe): the entry point must say how to run
+    /// instead, not hang or pretend to be a service.
     #[test]
     fn the_service_entry_point_refuses_a_console_start() {
         let err = dispatch(

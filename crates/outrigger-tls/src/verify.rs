@@ -333,6 +333,10 @@ pub fn server_config(
         .with_single_cert(certs.chain.clone(), certs.key.clone_key())
         .map_err(config_err)?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // One TLS 1.3 session ticket per handshake instead of rustls' default two: mesh peers keep
+    // pooled connections and resume at most once per reconnect, and each ticket costs an
+    // encryption and a cache entry on every full handshake.
+    config.send_tls13_tickets = 1;
     Ok(Arc::new(config))
 }
 

@@ -534,7 +534,10 @@ fn serve(
     init_logging(&cfg, &p.log_dir, log.clone())?;
     // A service has no stderr: record panics where an administrator looks.
     std::panic::set_hook(Box::new(|info| {
-        tracing::error!("panic: {info}\n{}", std::backtrace::Backtrace::force_capture());
+        tracing::error!(
+            "panic: {info}\n{}",
+            std::backtrace::Backtrace::force_capture()
+        );
     }));
     tracing::info!(service = %p.name, config = %p.config.display(), "starting as a Windows service");
     let rt = crate::runtime(cfg.worker_threads)?;

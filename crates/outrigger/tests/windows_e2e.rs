@@ -442,6 +442,17 @@ async fn windows_service_under_wine_installs_serves_drains_and_uninstalls() {
     let cfg_path = pki.path().join("agent.yaml");
     std::fs::write(&cfg_path, cfg).unwrap();
     let logs = pki.path().join("logs");
+    // Wine tears its services down with its server, which exits soon after the last ordinary
+    // Wine process ends; between our `service` commands the service would die. Keep one
+    // running (an agent of its own, port 0) for the whole test.
+    let keeper_dir = pki.path().join("keeper");
+    std::fs::create_dir_all(&keeper_dir).unwrap();
+    let _keeper = WinAgent::start(
+        &wine,
+        &exe,
+        &keeper_dir,
+        &config(&pki, &agent_certs.dir, &[("web", echo)]),
+    );
     // A name of its own, so that a leftover from an earlier run cannot interfere.
     let name = format!("OutriggerE2E{}", std::process::id());
 

@@ -15,9 +15,31 @@ use crate::io::{ByteCounts, Counted};
 /// How often byte counters of long-lived connections are published to the metrics.
 const METRICS_FLUSH: Duration = Duration::from_secs(5);
 
+/// Why a TCP connection was refused before any byte was forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// AuthorizationPolicy denied it.
+    Denied,
+    /// The backend could not be reached.
+    Upstream,
+}
+
+/// Serves a connection already accepted (a direct mTLS or plaintext connection): a refusal
+/// closes it without a byte.
 pub(crate) async fn serve<T>(io: T, conn: Arc<ConnInfo>, ctx: Arc<Ctx>)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    serve_deferred(move |r: Result<(), Refusal>| r.ok().map(|()| io), conn, ctx).await
+}
+
+/// Authorizes the connection and dials the backend first, then calls `open` with the outcome:
+/// `Ok` asks for the downstream stream to forward (`None`: it went away), `Err` lets the
+/// caller tell the peer why (an HBONE CONNECT is answered `401` or `503`, as ztunnel does).
+pub(crate) async fn serve_deferred<T, F>(open: F, conn: Arc<ConnInfo>, ctx: Arc<Ctx>)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: FnOnce(Result<(), Refusal>) -> Option<T>,
 {
     let start = Instant::now();
     let start_time = ctx.access_log.enabled().then(now_rfc3339);
@@ -27,6 +49,12 @@ where
     let mut verdict = authz::check_tcp(&ctx, &conn);
     let flags;
     let mut published = (0u64, 0u64);
+    let mut open = Some(open);
+    let mut refuse = |why| {
+        if let Some(open) = open.take() {
+            open(Err(why));
+        }
+    };
 
     if verdict.deny.is_none() {
         match tokio::time::timeout(
@@ -37,14 +65,21 @@ where
         {
             Ok(Ok(upstream)) => {
                 let _ = upstream.set_nodelay(true);
-                let (f, v) =
-                    pump(io, upstream, &conn, &ctx, &counts, &labels, &mut published).await;
-                flags = f;
-                if let Some(v) = v {
-                    verdict = v;
+                match open.take().and_then(|open| open(Ok(()))) {
+                    Some(io) => {
+                        let (f, v) =
+                            pump(io, upstream, &conn, &ctx, &counts, &labels, &mut published).await;
+                        flags = f;
+                        if let Some(v) = v {
+                            verdict = v;
+                        }
+                    }
+                    // The downstream went away before it was answered.
+                    None => flags = "DC",
                 }
             }
             Ok(Err(e)) => {
+                refuse(Refusal::Upstream);
                 flags = "UF";
                 tracing::warn!(
                     listener = %conn.listener.name,
@@ -53,6 +88,7 @@ where
                 );
             }
             Err(_) => {
+                refuse(Refusal::Upstream);
                 flags = "UF";
                 tracing::warn!(
                     listener = %conn.listener.name,
@@ -62,6 +98,7 @@ where
             }
         }
     } else {
+        refuse(Refusal::Denied);
         flags = "RBAC";
     }
 

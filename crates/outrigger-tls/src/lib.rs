@@ -32,7 +32,8 @@ pub use certs::WorkloadCerts;
 pub use error::TlsError;
 pub use store::{CertSource, CertStore};
 pub use verify::{
-    PeerVerifyError, client_config, describe_handshake_error, describe_tls_error, server_config,
+    PeerVerifyError, client_config, describe_handshake_error, describe_tls_error,
+    is_unexpected_identity, server_config,
 };
 
 /// Re-exported so users of this crate name the same types without depending on rustls directly.

@@ -147,6 +147,21 @@ pub fn describe_handshake_error(err: &std::io::Error) -> String {
     }
 }
 
+/// Whether a failed client handshake (as tokio-rustls reports it) failed only because the
+/// server is a valid mesh workload with another identity than the pinned one(s).
+pub fn is_unexpected_identity(err: &std::io::Error) -> bool {
+    use rustls::{CertificateError, Error};
+    err.get_ref()
+        .and_then(|inner| inner.downcast_ref::<Error>())
+        .is_some_and(|re| match re {
+            Error::InvalidCertificate(CertificateError::Other(o)) => matches!(
+                o.0.downcast_ref::<PeerVerifyError>(),
+                Some(PeerVerifyError::UnexpectedIdentity { .. })
+            ),
+            _ => false,
+        })
+}
+
 /// The SPIFFE identity of a verified leaf, with its trust domain checked.
 fn spiffe_identity(
     end_entity: &CertificateDer<'_>,

@@ -930,6 +930,21 @@ policy:
     protocol: tcp
     endpoints: [db1.example.com]
     identity: {namespace: data, serviceAccount: postgres}
+  - name: ambient
+    listen: 127.0.0.1:9081
+    host: productpage.bookinfo.svc.cluster.local
+    port: 9080
+    endpoints: [10.244.1.7:9080]
+    transport: hbone
+    identity: {serviceAccount: bookinfo-productpage}
+  - name: via-waypoint
+    listen: 127.0.0.1:9082
+    host: details.bookinfo.svc.cluster.local
+    port: 9080
+    endpoints: [10.96.0.20:9080]
+    transport: hbone
+    hbonePeer: 10.244.2.9
+    identity: spiffe://cluster.local/ns/bookinfo/sa/waypoint
 outboundProxy:
   listen: 127.0.0.1:15080
   allowPlainEgress: true
@@ -939,7 +954,7 @@ outboundProxy:
     fn parses_outbound_destinations_with_istio_defaults() {
         use outrigger_proxy::outbound::*;
         let c = parse(&format!("{GOOD}{OUTBOUND}")).unwrap();
-        assert_eq!(c.outbound.len(), 3);
+        assert_eq!(c.outbound.len(), 5);
         let r = &c.outbound[0];
         assert_eq!(r.listen, Some("127.0.0.1:9080".parse().unwrap()));
         assert_eq!(
@@ -1005,6 +1020,15 @@ outboundProxy:
         assert_eq!(g.retries.attempts, 4);
         assert_eq!(g.retries.per_try_timeout, Some(Duration::from_secs(1)));
         assert_eq!(g.timeout, Some(Duration::from_secs(10)));
+
+        assert_eq!(r.transport, Transport::Mtls, "mTLS unless told otherwise");
+        assert_eq!(c.outbound[3].transport, Transport::Hbone { peer: None });
+        assert_eq!(
+            c.outbound[4].transport,
+            Transport::Hbone {
+                peer: Some("10.244.2.9:15008".parse().unwrap())
+            }
+        );
 
         let d = &c.outbound[2];
         assert_eq!(d.protocol, OutboundProtocol::Tcp);
@@ -1075,8 +1099,41 @@ outboundProxy:
             (
                 base.replace("  listen: 127.0.0.1:15080", "  listen: 127.0.0.1:9080"),
                 "outboundProxy.listen",
-                ":51:",
+                ":66:",
                 "already the listener of `ratings`",
+            ),
+            (
+                base.replace(
+                    "transport: hbone\n    hbonePeer",
+                    "transport: quic\n    hbonePeer",
+                ),
+                "outbound[4].transport",
+                ":62:",
+                "use mtls (default",
+            ),
+            (
+                base.replace("hbonePeer: 10.244.2.9", "hbonePeer: waypoint:x"),
+                "outbound[4].hbonePeer",
+                ":63:",
+                "not an address of an HBONE peer",
+            ),
+            (
+                base.replace(
+                    "    listen: 127.0.0.1:15432\n",
+                    "    listen: 127.0.0.1:15432\n    hbonePeer: 10.0.0.1\n",
+                ),
+                "outbound[2].hbonePeer",
+                ":45:",
+                "only for `transport: hbone`",
+            ),
+            (
+                base.replace(
+                    "    eastWestGateway: {address: 34.1.2.3}\n",
+                    "    eastWestGateway: {address: 34.1.2.3}\n    transport: hbone\n",
+                ),
+                "outbound[1].eastWestGateway",
+                ":31:",
+                "double HBONE",
             ),
             (
                 base.replace(
@@ -1124,7 +1181,7 @@ outboundProxy:
         assert!(parse(&text).is_err(), "no listener at all is an error");
         let c = parse(&format!("{text}{OUTBOUND}")).unwrap();
         assert!(c.inbound.is_empty());
-        assert_eq!(c.outbound.len(), 3);
+        assert_eq!(c.outbound.len(), 5);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use serde_saphyr::Spanned;
 use outrigger_identity::{Identity, TrustDomains};
 use outrigger_proxy::outbound::{
     ConnectionPool, EndpointAddr, LbPolicy, OutboundConfig, OutboundProtocol, OutboundProxyConfig,
-    OutlierDetection, RetryPolicy,
+    OutlierDetection, RetryPolicy, Transport,
 };
 
 use super::{ConfigError, Validator};
@@ -37,6 +37,10 @@ pub(super) struct RawOutbound {
     endpoints: Vec<Spanned<String>>,
     #[serde(default)]
     east_west_gateway: Option<Spanned<RawGateway>>,
+    #[serde(default)]
+    transport: Option<Spanned<String>>,
+    #[serde(default)]
+    hbone_peer: Option<Spanned<String>>,
     #[serde(default)]
     identity: Option<Spanned<OneOrMany<RawIdentity>>>,
     #[serde(default)]
@@ -334,6 +338,7 @@ impl Validator<'_> {
                     (v, false)
                 }
             };
+            let transport = self.transport(o, &field)?;
             let Some(ids) = &o.identity else {
                 return Err(self.err(
                     &o.name,
@@ -501,6 +506,7 @@ impl Validator<'_> {
                 protocol,
                 endpoints,
                 via_gateway,
+                transport,
                 expected_identities: expected,
                 lb,
                 pool,
@@ -532,6 +538,63 @@ impl Validator<'_> {
             None => None,
         };
         Ok((out, proxy))
+    }
+
+    /// `transport` (`mtls`, the default, or `hbone`) and `hbonePeer`.
+    fn transport(
+        &self,
+        o: &RawOutbound,
+        field: &dyn Fn(&str) -> String,
+    ) -> Result<Transport, ConfigError> {
+        let hbone = match &o.transport {
+            None => false,
+            Some(t) => match t.value.as_str() {
+                "mtls" => false,
+                "hbone" => true,
+                other => {
+                    return Err(self.err(
+                        t,
+                        &field("transport"),
+                        format!("`{other}`: use mtls (default: mTLS to each endpoint, as a sidecar) or hbone (HTTP/2 CONNECT on port 15008, as ztunnel)"),
+                    ));
+                }
+            },
+        };
+        if !hbone {
+            if let Some(p) = &o.hbone_peer {
+                return Err(self.err(p, &field("hbonePeer"), "only for `transport: hbone`"));
+            }
+            return Ok(Transport::Mtls);
+        }
+        if let Some(g) = &o.east_west_gateway {
+            return Err(self.err(
+                g,
+                &field("eastWestGateway"),
+                "`transport: hbone` through an east-west gateway (Istio's double HBONE) is not supported; list the endpoints, or set `hbonePeer` to a waypoint or ztunnel",
+            ));
+        }
+        let peer = match &o.hbone_peer {
+            None => None,
+            Some(p) => {
+                let s = p.value.trim();
+                let addr = s.parse::<SocketAddr>().ok().or_else(|| {
+                    s.parse::<std::net::IpAddr>()
+                        .ok()
+                        .map(|ip| SocketAddr::new(ip, outrigger_proxy::hbone::DEFAULT_PORT))
+                });
+                match addr {
+                    Some(a) if a.port() != 0 && !a.ip().is_unspecified() => Some(a),
+                    _ => {
+                        return Err(self.err(
+                            p,
+                            &field("hbonePeer"),
+                            format!("`{s}` is not an address of an HBONE peer (e.g. `10.0.0.3:15008`, or `10.0.0.3` for port 15008)"),
+                        ));
+                    }
+                }
+            }
+        };
+        Ok(Transport::Hbone { peer })
     }
 
     /// A duration that must be more than zero when given.

@@ -57,6 +57,15 @@ fn hbone_addr(agent: &AgentProc) -> SocketAddr {
 }
 
 fn client(mesh: &Mesh, who: &Issued, workload: &str) -> HboneClient {
+    client_with_idle(
+        mesh,
+        who,
+        workload,
+        outrigger_proxy::hbone::client::DEFAULT_IDLE_TIMEOUT,
+    )
+}
+
+fn client_with_idle(mesh: &Mesh, who: &Issued, workload: &str, idle: Duration) -> HboneClient {
     let store = CertStore::new(
         CertSource::Files {
             chain: who.dir.join("cert-chain.pem"),
@@ -78,7 +87,7 @@ fn client(mesh: &Mesh, who: &Issued, workload: &str) -> HboneClient {
         },
         kind: "deployment".into(),
     };
-    HboneClient::new(store, &source, Duration::from_secs(10))
+    HboneClient::with_idle_timeout(store, &source, Duration::from_secs(10), idle)
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -151,10 +160,15 @@ async fn hbone_streams_get_the_direct_paths_policy_identity_and_metrics() {
     mesh.policy("authz.yaml", POLICIES);
     let echo_http = start_echo().await;
     let echo_tcp = start_tcp_echo().await;
+    let dead_backend = dead_addr().await;
     let agent = AgentProc::start_with(
         mesh.dir(),
         &mesh.config(
-            &[("web", echo_http, "http"), ("db", echo_tcp, "tcp")],
+            &[
+                ("web", echo_http, "http"),
+                ("db", echo_tcp, "tcp"),
+                ("down", dead_backend, "tcp"),
+            ],
             HBONE,
         ),
         &[("RUST_LOG", "info,outrigger_proxy::hbone=debug")],
@@ -171,7 +185,7 @@ async fn hbone_streams_get_the_direct_paths_policy_identity_and_metrics() {
         "connect web",
         sleep.connect_from(
             hbone,
-            &me,
+            std::slice::from_ref(&me),
             web,
             Some("10.9.8.7:4321".parse().unwrap()),
             Some("web.legacy.svc.cluster.local"),
@@ -202,13 +216,20 @@ async fn hbone_streams_get_the_direct_paths_policy_identity_and_metrics() {
     assert_eq!(got.status, 200, "{}", got.text());
     assert_eq!(got.seen().version, "HTTP/2.0");
 
-    // TCP inside the tunnel: `sleep` matches no L4 rule, so the stream is closed unanswered.
-    let s = sleep.connect(hbone, &me, db).await.unwrap();
-    let back = within("denied tcp", echo(s, 1024, 1)).await;
-    assert!(
-        back.as_ref().map(|b| b.is_empty()).unwrap_or(true),
-        "a denied TCP stream reached the backend: {back:?}"
-    );
+    // TCP inside the tunnel: `sleep` matches no L4 rule, so the CONNECT is answered 401 (as
+    // ztunnel answers an RBAC denial) and nothing reaches the backend.
+    match sleep.connect(hbone, &me, db).await {
+        Err(HboneError::Status { status, .. }) => assert_eq!(status, 401),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("a denied TCP stream was accepted"),
+    }
+    // A TCP listener whose backend is down: 503, as ztunnel answers an unreachable destination.
+    let etl = client(&mesh, &mesh.pki.issue("default", "etl"), "etl-vm");
+    match etl.connect(hbone, &me, agent.addr("down")).await {
+        Err(HboneError::Status { status, .. }) => assert_eq!(status, 503),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("a stream to a dead backend was accepted"),
+    }
     assert_eq!(sleep.dials(), 1, "every stream shares one HBONE connection");
 
     // Destinations: unknown port → 503, another host's IP → 400; nothing is forwarded.
@@ -231,7 +252,9 @@ async fn hbone_streams_get_the_direct_paths_policy_identity_and_metrics() {
         .connect(hbone, &wrong, web)
         .await
     {
-        Err(HboneError::Tls(_, msg)) => assert!(msg.contains("someone-else"), "{msg}"),
+        Err(HboneError::UnexpectedIdentity(_, msg)) => {
+            assert!(msg.contains("someone-else"), "{msg}")
+        }
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("connected to an unexpected identity"),
     }
@@ -389,4 +412,42 @@ async fn hbone_refuses_peers_outside_the_mesh() {
         &["listener=\"hbone\"", "reason=\"tls_handshake\""],
     );
     assert_eq!(n, Some(1.0), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_hbone_connections_are_released_and_busy_ones_kept() {
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    mesh.policy("authz.yaml", POLICIES);
+    let echo_tcp = start_tcp_echo().await;
+    let agent = AgentProc::start(mesh.dir(), &mesh.config(&[("db", echo_tcp, "tcp")], HBONE));
+    let hbone = hbone_addr(&agent);
+    let db = agent.addr("db");
+    let me = mesh.agent_id();
+    let idle = Duration::from_millis(300);
+    let etl = client_with_idle(&mesh, &mesh.pki.issue("default", "etl"), "etl-vm", idle);
+
+    // A stream open for longer than the idle timeout keeps its connection.
+    let mut s = etl.connect(hbone, &me, db).await.unwrap();
+    assert_eq!(s.peer_identity(), &me, "the stream names the verified peer");
+    tokio::time::sleep(idle * 4).await;
+    s.write_all(b"still here").await.unwrap();
+    let mut buf = [0u8; 10];
+    within("busy stream", s.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(&buf, b"still here");
+    drop(s);
+    // Reused right after its stream ended...
+    let s = etl.connect(hbone, &me, db).await.unwrap();
+    assert_eq!(etl.dials(), 1);
+    drop(s);
+    // ...released once idle for the timeout: the next stream dials again.
+    tokio::time::sleep(idle * 4).await;
+    let s = etl.connect(hbone, &me, db).await.unwrap();
+    let back = within("after release", echo(s, 1000, 9)).await.unwrap();
+    assert!(back == pattern(1000, 9));
+    assert_eq!(
+        etl.dials(),
+        2,
+        "the idle connection was released and a new one dialled"
+    );
 }

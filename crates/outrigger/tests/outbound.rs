@@ -808,3 +808,184 @@ async fn connect_and_request_timeouts() {
     assert_eq!(status, 200);
     silent_task.abort();
 }
+
+/// The HBONE listener's address from the agent's ready file.
+fn hbone_addr(agent: &AgentProc) -> SocketAddr {
+    let text = std::fs::read_to_string(agent.dir.join("ready.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["hbone"].as_str().unwrap().parse().unwrap()
+}
+
+/// `transport: hbone`: the client agent's outbound listeners reach a server agent through its
+/// HBONE listener (HTTP/2 CONNECT streams over one pooled mTLS connection), as an ambient
+/// workload reaches another: HTTP/1.1, HTTP/2 and TCP inside; the server applies its policy
+/// per stream (L7 for HTTP, L4 for TCP, answered `401`), the server identity is pinned, and
+/// both sides report metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hbone_transport_to_an_outrigger_hbone_listener() {
+    let mesh = Mesh::new();
+    let (db_port, vault_port) = (free_port(), free_port());
+    // HTTP paths for `web`, and L4 access to `db` only (`vault` matches no rule: denied).
+    // Istio: an ALLOW rule with HTTP fields cannot match TCP, hence the port rule.
+    mesh.policy(
+        "allow.yaml",
+        &format!(
+            "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: allow-some, namespace: default}}
+spec:
+  rules:
+  - to: [{{operation: {{paths: [\"/hello\", \"/again/*\", \"/h2\"]}}}}]
+  - to: [{{operation: {{ports: [\"{db_port}\"]}}}}]
+"
+        ),
+    );
+    let echo = start_echo().await;
+    let tcp_echo = start_tcp_echo().await;
+    let issued = mesh.pki.issue("default", "ratings");
+    let dir = mesh.dir().join("server-ratings");
+    std::fs::create_dir_all(&dir).unwrap();
+    let inbound = format!(
+        "  - {{name: web, listen: \"127.0.0.1:0\", backend: \"{echo}\", protocol: auto}}
+  - {{name: db, listen: \"127.0.0.1:{db_port}\", backend: \"{tcp_echo}\", protocol: tcp}}
+  - {{name: vault, listen: \"127.0.0.1:{vault_port}\", backend: \"{tcp_echo}\", protocol: tcp}}
+"
+    );
+    let hbone_cfg = "hbone:\n  listen: 127.0.0.1:0\n";
+    let server = AgentProc::start(
+        &dir,
+        &agent_yaml(
+            &mesh,
+            &issued.dir,
+            "default",
+            "ratings",
+            &inbound,
+            hbone_cfg,
+        ),
+    );
+    let peer = hbone_addr(&server);
+    let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
+    let dest = |name: &str, port: u16, proto: &str, endpoint: SocketAddr, id: &str| {
+        format!(
+            "  - name: {name}
+    listen: 127.0.0.1:{port}
+    host: {RATINGS}
+    port: 8080
+    protocol: {proto}
+    endpoints: [\"{endpoint}\"]
+    transport: hbone
+    hbonePeer: \"{peer}\"
+    identity: {id}
+"
+        )
+    };
+    let (web, db, vault) = (server.addr("web"), server.addr("db"), server.addr("vault"));
+    let outbound = format!(
+        "outbound:\n{}{}{}{}{}",
+        dest("ratings", ports[0], "http", web, RATINGS_ID),
+        dest("ratings-h2", ports[1], "http2", web, RATINGS_ID),
+        dest("db", ports[2], "tcp", db, RATINGS_ID),
+        dest("vault", ports[3], "tcp", vault, RATINGS_ID),
+        dest("impostor", ports[4], "http", web, REVIEWS_ID),
+    );
+    let client = start_client(&mesh, &outbound);
+    let at = |i: usize| -> SocketAddr { format!("127.0.0.1:{}", ports[i]).parse().unwrap() };
+
+    // HTTP/1.1 inside HBONE: the server agent verified the outer peer and tells the app.
+    let (status, body) = app_get(at(0), "/hello").await.unwrap();
+    assert_eq!(status, 200, "{body}\n{}", client.stderr());
+    let seen: outrigger_testkit::Seen = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen.path, "/hello");
+    let xfcc = seen.header("x-forwarded-client-cert").unwrap_or_default();
+    assert!(xfcc.contains(&format!("URI={CLIENT_ID}")), "{xfcc}");
+    assert_eq!(seen.header("host"), Some(&*format!("{RATINGS}:8080")));
+    for i in 0..5 {
+        let (status, _) = app_get(at(0), &format!("/again/{i}")).await.unwrap();
+        assert_eq!(status, 200);
+    }
+    // L7 policy per request inside the tunnel (no ALLOW rule matches /admin).
+    let (status, body) = app_get(at(0), "/admin").await.unwrap();
+    assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
+
+    // HTTP/2 inside HBONE (prior knowledge on the stream).
+    let (status, body) = app_get(at(1), "/h2").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let seen: outrigger_testkit::Seen = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen.version, "HTTP/2.0");
+
+    // TCP inside HBONE.
+    let mut s = TcpStream::connect(at(2)).await.unwrap();
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    s.write_all(&payload).await.unwrap();
+    let mut back = vec![0u8; payload.len()];
+    tokio::time::timeout(WAIT, s.read_exact(&mut back))
+        .await
+        .unwrap_or_else(|_| panic!("no echo in time\n{}", client.stderr()))
+        .unwrap();
+    assert!(back == payload, "the TCP echo came back altered");
+    drop(s);
+
+    // L4 denial: the server answers the CONNECT 401; the app's connection closes unanswered.
+    let mut s = TcpStream::connect(at(3)).await.unwrap();
+    let _ = s.write_all(b"secret?").await;
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+        .await
+        .expect("the denied connection was closed");
+    assert!(r.is_err() || buf.is_empty(), "{buf:?}");
+    client.wait_for_log("answered CONNECT");
+    assert!(client.stderr().contains("401"), "{}", client.stderr());
+
+    // The wrong identity: refused at the HBONE handshake, 503 naming both identities.
+    let (status, body) = app_get(at(4), "/steal").await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains(RATINGS_ID) && body.contains(REVIEWS_ID),
+        "{body}"
+    );
+    client.wait_for_log("server identity refused");
+
+    // reporter="source" on the client, the peer's identity as destination_principal (and, as
+    // Istio's source reporter does, connection_security_policy="unknown").
+    let m = client.metrics();
+    let ok = metric_value(
+        &m,
+        "istio_requests_total",
+        &[
+            "reporter=\"source\"",
+            &format!("destination_principal=\"{RATINGS_ID}\""),
+            &format!("destination_service=\"{RATINGS}\""),
+            "response_code=\"200\"",
+        ],
+    );
+    assert_eq!(ok, Some(7.0), "{m}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let m = client.metrics();
+        let closed = metric_value(
+            &m,
+            "istio_tcp_connections_closed_total",
+            &[
+                "reporter=\"source\"",
+                &format!("destination_principal=\"{RATINGS_ID}\""),
+            ],
+        );
+        if closed >= Some(1.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The server saw every stream as mutual TLS from the client, with its baggage.
+    let sm = server.metrics();
+    let opened = metric_value(
+        &sm,
+        "istio_tcp_connections_opened_total",
+        &[
+            &format!("source_principal=\"{CLIENT_ID}\""),
+            "source_workload=\"windows-app\"",
+            "connection_security_policy=\"mutual_tls\"",
+        ],
+    );
+    assert!(opened >= Some(3.0), "{opened:?}\n{sm}");
+}

@@ -13,7 +13,9 @@
 //!   (`default/sleep`, from ztunnel's fake CA) and authorizes it; ztunnel verifies
 //!   Outrigger's (`legacy/windows-app`, signed by the same test root).
 //! * Outrigger → ztunnel: Outrigger's HBONE client opens CONNECT streams to ztunnel's :15008,
-//!   pinning ztunnel's identity; ztunnel's own metrics then name Outrigger's principal.
+//!   pinning ztunnel's identity; ztunnel's own metrics then name Outrigger's principal. Then
+//!   as an application sees it: plain TCP and HTTP to the agent's loopback outbound listeners
+//!   (`transport: hbone`) reach a workload behind ztunnel and ztunnel's own :15020.
 //! * With `ZTUNNEL_BENCH_MIB` set: the same bulk upload through each HBONE server, with wall
 //!   time and the server process's CPU time (run with `--release`).
 
@@ -371,7 +373,17 @@ fn hbone_client(certs: &Path) -> HboneClient {
     HboneClient::new(store, &SourceInfo::default(), Duration::from_secs(10))
 }
 
-fn agent_config(certs: &Path, ns: &Netns, echo: SocketAddr, sink: SocketAddr) -> String {
+/// The agent: inbound `web` and `sink` behind its HBONE listener, and two outbound listeners
+/// with `transport: hbone` to workloads behind ztunnel (the default HBONE peer
+/// `<endpoint ip>:15008` is ztunnel's), pinning ztunnel's identity: `zt-echo` (TCP, the helper
+/// in ztunnel's namespace) and `zt-metrics` (HTTP, ztunnel's own :15020).
+fn agent_config(
+    certs: &Path,
+    ns: &Netns,
+    echo: SocketAddr,
+    sink: SocketAddr,
+    outbound: (u16, u16),
+) -> String {
     format!(
         "trustDomain: cluster.local
 workload:
@@ -402,9 +414,28 @@ inbound:
     protocol: tcp
 hbone:
   listen: {host}:15008
+outbound:
+  - name: zt-echo
+    listen: 127.0.0.1:{echo_port}
+    host: echo.default.svc.cluster.local
+    port: {HELPER_PORT}
+    protocol: tcp
+    endpoints: [\"{peer}:{HELPER_PORT}\"]
+    transport: hbone
+    identity: spiffe://cluster.local/ns/{ZT_NS}/sa/{ZT_SA}
+  - name: zt-metrics
+    listen: 127.0.0.1:{metrics_port}
+    host: ztunnel.default.svc.cluster.local
+    port: 15020
+    endpoints: [\"{peer}:15020\"]
+    transport: hbone
+    identity: spiffe://cluster.local/ns/{ZT_NS}/sa/{ZT_SA}
 ",
         d = certs.display(),
         host = ns.host,
+        peer = ns.peer,
+        echo_port = outbound.0,
+        metrics_port = outbound.1,
     )
 }
 
@@ -476,7 +507,11 @@ async fn ztunnel_and_outrigger_speak_hbone_both_ways() {
     std::fs::write(policies.join("pa.yaml"), MESH_STRICT).unwrap();
     std::fs::write(policies.join("authz.yaml"), ALLOW_ZTUNNEL_ONLY).unwrap();
     let echo = outrigger_testkit::start_echo().await;
-    let agent = AgentProc::start(dir, &agent_config(&certs, &ns, echo, local_sink_addr));
+    let outbound_ports = (free_port(), free_port());
+    let agent = AgentProc::start(
+        dir,
+        &agent_config(&certs, &ns, echo, local_sink_addr, outbound_ports),
+    );
 
     // ztunnel → Outrigger: curl in ztunnel's namespace, through ztunnel's SOCKS5 outbound,
     // to Outrigger's workload address; ztunnel carries it over HBONE to Outrigger's :15008.
@@ -584,10 +619,66 @@ async fn ztunnel_and_outrigger_speak_hbone_both_ways() {
         .connect(zt_hbone, &wrong, helper_addr)
         .await
     {
-        Err(HboneError::Tls(_, msg)) => assert!(msg.contains("sleep"), "{msg}"),
+        Err(HboneError::UnexpectedIdentity(_, msg)) => assert!(msg.contains("sleep"), "{msg}"),
         Err(e) => panic!("unexpected error: {e}"),
         Ok(_) => panic!("connected to ztunnel while expecting another identity"),
     }
+
+    // Outrigger → ztunnel as an application sees it: plain TCP and HTTP to the agent's
+    // loopback outbound listeners (`transport: hbone`), carried to ztunnel's :15008.
+    let zt_echo: SocketAddr = format!("127.0.0.1:{}", outbound_ports.0).parse().unwrap();
+    let mut s = tokio::net::TcpStream::connect(zt_echo).await.unwrap();
+    let data: Vec<u8> = std::iter::once(b'E')
+        .chain((0..300_000u32).map(|i| (i * 7) as u8))
+        .collect();
+    s.write_all(&data).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut back))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "no echo through the outbound listener
+{}",
+                agent.stderr()
+            )
+        })
+        .unwrap();
+    assert!(
+        back == data,
+        "echo through the outbound listener and ztunnel corrupted the data"
+    );
+    let zt_metrics: SocketAddr = format!("127.0.0.1:{}", outbound_ports.1).parse().unwrap();
+    let tcp = tokio::net::TcpStream::connect(zt_metrics).await.unwrap();
+    let mut http = outrigger_testkit::HttpConn::new(tcp, false).await.unwrap();
+    let got = http
+        .fetch(outrigger_testkit::get("/metrics", false))
+        .await
+        .unwrap();
+    assert_eq!(
+        got.status,
+        200,
+        "{}
+{}",
+        got.text(),
+        agent.stderr()
+    );
+    assert!(got.text().contains("istio_tcp_connections_opened_total"));
+    // The agent's reporter="source" metrics name ztunnel's verified identity.
+    let m = agent.metrics();
+    let zt_principal = "destination_principal=\"spiffe://cluster.local/ns/default/sa/sleep\"";
+    let reqs = metric_value(
+        &m,
+        "istio_requests_total",
+        &["reporter=\"source\"", zt_principal, "response_code=\"200\""],
+    );
+    assert_eq!(reqs, Some(1.0), "{m}");
+    let tcp_opened = metric_value(
+        &m,
+        "istio_tcp_connections_opened_total",
+        &["reporter=\"source\"", zt_principal],
+    );
+    assert_eq!(tcp_opened, Some(1.0), "{m}");
 
     // Benchmark: the same upload through each HBONE server, same client, same sink.
     if let Some(mib) = std::env::var("ZTUNNEL_BENCH_MIB")

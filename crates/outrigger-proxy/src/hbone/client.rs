@@ -6,6 +6,10 @@
 //! opens another connection only when every pooled one carries [`MAX_STREAMS_PER_CONN`]
 //! streams (ztunnel's `POOL_MAX_STREAMS_PER_CONNECTION` default is 100) or has closed.
 //!
+//! A pooled connection is PINGed every 10 s (no PONG within 20 s closes it, with its streams)
+//! and released once it has carried no stream for the idle timeout (ztunnel's
+//! `POOL_UNUSED_RELEASE_TIMEOUT`, 5 minutes by default).
+//!
 //! Each stream is an [`HboneStream`]: bytes both ways under HTTP/2 flow control (a slow
 //! reader on either side stops the writer through the stream window), a half-close as
 //! END_STREAM, an abort as RST_STREAM that leaves the other streams of the connection alone.
@@ -19,7 +23,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, Version};
@@ -38,6 +42,10 @@ use crate::hbone::{
 /// Streams one pooled connection carries before the pool opens another.
 pub const MAX_STREAMS_PER_CONN: usize = 100;
 
+/// How long a pooled connection may carry no stream before it is closed (ztunnel's
+/// `DEFAULT_POOL_UNUSED_RELEASE_TIMEOUT`).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+
 /// Who is calling: sent to the peer as `baggage`, as ztunnel does for its workloads.
 #[derive(Debug, Clone, Default)]
 pub struct SourceInfo {
@@ -55,6 +63,9 @@ pub enum HboneError {
     ConnectTimeout(SocketAddr),
     #[error("mTLS with HBONE peer {0} failed: {1}")]
     Tls(SocketAddr, String),
+    /// The peer is a valid mesh workload, but not one of the expected identities.
+    #[error("mTLS with HBONE peer {0} failed: {1}")]
+    UnexpectedIdentity(SocketAddr, String),
     #[error("HTTP/2 with HBONE peer {0} failed: {1}")]
     Http2(SocketAddr, h2::Error),
     #[error("HBONE peer {peer} answered CONNECT {target} with {status}")]
@@ -78,17 +89,22 @@ impl HboneError {
             HboneError::Status { status, .. } if *status == StatusCode::SERVICE_UNAVAILABLE => {
                 io::ErrorKind::ConnectionRefused
             }
-            HboneError::Status { .. } | HboneError::Tls(..) => io::ErrorKind::PermissionDenied,
+            HboneError::Status { .. }
+            | HboneError::Tls(..)
+            | HboneError::UnexpectedIdentity(..) => io::ErrorKind::PermissionDenied,
             HboneError::Http2(..) => io::ErrorKind::ConnectionReset,
         };
         io::Error::new(kind, self)
     }
 }
 
-type Key = (SocketAddr, Identity);
+/// The peer and the identities it may present (any one of them).
+type Key = (SocketAddr, Vec<Identity>);
 
 struct Pooled {
     send: h2::client::SendRequest<Bytes>,
+    /// The identity the peer presented (one of the expected ones).
+    peer: Identity,
     active: Arc<AtomicUsize>,
     closed: Arc<AtomicBool>,
 }
@@ -115,17 +131,40 @@ struct PeerPool {
 }
 
 impl PeerPool {
-    fn pick(&self) -> Option<(h2::client::SendRequest<Bytes>, Slot)> {
+    fn pick(&self) -> Option<Picked> {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         conns.retain(|c| !c.closed.load(Ordering::Acquire));
-        conns.iter().find(|c| c.try_reserve()).map(|c| {
-            (
-                c.send.clone(),
-                Slot {
-                    active: c.active.clone(),
-                },
-            )
-        })
+        conns.iter().find(|c| c.try_reserve()).map(Picked::of)
+    }
+
+    /// Takes the connection whose `closed` flag is `closed` out of the pool: it gets no new
+    /// streams, and its `SendRequest` is dropped so that the connection ends once its last
+    /// stream does.
+    fn remove(&self, closed: &Arc<AtomicBool>) {
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|c| !Arc::ptr_eq(&c.closed, closed));
+    }
+}
+
+/// A reserved stream slot on a pooled connection.
+struct Picked {
+    send: h2::client::SendRequest<Bytes>,
+    peer: Identity,
+    slot: Slot,
+}
+
+impl Picked {
+    /// Call only after the slot was reserved (`try_reserve`, or a fresh connection's count).
+    fn of(c: &Pooled) -> Self {
+        Picked {
+            send: c.send.clone(),
+            peer: c.peer.clone(),
+            slot: Slot {
+                active: c.active.clone(),
+            },
+        }
     }
 }
 
@@ -144,6 +183,7 @@ struct Inner {
     certs: CertStore,
     baggage: Option<http::HeaderValue>,
     connect_timeout: Duration,
+    idle_timeout: Duration,
     pools: Mutex<HashMap<Key, Arc<PeerPool>>>,
     dials: AtomicU64,
 }
@@ -158,6 +198,16 @@ impl HboneClient {
     /// A client presenting the workload certificate from `certs` (read at each dial, so a
     /// rotated certificate is used by the next connection).
     pub fn new(certs: CertStore, source: &SourceInfo, connect_timeout: Duration) -> Self {
+        Self::with_idle_timeout(certs, source, connect_timeout, DEFAULT_IDLE_TIMEOUT)
+    }
+
+    /// [`new`](Self::new) with a connection released after `idle_timeout` without streams.
+    pub fn with_idle_timeout(
+        certs: CertStore,
+        source: &SourceInfo,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Self {
         let kind = if source.kind.is_empty() {
             "workloadentry"
         } else {
@@ -171,6 +221,7 @@ impl HboneClient {
                 certs,
                 baggage,
                 connect_timeout,
+                idle_timeout,
                 pools: Mutex::new(HashMap::new()),
                 dials: AtomicU64::new(0),
             }),
@@ -185,16 +236,23 @@ impl HboneClient {
         expected_identity: &Identity,
         target: SocketAddr,
     ) -> Result<HboneStream, HboneError> {
-        self.connect_from(peer_addr, expected_identity, target, None, None)
-            .await
+        self.connect_from(
+            peer_addr,
+            std::slice::from_ref(expected_identity),
+            target,
+            None,
+            None,
+        )
+        .await
     }
 
-    /// [`connect`](Self::connect) with the original client address and the intended service
-    /// host, sent in `forwarded` (`for="<client>";host=<service>`) as ztunnel does.
+    /// [`connect`](Self::connect) to a peer that may present any of `expected` (a service
+    /// run by several service accounts), with the original client address and the intended
+    /// service host, sent in `forwarded` (`for="<client>";host=<service>`) as ztunnel does.
     pub async fn connect_from(
         &self,
         peer_addr: SocketAddr,
-        expected_identity: &Identity,
+        expected: &[Identity],
         target: SocketAddr,
         client: Option<SocketAddr>,
         service_host: Option<&str>,
@@ -202,31 +260,27 @@ impl HboneClient {
         let pool = {
             let mut pools = self.inner.pools.lock().unwrap_or_else(|e| e.into_inner());
             pools
-                .entry((peer_addr, expected_identity.clone()))
+                .entry((peer_addr, expected.to_vec()))
                 .or_default()
                 .clone()
         };
-        let (send, slot) = match pool.pick() {
+        let picked = match pool.pick() {
             Some(p) => p,
             None => {
                 let _dial = pool.dialing.lock().await;
                 match pool.pick() {
                     Some(p) => p,
                     None => {
-                        let c = self.dial(peer_addr, expected_identity).await?;
+                        let c = self.dial(peer_addr, expected, &pool).await?;
                         c.active.fetch_add(1, Ordering::AcqRel);
-                        let picked = (
-                            c.send.clone(),
-                            Slot {
-                                active: c.active.clone(),
-                            },
-                        );
+                        let picked = Picked::of(&c);
                         pool.conns.lock().unwrap_or_else(|e| e.into_inner()).push(c);
                         picked
                     }
                 }
             }
         };
+        let Picked { send, peer, slot } = picked;
         let req = self.request(target, client, service_host);
         let mut send = send
             .ready()
@@ -248,6 +302,7 @@ impl HboneClient {
         }
         Ok(HboneStream {
             io: H2Io::new(resp.into_body(), stream),
+            peer,
             _slot: slot,
         })
     }
@@ -284,7 +339,12 @@ impl HboneClient {
         b.body(()).expect("a CONNECT to a socket address is valid")
     }
 
-    async fn dial(&self, peer: SocketAddr, expected: &Identity) -> Result<Pooled, HboneError> {
+    async fn dial(
+        &self,
+        peer: SocketAddr,
+        expected: &[Identity],
+        pool: &Arc<PeerPool>,
+    ) -> Result<Pooled, HboneError> {
         self.inner.dials.fetch_add(1, Ordering::Relaxed);
         let timeout = self.inner.connect_timeout;
         let tcp = tokio::time::timeout(timeout, TcpStream::connect(peer))
@@ -295,7 +355,7 @@ impl HboneClient {
         let cfg = self
             .inner
             .certs
-            .client_config(std::slice::from_ref(expected), &[ALPN_H2])
+            .client_config(expected, &[ALPN_H2])
             .map_err(|e| HboneError::Tls(peer, e.to_string()))?;
         // The peer is verified by SPIFFE identity, not by name; an IP sends no SNI.
         let name = ServerName::IpAddress(peer.ip().into());
@@ -305,8 +365,19 @@ impl HboneClient {
         )
         .await
         .map_err(|_| HboneError::ConnectTimeout(peer))?
-        .map_err(|e| HboneError::Tls(peer, outrigger_tls::describe_handshake_error(&e)))?;
-        let (send, conn) = h2::client::Builder::new()
+        .map_err(|e| {
+            let why = outrigger_tls::describe_handshake_error(&e);
+            if outrigger_tls::is_unexpected_identity(&e) {
+                HboneError::UnexpectedIdentity(peer, why)
+            } else {
+                HboneError::Tls(peer, why)
+            }
+        })?;
+        // The verifier checked the chain and the pin; this reads back which identity it was.
+        let presented =
+            outrigger_tls::peer_identity(tls.get_ref().1.peer_certificates().unwrap_or(&[]))
+                .map_err(|e| HboneError::Tls(peer, e.to_string()))?;
+        let (send, mut conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(FRAME_SIZE)
@@ -317,19 +388,83 @@ impl HboneClient {
             .await
             .map_err(|e| HboneError::Http2(peer, e))?;
         let closed = Arc::new(AtomicBool::new(false));
-        let closed2 = closed.clone();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "HBONE connection ended");
-            }
-            closed2.store(true, Ordering::Release);
-        });
-        tracing::debug!(%peer, identity = %expected, "HBONE connection established");
+        let active = Arc::new(AtomicUsize::new(0));
+        let watch = ConnWatch {
+            peer,
+            closed: closed.clone(),
+            active: active.clone(),
+            pool: pool.clone(),
+            idle_timeout: self.inner.idle_timeout,
+        };
+        let peer_dead = super::spawn_keepalive(conn.ping_pong());
+        tokio::spawn(async move { watch.drive(&mut conn, peer_dead).await });
+        tracing::debug!(%peer, identity = %presented, "HBONE connection established");
         Ok(Pooled {
             send,
-            active: Arc::new(AtomicUsize::new(0)),
+            peer: presented,
+            active,
             closed,
         })
+    }
+}
+
+/// What the task driving one pooled connection needs to release it.
+struct ConnWatch {
+    peer: SocketAddr,
+    closed: Arc<AtomicBool>,
+    active: Arc<AtomicUsize>,
+    pool: Arc<PeerPool>,
+    idle_timeout: Duration,
+}
+
+impl ConnWatch {
+    /// Drives the connection until it ends; takes it out of the pool when the peer stops
+    /// answering PINGs (the connection is dropped, its streams fail) or when it has carried
+    /// no stream for the idle timeout (it then ends gracefully, its last stream finished).
+    async fn drive<T>(
+        self,
+        conn: &mut h2::client::Connection<T, Bytes>,
+        mut peer_dead: tokio::sync::oneshot::Receiver<()>,
+    ) where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let peer = self.peer;
+        let mut keepalive_over = false;
+        let check_every =
+            (self.idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(30));
+        let mut tick = tokio::time::interval(check_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut idle_since: Option<Instant> = None;
+        let mut released = false;
+        loop {
+            tokio::select! {
+                r = &mut *conn => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "HBONE connection ended");
+                    }
+                    break;
+                }
+                r = &mut peer_dead, if !keepalive_over => {
+                    keepalive_over = true;
+                    if r.is_ok() {
+                        tracing::info!(%peer, "HBONE peer did not answer PING in time: closing the connection");
+                        break;
+                    }
+                }
+                _ = tick.tick(), if !released => {
+                    if self.active.load(Ordering::Acquire) > 0 {
+                        idle_since = None;
+                    } else if idle_since.get_or_insert_with(Instant::now).elapsed() >= self.idle_timeout {
+                        tracing::debug!(%peer, "releasing an idle HBONE connection");
+                        self.closed.store(true, Ordering::Release);
+                        self.pool.remove(&self.closed);
+                        released = true;
+                    }
+                }
+            }
+        }
+        self.closed.store(true, Ordering::Release);
+        self.pool.remove(&self.closed);
     }
 }
 
@@ -346,10 +481,16 @@ fn new_traceparent() -> String {
 /// One CONNECT stream to a destination through an HBONE peer.
 pub struct HboneStream {
     io: H2Io,
+    peer: Identity,
     _slot: Slot,
 }
 
 impl HboneStream {
+    /// The SPIFFE identity the HBONE peer presented (verified, one of the expected ones).
+    pub fn peer_identity(&self) -> &Identity {
+        &self.peer
+    }
+
     /// Aborts this stream (`RST_STREAM(CANCEL)`); the connection's other streams go on.
     pub fn reset(&mut self) {
         self.io.reset(h2::Reason::CANCEL);

@@ -29,6 +29,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -57,6 +58,35 @@ pub const MAX_SEND_BUFFER: usize = 400 * 1024;
 /// Concurrent CONNECT streams a server accepts on one connection (hyper's and ztunnel's
 /// default).
 pub const MAX_CONCURRENT_STREAMS: u32 = 200;
+
+const PING_INTERVAL: Duration = Duration::from_secs(10);
+const PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Keepalive, both directions, as ztunnel does: a PING every 10 s; no PONG within 20 s means
+/// the peer is gone.
+///
+/// Pings the peer every [`PING_INTERVAL`]; resolves `Ok(())` when a PING goes unanswered for
+/// [`PING_TIMEOUT`]. The task ends with the connection (its ping then fails).
+pub(crate) fn spawn_keepalive(ping: Option<h2::PingPong>) -> tokio::sync::oneshot::Receiver<()> {
+    let (dead, rx) = tokio::sync::oneshot::channel();
+    if let Some(mut ping) = ping {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PING_INTERVAL).await;
+                match tokio::time::timeout(PING_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
+                    Ok(Ok(_)) => {}
+                    // The connection ended: nothing to report.
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        let _ = dead.send(());
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    rx
+}
 
 /// The inbound HBONE listener's settings.
 #[derive(Debug, Clone)]

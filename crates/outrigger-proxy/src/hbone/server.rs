@@ -10,9 +10,11 @@
 //!   port selects PeerAuthentication's port-level mode and AuthorizationPolicy's `ports`, HTTP
 //!   gets RequestAuthentication and L7 rules per request, TCP gets L4 rules.
 //!
-//! Unlike ztunnel, the `200` is sent before the backend is dialled and before L4
-//! authorization: the stream is then served by the unchanged direct-path code, which denies a
-//! TCP connection by closing it (the stream is reset) and an HTTP request with `403`.
+//! On a `tcp` listener, as in ztunnel, L4 authorization and the backend dial come first: a
+//! denied stream is answered `401`, an unreachable backend `503`, and only then `200`. On an
+//! `http` or `auto` listener the `200` comes first: which rules apply (L7 per request, or L4)
+//! depends on the bytes the caller sends after it; a denied HTTP request gets `403`, a denied
+//! TCP connection (auto-detected) is closed (the stream is reset).
 //!
 //! PeerAuthentication: an HBONE stream is always mutual TLS, so STRICT and PERMISSIVE accept
 //! it; as in ambient, DISABLE does not turn HBONE away either (it only allows plaintext on the
@@ -25,7 +27,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use crate::hbone::request::{self, ConnectRequest};
@@ -36,7 +37,8 @@ use crate::hbone::{
 use crate::inbound::{self, ConnInfo, StreamKind};
 use crate::io::{ByteCounts, Counted};
 use crate::metrics::{Lv, TcpLabels, connection_labels};
-use crate::{Ctx, InboundConfig};
+use crate::tcp_fwd;
+use crate::{Ctx, InboundConfig, Protocol};
 
 /// The listener name in logs and `outrigger_connections_rejected`.
 pub(crate) const LISTENER_NAME: &str = "hbone";
@@ -174,7 +176,7 @@ async fn handle_connection(stream: TcpStream, src: SocketAddr, shared: Arc<Share
     });
     // Keepalive, as ztunnel's HBONE server does: a PING every 10 s; no PONG within 20 s means
     // the peer is gone and the connection (with its streams) is closed.
-    let mut peer_dead = spawn_keepalive(h2.ping_pong());
+    let mut peer_dead = super::spawn_keepalive(h2.ping_pong());
     let mut keepalive_over = false;
     let mut drain = ctx.drain.clone();
     let mut draining = false;
@@ -218,32 +220,6 @@ async fn handle_connection(stream: TcpStream, src: SocketAddr, shared: Arc<Share
     }
 }
 
-const PING_INTERVAL: Duration = Duration::from_secs(10);
-const PING_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Pings the peer every [`PING_INTERVAL`]; resolves `Ok(())` when a PING goes unanswered for
-/// [`PING_TIMEOUT`]. The task ends with the connection (its ping then fails).
-fn spawn_keepalive(ping: Option<h2::PingPong>) -> oneshot::Receiver<()> {
-    let (dead, rx) = oneshot::channel();
-    if let Some(mut ping) = ping {
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(PING_INTERVAL).await;
-                match tokio::time::timeout(PING_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
-                    Ok(Ok(_)) => {}
-                    // The connection ended: nothing to report.
-                    Ok(Err(_)) => return,
-                    Err(_) => {
-                        let _ = dead.send(());
-                        return;
-                    }
-                }
-            }
-        });
-    }
-    rx
-}
-
 /// What the outer (mTLS) connection gives every stream on it.
 struct Outer {
     src: SocketAddr,
@@ -260,6 +236,30 @@ fn reply(respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode) {
         .expect("a status-only response is valid");
     if let Err(e) = respond.send_response(resp, true) {
         tracing::debug!(error = %e, "could not answer the HBONE CONNECT");
+    }
+}
+
+/// Answers a CONNECT with `200`: the stream is open.
+fn accept(mut respond: h2::server::SendResponse<Bytes>) -> Option<h2::SendStream<Bytes>> {
+    let ok = Response::builder()
+        .status(StatusCode::OK)
+        .body(())
+        .expect("a status-only response is valid");
+    match respond.send_response(ok, false) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::debug!(error = %e, "HBONE stream reset before it was answered");
+            None
+        }
+    }
+}
+
+/// ztunnel's statuses (`src/proxy/inbound.rs`): `401 Unauthorized` when authorization denies
+/// the connection, `503 Service Unavailable` when the destination cannot be reached.
+fn refusal_status(why: tcp_fwd::Refusal) -> StatusCode {
+    match why {
+        tcp_fwd::Refusal::Denied => StatusCode::UNAUTHORIZED,
+        tcp_fwd::Refusal::Upstream => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
@@ -359,24 +359,29 @@ async fn serve_connect(
             sni: None,
             labels: stream_labels(&outer.labels, &connect),
         });
-        let ok = Response::builder()
-            .status(StatusCode::OK)
-            .body(())
-            .expect("a status-only response is valid");
-        let send = match respond.send_response(ok, false) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(error = %e, "HBONE stream reset before it was answered");
-                return;
-            }
-        };
         tracing::debug!(
             source = %outer.peer_principal,
             baggage_workload = %connect.baggage.workload_name.as_deref().unwrap_or("-"),
             "HBONE stream accepted"
         );
-        let io = H2Io::new(recv, send);
         let ctx = shared.ctx.clone();
+        if conn.listener.protocol == Protocol::Tcp {
+            // Opaque TCP: authorize and dial the backend before answering, as ztunnel does, so
+            // the caller learns the outcome from the status (401 denied, 503 unreachable).
+            let open = move |r: Result<(), tcp_fwd::Refusal>| match r {
+                Ok(()) => accept(respond).map(|send| H2Io::new(recv, send)),
+                Err(why) => {
+                    reply(&mut respond, refusal_status(why));
+                    None
+                }
+            };
+            tcp_fwd::serve_deferred(open, conn, ctx).await;
+            return;
+        }
+        // HTTP or `auto`: the protocol (and so which rules apply) is known only from the
+        // stream's first bytes, which the caller sends after the 200.
+        let Some(send) = accept(respond) else { return };
+        let io = H2Io::new(recv, send);
         let Some((io, kind)) = inbound::classify_stream(io, None, &conn, &ctx).await else {
             return;
         };
@@ -410,7 +415,6 @@ async fn serve_connect(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Protocol;
 
     fn l(name: &str, listen: &str) -> Arc<InboundConfig> {
         Arc::new(InboundConfig {

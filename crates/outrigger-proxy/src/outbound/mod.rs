@@ -56,6 +56,19 @@ impl OutboundProtocol {
     }
 }
 
+/// How upstream connections to a destination are made.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// mTLS straight to the endpoint, as an Istio sidecar originates it (Istio ALPN and SNI).
+    #[default]
+    Mtls,
+    /// HBONE, as ztunnel originates it: each upstream connection is an HTTP/2 CONNECT stream
+    /// to `<endpoint ip>:<port>` over a pooled mTLS connection to `peer` (a waypoint, or a
+    /// node's ztunnel); `None`: the endpoint's own HBONE port, `<endpoint ip>:15008` (its
+    /// ztunnel captures it, or it is another Outrigger).
+    Hbone { peer: Option<SocketAddr> },
+}
+
 /// One configured endpoint address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EndpointAddr {
@@ -183,6 +196,7 @@ pub struct OutboundConfig {
     pub endpoints: Vec<EndpointAddr>,
     /// The endpoints are an east-west gateway (AUTO_PASSTHROUGH by SNI), not the workloads.
     pub via_gateway: bool,
+    pub transport: Transport,
     /// The server must present one of these SPIFFE IDs (empty: refused at config time).
     pub expected_identities: Vec<Identity>,
     pub lb: LbPolicy,
@@ -213,6 +227,7 @@ impl OutboundConfig {
             protocol: OutboundProtocol::Http,
             endpoints,
             via_gateway: false,
+            transport: Transport::Mtls,
             expected_identities: expected,
             lb: LbPolicy::LeastRequest,
             pool: ConnectionPool::default(),
@@ -245,9 +260,19 @@ pub struct OutboundProxyConfig {
     pub allow_plain_egress: bool,
 }
 
+/// [`Transport`] at run time.
+pub(crate) enum DestTransport {
+    Mtls,
+    Hbone {
+        client: crate::hbone::HboneClient,
+        peer: Option<SocketAddr>,
+    },
+}
+
 /// A destination at run time.
 pub(crate) struct Destination {
     pub cfg: OutboundConfig,
+    pub transport: DestTransport,
     pub endpoints: endpoints::EndpointSet,
     pub tls: pool::TlsConfigs,
     /// `<host>:<port>`, the authority sent upstream when the application used an IP literal.
@@ -281,6 +306,22 @@ impl Bound {
     }
 }
 
+/// Who this workload is, as ztunnel tells its HBONE peers in `baggage`.
+fn hbone_source(w: &crate::WorkloadInfo) -> crate::hbone::SourceInfo {
+    let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    crate::hbone::SourceInfo {
+        baggage: crate::hbone::Baggage {
+            cluster: some(&w.cluster),
+            namespace: some(&w.namespace),
+            workload_name: some(&w.name),
+            service_name: some(&w.canonical_service),
+            revision: some(&w.canonical_revision),
+            ..Default::default()
+        },
+        kind: "workloadentry".into(),
+    }
+}
+
 fn bind_err(what: &str, addr: SocketAddr, e: std::io::Error) -> std::io::Error {
     std::io::Error::new(e.kind(), format!("{what}: cannot listen on {addr}: {e}"))
 }
@@ -294,6 +335,18 @@ pub(crate) async fn bind(
     certs: &outrigger_tls::CertStore,
 ) -> std::io::Result<Bound> {
     let source = crate::metrics::source_labels(workload);
+    // One HBONE client for every destination: connections are pooled per (peer, identities),
+    // so destinations behind the same ztunnel or waypoint share them.
+    let hbone = configs
+        .iter()
+        .any(|c| matches!(c.transport, Transport::Hbone { .. }))
+        .then(|| {
+            crate::hbone::HboneClient::new(
+                certs.clone(),
+                &hbone_source(workload),
+                Duration::from_secs(10),
+            )
+        });
     let mut destinations = Vec::new();
     let mut listeners = Vec::new();
     for cfg in configs {
@@ -311,7 +364,15 @@ pub(crate) async fn bind(
                 cfg.sni()
             ))
         })?;
+        let transport = match (&cfg.transport, &hbone) {
+            (Transport::Hbone { peer }, Some(client)) => DestTransport::Hbone {
+                client: client.clone(),
+                peer: *peer,
+            },
+            _ => DestTransport::Mtls,
+        };
         let dest = Arc::new(Destination {
+            transport,
             endpoints: endpoints::EndpointSet::new(&cfg.endpoints, cfg.lb, cfg.outlier.clone()),
             tls: pool::TlsConfigs::new(certs.clone(), cfg.expected_identities.clone()),
             authority,
@@ -360,6 +421,10 @@ pub(crate) fn spawn(bound: Bound, ctx: &Arc<Ctx>, tasks: &mut tokio::task::JoinS
             listen = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             destination = %dest.authority,
             protocol = dest.cfg.protocol.as_str(),
+            transport = match dest.transport {
+                DestTransport::Mtls => "mtls",
+                DestTransport::Hbone { .. } => "hbone",
+            },
             sni = %dest.cfg.sni(),
             "outbound listener ready"
         );

@@ -7,12 +7,18 @@
 //! chain is verified against the mesh roots and its SPIFFE ID pinned by
 //! [`outrigger_tls::client_config`].
 //!
+//! With `transport: hbone` an upstream connection is instead a CONNECT stream to the endpoint
+//! through an HBONE peer (its ztunnel, a waypoint or another Outrigger), carrying the
+//! application's protocol as is; the HBONE client pools and multiplexes the mTLS connections.
+//!
 //! Pools are per endpoint: HTTP/1.1 connections are kept alive and reused one request at a
 //! time; an HTTP/2 connection is shared by every concurrent request to the endpoint.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,6 +26,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1 as client1, http2 as client2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -27,8 +34,9 @@ use outrigger_identity::Identity;
 use outrigger_tls::CertStore;
 use outrigger_tls::rustls::ClientConfig;
 
-use super::Destination;
 use super::endpoints::Endpoint;
+use super::{DestTransport, Destination};
+use crate::hbone::{DEFAULT_PORT as HBONE_PORT, HboneError, HboneStream};
 use crate::metrics::Lv;
 
 /// The body sent upstream: the application's (counted), or nothing.
@@ -82,6 +90,8 @@ pub enum ConnectError {
     Http(SocketAddr, hyper::Error),
     #[error("connection to {0} closed before the request could be sent")]
     Closed(SocketAddr),
+    #[error("{0}")]
+    Hbone(HboneError),
 }
 
 impl ConnectError {
@@ -91,7 +101,7 @@ impl ConnectError {
             ConnectError::Handshake {
                 identity_mismatch: true,
                 ..
-            }
+            } | ConnectError::Hbone(HboneError::UnexpectedIdentity(..))
         )
     }
 }
@@ -135,22 +145,110 @@ impl TlsConfigs {
     }
 }
 
-fn is_identity_mismatch(e: &std::io::Error) -> bool {
-    use outrigger_tls::rustls::{CertificateError, Error};
-    e.get_ref()
-        .and_then(|inner| inner.downcast_ref::<Error>())
-        .is_some_and(|re| match re {
-            Error::InvalidCertificate(CertificateError::Other(o)) => matches!(
-                o.0.downcast_ref::<outrigger_tls::PeerVerifyError>(),
-                Some(outrigger_tls::PeerVerifyError::UnexpectedIdentity { .. })
-            ),
-            _ => false,
-        })
+/// One upstream connection: mTLS straight to the endpoint, or a CONNECT stream through an
+/// HBONE peer (the outer mTLS belongs to the pooled HTTP/2 connection). Either way the bytes
+/// inside are the application's protocol.
+pub(crate) enum Upstream {
+    Tls(Box<TlsStream<TcpStream>>),
+    Hbone(HboneStream),
+}
+
+impl AsyncRead for Upstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Upstream::Hbone(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Upstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Upstream::Hbone(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Upstream::Hbone(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Upstream::Tls(s) => s.is_write_vectored(),
+            Upstream::Hbone(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Upstream::Hbone(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Upstream::Hbone(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Opens one upstream connection to the endpoint `addr` with the destination's transport,
+/// bounded by `connectTimeout`. Returns it with the server's verified SPIFFE ID (for HBONE:
+/// the peer's, which is the workload's own when the peer is its ztunnel or Outrigger).
+pub(crate) async fn connect(
+    dest: &Destination,
+    addr: SocketAddr,
+    alpn: Alpn,
+) -> Result<(Upstream, Lv), ConnectError> {
+    match &dest.transport {
+        DestTransport::Mtls => {
+            let (tls, peer) = connect_tls(dest, addr, alpn).await?;
+            Ok((Upstream::Tls(Box::new(tls)), peer))
+        }
+        DestTransport::Hbone { client, peer } => {
+            let peer_addr = peer.unwrap_or_else(|| SocketAddr::new(addr.ip(), HBONE_PORT));
+            let timeout = dest.cfg.pool.connect_timeout;
+            let stream = tokio::time::timeout(
+                timeout,
+                client.connect_from(
+                    peer_addr,
+                    &dest.cfg.expected_identities,
+                    addr,
+                    None,
+                    Some(&dest.cfg.host),
+                ),
+            )
+            .await
+            .map_err(|_| ConnectError::Timeout(peer_addr, timeout))?
+            .map_err(ConnectError::Hbone)?;
+            let peer = Lv::new(&stream.peer_identity().to_string());
+            Ok((Upstream::Hbone(stream), peer))
+        }
+    }
 }
 
 /// TCP connect + mTLS handshake, together bounded by `connectTimeout`. Returns the stream and
 /// the server's verified SPIFFE ID.
-pub(crate) async fn connect_tls(
+async fn connect_tls(
     dest: &Destination,
     addr: SocketAddr,
     alpn: Alpn,
@@ -167,7 +265,7 @@ pub(crate) async fn connect_tls(
             .await
             .map_err(|e| ConnectError::Handshake {
                 addr,
-                identity_mismatch: is_identity_mismatch(&e),
+                identity_mismatch: outrigger_tls::is_unexpected_identity(&e),
                 reason: outrigger_tls::describe_handshake_error(&e),
             })?;
         let (_, session) = tls.get_ref();
@@ -321,7 +419,7 @@ async fn send_h1(
             },
         }
     }
-    let (tls, peer) = match connect_tls(dest, ep.addr, Alpn::Http1).await {
+    let (tls, peer) = match connect(dest, ep.addr, Alpn::Http1).await {
         Ok(c) => c,
         Err(e) => return Err(SendError::Connect(e, Box::new(req))),
     };
@@ -384,7 +482,7 @@ async fn h2_conn(dest: &Destination, ep: &Endpoint) -> Result<H2Conn, ConnectErr
     {
         return Ok(c.clone());
     }
-    let (tls, peer) = connect_tls(dest, ep.addr, Alpn::Http2).await?;
+    let (tls, peer) = connect(dest, ep.addr, Alpn::Http2).await?;
     let (tx, conn) = client2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         // Detect a dead peer on an otherwise idle multiplexed connection.

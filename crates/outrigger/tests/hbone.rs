@@ -430,6 +430,7 @@ async fn idle_hbone_connections_are_released_and_busy_ones_kept() {
     // A stream open for longer than the idle timeout keeps its connection.
     let mut s = etl.connect(hbone, &me, db).await.unwrap();
     assert_eq!(s.peer_identity(), &me, "the stream names the verified peer");
+    assert_eq!(etl.open_connections(), 1);
     tokio::time::sleep(idle * 4).await;
     s.write_all(b"still here").await.unwrap();
     let mut buf = [0u8; 10];
@@ -440,8 +441,16 @@ async fn idle_hbone_connections_are_released_and_busy_ones_kept() {
     let s = etl.connect(hbone, &me, db).await.unwrap();
     assert_eq!(etl.dials(), 1);
     drop(s);
-    // ...released once idle for the timeout: the next stream dials again.
-    tokio::time::sleep(idle * 4).await;
+    // ...released once idle for the timeout: the connection closes (its task ends)...
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while etl.open_connections() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle connection was never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...and the next stream dials again.
     let s = etl.connect(hbone, &me, db).await.unwrap();
     let back = within("after release", echo(s, 1000, 9)).await.unwrap();
     assert!(back == pattern(1000, 9));

@@ -186,6 +186,8 @@ struct Inner {
     idle_timeout: Duration,
     pools: Mutex<HashMap<Key, Arc<PeerPool>>>,
     dials: AtomicU64,
+    /// Connections whose driving task is still running.
+    live: Arc<AtomicUsize>,
 }
 
 /// A pool of HBONE connections. Cheap to clone; clones share the pool.
@@ -224,6 +226,7 @@ impl HboneClient {
                 idle_timeout,
                 pools: Mutex::new(HashMap::new()),
                 dials: AtomicU64::new(0),
+                live: Arc::new(AtomicUsize::new(0)),
             }),
         }
     }
@@ -313,6 +316,11 @@ impl HboneClient {
         self.inner.dials.load(Ordering::Relaxed)
     }
 
+    /// How many HBONE connections are open (pooled, or released and finishing their streams).
+    pub fn open_connections(&self) -> usize {
+        self.inner.live.load(Ordering::Acquire)
+    }
+
     fn request(
         &self,
         target: SocketAddr,
@@ -395,7 +403,9 @@ impl HboneClient {
             active: active.clone(),
             pool: pool.clone(),
             idle_timeout: self.inner.idle_timeout,
+            live: self.inner.live.clone(),
         };
+        watch.live.fetch_add(1, Ordering::AcqRel);
         let peer_dead = super::spawn_keepalive(conn.ping_pong());
         tokio::spawn(async move { watch.drive(&mut conn, peer_dead).await });
         tracing::debug!(%peer, identity = %presented, "HBONE connection established");
@@ -415,6 +425,7 @@ struct ConnWatch {
     active: Arc<AtomicUsize>,
     pool: Arc<PeerPool>,
     idle_timeout: Duration,
+    live: Arc<AtomicUsize>,
 }
 
 impl ConnWatch {
@@ -465,6 +476,7 @@ impl ConnWatch {
         }
         self.closed.store(true, Ordering::Release);
         self.pool.remove(&self.closed);
+        self.live.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -47,60 +47,55 @@ where
     ctx.metrics.tcp_opened.get_or_create(&labels).inc();
     let counts = Arc::new(ByteCounts::default());
     let mut verdict = authz::check_tcp(&ctx, &conn);
-    let flags;
     let mut published = (0u64, 0u64);
-    let mut open = Some(open);
-    let mut refuse = |why| {
-        if let Some(open) = open.take() {
-            open(Err(why));
-        }
-    };
 
-    if verdict.deny.is_none() {
-        match tokio::time::timeout(
-            ctx.settings.connect_timeout,
-            TcpStream::connect(conn.listener.backend),
-        )
-        .await
+    let dialed = if verdict.deny.is_some() {
+        Err(Refusal::Denied)
+    } else {
+        let backend = conn.listener.backend;
+        match tokio::time::timeout(ctx.settings.connect_timeout, TcpStream::connect(backend)).await
         {
-            Ok(Ok(upstream)) => {
-                let _ = upstream.set_nodelay(true);
-                match open.take().and_then(|open| open(Ok(()))) {
-                    Some(io) => {
-                        let (f, v) =
-                            pump(io, upstream, &conn, &ctx, &counts, &labels, &mut published).await;
-                        flags = f;
-                        if let Some(v) = v {
-                            verdict = v;
-                        }
-                    }
-                    // The downstream went away before it was answered.
-                    None => flags = "DC",
-                }
-            }
+            Ok(Ok(upstream)) => Ok(upstream),
             Ok(Err(e)) => {
-                refuse(Refusal::Upstream);
-                flags = "UF";
                 tracing::warn!(
-                    listener = %conn.listener.name,
-                    backend = %conn.listener.backend,
+                    listener = %conn.listener.name, %backend,
                     "cannot connect to backend: {e}; closing the connection"
                 );
+                Err(Refusal::Upstream)
             }
             Err(_) => {
-                refuse(Refusal::Upstream);
-                flags = "UF";
                 tracing::warn!(
-                    listener = %conn.listener.name,
-                    backend = %conn.listener.backend,
+                    listener = %conn.listener.name, %backend,
                     "connect to backend timed out; closing the connection"
                 );
+                Err(Refusal::Upstream)
             }
         }
-    } else {
-        refuse(Refusal::Denied);
-        flags = "RBAC";
-    }
+    };
+    let flags = match dialed {
+        Ok(upstream) => {
+            let _ = upstream.set_nodelay(true);
+            match open(Ok(())) {
+                Some(io) => {
+                    let (f, v) =
+                        pump(io, upstream, &conn, &ctx, &counts, &labels, &mut published).await;
+                    if let Some(v) = v {
+                        verdict = v;
+                    }
+                    f
+                }
+                // The downstream went away before it was answered.
+                None => "DC",
+            }
+        }
+        Err(why) => {
+            open(Err(why));
+            match why {
+                Refusal::Denied => "RBAC",
+                Refusal::Upstream => "UF",
+            }
+        }
+    };
 
     ctx.metrics
         .publish_tcp_bytes(&labels, &counts, &mut published);

@@ -46,16 +46,6 @@ spec:
 
 const HBONE: &str = "hbone:\n  listen: 127.0.0.1:0\n";
 
-fn hbone_addr(agent: &AgentProc) -> SocketAddr {
-    let text = std::fs::read_to_string(agent.dir.join("ready.json")).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v["hbone"]
-        .as_str()
-        .expect("the ready file names the HBONE listener")
-        .parse()
-        .unwrap()
-}
-
 fn client(mesh: &Mesh, who: &Issued, workload: &str) -> HboneClient {
     client_with_idle(
         mesh,
@@ -173,7 +163,7 @@ async fn hbone_streams_get_the_direct_paths_policy_identity_and_metrics() {
         ),
         &[("RUST_LOG", "info,outrigger_proxy::hbone=debug")],
     );
-    let hbone = hbone_addr(&agent);
+    let hbone = agent.hbone_addr();
     let web = agent.addr("web");
     let db = agent.addr("db");
     let me = mesh.agent_id();
@@ -311,7 +301,7 @@ async fn many_streams_on_one_connection_large_transfers_and_a_reset_that_hurts_n
     mesh.policy("authz.yaml", POLICIES);
     let echo_tcp = start_tcp_echo().await;
     let agent = AgentProc::start(mesh.dir(), &mesh.config(&[("db", echo_tcp, "tcp")], HBONE));
-    let hbone = hbone_addr(&agent);
+    let hbone = agent.hbone_addr();
     let db = agent.addr("db");
     let me = mesh.agent_id();
     let etl = client(&mesh, &mesh.pki.issue("default", "etl"), "etl-vm");
@@ -389,7 +379,7 @@ async fn hbone_refuses_peers_outside_the_mesh() {
     mesh.policy("pa.yaml", MESH_STRICT);
     let echo_tcp = start_tcp_echo().await;
     let agent = AgentProc::start(mesh.dir(), &mesh.config(&[("db", echo_tcp, "tcp")], HBONE));
-    let hbone = hbone_addr(&agent);
+    let hbone = agent.hbone_addr();
 
     // Another CA's certificate: the outer handshake fails before any stream. (The client
     // skips server verification, so only the server side can refuse.)
@@ -421,7 +411,7 @@ async fn idle_hbone_connections_are_released_and_busy_ones_kept() {
     mesh.policy("authz.yaml", POLICIES);
     let echo_tcp = start_tcp_echo().await;
     let agent = AgentProc::start(mesh.dir(), &mesh.config(&[("db", echo_tcp, "tcp")], HBONE));
-    let hbone = hbone_addr(&agent);
+    let hbone = agent.hbone_addr();
     let db = agent.addr("db");
     let me = mesh.agent_id();
     let idle = Duration::from_millis(300);

@@ -809,13 +809,6 @@ async fn connect_and_request_timeouts() {
     silent_task.abort();
 }
 
-/// The HBONE listener's address from the agent's ready file.
-fn hbone_addr(agent: &AgentProc) -> SocketAddr {
-    let text = std::fs::read_to_string(agent.dir.join("ready.json")).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v["hbone"].as_str().unwrap().parse().unwrap()
-}
-
 /// `transport: hbone`: the client agent's outbound listeners reach a server agent through its
 /// HBONE listener (HTTP/2 CONNECT streams over one pooled mTLS connection), as an ambient
 /// workload reaches another: HTTP/1.1, HTTP/2 and TCP inside; the server applies its policy
@@ -863,7 +856,7 @@ spec:
             hbone_cfg,
         ),
     );
-    let peer = hbone_addr(&server);
+    let peer = server.hbone_addr();
     let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
     let dest = |name: &str, port: u16, proto: &str, endpoint: SocketAddr, id: &str| {
         format!(

@@ -85,6 +85,17 @@ impl AgentProc {
         self.inbound[listener]
     }
 
+    /// The HBONE listener's address, from the ready file (the config must enable `hbone:`).
+    pub fn hbone_addr(&self) -> SocketAddr {
+        let text = std::fs::read_to_string(self.dir.join("ready.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["hbone"]
+            .as_str()
+            .expect("the ready file names the HBONE listener")
+            .parse()
+            .unwrap()
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
     }

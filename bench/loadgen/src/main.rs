@@ -73,6 +73,11 @@ struct BackendArgs {
     /// Exit after this many seconds (a bound, so a forgotten backend does not live forever).
     #[arg(long, default_value_t = 3600)]
     max_lifetime_secs: u64,
+    /// Add `x-backend-http-version: HTTP/1.1|HTTP/2` to every response: the HTTP version the
+    /// request reached the backend with (the outbound benchmark uses it to tell which protocol
+    /// an origin proxy spoke upstream, which the inbound agent reproduces towards the backend).
+    #[arg(long)]
+    version_header: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -214,13 +219,25 @@ async fn backend(a: BackendArgs) -> Result<()> {
             };
             let _ = s.set_nodelay(true);
             let body = body.clone();
+            let version_header = a.version_header;
             tokio::spawn(async move {
-                let svc = service_fn(move |_req: Request<Incoming>| {
+                let svc = service_fn(move |req: Request<Incoming>| {
                     let body = body.clone();
                     async move {
                         let mut r = Response::new(Full::new(body));
                         r.headers_mut()
                             .insert("content-type", http::HeaderValue::from_static("text/plain"));
+                        if version_header {
+                            let v = match req.version() {
+                                http::Version::HTTP_2 => "HTTP/2",
+                                http::Version::HTTP_10 => "HTTP/1.0",
+                                _ => "HTTP/1.1",
+                            };
+                            r.headers_mut().insert(
+                                "x-backend-http-version",
+                                http::HeaderValue::from_static(v),
+                            );
+                        }
                         Ok::<_, std::convert::Infallible>(r)
                     }
                 });

@@ -1,30 +1,109 @@
 //! HTTP pieces shared by the inbound and outbound paths.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use hyper_util::server::graceful::GracefulConnection;
 
 /// Runs a server connection; on drain, lets in-flight requests finish and closes.
 pub(crate) async fn drive<C>(
     conn: C,
-    mut drain: tokio::sync::watch::Receiver<bool>,
+    drain: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), C::Error>
 where
     C: GracefulConnection,
+{
+    drive_with(conn, drain, |c| c.graceful_shutdown()).await
+}
+
+/// [`drive`] for connections hyper-util has no `GracefulConnection` for (those serving
+/// upgrades): `shutdown` starts their graceful shutdown.
+pub(crate) async fn drive_with<C, E>(
+    conn: C,
+    mut drain: tokio::sync::watch::Receiver<bool>,
+    shutdown: impl FnOnce(Pin<&mut C>),
+) -> Result<(), E>
+where
+    C: Future<Output = Result<(), E>>,
 {
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => return r,
         _ = drain.wait_for(|d| *d) => {}
     }
-    conn.as_mut().graceful_shutdown();
+    shutdown(conn.as_mut());
     conn.await
+}
+
+/// A WebSocket opening handshake (RFC 6455 §4.1): HTTP/1.1 with `Connection: upgrade` and
+/// `Upgrade: websocket`. Istio's sidecars forward this upgrade (and only this one) by default
+/// (`upgrade_configs: [{upgrade_type: websocket}]`); any other `Upgrade` stays hop-by-hop and is
+/// removed, so an `h2c` upgrade is never honoured.
+pub(crate) fn is_websocket_upgrade(parts: &http::request::Parts) -> bool {
+    let h = &parts.headers;
+    parts.version == http::Version::HTTP_11
+        && h.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+        && h.get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+}
+
+/// Puts back the two headers that make a request (or a `101` response) a WebSocket upgrade,
+/// after [`strip_hop_by_hop`] removed them with the other hop-by-hop headers.
+pub(crate) fn set_websocket_upgrade(h: &mut HeaderMap) {
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+}
+
+/// Why a WebSocket tunnel ended early.
+pub(crate) enum TunnelEnd {
+    /// Either side closed, or the connection broke.
+    Closed,
+    /// `stop` resolved (a policy change denied it).
+    Stopped,
+}
+
+/// After a `101`: copies bytes both ways between the client's and the server's upgraded
+/// connections until either side closes or `stop` resolves, counting in `counts` the bytes
+/// read from the client (`received`) and written to it (`sent`). Like an opaque TCP
+/// connection it has no request boundary to drain at: it runs until the drain timeout.
+pub(crate) async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    server: hyper::upgrade::OnUpgrade,
+    counts: Arc<crate::io::ByteCounts>,
+    stop: impl Future<Output = ()>,
+) -> TunnelEnd {
+    let (client, server) = match tokio::try_join!(client, server) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::debug!(error = %e, "WebSocket upgrade did not complete");
+            return TunnelEnd::Closed;
+        }
+    };
+    let mut client = crate::io::Counted::new(hyper_util::rt::TokioIo::new(client), counts);
+    let mut server = hyper_util::rt::TokioIo::new(server);
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut server);
+    tokio::pin!(copy);
+    tokio::pin!(stop);
+    tokio::select! {
+        r = &mut copy => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "WebSocket tunnel ended with an error");
+            }
+            TunnelEnd::Closed
+        }
+        _ = &mut stop => TunnelEnd::Stopped,
+    }
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) are for one connection and are not forwarded.
@@ -87,5 +166,49 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Metered<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(version: http::Version, headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut b = http::Request::get("/chat").version(version);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn only_http11_websocket_upgrades_are_honoured() {
+        use http::Version;
+        let ws = [
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "WebSocket"),
+        ];
+        assert!(is_websocket_upgrade(&parts(Version::HTTP_11, &ws)));
+        // h2c and other protocols: the Upgrade header is dropped as hop-by-hop.
+        let h2c = [
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+        ];
+        assert!(!is_websocket_upgrade(&parts(Version::HTTP_11, &h2c)));
+        // Upgrade without `Connection: upgrade` is not an upgrade request.
+        assert!(!is_websocket_upgrade(&parts(
+            Version::HTTP_11,
+            &[("upgrade", "websocket")]
+        )));
+        // HTTP/1.0 has no Upgrade; HTTP/2 uses extended CONNECT instead (not supported).
+        assert!(!is_websocket_upgrade(&parts(Version::HTTP_10, &ws)));
+        assert!(!is_websocket_upgrade(&parts(Version::HTTP_2, &ws)));
+
+        let mut h = parts(Version::HTTP_11, &ws).headers;
+        strip_hop_by_hop(&mut h);
+        assert!(h.get(header::UPGRADE).is_none());
+        set_websocket_upgrade(&mut h);
+        assert_eq!(h[header::CONNECTION], "upgrade");
+        assert_eq!(h[header::UPGRADE], "websocket");
     }
 }

@@ -28,7 +28,10 @@ use tokio::sync::watch;
 use crate::Ctx;
 use crate::access_log::{AccessRecord, now_rfc3339};
 use crate::authz;
-use crate::http_common::{Metered, drive, strip_hop_by_hop};
+use crate::http_common::{
+    Metered, TunnelEnd, drive, drive_with, is_websocket_upgrade, set_websocket_upgrade,
+    strip_hop_by_hop, tunnel,
+};
 use crate::inbound::ConnInfo;
 use crate::metrics::{Lv, RequestLabels};
 use prometheus_client::metrics::counter::Counter;
@@ -73,8 +76,9 @@ where
         let c = server1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(Duration::from_secs(30))
-            .serve_connection(io, svc);
-        drive(c, drain).await
+            .serve_connection(io, svc)
+            .with_upgrades();
+        drive_with(c, drain, |c| c.graceful_shutdown()).await
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "downstream HTTP connection ended with an error");
@@ -149,6 +153,27 @@ impl Backend {
         }
     }
 
+    /// Sends a WebSocket upgrade request on a connection of its own: after a `101` the
+    /// connection belongs to the tunnel, so it must not be the one later requests share.
+    async fn upgrade(&self, req: Request<ReqBody>) -> Result<Response<Incoming>, BackendError> {
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr))
+            .await
+            .map_err(|_| BackendError::ConnectTimeout(self.addr))?
+            .map_err(|e| BackendError::Connect(self.addr, e))?;
+        let _ = stream.set_nodelay(true);
+        let (mut tx, conn) = client1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| BackendError::Http(self.addr, e))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "backend WebSocket connection ended");
+            }
+        });
+        tx.send_request(req)
+            .await
+            .map_err(|e| BackendError::Http(self.addr, e))
+    }
+
     /// Sends one request. A request that never left because the pooled connection had just
     /// been closed by the application is sent again on a fresh connection.
     async fn send(&self, req: Request<ReqBody>) -> Result<Response<Incoming>, BackendError> {
@@ -211,6 +236,7 @@ async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
+    let websocket = is_websocket_upgrade(&parts);
     let protocol = if parts.version == http::Version::HTTP_2 {
         "HTTP/2"
     } else {
@@ -290,6 +316,12 @@ async fn handle(
     }
     let received = Arc::new(AtomicU64::new(0));
     rec.received = Some(received.clone());
+    let client_upgrade = if websocket {
+        set_websocket_upgrade(&mut parts.headers);
+        parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+    } else {
+        None
+    };
     let req = Request::from_parts(
         parts,
         Metered {
@@ -297,7 +329,17 @@ async fn handle(
             counter: received,
         },
     );
-    match backend.send(req).await {
+    let sent = match client_upgrade {
+        Some(_) => backend.upgrade(req).await,
+        None => backend.send(req).await,
+    };
+    if let (Some(client), Ok(resp)) = (client_upgrade, &sent)
+        && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+    {
+        let resp = sent.expect("matched Ok");
+        return Ok(websocket_tunnel(client, resp, rec, inflight, &ctx));
+    }
+    match sent {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
@@ -332,6 +374,68 @@ async fn handle(
             ))
         }
     }
+}
+
+/// The backend accepted a WebSocket upgrade: answers the client `101` with the backend's
+/// headers and joins the two upgraded connections in a task. The request is recorded (code
+/// 101, with the tunnel's bytes and duration) when the tunnel ends, as Envoy logs an upgraded
+/// stream. A policy change that denies the request now closes the tunnel.
+fn websocket_tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    mut resp: Response<Incoming>,
+    mut rec: Recorder,
+    inflight: Option<authz::InFlight>,
+    ctx: &Arc<Ctx>,
+) -> Response<ProxyBody> {
+    let server = hyper::upgrade::on(&mut resp);
+    let (mut parts, _) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    set_websocket_upgrade(&mut parts.headers);
+    rec.code = StatusCode::SWITCHING_PROTOCOLS.as_u16();
+    let mut policy_rx = ctx.policy.subscribe();
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let counts = Arc::new(crate::io::ByteCounts::default());
+        let mut revoked = None;
+        let stop = async {
+            let Some(inflight) = &inflight else {
+                return future::pending().await;
+            };
+            while policy_rx.changed().await.is_ok() {
+                let v = authz::recheck(&ctx, &rec.conn, inflight);
+                if v.deny.is_some() {
+                    revoked = Some(v);
+                    return;
+                }
+            }
+            future::pending().await
+        };
+        if let TunnelEnd::Stopped = tunnel(client, server, counts.clone(), stop).await
+            && let Some(v) = revoked
+        {
+            tracing::info!(
+                src = %rec.conn.src,
+                source = rec.conn.source_principal_str(),
+                policy = v.policy.as_deref().unwrap_or("-"),
+                "policy changed: closing a WebSocket connection that is now denied"
+            );
+            rec.flags = "RBAC";
+            rec.authz_result = Some(v.result);
+        }
+        rec.sent += counts.sent();
+        if let Some(r) = &rec.received {
+            r.fetch_add(counts.received(), Ordering::Relaxed);
+        }
+        rec.finish();
+    });
+    Response::from_parts(
+        parts,
+        ProxyBody {
+            inner: Either::Right(Full::new(Bytes::new())),
+            reauth: None,
+            rec: None,
+        },
+    )
 }
 
 fn local_reply(status: StatusCode, body: &'static str, mut rec: Recorder) -> Response<ProxyBody> {

@@ -38,7 +38,9 @@ use super::pool::{self, H1Lease, SendError, UpBody};
 use super::{Destination, OutboundProtocol};
 use crate::Ctx;
 use crate::access_log::{AccessRecord, now_rfc3339};
-use crate::http_common::{Metered, drive, strip_hop_by_hop};
+use crate::http_common::{
+    Metered, drive_with, is_websocket_upgrade, set_websocket_upgrade, strip_hop_by_hop, tunnel,
+};
 use crate::metrics::{Lv, RequestLabels, TcpLabels};
 
 /// Envoy's local-reply bodies, so that applications and dashboards see the text they know.
@@ -132,8 +134,8 @@ pub(crate) async fn serve(stream: TcpStream, src: SocketAddr, route: Route, ctx:
     let svc_ctx = ctx.clone();
     let svc = service_fn(move |req| handle(req, src, dst, route.clone(), svc_ctx.clone()));
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-    if let Err(e) = drive(conn, drain).await {
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    if let Err(e) = drive_with(conn, drain, |c| c.graceful_shutdown()).await {
         tracing::debug!(error = %e, "application HTTP connection ended with an error");
     }
 }
@@ -294,10 +296,20 @@ async fn forward(
         start,
     );
     let downstream_version = parts.version;
+    let websocket = is_websocket_upgrade(&parts);
     strip_hop_by_hop(&mut parts.headers);
-    let h2 = dest.cfg.protocol == OutboundProtocol::Http2
-        || dest.cfg.pool.h2_upgrade
-        || downstream_version == Version::HTTP_2;
+    // A WebSocket upgrade always goes upstream as HTTP/1.1, on a connection of its own (an
+    // HTTP/2 destination's sidecar accepts HTTP/1.1 too: it matches `istio-http/1.1`).
+    let client_upgrade = if websocket {
+        set_websocket_upgrade(&mut parts.headers);
+        parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+    } else {
+        None
+    };
+    let h2 = client_upgrade.is_none()
+        && (dest.cfg.protocol == OutboundProtocol::Http2
+            || dest.cfg.pool.h2_upgrade
+            || downstream_version == Version::HTTP_2);
     let pq = parts
         .uri
         .path_and_query()
@@ -367,7 +379,13 @@ async fn forward(
             (None, Some(p)) => Some(Instant::now() + p),
             (None, None) => None,
         };
-        let send = pool::send(&dest, &ep, request, h2);
+        let send = async {
+            if client_upgrade.is_some() {
+                pool::send_upgrade(&dest, &ep, request).await
+            } else {
+                pool::send(&dest, &ep, request, h2).await
+            }
+        };
         let result = match try_deadline {
             Some(d) => match tokio::time::timeout_at(d.into(), send).await {
                 Ok(r) => r,
@@ -397,7 +415,35 @@ async fn forward(
                 };
                 dest.endpoints.report(&ep, outcome);
                 rec.peer = sent.peer;
-                let (mut rparts, rbody) = sent.response.into_parts();
+                let mut response = sent.response;
+                if status == StatusCode::SWITCHING_PROTOCOLS
+                    && let Some(client) = client_upgrade
+                {
+                    let server = hyper::upgrade::on(&mut response);
+                    let (mut rparts, _) = response.into_parts();
+                    strip_hop_by_hop(&mut rparts.headers);
+                    set_websocket_upgrade(&mut rparts.headers);
+                    rec.code = status.as_u16();
+                    // Recorded when the tunnel ends, with its bytes and duration.
+                    tokio::spawn(async move {
+                        let counts = Arc::new(crate::io::ByteCounts::default());
+                        let _active = active;
+                        tunnel(client, server, counts.clone(), std::future::pending()).await;
+                        rec.sent += counts.sent();
+                        rec.received.fetch_add(counts.received(), Ordering::Relaxed);
+                        rec.finish();
+                    });
+                    return Response::from_parts(
+                        rparts,
+                        OutBody {
+                            inner: Either::Right(Full::new(Bytes::new())),
+                            lease: None,
+                            rec: None,
+                            _active: None,
+                        },
+                    );
+                }
+                let (mut rparts, rbody) = response.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
                 rparts.version = downstream_version;
                 rec.code = status.as_u16();

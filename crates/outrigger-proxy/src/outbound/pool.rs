@@ -457,6 +457,47 @@ async fn send_h1(
     }
 }
 
+/// Sends a WebSocket upgrade request on a new HTTP/1.1 connection of its own (after a `101`
+/// it belongs to the tunnel), driven with upgrades enabled.
+pub(crate) async fn send_upgrade(
+    dest: &Destination,
+    ep: &Endpoint,
+    req: Request<UpBody>,
+) -> Result<Sent, SendError> {
+    let (io, peer) = match connect(dest, ep.addr, Alpn::Http1).await {
+        Ok(c) => c,
+        Err(e) => return Err(SendError::Connect(e, Box::new(req))),
+    };
+    let (mut tx, conn) = match client1::handshake(TokioIo::new(io)).await {
+        Ok(x) => x,
+        Err(e) => {
+            return Err(SendError::Connect(
+                ConnectError::Http(ep.addr, e),
+                Box::new(req),
+            ));
+        }
+    };
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream WebSocket connection ended");
+        }
+    });
+    match tx.try_send_request(req).await {
+        Ok(response) => Ok(Sent {
+            response,
+            lease: None,
+            peer,
+        }),
+        Err(mut e) => match e.take_message() {
+            Some(back) => Err(SendError::Connect(
+                ConnectError::Closed(ep.addr),
+                Box::new(back),
+            )),
+            None => Err(SendError::Sent(e.into_error())),
+        },
+    }
+}
+
 async fn h2_conn(dest: &Destination, ep: &Endpoint) -> Result<H2Conn, ConnectError> {
     let max = dest.cfg.pool.max_requests_per_connection;
     let usable =

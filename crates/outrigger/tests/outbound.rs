@@ -938,14 +938,15 @@ spec:
     );
     client.wait_for_log("server identity refused");
 
-    // reporter="source" on the client, the peer's identity as destination_principal (and, as
-    // Istio's source reporter does, connection_security_policy="unknown").
+    // reporter="source" on the client, the peer's identity as destination_principal, and
+    // (as ztunnel reports HBONE) connection_security_policy="mutual_tls".
     let m = client.metrics();
     let ok = metric_value(
         &m,
         "istio_requests_total",
         &[
             "reporter=\"source\"",
+            "connection_security_policy=\"mutual_tls\"",
             &format!("destination_principal=\"{RATINGS_ID}\""),
             &format!("destination_service=\"{RATINGS}\""),
             "response_code=\"200\"",

@@ -377,7 +377,15 @@ pub(crate) async fn bind(
             tls: pool::TlsConfigs::new(certs.clone(), cfg.expected_identities.clone()),
             authority,
             server_name,
-            labels: crate::metrics::destination_service_labels(&source, &cfg.host),
+            labels: {
+                let mut l = crate::metrics::destination_service_labels(&source, &cfg.host);
+                // ztunnel reports its outbound HBONE connections as `mutual_tls` (the source
+                // knows the tunnel is mTLS); a sidecar's source reporter says `unknown`.
+                if matches!(cfg.transport, Transport::Hbone { .. }) {
+                    l.connection_security_policy = "mutual_tls";
+                }
+                l
+            },
             listener_lv: Lv::new(&cfg.name),
             cfg: cfg.clone(),
         });

@@ -33,9 +33,7 @@ use crate::http_common::{
     strip_hop_by_hop, tunnel,
 };
 use crate::inbound::ConnInfo;
-use crate::metrics::{Lv, RequestLabels};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::histogram::Histogram;
+use crate::metrics::{Lv, RequestHandles, RequestLabels};
 
 static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -630,11 +628,11 @@ pub(crate) struct Recorder {
     handles: Arc<MetricHandles>,
 }
 
-/// The request counter and duration histogram of each label set seen on one connection, so
-/// that a request does not hash two dozen labels twice to find them (most connections see
+/// The request series (count, duration, sizes) of each label set seen on one connection, so
+/// that a request does not hash two dozen labels four times to find them (most connections see
 /// one or two label sets: 200, maybe 404).
 #[derive(Default)]
-pub(crate) struct MetricHandles(std::sync::Mutex<Vec<(HandleKey, Counter, Histogram)>>);
+pub(crate) struct MetricHandles(std::sync::Mutex<Vec<(HandleKey, RequestHandles)>>);
 
 #[derive(PartialEq)]
 struct HandleKey {
@@ -717,10 +715,10 @@ impl Recorder {
             },
             grpc: self.grpc_status.clone(),
         };
-        let (counter, histogram) = {
+        let handles = {
             let mut cache = self.handles.0.lock().unwrap_or_else(|e| e.into_inner());
-            match cache.iter().find(|(k, _, _)| *k == key) {
-                Some((_, c, h)) => (c.clone(), h.clone()),
+            match cache.iter().find(|(k, _)| *k == key) {
+                Some((_, h)) => h.clone(),
                 None => {
                     let mut conn_labels = self.conn.labels.clone();
                     conn_labels.request_protocol = key.protocol;
@@ -730,22 +728,19 @@ impl Recorder {
                         response_code: key.code,
                         grpc_response_status: key.grpc.clone().unwrap_or_else(|| Lv::new("")),
                     };
-                    let m = &self.ctx.metrics;
-                    let c = m.requests.get_or_create(&labels).clone();
-                    let h = m.request_duration.get_or_create(&labels).clone();
-                    cache.push((key, c.clone(), h.clone()));
-                    (c, h)
+                    let h = self.ctx.metrics.request_handles(&labels);
+                    cache.push((key, h.clone()));
+                    h
                 }
             }
         };
-        counter.inc();
-        histogram.observe(elapsed.as_secs_f64() * 1000.0);
+        let received = self
+            .received
+            .as_ref()
+            .map(|r| r.load(Ordering::Relaxed))
+            .unwrap_or(0);
+        handles.record(elapsed, received, self.sent);
         if let Some(log) = &self.log {
-            let received = self
-                .received
-                .as_ref()
-                .map(|r| r.load(Ordering::Relaxed))
-                .unwrap_or(0);
             self.ctx.access_log.log(&AccessRecord {
                 start_time: log.start_time.clone(),
                 kind: "http",

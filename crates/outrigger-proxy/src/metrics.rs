@@ -4,7 +4,10 @@
 //! Istio's standard metrics (https://istio.io/latest/docs/reference/config/metrics/):
 //! "Request Count (istio_requests_total): This is a COUNTER incremented for every request
 //! handled by an Istio proxy", "Request Duration (istio_request_duration_milliseconds): This is
-//! a DISTRIBUTION which measures the duration of requests", "Tcp Byte Sent
+//! a DISTRIBUTION which measures the duration of requests", "Request Size
+//! (istio_request_bytes): This is a DISTRIBUTION which measures HTTP request body sizes",
+//! "Response Size (istio_response_bytes): This is a DISTRIBUTION which measures HTTP response
+//! body sizes", "Tcp Byte Sent
 //! (istio_tcp_sent_bytes_total)", "Tcp Byte Received (istio_tcp_received_bytes_total)", "Tcp
 //! Connections Opened (istio_tcp_connections_opened_total)", "Tcp Connections Closed
 //! (istio_tcp_connections_closed_total)".
@@ -99,21 +102,46 @@ pub struct DecisionLabels {
     pub result: &'static str,
 }
 
-/// Istio's default buckets for request duration in milliseconds.
-const DURATION_BUCKETS_MS: [f64; 19] = [
+/// Envoy's default histogram buckets, which Istio's standard histograms use (durations in
+/// milliseconds, sizes in bytes) unless `sidecar.istio.io/statsHistogramBuckets` says otherwise.
+const DEFAULT_BUCKETS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
     60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
 
-fn duration_histogram() -> Histogram {
-    Histogram::new(DURATION_BUCKETS_MS)
+fn default_histogram() -> Histogram {
+    Histogram::new(DEFAULT_BUCKETS)
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// The four per-request series of one label set, looked up once and reused (a lookup hashes
+/// two dozen labels).
+#[derive(Clone)]
+pub struct RequestHandles {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+impl RequestHandles {
+    /// One finished request: its duration and its request and response body sizes.
+    pub fn record(&self, elapsed: std::time::Duration, request_bytes: u64, response_bytes: u64) {
+        self.requests.inc();
+        self.duration.observe(elapsed.as_secs_f64() * 1000.0);
+        self.request_bytes.observe(request_bytes as f64);
+        self.response_bytes.observe(response_bytes as f64);
+    }
 }
 
 /// Every metric the proxy reports.
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
-    pub request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    pub request_duration: HistogramFamily<RequestLabels>,
+    pub request_bytes: HistogramFamily<RequestLabels>,
+    pub response_bytes: HistogramFamily<RequestLabels>,
     pub tcp_opened: Family<TcpLabels, Counter>,
     pub tcp_closed: Family<TcpLabels, Counter>,
     pub tcp_received: Family<TcpLabels, Counter>,
@@ -133,13 +161,24 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The per-request series of `labels` (created on first use).
+    pub fn request_handles(&self, labels: &RequestLabels) -> RequestHandles {
+        RequestHandles {
+            requests: self.requests.get_or_create(labels).clone(),
+            duration: self.request_duration.get_or_create(labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(labels).clone(),
+        }
+    }
+
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
-        let request_duration =
-            Family::<RequestLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-                duration_histogram,
-            );
+        let histograms =
+            || HistogramFamily::<RequestLabels>::new_with_constructor(default_histogram);
+        let request_duration = histograms();
+        let request_bytes = histograms();
+        let response_bytes = histograms();
         let tcp_opened = Family::<TcpLabels, Counter>::default();
         let tcp_closed = Family::<TcpLabels, Counter>::default();
         let tcp_received = Family::<TcpLabels, Counter>::default();
@@ -170,6 +209,16 @@ impl Metrics {
             "istio_request_duration_milliseconds",
             "Duration of requests, from the first byte received to the last byte sent",
             request_duration.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "HTTP request body sizes in bytes",
+            request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "HTTP response body sizes in bytes",
+            response_bytes.clone(),
         );
         registry.register(
             "istio_tcp_connections_opened",
@@ -215,6 +264,8 @@ impl Metrics {
             registry,
             requests,
             request_duration,
+            request_bytes,
+            response_bytes,
             tcp_opened,
             tcp_closed,
             tcp_received,
@@ -418,10 +469,27 @@ mod tests {
             response_code: 200,
             grpc_response_status: Lv::new(""),
         };
-        m.requests.get_or_create(&labels).inc();
-        m.request_duration.get_or_create(&labels).observe(3.0);
+        m.request_handles(&labels)
+            .record(std::time::Duration::from_millis(3), 120, 4096);
         m.tcp_opened.get_or_create(&conn).inc();
         let text = m.encode();
+        // Istio's standard HTTP histograms, on Envoy's default buckets.
+        for (name, sum) in [
+            ("istio_request_duration_milliseconds", "3.0"),
+            ("istio_request_bytes", "120.0"),
+            ("istio_response_bytes", "4096.0"),
+        ] {
+            let line = format!("{name}_sum{{reporter=\"destination\"");
+            let l = text
+                .lines()
+                .find(|l| l.starts_with(&line))
+                .unwrap_or_else(|| panic!("no {name}_sum:\n{text}"));
+            assert!(l.ends_with(&format!(" {sum}")), "{l}");
+            assert!(
+                text.contains(&format!("{name}_bucket{{")) && text.contains("le=\"3600000.0\""),
+                "{text}"
+            );
+        }
         assert!(
             text.contains("istio_requests_total{reporter=\"destination\""),
             "{text}"

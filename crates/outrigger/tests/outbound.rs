@@ -392,6 +392,22 @@ async fn outrigger_outbound_to_outrigger_inbound_and_wrong_identity_refused() {
         ],
     );
     assert_eq!(refused, Some(1.0), "{metrics}");
+    // Request and response sizes: the 1 MiB upload, on both sides.
+    let ok_200 = [
+        &format!("destination_principal=\"{RATINGS_ID}\"") as &str,
+        "response_code=\"200\"",
+    ];
+    let up = metric_value(&metrics, "istio_request_bytes_sum", &ok_200).unwrap_or(0.0);
+    assert!(up >= 1048576.0, "{up}\n{metrics}");
+    let down = metric_value(&metrics, "istio_response_bytes_sum", &ok_200).unwrap_or(0.0);
+    assert!(down > 0.0, "{metrics}");
+    let sm = server.metrics();
+    let up = metric_value(
+        &sm,
+        "istio_request_bytes_sum",
+        &["reporter=\"destination\""],
+    );
+    assert!(up >= Some(1048576.0), "{up:?}\n{sm}");
     let log = client.wait_for_log("\"path\":\"/hello?x=1\"");
     let line = log.lines().find(|l| l.contains("/hello?x=1")).unwrap();
     let rec: serde_json::Value = serde_json::from_str(line).unwrap();

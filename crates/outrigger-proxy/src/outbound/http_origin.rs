@@ -791,11 +791,11 @@ impl Rec {
             response_code: self.code,
             grpc_response_status: self.grpc_status.clone().unwrap_or_else(|| Lv::new("")),
         };
-        let m = &self.ctx.metrics;
-        m.requests.get_or_create(&labels).inc();
-        m.request_duration
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64() * 1000.0);
+        self.ctx.metrics.request_handles(&labels).record(
+            elapsed,
+            self.received.load(Ordering::Relaxed),
+            self.sent,
+        );
         if let Some(log) = &self.log {
             let security = if self.peer.0.as_ref() == "unknown" {
                 "none"

@@ -13,8 +13,10 @@
 #  5. runs crates/outrigger/tests/windows_e2e.rs (a Linux test) that puts outrigger.exe under
 #     Wine in front of a Linux echo backend and calls it with Linux mTLS and plaintext clients,
 #     runs `outrigger.exe doctor`, takes the Windows service through install, start, stop
-#     (drain) and uninstall in Wine's service control manager, and calls a STRICT-mTLS service
-#     behind a (Linux) Envoy sidecar through outrigger.exe's outbound listener.
+#     (drain) and uninstall in Wine's service control manager, calls a STRICT-mTLS service
+#     behind a (Linux) Envoy sidecar through outrigger.exe's outbound listener, and checks
+#     outrigger.exe as an ambient HBONE peer both ways (a Linux HBONE client in, a Linux
+#     Outrigger's HBONE listener out).
 #
 # Uses the same target/ as the rest of the suite (CARGO_TARGET_DIR if set), so CI builds each
 # thing once. Every step is bounded by `timeout`.

@@ -4,6 +4,8 @@
 //! application from one exposed on the network. Outbound: an application's plain HTTP call to
 //! outrigger.exe's loopback listener reaches a STRICT-mTLS service behind a real Envoy sidecar
 //! (the test needs Envoy, found and skipped like the other Envoy tests: tests/common/envoy.rs).
+//! Ambient: outrigger.exe's HBONE listener serves a Linux HBONE client under L4 and L7 policy,
+//! and its `transport: hbone` outbound listener reaches a Linux Outrigger's HBONE listener.
 //!
 //! `scripts/windows-test.sh` builds the .exe, prepares the Wine prefix and sets
 //! `OUTRIGGER_WINDOWS_EXE` (the .exe) and `OUTRIGGER_REQUIRE_WINDOWS=1`. Without
@@ -24,12 +26,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::envoy::{envoy_or_skip, plain_get, start_sidecar_inbound};
-use common::free_port;
+use common::{AgentProc, free_port};
 use hyper::body::Frame;
+use outrigger_proxy::hbone::{Baggage, HboneClient, HboneError, SourceInfo};
 use outrigger_testkit::{
-    HttpConn, TestPki, channel_body, get, plaintext_request, start_echo, start_tcp_echo,
+    HttpConn, Issued, TestPki, channel_body, get, plaintext_request, start_echo, start_tcp_echo,
     tls_connect,
 };
+use outrigger_tls::{CertSource, CertStore};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// How long Wine may take to start the agent (the first start in a fresh prefix is slow).
 const START_LIMIT: Duration = Duration::from_secs(120);
@@ -89,6 +94,8 @@ struct WinAgent {
     /// The bound listeners by name, from the ready file.
     inbound: BTreeMap<String, SocketAddr>,
     outbound: BTreeMap<String, SocketAddr>,
+    /// The HBONE listener, when the configuration has `hbone:`.
+    hbone: Option<SocketAddr>,
 }
 
 /// A `{name: address}` object of the ready file.
@@ -121,6 +128,7 @@ impl WinAgent {
             dir: dir.to_path_buf(),
             inbound: BTreeMap::new(),
             outbound: BTreeMap::new(),
+            hbone: None,
         };
         let deadline = Instant::now() + START_LIMIT;
         loop {
@@ -128,6 +136,7 @@ impl WinAgent {
                 let v: serde_json::Value = serde_json::from_str(&text).unwrap();
                 agent.inbound = addrs(&v["inbound"]);
                 agent.outbound = addrs(&v["outbound"]);
+                agent.hbone = v["hbone"].as_str().map(|a| a.parse().unwrap());
                 return agent;
             }
             if let Ok(Some(status)) = agent.child.try_wait() {
@@ -447,6 +456,248 @@ async fn windows_exe_under_wine_outbound_reaches_envoy_sidecar() {
         "nothing but successful requests reached Envoy's HTTP chain\n{}",
         logs()
     );
+}
+
+/// The .exe's mesh policy for issue 7's test: `sleep` may GET /api/* (an HTTP-only rule, so it
+/// cannot match TCP) and open TCP streams to `db_port` only.
+fn hbone_policy(db_port: u16) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: allow-sleep, namespace: legacy}}
+spec:
+  rules:
+  - from: [{{source: {{principals: [\"cluster.local/ns/default/sa/sleep\"]}}}}]
+    to: [{{operation: {{methods: [\"GET\"], paths: [\"/api/*\"]}}}}]
+  - from: [{{source: {{principals: [\"cluster.local/ns/default/sa/sleep\"]}}}}]
+    to: [{{operation: {{ports: [\"{db_port}\"]}}}}]
+"
+    )
+}
+
+/// An ambient workload's HBONE client (as tests/hbone.rs's `client()`), presenting `who`.
+fn hbone_client(pki: &TestPki, who: &Issued, workload: &str) -> HboneClient {
+    let store = CertStore::new(
+        CertSource::Files {
+            chain: who.dir.join("cert-chain.pem"),
+            key: who.dir.join("key.pem"),
+            roots: who.dir.join("root-cert.pem"),
+        },
+        pki.trust(),
+        vec![b"h2".to_vec()],
+    )
+    .unwrap();
+    let source = SourceInfo {
+        baggage: Baggage {
+            cluster: Some("Kubernetes".into()),
+            namespace: Some("default".into()),
+            workload_name: Some(workload.into()),
+            service_name: Some(workload.into()),
+            ..Baggage::default()
+        },
+        kind: "deployment".into(),
+    };
+    HboneClient::new(store, &source, Duration::from_secs(30))
+}
+
+/// Bounds a step of a test that talks to Wine.
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(60), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: timed out"))
+}
+
+/// Issue 7's "done when" on Windows: an ambient mesh reaches the Windows app through
+/// outrigger.exe's HBONE listener with L4 and L7 policy enforced, and the app reaches an
+/// ambient service through HBONE.
+///
+/// ```text
+///  inbound:  HboneClient (default/sleep, Linux) ──HBONE (mTLS h2, CONNECT)──▶
+///            outrigger.exe under Wine `hbone:` (legacy/windows-app) ──▶ web (http) / db, vault (tcp)
+///            ──▶ Linux echo apps
+///  outbound: app ──plain HTTP──▶ outrigger.exe outbound `ratings` (transport: hbone)
+///            ──HBONE──▶ Linux outrigger `hbone:` (default/ratings) ──▶ Linux echo app
+/// ```
+///
+/// As in the Envoy test above, the "Windows app" is this Linux test on the same loopback;
+/// the HBONE server and client under test are outrigger.exe's, running under Wine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_exe_under_wine_is_an_hbone_peer_both_ways() {
+    let Some((exe, wine)) = windows_exe() else {
+        return;
+    };
+    let pki = TestPki::new();
+    let agent_certs = pki.issue("legacy", "windows-app");
+    let (db_port, vault_port, out_port) = (free_port(), free_port(), free_port());
+    let policies = pki.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("pa.yaml"), MESH_STRICT).unwrap();
+    std::fs::write(policies.join("allow.yaml"), hbone_policy(db_port)).unwrap();
+    let web_app = start_echo().await;
+    let tcp_app = start_tcp_echo().await;
+
+    // The ambient service: a Linux Outrigger (default/ratings) terminating HBONE in front of
+    // an echo app; its policy lets only outrigger.exe's identity in.
+    let ratings_certs = pki.issue("default", "ratings");
+    let ratings_app = start_echo().await;
+    let linux_dir = pki.path().join("linux-ratings");
+    std::fs::create_dir_all(linux_dir.join("policies")).unwrap();
+    std::fs::write(
+        linux_dir.join("policies").join("allow.yaml"),
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-windows-app, namespace: default}
+spec:
+  rules:
+  - from: [{source: {principals: [\"cluster.local/ns/legacy/sa/windows-app\"]}}]
+    to: [{operation: {paths: [\"/ratings/*\"]}}]
+",
+    )
+    .unwrap();
+    let linux = AgentProc::start(
+        &linux_dir,
+        &format!(
+            "trustDomain: cluster.local
+workload:
+  namespace: default
+  serviceAccount: ratings
+  labels: {{app: ratings}}
+certificates:
+  files:
+    certChain: {c}/cert-chain.pem
+    key: {c}/key.pem
+    rootCert: {c}/root-cert.pem
+policy:
+  paths: [{p}]
+admin:
+  listen: 127.0.0.1:0
+timeouts:
+  detect: 300ms
+  drain: 2s
+inbound:
+  - {{name: web, listen: '127.0.0.1:0', backend: '{ratings_app}', protocol: http}}
+hbone:
+  listen: 127.0.0.1:0
+",
+            c = ratings_certs.dir.display(),
+            p = linux_dir.join("policies").display(),
+        ),
+    );
+    let linux_hbone: SocketAddr = {
+        let text = std::fs::read_to_string(linux.dir.join("ready.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["hbone"].as_str().unwrap().parse().unwrap()
+    };
+    let linux_web = linux.addr("web");
+
+    // outrigger.exe: HBONE in, with `web` (http), `db` and `vault` (tcp); HBONE out to ratings.
+    let cfg = config(&pki, &agent_certs.dir, &[("web", web_app)])
+        + &format!(
+            "  - {{name: db, listen: '127.0.0.1:{db_port}', backend: '{tcp_app}', protocol: tcp}}
+  - {{name: vault, listen: '127.0.0.1:{vault_port}', backend: '{tcp_app}', protocol: tcp}}
+hbone:
+  listen: 127.0.0.1:0
+outbound:
+  - {{name: ratings, listen: '127.0.0.1:{out_port}', host: {RATINGS}, port: 8080, protocol: http, endpoints: ['{linux_web}'], transport: hbone, hbonePeer: '{linux_hbone}', identity: {RATINGS_ID}}}
+"
+        );
+    let dir = pki.path().join("run");
+    std::fs::create_dir_all(&dir).unwrap();
+    let agent = WinAgent::start(&wine, &exe, &dir, &cfg);
+    let hbone = agent
+        .hbone
+        .expect("the ready file names outrigger.exe's HBONE listener");
+    let (web, db, vault) = (agent.web(), agent.inbound["db"], agent.inbound["vault"]);
+    assert_eq!((db.port(), vault.port()), (db_port, vault_port));
+    let logs = || {
+        format!(
+            "{}\n--- linux agent ---\n{}",
+            agent.stderr(),
+            linux.stderr()
+        )
+    };
+
+    // 1. Inbound. The ambient client pins outrigger.exe's identity.
+    let me = pki.id("legacy", "windows-app");
+    let sleep = hbone_client(&pki, &pki.issue("default", "sleep"), "sleep-vm");
+    // HTTP inside the tunnel: L7 policy per request, XFCC with the outer peer's identity.
+    let s = within("CONNECT web", sleep.connect(hbone, &me, web))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    let mut http = within("HTTP/1.1 in the stream", HttpConn::new(s, false))
+        .await
+        .unwrap();
+    let got = within("GET /api/items", http.fetch(get("/api/items", false)))
+        .await
+        .unwrap();
+    assert_eq!(got.status, 200, "{}\n{}", got.text(), logs());
+    let seen = got.seen();
+    assert_eq!(seen.path, "/api/items");
+    let xfcc = seen.header("x-forwarded-client-cert").unwrap_or_default();
+    assert!(
+        xfcc.starts_with("By=spiffe://cluster.local/ns/legacy/sa/windows-app;")
+            && xfcc.ends_with(";URI=spiffe://cluster.local/ns/default/sa/sleep"),
+        "{xfcc}"
+    );
+    let got = within("GET /admin", http.fetch(get("/admin", false)))
+        .await
+        .unwrap();
+    assert_eq!(
+        (got.status, got.text().as_str()),
+        (403, "RBAC: access denied")
+    );
+    // TCP inside the tunnel to the port the L4 rule allows: echoed.
+    let mut s = within("CONNECT db", sleep.connect(hbone, &me, db))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let mut back = vec![0u8; payload.len()];
+    within("TCP echo through HBONE", async {
+        let (mut r, mut w) = tokio::io::split(&mut s);
+        let (wrote, read) = tokio::join!(w.write_all(&payload), r.read_exact(&mut back));
+        wrote.and(read.map(|_| ()))
+    })
+    .await
+    .unwrap();
+    assert!(back == payload, "the TCP echo came back altered");
+    drop(s);
+    // TCP to a listener no L4 rule allows: CONNECT answered 401, nothing reaches the backend.
+    match within("CONNECT vault", sleep.connect(hbone, &me, vault)).await {
+        Err(HboneError::Status { status, .. }) => assert_eq!(status, 401),
+        Err(e) => panic!("unexpected error {e}\n{}", logs()),
+        Ok(_) => panic!("a TCP stream no rule allows was accepted"),
+    }
+    assert_eq!(sleep.dials(), 1, "every stream shares one HBONE connection");
+
+    // 2. Outbound: the app's plain call goes out of outrigger.exe as an HBONE stream to the
+    //    Linux agent, which verified outrigger.exe's identity (its policy and XFCC).
+    let out = SocketAddr::from(([127, 0, 0, 1], out_port));
+    assert_eq!(agent.outbound.get("ratings"), Some(&out));
+    let (status, body) = plain_get(out, "/ratings/7").await.unwrap();
+    assert_eq!(status, 200, "{body}\n{}", logs());
+    let seen: outrigger_testkit::Seen = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen.path, "/ratings/7");
+    let xfcc = seen.header("x-forwarded-client-cert").unwrap_or_default();
+    assert!(
+        xfcc.starts_with(&format!("By={RATINGS_ID};"))
+            && xfcc.contains(&format!("URI={CLIENT_ID}")),
+        "the Linux agent should have verified outrigger.exe's SPIFFE ID: {xfcc}"
+    );
+    assert_eq!(seen.header("host"), Some(&*format!("{RATINGS}:8080")));
+    // The Linux agent's L7 policy applies to the stream too.
+    let (status, body) = plain_get(out, "/admin").await.unwrap();
+    assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
+    // The Linux agent counted the streams as mutual TLS from outrigger.exe.
+    let m = linux.metrics();
+    let opened = common::metric_value(
+        &m,
+        "istio_tcp_connections_opened_total",
+        &[
+            &format!("source_principal=\"{CLIENT_ID}\""),
+            "connection_security_policy=\"mutual_tls\"",
+        ],
+    );
+    assert!(opened >= Some(1.0), "{opened:?}\n{m}");
 }
 
 #[test]

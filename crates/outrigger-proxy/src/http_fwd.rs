@@ -392,6 +392,8 @@ fn websocket_tunnel(
     rec.code = StatusCode::SWITCHING_PROTOCOLS.as_u16();
     let mut policy_rx = ctx.policy.subscribe();
     let ctx = ctx.clone();
+    // The task holds the context (and so its drain receiver): a drain waits for an open
+    // WebSocket up to the drain timeout, as for a TCP connection.
     tokio::spawn(async move {
         let counts = Arc::new(crate::io::ByteCounts::default());
         let mut revoked = None;

@@ -266,3 +266,69 @@ outbound:
         1.0,
     );
 }
+
+/// Shutdown: an open WebSocket keeps working while the agent drains (as an open TCP
+/// connection does), and the agent exits as soon as it closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_websocket_is_drained_not_cut() {
+    let mesh = Mesh::new();
+    let (app, _) = start_ws_echo().await;
+    let mut agent = AgentProc::start(mesh.dir(), &mesh.config(&[("web", app, "http")], ""));
+    let sleep = mesh.pki.issue("default", "sleep");
+    let cfg = outrigger_tls::client_config(
+        &sleep.certs,
+        &mesh.pki.trust(),
+        &[mesh.agent_id()],
+        &[b"istio-http/1.1"],
+    )
+    .unwrap();
+    let tls = tls_connect(agent.addr("web"), cfg).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async("ws://web.legacy/chat", tls)
+        .await
+        .unwrap();
+    ws.send(Message::text("before")).await.unwrap();
+    tokio::time::timeout(WAIT, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    // SIGTERM, then wait until the agent is draining.
+    let pid = agent.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    agent.wait_for_log("draining in-flight requests");
+    // Still open and working during the drain.
+    ws.send(Message::text("during the drain")).await.unwrap();
+    let got = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, Message::text("during the drain"));
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "the agent exited under an open WebSocket"
+    );
+    // Closing it lets the drain finish well before its 10 s timeout.
+    ws.close(None).await.unwrap();
+    let _ = tokio::time::timeout(WAIT, ws.next()).await;
+    drop(ws);
+    let status = tokio::task::spawn_blocking(move || {
+        let s = agent.terminate();
+        (s, agent.stderr())
+    })
+    .await
+    .unwrap();
+    assert!(status.0.success(), "{}", status.1);
+    assert!(
+        status.1.contains("drained: all connections finished"),
+        "{}",
+        status.1
+    );
+}

@@ -413,14 +413,7 @@ fn websocket_tunnel(
         if let TunnelEnd::Stopped = tunnel(client, server, counts.clone(), stop).await
             && let Some(v) = revoked
         {
-            tracing::info!(
-                src = %rec.conn.src,
-                source = rec.conn.source_principal_str(),
-                policy = v.policy.as_deref().unwrap_or("-"),
-                "policy changed: closing a WebSocket connection that is now denied"
-            );
-            rec.flags = "RBAC";
-            rec.authz_result = Some(v.result);
+            rec.revoked(&v, "closing a WebSocket connection");
         }
         rec.sent += counts.sent();
         if let Some(r) = &rec.received {
@@ -543,14 +536,7 @@ impl Body for ProxyBody {
         {
             let v = authz::recheck(&rec.ctx, &rec.conn, &r.inflight);
             if v.deny.is_some() {
-                tracing::info!(
-                    src = %rec.conn.src,
-                    source = rec.conn.source_principal_str(),
-                    policy = v.policy.as_deref().unwrap_or("-"),
-                    "policy changed: ending a streaming response that is now denied"
-                );
-                rec.flags = "RBAC";
-                rec.authz_result = Some(v.result);
+                rec.revoked(&v, "ending a streaming response");
                 this.reauth = None;
                 return Poll::Ready(Some(Err("authorization revoked by a policy change".into())));
             }
@@ -653,6 +639,18 @@ struct LogFields {
 }
 
 impl Recorder {
+    /// A policy change denied this request while its response (or WebSocket) was still open.
+    fn revoked(&mut self, v: &authz::Verdict, action: &str) {
+        tracing::info!(
+            src = %self.conn.src,
+            source = self.conn.source_principal_str(),
+            policy = v.policy.as_deref().unwrap_or("-"),
+            "policy changed: {action} that is now denied"
+        );
+        self.flags = "RBAC";
+        self.authz_result = Some(v.result);
+    }
+
     fn new(
         ctx: &Arc<Ctx>,
         conn: &Arc<ConnInfo>,

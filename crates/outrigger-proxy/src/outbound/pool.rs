@@ -419,50 +419,27 @@ async fn send_h1(
             },
         }
     }
-    let (tls, peer) = match connect(dest, ep.addr, Alpn::Http1).await {
-        Ok(c) => c,
-        Err(e) => return Err(SendError::Connect(e, Box::new(req))),
-    };
-    let (mut tx, conn) = match client1::handshake(TokioIo::new(tls)).await {
-        Ok(x) => x,
-        Err(e) => {
-            return Err(SendError::Connect(
-                ConnectError::Http(ep.addr, e),
-                Box::new(req),
-            ));
-        }
-    };
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
-        }
-    });
-    match tx.try_send_request(req).await {
-        Ok(response) => Ok(Sent {
-            response,
-            lease: Some(H1Lease {
-                tx,
-                peer: peer.clone(),
-                uses: 1,
-            }),
-            peer,
-        }),
-        Err(mut e) => match e.take_message() {
-            Some(back) => Err(SendError::Connect(
-                ConnectError::Closed(ep.addr),
-                Box::new(back),
-            )),
-            None => Err(SendError::Sent(e.into_error())),
-        },
-    }
+    send_on_new_h1(dest, ep, req, true).await
 }
 
-/// Sends a WebSocket upgrade request on a new HTTP/1.1 connection of its own (after a `101`
-/// it belongs to the tunnel), driven with upgrades enabled.
+/// Sends a WebSocket upgrade request on a new HTTP/1.1 connection of its own: after a `101`
+/// the connection belongs to the tunnel.
 pub(crate) async fn send_upgrade(
     dest: &Destination,
     ep: &Endpoint,
     req: Request<UpBody>,
+) -> Result<Sent, SendError> {
+    send_on_new_h1(dest, ep, req, false).await
+}
+
+/// Sends `req` on a new HTTP/1.1 connection to `ep`, driven with upgrades enabled (a `101`
+/// hands it over to `hyper::upgrade::on`). With `pool`, the connection is lent to the
+/// response and given back to the endpoint's pool when it ends.
+async fn send_on_new_h1(
+    dest: &Destination,
+    ep: &Endpoint,
+    req: Request<UpBody>,
+    pool: bool,
 ) -> Result<Sent, SendError> {
     let (io, peer) = match connect(dest, ep.addr, Alpn::Http1).await {
         Ok(c) => c,
@@ -479,13 +456,17 @@ pub(crate) async fn send_upgrade(
     };
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upstream WebSocket connection ended");
+            tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
         }
     });
     match tx.try_send_request(req).await {
         Ok(response) => Ok(Sent {
             response,
-            lease: None,
+            lease: pool.then(|| H1Lease {
+                tx,
+                peer: peer.clone(),
+                uses: 1,
+            }),
             peer,
         }),
         Err(mut e) => match e.take_message() {

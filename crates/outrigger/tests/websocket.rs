@@ -7,54 +7,16 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 
+use common::ws::start_ws_echo;
 use common::{AgentProc, Mesh, metric_value};
 use outrigger_testkit::tls_connect;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// A WebSocket echo application; remembers each handshake's path and XFCC header.
-async fn start_ws_echo() -> (SocketAddr, Arc<Mutex<Vec<(String, Option<String>)>>>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let seen2 = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let seen = seen2.clone();
-            tokio::spawn(async move {
-                // tungstenite's callback signature returns its large error response by value.
-                #[allow(clippy::result_large_err)]
-                let cb = |req: &Request, resp: Response| {
-                    let xfcc = req
-                        .headers()
-                        .get("x-forwarded-client-cert")
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string);
-                    seen.lock().unwrap().push((req.uri().to_string(), xfcc));
-                    Ok(resp)
-                };
-                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(s, cb).await else {
-                    return;
-                };
-                while let Some(Ok(m)) = ws.next().await {
-                    if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    (addr, seen)
-}
 
 const ALLOW_CHAT: &str = r#"apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod envoy;
+pub mod ws;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

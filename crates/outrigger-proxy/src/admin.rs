@@ -80,7 +80,7 @@ fn route(req: Request<Incoming>, ctx: &Ctx) -> Response<Full<Bytes>> {
         "/" => reply(
             StatusCode::OK,
             "text/plain",
-            "outrigger admin\n  /healthz/ready  readiness\n  /metrics        Prometheus metrics (Istio names)\n  /config_dump    listeners, certificate and policy in force\n".into(),
+            "outrigger admin\n  /healthz/ready  readiness\n  /metrics        Prometheus metrics (Istio names)\n  /config_dump    listeners, outbound destinations, certificate and policy in force\n".into(),
         ),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
@@ -125,6 +125,8 @@ fn config_dump(ctx: &Ctx) -> serde_json::Value {
             "not_after_unix": unix(certs.not_after()),
         },
         "inbound": listeners,
+        "hbone": ctx.hbone.map(|a| serde_json::json!({ "listen": a.to_string() })),
+        "outbound": ctx.outbound.iter().map(|d| d.dump()).collect::<Vec<_>>(),
         "policy": {
             "version": policy.version,
             "loaded_at_unix": unix(policy.loaded_at),

@@ -190,6 +190,10 @@ pub(crate) struct Ctx {
     pub dest_labels: metrics::TcpLabels,
     pub ready: AtomicBool,
     pub inbound: Vec<InboundConfig>,
+    /// The outbound destinations (for `/config_dump`).
+    pub(crate) outbound: Vec<Arc<outbound::Destination>>,
+    /// The HBONE listener's bound address, if enabled.
+    pub hbone: Option<SocketAddr>,
     pub jwks: Arc<jwt_authn::JwksCache>,
     /// Dropped receivers tell the drain that a connection has finished.
     pub drain: watch::Receiver<bool>,
@@ -282,6 +286,8 @@ impl Proxy {
             settings: opts.settings,
             ready: AtomicBool::new(false),
             inbound: listeners.iter().map(|(c, _)| (**c).clone()).collect(),
+            outbound: outbound.destinations.clone(),
+            hbone: hbone.as_ref().and_then(|l| l.local_addr().ok()),
             jwks,
             drain: drain_rx,
         });

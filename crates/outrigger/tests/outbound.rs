@@ -986,6 +986,29 @@ spec:
         assert!(Instant::now() < deadline, "{m}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // /config_dump shows each destination's transport, HBONE peer and endpoint state.
+    let dump = client.admin_get("/config_dump");
+    let dump: serde_json::Value =
+        serde_json::from_str(dump.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let db = dump["outbound"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "db")
+        .unwrap_or_else(|| panic!("{dump:#}"));
+    assert_eq!(db["transport"], "hbone");
+    assert_eq!(db["hbone_peer"], peer.to_string());
+    assert_eq!(db["protocol"], "tcp");
+    assert_eq!(db["expected_identities"][0], RATINGS_ID);
+    assert_eq!(db["endpoints"][0]["address"], server.addr("db").to_string());
+    assert_eq!(db["endpoints"][0]["ejected"], false);
+    assert!(db["sni"].is_null(), "{db:#}");
+    let sdump = server.admin_get("/config_dump");
+    assert!(
+        sdump.contains(&format!("\"listen\": \"{peer}\"")),
+        "{sdump}"
+    );
+
     // The server saw every stream as mutual TLS from the client, with its baggage.
     let sm = server.metrics();
     let opened = metric_value(

@@ -283,6 +283,50 @@ pub(crate) struct Destination {
     pub listener_lv: Lv,
 }
 
+impl Destination {
+    /// What `/config_dump` shows of this destination: its settings and, per endpoint, the
+    /// resolved address, requests in flight and whether outlier detection has ejected it.
+    pub(crate) fn dump(&self) -> serde_json::Value {
+        let c = &self.cfg;
+        let (transport, hbone_peer) = match &self.transport {
+            DestTransport::Mtls => ("mtls", None),
+            DestTransport::Hbone { peer, .. } => (
+                "hbone",
+                Some(
+                    peer.map(|p| p.to_string())
+                        .unwrap_or_else(|| format!("<endpoint ip>:{}", crate::hbone::DEFAULT_PORT)),
+                ),
+            ),
+        };
+        let endpoints: Vec<_> = self
+            .endpoints
+            .snapshot()
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "address": e.addr.to_string(),
+                    "active": e.active.load(std::sync::atomic::Ordering::Relaxed),
+                    "ejected": e.is_ejected_now(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "name": c.name,
+            "listen": c.listen.map(|a| a.to_string()),
+            "host": c.host,
+            "port": c.port,
+            "protocol": c.protocol.as_str(),
+            "transport": transport,
+            "hbone_peer": hbone_peer,
+            "sni": (transport == "mtls").then(|| c.sni()),
+            "east_west_gateway": c.via_gateway,
+            "expected_identities": c.expected_identities.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+            "configured_endpoints": c.endpoints.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            "endpoints": endpoints,
+        })
+    }
+}
+
 /// Outbound listeners bound by [`crate::Proxy::bind`], served by [`crate::Proxy::run`].
 pub(crate) struct Bound {
     pub listeners: Vec<(Arc<Destination>, TcpListener)>,

@@ -283,12 +283,13 @@ runtime: {{workerThreads: 1}}
     ]
 
 
-def nginx_config(work: Path, port: int, backend: int) -> list[str]:
-    d = work / "nginx"
+def write_nginx(d: Path, comment: str, upstream: str, upstream_port: int, server: str) -> list[str]:
+    """One nginx worker in `d`: the settings every nginx target shares (no logs, keep-alive
+    everywhere, a keep-alive pool to `upstream` on 127.0.0.1:`upstream_port`), then `server`
+    (the `server { ... }` block). Returns the command line."""
     d.mkdir(parents=True, exist_ok=True)
-    certs = work / "certs" / "server"
     (d / "nginx.conf").write_text(
-        f"""# mTLS-terminating reverse proxy, one worker.
+        f"""# {comment}
 worker_processes 1;
 user root;
 daemon off;
@@ -304,12 +305,20 @@ http {{
     scgi_temp_path {d}/tmp-scgi;
     keepalive_requests 100000000;
     keepalive_timeout 60s;
-    upstream backend {{
-        server 127.0.0.1:{backend};
+    upstream {upstream} {{
+        server 127.0.0.1:{upstream_port};
         keepalive 128;
         keepalive_requests 100000000;
     }}
-    server {{
+{server}}}
+"""
+    )
+    return ["nginx", "-c", str(d / "nginx.conf"), "-p", str(d)]
+
+
+def nginx_config(work: Path, port: int, backend: int) -> list[str]:
+    certs = work / "certs" / "server"
+    server = f"""    server {{
         listen 127.0.0.1:{port} ssl http2;
         ssl_certificate {certs}/cert-chain.pem;
         ssl_certificate_key {certs}/key.pem;
@@ -322,10 +331,8 @@ http {{
             proxy_set_header Connection "";
         }}
     }}
-}}
 """
-    )
-    return ["nginx", "-c", str(d / "nginx.conf"), "-p", str(d)]
+    return write_nginx(work / "nginx", "mTLS-terminating reverse proxy, one worker.", "backend", backend, server)
 
 
 def haproxy_config(work: Path, port: int, backend: int) -> list[str]:
@@ -732,32 +739,8 @@ runtime: {{workerThreads: 1}}
 
 
 def origin_nginx_config(work: Path, port: int, inbound: int) -> list[str]:
-    d = work / "nginx-origin"
-    d.mkdir(parents=True, exist_ok=True)
     c = work / "certs" / "client"
-    (d / "nginx.conf").write_text(
-        f"""# Plaintext listener originating mTLS to the mesh service, one worker.
-worker_processes 1;
-user root;
-daemon off;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 16384; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/tmp-body;
-    proxy_temp_path {d}/tmp-proxy;
-    fastcgi_temp_path {d}/tmp-fcgi;
-    uwsgi_temp_path {d}/tmp-uwsgi;
-    scgi_temp_path {d}/tmp-scgi;
-    keepalive_requests 100000000;
-    keepalive_timeout 60s;
-    upstream mesh {{
-        server 127.0.0.1:{inbound};
-        keepalive 128;
-        keepalive_requests 100000000;
-    }}
-    server {{
+    server = f"""    server {{
         listen 127.0.0.1:{port};
         location / {{
             proxy_pass https://mesh;
@@ -777,10 +760,14 @@ http {{
             proxy_ssl_session_reuse on;
         }}
     }}
-}}
 """
+    return write_nginx(
+        work / "nginx-origin",
+        "Plaintext listener originating mTLS to the mesh service, one worker.",
+        "mesh",
+        inbound,
+        server,
     )
-    return ["nginx", "-c", str(d / "nginx.conf"), "-p", str(d)]
 
 
 def origin_haproxy_config(work: Path, port: int, inbound: int) -> list[str]:

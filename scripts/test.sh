@@ -45,6 +45,14 @@ for c in outrigger-identity outrigger-policy; do
   fi
 done
 
+log "the repository stands alone (nothing reads ../shared)"
+# A user's clone has nothing beside it: test data lives in testdata/ (with its licence notice).
+if grep -rnE '\.\./shared|shared/fixtures' --include='*.rs' --include='*.sh' --include='*.toml' \
+    crates scripts bench fuzz .ci 2>/dev/null | grep -v '^scripts/test.sh:'; then
+  echo "error: the lines above read outside the repository" >&2
+  exit 1
+fi
+
 log "tests (cargo nextest)"
 cargo nextest run --workspace --locked --no-fail-fast
 log "doc tests"

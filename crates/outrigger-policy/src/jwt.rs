@@ -676,8 +676,7 @@ mod tests {
 
     #[test]
     fn istio_sample_tokens_verify_with_istio_sample_keys() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/fixtures/istio-jwt");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/istio-jwt");
         let Ok(jwks) = std::fs::read_to_string(dir.join("istio-demo-jwks.json")) else {
             panic!("fixtures missing at {}", dir.display());
         };

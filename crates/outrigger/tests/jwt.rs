@@ -523,7 +523,7 @@ spec:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn istio_sample_tokens_with_inline_jwks() {
     let fixtures =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/istio-jwt");
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/istio-jwt");
     let read = |f: &str| {
         std::fs::read_to_string(fixtures.join(f))
             .unwrap_or_else(|e| panic!("{f}: {e}"))
@@ -603,7 +603,7 @@ spec:
 #[test]
 fn check_evaluates_a_token() {
     let fixtures =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/istio-jwt");
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/istio-jwt");
     let jwks = std::fs::read_to_string(fixtures.join("istio-demo-jwks.json")).unwrap();
     let mesh = Mesh::new();
     mesh.policy(

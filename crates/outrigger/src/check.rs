@@ -60,7 +60,8 @@ Examples:
   outrigger check -c agent.yaml --from cluster.local/ns/default/sa/sleep --port 5432 --tcp
   outrigger check -c agent.yaml --path /admin --header x-user=alice --json
 
-Exit status: 0 allowed, 2 denied or refused, 1 error (bad configuration or policy).";
+Exit status: 0 allowed; 1 denied or refused; 2 usage error (a bad or missing flag);
+3 the check could not be made (bad configuration, policy or input).";
 
 /// Runs the check; returns whether the request would be allowed.
 pub fn run(args: CheckArgs) -> anyhow::Result<bool> {

@@ -221,7 +221,7 @@ fn check_explains_decisions_from_the_example_policies() {
         "/api/%2e%2e/admin",
         "--json",
     ]);
-    assert_eq!(code, 2, "{out}");
+    assert_eq!(code, 1, "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["allowed"], false);
     assert_eq!(v["policy"], "legacy/deny-admin");
@@ -233,11 +233,11 @@ fn check_explains_decisions_from_the_example_policies() {
         "--path",
         "/api/x",
     ]);
-    assert_eq!(code, 2, "{out}");
+    assert_eq!(code, 1, "{out}");
     assert!(out.contains("none of their rules matched"), "{out}");
 
     let (code, out) = check(&["--path", "/api/x"]);
-    assert_eq!(code, 2, "{out}");
+    assert_eq!(code, 1, "{out}");
     assert!(out.contains("plaintext connection refused"), "{out}");
 
     let (code, out) = check(&[
@@ -249,8 +249,11 @@ fn check_explains_decisions_from_the_example_policies() {
     ]);
     assert_eq!(code, 0, "{out}");
 
+    // Kept apart from "denied" (1): a check that could not be made is 3, clap's usage error 2.
     let (code, out) = check(&["--from", "not a principal"]);
-    assert_eq!(code, 1, "{out}");
+    assert_eq!(code, 3, "{out}");
+    let (code, out) = check(&["--no-such-flag"]);
+    assert_eq!(code, 2, "{out}");
 }
 
 /// An HTTP/2 stream that is allowed when it starts and denied by a policy change ends (the

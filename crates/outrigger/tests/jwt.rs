@@ -644,6 +644,6 @@ fn check_evaluates_a_token() {
         "{out}"
     );
     let (code, out) = run("token-issuer1.jwt");
-    assert_eq!(code, Some(2), "{out}");
+    assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("401 Jwt verification fails"), "{out}");
 }

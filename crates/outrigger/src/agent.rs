@@ -13,6 +13,16 @@ use outrigger_tls::{CertSource, CertStore};
 use crate::config::{AgentConfig, CertificatesConfig};
 use crate::policy_files::{self, PolicyInputs};
 
+/// Everything the agent loads and checks before it binds a socket: credentials, policy, JWT
+/// settings. `run --check-config` stops here, so it works beside a running agent.
+pub struct Loaded {
+    certs: CertStore,
+    refresh: std::time::Duration,
+    inputs: PolicyInputs,
+    pub policy: Arc<PolicyHandle>,
+    jwt: outrigger_proxy::jwt_authn::JwtSettings,
+}
+
 /// A bound (listening) agent, not yet serving.
 pub struct Agent {
     pub proxy: Proxy,
@@ -23,6 +33,13 @@ pub struct Agent {
 impl Agent {
     /// Loads credentials and policy (refusing to start on any error) and binds the listeners.
     pub async fn start(cfg: &AgentConfig) -> anyhow::Result<Agent> {
+        Loaded::load(cfg).await?.bind(cfg).await
+    }
+}
+
+impl Loaded {
+    /// Loads and checks the credentials, the policy and the JWT settings; binds nothing.
+    pub async fn load(cfg: &AgentConfig) -> anyhow::Result<Loaded> {
         let (source, refresh) = match &cfg.certificates {
             CertificatesConfig::Files {
                 cert_chain,
@@ -69,6 +86,25 @@ impl Agent {
                 .map_err(|e| anyhow::anyhow!("invalid policy; refusing to start:\n{e}"))?
         };
         let policy = PolicyHandle::new(state);
+        let jwt = jwt_settings(&cfg.jwt)?;
+        Ok(Loaded {
+            certs,
+            refresh,
+            inputs,
+            policy,
+            jwt,
+        })
+    }
+
+    /// Binds the listeners and starts the background tasks (certificate refresh, policy watch).
+    pub async fn bind(self, cfg: &AgentConfig) -> anyhow::Result<Agent> {
+        let Loaded {
+            certs,
+            refresh,
+            inputs,
+            policy,
+            jwt,
+        } = self;
         let metrics = Arc::new(Metrics::new());
         let access_log = AccessLog::start(cfg.access_log.clone(), metrics.clone())?;
         let labels = &cfg.workload.labels;
@@ -105,7 +141,6 @@ impl Agent {
             drain_timeout: cfg.drain_timeout,
             path_normalization: cfg.policy.path_normalization,
         };
-        let jwt = jwt_settings(&cfg.jwt)?;
         let proxy = Proxy::bind(
             ProxyOptions {
                 jwt,
@@ -138,7 +173,9 @@ impl Agent {
             tasks,
         })
     }
+}
 
+impl Agent {
     pub fn inbound_addrs(&self) -> Vec<(String, SocketAddr)> {
         self.proxy.inbound_addrs()
     }

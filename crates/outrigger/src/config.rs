@@ -209,7 +209,7 @@ struct RawLog {
     #[serde(default)]
     format: Option<LogFormat>,
     #[serde(default)]
-    level: Option<String>,
+    level: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -704,7 +704,11 @@ impl Validator<'_> {
             admin,
             access_log,
             log_format: raw.log.format.unwrap_or_default(),
-            log_level: raw.log.level.clone().unwrap_or_else(|| "info".into()),
+            log_level: match &raw.log.level {
+                Some(l) => crate::logging::parse_filter(&l.value)
+                    .map_err(|r| self.err(l, "log.level", r))?,
+                None => "info".into(),
+            },
             detect_timeout: self.duration(&t.detect, "timeouts.detect", Duration::from_secs(1))?,
             handshake_timeout: self.duration(
                 &t.handshake,

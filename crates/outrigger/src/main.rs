@@ -5,6 +5,7 @@ mod check;
 mod client;
 mod config;
 mod demo;
+mod logging;
 mod policy_files;
 mod register;
 mod windows;
@@ -16,7 +17,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{AgentConfig, LogFormat};
+use crate::config::AgentConfig;
 
 const ABOUT: &str = "Outrigger joins a workload that cannot run an Envoy sidecar (a Windows \
 service, a legacy VM, an appliance) to an Istio mesh under STRICT mTLS. It terminates the \
@@ -86,7 +87,8 @@ struct RunArgs {
     /// Tokio worker threads (default: runtime.workerThreads, else one per core).
     #[arg(long, value_name = "N")]
     worker_threads: Option<usize>,
-    /// Check the configuration, certificates and policy, print a summary, and exit.
+    /// Check the configuration, certificates and policy, print a summary, and exit. Binds no
+    /// listener, so it can run beside the agent it checks.
     #[arg(long)]
     check_config: bool,
     /// Once listening, write the bound addresses here as JSON
@@ -160,20 +162,6 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
     config::parse_duration(s)
 }
 
-fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Windows Server 2016 consoles show ANSI colour codes raw.
-        .with_ansi(cfg!(not(windows)));
-    let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
-}
-
 fn runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     // One worker: Tokio's current-thread scheduler does the same work without the
     // work-stealing machinery (cross-thread wakeups, atomics) that one thread cannot use.
@@ -191,10 +179,33 @@ fn runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runt
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = AgentConfig::load(&args.config)?;
-    init_logging(cfg.log_format, &cfg.log_level);
+    logging::init(cfg.log_format, &cfg.log_level)?;
     let rt = runtime(args.worker_threads.or(cfg.worker_threads))?;
     rt.block_on(async {
-        let agent = agent::Agent::start(&cfg).await?;
+        let loaded = agent::Loaded::load(&cfg).await?;
+        if args.check_config {
+            // Binds nothing, so it also checks a configuration beside the running agent.
+            let policy = loaded.policy.load();
+            println!(
+                "configuration OK: {} ({} inbound listener(s), {} policy resource(s) in force)",
+                cfg.identity,
+                cfg.inbound.len(),
+                policy.snapshot.applied().len()
+            );
+            for l in &cfg.inbound {
+                let mtls = policy.snapshot.mtls_mode(l.listen.port());
+                println!(
+                    "  inbound {}: {} -> {} ({}, mTLS {})",
+                    l.name,
+                    l.listen,
+                    l.backend,
+                    l.protocol.as_str(),
+                    mtls.mode
+                );
+            }
+            return Ok(());
+        }
+        let agent = loaded.bind(&cfg).await?;
         for (name, addr) in agent.inbound_addrs() {
             let l = cfg.inbound.iter().find(|l| l.name == name);
             let (backend, proto) = l
@@ -215,15 +226,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 network = %cfg.network,
                 "HBONE listener (Istio ambient): CONNECT streams are routed to the inbound listeners by port"
             );
-        }
-        if args.check_config {
-            println!(
-                "configuration OK: {} ({} inbound listener(s), {} policy resource(s) in force)",
-                cfg.identity,
-                cfg.inbound.len(),
-                agent.policy.load().snapshot.applied().len()
-            );
-            return Ok(());
         }
         if let Some(path) = &args.ready_file {
             write_ready_file(path, &agent)?;
@@ -308,10 +310,15 @@ fn main() -> ExitCode {
         Command::Service(c) => windows::service(c),
         Command::Doctor(a) => windows::doctor(a),
         Command::Mesh(MeshCommand::Register(a)) => register::run(a),
+        // Exit statuses as grep's and diff's, kept apart from clap's usage error (2):
+        // 0 allowed, 1 denied, 3 the check could not be made.
         Command::Check(a) => match check::run(a) {
             Ok(true) => Ok(()),
-            Ok(false) => return ExitCode::from(2),
-            Err(e) => Err(e),
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(3);
+            }
         },
         Command::Version => {
             println!("outrigger {}", env!("CARGO_PKG_VERSION"));

@@ -1,0 +1,114 @@
+//! What an operator runs by hand: `run --check-config`, the log level, and how the agent's
+//! own log looks.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use outrigger_testkit::*;
+
+fn check_config(path: &std::path::Path) -> std::process::Output {
+    Command::new(BIN)
+        .args(["run", "--check-config", "--config"])
+        .arg(path)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
+/// `--check-config` binds nothing: it succeeds beside the running agent whose ports it names
+/// (before, it tried to listen on them and failed with "address in use").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_runs_beside_the_running_agent() {
+    let backend = start_echo().await;
+    let mesh = Mesh::new();
+    let agent = mesh.start(&[("web", backend, "http")]);
+    let bound = agent.addr("web");
+    let cfg = mesh
+        .config(&[("web", backend, "http")], "")
+        .replace(
+            "listen: 127.0.0.1:0\n    backend",
+            &format!("listen: {bound}\n    backend"),
+        )
+        .replace(
+            "admin:\n  listen: 127.0.0.1:0",
+            &format!("admin:\n  listen: {}", agent.admin),
+        );
+    assert!(cfg.contains(&bound.to_string()), "{cfg}");
+    let path = mesh.dir().join("same-ports.yaml");
+    std::fs::write(&path, &cfg).unwrap();
+    let out = check_config(&path);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("configuration OK"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("inbound web: {bound} -> {backend}")),
+        "{stdout}"
+    );
+    // And the agent it ran beside still serves.
+    let client = mesh.pki.issue("web", "frontend");
+    let mut conn = mesh.connect(bound, &client, false).await;
+    let got = conn.fetch(get("/", false)).await.unwrap();
+    assert_eq!(got.status, 200);
+}
+
+/// `log.level: warning` used to be taken by `tracing` as a module name (no line ever matched,
+/// so the agent logged nothing). Envoy's level names are accepted; anything else is refused
+/// with file:line and field.
+#[test]
+fn log_level_is_checked() {
+    let mesh = Mesh::new();
+    let base = mesh.config(&[("web", "127.0.0.1:5000".parse().unwrap(), "http")], "");
+    let path = mesh.dir().join("log.yaml");
+
+    std::fs::write(&path, format!("{base}log:\n  level: warning\n")).unwrap();
+    let out = check_config(&path);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let cfg = format!("{base}log:\n  level: warnings\n");
+    std::fs::write(&path, &cfg).unwrap();
+    let out = check_config(&path);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = cfg.lines().position(|l| l.contains("warnings")).unwrap() + 1;
+    assert!(
+        err.contains(&format!("log.yaml:{line}:"))
+            && err.contains("log.level")
+            && err.contains("`warnings` is not a log level"),
+        "{err}"
+    );
+
+    // RUST_LOG replaces log.level and is checked the same way.
+    std::fs::write(&path, &base).unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--check-config", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "verbose")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("RUST_LOG: `verbose` is not a log level"),
+        "{err}"
+    );
+}
+
+/// The agent's log goes to a file here (not a terminal): no ANSI colour codes in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_colour_codes_in_a_log_file() {
+    let backend = start_echo().await;
+    let mesh = Mesh::new();
+    let agent = mesh.start(&[("web", backend, "http")]);
+    let log = agent.wait_for_log("inbound listener");
+    assert!(!log.contains('\u{1b}'), "{log}");
+}

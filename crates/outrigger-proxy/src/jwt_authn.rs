@@ -44,6 +44,8 @@ pub struct JwtSettings {
     pub refresh_interval: Duration,
     /// Verified claims passed to the application: header name → claim (nested with `.`).
     pub identity_headers: Vec<(HeaderName, String)>,
+    /// The forward proxy for key fetches (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`).
+    pub egress_proxy: crate::egress_proxy::EgressProxy,
 }
 
 impl Default for JwtSettings {
@@ -53,6 +55,7 @@ impl Default for JwtSettings {
             // istiod refreshes JWKS it resolves every 20 minutes.
             refresh_interval: Duration::from_secs(20 * 60),
             identity_headers: Vec::new(),
+            egress_proxy: Default::default(),
         }
     }
 }
@@ -300,11 +303,36 @@ impl JwksCache {
             .ok_or_else(|| msg(format!("{url}: no host")))?
             .to_string();
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let tcp = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
-            .await
-            .map_err(|e| msg(format!("{url}: connect: {e}")))?;
-        let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let req = http::Request::get(path)
+        let bare_host = host.trim_matches(['[', ']']);
+        let proxy = self
+            .settings
+            .egress_proxy
+            .for_target(https, bare_host, port);
+        let tcp = match proxy {
+            // HTTPS through a proxy: a CONNECT tunnel, then TLS end to end with the server.
+            Some(p) if https => crate::egress_proxy::connect_tunnel(p, bare_host, port)
+                .await
+                .map_err(|e| msg(format!("{url}: {e}")))?,
+            // Plain HTTP through a proxy: the request goes to the proxy in absolute form.
+            Some(p) => tokio::net::TcpStream::connect((p.host.as_str(), p.port))
+                .await
+                .map_err(|e| msg(format!("{url}: proxy {}:{}: connect: {e}", p.host, p.port)))?,
+            None => tokio::net::TcpStream::connect((bare_host, port))
+                .await
+                .map_err(|e| msg(format!("{url}: connect: {e}")))?,
+        };
+        let path = match proxy {
+            Some(_) if !https => url,
+            _ => uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+        };
+        let mut req = http::Request::get(path);
+        if let Some(auth) = proxy
+            .filter(|_| !https)
+            .and_then(|p| p.authorization.as_ref())
+        {
+            req = req.header(http::header::PROXY_AUTHORIZATION, auth.as_str());
+        }
+        let req = req
             .header(
                 http::header::HOST,
                 uri.authority().map(|a| a.as_str()).unwrap_or(&host),
@@ -317,9 +345,8 @@ impl JwksCache {
             .body(Empty::<Bytes>::new())
             .map_err(msg)?;
         let resp = if https {
-            let name =
-                rustls_pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string())
-                    .map_err(|e| msg(format!("{url}: {e}")))?;
+            let name = rustls_pki_types::ServerName::try_from(bare_host.to_string())
+                .map_err(|e| msg(format!("{url}: {e}")))?;
             let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
                 .connect(name, tcp)
                 .await

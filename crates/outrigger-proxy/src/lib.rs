@@ -15,6 +15,7 @@ pub mod access_log;
 pub mod admin;
 mod authz;
 pub mod detect;
+pub mod egress_proxy;
 pub mod hbone;
 mod http_common;
 mod http_fwd;

@@ -222,7 +222,15 @@ pub(crate) fn jwt_settings(
             );
         }
     }
+    let egress_proxy =
+        outrigger_proxy::egress_proxy::EgressProxy::from_env(|k| std::env::var(k).ok()).map_err(
+            |e| anyhow::anyhow!("{e} (the proxy for JWKS and OpenID discovery fetches)"),
+        )?;
+    if let Some(p) = &egress_proxy.https {
+        tracing::info!(proxy = %format!("{}:{}", p.host, p.port), "JWKS and OpenID discovery over HTTPS go through HTTPS_PROXY (NO_PROXY honoured)");
+    }
     Ok(outrigger_proxy::jwt_authn::JwtSettings {
+        egress_proxy,
         extra_roots,
         refresh_interval: cfg.refresh_interval,
         identity_headers: cfg

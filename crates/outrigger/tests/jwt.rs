@@ -130,11 +130,17 @@ impl Issuer {
 /// Serves the issuer's OpenID configuration and JWKS over HTTPS on 127.0.0.1 (certificate
 /// for `localhost` from the test CA).
 async fn serve_issuer(pki: &TestPki, issuer: Arc<Issuer>) -> SocketAddr {
+    serve_issuer_as(pki, issuer, "localhost").await
+}
+
+/// The same, with the issuer URL and certificate naming `host` (which the test's proxy maps to
+/// 127.0.0.1; nothing else resolves it).
+async fn serve_issuer_as(pki: &TestPki, issuer: Arc<Issuer>, host: &str) -> SocketAddr {
     let mut o = outrigger_tls::ca::IssueOptions::workload(
         &pki.id("idp", "idp"),
         std::time::Duration::from_secs(3600),
     );
-    o.dns_sans = vec!["localhost".into()];
+    o.dns_sans = vec![host.into()];
     let cert = pki.ca.issue_with(&o).unwrap();
     use rustls_pki_types::pem::PemObject;
     let chain: Vec<_> =
@@ -151,7 +157,7 @@ async fn serve_issuer(pki: &TestPki, issuer: Arc<Issuer>) -> SocketAddr {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    *issuer.url.lock().unwrap() = format!("https://localhost:{}", addr.port());
+    *issuer.url.lock().unwrap() = format!("https://{host}:{}", addr.port());
     tokio::spawn(async move {
         loop {
             let Ok((s, _)) = l.accept().await else {
@@ -646,4 +652,118 @@ fn check_evaluates_a_token() {
     let (code, out) = run("token-issuer1.jwt");
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("401 Jwt verification fails"), "{out}");
+}
+
+/// A forward proxy on loopback that answers `CONNECT`, as a corporate proxy does: it resolves
+/// `idp.corp.test` (which nothing else resolves) to 127.0.0.1 and records each target.
+async fn start_connect_proxy() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                    if s.read_exact(&mut byte).await.is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let line = String::from_utf8_lossy(&head)
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                log.lock().unwrap().push(line.clone());
+                let target = line.split_whitespace().nth(1).unwrap_or_default();
+                let Some(port) = target.strip_prefix("idp.corp.test:") else {
+                    let _ = s.write_all(b"HTTP/1.1 403 Forbidden\r\n\r\n").await;
+                    return;
+                };
+                let Ok(mut up) = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}")).await
+                else {
+                    let _ = s.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+                    return;
+                };
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await;
+                let _ = tokio::io::copy_bidirectional(&mut s, &mut up).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Corporate Windows networks reach Azure AD only through a forward proxy: OpenID discovery
+/// and the JWKS are fetched through `HTTPS_PROXY` (a CONNECT tunnel, TLS end to end with the
+/// issuer), and `NO_PROXY` sends them direct, as Go's `http.ProxyFromEnvironment` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_fetches_honour_https_proxy_and_no_proxy() {
+    let (proxy, seen) = start_connect_proxy().await;
+    for no_proxy in ["", "localhost,.corp.test"] {
+        let mesh = Mesh::new();
+        let issuer = Issuer::new();
+        serve_issuer_as(&mesh.pki, issuer.clone(), "idp.corp.test").await;
+        let iss = issuer.iss();
+        mesh.policy("pa.yaml", MESH_STRICT);
+        mesh.policy(
+            "jwt.yaml",
+            &format!(
+                "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: corp, namespace: legacy}}\nspec:\n  jwtRules:\n  - issuer: \"{iss}\"\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: need-jwt, namespace: legacy}}\nspec:\n  rules:\n  - from: [{{source: {{requestPrincipals: [\"*\"]}}}}]\n"
+            ),
+        );
+        let cfg = mesh.config(
+            &[("web", start_echo().await, "http")],
+            &format!(
+                "jwt:\n  caBundle: {}\n",
+                mesh.pki.path().join("ca/root-cert.pem").display()
+            ),
+        );
+        let agent = AgentProc::start_with(
+            mesh.dir(),
+            &cfg,
+            &[
+                ("HTTPS_PROXY", &format!("http://{proxy}")),
+                ("NO_PROXY", no_proxy),
+            ],
+        );
+        let sleep = mesh.pki.issue("default", "sleep");
+        let t = issuer.token("ES256", issuer.claims("alice"));
+        let got = call(
+            &mesh,
+            &agent,
+            &sleep,
+            "/",
+            &[("authorization", &format!("Bearer {t}"))],
+        )
+        .await;
+        let through: Vec<String> = seen.lock().unwrap().drain(..).collect();
+        if no_proxy.is_empty() {
+            assert_eq!(got.status, 200, "{}", got.text());
+            assert!(
+                through
+                    .iter()
+                    .all(|l| l.starts_with("CONNECT idp.corp.test:"))
+                    && through.len() >= 2,
+                "discovery and JWKS through the proxy: {through:?}"
+            );
+        } else {
+            // Direct: idp.corp.test does not resolve, so no keys and the token is refused.
+            assert_eq!(got.status, 401, "{}", got.text());
+            assert!(
+                through.is_empty(),
+                "NO_PROXY must bypass the proxy: {through:?}"
+            );
+            agent.wait_for_log("idp.corp.test");
+        }
+    }
 }

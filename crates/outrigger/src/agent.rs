@@ -50,26 +50,44 @@ impl Agent {
             .iter()
             .map(|a| a.to_vec())
             .collect();
-        let certs = CertStore::new(source, cfg.trust_domains.clone(), alpn)
-            .context("loading the workload certificate")?;
-        let have = certs.certs().identity().clone();
-        if have != cfg.identity {
-            anyhow::bail!(
-                "{}: the certificate is for {have}, but the workload is {} (workload.namespace / workload.serviceAccount)",
+        // The same checks run here and at every rotation (CertStore's one validation
+        // function), including that the certificate is for this workload's identity.
+        let certs = CertStore::with_identity(
+            source,
+            cfg.trust_domains.clone(),
+            alpn,
+            cfg.identity.clone(),
+        )
+        .with_context(|| {
+            format!(
+                "{}: loading the workload certificate for {} (workload.namespace / \
+                 workload.serviceAccount)",
                 cfg.file.display(),
                 cfg.identity
-            );
-        }
+            )
+        })?;
 
         let inputs = PolicyInputs::from_config(cfg);
-        let state = {
+        // The watcher compares later reads with exactly what this policy was built from.
+        let (state, observed) = {
             let inputs = inputs.clone();
-            tokio::task::spawn_blocking(move || policy_files::load(&inputs, 1))
-                .await?
-                .map_err(|e| anyhow::anyhow!("invalid policy; refusing to start:\n{e}"))?
+            tokio::task::spawn_blocking(move || {
+                let observed = policy_files::Observation::read(&inputs.paths);
+                let state = match observed.contents() {
+                    Ok(c) => policy_files::load_contents(&inputs, c, 1),
+                    Err(e) => Err(e.to_string()),
+                };
+                state.map(|s| (s, observed))
+            })
+            .await?
+            .map_err(|e| anyhow::anyhow!("invalid policy; refusing to start:\n{e}"))?
         };
         let policy = PolicyHandle::new(state);
         let metrics = Arc::new(Metrics::new());
+        {
+            let metrics = metrics.clone();
+            certs.set_observer(move |event| metrics.certificate_rotation(event));
+        }
         let access_log = AccessLog::start(cfg.access_log.clone(), metrics.clone())?;
         let labels = &cfg.workload.labels;
         let label = |k: &str| labels.get(k).cloned().unwrap_or_default();
@@ -130,6 +148,7 @@ impl Agent {
                 inputs,
                 cfg.policy.reload_interval,
                 metrics.clone(),
+                observed,
             )),
         ];
         Ok(Agent {

@@ -426,3 +426,65 @@ pub async fn watch(
         handle.set_pending(None);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DENY: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny\n  namespace: legacy\nspec:\n  action: DENY\n  rules: [{}]\n";
+    const PA: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: default\n  namespace: istio-system\nspec:\n  mtls:\n    mode: STRICT\n";
+
+    fn state(files: &[(&str, &str)]) -> PolicyState {
+        let inputs = PolicyInputs {
+            paths: Vec::new(),
+            workload: Workload {
+                namespace: "legacy".into(),
+                labels: Default::default(),
+            },
+            options: PolicyOptions::default(),
+        };
+        let contents = FileContents {
+            files: files
+                .iter()
+                .map(|(f, t)| (PathBuf::from(f), Ok(t.as_bytes().to_vec())))
+                .collect(),
+        };
+        load_contents(&inputs, &contents, 1).unwrap()
+    }
+
+    /// What a truncated file looks like is a removal; adding, keeping or changing policies is
+    /// not.
+    #[test]
+    fn removals_are_recognised() {
+        let both = state(&[("a.yaml", PA), ("b.yaml", DENY)]);
+        let a_only = state(&[("a.yaml", PA), ("b.yaml", "")]);
+        let a_deleted = state(&[("b.yaml", DENY)]);
+        let none = state(&[("a.yaml", ""), ("b.yaml", "# nothing\n")]);
+        let r = removal(&both, &a_only).unwrap();
+        assert!(r.contains("every policy of b.yaml"), "{r}");
+        let r = removal(&both, &a_deleted).unwrap();
+        assert!(r.contains("every policy of a.yaml"), "{r}");
+        let r = removal(&both, &none).unwrap();
+        assert!(r.contains("removes every policy (2 resources"), "{r}");
+        assert_eq!(removal(&a_only, &both), None);
+        assert_eq!(removal(&none, &both), None);
+        assert_eq!(removal(&none, &none), None);
+        assert_eq!(removal(&both, &both), None);
+    }
+
+    /// Equal observations need equal bytes: a read mid-write differs from the finished file.
+    #[test]
+    fn observations_compare_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("p.yaml");
+        std::fs::write(&f, DENY).unwrap();
+        let paths = vec![dir.path().to_path_buf()];
+        let full = Observation::read(&paths);
+        assert_eq!(full, Observation::read(&paths));
+        std::fs::write(&f, &DENY[..10]).unwrap();
+        let half = Observation::read(&paths);
+        assert_ne!(half.contents, full.contents);
+        std::fs::write(&f, DENY).unwrap();
+        assert_eq!(Observation::read(&paths).contents, full.contents);
+    }
+}

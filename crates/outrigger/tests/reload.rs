@@ -321,19 +321,45 @@ async fn a_half_written_certificate_is_not_applied() {
     let next = mesh.pki.issue(AGENT_NS, AGENT_SA);
     let chain = mesh.agent.dir.join("cert-chain.pem");
     let key = mesh.agent.dir.join("key.pem");
-    let pem = &next.pem.cert_chain_pem;
 
-    // Each state holds for less than SETTLE (the writer's pace), more than the poll interval.
-    let step = SETTLE / 4;
-    let started = Instant::now();
-    rewrite_in_place(&key, &next.pem.key_pem, Duration::ZERO);
-    std::thread::sleep(step);
-    rewrite_in_place(&chain, &pem[..pem.len() / 2], step);
-    std::thread::sleep(step);
-    // Still the old certificate, mid-write.
-    assert_eq!(presented(&mesh, &agent).await.1, leaf0);
-    rewrite_in_place(&chain, pem, Duration::ZERO);
-    assert!(started.elapsed() < SETTLE * 4);
+    // The writer: new key, then the chain truncated, half-written and completed. Each state
+    // holds for SETTLE / 4 (the writer's pace), longer than the 100 ms poll interval.
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (chain, key, done) = (chain.clone(), key.clone(), done.clone());
+        let (pem, key_pem) = (next.pem.cert_chain_pem.clone(), next.pem.key_pem.clone());
+        std::thread::spawn(move || {
+            let step = SETTLE / 4;
+            let mut last = Instant::now();
+            let mut longest = Duration::ZERO;
+            let mut mark = |longest: &mut Duration| {
+                *longest = (*longest).max(last.elapsed());
+                last = Instant::now();
+            };
+            rewrite_in_place(&key, &key_pem, Duration::ZERO);
+            mark(&mut longest);
+            std::thread::sleep(step);
+            rewrite_in_place(&chain, &pem[..pem.len() / 2], step);
+            mark(&mut longest);
+            std::thread::sleep(step);
+            rewrite_in_place(&chain, &pem, Duration::ZERO);
+            mark(&mut longest);
+            done.store(true, Ordering::SeqCst);
+            longest
+        })
+    };
+    // Mid-write, peers keep getting the old certificate.
+    let mut probes = 0;
+    while !done.load(Ordering::SeqCst) {
+        assert_eq!(presented(&mesh, &agent).await.1, leaf0);
+        probes += 1;
+    }
+    let longest = writer.join().unwrap();
+    assert!(
+        longest < SETTLE,
+        "the writer held a state for {longest:?}: too slow to test the settle window"
+    );
+    assert!(probes >= 1);
 
     agent.wait_metric(
         "outrigger_config_reloads_total",

@@ -104,7 +104,8 @@ impl WorkloadCerts {
     /// against the same mesh roots, so a mismatch means every handshake would fail. An expired
     /// certificate is refused; a not-yet-valid one is accepted with a warning (the CA's clock
     /// may run ahead of ours; Istio back-dates `NotBefore` by 2 minutes for that reason) once
-    /// its signatures verify at its start time.
+    /// its signatures verify at its start time, unless it starts more than
+    /// [`NOT_YET_VALID_TOLERANCE`] from now.
     pub fn check_chain(&self) -> Result<(), TlsError> {
         let subjects = Subjects::pem();
         let store = root_store(&self.roots, &subjects.roots)?;

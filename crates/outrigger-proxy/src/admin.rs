@@ -57,15 +57,19 @@ fn route(req: Request<Incoming>, ctx: &Ctx) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/healthz/ready" => {
-            if ctx.ready.load(Ordering::SeqCst) {
-                reply(StatusCode::OK, "text/plain", "ready\n".into())
+            // The status code is the readiness (the agent serves with the policy and
+            // certificate in force whatever is pending); the body says what is in force and
+            // what is waiting, for operators.
+            let (status, first) = if ctx.ready.load(Ordering::SeqCst) {
+                (StatusCode::OK, "ready")
             } else {
-                reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    "not ready\n".into(),
-                )
-            }
+                (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+            };
+            reply(
+                status,
+                "text/plain",
+                format!("{first}\n{}", reload_summary(ctx)),
+            )
         }
         "/metrics" | "/stats/prometheus" => reply(
             StatusCode::OK,
@@ -92,6 +96,46 @@ fn unix(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// One line for the policy and one for the certificate: version in force, change pending,
+/// last error.
+fn reload_summary(ctx: &Ctx) -> String {
+    let now = SystemTime::now();
+    let ago = |t: SystemTime| now.duration_since(t).unwrap_or_default().as_secs_f64();
+    let policy = ctx.policy.load();
+    let mut p = format!("policy: version {} in force", policy.version);
+    if let Some(pending) = ctx.policy.pending() {
+        p += &format!(
+            "; change pending for {:.1} s{}",
+            ago(pending.since),
+            if pending.removal {
+                " (removes policies)"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Some(f) = ctx.policy.last_failure() {
+        p += &format!("; last reload failed {:.0} s ago", ago(f.at));
+    }
+    let cert = ctx.certs.status();
+    let mut c = format!(
+        "certificate: generation {} in force ({})",
+        cert.generation,
+        ctx.certs.certs().identity()
+    );
+    if let Some(since) = cert.pending_since {
+        c += &format!("; change pending for {:.1} s", ago(since));
+    }
+    if let Some(r) = &cert.last_refusal {
+        c += &format!(
+            "; last rotation refused {:.0} s ago ({})",
+            ago(r.at),
+            r.reason
+        );
+    }
+    format!("{p}\n{c}\n")
+}
+
 fn config_dump(ctx: &Ctx) -> serde_json::Value {
     let certs = ctx.certs.certs();
     let policy = ctx.policy.load();
@@ -114,6 +158,14 @@ fn config_dump(ctx: &Ctx) -> serde_json::Value {
         .policy
         .last_failure()
         .map(|f| serde_json::json!({ "at_unix": unix(f.at), "error": f.error }));
+    let pending = ctx.policy.pending().map(|p| {
+        serde_json::json!({
+            "since_unix": unix(p.since),
+            "removes_policies": p.removal,
+            "detail": p.detail,
+        })
+    });
+    let cert_status = ctx.certs.status();
     serde_json::json!({
         "workload": {
             "identity": ctx.workload.identity.to_string(),
@@ -123,6 +175,16 @@ fn config_dump(ctx: &Ctx) -> serde_json::Value {
         "certificate": {
             "identity": certs.identity().to_string(),
             "not_after_unix": unix(certs.not_after()),
+            "generation": cert_status.generation,
+            "expected_identity": cert_status.expected_identity.to_string(),
+            "last_rotation_unix": cert_status.last_rotation.map(unix),
+            "pending_change_since_unix": cert_status.pending_since.map(unix),
+            "rotation_refusals": cert_status.refusals,
+            "last_rotation_error": cert_status.last_refusal.map(|r| serde_json::json!({
+                "at_unix": unix(r.at),
+                "reason": r.reason,
+                "error": r.error,
+            })),
         },
         "inbound": listeners,
         "hbone": ctx.hbone.map(|a| serde_json::json!({ "listen": a.to_string() })),
@@ -146,6 +208,7 @@ fn config_dump(ctx: &Ctx) -> serde_json::Value {
                 "source": i.source.to_string(),
             })).collect::<Vec<_>>(),
             "last_reload_error": failure,
+            "pending_change": pending,
         },
     })
 }

@@ -133,10 +133,25 @@ pub struct ReloadFailure {
     pub error: String,
 }
 
+/// A change to the policy files that has been seen but not applied yet: it must read the same
+/// for a while first (see `outrigger_tls::settle`), so that a file caught mid-write is never
+/// applied.
+#[derive(Debug, Clone)]
+pub struct PendingChange {
+    /// When the change was first seen.
+    pub since: SystemTime,
+    /// Whether it removes every policy, or every policy of a file (it then waits longer and is
+    /// logged as a warning when applied).
+    pub removal: bool,
+    /// What the change is waiting for, for operators.
+    pub detail: String,
+}
+
 /// The published policy: swapped atomically, watched by long-lived connections.
 pub struct PolicyHandle {
     current: ArcSwap<PolicyState>,
     last_failure: ArcSwap<Option<ReloadFailure>>,
+    pending: ArcSwap<Option<PendingChange>>,
     changed: watch::Sender<u64>,
 }
 
@@ -146,6 +161,7 @@ impl PolicyHandle {
         Arc::new(PolicyHandle {
             current: ArcSwap::from_pointee(state),
             last_failure: ArcSwap::from_pointee(None),
+            pending: ArcSwap::from_pointee(None),
             changed,
         })
     }
@@ -173,6 +189,15 @@ impl PolicyHandle {
 
     pub fn last_failure(&self) -> Option<ReloadFailure> {
         (**self.last_failure.load()).clone()
+    }
+
+    /// Records the change waiting to settle (`None`: nothing pending).
+    pub fn set_pending(&self, pending: Option<PendingChange>) {
+        self.pending.store(Arc::new(pending));
+    }
+
+    pub fn pending(&self) -> Option<PendingChange> {
+        (**self.pending.load()).clone()
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {

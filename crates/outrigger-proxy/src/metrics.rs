@@ -96,6 +96,12 @@ pub struct ReloadLabels {
     pub result: &'static str,
 }
 
+/// Why a new certificate set was refused ([`outrigger_tls::TlsError::refusal_reason`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RotationFailureLabels {
+    pub reason: &'static str,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct DecisionLabels {
     pub action: &'static str,
@@ -148,6 +154,7 @@ pub struct Metrics {
     pub tcp_sent: Family<TcpLabels, Counter>,
     pub rejected: Family<RejectLabels, Counter>,
     pub reloads: Family<ReloadLabels, Counter>,
+    pub rotation_failures: Family<RotationFailureLabels, Counter>,
     pub decisions: Family<DecisionLabels, Counter>,
     pub jwks_fetches: Family<ReloadLabels, Counter>,
     pub jwt_authn: Family<DecisionLabels, Counter>,
@@ -185,6 +192,7 @@ impl Metrics {
         let tcp_sent = Family::<TcpLabels, Counter>::default();
         let rejected = Family::<RejectLabels, Counter>::default();
         let reloads = Family::<ReloadLabels, Counter>::default();
+        let rotation_failures = Family::<RotationFailureLabels, Counter>::default();
         let decisions = Family::<DecisionLabels, Counter>::default();
         let access_log_dropped = Counter::default();
         let jwks_fetches = Family::<ReloadLabels, Counter>::default();
@@ -251,6 +259,12 @@ impl Metrics {
             reloads.clone(),
         );
         registry.register(
+            "outrigger_certificate_rotation_failures",
+            "New workload certificate sets refused (the current one stays in service), by the \
+             check that failed",
+            rotation_failures.clone(),
+        );
+        registry.register(
             "outrigger_authorization_decisions",
             "Authorization decisions, by deciding action and result",
             decisions.clone(),
@@ -272,6 +286,7 @@ impl Metrics {
             tcp_sent,
             rejected,
             reloads,
+            rotation_failures,
             decisions,
             jwks_fetches,
             jwt_authn,
@@ -305,6 +320,26 @@ impl Metrics {
             self.tcp_sent.get_or_create(labels).inc_by(s - published.1);
         }
         *published = (r, s);
+    }
+
+    /// Counts a certificate rotation: `outrigger_config_reloads_total{source="certificate"}`
+    /// by result, and each refused set by reason.
+    pub fn certificate_rotation(&self, event: &outrigger_tls::RotationEvent<'_>) {
+        let result = match event {
+            outrigger_tls::RotationEvent::Rotated { .. } => "success",
+            outrigger_tls::RotationEvent::Refused { reason, .. } => {
+                self.rotation_failures
+                    .get_or_create(&RotationFailureLabels { reason })
+                    .inc();
+                "error"
+            }
+        };
+        self.reloads
+            .get_or_create(&ReloadLabels {
+                source: "certificate",
+                result,
+            })
+            .inc();
     }
 
     pub fn reject(&self, listener: &Lv, reason: &'static str) {

@@ -13,6 +13,7 @@ use rustls::{CertificateError, InconsistentKeys, RootCertStore};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 
+use crate::error::InvalidKind;
 use crate::{TlsError, crypto_provider, fsutil};
 
 /// A validated credential set, in Istio's three-file shape: `cert-chain.pem` (leaf first, then
@@ -103,7 +104,8 @@ impl WorkloadCerts {
     /// against the same mesh roots, so a mismatch means every handshake would fail. An expired
     /// certificate is refused; a not-yet-valid one is accepted with a warning (the CA's clock
     /// may run ahead of ours; Istio back-dates `NotBefore` by 2 minutes for that reason) once
-    /// its signatures verify at its start time.
+    /// its signatures verify at its start time, unless it starts more than
+    /// [`NOT_YET_VALID_TOLERANCE`] from now.
     pub fn check_chain(&self) -> Result<(), TlsError> {
         let subjects = Subjects::pem();
         let store = root_store(&self.roots, &subjects.roots)?;
@@ -192,7 +194,8 @@ impl WorkloadCerts {
         match CertifiedKey::new(chain.clone(), signing_key).keys_match() {
             Ok(()) | Err(rustls::Error::InconsistentKeys(InconsistentKeys::Unknown)) => {}
             Err(rustls::Error::InconsistentKeys(InconsistentKeys::KeyMismatch)) => {
-                return Err(TlsError::invalid(
+                return Err(TlsError::invalid_as(
+                    InvalidKind::KeyMismatch,
                     &subjects.key,
                     format!(
                         "does not match the leaf certificate in {} (were the files written \
@@ -205,7 +208,8 @@ impl WorkloadCerts {
         }
 
         let identity = identity_from_der(&chain[0]).map_err(|e| {
-            TlsError::invalid(
+            TlsError::invalid_as(
+                InvalidKind::NoSpiffeIdentity,
                 &subjects.chain,
                 format!("the leaf certificate is not a SPIFFE workload certificate: {e}"),
             )
@@ -248,10 +252,23 @@ fn verify_own_chain(
         Ok(()) => return Ok(()),
         Err(e) => e,
     };
-    let reason = match &err {
+    let (kind, reason) = match &err {
         rustls::Error::InvalidCertificate(
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
         ) => {
+            let now_st = UNIX_EPOCH + Duration::from_secs(now.as_secs());
+            if not_before > now_st + NOT_YET_VALID_TOLERANCE {
+                return Err(TlsError::invalid_as(
+                    InvalidKind::NotYetValid,
+                    &subjects.chain,
+                    format!(
+                        "is not valid until {}, more than {} s from now: not a clock skew \
+                         (was it issued for the future, or is this host's clock far behind?)",
+                        fmt_time(not_before),
+                        NOT_YET_VALID_TOLERANCE.as_secs()
+                    ),
+                ));
+            }
             let start = UnixTime::since_unix_epoch(
                 not_before
                     .duration_since(UNIX_EPOCH)
@@ -267,18 +284,40 @@ fn verify_own_chain(
                     );
                     return Ok(());
                 }
-                Err(e) => crate::describe_tls_error(&e),
+                Err(e) => (chain_error_kind(&e), crate::describe_tls_error(&e)),
             }
         }
-        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => (
+            InvalidKind::UntrustedChain,
             format!(
                 "is not signed by any CA in {} (unknown issuer)",
                 subjects.roots
-            )
-        }
-        other => crate::describe_tls_error(other),
+            ),
+        ),
+        other => (chain_error_kind(other), crate::describe_tls_error(other)),
     };
-    Err(TlsError::invalid(&subjects.chain, reason))
+    Err(TlsError::invalid_as(kind, &subjects.chain, reason))
+}
+
+/// How far in the future a workload certificate's `notBefore` may be and still be accepted
+/// (with a warning). A CA whose clock runs a little ahead of ours issues certificates that are
+/// "not valid yet" here for a moment; Istio's CA back-dates `NotBefore` for that reason, so a
+/// few minutes covers any real skew. A certificate that starts later than this was issued for
+/// the future (or this host's clock is badly wrong): peers would refuse it as well, so it is
+/// refused at start-up and kept out of a rotation.
+pub const NOT_YET_VALID_TOLERANCE: Duration = Duration::from_secs(10 * 60);
+
+/// The check a chain-verification error belongs to.
+fn chain_error_kind(e: &rustls::Error) -> InvalidKind {
+    match e {
+        rustls::Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => InvalidKind::Expired,
+        rustls::Error::InvalidCertificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        ) => InvalidKind::NotYetValid,
+        _ => InvalidKind::UntrustedChain,
+    }
 }
 
 pub(crate) fn fmt_time(t: SystemTime) -> String {

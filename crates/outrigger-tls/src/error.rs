@@ -22,7 +22,12 @@ pub enum TlsError {
     /// Credentials that were read but are unusable. `subject` names the input, e.g.
     /// ``certificate chain file `/etc/certs/cert-chain.pem` `` or `certificate chain PEM`.
     #[error("{subject}: {reason}")]
-    Invalid { subject: String, reason: String },
+    Invalid {
+        subject: String,
+        reason: String,
+        /// Which check refused it (the `reason` label of the rotation-failure metric).
+        kind: InvalidKind,
+    },
     /// `ca init` found an existing CA.
     #[error(
         "a CA already exists in `{}`: `{}` is present; refusing to overwrite it \
@@ -53,11 +58,65 @@ pub enum TlsError {
     Identity(#[from] IdentityError),
 }
 
+/// Which of the credential checks a set failed. Start-up and rotation run the same checks
+/// (see [`crate::CertStore`]); this names the failed one for metrics and `/config_dump`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum InvalidKind {
+    /// Not parseable: empty, no PEM block, bad PEM or X.509, unsupported key.
+    Malformed,
+    /// The leaf carries no (or more than one) SPIFFE URI SAN.
+    NoSpiffeIdentity,
+    /// The leaf is for another SPIFFE identity than the workload's.
+    IdentityMismatch,
+    /// The private key does not belong to the leaf certificate.
+    KeyMismatch,
+    /// The chain does not verify to the trust bundle.
+    UntrustedChain,
+    /// The leaf (or a CA in the chain) has expired.
+    Expired,
+    /// The leaf only becomes valid further in the future than clock skew explains.
+    NotYetValid,
+}
+
+impl InvalidKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InvalidKind::Malformed => "malformed",
+            InvalidKind::NoSpiffeIdentity => "no_spiffe_identity",
+            InvalidKind::IdentityMismatch => "identity_mismatch",
+            InvalidKind::KeyMismatch => "key_mismatch",
+            InvalidKind::UntrustedChain => "untrusted_chain",
+            InvalidKind::Expired => "expired",
+            InvalidKind::NotYetValid => "not_yet_valid",
+        }
+    }
+}
+
 impl TlsError {
     pub(crate) fn invalid(subject: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::invalid_as(InvalidKind::Malformed, subject, reason)
+    }
+
+    pub(crate) fn invalid_as(
+        kind: InvalidKind,
+        subject: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
         TlsError::Invalid {
             subject: subject.into(),
             reason: reason.into(),
+            kind,
+        }
+    }
+
+    /// A short, stable name for why a credential set was refused: an [`InvalidKind`], or
+    /// `unreadable` (a file could not be read) or `config` (rustls refused the set).
+    pub fn refusal_reason(&self) -> &'static str {
+        match self {
+            TlsError::Invalid { kind, .. } => kind.as_str(),
+            TlsError::Read { .. } => "unreadable",
+            TlsError::Config(_) => "config",
+            _ => "other",
         }
     }
 }

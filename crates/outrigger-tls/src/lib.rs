@@ -18,6 +18,7 @@ pub mod ca;
 mod certs;
 mod error;
 mod fsutil;
+pub mod settle;
 mod store;
 pub mod verify;
 
@@ -28,9 +29,9 @@ use rustls::crypto::CryptoProvider;
 use rustls_pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
 
-pub use certs::WorkloadCerts;
-pub use error::TlsError;
-pub use store::{CertSource, CertStore};
+pub use certs::{NOT_YET_VALID_TOLERANCE, WorkloadCerts};
+pub use error::{InvalidKind, TlsError};
+pub use store::{CertSource, CertStatus, CertStore, RotationEvent};
 pub use verify::{
     PeerVerifyError, client_config, describe_handshake_error, describe_tls_error,
     is_unexpected_identity, server_config,

@@ -2,8 +2,8 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use outrigger_identity::{Identity, TrustDomains};
@@ -13,6 +13,8 @@ use tokio::sync::watch;
 
 use crate::ca::{BuiltinCa, IssuedCert};
 use crate::certs::fmt_time;
+use crate::error::InvalidKind;
+use crate::settle::{SETTLE, SETTLE_POLL, Settle};
 use crate::{TlsError, WorkloadCerts, client_config, fsutil, server_config};
 
 /// Where the workload credentials come from.
@@ -49,8 +51,72 @@ struct Inner {
     source: CertSource,
     trust: TrustDomains,
     alpn: Vec<Vec<u8>>,
+    /// The workload's identity: every credential set, at start-up and at each rotation, must
+    /// be for it.
+    expected: Identity,
     current: ArcSwap<Current>,
     generation: watch::Sender<u64>,
+    /// A changed file set waiting to read the same for [`SETTLE`] (background refresh only).
+    settle: Mutex<Settle<Observed>>,
+    status: Mutex<Status>,
+    observer: OnceLock<Observer>,
+}
+
+type Observer = Box<dyn Fn(&RotationEvent<'_>) + Send + Sync>;
+
+/// What one read of the source looked like: the content's SHA-256, or why it could not be
+/// read. Equal observations mean nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Observed {
+    Content([u8; 32]),
+    Unreadable(String),
+}
+
+#[derive(Default)]
+struct Status {
+    pending_since: Option<SystemTime>,
+    last_refusal: Option<Refusal>,
+    refusals: u64,
+    last_rotation: Option<SystemTime>,
+    /// The last refused observation: refused once (logged, counted), not again every poll.
+    refused: Option<Observed>,
+}
+
+/// A credential set refused at rotation.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub at: SystemTime,
+    /// [`TlsError::refusal_reason`]: `identity_mismatch`, `key_mismatch`, `expired` ...
+    pub reason: &'static str,
+    pub error: String,
+}
+
+/// The rotation state, for `/config_dump` and `/healthz/ready`.
+#[derive(Debug, Clone)]
+pub struct CertStatus {
+    /// 0 at start, +1 per applied rotation.
+    pub generation: u64,
+    /// The identity every set must carry.
+    pub expected_identity: Identity,
+    /// Since when a changed set has been waiting to read the same (a write may be under way).
+    pub pending_since: Option<SystemTime>,
+    /// The last refused set, until a rotation succeeds.
+    pub last_refusal: Option<Refusal>,
+    /// Refused sets since start (each distinct content counted once).
+    pub refusals: u64,
+    pub last_rotation: Option<SystemTime>,
+}
+
+/// Reported to the observer set with [`CertStore::set_observer`].
+#[derive(Debug)]
+pub enum RotationEvent<'a> {
+    /// New credentials are in service.
+    Rotated { identity: &'a Identity },
+    /// A new set failed a check; the current credentials stay in service.
+    Refused {
+        reason: &'static str,
+        error: &'a str,
+    },
 }
 
 /// Live credentials: the current [`WorkloadCerts`] and the inbound [`ServerConfig`] built from
@@ -101,18 +167,44 @@ impl FileSet {
 
 impl CertStore {
     /// Loads the credentials now (an error means: refuse to start) and builds the server
-    /// config with `alpn` (usually [`crate::ISTIO_ALPNS`]).
+    /// config with `alpn` (usually [`crate::ISTIO_ALPNS`]). The identity of the certificate
+    /// loaded now becomes the one every rotation must keep; use
+    /// [`with_identity`](Self::with_identity) to require a given identity from the start.
     pub fn new(
         source: CertSource,
         trust: TrustDomains,
         alpn: Vec<Vec<u8>>,
     ) -> Result<Self, TlsError> {
+        Self::build(source, trust, alpn, None)
+    }
+
+    /// [`new`](Self::new), refusing credentials for any identity but `expected`, at start-up
+    /// and at every rotation.
+    pub fn with_identity(
+        source: CertSource,
+        trust: TrustDomains,
+        alpn: Vec<Vec<u8>>,
+        expected: Identity,
+    ) -> Result<Self, TlsError> {
+        Self::build(source, trust, alpn, Some(expected))
+    }
+
+    fn build(
+        source: CertSource,
+        trust: TrustDomains,
+        alpn: Vec<Vec<u8>>,
+        expected: Option<Identity>,
+    ) -> Result<Self, TlsError> {
         let raw = Raw::read(&source)?;
         let fingerprint = raw.fingerprint();
-        let certs = raw.validate()?;
+        let expected = match (expected, &source) {
+            (Some(e), _) => Some(e),
+            (None, CertSource::Builtin { identity, .. }) => Some(identity.clone()),
+            (None, CertSource::Files { .. }) => None,
+        };
+        let (certs, server) = validate(&raw, expected.as_ref(), &trust, &alpn)?;
         drop(raw);
-        let alpn_refs: Vec<&[u8]> = alpn.iter().map(Vec::as_slice).collect();
-        let server = server_config(&certs, &trust, &alpn_refs)?;
+        let expected = certs.identity().clone();
         let current = Current {
             certs: Arc::new(certs),
             server,
@@ -125,10 +217,33 @@ impl CertStore {
                 source,
                 trust,
                 alpn,
+                expected,
                 current: ArcSwap::from_pointee(current),
                 generation,
+                settle: Mutex::new(Settle::default()),
+                status: Mutex::new(Status::default()),
+                observer: OnceLock::new(),
             }),
         })
+    }
+
+    /// Called on every applied rotation and every refused set (once per distinct content):
+    /// the agent counts them in its metrics. Only the first observer set is kept.
+    pub fn set_observer(&self, f: impl Fn(&RotationEvent<'_>) + Send + Sync + 'static) {
+        let _ = self.inner.observer.set(Box::new(f));
+    }
+
+    /// The rotation state: pending change, last refusal, counts.
+    pub fn status(&self) -> CertStatus {
+        let st = self.inner.status();
+        CertStatus {
+            generation: self.generation(),
+            expected_identity: self.inner.expected.clone(),
+            pending_since: st.pending_since,
+            last_refusal: st.last_refusal.clone(),
+            refusals: st.refusals,
+            last_rotation: st.last_rotation,
+        }
     }
 
     /// The current inbound config. Lock-free (an `arc-swap` load and an `Arc` clone): call it
@@ -168,9 +283,10 @@ impl CertStore {
         self.inner.generation.subscribe()
     }
 
-    /// Checks the source once, now: Files → reload if any file's content changed; Builtin →
-    /// re-issue. Returns whether new credentials were published. On error the current
-    /// credentials stay in place.
+    /// Checks the source once, now, without waiting for the files to settle: Files → reload
+    /// if any file's content changed; Builtin → re-issue. Returns whether new credentials were
+    /// published. On error the current credentials stay in place (the refusal is logged and
+    /// counted once per distinct content, like the background refresh's).
     pub fn reload(&self) -> Result<bool, TlsError> {
         self.inner.check(true)
     }
@@ -181,9 +297,11 @@ impl CertStore {
     ///   contents with the one in use. Content, not mtime, decides: mtimes can be coarse
     ///   (FAT: 2 s, some SMB shares) or preserved by copy tools, and Kubernetes secret mounts
     ///   swap a symlink. The files are a few KB, so reading them each tick is cheap, and it
-    ///   works the same on Windows (no inotify). A half-written or inconsistent set (key from
-    ///   one issuance, chain from another, unparsable, expired ...) keeps the old credentials
-    ///   and logs a warning with the reason, once per distinct content; it is retried next tick.
+    ///   works the same on Windows (no inotify). A changed set is applied only once it reads
+    ///   the same for [`SETTLE`] (re-read every [`SETTLE_POLL`] meanwhile), so a chain and key
+    ///   caught mid-write are neither applied nor reported. A settled set then runs every
+    ///   start-up check (see [`validate`]); a set that fails keeps the old credentials and is
+    ///   logged as an error naming the reason and counted, once per distinct content.
     /// * Builtin: re-issues at half the remaining lifetime of the current certificate (checked
     ///   at least every `interval`); a failure is logged and retried after `interval`.
     ///
@@ -193,11 +311,11 @@ impl CertStore {
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         let interval = interval.max(Duration::from_millis(10));
         tokio::spawn(async move {
-            let mut last_error: Option<String> = None;
             let mut warned_expired = false;
+            let mut failing = false;
             loop {
                 let delay = match weak.upgrade() {
-                    Some(inner) => inner.next_delay(interval, last_error.is_some()),
+                    Some(inner) => inner.next_delay(interval, failing),
                     None => return,
                 };
                 tokio::time::sleep(delay).await;
@@ -207,20 +325,10 @@ impl CertStore {
                         if changed {
                             warned_expired = false;
                         }
-                        last_error = None;
+                        failing = false;
                     }
-                    Err(e) => {
-                        let msg = e.to_string();
-                        if last_error.as_deref() != Some(msg.as_str()) {
-                            tracing::warn!(
-                                error = %msg,
-                                "credential refresh failed; keeping the current certificate and retrying"
-                            );
-                        } else {
-                            tracing::debug!(error = %msg, "credential refresh still failing");
-                        }
-                        last_error = Some(msg);
-                    }
+                    // Logged and counted where it was refused.
+                    Err(_) => failing = true,
                 }
                 let certs = inner.current.load().certs.clone();
                 if !warned_expired && SystemTime::now() > certs.not_after() {
@@ -236,10 +344,54 @@ impl CertStore {
     }
 }
 
+/// Every check a credential set must pass, at start-up and at each rotation alike (one
+/// function, so that rotation can never skip a start-up check): each PEM parses; the key
+/// matches the leaf; the leaf carries exactly one SPIFFE identity, and it is the workload's
+/// (`expected`, when known); the chain verifies to the trust bundle now (not expired, not
+/// valid only in the future beyond [`crate::NOT_YET_VALID_TOLERANCE`]); rustls accepts the set
+/// as a server configuration.
+fn validate(
+    raw: &Raw<'_>,
+    expected: Option<&Identity>,
+    trust: &TrustDomains,
+    alpn: &[Vec<u8>],
+) -> Result<(WorkloadCerts, Arc<ServerConfig>), TlsError> {
+    let certs = raw.validate()?;
+    if let Some(expected) = expected
+        && certs.identity() != expected
+    {
+        return Err(TlsError::invalid_as(
+            InvalidKind::IdentityMismatch,
+            raw.chain_subject(),
+            format!(
+                "the certificate is for {}, but this workload is {expected}: a certificate \
+                 must keep the workload's identity",
+                certs.identity()
+            ),
+        ));
+    }
+    let alpn_refs: Vec<&[u8]> = alpn.iter().map(Vec::as_slice).collect();
+    let server = server_config(&certs, trust, &alpn_refs)?;
+    Ok((certs, server))
+}
+
 impl Inner {
+    fn status(&self) -> std::sync::MutexGuard<'_, Status> {
+        // A panic while holding this lock cannot leave the status inconsistent in a way that
+        // matters (plain fields): keep using it.
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn next_delay(&self, interval: Duration, retrying: bool) -> Duration {
         match &self.source {
-            CertSource::Files { .. } => interval,
+            CertSource::Files { .. } => {
+                let settling = self.settle.lock().map(|s| s.is_pending()).unwrap_or(false);
+                if settling {
+                    interval.min(SETTLE_POLL)
+                } else {
+                    interval
+                }
+            }
             CertSource::Builtin { .. } if retrying => interval,
             CertSource::Builtin { .. } => {
                 let due = self.builtin_due_at();
@@ -262,7 +414,8 @@ impl Inner {
     }
 
     /// Checks the source; publishes and returns `true` if there are new credentials.
-    /// `force`: re-issue a Builtin certificate even if not due yet.
+    /// `force`: re-issue a Builtin certificate even if not due yet, and take a changed file
+    /// set as it reads now, without waiting for it to settle.
     fn check(&self, force: bool) -> Result<bool, TlsError> {
         if let CertSource::Builtin { .. } = self.source
             && !force
@@ -270,15 +423,45 @@ impl Inner {
         {
             return Ok(false);
         }
-        let raw = Raw::read(&self.source)?;
-        let fingerprint = raw.fingerprint();
-        if fingerprint.is_some() && fingerprint == self.current.load().fingerprint {
-            return Ok(false);
+        let read = Raw::read(&self.source);
+        let observed = match &read {
+            Ok(raw) => raw.fingerprint().map(Observed::Content),
+            Err(e) => Some(Observed::Unreadable(e.to_string())),
+        };
+        if let Some(obs) = &observed {
+            let in_use = self.current.load().fingerprint.map(Observed::Content);
+            let known_bad = self.status().refused.as_ref() == Some(obs);
+            if in_use.as_ref() == Some(obs) || (known_bad && !force) {
+                // Back to what is in force, or a set already refused: nothing to do.
+                self.settle_lock().clear();
+                self.status().pending_since = None;
+                return Ok(false);
+            }
+            if !force {
+                let mut settle = self.settle_lock();
+                if !settle.observe_stable(obs.clone(), Instant::now(), SETTLE) {
+                    let mut st = self.status();
+                    if st.pending_since.is_none() {
+                        st.pending_since = Some(SystemTime::now());
+                        tracing::debug!(
+                            "workload certificate files changed; waiting for them to settle"
+                        );
+                    }
+                    return Ok(false);
+                }
+                settle.clear();
+            }
+            self.status().pending_since = None;
         }
-        let certs = raw.validate()?;
-        let alpn_refs: Vec<&[u8]> = self.alpn.iter().map(Vec::as_slice).collect();
-        let server = server_config(&certs, &self.trust, &alpn_refs)?;
-        let identity = certs.identity().to_string();
+        let checked = read.and_then(|raw| {
+            validate(&raw, Some(&self.expected), &self.trust, &self.alpn)
+                .map(|(certs, server)| (certs, server, raw.fingerprint()))
+        });
+        let (certs, server, fingerprint) = match checked {
+            Ok(v) => v,
+            Err(e) => return Err(self.refuse(observed, e)),
+        };
+        let identity = certs.identity().clone();
         let not_after = certs.not_after();
         self.current.store(Arc::new(Current {
             certs: Arc::new(certs),
@@ -287,13 +470,69 @@ impl Inner {
             obtained_at: SystemTime::now(),
         }));
         self.generation.send_modify(|g| *g += 1);
+        {
+            let mut st = self.status();
+            st.last_rotation = Some(SystemTime::now());
+            st.last_refusal = None;
+            st.refused = None;
+        }
         tracing::info!(
             identity = %identity,
             not_after = %fmt_time(not_after),
             generation = *self.generation.borrow(),
             "workload certificate rotated"
         );
+        if let Some(f) = self.observer.get() {
+            f(&RotationEvent::Rotated {
+                identity: &identity,
+            });
+        }
         Ok(true)
+    }
+
+    fn settle_lock(&self) -> std::sync::MutexGuard<'_, Settle<Observed>> {
+        self.settle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a refused set: logged as an error naming the reason, counted and shown in the
+    /// status once per distinct content (a Builtin failure, which has no content, once per
+    /// distinct message); the current credentials stay in service.
+    fn refuse(&self, observed: Option<Observed>, e: TlsError) -> TlsError {
+        let key = observed.unwrap_or_else(|| Observed::Unreadable(e.to_string()));
+        let reason = e.refusal_reason();
+        let error = e.to_string();
+        let first = {
+            let mut st = self.status();
+            let first = st.refused.as_ref() != Some(&key);
+            if first {
+                st.refused = Some(key);
+                st.refusals += 1;
+                st.last_refusal = Some(Refusal {
+                    at: SystemTime::now(),
+                    reason,
+                    error: error.clone(),
+                });
+            }
+            first
+        };
+        if first {
+            let current = self.current.load().certs.identity().clone();
+            tracing::error!(
+                reason,
+                error = %error,
+                in_service = %current,
+                "new workload credentials refused; the current certificate stays in service"
+            );
+            if let Some(f) = self.observer.get() {
+                f(&RotationEvent::Refused {
+                    reason,
+                    error: &error,
+                });
+            }
+        } else {
+            tracing::debug!(reason, error = %error, "new workload credentials still refused");
+        }
+        e
     }
 }
 
@@ -318,6 +557,16 @@ impl<'a> Raw<'a> {
                 identity,
                 ttl,
             } => Ok(Raw::Issued(BuiltinCa::load(ca_dir)?.issue(identity, *ttl)?)),
+        }
+    }
+
+    /// Names the chain in error messages.
+    fn chain_subject(&self) -> String {
+        match self {
+            Raw::Files { paths, .. } => {
+                format!("certificate chain file `{}`", paths.0.display())
+            }
+            Raw::Issued(_) => "issued certificate".into(),
         }
     }
 

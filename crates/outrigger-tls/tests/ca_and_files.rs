@@ -445,7 +445,8 @@ fn load_files_errors_name_file_and_reason() {
 }
 
 /// A certificate that is not valid yet (CA clock ahead of ours) is accepted with a warning:
-/// refusing it would keep a freshly issued certificate out for no security gain.
+/// refusing it would keep a freshly issued certificate out for no security gain. One that
+/// starts further ahead than any clock skew is refused.
 #[test]
 fn not_yet_valid_own_certificate_is_accepted() {
     let dir = tempfile::tempdir().unwrap();
@@ -470,6 +471,16 @@ fn not_yet_valid_own_certificate_is_accepted() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("not signed by a trusted CA"), "{err}");
+
+    // Beyond NOT_YET_VALID_TOLERANCE it is no clock skew: refused (issue 13: start-up and
+    // rotation check the validity period).
+    let far = outrigger_tls::NOT_YET_VALID_TOLERANCE.as_secs() as i64 + 120;
+    issue_raw(&ca, &["spiffe://cluster.local/ns/a/sa/b"], far, far + 3600)
+        .write_to(dir.path())
+        .unwrap();
+    let err = WorkloadCerts::load_files(&chain, &key, &roots).unwrap_err();
+    assert_eq!(err.refusal_reason(), "not_yet_valid", "{err}");
+    assert!(err.to_string().contains("is not valid until"), "{err}");
 }
 
 /// Istio writes EC keys as SEC1 (`EC PRIVATE KEY`) unless PKCS#8 is requested; both load, and

@@ -4,11 +4,12 @@
 mod common;
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
 use outrigger_tls::ca::{BuiltinCa, IssuedCert};
-use outrigger_tls::{CertSource, CertStore, ISTIO_ALPNS, TlsError, client_config};
+use outrigger_tls::{CertSource, CertStore, ISTIO_ALPNS, RotationEvent, TlsError, client_config};
 
 const TICK: Duration = Duration::from_millis(50);
 
@@ -278,4 +279,188 @@ async fn refresh_task_stops_when_store_is_dropped() {
         .await
         .expect("refresh task still running after the store was dropped")
         .unwrap();
+}
+
+/// Polls `cond` until it holds (fails after [`TIMEOUT`]).
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Issue 13: replacing the files with a certificate for another SPIFFE ID was accepted
+/// silently at rotation while start-up refused the same files. Rotation now runs the start-up
+/// checks (one function): identity, key match, chain to the trust bundle, validity. Each
+/// failing set is refused with its reason, counted once, and the old certificate stays in
+/// service, as a real TLS client sees; a good rotation still applies.
+#[tokio::test]
+async fn rotation_refuses_every_set_that_start_up_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca();
+    let first = ca
+        .issue(&id("a", "srv"), Duration::from_secs(3600))
+        .unwrap();
+    first.write_to(dir.path()).unwrap();
+
+    // No expected identity given: the identity loaded at start is the one rotations must keep.
+    let store = CertStore::new(files_source(dir.path()), trust(), alpn()).unwrap();
+    let events = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = events.clone();
+    store.set_observer(move |e| {
+        seen.lock().unwrap().push(match e {
+            RotationEvent::Rotated { identity } => format!("rotated {identity}"),
+            RotationEvent::Refused { reason, .. } => format!("refused {reason}"),
+        })
+    });
+    let refresh = store.spawn_refresh(TICK);
+    let serving = store.clone();
+    let (addr, mut outcomes) = echo_server(move || serving.server_config()).await;
+    // The client pins nothing, so that it sees whatever identity the server presents.
+    let client = client_config(&workload(&ca, "a", "cli"), &trust(), &[], &[]).unwrap();
+    let first_leaf = store.certs().leaf().clone();
+
+    let uri = "spiffe://cluster.local/ns/a/sa/srv";
+    let other = ca
+        .issue(&id("a", "other"), Duration::from_secs(3600))
+        .unwrap();
+    let mismatched_key = {
+        let a = ca
+            .issue(&id("a", "srv"), Duration::from_secs(3600))
+            .unwrap();
+        let b = ca
+            .issue(&id("a", "srv"), Duration::from_secs(3600))
+            .unwrap();
+        IssuedCert {
+            key_pem: b.key_pem,
+            ..a
+        }
+    };
+    let expired = issue_raw(&ca, &[uri], -7200, -60);
+    let future = issue_raw(&ca, &[uri], 86_400, 172_800);
+    let rogue = {
+        let mut r = BuiltinCa::generate(TD)
+            .unwrap()
+            .issue(&id("a", "srv"), Duration::from_secs(3600))
+            .unwrap();
+        // Keep our trust bundle: the chain does not verify to it.
+        r.root_cert_pem = first.root_cert_pem.clone();
+        r
+    };
+    let cases = [
+        (&other, "identity_mismatch", "ns/a/sa/other"),
+        (&mismatched_key, "key_mismatch", "does not match"),
+        (&expired, "expired", "expired"),
+        (&future, "not_yet_valid", "not valid until"),
+        (&rogue, "untrusted_chain", "does not verify"),
+    ];
+    for (n, (bad, reason, says)) in cases.into_iter().enumerate() {
+        bad.write_to(dir.path()).unwrap();
+        let want = n as u64 + 1;
+        wait_until(reason, || store.status().refusals == want).await;
+        let st = store.status();
+        let refusal = st.last_refusal.expect("a refusal is recorded");
+        assert_eq!(refusal.reason, reason, "{}", refusal.error);
+        assert!(refusal.error.contains(says), "{reason}: {}", refusal.error);
+        assert_eq!(store.generation(), 0, "{reason}");
+
+        // The old certificate is still what peers get.
+        let conn = connect(client.clone(), addr, "srv").await.unwrap();
+        next_outcome(&mut outcomes).await.unwrap();
+        assert_eq!(server_leaf(&conn), first_leaf, "{reason}");
+        assert_eq!(
+            outrigger_tls::peer_identity(&[server_leaf(&conn)]).unwrap(),
+            id("a", "srv")
+        );
+
+        // Start-up refuses the same files for the same reason.
+        let at_start =
+            CertStore::with_identity(files_source(dir.path()), trust(), alpn(), id("a", "srv"))
+                .unwrap_err();
+        assert_eq!(at_start.refusal_reason(), reason, "{at_start}");
+
+        // Refused once, not on every poll.
+        let_ticks_pass().await;
+        assert_eq!(store.status().refusals, want, "{reason}");
+    }
+    assert_eq!(
+        *events.lock().unwrap(),
+        [
+            "refused identity_mismatch",
+            "refused key_mismatch",
+            "refused expired",
+            "refused not_yet_valid",
+            "refused untrusted_chain"
+        ]
+    );
+
+    // A good set still rotates.
+    let second = ca
+        .issue(&id("a", "srv"), Duration::from_secs(7200))
+        .unwrap();
+    second.write_to(dir.path()).unwrap();
+    wait_generation(&store, 1).await;
+    let conn = connect(client, addr, "srv").await.unwrap();
+    next_outcome(&mut outcomes).await.unwrap();
+    assert_ne!(server_leaf(&conn), first_leaf);
+    assert_eq!(server_leaf(&conn), *store.certs().leaf());
+    let st = store.status();
+    assert!(st.last_refusal.is_none(), "{st:?}");
+    assert_eq!(
+        events.lock().unwrap().last().unwrap(),
+        "rotated spiffe://cluster.local/ns/a/sa/srv"
+    );
+    refresh.abort();
+}
+
+/// A chain and key rewritten in place (truncate, then write; the key before the chain) are
+/// read mid-write on several polls: nothing is applied or refused until the set reads the same
+/// for `settle::SETTLE`, then the complete set is applied once.
+#[tokio::test]
+async fn a_chain_and_key_caught_mid_write_are_neither_applied_nor_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca();
+    ca.issue(&id("a", "srv"), Duration::from_secs(3600))
+        .unwrap()
+        .write_to(dir.path())
+        .unwrap();
+    let (chain, key, _) = IssuedCert::paths_in(dir.path());
+    let store = CertStore::new(files_source(dir.path()), trust(), alpn()).unwrap();
+    let refresh = store.spawn_refresh(TICK);
+    let second = ca
+        .issue(&id("a", "srv"), Duration::from_secs(7200))
+        .unwrap();
+
+    // Each step holds for less than the settle window (the writer's pace, not an ordering
+    // wait); the poller reads every intermediate state at least once (TICK is 50 ms).
+    let step = outrigger_tls::settle::SETTLE / 5;
+    let half = &second.cert_chain_pem[..second.cert_chain_pem.len() / 2];
+    let steps: [(&Path, &str); 4] = [
+        (&key, &second.key_pem),
+        (&chain, ""),
+        (&chain, half),
+        (&chain, &second.cert_chain_pem),
+    ];
+    let started = std::time::Instant::now();
+    for (path, text) in steps {
+        std::fs::write(path, text).unwrap();
+        tokio::time::sleep(step).await;
+        assert!(
+            store.status().pending_since.is_some(),
+            "the change is seen as pending"
+        );
+        assert_eq!(store.generation(), 0);
+    }
+    wait_generation(&store, 1).await;
+    // The write pattern must really have been faster than the settle window per step, or the
+    // test proves nothing.
+    assert!(started.elapsed() < outrigger_tls::settle::SETTLE * 4);
+    assert_eq!(store.certs().leaf(), &certs_of(&second).chain[0]);
+    let st = store.status();
+    assert_eq!(st.refusals, 0, "{st:?}");
+    assert!(st.pending_since.is_none());
+    let_ticks_pass().await;
+    assert_eq!(store.generation(), 1);
+    refresh.abort();
 }

@@ -67,23 +67,37 @@ impl Loaded {
             .iter()
             .map(|a| a.to_vec())
             .collect();
-        let certs = CertStore::new(source, cfg.trust_domains.clone(), alpn)
-            .context("loading the workload certificate")?;
-        let have = certs.certs().identity().clone();
-        if have != cfg.identity {
-            anyhow::bail!(
-                "{}: the certificate is for {have}, but the workload is {} (workload.namespace / workload.serviceAccount)",
+        // The same checks run here and at every rotation (CertStore's one validation
+        // function), including that the certificate is for this workload's identity.
+        let certs = CertStore::with_identity(
+            source,
+            cfg.trust_domains.clone(),
+            alpn,
+            cfg.identity.clone(),
+        )
+        .with_context(|| {
+            format!(
+                "{}: loading the workload certificate for {} (workload.namespace / \
+                 workload.serviceAccount)",
                 cfg.file.display(),
                 cfg.identity
-            );
-        }
+            )
+        })?;
 
         let inputs = PolicyInputs::from_config(cfg);
-        let state = {
+        // The watcher compares later reads with exactly what this policy was built from.
+        let (state, observed) = {
             let inputs = inputs.clone();
-            tokio::task::spawn_blocking(move || policy_files::load(&inputs, 1))
-                .await?
-                .map_err(|e| anyhow::anyhow!("invalid policy; refusing to start:\n{e}"))?
+            tokio::task::spawn_blocking(move || {
+                let observed = policy_files::Observation::read(&inputs.paths);
+                let state = match observed.contents() {
+                    Ok(c) => policy_files::load_contents(&inputs, c, 1),
+                    Err(e) => Err(e.to_string()),
+                };
+                state.map(|s| (s, observed))
+            })
+            .await?
+            .map_err(|e| anyhow::anyhow!("invalid policy; refusing to start:\n{e}"))?
         };
         let policy = PolicyHandle::new(state);
         let jwt = jwt_settings(&cfg.jwt)?;
@@ -106,6 +120,10 @@ impl Loaded {
             jwt,
         } = self;
         let metrics = Arc::new(Metrics::new());
+        {
+            let metrics = metrics.clone();
+            certs.set_observer(move |event| metrics.certificate_rotation(event));
+        }
         let access_log = AccessLog::start(cfg.access_log.clone(), metrics.clone())?;
         let labels = &cfg.workload.labels;
         let label = |k: &str| labels.get(k).cloned().unwrap_or_default();
@@ -165,6 +183,7 @@ impl Loaded {
                 inputs,
                 cfg.policy.reload_interval,
                 metrics.clone(),
+                observed,
             )),
         ];
         Ok(Agent {

@@ -2,12 +2,14 @@
 //! when the files change. A file with an error never half-applies: at start-up the agent
 //! refuses to start; on reload the last good snapshot stays in force.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use outrigger_policy::{PolicyOptions, Resource, Snapshot, Workload};
-use outrigger_proxy::{Metrics, PolicyHandle, PolicyState};
+use outrigger_proxy::{Metrics, PendingChange, PolicyHandle, PolicyState};
+use outrigger_tls::settle::{self, Settle};
 
 use crate::config::AgentConfig;
 
@@ -110,17 +112,43 @@ pub struct LoadedResources {
     pub resources: Vec<Resource>,
 }
 
-pub fn read_resources(paths: &[PathBuf]) -> Result<LoadedResources, String> {
+/// The policy files and their bytes, read once: what the watcher compares to decide that a
+/// read is stable is exactly what is then parsed, so a file rewritten between the check and
+/// the parse cannot slip in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileContents {
+    files: Vec<(PathBuf, Result<Vec<u8>, String>)>,
+}
+
+/// Lists the policy files under `paths` and reads each one.
+pub fn read_contents(paths: &[PathBuf]) -> Result<FileContents, String> {
     let files = collect_files(paths)?;
+    Ok(FileContents {
+        files: files
+            .into_iter()
+            .map(|f| {
+                let bytes =
+                    std::fs::read(&f).map_err(|e| format!("{}: cannot read: {e}", f.display()));
+                (f, bytes)
+            })
+            .collect(),
+    })
+}
+
+fn parse_resources(contents: &FileContents) -> Result<LoadedResources, String> {
+    let files: Vec<PathBuf> = contents.files.iter().map(|(f, _)| f.clone()).collect();
     let mut resources = Vec::new();
     let mut errors = Vec::new();
-    for f in &files {
-        match std::fs::read_to_string(f) {
+    for (f, bytes) in &contents.files {
+        let text = bytes.clone().and_then(|b| {
+            String::from_utf8(b).map_err(|e| format!("{}: cannot read: {e}", f.display()))
+        });
+        match text {
             Ok(text) => match outrigger_policy::parse_documents(&f.display().to_string(), &text) {
                 Ok(mut r) => resources.append(&mut r),
                 Err(e) => errors.push(e.to_string()),
             },
-            Err(e) => errors.push(format!("{}: cannot read: {e}", f.display())),
+            Err(e) => errors.push(e),
         }
     }
     if !errors.is_empty() {
@@ -131,7 +159,16 @@ pub fn read_resources(paths: &[PathBuf]) -> Result<LoadedResources, String> {
 
 /// Reads, validates and compiles the policy.
 pub fn load(inputs: &PolicyInputs, version: u64) -> Result<PolicyState, String> {
-    let loaded = read_resources(&inputs.paths)?;
+    load_contents(inputs, &read_contents(&inputs.paths)?, version)
+}
+
+/// Validates and compiles policy files already read.
+pub fn load_contents(
+    inputs: &PolicyInputs,
+    contents: &FileContents,
+    version: u64,
+) -> Result<PolicyState, String> {
+    let loaded = parse_resources(contents)?;
     let snapshot = Snapshot::build(&loaded.resources, &inputs.workload, &inputs.options)
         .map_err(|e| e.to_string())?;
     for i in snapshot.ignored() {
@@ -165,32 +202,193 @@ pub fn load(inputs: &PolicyInputs, version: u64) -> Result<PolicyState, String> 
     })
 }
 
+/// One read of the policy files: their names, sizes and modification times, and their bytes.
+/// Two equal observations mean the files did not change in between (a rewrite of the same
+/// bytes still moves the modification time on every file system that records it finely).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observation {
+    meta: Vec<(PathBuf, u64, Option<SystemTime>)>,
+    contents: Result<FileContents, String>,
+}
+
+impl Observation {
+    /// Reads the files now (blocking file I/O). The metadata is taken first, so that a change
+    /// made while the contents are read shows up as a metadata change on the next poll.
+    pub fn read(paths: &[PathBuf]) -> Observation {
+        let meta = fingerprint(paths);
+        Observation {
+            meta,
+            contents: read_contents(paths),
+        }
+    }
+
+    pub fn contents(&self) -> Result<&FileContents, &str> {
+        self.contents.as_ref().map_err(String::as_str)
+    }
+}
+
+/// The files that hold at least one resource of a policy state (applied to this workload or
+/// not), with how many.
+fn resource_files(state: &PolicyState) -> BTreeMap<&str, usize> {
+    let mut files = BTreeMap::new();
+    let sources = (state.snapshot.applied().iter().map(|a| &a.source))
+        .chain(state.snapshot.ignored().iter().map(|i| &i.source));
+    for s in sources {
+        *files.entry(s.file.as_str()).or_insert(0) += 1;
+    }
+    files
+}
+
+/// Whether `next` removes every policy of `current`, or every policy of one of its files: the
+/// shape a truncated file has, so such a change must be stable for longer before it applies.
+fn removal(current: &PolicyState, next: &PolicyState) -> Option<String> {
+    let before = resource_files(current);
+    let after = resource_files(next);
+    if before.is_empty() {
+        return None;
+    }
+    if after.is_empty() {
+        let n: usize = before.values().sum();
+        return Some(format!("removes every policy ({n} resources in force)"));
+    }
+    let gone: Vec<&str> = before
+        .keys()
+        .filter(|f| !after.contains_key(*f))
+        .copied()
+        .collect();
+    if gone.is_empty() {
+        None
+    } else {
+        Some(format!("removes every policy of {}", gone.join(", ")))
+    }
+}
+
 /// Polls the policy files and publishes a new snapshot when they change. Polling (not inotify)
 /// works the same on Linux, Windows and network shares, and catches ConfigMap symlink swaps.
+///
+/// A change is applied only once the files read the same — same bytes, sizes and modification
+/// times — on every poll over [`settle::SETTLE`] (re-read every [`settle::SETTLE_POLL`]
+/// meanwhile), so a file caught mid-write (truncated, half-written) is never applied. A change
+/// that removes every policy, or every policy of a file, must read the same for
+/// [`settle::REMOVAL_SETTLE`] and is logged as a warning when applied: an empty policy set
+/// allows everything ("If there are no ALLOW policies for the workload, allow the request",
+/// Istio AuthorizationPolicy reference), which is exactly what a truncated file looks like.
+/// The pending change is shown in `/config_dump` and `/healthz/ready`.
+///
+/// `initial` is the observation the policy in force was built from.
 pub async fn watch(
     handle: Arc<PolicyHandle>,
     inputs: PolicyInputs,
     interval: Duration,
     metrics: Arc<Metrics>,
+    initial: Observation,
 ) {
-    let mut seen = fingerprint(&inputs.paths);
+    // The last observation acted upon: applied, or refused as invalid.
+    let mut settled = initial;
+    let mut settle: Settle<Observation> = Settle::default();
+    let mut pending_since: Option<SystemTime> = None;
+    // The compiled candidate for the pending observation, so that it is not rebuilt on every
+    // poll while a removal waits out its longer window.
+    let mut candidate: Option<(Observation, Result<PolicyState, String>)> = None;
     let mut version = handle.load().version;
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut removal_announced = false;
     loop {
-        tick.tick().await;
-        let now = fingerprint(&inputs.paths);
-        if now == seen {
+        let delay = if settle.is_pending() {
+            interval.min(settle::SETTLE_POLL)
+        } else {
+            interval
+        };
+        tokio::time::sleep(delay).await;
+        let cheap = {
+            let paths = inputs.paths.clone();
+            tokio::task::spawn_blocking(move || fingerprint(&paths)).await
+        };
+        let Ok(meta) = cheap else { continue };
+        if !settle.is_pending() && meta == settled.meta {
             continue;
         }
-        seen = now;
-        let inputs2 = inputs.clone();
-        let next = version + 1;
-        // Parsing and compiling happen off the async workers.
-        let result = tokio::task::spawn_blocking(move || load(&inputs2, next)).await;
+        let read = {
+            let paths = inputs.paths.clone();
+            tokio::task::spawn_blocking(move || Observation::read(&paths)).await
+        };
+        let Ok(obs) = read else { continue };
+        if obs.contents == settled.contents {
+            // Touched, or rewritten and back to the bytes in force: nothing to apply.
+            settled = obs;
+            settle.clear();
+            candidate = None;
+            pending_since = None;
+            removal_announced = false;
+            handle.set_pending(None);
+            continue;
+        }
+        let now = Instant::now();
+        let Some(held) = settle.observe(obs.clone(), now) else {
+            // New content: the clock starts.
+            let since = *pending_since.get_or_insert_with(SystemTime::now);
+            removal_announced = false;
+            handle.set_pending(Some(PendingChange {
+                since,
+                removal: false,
+                detail: format!(
+                    "the policy files changed; applied once they read the same for {} ms",
+                    settle::SETTLE.as_millis()
+                ),
+            }));
+            continue;
+        };
+        if held < settle::SETTLE {
+            continue;
+        }
+        if candidate.as_ref().map(|(o, _)| o) != Some(&obs) {
+            let inputs2 = inputs.clone();
+            let obs2 = obs.clone();
+            let next = version + 1;
+            // Parsing and compiling happen off the async workers.
+            let built = tokio::task::spawn_blocking(move || match obs2.contents() {
+                Ok(c) => load_contents(&inputs2, c, next),
+                Err(e) => Err(e.to_string()),
+            })
+            .await;
+            match built {
+                Ok(r) => candidate = Some((obs.clone(), r)),
+                Err(e) => {
+                    tracing::error!("policy reload task failed: {e}");
+                    continue;
+                }
+            }
+        }
+        let Some((_, result)) = candidate.take() else {
+            continue;
+        };
         match result {
-            Ok(Ok(state)) => {
-                version = next;
+            Ok(state) => {
+                let removes = removal(&handle.load(), &state);
+                if let Some(what) = &removes
+                    && held < settle::REMOVAL_SETTLE
+                {
+                    if !removal_announced {
+                        tracing::warn!(
+                            "the policy files changed in a way that {what}; applying it only if \
+                             the files still read the same after {} s (a file being rewritten \
+                             looks like this)",
+                            settle::REMOVAL_SETTLE.as_secs()
+                        );
+                        removal_announced = true;
+                    }
+                    handle.set_pending(Some(PendingChange {
+                        since: pending_since.unwrap_or_else(SystemTime::now),
+                        removal: true,
+                        detail: format!(
+                            "a change that {what}; applied once the files read the same for \
+                             {} s",
+                            settle::REMOVAL_SETTLE.as_secs()
+                        ),
+                    }));
+                    candidate = Some((obs, Ok(state)));
+                    continue;
+                }
+                version = state.version;
                 handle.publish(state);
                 metrics
                     .reloads
@@ -199,9 +397,17 @@ pub async fn watch(
                         result: "success",
                     })
                     .inc();
-                tracing::info!(version, "policy reloaded");
+                match removes {
+                    Some(what) => tracing::warn!(
+                        version,
+                        "policy reloaded: the change {what}; it read the same for {} s, so it \
+                         is taken as deliberate",
+                        held.as_secs()
+                    ),
+                    None => tracing::info!(version, "policy reloaded"),
+                }
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 metrics
                     .reloads
                     .get_or_create(&outrigger_proxy::metrics::ReloadLabels {
@@ -212,7 +418,73 @@ pub async fn watch(
                 tracing::error!("policy reload failed; the previous policy stays in force:\n{e}");
                 handle.record_failure(e);
             }
-            Err(e) => tracing::error!("policy reload task failed: {e}"),
         }
+        settled = obs;
+        settle.clear();
+        pending_since = None;
+        removal_announced = false;
+        handle.set_pending(None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DENY: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny\n  namespace: legacy\nspec:\n  action: DENY\n  rules: [{}]\n";
+    const PA: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: default\n  namespace: istio-system\nspec:\n  mtls:\n    mode: STRICT\n";
+
+    fn state(files: &[(&str, &str)]) -> PolicyState {
+        let inputs = PolicyInputs {
+            paths: Vec::new(),
+            workload: Workload {
+                namespace: "legacy".into(),
+                labels: Default::default(),
+            },
+            options: PolicyOptions::default(),
+        };
+        let contents = FileContents {
+            files: files
+                .iter()
+                .map(|(f, t)| (PathBuf::from(f), Ok(t.as_bytes().to_vec())))
+                .collect(),
+        };
+        load_contents(&inputs, &contents, 1).unwrap()
+    }
+
+    /// What a truncated file looks like is a removal; adding, keeping or changing policies is
+    /// not.
+    #[test]
+    fn removals_are_recognised() {
+        let both = state(&[("a.yaml", PA), ("b.yaml", DENY)]);
+        let a_only = state(&[("a.yaml", PA), ("b.yaml", "")]);
+        let a_deleted = state(&[("b.yaml", DENY)]);
+        let none = state(&[("a.yaml", ""), ("b.yaml", "# nothing\n")]);
+        let r = removal(&both, &a_only).unwrap();
+        assert!(r.contains("every policy of b.yaml"), "{r}");
+        let r = removal(&both, &a_deleted).unwrap();
+        assert!(r.contains("every policy of a.yaml"), "{r}");
+        let r = removal(&both, &none).unwrap();
+        assert!(r.contains("removes every policy (2 resources"), "{r}");
+        assert_eq!(removal(&a_only, &both), None);
+        assert_eq!(removal(&none, &both), None);
+        assert_eq!(removal(&none, &none), None);
+        assert_eq!(removal(&both, &both), None);
+    }
+
+    /// Equal observations need equal bytes: a read mid-write differs from the finished file.
+    #[test]
+    fn observations_compare_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("p.yaml");
+        std::fs::write(&f, DENY).unwrap();
+        let paths = vec![dir.path().to_path_buf()];
+        let full = Observation::read(&paths);
+        assert_eq!(full, Observation::read(&paths));
+        std::fs::write(&f, &DENY[..10]).unwrap();
+        let half = Observation::read(&paths);
+        assert_ne!(half.contents, full.contents);
+        std::fs::write(&f, DENY).unwrap();
+        assert_eq!(Observation::read(&paths).contents, full.contents);
     }
 }

@@ -19,6 +19,8 @@ pub struct Loaded {
     certs: CertStore,
     refresh: std::time::Duration,
     inputs: PolicyInputs,
+    /// What the policy in force was built from: the watcher compares later reads with it.
+    observed: policy_files::Observation,
     pub policy: Arc<PolicyHandle>,
     jwt: outrigger_proxy::jwt_authn::JwtSettings,
 }
@@ -105,6 +107,7 @@ impl Loaded {
             certs,
             refresh,
             inputs,
+            observed,
             policy,
             jwt,
         })
@@ -116,6 +119,7 @@ impl Loaded {
             certs,
             refresh,
             inputs,
+            observed,
             policy,
             jwt,
         } = self;

@@ -23,6 +23,8 @@ pub struct Agent {
 impl Agent {
     /// Loads credentials and policy (refusing to start on any error) and binds the listeners.
     pub async fn start(cfg: &AgentConfig) -> anyhow::Result<Agent> {
+        // A missing certificate file is reported at the configuration line that names it.
+        cfg.check_inputs()?;
         let (source, refresh) = match &cfg.certificates {
             CertificatesConfig::Files {
                 cert_chain,

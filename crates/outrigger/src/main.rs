@@ -83,8 +83,8 @@ struct RunArgs {
     /// The agent configuration file (YAML; see docs/config.md).
     #[arg(long, short = 'c', value_name = "FILE")]
     config: PathBuf,
-    /// Tokio worker threads (default: runtime.workerThreads, else one per core).
-    #[arg(long, value_name = "N")]
+    /// Tokio worker threads, 1 to 1024 (default: runtime.workerThreads, else one per core).
+    #[arg(long, value_name = "N", value_parser = config::parse_worker_threads)]
     worker_threads: Option<usize>,
     /// Check the configuration, certificates and policy, print a summary, and exit.
     #[arg(long)]
@@ -150,14 +150,10 @@ Writes cert-chain.pem, key.pem and root-cert.pem (Istio's file names) into --out
         /// Where to write the certificate files.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
-        /// Lifetime, e.g. 24h, 90m, 30d.
-        #[arg(long, default_value = "24h", value_parser = parse_ttl)]
+        /// Lifetime, e.g. 24h, 90m, 30d (1m to 3650d).
+        #[arg(long, default_value = "24h", value_parser = config::parse_ttl)]
         ttl: Duration,
     },
-}
-
-fn parse_ttl(s: &str) -> Result<Duration, String> {
-    config::parse_duration(s)
 }
 
 fn init_logging(format: LogFormat, level: &str) {

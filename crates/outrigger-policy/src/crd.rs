@@ -306,9 +306,11 @@ pub struct JwtRule {
     pub forward_original_token: bool,
     #[serde(default, deserialize_with = "nullable")]
     pub output_claim_to_headers: Vec<ClaimToHeader>,
-    /// A protobuf JSON duration such as `"5s"` or `"1.5s"`.
+    /// `google.protobuf.Duration`, which istiod reads with Go's `time.ParseDuration` (`"5s"`,
+    /// `"1.5s"`, `"1m30s"`): parsed here, at load, so that a value istiod would refuse is a
+    /// located load error and a request never parses it (see [`crate::duration`]).
     #[serde(default)]
-    pub timeout: Option<String>,
+    pub timeout: Option<crate::duration::GoDuration>,
     #[serde(default, deserialize_with = "nullable")]
     pub space_delimited_claims: Vec<String>,
 }

@@ -89,6 +89,7 @@ use std::fmt;
 
 mod authz;
 pub mod crd;
+pub mod duration;
 mod error;
 pub mod jwt;
 mod load;
@@ -102,6 +103,7 @@ pub use authz::{
     Request,
 };
 pub use crd::Action;
+pub use duration::{DurationError, GoDuration};
 pub use error::{ErrorLocation, LoadError, PathError};
 pub use load::{
     DEFAULT_NAMESPACE, PolicyKind, Resource, ResourceKind, SUPPORTED_VERSIONS, SourceRef,

@@ -819,26 +819,6 @@ fn valid_header_name(h: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// Parses a protobuf JSON duration (`"5s"`, `"1.5s"`) into nanoseconds.
-pub(crate) fn parse_duration(s: &str) -> Option<u128> {
-    let num = s.strip_suffix('s')?;
-    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
-    if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) || frac.len() > 9 {
-        return None;
-    }
-    if !frac.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let secs: u128 = int.parse().ok()?;
-    let mut nanos: u128 = if frac.is_empty() {
-        0
-    } else {
-        frac.parse().ok()?
-    };
-    nanos *= 10u128.pow(9 - frac.len() as u32);
-    Some(secs * 1_000_000_000 + nanos)
-}
-
 pub(crate) fn request_authentication(spec: &RequestAuthenticationSpec) -> Vec<Issue> {
     let mut issues = Issues::default();
     one_of_selector(
@@ -945,17 +925,22 @@ pub(crate) fn request_authentication(spec: &RequestAuthenticationSpec) -> Vec<Is
                 "not a valid header name",
             );
         }
-        if let Some(t) = &rule.timeout {
-            match parse_duration(t) {
-                Some(ns) if ns >= 1_000_000 => {}
-                Some(_) => issues.push(
+        // The value was parsed at load (Go's time.ParseDuration, as istiod's jsonpb does);
+        // istiod then validates it with `agent.ValidateDuration` (istio/istio
+        // pkg/config/validation/agent: "duration must be greater than 1ms", "only durations to
+        // ms precision are supported").
+        if let Some(t) = rule.timeout {
+            let ns = t.as_nanos();
+            if ns < 1_000_000 {
+                issues.push(
                     &join(&rp, &[k("timeout")]),
-                    "duration must be greater than 1ms",
-                ),
-                None => issues.push(
+                    format!("`{t}`: duration must be greater than 1ms"),
+                );
+            } else if ns % 1_000_000 != 0 {
+                issues.push(
                     &join(&rp, &[k("timeout")]),
-                    format!("`{t}` is not a duration such as \"5s\" or \"0.5s\""),
-                ),
+                    format!("`{t}`: only durations to ms precision are supported"),
+                );
             }
         }
         for (j, c) in rule.space_delimited_claims.iter().enumerate() {
@@ -1029,13 +1014,5 @@ mod tests {
         for bad in ["/*/baz/{*}", "/{**}/foo/{*}", "/foo/{*}.txt", "/a*b"] {
             assert!(check_path_value(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("5s"), Some(5_000_000_000));
-        assert_eq!(parse_duration("0.5s"), Some(500_000_000));
-        assert_eq!(parse_duration("5"), None);
-        assert_eq!(parse_duration("1m"), None);
     }
 }

@@ -412,3 +412,76 @@ fn list_item_errors_name_the_item() {
         "{e}"
     );
 }
+
+/// RequestAuthentication `timeout` is a `google.protobuf.Duration`, which istiod reads with
+/// golang/protobuf's jsonpb (istio/istio pkg/util/protomarshal), whose Duration case is Go's
+/// `time.ParseDuration` (golang/protobuf jsonpb/decode.go); istiod's validation then requires
+/// `agent.ValidateDuration`: "duration must be greater than 1ms", "only durations to ms
+/// precision are supported" (istio/istio pkg/config/validation/agent/validation.go).
+#[test]
+fn jwt_timeout_is_parsed_once_at_load_as_istiod_does() {
+    let ra = |t: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: r, namespace: shop}}\nspec:\n  jwtRules:\n  - issuer: i\n    timeout: {t}\n"
+        )
+    };
+    // Go duration syntax loads, typed: the proxy never parses it again.
+    for (t, ns) in [
+        ("5s", 5_000_000_000i64),
+        ("1.5s", 1_500_000_000),
+        ("1m30s", 90_000_000_000),
+        ("500ms", 500_000_000),
+        ("\"2562047h\"", 2_562_047 * 3_600_000_000_000),
+    ] {
+        let r = parse_documents("policies/p.yaml", &ra(t)).unwrap_or_else(|e| panic!("{t}: {e}"));
+        let ResourceKind::RequestAuthentication(spec) = &r[0].kind else {
+            panic!("{t}: {:?}", r[0].kind)
+        };
+        assert_eq!(
+            spec.jwt_rules[0].timeout.map(|d| d.as_nanos()),
+            Some(ns),
+            "{t}"
+        );
+    }
+    // What jsonpb cannot unmarshal or istiod's validation refuses: located errors at load.
+    for (t, want) in [
+        (
+            "99999999999999999999s",
+            "policies/p.yaml:7:14: spec.jwtRules[0].timeout: `99999999999999999999s` is out of range",
+        ),
+        (
+            "2562048h",
+            "policies/p.yaml:7:14: spec.jwtRules[0].timeout: `2562048h` is out of range",
+        ),
+        (
+            "5",
+            "policies/p.yaml:7:14: spec.jwtRules[0].timeout: invalid type: integer `5`",
+        ),
+        (
+            "\"5\"",
+            "policies/p.yaml:7:14: spec.jwtRules[0].timeout: `5` needs a unit",
+        ),
+        (
+            "5d",
+            "policies/p.yaml:7:14: spec.jwtRules[0].timeout: `5d`: unknown unit `d`",
+        ),
+        (
+            "0s",
+            "policies/p.yaml:7:14: spec.jwtRules[0].timeout: `0s`: duration must be greater than 1ms",
+        ),
+        (
+            "-1s",
+            "policies/p.yaml:7:14: spec.jwtRules[0].timeout: `-1s`: duration must be greater than 1ms",
+        ),
+        (
+            "1.0005s",
+            "policies/p.yaml:7:14: spec.jwtRules[0].timeout: `1.0005s`: only durations to ms precision are supported",
+        ),
+    ] {
+        let e = err(&ra(t));
+        assert!(
+            e.starts_with(want),
+            "\ntimeout: {t}\nwant: {want}\ngot:  {e}"
+        );
+    }
+}

@@ -77,7 +77,11 @@ pub async fn sniff<T: AsyncRead + Unpin>(
     timeout: Duration,
 ) -> io::Result<(Sniffed, Bytes)> {
     let mut buf = BytesMut::with_capacity(H2_PREFACE.len());
-    let deadline = tokio::time::Instant::now() + timeout;
+    // `timeouts.detect` is at most 24h (docs/config.md); the addition is checked all the same.
+    let now = tokio::time::Instant::now();
+    let deadline = now
+        .checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400));
     loop {
         if let Some(s) = classify(&buf) {
             return Ok((s, buf.freeze()));

@@ -607,10 +607,10 @@ pub async fn authenticate(
         let mut ok_rule = None;
         for &ri in &candidates {
             let rule = rules[ri];
+            // Parsed and validated at load (>= 1ms, Go's range): never parsed per request.
             let timeout = rule
                 .timeout
-                .as_deref()
-                .and_then(parse_go_duration)
+                .and_then(|t| t.to_std())
                 .unwrap_or(DEFAULT_FETCH_TIMEOUT);
             let src = KeySource::of(rule);
             let keys = match cache.keys(&src, timeout).await {
@@ -717,30 +717,6 @@ fn warn_on_group_overage(claims: &JwtClaims) {
     }
 }
 
-/// Istio writes durations as Go does (`5s`, `1m30s`, `500ms`).
-fn parse_go_duration(s: &str) -> Option<Duration> {
-    let mut total = Duration::ZERO;
-    let mut rest = s.trim();
-    while !rest.is_empty() {
-        let n_end = rest.find(|c: char| !c.is_ascii_digit() && c != '.')?;
-        let n: f64 = rest[..n_end].parse().ok()?;
-        let u_end = rest[n_end..]
-            .find(|c: char| c.is_ascii_digit())
-            .map(|i| n_end + i)
-            .unwrap_or(rest.len());
-        let secs = match &rest[n_end..u_end] {
-            "ms" => n / 1000.0,
-            "s" => n,
-            "m" => n * 60.0,
-            "h" => n * 3600.0,
-            _ => return None,
-        };
-        total += Duration::from_secs_f64(secs);
-        rest = &rest[u_end..];
-    }
-    Some(total)
-}
-
 /// Envoy's answer to a request whose JWT failed: 401, body "Jwt verification fails", and a
 /// `www-authenticate` challenge naming the error (RFC 6750 §3).
 pub(crate) fn www_authenticate(parts: &http::request::Parts) -> HeaderValue {
@@ -765,14 +741,6 @@ pub(crate) fn www_authenticate(parts: &http::request::Parts) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn go_durations() {
-        assert_eq!(parse_go_duration("5s"), Some(Duration::from_secs(5)));
-        assert_eq!(parse_go_duration("1m30s"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_go_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_go_duration("5"), None);
-    }
 
     #[test]
     fn query_and_cookie_extraction() {

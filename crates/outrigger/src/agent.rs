@@ -42,6 +42,8 @@ impl Agent {
 impl Loaded {
     /// Loads and checks the credentials, the policy and the JWT settings; binds nothing.
     pub async fn load(cfg: &AgentConfig) -> anyhow::Result<Loaded> {
+        // A missing certificate file is reported at the configuration line that names it.
+        cfg.check_inputs()?;
         let (source, refresh) = match &cfg.certificates {
             CertificatesConfig::Files {
                 cert_chain,

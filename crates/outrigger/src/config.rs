@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use outrigger_identity::{Identity, TrustDomains};
+use outrigger_policy::duration::parse_agent_duration;
 use outrigger_policy::{MtlsMode, PathNormalization};
 use outrigger_proxy::{AccessLogTarget, InboundConfig, Protocol};
 
@@ -95,7 +96,7 @@ struct RawHbone {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawJwt {
     #[serde(default)]
-    ca_bundle: Option<String>,
+    ca_bundle: Option<Spanned<String>>,
     #[serde(default)]
     refresh_interval: Option<Spanned<String>>,
     #[serde(default)]
@@ -129,9 +130,9 @@ struct RawCertificates {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawFiles {
-    cert_chain: String,
-    key: String,
-    root_cert: String,
+    cert_chain: Spanned<String>,
+    key: Spanned<String>,
+    root_cert: Spanned<String>,
     #[serde(default)]
     poll_interval: Option<Spanned<String>>,
 }
@@ -139,7 +140,7 @@ struct RawFiles {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawBuiltin {
-    ca_dir: String,
+    ca_dir: Spanned<String>,
     #[serde(default)]
     ttl: Option<Spanned<String>>,
 }
@@ -229,7 +230,7 @@ struct RawTimeouts {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawRuntime {
     #[serde(default)]
-    worker_threads: Option<usize>,
+    worker_threads: Option<Spanned<u64>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -292,6 +293,7 @@ pub struct AgentConfig {
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
+    /// `runtime.workerThreads`, 1 to [`MAX_WORKER_THREADS`]; `None`: one per core.
     pub worker_threads: Option<usize>,
     pub jwt: JwtConfig,
     /// Mesh destinations the application calls (see `config_outbound.rs`).
@@ -301,6 +303,19 @@ pub struct AgentConfig {
     pub hbone: Option<outrigger_proxy::hbone::HboneConfig>,
     /// The Istio network this workload is on (`hbone.network`; empty: the default network).
     pub network: String,
+    /// The files and directories the configuration names as inputs (certificates, CA, JWT CA
+    /// bundle), with where each is named, so that a missing one is reported at its line.
+    pub inputs: Vec<InputFile>,
+}
+
+/// A file or directory the configuration reads, and where the configuration names it.
+#[derive(Debug, Clone)]
+pub struct InputFile {
+    pub path: PathBuf,
+    pub field: String,
+    pub line: u64,
+    pub column: u64,
+    pub directory: bool,
 }
 
 /// The HBONE port and address ztunnel listens on (`[::]:15008`); ours defaults to IPv4.
@@ -320,44 +335,99 @@ pub struct JwtConfig {
 /// loopback.
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
 
-/// Parses a duration written as Istio writes them: `500ms`, `10s`, `5m`, `24h`, `1h30m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if s.is_empty() {
-        return Err("empty duration".into());
+/// The most Tokio worker threads `runtime.workerThreads` (and `--worker-threads`) may ask
+/// for. An async proxy can use one worker per core and no more; 1024 covers the largest hosts
+/// (Windows Server and Linux top out at a few hundred logical processors) while bounding what
+/// a typo costs: every worker reserves a stack and allocates its own queues up front, and
+/// `workerThreads: 100000000` reached 5 GB RSS in 8 seconds before this bound.
+pub const MAX_WORKER_THREADS: u64 = 1024;
+
+/// The range a duration setting accepts. Zero where zero would mean "spin" or "give up at
+/// once", and an upper bound that catches unit typos (`10000h` for `10000ms`) and keeps every
+/// deadline computed from a setting far from `Instant` overflow.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Range {
+    min: Duration,
+    max: Duration,
+    /// The bounds as written in docs/config.md.
+    text: &'static str,
+}
+
+const MS: Duration = Duration::from_millis(1);
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// `timeouts.detect`, `.handshake`, `.connect`: more than zero, at most a day.
+pub(crate) const TIMEOUT: Range = Range {
+    min: MS,
+    max: DAY,
+    text: "1ms to 24h",
+};
+/// `timeouts.drain`: zero closes connections at once on shutdown.
+pub(crate) const DRAIN: Range = Range {
+    min: Duration::ZERO,
+    max: DAY,
+    text: "0s to 24h",
+};
+/// File polling (`certificates.files.pollInterval`, `policy.reloadInterval`): below 10ms the
+/// agent would do little but re-read files.
+pub(crate) const POLL: Range = Range {
+    min: Duration::from_millis(10),
+    max: DAY,
+    text: "10ms to 24h",
+};
+/// `jwt.refreshInterval`: key sets are fetched over the network.
+pub(crate) const JWKS_REFRESH: Range = Range {
+    min: Duration::from_secs(1),
+    max: DAY,
+    text: "1s to 24h",
+};
+/// A workload certificate's lifetime (`certificates.builtin.ttl`, `ca issue --ttl`): renewed at
+/// half its lifetime, so at least a minute; at most ten years.
+pub(crate) const TTL: Range = Range {
+    min: Duration::from_secs(60),
+    max: Duration::from_secs(3650 * 86_400),
+    text: "1m to 3650d",
+};
+/// The Istio-named outbound settings (DestinationRule, VirtualService, meshConfig): Istio's
+/// ">= 1ms", and at most a year.
+pub(crate) const ISTIO: Range = Range {
+    min: MS,
+    max: Duration::from_secs(365 * 86_400),
+    text: "1ms to 365d",
+};
+
+/// Parses a duration setting (Go's syntax, `500ms`, `10s`, `1h30m`, plus `d`; the one parser
+/// of the workspace, [`outrigger_policy::duration`]) and checks it against `range`.
+pub(crate) fn parse_duration(s: &str, range: Range) -> Result<Duration, String> {
+    let d = parse_agent_duration(s).map_err(|e| e.to_string())?;
+    if d < range.min || d > range.max {
+        return Err(format!("`{s}` is out of range: use {}", range.text));
     }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit() && c != '.')
-            .ok_or_else(|| format!("`{s}` needs a unit (ms, s, m, h), e.g. `10s`"))?;
-        if digits == 0 {
-            return Err(format!(
-                "`{s}` is not a duration: expected a number then a unit, e.g. `10s`, `24h`"
-            ));
-        }
-        let n: f64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("`{s}`: bad number `{}`", &rest[..digits]))?;
-        let unit_end = rest[digits..]
-            .find(|c: char| c.is_ascii_digit())
-            .map(|i| digits + i)
-            .unwrap_or(rest.len());
-        let secs = match &rest[digits..unit_end] {
-            "ms" => n / 1000.0,
-            "s" => n,
-            "m" => n * 60.0,
-            "h" => n * 3600.0,
-            "d" => n * 86400.0,
-            u => {
-                return Err(format!("`{s}`: unknown unit `{u}` (use ms, s, m, h or d)"));
-            }
-        };
-        total += Duration::from_secs_f64(secs);
-        rest = &rest[unit_end..];
+    Ok(d)
+}
+
+/// `ca issue --ttl`.
+pub fn parse_ttl(s: &str) -> Result<Duration, String> {
+    parse_duration(s, TTL)
+}
+
+/// `--worker-threads`: the same bound as `runtime.workerThreads`; 0 is one per core.
+pub fn parse_worker_threads(s: &str) -> Result<usize, String> {
+    let n: u64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of threads"))?;
+    Ok(worker_threads(n)?.unwrap_or(0))
+}
+
+/// 0 keeps its documented meaning, one worker per core (as when the setting is absent).
+fn worker_threads(n: u64) -> Result<Option<usize>, String> {
+    if n > MAX_WORKER_THREADS {
+        return Err(format!(
+            "{n}: use 1 to {MAX_WORKER_THREADS}, or 0 for one worker per core"
+        ));
     }
-    Ok(total)
+    let n = usize::try_from(n).map_err(|_| format!("{n}: too many threads"))?;
+    Ok((n > 0).then_some(n))
 }
 
 impl AgentConfig {
@@ -373,9 +443,52 @@ impl AgentConfig {
         Self::parse(path, &text)
     }
 
+    /// Checks that every file and directory the configuration names as an input can be
+    /// opened, and reports one that cannot at the line and field that name it (their contents
+    /// are checked where they are loaded, with the file's own name in the error).
+    pub fn check_inputs(&self) -> Result<(), ConfigError> {
+        for f in &self.inputs {
+            let problem = if f.directory {
+                match std::fs::read_dir(&f.path) {
+                    Ok(_) => None,
+                    Err(e) => Some(format!("cannot read directory {}: {e}", f.path.display())),
+                }
+            } else {
+                match std::fs::metadata(&f.path) {
+                    Ok(m) if m.is_dir() => {
+                        Some(format!("{} is a directory, not a file", f.path.display()))
+                    }
+                    _ => match std::fs::File::open(&f.path) {
+                        Ok(_) => None,
+                        Err(e) => Some(format!("cannot read {}: {e}", f.path.display())),
+                    },
+                }
+            };
+            if let Some(reason) = problem {
+                return Err(ConfigError {
+                    file: self.file.clone(),
+                    line: f.line,
+                    column: f.column,
+                    field: f.field.clone(),
+                    reason,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Parses configuration text; `path` names the file in errors and anchors relative paths.
     pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
-        let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| yaml_error(path, &e))?;
+        // serde-saphyr locates an error but does not name the field; serde_path_to_error
+        // tracks the path of the value being deserialized.
+        let mut field = String::new();
+        let raw: RawConfig = serde_saphyr::with_deserializer_from_str(text, |de| {
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                field = field_path(e.path());
+                e.into_inner()
+            })
+        })
+        .map_err(|e| yaml_error(path, &e, field))?;
         let base = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -385,12 +498,57 @@ impl AgentConfig {
     }
 }
 
+/// The field path of a deserialization error, as our errors write it (`inbound[0].listen`).
+/// serde-saphyr's `Spanned` wrapper shows up as an inner `value` key, which is not a field.
+fn field_path(p: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    let segs: Vec<&Segment> = p.iter().collect();
+    for (i, seg) in segs.iter().enumerate() {
+        match seg {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if key == SPANNED_VALUE && i > 0 {
+                    continue;
+                }
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Unknown => {}
+        }
+    }
+    out
+}
+
+/// The key under which serde-saphyr's `Spanned<T>` deserializes its `T`.
+const SPANNED_VALUE: &str = "value";
+
 /// Turns a serde-saphyr error into ours, keeping its location and naming the field.
-fn yaml_error(path: &Path, e: &serde_saphyr::Error) -> ConfigError {
+fn yaml_error(path: &Path, e: &serde_saphyr::Error, field: String) -> ConfigError {
     let (line, column) = e
         .location()
         .map(|l| (l.line(), l.column()))
         .unwrap_or((0, 0));
+    // serde-saphyr says only "invalid u16" for a scalar of the wrong kind: say what fits.
+    if let serde_saphyr::Error::InvalidScalar { ty, .. } = e.without_snippet() {
+        let expected = match *ty {
+            "u8" => format!("a whole number from 0 to {}", u8::MAX),
+            "u16" => format!("a whole number from 0 to {}", u16::MAX),
+            "boolean" => "true or false".to_string(),
+            // The field's own range is checked after (e.g. runtime.workerThreads: 1 to 1024).
+            t if t.starts_with('u') || t.starts_with('i') => "a whole number".to_string(),
+            _ => "a number".to_string(),
+        };
+        return ConfigError {
+            file: path.to_path_buf(),
+            line,
+            column,
+            field,
+            reason: format!("invalid value: expected {expected}"),
+        };
+    }
     // The plain message, without serde-saphyr's own location suffix or source snippet.
     let reason = e.without_snippet().to_string();
     let reason = reason
@@ -403,7 +561,7 @@ fn yaml_error(path: &Path, e: &serde_saphyr::Error) -> ConfigError {
         file: path.to_path_buf(),
         line,
         column,
-        field: String::new(),
+        field,
         reason,
     }
 }
@@ -448,10 +606,21 @@ impl Validator<'_> {
         v: &Option<Spanned<String>>,
         field: &str,
         default: Duration,
+        range: Range,
     ) -> Result<Duration, ConfigError> {
         match v {
             None => Ok(default),
-            Some(s) => parse_duration(&s.value).map_err(|r| self.err(s, field, r)),
+            Some(s) => parse_duration(&s.value, range).map_err(|r| self.err(s, field, r)),
+        }
+    }
+
+    fn input(&self, v: &Spanned<String>, field: &str, directory: bool) -> InputFile {
+        InputFile {
+            path: self.path(&v.value),
+            field: field.to_string(),
+            line: v.referenced.line(),
+            column: v.referenced.column(),
+            directory,
         }
     }
 
@@ -518,25 +687,36 @@ impl Validator<'_> {
         };
 
         let c = &raw.certificates;
+        let mut inputs = Vec::new();
         let certificates = match (&c.value.files, &c.value.builtin) {
-            (Some(f), None) => CertificatesConfig::Files {
-                cert_chain: self.path(&f.cert_chain),
-                key: self.path(&f.key),
-                root_cert: self.path(&f.root_cert),
-                poll_interval: self.duration(
-                    &f.poll_interval,
-                    "certificates.files.pollInterval",
-                    Duration::from_secs(10),
-                )?,
-            },
-            (None, Some(b)) => CertificatesConfig::Builtin {
-                ca_dir: self.path(&b.ca_dir),
-                ttl: self.duration(
-                    &b.ttl,
-                    "certificates.builtin.ttl",
-                    Duration::from_secs(24 * 3600),
-                )?,
-            },
+            (Some(f), None) => {
+                inputs.push(self.input(&f.cert_chain, "certificates.files.certChain", false));
+                inputs.push(self.input(&f.key, "certificates.files.key", false));
+                inputs.push(self.input(&f.root_cert, "certificates.files.rootCert", false));
+                CertificatesConfig::Files {
+                    cert_chain: self.path(&f.cert_chain.value),
+                    key: self.path(&f.key.value),
+                    root_cert: self.path(&f.root_cert.value),
+                    poll_interval: self.duration(
+                        &f.poll_interval,
+                        "certificates.files.pollInterval",
+                        Duration::from_secs(10),
+                        POLL,
+                    )?,
+                }
+            }
+            (None, Some(b)) => {
+                inputs.push(self.input(&b.ca_dir, "certificates.builtin.caDir", true));
+                CertificatesConfig::Builtin {
+                    ca_dir: self.path(&b.ca_dir.value),
+                    ttl: self.duration(
+                        &b.ttl,
+                        "certificates.builtin.ttl",
+                        Duration::from_secs(24 * 3600),
+                        TTL,
+                    )?,
+                }
+            }
             (Some(_), Some(_)) => {
                 return Err(self.err(
                     c,
@@ -626,6 +806,7 @@ impl Validator<'_> {
                 &p.reload_interval,
                 "policy.reloadInterval",
                 Duration::from_secs(2),
+                POLL,
             )?,
         };
 
@@ -680,12 +861,16 @@ impl Validator<'_> {
             }
             identity_headers.push((lower, claim.value.clone()));
         }
+        if let Some(b) = &j.ca_bundle {
+            inputs.push(self.input(b, "jwt.caBundle", false));
+        }
         let jwt = JwtConfig {
-            ca_bundle: j.ca_bundle.as_deref().map(|p| self.path(p)),
+            ca_bundle: j.ca_bundle.as_ref().map(|p| self.path(&p.value)),
             refresh_interval: self.duration(
                 &j.refresh_interval,
                 "jwt.refreshInterval",
                 Duration::from_secs(20 * 60),
+                JWKS_REFRESH,
             )?,
             identity_headers,
         };
@@ -693,6 +878,12 @@ impl Validator<'_> {
             self.outbound(&raw.outbound, raw.outbound_proxy.as_ref(), &trust_domains)?;
         let (hbone, network) = self.hbone(raw.hbone.as_ref(), &inbound)?;
         let t = &raw.timeouts;
+        let worker_threads = match &raw.runtime.worker_threads {
+            None => None,
+            Some(n) => {
+                worker_threads(n.value).map_err(|r| self.err(n, "runtime.workerThreads", r))?
+            }
+        };
         Ok(AgentConfig {
             file: self.file.to_path_buf(),
             trust_domains,
@@ -709,24 +900,37 @@ impl Validator<'_> {
                     .map_err(|r| self.err(l, "log.level", r))?,
                 None => "info".into(),
             },
-            detect_timeout: self.duration(&t.detect, "timeouts.detect", Duration::from_secs(1))?,
+            detect_timeout: self.duration(
+                &t.detect,
+                "timeouts.detect",
+                Duration::from_secs(1),
+                TIMEOUT,
+            )?,
             handshake_timeout: self.duration(
                 &t.handshake,
                 "timeouts.handshake",
                 Duration::from_secs(10),
+                TIMEOUT,
             )?,
             connect_timeout: self.duration(
                 &t.connect,
                 "timeouts.connect",
                 Duration::from_secs(10),
+                TIMEOUT,
             )?,
-            drain_timeout: self.duration(&t.drain, "timeouts.drain", Duration::from_secs(30))?,
-            worker_threads: raw.runtime.worker_threads.filter(|n| *n > 0),
+            drain_timeout: self.duration(
+                &t.drain,
+                "timeouts.drain",
+                Duration::from_secs(30),
+                DRAIN,
+            )?,
+            worker_threads,
             jwt,
             outbound,
             outbound_proxy,
             hbone,
             network,
+            inputs,
         })
     }
 
@@ -1235,7 +1439,13 @@ outboundProxy:
                 first + 1,
                 "inbound listener `web`",
             ),
-            ("hbone:\n  listn: 0.0.0.0:15008\n", "", first + 1, "listn"),
+            // The field path of a schema error comes from serde_path_to_error.
+            (
+                "hbone:\n  listn: 0.0.0.0:15008\n",
+                "hbone.listn",
+                first + 1,
+                "unknown field `listn`",
+            ),
         ];
         for (extra, field, line, reason) in cases {
             let e = parse(&format!("{GOOD}{extra}")).unwrap_err();
@@ -1260,12 +1470,223 @@ outboundProxy:
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
-        assert!(parse_duration("10").is_err());
-        assert!(parse_duration("ten seconds").is_err());
-        assert!(parse_duration("5y").is_err());
+        assert_eq!(parse_duration("10s", TIMEOUT), Ok(Duration::from_secs(10)));
+        assert_eq!(
+            parse_duration("500ms", TIMEOUT),
+            Ok(Duration::from_millis(500))
+        );
+        assert_eq!(
+            parse_duration("1h30m", TIMEOUT),
+            Ok(Duration::from_secs(5400))
+        );
+        assert_eq!(
+            parse_duration("24h", TIMEOUT),
+            Ok(Duration::from_secs(86400))
+        );
+        // `d` stays accepted (the agent always took it: `ca issue --ttl 30d`).
+        assert_eq!(
+            parse_duration("30d", TTL),
+            Ok(Duration::from_secs(30 * 86400))
+        );
+        assert_eq!(parse_duration("0s", DRAIN), Ok(Duration::ZERO));
+        for bad in ["10", "ten seconds", "5y", "", "-1s", "0s", "25h", "1.5"] {
+            assert!(parse_duration(bad, TIMEOUT).is_err(), "{bad}");
+        }
+        // What used to panic (f64 overflow in Duration::from_secs_f64, and the addition).
+        for huge in [
+            "99999999999999999999s",
+            "18446744073709551615s18446744073709551615s",
+            "1e400s",
+            "9223372036854775807h",
+        ] {
+            assert!(parse_duration(huge, TIMEOUT).is_err(), "{huge}");
+        }
+    }
+
+    /// Every bad value names file:line:column and the field (docs/config.md's promise).
+    #[test]
+    fn bad_numbers_and_durations_name_file_line_and_field() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "timeouts:\n  connect: 99999999999999999999s\n",
+                "/etc/outrigger/agent.yaml:21:12: timeouts.connect: `99999999999999999999s` is out of range",
+                "",
+            ),
+            (
+                "timeouts:\n  connect: 0s\n",
+                "/etc/outrigger/agent.yaml:21:12: timeouts.connect: `0s` is out of range: use 1ms to 24h",
+                "",
+            ),
+            (
+                "timeouts:\n  drain: 48h\n",
+                "/etc/outrigger/agent.yaml:21:10: timeouts.drain: `48h` is out of range: use 0s to 24h",
+                "",
+            ),
+            (
+                "timeouts:\n  handshake: -5s\n",
+                "/etc/outrigger/agent.yaml:21:14: timeouts.handshake: `-5s` is negative",
+                "",
+            ),
+            (
+                "runtime:\n  workerThreads: 100000000\n",
+                "/etc/outrigger/agent.yaml:21:18: runtime.workerThreads: 100000000: use 1 to 1024",
+                "",
+            ),
+            (
+                "runtime:\n  workerThreads: many\n",
+                "/etc/outrigger/agent.yaml:21:18: runtime.workerThreads: invalid",
+                "",
+            ),
+            (
+                "runtime:\n  workerThreads: -3\n",
+                "/etc/outrigger/agent.yaml:21:18: runtime.workerThreads: ",
+                "",
+            ),
+            (
+                "jwt:\n  refreshInterval: 100ms\n",
+                "/etc/outrigger/agent.yaml:21:20: jwt.refreshInterval: `100ms` is out of range: use 1s to 24h",
+                "",
+            ),
+            (
+                "admin:\n  listen: [1, 2]\n",
+                "/etc/outrigger/agent.yaml:21:11: admin.listen: ",
+                "",
+            ),
+            (
+                "log:\n  format: 7\n",
+                "/etc/outrigger/agent.yaml:21:11: log.format: ",
+                "",
+            ),
+        ];
+        for (extra, want, _) in cases {
+            let e = parse(&format!("{GOOD}{extra}")).unwrap_err().to_string();
+            assert!(e.starts_with(want), "\nwant: {want}\ngot:  {e}");
+        }
+        let e = parse(&GOOD.replace("reloadInterval", "x").replace(
+            "  paths: [policies]\n",
+            "  paths: [policies]\n  reloadInterval: 0s\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("/etc/outrigger/agent.yaml:20:19: policy.reloadInterval: `0s` is out of range: use 10ms to 24h"),
+            "{e}"
+        );
+    }
+
+    /// serde-saphyr reports a wrong type with a location but no field; the field path comes
+    /// from serde_path_to_error.
+    #[test]
+    fn wrong_types_name_their_field() {
+        let cases = [
+            (
+                GOOD.replace("protocol: http", "protocol: [http]"),
+                "/etc/outrigger/agent.yaml:17:15: inbound[0].protocol: ",
+            ),
+            (
+                GOOD.replace("  serviceAccount: windows-app", "  serviceAccount: {a: b}"),
+                "/etc/outrigger/agent.yaml:5:19: workload.serviceAccount: ",
+            ),
+            (
+                GOOD.replace("  paths: [policies]", "  paths: policies"),
+                "/etc/outrigger/agent.yaml:19:10: policy.paths: ",
+            ),
+            (
+                format!("{GOOD}{OUTBOUND}")
+                    .replace("port: 8080\n    endpoints", "port: 80800\n    endpoints"),
+                "/etc/outrigger/agent.yaml:24:11: outbound[0].port: ",
+            ),
+            (
+                format!("{GOOD}{OUTBOUND}").replace("attempts: 4", "attempts: 4294967296"),
+                "/etc/outrigger/agent.yaml:41:25: outbound[1].retries.attempts: ",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.starts_with(want), "\nwant: {want}\ngot:  {e}");
+        }
+    }
+
+    #[test]
+    fn istio_int32_fields_are_bounded() {
+        let base = format!("{GOOD}{OUTBOUND}");
+        let e = parse(&base.replace("attempts: 4", "attempts: 2147483648"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("outbound[1].retries.attempts: 2147483648: at most 2147483647"),
+            "{e}"
+        );
+        let c = parse(&base.replace("attempts: 4", "attempts: 2147483647")).unwrap();
+        assert_eq!(c.outbound[1].retries.attempts, 2_147_483_647);
+        let e = parse(&base.replace(
+            "maxRequestsPerConnection: 100",
+            "maxRequestsPerConnection: 3000000000",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("outbound[1].trafficPolicy.connectionPool.http.maxRequestsPerConnection"),
+            "{e}"
+        );
+        let e = parse(&base.replace(
+            "eastWestGateway: {address: 34.1.2.3}",
+            "eastWestGateway: {address: 34.1.2.3, port: 0}",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("outbound[1].eastWestGateway.port"), "{e}");
+        let e = parse(&base.replace("timeout: 10s", "timeout: 400d"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(":42:") && e.contains("outbound[1].timeout: `400d` is out of range"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn worker_threads_flag_is_bounded_like_the_setting() {
+        assert_eq!(parse_worker_threads("4"), Ok(4));
+        assert_eq!(parse_worker_threads("1024"), Ok(1024));
+        assert_eq!(parse_worker_threads("0"), Ok(0), "one per core");
+        for bad in ["1025", "100000000", "-1", "x", "99999999999999999999999"] {
+            assert!(parse_worker_threads(bad).is_err(), "{bad}");
+        }
+        assert!(parse_ttl("30s").is_err(), "a certificate renewed every 15s");
+        assert!(parse_ttl("3651d").is_err());
+        assert_eq!(parse_ttl("90d"), Ok(Duration::from_secs(90 * 86400)));
+    }
+
+    #[test]
+    fn missing_input_files_are_reported_at_their_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.yaml");
+        let c = AgentConfig::parse(&path, GOOD).unwrap();
+        let e = c.check_inputs().unwrap_err();
+        assert_eq!((e.line, e.column), (10, 16), "{e}");
+        assert_eq!(e.field, "certificates.files.certChain", "{e}");
+        let text = e.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "{}:10:16: certificates.files.certChain: cannot read {}",
+                path.display(),
+                dir.path().join("certs/cert-chain.pem").display()
+            )),
+            "{text}"
+        );
+        std::fs::create_dir_all(dir.path().join("certs")).unwrap();
+        for f in ["cert-chain.pem", "key.pem"] {
+            std::fs::write(dir.path().join("certs").join(f), "x").unwrap();
+        }
+        let e = c.check_inputs().unwrap_err();
+        assert_eq!(e.field, "certificates.files.rootCert", "{e}");
+        assert_eq!(e.line, 12, "{e}");
+        std::fs::write(dir.path().join("certs/root-cert.pem"), "x").unwrap();
+        c.check_inputs().unwrap();
+        let with_bundle =
+            AgentConfig::parse(&path, &format!("{GOOD}jwt:\n  caBundle: corp.pem\n")).unwrap();
+        let e = with_bundle.check_inputs().unwrap_err();
+        assert_eq!((e.field.as_str(), e.line), ("jwt.caBundle", 21), "{e}");
     }
 }

@@ -122,7 +122,7 @@ struct RawHttpPool {
     #[serde(default)]
     idle_timeout: Option<Spanned<String>>,
     #[serde(default)]
-    max_requests_per_connection: Option<u32>,
+    max_requests_per_connection: Option<Spanned<u32>>,
     #[serde(default)]
     h2_upgrade_policy: Option<Spanned<String>>,
 }
@@ -146,7 +146,7 @@ struct RawOutlier {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawRetries {
     #[serde(default)]
-    attempts: Option<u32>,
+    attempts: Option<Spanned<u32>>,
     #[serde(default)]
     per_try_timeout: Option<Spanned<String>>,
 }
@@ -162,7 +162,10 @@ pub(super) struct RawOutboundProxy {
 /// `name.ns.svc[.domain]` → `ns`.
 fn kube_namespace(host: &str) -> Option<&str> {
     let labels: Vec<&str> = host.split('.').collect();
-    (labels.len() >= 3 && labels[2] == "svc").then(|| labels[1])
+    match labels.as_slice() {
+        [_, ns, "svc", ..] => Some(*ns),
+        _ => None,
+    }
 }
 
 impl Validator<'_> {
@@ -276,13 +279,13 @@ impl Validator<'_> {
                 }
                 None => None,
             };
-            let protocol = match o.protocol.as_ref().map(|p| p.value.as_str()) {
-                None | Some("http") => OutboundProtocol::Http,
-                Some("http2" | "grpc") => OutboundProtocol::Http2,
-                Some("tcp") => OutboundProtocol::Tcp,
-                Some(other) => {
+            let protocol = match o.protocol.as_ref().map(|p| (p, p.value.as_str())) {
+                None | Some((_, "http")) => OutboundProtocol::Http,
+                Some((_, "http2" | "grpc")) => OutboundProtocol::Http2,
+                Some((_, "tcp")) => OutboundProtocol::Tcp,
+                Some((p, other)) => {
                     return Err(self.err(
-                        o.protocol.as_ref().expect("matched Some"),
+                        p,
                         &field("protocol"),
                         format!("`{other}`: use http, http2, grpc or tcp"),
                     ));
@@ -316,6 +319,13 @@ impl Validator<'_> {
                 }
                 (Some(g), true) => {
                     let port = g.value.port.unwrap_or(EAST_WEST_GATEWAY_PORT);
+                    if port == 0 {
+                        return Err(self.err(
+                            g,
+                            &field("eastWestGateway.port"),
+                            "the gateway port cannot be 0 (Istio's is 15443)",
+                        ));
+                    }
                     let spanned = Spanned {
                         value: g.value.address.clone(),
                         referenced: g.referenced,
@@ -443,7 +453,14 @@ impl Validator<'_> {
                     &field("trafficPolicy.connectionPool.http.idleTimeout"),
                     defaults.idle_timeout,
                 )?,
-                max_requests_per_connection: cp.http.max_requests_per_connection.unwrap_or(0),
+                // Istio: "Maximum number of requests per connection to a backend" (int32);
+                // 0 means unlimited.
+                max_requests_per_connection: self
+                    .int32(
+                        &cp.http.max_requests_per_connection,
+                        &field("trafficPolicy.connectionPool.http.maxRequestsPerConnection"),
+                    )?
+                    .unwrap_or(0),
                 h2_upgrade,
             };
             let od = &tp.outlier_detection;
@@ -481,9 +498,9 @@ impl Validator<'_> {
                     .unwrap_or(d.max_ejection_percent),
             };
             let retries = RetryPolicy {
-                attempts: o
-                    .retries
-                    .attempts
+                // Istio's HTTPRetry.attempts is an int32.
+                attempts: self
+                    .int32(&o.retries.attempts, &field("retries.attempts"))?
                     .unwrap_or(RetryPolicy::default().attempts),
                 per_try_timeout: match &o.retries.per_try_timeout {
                     Some(_) => Some(self.positive(
@@ -597,23 +614,27 @@ impl Validator<'_> {
         Ok(Transport::Hbone { peer })
     }
 
-    /// A duration that must be more than zero when given.
+    /// An Istio-named duration: at least 1ms (Istio: "MUST BE >=1ms"), at most a year.
     fn positive(
         &self,
         v: &Option<Spanned<String>>,
         field: &str,
         default: Duration,
     ) -> Result<Duration, ConfigError> {
-        let d = self.duration(v, field, default)?;
-        if let Some(s) = v
-            && d.is_zero()
-        {
-            return Err(self.err(
-                s,
+        self.duration(v, field, default, super::ISTIO)
+    }
+
+    /// An Istio `int32` field (`maxRequestsPerConnection`, `retries.attempts`): Kubernetes'
+    /// schema refuses a value beyond `int32`, and so do we, before it reaches any arithmetic.
+    fn int32(&self, v: &Option<Spanned<u32>>, field: &str) -> Result<Option<u32>, ConfigError> {
+        match v {
+            Some(n) if n.value > i32::MAX as u32 => Err(self.err(
+                n,
                 field,
-                "must be more than zero (Istio: \"MUST BE >=1ms\")",
-            ));
+                format!("{}: at most {} (an Istio int32)", n.value, i32::MAX),
+            )),
+            Some(n) => Ok(Some(n.value)),
+            None => Ok(None),
         }
-        Ok(d)
     }
 }

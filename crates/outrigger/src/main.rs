@@ -84,8 +84,9 @@ struct RunArgs {
     /// The agent configuration file (YAML; see docs/config.md).
     #[arg(long, short = 'c', value_name = "FILE")]
     config: PathBuf,
-    /// Tokio worker threads (default: runtime.workerThreads, else one per core).
-    #[arg(long, value_name = "N")]
+    /// Tokio worker threads, 1 to 1024, or 0 for one per core (default: runtime.workerThreads,
+    /// else one per core).
+    #[arg(long, value_name = "N", value_parser = config::parse_worker_threads)]
     worker_threads: Option<usize>,
     /// Check the configuration, certificates and policy, print a summary, and exit. Binds no
     /// listener, so it can run beside the agent it checks.
@@ -152,14 +153,10 @@ Writes cert-chain.pem, key.pem and root-cert.pem (Istio's file names) into --out
         /// Where to write the certificate files.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
-        /// Lifetime, e.g. 24h, 90m, 30d.
-        #[arg(long, default_value = "24h", value_parser = parse_ttl)]
+        /// Lifetime, e.g. 24h, 90m, 30d (1m to 3650d).
+        #[arg(long, default_value = "24h", value_parser = config::parse_ttl)]
         ttl: Duration,
     },
-}
-
-fn parse_ttl(s: &str) -> Result<Duration, String> {
-    config::parse_duration(s)
 }
 
 fn runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
@@ -180,7 +177,13 @@ fn runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runt
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = AgentConfig::load(&args.config)?;
     logging::init(cfg.log_format, &cfg.log_level)?;
-    let rt = runtime(args.worker_threads.or(cfg.worker_threads))?;
+    // `--worker-threads` wins over the file; 0 there means one per core, as in the file.
+    let threads = match args.worker_threads {
+        Some(0) => None,
+        Some(n) => Some(n),
+        None => cfg.worker_threads,
+    };
+    let rt = runtime(threads)?;
     rt.block_on(async {
         let loaded = agent::Loaded::load(&cfg).await?;
         if args.check_config {

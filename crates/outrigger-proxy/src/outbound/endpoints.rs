@@ -309,10 +309,12 @@ impl EndpointSet {
             tracing::debug!(endpoint = %ep.addr, ejected, cap, "outlier detection: ejection cap reached; endpoint stays in the pool");
             return;
         }
-        h.times_ejected += 1;
-        let duration = (o.base_ejection_time * h.times_ejected)
+        h.times_ejected = h.times_ejected.saturating_add(1);
+        let duration = o
+            .base_ejection_time
+            .saturating_mul(h.times_ejected)
             .min(MAX_EJECTION_TIME.max(o.base_ejection_time));
-        h.ejected_until = Some(now + duration);
+        h.ejected_until = now.checked_add(duration).or(Some(now));
         h.consecutive_5xx = 0;
         h.consecutive_gateway = 0;
         drop(h);

@@ -350,7 +350,9 @@ async fn forward(
     };
     let mut req = Some(Request::from_parts(parts, up_body));
 
-    let deadline = dest.cfg.timeout.map(|t| start + t);
+    // Configured durations are bounded (docs/config.md), and the additions are checked all the
+    // same: an unrepresentable deadline is no deadline, never a panic.
+    let deadline = dest.cfg.timeout.and_then(|t| start.checked_add(t));
     let per_try = dest.cfg.retries.per_try_timeout;
     let attempts = 1 + dest.cfg.retries.attempts;
     let mut tried: Vec<SocketAddr> = Vec::with_capacity(2);
@@ -374,9 +376,9 @@ async fn forward(
         rec.upstream = Some(ep.addr);
         let active = ActiveGuard::new(ep.clone());
         let try_deadline = match (deadline, per_try) {
-            (Some(d), Some(p)) => Some(d.min(Instant::now() + p)),
+            (Some(d), Some(p)) => Some(Instant::now().checked_add(p).map_or(d, |t| d.min(t))),
             (Some(d), None) => Some(d),
-            (None, Some(p)) => Some(Instant::now() + p),
+            (None, Some(p)) => Instant::now().checked_add(p),
             (None, None) => None,
         };
         let send = async {

@@ -371,35 +371,116 @@ impl StrMatch {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum PathMatch {
     Str(StrMatch),
-    Template(Vec<TemplateSeg>),
+    Template(UriTemplate),
 }
 
+/// One `/`-separated segment of a URI template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum TemplateSeg {
+    /// A literal segment (empty only as the last one, from a trailing `/`).
     Literal(Box<str>),
-    /// `{*}`: one segment of URI template characters.
+    /// `{*}` (Envoy `*`): one or more literal characters, no `/`.
     One,
-    /// `{**}`: the rest of the path, zero or more characters, `/` included.
-    Rest,
 }
 
-fn template_char(b: u8) -> bool {
+/// An AuthorizationPolicy path template as istiod hands it to Envoy and as Envoy matches it.
+///
+/// istiod (`pilot/pkg/security/authz/matcher/template.go`, `sanitizePathTemplate`) replaces
+/// `{*}` with `*` and `{**}` with `**` and sends an `envoy.path.match.uri_template` matcher.
+/// Envoy (`source/extensions/path/uri_template_lib/uri_template_internal.cc`) turns the
+/// template into an RE2 regex, `"/" + segments joined with "/"`, where `*` is
+/// `[a-zA-Z0-9-._~%!$&'()+,;:@=]+` and `**` is `[a-zA-Z0-9-._~%!$&'()+,;:@=/]*`, and
+/// `UriTemplateMatcher::match` requires a full match of the path with its query and fragment
+/// removed. Consequences, all tested below with Envoy's own vectors:
+/// - `{*}` is exactly one non-empty segment; characters outside that set (`*`, `"`, `<`,
+///   non-ASCII bytes as sent, ...) never match an operator.
+/// - `{**}` may match zero characters but the `/` before it is literal: `/a/{**}` matches
+///   `/a/` and `/a/b/c` but **not** `/a`.
+/// - Literals after `{**}` are a fixed suffix: `/a/{**}/b` matches `/a//b` and `/a/x/b`, not
+///   `/a/b`.
+///
+/// The regex is never built: since `*` and literals cannot contain `/`, the segments before
+/// `{**}` line up one-to-one with the path's, and what follows `{**}` is a fixed string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct UriTemplate {
+    /// Segments before `{**}` (all of them when there is none).
+    head: Vec<TemplateSeg>,
+    /// `Some(suffix)` when the template has `{**}`: the text after it (`"/b"` for `/a/{**}/b`).
+    rest: Option<String>,
+}
+
+/// Envoy's `kLiteral` character set (uri_template_internal.cc: unreserved, `%`, the
+/// sub-delims but `*`, `:`, `@`, and `=` — "user included \"=\" allowed").
+pub(crate) fn envoy_template_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-._~%!$&'()+,;:@=".contains(&b)
+}
+
+impl UriTemplate {
+    /// Compiles a template istiod's `CheckValidPathTemplate` and Envoy's parser accepted
+    /// (see `validate::check_path_value`).
+    fn new(v: &str) -> UriTemplate {
+        let body = v.strip_prefix('/').unwrap_or(v);
+        let mut head = Vec::new();
+        let mut rest = None;
+        let mut parts = body.split('/');
+        for seg in parts.by_ref() {
+            match seg {
+                "{*}" => head.push(TemplateSeg::One),
+                "{**}" => {
+                    rest = Some(String::new());
+                    break;
+                }
+                lit => head.push(TemplateSeg::Literal(lit.into())),
+            }
+        }
+        if let Some(suffix) = &mut rest {
+            for seg in parts {
+                suffix.push('/');
+                suffix.push_str(seg);
+            }
+        }
+        UriTemplate { head, rest }
+    }
+
+    fn matches(&self, path: &str) -> bool {
+        let Some(mut p) = path.strip_prefix('/') else {
+            return false;
+        };
+        let seg_ok = |seg: &TemplateSeg, part: &str| match seg {
+            TemplateSeg::Literal(l) => part == &**l,
+            TemplateSeg::One => !part.is_empty() && part.bytes().all(envoy_template_char),
+        };
+        match &self.rest {
+            None => {
+                let mut parts = p.split('/');
+                self.head
+                    .iter()
+                    .all(|seg| parts.next().is_some_and(|part| seg_ok(seg, part)))
+                    && parts.next().is_none()
+            }
+            Some(suffix) => {
+                // Every segment before `{**}` is followed by a literal `/`.
+                for seg in &self.head {
+                    match p.split_once('/') {
+                        Some((part, tail)) if seg_ok(seg, part) => p = tail,
+                        _ => return false,
+                    }
+                }
+                p.len() >= suffix.len()
+                    && p.ends_with(suffix.as_str())
+                    && p.as_bytes()[..p.len() - suffix.len()]
+                        .iter()
+                        .all(|b| *b == b'/' || envoy_template_char(*b))
+            }
+        }
+    }
 }
 
 impl PathMatch {
     fn new(v: &str) -> PathMatch {
+        // istiod's `security.ContainsPathTemplate`.
         if v.contains("{*}") || v.contains("{**}") {
-            // "/a/{*}/b/{**}" -> ["", "a", One, "b", Rest]
-            let segs = v
-                .split('/')
-                .map(|s| match s {
-                    "{*}" => TemplateSeg::One,
-                    "{**}" => TemplateSeg::Rest,
-                    lit => TemplateSeg::Literal(lit.into()),
-                })
-                .collect();
-            PathMatch::Template(segs)
+            PathMatch::Template(UriTemplate::new(v))
         } else {
             PathMatch::Str(StrMatch::new(v))
         }
@@ -408,42 +489,7 @@ impl PathMatch {
     fn matches(&self, path: &str) -> bool {
         match self {
             PathMatch::Str(m) => m.matches(path),
-            PathMatch::Template(segs) => {
-                let mut parts = path.split('/');
-                for (i, seg) in segs.iter().enumerate() {
-                    match seg {
-                        TemplateSeg::Rest => {
-                            // "{**} matches zero or more globs": everything left, then any
-                            // literal segments after it must match the tail.
-                            let rest: Vec<&str> = parts.collect();
-                            let tail = &segs[i + 1..];
-                            if tail.len() > rest.len() {
-                                return false;
-                            }
-                            let (glob, end) = rest.split_at(rest.len() - tail.len());
-                            let glob_ok = glob.iter().all(|p| p.bytes().all(template_char));
-                            return glob_ok
-                                && end.iter().zip(tail).all(|(p, t)| match t {
-                                    TemplateSeg::Literal(l) => *p == &**l,
-                                    TemplateSeg::One => {
-                                        !p.is_empty() && p.bytes().all(template_char)
-                                    }
-                                    TemplateSeg::Rest => false,
-                                });
-                        }
-                        TemplateSeg::One => match parts.next() {
-                            Some(p) if !p.is_empty() && p.bytes().all(template_char) => {}
-                            _ => return false,
-                        },
-                        TemplateSeg::Literal(l) => {
-                            if parts.next() != Some(&**l) {
-                                return false;
-                            }
-                        }
-                    }
-                }
-                parts.next().is_none()
-            }
+            PathMatch::Template(t) => t.matches(path),
         }
     }
 }
@@ -1319,21 +1365,80 @@ mod tests {
         assert!(StrMatch::new("API.*").matches_ignore_case("api.x"));
     }
 
+    /// Envoy's own vectors (test/extensions/path/uri_template_lib/uri_template_internal_test.cc,
+    /// `GenPatternRegexWithMatch` / `GenPatternRegexWithoutMatch`, `PathGlobRegex`,
+    /// `TextGlobRegex`), written in Istio's syntax: Envoy `*`/`{var}`/`{var=*}` is `{*}`,
+    /// `**`/`{var=**}` is `{**}`. Cases with a suffix after an operator (`/**.m3u8`) are left
+    /// out: istiod rejects them (`CheckValidPathTemplate`).
     #[test]
-    fn templates() {
-        let m = PathMatch::new("/foo/{*}");
-        assert!(m.matches("/foo/bar"));
-        assert!(!m.matches("/foo/bar/baz"));
-        assert!(!m.matches("/foo/"));
-        let m = PathMatch::new("/foo/{*}/bar/{**}");
-        assert!(m.matches("/foo/buzz/bar/"));
-        assert!(m.matches("/foo/buzz/bar/baz"));
-        assert!(m.matches("/foo/buzz/bar/baz/qux"));
-        assert!(!m.matches("/foo/buzz/baz/x"));
-        let m = PathMatch::new("/foo/{**}/");
-        assert!(m.matches("/foo/bar/"));
-        assert!(m.matches("/foo//"));
-        assert!(!m.matches("/foo/bar"));
+    fn templates_envoy_vectors() {
+        let t = |tpl: &str, path: &str| PathMatch::new(tpl).matches(path);
+        for (path, tpl) in [
+            ("/media/eff456/ll-sd-out.js", "/media/{*}/{**}"),
+            ("/api/v1/1234/broadcasts/get", "/api/{*}/{*}/{**}"),
+            ("/api/v1/1234", "/api/{*}/{*}"),
+            ("/api/v1/1234/", "/api/{*}/{*}/"),
+            ("/v1/broadcasts/12345/live", "/v1/{**}"),
+            (
+                "/media/us/en/12334/subtitle_enUS_00101.vtt",
+                "/media/{*}/{*}/{**}",
+            ),
+            ("/foo/bar/fo/fum/123", "/{*}/{*}/{*}/{*}/{*}"),
+            ("/media/1234/hls/1001011.m3u8", "/media/{*}/{**}"),
+            ("/media/1234/hls/1001011.m3u8", "/media/{**}"),
+            (
+                "/api/v1/projects/my-project/locations/global/edgeCacheOrigins/foo",
+                "/api/{*}/projects/{*}/locations/{*}/{*}/{*}",
+            ),
+            ("/api/v1/foo/bar/baz/", "/api/{*}/{**}"),
+            ("/api/v1/v2/v3", "/api/{*}/{*}/{*}"),
+        ] {
+            assert!(t(tpl, path), "{tpl} should match {path}");
+        }
+        for (path, tpl) in [
+            ("/media/eff456/ll-sd-out.js", "/media/{*}"),
+            ("/api/v1/1234/", "/api/{*}/v1/{*}"),
+            ("/api/v1/1234/broadcasts/get", "/api/{*}/{*}/{*}"),
+            ("/api/v1/1234/", "/api/{*}/v1/{**}"),
+            // `*` is not in the operator's character set.
+            ("/api/*/1234/", "/api/{*}/1234/"),
+        ] {
+            assert!(!t(tpl, path), "{tpl} should not match {path}");
+        }
+        // PathGlobRegex: not empty, no `/`, no `*`.
+        assert!(t("/{*}", "/abc.123"));
+        assert!(!t("/{*}", "/"));
+        assert!(!t("/{*}", "/abc/123"));
+        assert!(!t("/{*}", "/abc*123"));
+        // TextGlobRegex: empty allowed, `/` allowed, no `*`.
+        assert!(t("/{**}", "/"));
+        assert!(t("/{**}", "/abc/123"));
+        assert!(!t("/{**}", "/abc*123"));
+        // `=` is in Envoy's set ("user included \"=\" allowed").
+        assert!(t("/{*}", "/a=b"));
+    }
+
+    /// The `/` before `{**}` is literal, so the zero-segment case keeps it; text after `{**}`
+    /// is a fixed suffix. A query or fragment never reaches the matcher (Envoy:
+    /// `UriTemplateMatcher::match` matches `removeQueryAndFragment(path)`).
+    #[test]
+    fn templates_zero_segments_and_suffix() {
+        let t = |tpl: &str, path: &str| PathMatch::new(tpl).matches(path);
+        assert!(!t("/allow/admin/{**}", "/allow/admin"));
+        assert!(t("/allow/admin/{**}", "/allow/admin/"));
+        assert!(t("/allow/admin/{**}", "/allow/admin/x/y"));
+        assert!(!t("/allow/admin/{**}", "/allow/adminx"));
+        assert!(t("/a/{**}/b", "/a//b"));
+        assert!(t("/a/{**}/b", "/a/x/y/b"));
+        assert!(!t("/a/{**}/b", "/a/b"));
+        assert!(!t("/a/{**}/b", "/a/x/bb"));
+        assert!(t("/foo/{*}/bar/{**}", "/foo/buzz/bar/"));
+        assert!(t("/foo/{*}/bar/{**}", "/foo/buzz/bar/baz/qux"));
+        assert!(!t("/foo/{*}/bar/{**}", "/foo/buzz/bar"));
+        assert!(!t("/foo/{*}", "/foo/"));
+        assert!(t("/foo/{*}/", "/foo/x/"));
+        assert!(!t("/foo/{*}/", "/foo/x"));
+        assert!(!t("/foo/{*}", "foo/x"));
     }
 
     #[test]

@@ -551,10 +551,13 @@ impl IssSub {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Test {
     Principal(Vec<StrMatch>),
-    Namespace(Vec<StrMatch>),
+    /// `namespaces` globs: istiod's regex `.*/ns/<glob>/.*` on the peer's URI SAN, every `*`
+    /// of the value being `.*`.
+    Namespace(Vec<Box<str>>),
     /// (namespace, service account)
     ServiceAccount(Vec<(Box<str>, Box<str>)>),
-    TrustDomain(Vec<StrMatch>),
+    /// Trust domains after alias expansion, matched as istiod's `srcTrustDomainGenerator`.
+    TrustDomain(Vec<Box<str>>),
     SourceIp(Vec<ipnet::IpNet>),
     RemoteIp(Vec<ipnet::IpNet>),
     DestinationIp(Vec<ipnet::IpNet>),
@@ -567,6 +570,9 @@ enum Test {
     Host(Vec<StrMatch>),
     Method(Vec<StrMatch>),
     Path(Vec<PathMatch>),
+    /// Envoy filter metadata (`experimental.envoy.filters.*`): absent in Outrigger, so the
+    /// metadata matcher never matches.
+    Never,
 }
 
 impl Test {
@@ -590,19 +596,14 @@ impl Test {
             Test::Namespace(ms) => req
                 .source_principal
                 .is_some_and(|p| ms.iter().any(|m| namespace_matches(p, m))),
+            Test::Never => false,
             Test::ServiceAccount(sas) => req.source_principal.is_some_and(|p| {
                 sas.iter()
                     .any(|(ns, sa)| service_account_matches(p, ns, sa))
             }),
-            Test::TrustDomain(ms) => req.source_principal.is_some_and(|p| {
-                let (td, rest) = p.split_once('/').unwrap_or((p, ""));
-                ms.iter().any(|m| match m {
-                    // "spiffe://" prefix: any authenticated peer.
-                    StrMatch::Presence => true,
-                    // Envoy: prefix `spiffe://<td>/`, or regex `spiffe://<a>[^/]*<b>/.*`.
-                    _ => !rest.is_empty() && m.matches(td),
-                })
-            }),
+            Test::TrustDomain(ms) => req
+                .source_principal
+                .is_some_and(|p| ms.iter().any(|m| trust_domain_matches(p, m))),
             Test::SourceIp(nets) => ip_in(req.source_ip, nets),
             Test::RemoteIp(nets) => ip_in(req.remote_ip.unwrap_or(req.source_ip), nets),
             Test::DestinationIp(nets) => ip_in(req.destination_ip, nets),
@@ -641,19 +642,64 @@ fn ip_in(ip: IpAddr, nets: &[ipnet::IpNet]) -> bool {
     nets.iter().any(|n| n.contains(&ip))
 }
 
-/// istiod: regex `.*/ns/<namespace>/.*` on the peer's URI SAN.
-fn namespace_matches(principal: &str, m: &StrMatch) -> bool {
-    let mut rest = principal;
-    while let Some(i) = rest.find("/ns/") {
-        let after = &rest[i + 4..];
-        if let Some(end) = after.find('/')
-            && m.matches(&after[..end])
-        {
-            return true;
+/// Full match of `text` against `pattern` where every `*` matches any sequence (`/`
+/// included) and everything else is literal: a regex made of `.*` and quoted literals, as
+/// istiod builds them. Iterative with backtracking to the last `*`: O(len(pattern) ×
+/// len(text)) at worst, no recursion.
+fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == text[t] {
+            p += 1;
+            t += 1;
+        } else if let Some((sp, st)) = star {
+            p = sp + 1;
+            t = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
         }
-        rest = after;
     }
-    false
+    pattern[p..].iter().all(|b| *b == b'*')
+}
+
+/// istiod's `srcNamespaceGenerator`: regex `.*/ns/<ns>/.*` (every `*` in the value is `.*`)
+/// on the peer's URI SAN `spiffe://<principal>`.
+fn namespace_matches(principal: &str, ns: &str) -> bool {
+    let pattern = format!("*/ns/{ns}/*");
+    let uri = format!("spiffe://{principal}");
+    glob_match(pattern.as_bytes(), uri.as_bytes())
+}
+
+/// istiod's `srcTrustDomainGenerator` on the URI SAN `spiffe://<principal>`: `*` is the
+/// prefix `spiffe://` (any authenticated peer); a value without `*` is the prefix
+/// `spiffe://<value>/`; otherwise the regex `spiffe://<a>[^/]*<b>/.*` with the value split at
+/// its first `*` into `a` and `b`.
+fn trust_domain_matches(principal: &str, value: &str) -> bool {
+    if value == "*" {
+        return true;
+    }
+    match value.split_once('*') {
+        None => principal
+            .strip_prefix(value)
+            .is_some_and(|r| r.starts_with('/')),
+        Some((a, b)) => {
+            let Some(r) = principal.strip_prefix(a) else {
+                return false;
+            };
+            // `[^/]*`: up to the first `/` of what follows `a`.
+            let limit = r.find('/').unwrap_or(r.len());
+            (0..=limit).any(|k| {
+                r.get(k..)
+                    .and_then(|x| x.strip_prefix(b))
+                    .is_some_and(|x| x.starts_with('/'))
+            })
+        }
+    }
 }
 
 /// istiod: regex `spiffe://.+/ns/<ns>/(.+/|)sa/<sa>(/.+)?`.
@@ -740,11 +786,14 @@ struct CompiledRule {
     ports: Option<Vec<u16>>,
     /// A policy without rules ("the match will never occur").
     never: bool,
+    /// A condition istiod cannot translate: in an ALLOW policy the rule is skipped (never
+    /// matches); in DENY/AUDIT/CUSTOM the condition is dropped (`model.go`, `checkError`).
+    untranslatable: bool,
 }
 
 impl CompiledRule {
     fn matches(&self, req: &Request<'_>, action: Action) -> bool {
-        if self.never {
+        if self.never || (self.untranslatable && action == Action::Allow) {
             return false;
         }
         let tcp_lenient = action != Action::Allow;
@@ -937,6 +986,10 @@ impl Compiler<'_> {
         }
     }
 
+    fn boxed(values: &[String]) -> Vec<Box<str>> {
+        values.iter().map(|v| v.as_str().into()).collect()
+    }
+
     fn strs(values: &[String]) -> Vec<StrMatch> {
         values.iter().map(|v| StrMatch::new(v)).collect()
     }
@@ -980,13 +1033,13 @@ impl Compiler<'_> {
             |v| Test::RequestPrincipal(v.iter().map(|x| IssSub::new(x)).collect()),
         );
         Self::push(&mut c, &s.namespaces, &s.not_namespaces, |v| {
-            Test::Namespace(Self::strs(v))
+            Test::Namespace(Self::boxed(v))
         });
         Self::push(&mut c, &s.service_accounts, &s.not_service_accounts, |v| {
             Test::ServiceAccount(self.service_accounts(v))
         });
         Self::push(&mut c, &s.trust_domains, &s.not_trust_domains, |v| {
-            Test::TrustDomain(Self::strs(&expand_trust_domains(v, self.opts)))
+            Test::TrustDomain(Self::boxed(&expand_trust_domains(v, self.opts)))
         });
         Self::push(&mut c, &s.ip_blocks, &s.not_ip_blocks, |v| {
             Test::SourceIp(Self::ips(v))
@@ -1028,11 +1081,11 @@ impl Compiler<'_> {
             ),
             ConditionKey::SourceIp => Test::SourceIp(Self::ips(v)),
             ConditionKey::RemoteIp => Test::RemoteIp(Self::ips(v)),
-            ConditionKey::SourceNamespace => Test::Namespace(Self::strs(v)),
+            ConditionKey::SourceNamespace => Test::Namespace(Self::boxed(v)),
             ConditionKey::SourceServiceAccount => Test::ServiceAccount(self.service_accounts(v)),
             ConditionKey::SourcePrincipal => Test::Principal(self.principals(v)),
             ConditionKey::SourceTrustDomain => {
-                Test::TrustDomain(Self::strs(&expand_trust_domains(v, self.opts)))
+                Test::TrustDomain(Self::boxed(&expand_trust_domains(v, self.opts)))
             }
             ConditionKey::RequestAuthPrincipal => {
                 Test::RequestPrincipal(v.iter().map(|x| IssSub::new(x)).collect())
@@ -1047,6 +1100,9 @@ impl Compiler<'_> {
                     .collect(),
             ),
             ConditionKey::ConnectionSni => Test::Sni(Self::strs(v)),
+            ConditionKey::EnvoyFilterMetadata => Test::Never,
+            // Never compiled: `rule` marks the rule untranslatable instead.
+            ConditionKey::Untranslatable(_) => Test::Never,
         }
     }
 
@@ -1074,12 +1130,14 @@ impl Compiler<'_> {
             })
             .collect();
         let mut when = Vec::new();
+        let mut untranslatable = false;
         for c in &rule.when {
             // Validation guarantees the key parses.
-            if let Ok(key) = validate::parse_condition_key(&c.key) {
-                Self::push(&mut when, &c.values, &c.not_values, |v| {
+            match validate::parse_condition_key(&c.key) {
+                Ok(ConditionKey::Untranslatable(_)) | Err(_) => untranslatable = true,
+                Ok(key) => Self::push(&mut when, &c.values, &c.not_values, |v| {
                     self.condition(&key, v)
-                });
+                }),
             }
         }
         let http_only = from
@@ -1121,13 +1179,19 @@ impl Compiler<'_> {
             http_only,
             ports,
             never: false,
+            untranslatable,
         }
     }
 }
 
 impl AuthzIndex {
+    /// `allow_nothing` and `deny_all` name refused resources and their fail-closed stand-ins
+    /// (see [`crate::RefusalEffect`]): an ALLOW policy that never matches, a DENY policy
+    /// that matches every request and connection.
     pub(crate) fn build(
         policies: &[(&Resource, &AuthorizationPolicySpec)],
+        allow_nothing: &[String],
+        deny_all: &[String],
         opts: &PolicyOptions,
     ) -> Result<AuthzIndex, LoadError> {
         // Deterministic policy order: namespace, then name.
@@ -1202,6 +1266,7 @@ impl AuthzIndex {
                     http_only: false,
                     ports: Some(Vec::new()),
                     never: true,
+                    untranslatable: false,
                 });
                 slots.push(slot);
             }
@@ -1209,6 +1274,35 @@ impl AuthzIndex {
                 idx.rules.push(c.rule(policy, i as u32, rule));
                 slots.push(slot);
             }
+        }
+        let stand_ins = allow_nothing
+            .iter()
+            .map(|k| (k, Action::Allow, Slot::Allow, true))
+            .chain(
+                deny_all
+                    .iter()
+                    .map(|k| (k, Action::Deny, Slot::Deny, false)),
+            );
+        for (key, action, slot, never) in stand_ins {
+            let policy = idx.policies.len() as u32;
+            idx.any_enforced = true;
+            idx.policies.push(PolicyInfo {
+                key: key.clone(),
+                action,
+                provider: None,
+            });
+            idx.rules.push(CompiledRule {
+                policy,
+                index: 0,
+                from: Vec::new(),
+                to: Vec::new(),
+                when: Vec::new(),
+                http_only: false,
+                ports: if never { Some(Vec::new()) } else { None },
+                never,
+                untranslatable: false,
+            });
+            slots.push(slot);
         }
         let count = |s: Slot| {
             let mut seen: Vec<u32> = idx
@@ -1464,9 +1558,26 @@ mod tests {
 
     #[test]
     fn principal_parts() {
-        assert!(namespace_matches("td/ns/foo/sa/bar", &StrMatch::new("foo")));
-        assert!(!namespace_matches("td/ns/foo/sa/bar", &StrMatch::new("fo")));
-        assert!(namespace_matches("td/ns/foo/sa/bar", &StrMatch::new("f*")));
+        assert!(namespace_matches("td/ns/foo/sa/bar", "foo"));
+        assert!(!namespace_matches("td/ns/foo/sa/bar", "fo"));
+        assert!(namespace_matches("td/ns/foo/sa/bar", "f*"));
+        // istiod turns every `*` into `.*` (`srcNamespaceGenerator`), which crosses `/`.
+        assert!(namespace_matches("td/ns/foo/sa/bar", "*o"));
+        assert!(namespace_matches("td/ns/foo/sa/bar", "f*o"));
+        assert!(namespace_matches("td/ns/foo/sa/bar", "foo/sa*"));
+        assert!(!namespace_matches("td/ns/foo/sa/bar", "bar"));
+        // srcTrustDomainGenerator: prefix `spiffe://<td>/` or `spiffe://<a>[^/]*<b>/.*`.
+        assert!(trust_domain_matches("td.example/ns/a/sa/b", "td.example"));
+        assert!(!trust_domain_matches("td.example/ns/a/sa/b", "td"));
+        assert!(trust_domain_matches("td.example/ns/a/sa/b", "*.example"));
+        assert!(trust_domain_matches("td.example/ns/a/sa/b", "td.*"));
+        assert!(!trust_domain_matches("td.example/ns/a/sa/b", "*.other"));
+        assert!(trust_domain_matches("td.example/ns/a/sa/b", "*"));
+        // A `when` value may hold `/` (istiod checks `/` only in `source.trustDomains`).
+        assert!(trust_domain_matches(
+            "td.example/ns/a/sa/b",
+            "td.example/ns"
+        ));
         assert!(service_account_matches("td/ns/foo/sa/bar", "foo", "bar"));
         assert!(!service_account_matches("td/ns/foo/sa/bar", "foo", "ba"));
         assert!(!service_account_matches("td/ns/foo/sa/barx", "foo", "bar"));

@@ -104,12 +104,13 @@ pub use authz::{
 pub use crd::Action;
 pub use error::{ErrorLocation, LoadError, PathError};
 pub use load::{
-    DEFAULT_NAMESPACE, PolicyKind, Resource, ResourceKind, SUPPORTED_VERSIONS, SourceRef,
-    parse_documents,
+    DEFAULT_NAMESPACE, PolicyKind, Refusal, Resource, ResourceKind, SUPPORTED_VERSIONS,
+    SelectorGuess, SourceRef, parse_documents, parse_documents_lenient,
 };
 pub use path::{NormalizedPath, normalize_path};
 pub use snapshot::{
-    AppliedPolicy, EffectiveMtls, IgnoreReason, IgnoredPolicy, PolicyScope, Snapshot,
+    AppliedPolicy, EffectiveMtls, IgnoreReason, IgnoredPolicy, PolicyScope, RefusalEffect,
+    RefusedPolicy, Snapshot,
 };
 
 /// The workload Outrigger protects: its namespace and its labels (what selectors match).

@@ -1,6 +1,8 @@
 //! Istio policy from files and directories: load, validate, build a snapshot, and reload it
-//! when the files change. A file with an error never half-applies: at start-up the agent
-//! refuses to start; on reload the last good snapshot stays in force.
+//! when the files change. In Istio each resource stands alone: a resource istiod would reject
+//! (or a file that cannot be read) is refused alone, logged with file:line and reason, listed
+//! in `/config_dump` and `outrigger check`, and replaced by its fail-closed stand-in
+//! (docs/policy.md, "Refused resources"); every valid resource loads.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -110,21 +112,30 @@ pub struct LoadedResources {
     pub resources: Vec<Resource>,
 }
 
+/// Reads every policy file. Only a policy path that cannot be listed is an error; a document
+/// that cannot be loaded, or a file that cannot be read, becomes a refused resource.
 pub fn read_resources(paths: &[PathBuf]) -> Result<LoadedResources, String> {
     let files = collect_files(paths)?;
     let mut resources = Vec::new();
-    let mut errors = Vec::new();
     for f in &files {
+        let name = f.display().to_string();
         match std::fs::read_to_string(f) {
-            Ok(text) => match outrigger_policy::parse_documents(&f.display().to_string(), &text) {
-                Ok(mut r) => resources.append(&mut r),
-                Err(e) => errors.push(e.to_string()),
-            },
-            Err(e) => errors.push(format!("{}: cannot read: {e}", f.display())),
+            Ok(text) => {
+                resources.append(&mut outrigger_policy::parse_documents_lenient(&name, &text))
+            }
+            Err(e) => resources.push(outrigger_policy::Resource::refused_unknown(
+                &name,
+                0,
+                outrigger_policy::LoadError {
+                    location: outrigger_policy::ErrorLocation {
+                        file: name.clone(),
+                        ..Default::default()
+                    },
+                    resource: None,
+                    reason: format!("cannot read: {e}"),
+                },
+            )),
         }
-    }
-    if !errors.is_empty() {
-        return Err(errors.join("\n"));
     }
     Ok(LoadedResources { files, resources })
 }
@@ -142,6 +153,19 @@ pub fn load(inputs: &PolicyInputs, version: u64) -> Result<PolicyState, String> 
             i.name,
             i.source,
             i.reason
+        );
+    }
+    for w in snapshot.warnings() {
+        tracing::warn!("policy warning: {w}");
+    }
+    for r in snapshot.refused() {
+        tracing::error!(
+            "policy refused: {} {} ({}): {}; {}",
+            r.kind,
+            r.name,
+            r.source,
+            r.error,
+            r.effect
         );
     }
     for a in snapshot.applied() {

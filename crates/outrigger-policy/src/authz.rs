@@ -1589,3 +1589,87 @@ mod tests {
         assert!(!service_account_matches("td/ns/fooX/sa/bar", "foo", "bar"));
     }
 }
+
+/// Differential test against Envoy's own construction: the template becomes the regex
+/// `"/" + segments joined with "/"`, `*` → `[a-zA-Z0-9-._~%!$&'()+,;:@=]+`, `**` →
+/// `[a-zA-Z0-9-._~%!$&'()+,;:@=/]*`, literals quoted, full match
+/// (source/extensions/path/uri_template_lib/uri_template_internal.cc, `toRegexPattern`).
+#[cfg(test)]
+mod template_vs_envoy_regex {
+    use super::PathMatch;
+    use proptest::prelude::*;
+
+    const ONE: &str = r"[a-zA-Z0-9\-._~%!$&'()+,;:@=]+";
+    const ANY: &str = r"[a-zA-Z0-9\-._~%!$&'()+,;:@=/]*";
+
+    fn templates() -> impl Strategy<Value = String> {
+        let seg = prop_oneof![
+            Just("a".to_string()),
+            Just("b=c".to_string()),
+            Just("%41".to_string()),
+            Just("{*}".to_string()),
+        ];
+        (
+            proptest::collection::vec(seg.clone(), 0..4),
+            proptest::option::of(proptest::collection::vec(
+                prop_oneof![Just("a".to_string()), Just("b".to_string())],
+                0..3,
+            )),
+            any::<bool>(),
+        )
+            .prop_filter_map("a template", |(head, rest, slash)| {
+                let mut segs = head;
+                if let Some(tail) = rest {
+                    segs.push("{**}".into());
+                    segs.extend(tail);
+                }
+                if !segs.iter().any(|s| s.starts_with('{')) {
+                    return None;
+                }
+                let mut t = format!("/{}", segs.join("/"));
+                if slash {
+                    t.push('/');
+                }
+                Some(t)
+            })
+    }
+
+    fn paths() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            prop_oneof![
+                Just("a"),
+                Just("b"),
+                Just("b=c"),
+                Just("/"),
+                Just("*"),
+                Just("%41"),
+                Just("\""),
+            ],
+            0..8,
+        )
+        .prop_map(|p| format!("/{}", p.concat()))
+    }
+
+    fn envoy_regex(template: &str) -> regex::Regex {
+        let body: Vec<String> = template[1..]
+            .split('/')
+            .map(|s| match s {
+                "{*}" => ONE.to_string(),
+                "{**}" => ANY.to_string(),
+                lit => regex::escape(lit),
+            })
+            .collect();
+        regex::Regex::new(&format!("^/{}$", body.join("/"))).unwrap()
+    }
+
+    proptest! {
+        #[test]
+        fn same_answer_as_envoys_regex(t in templates(), p in paths()) {
+            prop_assert_eq!(
+                PathMatch::new(&t).matches(&p),
+                envoy_regex(&t).is_match(&p),
+                "template {} path {}", t, p
+            );
+        }
+    }
+}

@@ -1,6 +1,8 @@
 //! Validation as istiod's admission webhook does it (`pkg/config/validation/validation.go` and
-//! `pkg/config/security/security.go` in istio/istio), plus a few stricter checks where Istio
-//! would accept a policy that can never do what its author meant (documented per check).
+//! `pkg/config/security/security.go` in istio/istio) and the CRD schema: an error is what
+//! istiod rejects (the resource is refused). Where istiod accepts a form that can never do
+//! what its author meant (a `spiffe://` principal, a literal `*`), the issue is a warning and
+//! the resource loads, behaving as the sidecar does.
 //!
 //! Each check returns [`Issue`]s with the field path relative to `spec`.
 
@@ -87,8 +89,8 @@ pub(crate) fn parse_port(s: &str) -> Result<u16, String> {
 /// and `abcd`. Suffix match: `*abc` will match on value `abc` and `xabc`. Presence match: `*`
 /// will match when value is not empty."
 ///
-/// Istio itself accepts a `*` elsewhere (`a*b`) and then matches it literally, which is never
-/// what the author meant; we reject it (stricter than istiod, like its `CheckWildcardValues`).
+/// This is istiod's `CheckWildcardValues`, which it applies to trust domains only; in other
+/// fields istiod accepts a `*` elsewhere (`a*b`) and matches it literally (a warning here).
 pub(crate) fn check_wildcard(value: &str) -> Result<(), String> {
     if value.is_empty() {
         return Err("empty value not allowed".into());

@@ -474,3 +474,54 @@ async fn path_templates_match_as_envoy_and_istiod_accepted_forms_load() {
     );
     agent.wait_for_log("policy warning: ");
 }
+
+/// `outrigger check` answers with the refused resources in force: a DENY policy istiod would
+/// reject (`request.url_path` is not an Istio attribute, from the published fixture
+/// 08-authorizationpolicy-production-security-baseline-deny.yaml) fails closed and is named,
+/// and a valid ALLOW policy beside it still loads.
+#[test]
+fn check_names_refused_resources_and_their_fail_closed_effect() {
+    let mesh = Mesh::new();
+    mesh.policy(
+        "deny.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: baseline-deny\n  namespace: legacy\nspec:\n  action: DENY\n  rules:\n  - when:\n    - key: request.url_path\n      values: [\"*wp-admin*\"]\n",
+    );
+    mesh.policy(
+        "allow.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: allow-sleep\n  namespace: legacy\nspec:\n  rules:\n  - from:\n    - source: {principals: [\"cluster.local/ns/default/sa/sleep\"]}\n",
+    );
+    let cfg = mesh.dir().join("agent.yaml");
+    std::fs::write(
+        &cfg,
+        mesh.config(&[("web", "127.0.0.1:5000".parse().unwrap(), "http")], ""),
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args([
+            "check",
+            "--json",
+            "--from",
+            "cluster.local/ns/default/sa/sleep",
+            "--config",
+        ])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["allowed"], false);
+    assert_eq!(v["policy"], "legacy/baseline-deny");
+    assert_eq!(v["refused"][0]["name"], "legacy/baseline-deny");
+    assert!(
+        v["refused"][0]["error"].as_str().unwrap().ends_with(
+            "deny.yaml:10:12: spec.rules[0].when[0].key: unknown attribute: request.url_path"
+        ),
+        "{text}"
+    );
+    assert_eq!(
+        v["refused"][0]["effect"],
+        "fail closed: every request to this workload is denied"
+    );
+    assert_eq!(v["policies"][0]["name"], "legacy/allow-sleep", "{text}");
+}

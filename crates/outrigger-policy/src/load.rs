@@ -270,12 +270,13 @@ fn salvage(source: &str, doc: &Node, error: LoadError) -> Resource {
         None
     };
     let meta = doc.get("metadata");
-    let namespace = match meta.map(|m| m.get("namespace").map(|n| &n.value)) {
-        // No namespace: `kubectl apply`'s default; unreadable: unknown (empty).
-        None | Some(None) | Some(Some(Value::Null)) => DEFAULT_NAMESPACE.to_string(),
-        Some(Some(Value::Str(ns))) if !ns.is_empty() => ns.clone(),
-        Some(Some(Value::Str(_))) => DEFAULT_NAMESPACE.to_string(),
-        Some(Some(_)) => String::new(),
+    let namespace = match meta.map(|m| (&m.value, m.get("namespace").map(|n| &n.value))) {
+        // No namespace: `kubectl apply`'s default; unreadable: unknown (empty), which
+        // counts as this workload's namespace.
+        None | Some((Value::Map(_), None | Some(Value::Null))) => DEFAULT_NAMESPACE.to_string(),
+        Some((Value::Map(_), Some(Value::Str(ns)))) if !ns.is_empty() => ns.clone(),
+        Some((Value::Map(_), Some(Value::Str(_)))) => DEFAULT_NAMESPACE.to_string(),
+        Some(_) => String::new(),
     };
     let name = text(meta.and_then(|m| m.get("name"))).unwrap_or_default();
     let mut annotations = BTreeMap::new();

@@ -226,6 +226,19 @@ fn a_refused_deny_policy_fails_closed_for_what_it_selects() {
         RefusalEffect::NotApplicable(IgnoreReason::SelectorMismatch)
     );
     assert!(allowed(&s, Some("/"), ("x", "y")));
+    // Another namespace: no effect here; an unreadable metadata counts as this namespace.
+    let s = build(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: d, namespace: elsewhere}\nspec:\n  action: DENY\n",
+    );
+    assert_eq!(
+        s.refused()[0].effect,
+        RefusalEffect::NotApplicable(IgnoreReason::OtherNamespace)
+    );
+    let s = build(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: 5\nspec:\n  action: DENY\n  rules: [{}]\n",
+    );
+    assert_eq!(s.refused()[0].effect, RefusalEffect::DenyAll);
+    assert_eq!(s.refused()[0].name, "p.yaml:1");
     // An action that cannot be read is treated as DENY.
     let s = build(&ap("typo", "  action: DENNY\n  rules:\n  - {}\n"));
     assert_eq!(s.refused()[0].effect, RefusalEffect::DenyAll);

@@ -371,35 +371,116 @@ impl StrMatch {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum PathMatch {
     Str(StrMatch),
-    Template(Vec<TemplateSeg>),
+    Template(UriTemplate),
 }
 
+/// One `/`-separated segment of a URI template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum TemplateSeg {
+    /// A literal segment (empty only as the last one, from a trailing `/`).
     Literal(Box<str>),
-    /// `{*}`: one segment of URI template characters.
+    /// `{*}` (Envoy `*`): one or more literal characters, no `/`.
     One,
-    /// `{**}`: the rest of the path, zero or more characters, `/` included.
-    Rest,
 }
 
-fn template_char(b: u8) -> bool {
+/// An AuthorizationPolicy path template as istiod hands it to Envoy and as Envoy matches it.
+///
+/// istiod (`pilot/pkg/security/authz/matcher/template.go`, `sanitizePathTemplate`) replaces
+/// `{*}` with `*` and `{**}` with `**` and sends an `envoy.path.match.uri_template` matcher.
+/// Envoy (`source/extensions/path/uri_template_lib/uri_template_internal.cc`) turns the
+/// template into an RE2 regex, `"/" + segments joined with "/"`, where `*` is
+/// `[a-zA-Z0-9-._~%!$&'()+,;:@=]+` and `**` is `[a-zA-Z0-9-._~%!$&'()+,;:@=/]*`, and
+/// `UriTemplateMatcher::match` requires a full match of the path with its query and fragment
+/// removed. Consequences, all tested below with Envoy's own vectors:
+/// - `{*}` is exactly one non-empty segment; characters outside that set (`*`, `"`, `<`,
+///   non-ASCII bytes as sent, ...) never match an operator.
+/// - `{**}` may match zero characters but the `/` before it is literal: `/a/{**}` matches
+///   `/a/` and `/a/b/c` but **not** `/a`.
+/// - Literals after `{**}` are a fixed suffix: `/a/{**}/b` matches `/a//b` and `/a/x/b`, not
+///   `/a/b`.
+///
+/// The regex is never built: since `*` and literals cannot contain `/`, the segments before
+/// `{**}` line up one-to-one with the path's, and what follows `{**}` is a fixed string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct UriTemplate {
+    /// Segments before `{**}` (all of them when there is none).
+    head: Vec<TemplateSeg>,
+    /// `Some(suffix)` when the template has `{**}`: the text after it (`"/b"` for `/a/{**}/b`).
+    rest: Option<String>,
+}
+
+/// Envoy's `kLiteral` character set (uri_template_internal.cc: unreserved, `%`, the
+/// sub-delims but `*`, `:`, `@`, and `=` — "user included \"=\" allowed").
+pub(crate) fn envoy_template_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-._~%!$&'()+,;:@=".contains(&b)
+}
+
+impl UriTemplate {
+    /// Compiles a template istiod's `CheckValidPathTemplate` and Envoy's parser accepted
+    /// (see `validate::check_path_value`).
+    fn new(v: &str) -> UriTemplate {
+        let body = v.strip_prefix('/').unwrap_or(v);
+        let mut head = Vec::new();
+        let mut rest = None;
+        let mut parts = body.split('/');
+        for seg in parts.by_ref() {
+            match seg {
+                "{*}" => head.push(TemplateSeg::One),
+                "{**}" => {
+                    rest = Some(String::new());
+                    break;
+                }
+                lit => head.push(TemplateSeg::Literal(lit.into())),
+            }
+        }
+        if let Some(suffix) = &mut rest {
+            for seg in parts {
+                suffix.push('/');
+                suffix.push_str(seg);
+            }
+        }
+        UriTemplate { head, rest }
+    }
+
+    fn matches(&self, path: &str) -> bool {
+        let Some(mut p) = path.strip_prefix('/') else {
+            return false;
+        };
+        let seg_ok = |seg: &TemplateSeg, part: &str| match seg {
+            TemplateSeg::Literal(l) => part == &**l,
+            TemplateSeg::One => !part.is_empty() && part.bytes().all(envoy_template_char),
+        };
+        match &self.rest {
+            None => {
+                let mut parts = p.split('/');
+                self.head
+                    .iter()
+                    .all(|seg| parts.next().is_some_and(|part| seg_ok(seg, part)))
+                    && parts.next().is_none()
+            }
+            Some(suffix) => {
+                // Every segment before `{**}` is followed by a literal `/`.
+                for seg in &self.head {
+                    match p.split_once('/') {
+                        Some((part, tail)) if seg_ok(seg, part) => p = tail,
+                        _ => return false,
+                    }
+                }
+                p.len() >= suffix.len()
+                    && p.ends_with(suffix.as_str())
+                    && p.as_bytes()[..p.len() - suffix.len()]
+                        .iter()
+                        .all(|b| *b == b'/' || envoy_template_char(*b))
+            }
+        }
+    }
 }
 
 impl PathMatch {
     fn new(v: &str) -> PathMatch {
+        // istiod's `security.ContainsPathTemplate`.
         if v.contains("{*}") || v.contains("{**}") {
-            // "/a/{*}/b/{**}" -> ["", "a", One, "b", Rest]
-            let segs = v
-                .split('/')
-                .map(|s| match s {
-                    "{*}" => TemplateSeg::One,
-                    "{**}" => TemplateSeg::Rest,
-                    lit => TemplateSeg::Literal(lit.into()),
-                })
-                .collect();
-            PathMatch::Template(segs)
+            PathMatch::Template(UriTemplate::new(v))
         } else {
             PathMatch::Str(StrMatch::new(v))
         }
@@ -408,42 +489,7 @@ impl PathMatch {
     fn matches(&self, path: &str) -> bool {
         match self {
             PathMatch::Str(m) => m.matches(path),
-            PathMatch::Template(segs) => {
-                let mut parts = path.split('/');
-                for (i, seg) in segs.iter().enumerate() {
-                    match seg {
-                        TemplateSeg::Rest => {
-                            // "{**} matches zero or more globs": everything left, then any
-                            // literal segments after it must match the tail.
-                            let rest: Vec<&str> = parts.collect();
-                            let tail = &segs[i + 1..];
-                            if tail.len() > rest.len() {
-                                return false;
-                            }
-                            let (glob, end) = rest.split_at(rest.len() - tail.len());
-                            let glob_ok = glob.iter().all(|p| p.bytes().all(template_char));
-                            return glob_ok
-                                && end.iter().zip(tail).all(|(p, t)| match t {
-                                    TemplateSeg::Literal(l) => *p == &**l,
-                                    TemplateSeg::One => {
-                                        !p.is_empty() && p.bytes().all(template_char)
-                                    }
-                                    TemplateSeg::Rest => false,
-                                });
-                        }
-                        TemplateSeg::One => match parts.next() {
-                            Some(p) if !p.is_empty() && p.bytes().all(template_char) => {}
-                            _ => return false,
-                        },
-                        TemplateSeg::Literal(l) => {
-                            if parts.next() != Some(&**l) {
-                                return false;
-                            }
-                        }
-                    }
-                }
-                parts.next().is_none()
-            }
+            PathMatch::Template(t) => t.matches(path),
         }
     }
 }
@@ -505,10 +551,13 @@ impl IssSub {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Test {
     Principal(Vec<StrMatch>),
-    Namespace(Vec<StrMatch>),
+    /// `namespaces` globs: istiod's regex `.*/ns/<glob>/.*` on the peer's URI SAN, every `*`
+    /// of the value being `.*`.
+    Namespace(Vec<Box<str>>),
     /// (namespace, service account)
     ServiceAccount(Vec<(Box<str>, Box<str>)>),
-    TrustDomain(Vec<StrMatch>),
+    /// Trust domains after alias expansion, matched as istiod's `srcTrustDomainGenerator`.
+    TrustDomain(Vec<Box<str>>),
     SourceIp(Vec<ipnet::IpNet>),
     RemoteIp(Vec<ipnet::IpNet>),
     DestinationIp(Vec<ipnet::IpNet>),
@@ -521,6 +570,9 @@ enum Test {
     Host(Vec<StrMatch>),
     Method(Vec<StrMatch>),
     Path(Vec<PathMatch>),
+    /// Envoy filter metadata (`experimental.envoy.filters.*`): absent in Outrigger, so the
+    /// metadata matcher never matches.
+    Never,
 }
 
 impl Test {
@@ -544,19 +596,14 @@ impl Test {
             Test::Namespace(ms) => req
                 .source_principal
                 .is_some_and(|p| ms.iter().any(|m| namespace_matches(p, m))),
+            Test::Never => false,
             Test::ServiceAccount(sas) => req.source_principal.is_some_and(|p| {
                 sas.iter()
                     .any(|(ns, sa)| service_account_matches(p, ns, sa))
             }),
-            Test::TrustDomain(ms) => req.source_principal.is_some_and(|p| {
-                let (td, rest) = p.split_once('/').unwrap_or((p, ""));
-                ms.iter().any(|m| match m {
-                    // "spiffe://" prefix: any authenticated peer.
-                    StrMatch::Presence => true,
-                    // Envoy: prefix `spiffe://<td>/`, or regex `spiffe://<a>[^/]*<b>/.*`.
-                    _ => !rest.is_empty() && m.matches(td),
-                })
-            }),
+            Test::TrustDomain(ms) => req
+                .source_principal
+                .is_some_and(|p| ms.iter().any(|m| trust_domain_matches(p, m))),
             Test::SourceIp(nets) => ip_in(req.source_ip, nets),
             Test::RemoteIp(nets) => ip_in(req.remote_ip.unwrap_or(req.source_ip), nets),
             Test::DestinationIp(nets) => ip_in(req.destination_ip, nets),
@@ -595,19 +642,64 @@ fn ip_in(ip: IpAddr, nets: &[ipnet::IpNet]) -> bool {
     nets.iter().any(|n| n.contains(&ip))
 }
 
-/// istiod: regex `.*/ns/<namespace>/.*` on the peer's URI SAN.
-fn namespace_matches(principal: &str, m: &StrMatch) -> bool {
-    let mut rest = principal;
-    while let Some(i) = rest.find("/ns/") {
-        let after = &rest[i + 4..];
-        if let Some(end) = after.find('/')
-            && m.matches(&after[..end])
-        {
-            return true;
+/// Full match of `text` against `pattern` where every `*` matches any sequence (`/`
+/// included) and everything else is literal: a regex made of `.*` and quoted literals, as
+/// istiod builds them. Iterative with backtracking to the last `*`: O(len(pattern) ×
+/// len(text)) at worst, no recursion.
+fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == text[t] {
+            p += 1;
+            t += 1;
+        } else if let Some((sp, st)) = star {
+            p = sp + 1;
+            t = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
         }
-        rest = after;
     }
-    false
+    pattern[p..].iter().all(|b| *b == b'*')
+}
+
+/// istiod's `srcNamespaceGenerator`: regex `.*/ns/<ns>/.*` (every `*` in the value is `.*`)
+/// on the peer's URI SAN `spiffe://<principal>`.
+fn namespace_matches(principal: &str, ns: &str) -> bool {
+    let pattern = format!("*/ns/{ns}/*");
+    let uri = format!("spiffe://{principal}");
+    glob_match(pattern.as_bytes(), uri.as_bytes())
+}
+
+/// istiod's `srcTrustDomainGenerator` on the URI SAN `spiffe://<principal>`: `*` is the
+/// prefix `spiffe://` (any authenticated peer); a value without `*` is the prefix
+/// `spiffe://<value>/`; otherwise the regex `spiffe://<a>[^/]*<b>/.*` with the value split at
+/// its first `*` into `a` and `b`.
+fn trust_domain_matches(principal: &str, value: &str) -> bool {
+    if value == "*" {
+        return true;
+    }
+    match value.split_once('*') {
+        None => principal
+            .strip_prefix(value)
+            .is_some_and(|r| r.starts_with('/')),
+        Some((a, b)) => {
+            let Some(r) = principal.strip_prefix(a) else {
+                return false;
+            };
+            // `[^/]*`: up to the first `/` of what follows `a`.
+            let limit = r.find('/').unwrap_or(r.len());
+            (0..=limit).any(|k| {
+                r.get(k..)
+                    .and_then(|x| x.strip_prefix(b))
+                    .is_some_and(|x| x.starts_with('/'))
+            })
+        }
+    }
 }
 
 /// istiod: regex `spiffe://.+/ns/<ns>/(.+/|)sa/<sa>(/.+)?`.
@@ -694,11 +786,14 @@ struct CompiledRule {
     ports: Option<Vec<u16>>,
     /// A policy without rules ("the match will never occur").
     never: bool,
+    /// A condition istiod cannot translate: in an ALLOW policy the rule is skipped (never
+    /// matches); in DENY/AUDIT/CUSTOM the condition is dropped (`model.go`, `checkError`).
+    untranslatable: bool,
 }
 
 impl CompiledRule {
     fn matches(&self, req: &Request<'_>, action: Action) -> bool {
-        if self.never {
+        if self.never || (self.untranslatable && action == Action::Allow) {
             return false;
         }
         let tcp_lenient = action != Action::Allow;
@@ -891,6 +986,10 @@ impl Compiler<'_> {
         }
     }
 
+    fn boxed(values: &[String]) -> Vec<Box<str>> {
+        values.iter().map(|v| v.as_str().into()).collect()
+    }
+
     fn strs(values: &[String]) -> Vec<StrMatch> {
         values.iter().map(|v| StrMatch::new(v)).collect()
     }
@@ -934,13 +1033,13 @@ impl Compiler<'_> {
             |v| Test::RequestPrincipal(v.iter().map(|x| IssSub::new(x)).collect()),
         );
         Self::push(&mut c, &s.namespaces, &s.not_namespaces, |v| {
-            Test::Namespace(Self::strs(v))
+            Test::Namespace(Self::boxed(v))
         });
         Self::push(&mut c, &s.service_accounts, &s.not_service_accounts, |v| {
             Test::ServiceAccount(self.service_accounts(v))
         });
         Self::push(&mut c, &s.trust_domains, &s.not_trust_domains, |v| {
-            Test::TrustDomain(Self::strs(&expand_trust_domains(v, self.opts)))
+            Test::TrustDomain(Self::boxed(&expand_trust_domains(v, self.opts)))
         });
         Self::push(&mut c, &s.ip_blocks, &s.not_ip_blocks, |v| {
             Test::SourceIp(Self::ips(v))
@@ -982,11 +1081,11 @@ impl Compiler<'_> {
             ),
             ConditionKey::SourceIp => Test::SourceIp(Self::ips(v)),
             ConditionKey::RemoteIp => Test::RemoteIp(Self::ips(v)),
-            ConditionKey::SourceNamespace => Test::Namespace(Self::strs(v)),
+            ConditionKey::SourceNamespace => Test::Namespace(Self::boxed(v)),
             ConditionKey::SourceServiceAccount => Test::ServiceAccount(self.service_accounts(v)),
             ConditionKey::SourcePrincipal => Test::Principal(self.principals(v)),
             ConditionKey::SourceTrustDomain => {
-                Test::TrustDomain(Self::strs(&expand_trust_domains(v, self.opts)))
+                Test::TrustDomain(Self::boxed(&expand_trust_domains(v, self.opts)))
             }
             ConditionKey::RequestAuthPrincipal => {
                 Test::RequestPrincipal(v.iter().map(|x| IssSub::new(x)).collect())
@@ -1001,6 +1100,9 @@ impl Compiler<'_> {
                     .collect(),
             ),
             ConditionKey::ConnectionSni => Test::Sni(Self::strs(v)),
+            ConditionKey::EnvoyFilterMetadata => Test::Never,
+            // Never compiled: `rule` marks the rule untranslatable instead.
+            ConditionKey::Untranslatable(_) => Test::Never,
         }
     }
 
@@ -1028,12 +1130,14 @@ impl Compiler<'_> {
             })
             .collect();
         let mut when = Vec::new();
+        let mut untranslatable = false;
         for c in &rule.when {
             // Validation guarantees the key parses.
-            if let Ok(key) = validate::parse_condition_key(&c.key) {
-                Self::push(&mut when, &c.values, &c.not_values, |v| {
+            match validate::parse_condition_key(&c.key) {
+                Ok(ConditionKey::Untranslatable(_)) | Err(_) => untranslatable = true,
+                Ok(key) => Self::push(&mut when, &c.values, &c.not_values, |v| {
                     self.condition(&key, v)
-                });
+                }),
             }
         }
         let http_only = from
@@ -1075,13 +1179,19 @@ impl Compiler<'_> {
             http_only,
             ports,
             never: false,
+            untranslatable,
         }
     }
 }
 
 impl AuthzIndex {
+    /// `allow_nothing` and `deny_all` name refused resources and their fail-closed stand-ins
+    /// (see [`crate::RefusalEffect`]): an ALLOW policy that never matches, a DENY policy
+    /// that matches every request and connection.
     pub(crate) fn build(
         policies: &[(&Resource, &AuthorizationPolicySpec)],
+        allow_nothing: &[String],
+        deny_all: &[String],
         opts: &PolicyOptions,
     ) -> Result<AuthzIndex, LoadError> {
         // Deterministic policy order: namespace, then name.
@@ -1156,6 +1266,7 @@ impl AuthzIndex {
                     http_only: false,
                     ports: Some(Vec::new()),
                     never: true,
+                    untranslatable: false,
                 });
                 slots.push(slot);
             }
@@ -1163,6 +1274,35 @@ impl AuthzIndex {
                 idx.rules.push(c.rule(policy, i as u32, rule));
                 slots.push(slot);
             }
+        }
+        let stand_ins = allow_nothing
+            .iter()
+            .map(|k| (k, Action::Allow, Slot::Allow, true))
+            .chain(
+                deny_all
+                    .iter()
+                    .map(|k| (k, Action::Deny, Slot::Deny, false)),
+            );
+        for (key, action, slot, never) in stand_ins {
+            let policy = idx.policies.len() as u32;
+            idx.any_enforced = true;
+            idx.policies.push(PolicyInfo {
+                key: key.clone(),
+                action,
+                provider: None,
+            });
+            idx.rules.push(CompiledRule {
+                policy,
+                index: 0,
+                from: Vec::new(),
+                to: Vec::new(),
+                when: Vec::new(),
+                http_only: false,
+                ports: if never { Some(Vec::new()) } else { None },
+                never,
+                untranslatable: false,
+            });
+            slots.push(slot);
         }
         let count = |s: Slot| {
             let mut seen: Vec<u32> = idx
@@ -1319,21 +1459,80 @@ mod tests {
         assert!(StrMatch::new("API.*").matches_ignore_case("api.x"));
     }
 
+    /// Envoy's own vectors (test/extensions/path/uri_template_lib/uri_template_internal_test.cc,
+    /// `GenPatternRegexWithMatch` / `GenPatternRegexWithoutMatch`, `PathGlobRegex`,
+    /// `TextGlobRegex`), written in Istio's syntax: Envoy `*`/`{var}`/`{var=*}` is `{*}`,
+    /// `**`/`{var=**}` is `{**}`. Cases with a suffix after an operator (`/**.m3u8`) are left
+    /// out: istiod rejects them (`CheckValidPathTemplate`).
     #[test]
-    fn templates() {
-        let m = PathMatch::new("/foo/{*}");
-        assert!(m.matches("/foo/bar"));
-        assert!(!m.matches("/foo/bar/baz"));
-        assert!(!m.matches("/foo/"));
-        let m = PathMatch::new("/foo/{*}/bar/{**}");
-        assert!(m.matches("/foo/buzz/bar/"));
-        assert!(m.matches("/foo/buzz/bar/baz"));
-        assert!(m.matches("/foo/buzz/bar/baz/qux"));
-        assert!(!m.matches("/foo/buzz/baz/x"));
-        let m = PathMatch::new("/foo/{**}/");
-        assert!(m.matches("/foo/bar/"));
-        assert!(m.matches("/foo//"));
-        assert!(!m.matches("/foo/bar"));
+    fn templates_envoy_vectors() {
+        let t = |tpl: &str, path: &str| PathMatch::new(tpl).matches(path);
+        for (path, tpl) in [
+            ("/media/eff456/ll-sd-out.js", "/media/{*}/{**}"),
+            ("/api/v1/1234/broadcasts/get", "/api/{*}/{*}/{**}"),
+            ("/api/v1/1234", "/api/{*}/{*}"),
+            ("/api/v1/1234/", "/api/{*}/{*}/"),
+            ("/v1/broadcasts/12345/live", "/v1/{**}"),
+            (
+                "/media/us/en/12334/subtitle_enUS_00101.vtt",
+                "/media/{*}/{*}/{**}",
+            ),
+            ("/foo/bar/fo/fum/123", "/{*}/{*}/{*}/{*}/{*}"),
+            ("/media/1234/hls/1001011.m3u8", "/media/{*}/{**}"),
+            ("/media/1234/hls/1001011.m3u8", "/media/{**}"),
+            (
+                "/api/v1/projects/my-project/locations/global/edgeCacheOrigins/foo",
+                "/api/{*}/projects/{*}/locations/{*}/{*}/{*}",
+            ),
+            ("/api/v1/foo/bar/baz/", "/api/{*}/{**}"),
+            ("/api/v1/v2/v3", "/api/{*}/{*}/{*}"),
+        ] {
+            assert!(t(tpl, path), "{tpl} should match {path}");
+        }
+        for (path, tpl) in [
+            ("/media/eff456/ll-sd-out.js", "/media/{*}"),
+            ("/api/v1/1234/", "/api/{*}/v1/{*}"),
+            ("/api/v1/1234/broadcasts/get", "/api/{*}/{*}/{*}"),
+            ("/api/v1/1234/", "/api/{*}/v1/{**}"),
+            // `*` is not in the operator's character set.
+            ("/api/*/1234/", "/api/{*}/1234/"),
+        ] {
+            assert!(!t(tpl, path), "{tpl} should not match {path}");
+        }
+        // PathGlobRegex: not empty, no `/`, no `*`.
+        assert!(t("/{*}", "/abc.123"));
+        assert!(!t("/{*}", "/"));
+        assert!(!t("/{*}", "/abc/123"));
+        assert!(!t("/{*}", "/abc*123"));
+        // TextGlobRegex: empty allowed, `/` allowed, no `*`.
+        assert!(t("/{**}", "/"));
+        assert!(t("/{**}", "/abc/123"));
+        assert!(!t("/{**}", "/abc*123"));
+        // `=` is in Envoy's set ("user included \"=\" allowed").
+        assert!(t("/{*}", "/a=b"));
+    }
+
+    /// The `/` before `{**}` is literal, so the zero-segment case keeps it; text after `{**}`
+    /// is a fixed suffix. A query or fragment never reaches the matcher (Envoy:
+    /// `UriTemplateMatcher::match` matches `removeQueryAndFragment(path)`).
+    #[test]
+    fn templates_zero_segments_and_suffix() {
+        let t = |tpl: &str, path: &str| PathMatch::new(tpl).matches(path);
+        assert!(!t("/allow/admin/{**}", "/allow/admin"));
+        assert!(t("/allow/admin/{**}", "/allow/admin/"));
+        assert!(t("/allow/admin/{**}", "/allow/admin/x/y"));
+        assert!(!t("/allow/admin/{**}", "/allow/adminx"));
+        assert!(t("/a/{**}/b", "/a//b"));
+        assert!(t("/a/{**}/b", "/a/x/y/b"));
+        assert!(!t("/a/{**}/b", "/a/b"));
+        assert!(!t("/a/{**}/b", "/a/x/bb"));
+        assert!(t("/foo/{*}/bar/{**}", "/foo/buzz/bar/"));
+        assert!(t("/foo/{*}/bar/{**}", "/foo/buzz/bar/baz/qux"));
+        assert!(!t("/foo/{*}/bar/{**}", "/foo/buzz/bar"));
+        assert!(!t("/foo/{*}", "/foo/"));
+        assert!(t("/foo/{*}/", "/foo/x/"));
+        assert!(!t("/foo/{*}/", "/foo/x"));
+        assert!(!t("/foo/{*}", "foo/x"));
     }
 
     #[test]
@@ -1359,9 +1558,26 @@ mod tests {
 
     #[test]
     fn principal_parts() {
-        assert!(namespace_matches("td/ns/foo/sa/bar", &StrMatch::new("foo")));
-        assert!(!namespace_matches("td/ns/foo/sa/bar", &StrMatch::new("fo")));
-        assert!(namespace_matches("td/ns/foo/sa/bar", &StrMatch::new("f*")));
+        assert!(namespace_matches("td/ns/foo/sa/bar", "foo"));
+        assert!(!namespace_matches("td/ns/foo/sa/bar", "fo"));
+        assert!(namespace_matches("td/ns/foo/sa/bar", "f*"));
+        // istiod turns every `*` into `.*` (`srcNamespaceGenerator`), which crosses `/`.
+        assert!(namespace_matches("td/ns/foo/sa/bar", "*o"));
+        assert!(namespace_matches("td/ns/foo/sa/bar", "f*o"));
+        assert!(namespace_matches("td/ns/foo/sa/bar", "foo/sa*"));
+        assert!(!namespace_matches("td/ns/foo/sa/bar", "bar"));
+        // srcTrustDomainGenerator: prefix `spiffe://<td>/` or `spiffe://<a>[^/]*<b>/.*`.
+        assert!(trust_domain_matches("td.example/ns/a/sa/b", "td.example"));
+        assert!(!trust_domain_matches("td.example/ns/a/sa/b", "td"));
+        assert!(trust_domain_matches("td.example/ns/a/sa/b", "*.example"));
+        assert!(trust_domain_matches("td.example/ns/a/sa/b", "td.*"));
+        assert!(!trust_domain_matches("td.example/ns/a/sa/b", "*.other"));
+        assert!(trust_domain_matches("td.example/ns/a/sa/b", "*"));
+        // A `when` value may hold `/` (istiod checks `/` only in `source.trustDomains`).
+        assert!(trust_domain_matches(
+            "td.example/ns/a/sa/b",
+            "td.example/ns"
+        ));
         assert!(service_account_matches("td/ns/foo/sa/bar", "foo", "bar"));
         assert!(!service_account_matches("td/ns/foo/sa/bar", "foo", "ba"));
         assert!(!service_account_matches("td/ns/foo/sa/barx", "foo", "bar"));
@@ -1371,5 +1587,89 @@ mod tests {
             "bar"
         ));
         assert!(!service_account_matches("td/ns/fooX/sa/bar", "foo", "bar"));
+    }
+}
+
+/// Differential test against Envoy's own construction: the template becomes the regex
+/// `"/" + segments joined with "/"`, `*` → `[a-zA-Z0-9-._~%!$&'()+,;:@=]+`, `**` →
+/// `[a-zA-Z0-9-._~%!$&'()+,;:@=/]*`, literals quoted, full match
+/// (source/extensions/path/uri_template_lib/uri_template_internal.cc, `toRegexPattern`).
+#[cfg(test)]
+mod template_vs_envoy_regex {
+    use super::PathMatch;
+    use proptest::prelude::*;
+
+    const ONE: &str = r"[a-zA-Z0-9\-._~%!$&'()+,;:@=]+";
+    const ANY: &str = r"[a-zA-Z0-9\-._~%!$&'()+,;:@=/]*";
+
+    fn templates() -> impl Strategy<Value = String> {
+        let seg = prop_oneof![
+            Just("a".to_string()),
+            Just("b=c".to_string()),
+            Just("%41".to_string()),
+            Just("{*}".to_string()),
+        ];
+        (
+            proptest::collection::vec(seg.clone(), 0..4),
+            proptest::option::of(proptest::collection::vec(
+                prop_oneof![Just("a".to_string()), Just("b".to_string())],
+                0..3,
+            )),
+            any::<bool>(),
+        )
+            .prop_filter_map("a template", |(head, rest, slash)| {
+                let mut segs = head;
+                if let Some(tail) = rest {
+                    segs.push("{**}".into());
+                    segs.extend(tail);
+                }
+                if !segs.iter().any(|s| s.starts_with('{')) {
+                    return None;
+                }
+                let mut t = format!("/{}", segs.join("/"));
+                if slash {
+                    t.push('/');
+                }
+                Some(t)
+            })
+    }
+
+    fn paths() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            prop_oneof![
+                Just("a"),
+                Just("b"),
+                Just("b=c"),
+                Just("/"),
+                Just("*"),
+                Just("%41"),
+                Just("\""),
+            ],
+            0..8,
+        )
+        .prop_map(|p| format!("/{}", p.concat()))
+    }
+
+    fn envoy_regex(template: &str) -> regex::Regex {
+        let body: Vec<String> = template[1..]
+            .split('/')
+            .map(|s| match s {
+                "{*}" => ONE.to_string(),
+                "{**}" => ANY.to_string(),
+                lit => regex::escape(lit),
+            })
+            .collect();
+        regex::Regex::new(&format!("^/{}$", body.join("/"))).unwrap()
+    }
+
+    proptest! {
+        #[test]
+        fn same_answer_as_envoys_regex(t in templates(), p in paths()) {
+            prop_assert_eq!(
+                PathMatch::new(&t).matches(&p),
+                envoy_regex(&t).is_match(&p),
+                "template {} path {}", t, p
+            );
+        }
     }
 }

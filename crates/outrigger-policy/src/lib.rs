@@ -77,11 +77,14 @@
 //!   not make the workload deny-by-default).
 //! - **Hosts** are matched case-insensitively against the authority as sent (a `:port`
 //!   suffix is part of it, as in Envoy); methods, paths and header values are case-sensitive.
-//! - **Path templates** (`{*}`, `{**}`) match as Envoy URI templates: `{*}` one non-empty
-//!   segment, `{**}` the rest of the path.
-//! - **Stricter than istiod.** A `*` anywhere but at the start or the end of a value, a
-//!   principal written with `spiffe://`, and `experimental.envoy.filters.*` conditions are
-//!   rejected at load (Istio would accept them and then match literally or never).
+//! - **Path templates** (`{*}`, `{**}`) match as Envoy's URI template matcher: `{*}` one
+//!   non-empty segment, `{**}` zero or more characters after the literal `/` that precedes it
+//!   (`/a/{**}` does not match `/a`).
+//! - **Istio's validation is the bar.** Whatever istiod accepts loads and behaves as the
+//!   sidecar (a `spiffe://` principal never matches; Envoy filter metadata is absent), with a
+//!   warning in [`Resource::warnings`] / [`Snapshot::warnings`]. What istiod rejects is refused
+//!   alone ([`parse_documents_lenient`], [`Snapshot::refused`]) and fails closed for the
+//!   workloads it may select ([`RefusalEffect`], docs/policy.md).
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -106,12 +109,13 @@ pub use crd::Action;
 pub use duration::{DurationError, GoDuration};
 pub use error::{ErrorLocation, LoadError, PathError};
 pub use load::{
-    DEFAULT_NAMESPACE, PolicyKind, Resource, ResourceKind, SUPPORTED_VERSIONS, SourceRef,
-    parse_documents,
+    DEFAULT_NAMESPACE, PolicyKind, Refusal, Resource, ResourceKind, SUPPORTED_VERSIONS,
+    SelectorGuess, SourceRef, parse_documents, parse_documents_lenient,
 };
 pub use path::{NormalizedPath, normalize_path};
 pub use snapshot::{
-    AppliedPolicy, EffectiveMtls, IgnoreReason, IgnoredPolicy, PolicyScope, Snapshot,
+    AppliedPolicy, EffectiveMtls, IgnoreReason, IgnoredPolicy, PolicyScope, RefusalEffect,
+    RefusedPolicy, Snapshot,
 };
 
 /// The workload Outrigger protects: its namespace and its labels (what selectors match).

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::crd::{
-    AuthorizationPolicySpec, Manifest, PeerAuthenticationSpec, RequestAuthenticationSpec,
+    Action, AuthorizationPolicySpec, Manifest, PeerAuthenticationSpec, RequestAuthenticationSpec,
 };
 use crate::error::LoadError;
 use crate::validate::{self, Issue};
@@ -60,6 +60,36 @@ pub enum ResourceKind {
         api_version: String,
         kind: String,
     },
+    /// A document that cannot be loaded (what istiod's validation would reject, or text that
+    /// is not a Kubernetes resource): refused alone, with what could still be read of it so
+    /// that [`crate::Snapshot::build`] can fail closed for the workloads it might select.
+    Refused(Box<Refusal>),
+}
+
+/// What could be read of a refused document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    /// Why it was refused (file, line, column, field, reason).
+    pub error: LoadError,
+    /// The policy kind, when `apiVersion` and `kind` could be read; `None` when unknown.
+    pub kind: Option<PolicyKind>,
+    /// An AuthorizationPolicy's `spec.action` (ALLOW when absent); `None` when unreadable.
+    pub action: Option<Action>,
+    /// The `spec.selector` as far as it could be read.
+    pub selector: SelectorGuess,
+    /// `spec.targetRef`/`spec.targetRefs` is set: a sidecar ignores the policy altogether.
+    pub target_refs: bool,
+}
+
+/// A refused resource's workload selector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SelectorGuess {
+    /// No selector (or one without labels): namespace-wide, or mesh-wide in the root namespace.
+    None,
+    /// `matchLabels` as written.
+    Labels(BTreeMap<String, String>),
+    /// Unreadable: treated as selecting every workload (fail closed).
+    Unknown,
 }
 
 /// One Kubernetes resource read from a file.
@@ -76,6 +106,9 @@ pub struct Resource {
     pub labels: BTreeMap<String, String>,
     /// `metadata.creationTimestamp` as written (RFC 3339), if any.
     pub creation_timestamp: Option<String>,
+    /// Constructs istiod accepts that Outrigger loads with a documented behaviour worth
+    /// knowing (a value that never matches, Envoy filter metadata, istiod's own warnings).
+    pub warnings: Vec<LoadError>,
 }
 
 impl Resource {
@@ -85,7 +118,15 @@ impl Resource {
             ResourceKind::PeerAuthentication(_) => Some(PolicyKind::PeerAuthentication),
             ResourceKind::AuthorizationPolicy(_) => Some(PolicyKind::AuthorizationPolicy),
             ResourceKind::RequestAuthentication(_) => Some(PolicyKind::RequestAuthentication),
-            ResourceKind::Other { .. } => None,
+            ResourceKind::Other { .. } | ResourceKind::Refused(_) => None,
+        }
+    }
+
+    /// The refusal, for a document that could not be loaded.
+    pub fn refusal(&self) -> Option<&Refusal> {
+        match &self.kind {
+            ResourceKind::Refused(r) => Some(r),
+            _ => None,
         }
     }
 
@@ -93,6 +134,12 @@ impl Resource {
     pub fn kind_name(&self) -> &str {
         match &self.kind {
             ResourceKind::Other { kind, .. } => kind,
+            ResourceKind::Refused(r) => match r.kind {
+                Some(PolicyKind::PeerAuthentication) => "PeerAuthentication",
+                Some(PolicyKind::AuthorizationPolicy) => "AuthorizationPolicy",
+                Some(PolicyKind::RequestAuthentication) => "RequestAuthentication",
+                None => "unknown kind",
+            },
             _ => match self.policy_kind() {
                 Some(PolicyKind::PeerAuthentication) => "PeerAuthentication",
                 Some(PolicyKind::AuthorizationPolicy) => "AuthorizationPolicy",
@@ -112,19 +159,35 @@ impl Resource {
 ///
 /// Every `security.istio.io/v1` and `v1beta1` PeerAuthentication, AuthorizationPolicy and
 /// RequestAuthentication is deserialized strictly (unknown `spec` fields are errors) and
-/// validated like istiod's admission webhook; the first problem is returned as a [`LoadError`]
-/// naming `source`, line, column and field. Other kinds are returned as
-/// [`ResourceKind::Other`].
+/// validated like istiod's admission webhook; the first refused document is returned as a
+/// [`LoadError`] naming `source`, line, column and field. Other kinds are returned as
+/// [`ResourceKind::Other`]. Use [`parse_documents_lenient`] to load every valid document of a
+/// file and get the refused ones alongside.
 pub fn parse_documents(source: &str, text: &str) -> Result<Vec<Resource>, LoadError> {
-    let docs = yaml::parse_stream(text).map_err(|e| {
-        LoadError::new(
-            source,
-            e.pos.line,
-            e.pos.column,
-            String::new(),
-            format!("invalid YAML: {}", e.message),
-        )
-    })?;
+    let resources = parse_documents_lenient(source, text);
+    if let Some(r) = resources.iter().find_map(Resource::refusal) {
+        return Err(r.error.clone());
+    }
+    Ok(resources)
+}
+
+/// Like [`parse_documents`], but a document that cannot be loaded is returned as a
+/// [`ResourceKind::Refused`] resource next to the valid ones: in Istio each resource stands
+/// alone. Text that is not YAML at all gives one refused resource of unknown kind.
+pub fn parse_documents_lenient(source: &str, text: &str) -> Vec<Resource> {
+    let docs = match yaml::parse_stream(text) {
+        Ok(docs) => docs,
+        Err(e) => {
+            let error = LoadError::new(
+                source,
+                e.pos.line,
+                e.pos.column,
+                String::new(),
+                format!("invalid YAML: {}", e.message),
+            );
+            return vec![Resource::refused_unknown(source, e.pos.line, error)];
+        }
+    };
     let mut out = Vec::new();
     for doc in &docs {
         let is_list = doc.get("kind").and_then(Node::as_str) == Some("List")
@@ -136,30 +199,161 @@ pub fn parse_documents(source: &str, text: &str) -> Result<Vec<Resource>, LoadEr
             match doc.get("items").map(|n| &n.value) {
                 Some(Value::Seq(items)) => {
                     for (i, item) in items.iter().enumerate() {
-                        out.push(parse_one(source, item).map_err(|mut e| {
+                        out.push(parse_one(source, item).unwrap_or_else(|mut e| {
                             e.location.field =
                                 prefix_field(&format!("items[{i}]"), &e.location.field);
-                            e
-                        })?);
+                            salvage(source, item, e)
+                        }));
                     }
                 }
                 Some(Value::Null) | None => {}
                 Some(_) => {
                     let n = doc.get("items").map(|n| n.pos).unwrap_or(doc.pos);
-                    return Err(LoadError::new(
+                    let error = LoadError::new(
                         source,
                         n.line,
                         n.column,
                         "items".into(),
                         "a List's `items` must be a sequence".into(),
-                    ));
+                    );
+                    out.push(Resource::refused_unknown(source, doc.pos.line, error));
                 }
             }
         } else {
-            out.push(parse_one(source, doc)?);
+            out.push(parse_one(source, doc).unwrap_or_else(|e| salvage(source, doc, e)));
         }
     }
-    Ok(out)
+    out
+}
+
+impl Resource {
+    /// A refused document of which nothing useful could be read (not YAML, an unreadable
+    /// file): unknown kind, namespace and selector.
+    pub fn refused_unknown(source: &str, line: u32, error: LoadError) -> Resource {
+        Resource {
+            source: SourceRef {
+                file: source.to_string(),
+                line,
+            },
+            api_version: String::new(),
+            kind: ResourceKind::Refused(Box::new(Refusal {
+                error,
+                kind: None,
+                action: None,
+                selector: SelectorGuess::Unknown,
+                target_refs: false,
+            })),
+            namespace: String::new(),
+            name: String::new(),
+            annotations: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            creation_timestamp: None,
+            warnings: Vec::new(),
+        }
+    }
+}
+
+/// Reads leniently what a refused document still tells: kind, namespace, name, dry-run,
+/// action, selector, targetRefs. Anything unreadable is "unknown" (see [`Refusal`]).
+fn salvage(source: &str, doc: &Node, error: LoadError) -> Resource {
+    let text = |n: Option<&Node>| n.and_then(Node::as_str).map(str::to_string);
+    let api_version = text(doc.get("apiVersion")).unwrap_or_default();
+    let kind_name = text(doc.get("kind")).unwrap_or_default();
+    let kind = if SUPPORTED_VERSIONS.contains(&api_version.as_str()) {
+        match kind_name.as_str() {
+            "PeerAuthentication" => Some(PolicyKind::PeerAuthentication),
+            "AuthorizationPolicy" => Some(PolicyKind::AuthorizationPolicy),
+            "RequestAuthentication" => Some(PolicyKind::RequestAuthentication),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let meta = doc.get("metadata");
+    let namespace = match meta.map(|m| (&m.value, m.get("namespace").map(|n| &n.value))) {
+        // No namespace: `kubectl apply`'s default; unreadable: unknown (empty), which
+        // counts as this workload's namespace.
+        None | Some((Value::Map(_), None | Some(Value::Null))) => DEFAULT_NAMESPACE.to_string(),
+        Some((Value::Map(_), Some(Value::Str(ns)))) if !ns.is_empty() => ns.clone(),
+        Some((Value::Map(_), Some(Value::Str(_)))) => DEFAULT_NAMESPACE.to_string(),
+        Some(_) => String::new(),
+    };
+    let name = text(meta.and_then(|m| m.get("name"))).unwrap_or_default();
+    let mut annotations = BTreeMap::new();
+    if let Some(v) = text(
+        meta.and_then(|m| m.get("annotations"))
+            .and_then(|a| a.get(crate::authz::DRY_RUN_ANNOTATION)),
+    ) {
+        annotations.insert(crate::authz::DRY_RUN_ANNOTATION.to_string(), v);
+    }
+    let spec = doc.get("spec");
+    let action = match spec.and_then(|s| s.get("action")).map(|n| &n.value) {
+        None | Some(Value::Null) => Some(Action::Allow),
+        Some(Value::Str(a)) => match a.as_str() {
+            "ALLOW" => Some(Action::Allow),
+            "DENY" => Some(Action::Deny),
+            "AUDIT" => Some(Action::Audit),
+            "CUSTOM" => Some(Action::Custom),
+            _ => None,
+        },
+        Some(_) => None,
+    };
+    let selector = match spec.and_then(|s| s.get("selector")).map(|n| &n.value) {
+        None | Some(Value::Null) => SelectorGuess::None,
+        Some(Value::Map(_)) => {
+            match spec
+                .and_then(|s| s.get("selector"))
+                .and_then(|s| s.get("matchLabels"))
+                .map(|n| &n.value)
+            {
+                None | Some(Value::Null) => SelectorGuess::None,
+                Some(Value::Map(entries)) => {
+                    let labels: Option<BTreeMap<String, String>> = entries
+                        .iter()
+                        .map(|(k, v)| v.as_str().map(|v| (k.name.clone(), v.to_string())))
+                        .collect();
+                    match labels {
+                        Some(l) if l.is_empty() => SelectorGuess::None,
+                        Some(l) => SelectorGuess::Labels(l),
+                        None => SelectorGuess::Unknown,
+                    }
+                }
+                Some(_) => SelectorGuess::Unknown,
+            }
+        }
+        Some(_) => SelectorGuess::Unknown,
+    };
+    let set = |k: &str| {
+        spec.and_then(|s| s.get(k))
+            .is_some_and(|n| !matches!(&n.value, Value::Null) && n.value != Value::Seq(Vec::new()))
+    };
+    let target_refs = set("targetRef") || set("targetRefs");
+    let error = if error.resource.is_none() && kind.is_some() {
+        let label = format!("{kind_name} {}/{}", namespace, name);
+        error.with_resource(label)
+    } else {
+        error
+    };
+    Resource {
+        source: SourceRef {
+            file: source.to_string(),
+            line: doc.pos.line,
+        },
+        api_version,
+        kind: ResourceKind::Refused(Box::new(Refusal {
+            error,
+            kind,
+            action,
+            selector,
+            target_refs,
+        })),
+        namespace,
+        name,
+        annotations,
+        labels: BTreeMap::new(),
+        creation_timestamp: None,
+        warnings: Vec::new(),
+    }
 }
 
 fn prefix_field(prefix: &str, field: &str) -> String {
@@ -207,23 +401,24 @@ fn parse_one(source: &str, doc: &Node) -> Result<Resource, LoadError> {
     };
 
     let ours = SUPPORTED_VERSIONS.contains(&api_version.as_str());
+    let warnings: Vec<LoadError>;
     let (kind, meta) = match (ours, kind_name.as_str()) {
         (true, "PeerAuthentication") => {
             let m = typed::<PeerAuthenticationSpec>(source, doc)?;
             let spec = m.spec.unwrap_or_default();
-            check(source, doc, validate::peer_authentication(&spec))?;
+            warnings = check(source, doc, validate::peer_authentication(&spec))?;
             (ResourceKind::PeerAuthentication(spec), m.metadata)
         }
         (true, "AuthorizationPolicy") => {
             let m = typed::<AuthorizationPolicySpec>(source, doc)?;
             let spec = m.spec.unwrap_or_default();
-            check(source, doc, validate::authorization_policy(&spec))?;
+            warnings = check(source, doc, validate::authorization_policy(&spec))?;
             (ResourceKind::AuthorizationPolicy(spec), m.metadata)
         }
         (true, "RequestAuthentication") => {
             let m = typed::<RequestAuthenticationSpec>(source, doc)?;
             let spec = m.spec.unwrap_or_default();
-            check(source, doc, validate::request_authentication(&spec))?;
+            warnings = check(source, doc, validate::request_authentication(&spec))?;
             (ResourceKind::RequestAuthentication(spec), m.metadata)
         }
         _ => {
@@ -246,6 +441,7 @@ fn parse_one(source: &str, doc: &Node) -> Result<Resource, LoadError> {
                 annotations: BTreeMap::new(),
                 labels: BTreeMap::new(),
                 creation_timestamp: None,
+                warnings: Vec::new(),
             };
             return Ok(r);
         }
@@ -276,11 +472,15 @@ fn parse_one(source: &str, doc: &Node) -> Result<Resource, LoadError> {
         source: source_ref,
         api_version,
         kind,
-        namespace,
-        name: meta.name,
         annotations: meta.annotations,
         labels: meta.labels,
         creation_timestamp: meta.creation_timestamp,
+        warnings: warnings
+            .into_iter()
+            .map(|w| w.with_resource(format!("{kind_name} {namespace}/{}", meta.name)))
+            .collect(),
+        namespace,
+        name: meta.name,
     })
 }
 
@@ -300,19 +500,23 @@ fn typed<'a, S: serde::Deserialize<'a>>(
     })
 }
 
-/// Turns the first validation issue into a located error.
-fn check(source: &str, doc: &Node, issues: Vec<Issue>) -> Result<(), LoadError> {
-    let Some(issue) = issues.into_iter().next() else {
-        return Ok(());
+/// Turns the first validation error into a located error; returns the warnings, located.
+fn check(source: &str, doc: &Node, issues: Vec<Issue>) -> Result<Vec<LoadError>, LoadError> {
+    let locate = |issue: Issue| {
+        let mut path = vec![PathSeg::Key("spec".into())];
+        path.extend(issue.path);
+        let pos = doc.pos_of(&path);
+        LoadError::new(
+            source,
+            pos.line,
+            pos.column,
+            yaml::format_path(&path),
+            issue.reason,
+        )
     };
-    let mut path = vec![PathSeg::Key("spec".into())];
-    path.extend(issue.path);
-    let pos = doc.pos_of(&path);
-    Err(LoadError::new(
-        source,
-        pos.line,
-        pos.column,
-        yaml::format_path(&path),
-        issue.reason,
-    ))
+    let (warnings, errors): (Vec<Issue>, Vec<Issue>) = issues.into_iter().partition(|i| i.warning);
+    match errors.into_iter().next() {
+        Some(e) => Err(locate(e)),
+        None => Ok(warnings.into_iter().map(locate).collect()),
+    }
 }

@@ -6,7 +6,7 @@ use std::fmt;
 
 use crate::crd::WorkloadSelector;
 use crate::error::LoadError;
-use crate::load::{PolicyKind, Resource, ResourceKind, SourceRef};
+use crate::load::{PolicyKind, Refusal, Resource, ResourceKind, SelectorGuess, SourceRef};
 use crate::validate;
 use crate::{MtlsMode, PolicyOptions, Workload};
 
@@ -119,6 +119,70 @@ pub struct IgnoredPolicy {
     pub reason: IgnoreReason,
 }
 
+/// What a refused resource does to this workload: Outrigger's fail-closed rule.
+///
+/// istiod never sees a resource its validation rejects (the API server refuses it and the
+/// previous version, if any, stays in force). A file has no previous version to fall back
+/// to, so a refused resource that may select this workload is replaced by the most
+/// restrictive thing it could have been (docs/policy.md, "Refused resources").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefusalEffect {
+    /// It does not select this workload: nothing.
+    NotApplicable(IgnoreReason),
+    /// A dry-run or AUDIT AuthorizationPolicy: it never changes a decision.
+    NoDecisionChange,
+    /// An ALLOW AuthorizationPolicy: the workload has ALLOW policies (so what the others do
+    /// not allow is denied) and this one allows nothing — what istiod generates for an ALLOW
+    /// policy whose rules cannot be translated (`builder.go`: the rules are skipped, the
+    /// policy's RBAC ALLOW filter stays).
+    AllowsNothing,
+    /// A DENY or CUSTOM AuthorizationPolicy (or one whose action cannot be read), or a
+    /// RequestAuthentication: every request and connection to the workload is denied.
+    DenyAll,
+    /// A PeerAuthentication: mTLS STRICT on every port.
+    StrictMtls,
+    /// A document of unknown kind (not YAML, unreadable file): both of the above.
+    DenyAllAndStrictMtls,
+}
+
+impl fmt::Display for RefusalEffect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RefusalEffect::NotApplicable(why) => {
+                write!(f, "no effect on this workload ({why})")
+            }
+            RefusalEffect::NoDecisionChange => {
+                f.write_str("no effect on decisions (dry-run or AUDIT policy)")
+            }
+            RefusalEffect::AllowsNothing => f.write_str(
+                "fail closed: counts as an ALLOW policy that allows nothing (requests no other \
+                 ALLOW policy allows are denied)",
+            ),
+            RefusalEffect::DenyAll => {
+                f.write_str("fail closed: every request to this workload is denied")
+            }
+            RefusalEffect::StrictMtls => f.write_str("fail closed: mTLS STRICT on every port"),
+            RefusalEffect::DenyAllAndStrictMtls => f.write_str(
+                "fail closed (unknown kind): every request is denied and mTLS is STRICT on \
+                 every port",
+            ),
+        }
+    }
+}
+
+/// A resource that was refused (istiod would reject it, or it cannot be read), and what
+/// Outrigger does instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedPolicy {
+    /// The kind as far as known (`unknown kind` otherwise).
+    pub kind: String,
+    /// `namespace/name`, or `file:line` when the name cannot be read.
+    pub name: String,
+    pub source: SourceRef,
+    pub error: LoadError,
+    pub effect: RefusalEffect,
+}
+
 /// A PeerAuthentication chosen at one level.
 #[derive(Debug, Clone)]
 struct PeerLevel {
@@ -135,6 +199,8 @@ pub struct Snapshot {
     port_mtls: BTreeMap<u16, EffectiveMtls>,
     applied: Vec<AppliedPolicy>,
     ignored: Vec<IgnoredPolicy>,
+    refused: Vec<RefusedPolicy>,
+    warnings: Vec<LoadError>,
     pub(crate) authz: crate::authz::AuthzIndex,
     pub(crate) request_authn: Vec<(String, crate::crd::RequestAuthenticationSpec)>,
 }
@@ -161,8 +227,11 @@ fn selector_labels(sel: &Option<WorkloadSelector>) -> Option<&WorkloadSelector> 
 impl Snapshot {
     /// Selects, validates and indexes the resources that apply to `workload`.
     ///
-    /// Resources are validated again (they may have been built in code rather than parsed);
-    /// an invalid one fails the whole build: invalid policy fails closed.
+    /// Resources are validated again (they may have been built in code rather than parsed).
+    /// A refused resource ([`ResourceKind::Refused`], or one that fails validation here) never
+    /// blocks the others: it is listed in [`Snapshot::refused`] with the fail-closed
+    /// [`RefusalEffect`] applied to this workload. Never fails today; the `Result` is kept
+    /// for callers.
     pub fn build(
         resources: &[Resource],
         workload: &Workload,
@@ -181,7 +250,7 @@ impl Snapshot {
             })
         };
         let revalidate = |r: &Resource, issues: Vec<validate::Issue>| -> Result<(), LoadError> {
-            match issues.into_iter().next() {
+            match issues.into_iter().find(|i| !i.warning) {
                 None => Ok(()),
                 Some(issue) => {
                     let mut path = vec![crate::yaml::PathSeg::Key("spec".into())];
@@ -205,9 +274,101 @@ impl Snapshot {
         let mut workload_level: Vec<&Resource> = Vec::new();
         let mut authz = Vec::new();
         let mut request_authn = Vec::new();
+        let mut refused: Vec<RefusedPolicy> = Vec::new();
+        let mut warnings: Vec<LoadError> = Vec::new();
+        let mut deny_all: Vec<String> = Vec::new();
+        let mut allow_nothing: Vec<String> = Vec::new();
+        let mut strict: Option<String> = None;
+        // A resource built in code that fails validation is refused like a parsed one.
+        let mut refuse = |r: &Resource, refusal: &Refusal| {
+            let name = if r.name.is_empty() {
+                r.source.to_string()
+            } else {
+                format!(
+                    "{}/{}",
+                    if r.namespace.is_empty() {
+                        "?"
+                    } else {
+                        &r.namespace
+                    },
+                    r.name
+                )
+            };
+            let effect = refusal_effect(r, refusal, workload, root);
+            match effect {
+                RefusalEffect::AllowsNothing => allow_nothing.push(name.clone()),
+                RefusalEffect::DenyAll => deny_all.push(name.clone()),
+                RefusalEffect::StrictMtls => {
+                    strict.get_or_insert_with(|| name.clone());
+                }
+                RefusalEffect::DenyAllAndStrictMtls => {
+                    deny_all.push(name.clone());
+                    strict.get_or_insert_with(|| name.clone());
+                }
+                RefusalEffect::NotApplicable(_) | RefusalEffect::NoDecisionChange => {}
+            }
+            refused.push(RefusedPolicy {
+                kind: r.kind_name().to_string(),
+                name,
+                source: r.source.clone(),
+                error: refusal.error.clone(),
+                effect,
+            });
+        };
+        let typed_refusal = |r: &Resource, error: LoadError| -> Refusal {
+            let (kind, action, sel, target_refs) = match &r.kind {
+                ResourceKind::PeerAuthentication(s) => (
+                    Some(PolicyKind::PeerAuthentication),
+                    None,
+                    &s.selector,
+                    false,
+                ),
+                ResourceKind::AuthorizationPolicy(s) => (
+                    Some(PolicyKind::AuthorizationPolicy),
+                    Some(s.action),
+                    &s.selector,
+                    s.target_ref.is_some() || !s.target_refs.is_empty(),
+                ),
+                ResourceKind::RequestAuthentication(s) => (
+                    Some(PolicyKind::RequestAuthentication),
+                    None,
+                    &s.selector,
+                    s.target_ref.is_some() || !s.target_refs.is_empty(),
+                ),
+                _ => (None, None, &None, false),
+            };
+            Refusal {
+                error,
+                kind,
+                action,
+                selector: match selector_labels(sel) {
+                    None => SelectorGuess::None,
+                    Some(s) => SelectorGuess::Labels(s.match_labels.clone()),
+                },
+                target_refs,
+            }
+        };
 
         for r in resources {
+            warnings.extend(r.warnings.iter().cloned());
+            let recheck = match &r.kind {
+                ResourceKind::PeerAuthentication(spec) => {
+                    revalidate(r, validate::peer_authentication(spec))
+                }
+                ResourceKind::AuthorizationPolicy(spec) => {
+                    revalidate(r, validate::authorization_policy(spec))
+                }
+                ResourceKind::RequestAuthentication(spec) => {
+                    revalidate(r, validate::request_authentication(spec))
+                }
+                _ => Ok(()),
+            };
+            if let Err(e) = recheck {
+                refuse(r, &typed_refusal(r, e));
+                continue;
+            }
             match &r.kind {
+                ResourceKind::Refused(refusal) => refuse(r, refusal),
                 ResourceKind::Other { api_version, kind } => {
                     let reason = IgnoreReason::UnsupportedKind {
                         api_version: api_version.clone(),
@@ -216,7 +377,6 @@ impl Snapshot {
                     ignore(r, reason, &mut ignored);
                 }
                 ResourceKind::PeerAuthentication(spec) => {
-                    revalidate(r, validate::peer_authentication(spec))?;
                     if !in_scope(r) {
                         ignore(r, IgnoreReason::OtherNamespace, &mut ignored);
                         continue;
@@ -232,7 +392,6 @@ impl Snapshot {
                     }
                 }
                 ResourceKind::AuthorizationPolicy(spec) => {
-                    revalidate(r, validate::authorization_policy(spec))?;
                     match select(
                         r,
                         &spec.selector,
@@ -257,7 +416,6 @@ impl Snapshot {
                     }
                 }
                 ResourceKind::RequestAuthentication(spec) => {
-                    revalidate(r, validate::request_authentication(spec))?;
                     match select(
                         r,
                         &spec.selector,
@@ -351,12 +509,25 @@ impl Snapshot {
             }
         }
 
-        let authz = crate::authz::AuthzIndex::build(&authz, opts)?;
+        // Fail closed for a refused PeerAuthentication: STRICT everywhere.
+        if let Some(key) = strict {
+            let eff = EffectiveMtls {
+                mode: MtlsMode::Strict,
+                source: Some(format!("{key} (refused: fail closed)")),
+            };
+            base = eff.clone();
+            for v in port_mtls.values_mut() {
+                *v = eff.clone();
+            }
+        }
+        let authz = crate::authz::AuthzIndex::build(&authz, &allow_nothing, &deny_all, opts)?;
         Ok(Snapshot {
             base_mtls: base,
             port_mtls,
             applied,
             ignored,
+            refused,
+            warnings,
             authz,
             request_authn,
         })
@@ -380,6 +551,17 @@ impl Snapshot {
     /// The resources that do not apply, and why.
     pub fn ignored(&self) -> &[IgnoredPolicy] {
         &self.ignored
+    }
+
+    /// The refused resources (istiod would reject them, or they cannot be read) and the
+    /// fail-closed effect each has on this workload.
+    pub fn refused(&self) -> &[RefusedPolicy] {
+        &self.refused
+    }
+
+    /// Warnings about loaded resources (every file, whichever workload they select).
+    pub fn warnings(&self) -> &[LoadError] {
+        &self.warnings
     }
 
     /// The RequestAuthentication specs that apply (`namespace/name`, spec), for the JWT layer.
@@ -413,5 +595,55 @@ fn select(
         None => Ok(PolicyScope::Namespace),
         Some(s) if s.matches(&workload.labels) => Ok(PolicyScope::Workload),
         Some(_) => Err(IgnoreReason::SelectorMismatch),
+    }
+}
+
+/// Which fail-closed effect a refused resource has on `workload`.
+fn refusal_effect(
+    r: &Resource,
+    refusal: &Refusal,
+    workload: &Workload,
+    root: &str,
+) -> RefusalEffect {
+    // An unreadable namespace (empty) may be this workload's.
+    if !r.namespace.is_empty() && r.namespace != workload.namespace && r.namespace != root {
+        return RefusalEffect::NotApplicable(IgnoreReason::OtherNamespace);
+    }
+    let Some(kind) = refusal.kind else {
+        return RefusalEffect::DenyAllAndStrictMtls;
+    };
+    if refusal.target_refs && kind != PolicyKind::PeerAuthentication {
+        return RefusalEffect::NotApplicable(IgnoreReason::TargetRefs);
+    }
+    match &refusal.selector {
+        SelectorGuess::Labels(_)
+            if kind == PolicyKind::PeerAuthentication && r.namespace == root =>
+        {
+            return RefusalEffect::NotApplicable(IgnoreReason::RootNamespaceSelector);
+        }
+        SelectorGuess::Labels(labels)
+            if !labels
+                .iter()
+                .all(|(k, v)| workload.labels.get(k) == Some(v)) =>
+        {
+            return RefusalEffect::NotApplicable(IgnoreReason::SelectorMismatch);
+        }
+        _ => {}
+    }
+    match kind {
+        PolicyKind::PeerAuthentication => RefusalEffect::StrictMtls,
+        PolicyKind::RequestAuthentication => RefusalEffect::DenyAll,
+        PolicyKind::AuthorizationPolicy => {
+            if crate::authz::is_dry_run(r) {
+                return RefusalEffect::NoDecisionChange;
+            }
+            match refusal.action {
+                Some(crate::Action::Allow) => RefusalEffect::AllowsNothing,
+                Some(crate::Action::Audit) => RefusalEffect::NoDecisionChange,
+                Some(crate::Action::Deny) | Some(crate::Action::Custom) | None => {
+                    RefusalEffect::DenyAll
+                }
+            }
+        }
     }
 }

@@ -1,6 +1,8 @@
 //! Validation as istiod's admission webhook does it (`pkg/config/validation/validation.go` and
-//! `pkg/config/security/security.go` in istio/istio), plus a few stricter checks where Istio
-//! would accept a policy that can never do what its author meant (documented per check).
+//! `pkg/config/security/security.go` in istio/istio) and the CRD schema: an error is what
+//! istiod rejects (the resource is refused). Where istiod accepts a form that can never do
+//! what its author meant (a `spiffe://` principal, a literal `*`), the issue is a warning and
+//! the resource loads, behaving as the sidecar does.
 //!
 //! Each check returns [`Issue`]s with the field path relative to `spec`.
 
@@ -15,6 +17,9 @@ use crate::yaml::PathSeg;
 pub(crate) struct Issue {
     pub path: Vec<PathSeg>,
     pub reason: String,
+    /// A warning: istiod accepts the resource (it may warn too); Outrigger loads it and
+    /// reports what it does with the construct. Otherwise the resource is refused.
+    pub warning: bool,
 }
 
 #[derive(Default)]
@@ -27,6 +32,15 @@ impl Issues {
         self.out.push(Issue {
             path: path.to_vec(),
             reason: reason.into(),
+            warning: false,
+        });
+    }
+
+    fn warn(&mut self, path: &[PathSeg], reason: impl Into<String>) {
+        self.out.push(Issue {
+            path: path.to_vec(),
+            reason: reason.into(),
+            warning: true,
         });
     }
 }
@@ -75,8 +89,8 @@ pub(crate) fn parse_port(s: &str) -> Result<u16, String> {
 /// and `abcd`. Suffix match: `*abc` will match on value `abc` and `xabc`. Presence match: `*`
 /// will match when value is not empty."
 ///
-/// Istio itself accepts a `*` elsewhere (`a*b`) and then matches it literally, which is never
-/// what the author meant; we reject it (stricter than istiod, like its `CheckWildcardValues`).
+/// This is istiod's `CheckWildcardValues`, which it applies to trust domains only; in other
+/// fields istiod accepts a `*` elsewhere (`a*b`) and matches it literally (a warning here).
 pub(crate) fn check_wildcard(value: &str) -> Result<(), String> {
     if value.is_empty() {
         return Err("empty value not allowed".into());
@@ -187,6 +201,14 @@ fn selector(sel: &Option<WorkloadSelector>, issues: &mut Issues) {
         if value.len() > 63 {
             issues.push(&path, "a label value must be at most 63 characters");
         }
+    }
+    if sel.match_labels.is_empty() {
+        // istiod's validateWorkloadSelector: a warning, and the selector then selects every
+        // workload in the namespace.
+        issues.warn(
+            &[k("selector")],
+            "workload selector specified without labels: it selects every workload",
+        );
     }
 }
 
@@ -303,7 +325,8 @@ pub(crate) fn mode_of(m: MtlsModeSpec) -> Option<crate::MtlsMode> {
 // ---------------------------------------------------------------------------------------------
 // AuthorizationPolicy
 
-/// The `when` keys Istio documents (https://istio.io/latest/docs/reference/config/security/conditions/).
+/// The `when` keys Istio documents (https://istio.io/latest/docs/reference/config/security/conditions/),
+/// classified as istiod's model builder does (`pilot/pkg/security/authz/model/model.go`, `New`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ConditionKey {
     RequestHeader(String),
@@ -321,44 +344,93 @@ pub(crate) enum ConditionKey {
     DestinationIp,
     DestinationPort,
     ConnectionSni,
+    /// `experimental.envoy.filters.<filter>[<key>]`: Envoy dynamic metadata written by a named
+    /// Envoy filter. Outrigger runs no Envoy filters, so the metadata is always absent and, as
+    /// Envoy's metadata matcher does for absent metadata, `values` never match (and
+    /// `notValues` always do).
+    EnvoyFilterMetadata,
+    /// A key istiod's validation accepts but its model builder cannot translate (e.g.
+    /// `request.headersX[a]`: `extractNameInBrackets` fails). istiod then skips the whole
+    /// rule in an ALLOW policy and drops the condition in DENY/AUDIT/CUSTOM policies
+    /// (`model.go`, `checkError`); so does Outrigger.
+    Untranslatable(String),
 }
 
-fn map_key<'a>(key: &'a str, prefix: &str) -> Option<&'a str> {
-    let rest = key.strip_prefix(prefix)?;
-    let inner = rest.strip_prefix('[')?.strip_suffix(']')?;
-    if inner.is_empty() { None } else { Some(inner) }
-}
-
-/// Parses a `when` key.
-pub(crate) fn parse_condition_key(key: &str) -> Result<ConditionKey, String> {
-    if key.starts_with("request.headers") {
-        // "request.headers[User-Agent]": header names are case-insensitive.
-        return match map_key(key, "request.headers") {
-            Some(h) if !h.contains(['[', ']']) => {
-                Ok(ConditionKey::RequestHeader(h.to_ascii_lowercase()))
-            }
-            _ => Err(format!(
-                "bad key `{key}`: should have the format request.headers[<name>]"
-            )),
-        };
+/// istiod's `validateMapKey`: `a[b]` with a non-empty `a` and `b`.
+fn valid_map_key(key: &str) -> bool {
+    match key.find('[') {
+        Some(open) => key.ends_with(']') && open > 0 && open + 2 < key.len(),
+        None => false,
     }
-    if let Some(rest) = key.strip_prefix("request.auth.claims") {
-        // "request.auth.claims[iss]"; nested claims as "request.auth.claims[a][b]".
-        let bad = || {
-            format!(
-                "bad key `{key}`: should have the format request.auth.claims[<claim>] or \
-                 request.auth.claims[<claim>][<nested>]..."
-            )
-        };
-        let inner = rest
-            .strip_prefix('[')
-            .and_then(|r| r.strip_suffix(']'))
-            .ok_or_else(bad)?;
-        let parts: Vec<String> = inner.split("][").map(str::to_string).collect();
-        if parts.iter().any(|p| p.is_empty() || p.contains(['[', ']'])) {
-            return Err(bad());
+}
+
+/// istiod's `extractNameInBrackets` (`pilot/pkg/security/authz/model/util.go`).
+fn name_in_brackets(s: &str) -> Result<String, String> {
+    match s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+        Some(name) => Ok(name.to_string()),
+        None => Err(format!("expecting format [<NAME>], but found {s}")),
+    }
+}
+
+/// istiod's `extractNameInNestedBrackets` (`util.go`), including its fallback to
+/// `extractNameInBrackets` for the whole string when a segment is not `[...]`.
+fn names_in_nested_brackets(s: &str) -> Result<Vec<String>, String> {
+    let b = s.as_bytes();
+    let find_end = |begin: usize| -> Option<usize> {
+        if b.get(begin) != Some(&b'[') {
+            return None;
         }
-        return Ok(ConditionKey::RequestAuthClaims(parts));
+        for (i, c) in b.iter().enumerate().skip(begin + 1) {
+            match c {
+                b'[' => return None,
+                b']' => return Some(i),
+                _ => {}
+            }
+        }
+        None
+    };
+    let mut claims = Vec::new();
+    let mut begin = 0;
+    while begin < b.len() {
+        match find_end(begin) {
+            None => return name_in_brackets(s).map(|n| vec![n]),
+            Some(end) => {
+                claims.push(s[begin + 1..end].to_string());
+                begin = end + 1;
+            }
+        }
+    }
+    Ok(claims)
+}
+
+/// Parses a `when` key as istiod's `security.ValidateAttribute` validates it (an `Err` is
+/// what istiod rejects) and its model builder translates it.
+pub(crate) fn parse_condition_key(key: &str) -> Result<ConditionKey, String> {
+    let map_key = |prefix: &str| -> Result<&str, String> {
+        if valid_map_key(key) {
+            Ok(&key[prefix.len()..])
+        } else {
+            Err(format!("bad key ({key}): should have format a[b]"))
+        }
+    };
+    if key.starts_with("request.headers") {
+        let rest = map_key("request.headers")?;
+        return Ok(match name_in_brackets(rest) {
+            // Envoy's header matcher compares lower-cased names.
+            Ok(h) => ConditionKey::RequestHeader(h.to_ascii_lowercase()),
+            Err(e) => ConditionKey::Untranslatable(e),
+        });
+    }
+    if key.starts_with("request.auth.claims") {
+        let rest = map_key("request.auth.claims")?;
+        return Ok(match names_in_nested_brackets(rest) {
+            Ok(path) => ConditionKey::RequestAuthClaims(path),
+            Err(e) => ConditionKey::Untranslatable(e),
+        });
+    }
+    if key.starts_with("experimental.envoy.filters.") {
+        map_key("experimental.envoy.filters.")?;
+        return Ok(ConditionKey::EnvoyFilterMetadata);
     }
     Ok(match key {
         "source.ip" => ConditionKey::SourceIp,
@@ -388,48 +460,74 @@ pub(crate) fn parse_condition_key(key: &str) -> Result<ConditionKey, String> {
                 "attribute {key} is replaced by the workload selector"
             ));
         }
-        _ if key.starts_with("experimental.envoy.filters.") => {
-            // Envoy dynamic metadata of a named filter: there is no Envoy filter chain here.
-            // Refusing the policy fails closed instead of silently never matching.
-            return Err(format!(
-                "attribute {key} (Envoy filter metadata) is not supported by Outrigger"
-            ));
-        }
         _ => return Err(format!("unknown attribute: {key}")),
     })
 }
 
+/// A `*` elsewhere than at the start or the end: istiod accepts it and Envoy then matches it
+/// literally (`matcher.StringMatcher`: exact unless the value starts or ends with `*`).
+fn literal_star(v: &str) -> bool {
+    if v == "*" {
+        return false;
+    }
+    let rest = v
+        .strip_prefix('*')
+        .or_else(|| v.strip_suffix('*'))
+        .unwrap_or(v);
+    rest.contains('*')
+}
+
+/// istiod's `CheckEmptyValues`, plus a warning for values Envoy matches literally.
 fn string_values(values: &[String], path: &[PathSeg], field: &str, issues: &mut Issues) {
     for (i, v) in values.iter().enumerate() {
-        if let Err(e) = check_wildcard(v) {
-            issues.push(
-                &join(path, &[k(field), PathSeg::Index(i)]),
-                format!("{e}, found in {field}"),
+        let p = join(path, &[k(field), PathSeg::Index(i)]);
+        if v.is_empty() {
+            issues.push(&p, format!("empty value not allowed, found in {field}"));
+        } else if literal_star(v) {
+            issues.warn(
+                &p,
+                format!(
+                    "`{v}`: a `*` that is not the first or last character is matched literally \
+                     (only exact, `prefix*`, `*suffix` and `*` are wildcards)"
+                ),
             );
         }
     }
 }
 
+/// `principals`/`notPrincipals`: istiod checks only that values are not empty
+/// (`CheckEmptyValues`) and generates `spiffe://` + the value (`StringMatcherWithPrefix`),
+/// so a value written with `spiffe://` is loaded and never matches.
 fn principal_values(values: &[String], path: &[PathSeg], field: &str, issues: &mut Issues) {
     string_values(values, path, field, issues);
     for (i, v) in values.iter().enumerate() {
         if v.starts_with("spiffe://") {
-            issues.push(
+            issues.warn(
                 &join(path, &[k(field), PathSeg::Index(i)]),
                 format!(
-                    "`{v}`: principals are written without `spiffe://`, e.g. \
-                     `cluster.local/ns/default/sa/sleep`"
+                    "`{v}`: principals are written without `spiffe://` (e.g. \
+                     `cluster.local/ns/default/sa/sleep`); istiod prefixes `spiffe://` itself, \
+                     so this value never matches"
                 ),
-            );
-        } else if v.chars().any(char::is_whitespace) {
-            issues.push(
-                &join(path, &[k(field), PathSeg::Index(i)]),
-                format!("`{v}`: a principal cannot contain whitespace"),
             );
         }
     }
 }
 
+/// `namespaces`: istiod checks only that values are not empty; every `*` is a wildcard
+/// (`srcNamespaceGenerator`: regex `.*/ns/<glob>/.*`).
+fn namespace_values(values: &[String], path: &[PathSeg], field: &str, issues: &mut Issues) {
+    for (i, v) in values.iter().enumerate() {
+        if v.is_empty() {
+            issues.push(
+                &join(path, &[k(field), PathSeg::Index(i)]),
+                format!("empty value not allowed, found in {field}"),
+            );
+        }
+    }
+}
+
+/// istiod's `ValidateIPs` (with `CheckEmptyValues`).
 fn ip_values(values: &[String], path: &[PathSeg], field: &str, issues: &mut Issues) {
     for (i, v) in values.iter().enumerate() {
         let p = join(path, &[k(field), PathSeg::Index(i)]);
@@ -441,6 +539,7 @@ fn ip_values(values: &[String], path: &[PathSeg], field: &str, issues: &mut Issu
     }
 }
 
+/// istiod's `ValidatePorts`.
 fn port_values(values: &[String], path: &[PathSeg], field: &str, issues: &mut Issues) {
     for (i, v) in values.iter().enumerate() {
         if let Err(e) = parse_port(v) {
@@ -449,85 +548,114 @@ fn port_values(values: &[String], path: &[PathSeg], field: &str, issues: &mut Is
     }
 }
 
+/// istiod's `CheckServiceAccount`.
+pub(crate) fn check_service_account(v: &str) -> Result<(), String> {
+    let fmt_err =
+        || format!("expected format 'serviceAccount' or 'namespace/serviceAccount', found `{v}`");
+    if v.is_empty() {
+        return Err("empty value not allowed".into());
+    }
+    if v.contains('*') {
+        return Err("wildcard not allowed".into());
+    }
+    if v.matches('/').count() > 1 {
+        return Err(fmt_err());
+    }
+    if v.len() > 320 {
+        return Err("value cannot exceed 320 characters".into());
+    }
+    match v.split_once('/') {
+        Some((ns, sa)) if ns.is_empty() || sa.is_empty() => Err(fmt_err()),
+        _ => Ok(()),
+    }
+}
+
 fn service_account_values(values: &[String], path: &[PathSeg], field: &str, issues: &mut Issues) {
     if values.len() > 16 {
         issues.push(&join(path, &[k(field)]), "may not have more than 16 values");
     }
     for (i, v) in values.iter().enumerate() {
-        let p = join(path, &[k(field), PathSeg::Index(i)]);
-        let fmt_err = || {
-            format!(
-                "expected format 'serviceAccount' or 'namespace/serviceAccount', found `{v}` in {field}"
-            )
-        };
-        if v.is_empty() {
-            issues.push(&p, format!("empty value not allowed, found in {field}"));
-        } else if v.contains('*') {
-            issues.push(&p, format!("wildcard not allowed, found in {field}"));
-        } else if v.len() > 320 {
+        if let Err(e) = check_service_account(v) {
             issues.push(
-                &p,
-                format!("value cannot exceed 320 characters, found in {field}"),
+                &join(path, &[k(field), PathSeg::Index(i)]),
+                format!("{e}, found in {field}"),
             );
-        } else {
-            match v.split_once('/') {
-                Some((ns, sa)) if ns.is_empty() || sa.is_empty() || sa.contains('/') => {
-                    issues.push(&p, fmt_err())
-                }
-                _ => {}
-            }
         }
     }
 }
 
+/// istiod's `CheckTrustDomainValues`.
 fn trust_domain_values(values: &[String], path: &[PathSeg], field: &str, issues: &mut Issues) {
-    string_values(values, path, field, issues);
     for (i, v) in values.iter().enumerate() {
-        if v.contains('/') {
+        let p = join(path, &[k(field), PathSeg::Index(i)]);
+        if let Err(e) = check_wildcard(v) {
+            issues.push(&p, format!("{e}, found in {field}"));
+        } else if v.contains('/') {
             issues.push(
-                &join(path, &[k(field), PathSeg::Index(i)]),
+                &p,
                 format!("trust domain must not contain '/', found in {field}: `{v}`"),
             );
         }
     }
 }
 
-/// Validates Istio path templates (`{*}`, `{**}`) and wildcards in `paths`/`notPaths`.
+/// Validates a `paths`/`notPaths` value as istiod's `CheckValidPathTemplate`
+/// (`pkg/config/security/security.go`) does, and a template as Envoy's URI template parser
+/// (`parsePathPatternSyntax` in `uri_template_internal.cc`) would after istiod's
+/// `sanitizePathTemplate` (`{*}` → `*`, `{**}` → `**`). A template istiod accepts and Envoy
+/// rejects makes the sidecar refuse (NACK) the listener; Outrigger refuses the resource.
 pub(crate) fn check_path_value(path: &str) -> Result<(), String> {
     if path.is_empty() {
         return Err("empty value not allowed".into());
     }
-    let has_template = path.contains("{*}") || path.contains("{**}");
-    if !has_template {
-        return check_wildcard(path);
-    }
-    // "To be a valid path template, the path must not contain `*`, `{`, or `}` outside of a
-    // supported operator. No other characters are allowed in the path segment with the path
-    // template operator." and "If a path contains `{**}`, it must be the last operator."
-    if !path.starts_with('/') {
-        return Err(format!("path template `{path}` must start with `/`"));
-    }
+    let is_template = path.contains("{*}") || path.contains("{**}");
     let mut seen_any = false;
-    for seg in path.trim_matches('/').split('/') {
-        match seg {
-            "{*}" | "{**}" if seen_any => {
+    for glob in path.trim_matches('/').split('/') {
+        match glob {
+            "{*}" if !seen_any => continue,
+            "{**}" if !seen_any => {
+                seen_any = true;
+                continue;
+            }
+            "{*}" | "{**}" => {
                 return Err(format!(
-                    "invalid path template `{path}`: {{**}} is not the last operator"
+                    "invalid or unsupported path {path}: {{**}} is not the last operator"
                 ));
             }
-            "{*}" => {}
-            "{**}" => seen_any = true,
-            _ => {
-                let valid_literal = !seg.is_empty()
-                    && seg
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"-._~%!$&'()+,;:@=".contains(&b));
-                if !valid_literal {
-                    return Err(format!(
-                        "invalid path template `{path}`: segment `{seg}` must be `{{*}}`, `{{**}}` or a literal without `*`, `{{`, `}}`"
-                    ));
-                }
-            }
+            _ => {}
+        }
+        if glob.contains(['{', '}']) {
+            return Err(format!(
+                "invalid or unsupported path {path}: contains '{{' or '}}' beyond a supported \
+                 path template"
+            ));
+        }
+        // istiod's `validLiteral`: `^[a-zA-Z0-9-._~%!$&'()+,;:@=]+$`.
+        let valid_literal = !glob.is_empty()
+            && glob
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~%!$&'()+,;:@=".contains(&b));
+        if is_template && !valid_literal {
+            return Err(format!(
+                "invalid or unsupported path {path}: contains segment `{glob}` with invalid \
+                 string literal"
+            ));
+        }
+    }
+    if is_template {
+        // Envoy: the template must match `^/[[:graph:]]*$` and must not hold `//`
+        // ("Double slashes (/) detected in uri_template, this is not allowed.").
+        if !path.starts_with('/') {
+            return Err(format!(
+                "path template {path} does not start with `/`: istiod accepts it but Envoy's \
+                 URI template parser rejects it (the sidecar would refuse the configuration)"
+            ));
+        }
+        if path.contains("//") {
+            return Err(format!(
+                "path template {path} contains `//`: istiod accepts it but Envoy's URI \
+                 template parser rejects it (the sidecar would refuse the configuration)"
+            ));
         }
     }
     Ok(())
@@ -535,13 +663,34 @@ pub(crate) fn check_path_value(path: &str) -> Result<(), String> {
 
 fn path_values(values: &[String], path: &[PathSeg], field: &str, issues: &mut Issues) {
     for (i, v) in values.iter().enumerate() {
+        let p = join(path, &[k(field), PathSeg::Index(i)]);
         if let Err(e) = check_path_value(v) {
-            issues.push(
-                &join(path, &[k(field), PathSeg::Index(i)]),
-                format!("{e}, found in {field}"),
+            issues.push(&p, format!("{e}, found in {field}"));
+        } else if !v.contains("{*}") && !v.contains("{**}") && literal_star(v) {
+            issues.warn(
+                &p,
+                format!(
+                    "`{v}`: a `*` that is not the first or last character is matched literally \
+                     (use `{{*}}`/`{{**}}` path templates for segments)"
+                ),
             );
         }
     }
+}
+
+/// Whether a `from.source` sets an attribute a TCP connection has (istiod's
+/// `tcpRulesInFrom`).
+fn source_has_tcp_fields(src: &Source) -> bool {
+    !(src.principals.is_empty()
+        && src.not_principals.is_empty()
+        && src.ip_blocks.is_empty()
+        && src.not_ip_blocks.is_empty()
+        && src.namespaces.is_empty()
+        && src.not_namespaces.is_empty()
+        && src.remote_ip_blocks.is_empty()
+        && src.not_remote_ip_blocks.is_empty()
+        && src.service_accounts.is_empty()
+        && src.not_service_accounts.is_empty())
 }
 
 fn source(src: &Source, path: &[PathSeg], action: Action, issues: &mut Issues) {
@@ -578,8 +727,8 @@ fn source(src: &Source, path: &[PathSeg], action: Action, issues: &mut Issues) {
         "notRequestPrincipals",
         issues,
     );
-    string_values(&src.namespaces, path, "namespaces", issues);
-    string_values(&src.not_namespaces, path, "notNamespaces", issues);
+    namespace_values(&src.namespaces, path, "namespaces", issues);
+    namespace_values(&src.not_namespaces, path, "notNamespaces", issues);
     service_account_values(&src.service_accounts, path, "serviceAccounts", issues);
     service_account_values(
         &src.not_service_accounts,
@@ -638,49 +787,20 @@ fn operation(op: &Operation, path: &[PathSeg], issues: &mut Issues) {
     path_values(&op.not_paths, path, "notPaths", issues);
 }
 
-/// Validates one `when` value for its key.
+/// Validates one `when` value for its key, as istiod's `ValidateAttribute`.
 pub(crate) fn check_condition_value(key: &ConditionKey, v: &str) -> Result<(), String> {
+    if v.is_empty() {
+        return Err("empty value not allowed".into());
+    }
     match key {
         ConditionKey::SourceIp | ConditionKey::RemoteIp | ConditionKey::DestinationIp => {
-            if v.is_empty() {
-                return Err("empty value not allowed".into());
-            }
             parse_ip_block(v).map(|_| ())
         }
         ConditionKey::DestinationPort => parse_port(v).map(|_| ()),
-        ConditionKey::SourceServiceAccount => {
-            if v.is_empty() {
-                Err("empty value not allowed".into())
-            } else if v.contains('*') {
-                Err("wildcard not allowed for source.serviceAccount".into())
-            } else {
-                match v.split_once('/') {
-                    Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => {
-                        Ok(())
-                    }
-                    _ => Err(format!(
-                        "expected format 'namespace/serviceAccount', found `{v}`"
-                    )),
-                }
-            }
-        }
-        ConditionKey::SourcePrincipal => {
-            check_wildcard(v)?;
-            if v.starts_with("spiffe://") {
-                Err(format!("`{v}`: principals are written without `spiffe://`"))
-            } else {
-                Ok(())
-            }
-        }
-        ConditionKey::SourceTrustDomain => {
-            check_wildcard(v)?;
-            if v.contains('/') {
-                Err(format!("trust domain must not contain '/': `{v}`"))
-            } else {
-                Ok(())
-            }
-        }
-        _ => check_wildcard(v),
+        ConditionKey::SourceServiceAccount => check_service_account(v),
+        // `CheckWildcardValues` (the `/` check is only for `source.trustDomains`).
+        ConditionKey::SourceTrustDomain => check_wildcard(v),
+        _ => Ok(()),
     }
 }
 
@@ -768,6 +888,27 @@ pub(crate) fn authorization_policy(spec: &AuthorizationPolicySpec) -> Vec<Issue>
                     continue;
                 }
             };
+            match &key {
+                ConditionKey::EnvoyFilterMetadata => issues.warn(
+                    &join(&cp, &[k("key")]),
+                    format!(
+                        "{}: Envoy filter metadata does not exist in Outrigger (no Envoy filter \
+                         chain); as in Envoy when the metadata is absent, `values` never match \
+                         and `notValues` always match",
+                        cond.key
+                    ),
+                ),
+                ConditionKey::Untranslatable(e) => issues.warn(
+                    &join(&cp, &[k("key")]),
+                    format!(
+                        "{}: istiod accepts this key but cannot translate it ({e}); as istiod \
+                         does, the rule never matches in an ALLOW policy and the condition is \
+                         ignored in a {} policy",
+                        cond.key, spec.action
+                    ),
+                ),
+                _ => {}
+            }
             if cond.values.is_empty() && cond.not_values.is_empty() {
                 issues.push(
                     &cp,
@@ -802,9 +943,45 @@ pub(crate) fn authorization_policy(spec: &AuthorizationPolicySpec) -> Vec<Issue>
                             &join(&cp, &[k(field), PathSeg::Index(n)]),
                             format!("invalid value for key {}: {e}", cond.key),
                         );
+                    } else if key == ConditionKey::SourcePrincipal && v.starts_with("spiffe://") {
+                        issues.warn(
+                            &join(&cp, &[k(field), PathSeg::Index(n)]),
+                            format!(
+                                "`{v}`: principals are written without `spiffe://`; istiod \
+                                 prefixes `spiffe://` itself, so this value never matches"
+                            ),
+                        );
                     }
                 }
             }
+        }
+        // istiod's warning for a DENY rule that only uses HTTP attributes.
+        let sources: Vec<&Source> = rule
+            .from
+            .iter()
+            .flatten()
+            .filter_map(|f| f.source.as_ref())
+            .collect();
+        let ops: Vec<&Operation> = rule
+            .to
+            .iter()
+            .flatten()
+            .filter_map(|t| t.operation.as_ref())
+            .collect();
+        let tcp_in_from = sources.iter().any(|s| source_has_tcp_fields(s));
+        let tcp_in_to = ops
+            .iter()
+            .any(|o| !o.ports.is_empty() || !o.not_ports.is_empty());
+        if spec.action == Action::Deny
+            && ((!sources.is_empty() && ops.is_empty() && !tcp_in_from)
+                || (!ops.is_empty() && !tcp_in_to))
+        {
+            issues.warn(
+                &rp,
+                "configured AuthorizationPolicy will deny all traffic to TCP ports under its \
+                 scope due to the use of only HTTP attributes in a DENY rule; it is recommended \
+                 to explicitly specify the port",
+            );
         }
     }
     issues.out
@@ -980,6 +1157,8 @@ mod tests {
         assert!(parse_timestamp("2024-13-01T10:00:00Z").is_none());
     }
 
+    /// `when` keys as istiod's `ValidateAttribute` (pkg/config/security/security.go) accepts
+    /// them and its model builder (`model.go`, `util.go`) translates them.
     #[test]
     fn condition_keys() {
         assert_eq!(
@@ -993,25 +1172,80 @@ mod tests {
                 "b".into()
             ]))
         );
+        // `extractNameInNestedBrackets` falls back to the whole `[...]`.
+        assert_eq!(
+            parse_condition_key("request.auth.claims[a]b]"),
+            Ok(ConditionKey::RequestAuthClaims(vec!["a]b".into()]))
+        );
+        // Accepted by istiod's validation (`validateMapKey`), untranslatable by its builder.
+        assert!(matches!(
+            parse_condition_key("request.headersX[a]"),
+            Ok(ConditionKey::Untranslatable(_))
+        ));
+        assert_eq!(
+            parse_condition_key("experimental.envoy.filters.network.mysql_proxy[db.table]"),
+            Ok(ConditionKey::EnvoyFilterMetadata)
+        );
+        // Rejected by istiod.
         for bad in [
             "request.headers",
             "request.headers[]",
             "request.auth.claims[]",
-            "request.auth.claims[a]b]",
             "destination.labels[app]",
+            "destination.namespace",
+            "destination.user",
             "source.nope",
-            "experimental.envoy.filters.network.mysql_proxy[db.table]",
+            "experimental.envoy.filters.x",
         ] {
             assert!(parse_condition_key(bad).is_err(), "{bad}");
         }
     }
 
+    /// istiod's own `CheckValidPathTemplate` vectors (pkg/config/security/security_test.go,
+    /// `TestCheckValidPathTemplate`), plus templates istiod accepts and Envoy's parser
+    /// rejects (no leading `/`, `//`: `parsePathPatternSyntax`), which Outrigger refuses.
     #[test]
     fn path_templates() {
-        for ok in ["/foo/{*}", "/foo/{**}/", "/foo/{*}/bar/{**}", "/a*", "*/x"] {
+        for ok in [
+            "/{*}/foo",
+            "/{*}/foo/",
+            "/foo/{**}/bar",
+            "/foo/bar/{**}",
+            "/foo/{*}/bar/{**}",
+            "/{**}",
+            // Not templates: ordinary string matches.
+            "/a*",
+            "*/x",
+            "/a*b",
+            "/foo=bar/{*}",
+        ] {
             assert!(check_path_value(ok).is_ok(), "{ok}");
         }
-        for bad in ["/*/baz/{*}", "/{**}/foo/{*}", "/foo/{*}.txt", "/a*b"] {
+        for bad in [
+            "/foo/{**}buzz/bar",
+            "/{*}/foo/{}/bar",
+            "/foo/{*}/bar/*",
+            "/foo/{*}/bar/**/buzz",
+            "/foo/{buzz}/bar",
+            "/{buzz}",
+            "/foo/{buzz}/bar/{**}",
+            "/foo/{buzz=*}/bar/{**}",
+            "/{*}/foo/{buzz=**}/bar",
+            "/{*}/foo/{**}bar",
+            "/{*}/foo/{*}.txt",
+            "/{*}/foo/{temp",
+            "/{*}/foo/temp}/bar",
+            "/{*}/foo/temp}/*",
+            "/{**}/foo/temp/{*}/bar",
+            "/{**}/{**}",
+            "/{**}/foo/temp/{**}/bar",
+            "/{*}/foo/?abc",
+            // Envoy rejects what istiod lets through.
+            "foo/{*}",
+            "/foo/{*}//",
+            "//foo/{*}",
+            "",
+        ] {
             assert!(check_path_value(bad).is_err(), "{bad}");
         }
     }

@@ -207,6 +207,15 @@ fn config_dump(ctx: &Ctx) -> serde_json::Value {
                 "reason": i.reason.to_string(),
                 "source": i.source.to_string(),
             })).collect::<Vec<_>>(),
+            // Refused resources and their fail-closed effect (docs/policy.md).
+            "refused": policy.snapshot.refused().iter().map(|r| serde_json::json!({
+                "kind": r.kind,
+                "name": r.name,
+                "source": r.source.to_string(),
+                "error": r.error.to_string(),
+                "effect": r.effect.to_string(),
+            })).collect::<Vec<_>>(),
+            "warnings": policy.snapshot.warnings().iter().map(|w| w.to_string()).collect::<Vec<_>>(),
             "last_reload_error": failure,
             "pending_change": pending,
         },

@@ -109,12 +109,30 @@ pub fn run(args: CheckArgs) -> anyhow::Result<bool> {
         })
         .collect();
 
+    // Refused resources (istiod would reject them) and their fail-closed effect, and warnings
+    // about loaded ones: shown with every answer, since they shape it.
+    let refused_resources: Vec<_> = snap
+        .refused()
+        .iter()
+        .map(|r| {
+            json!({
+                "kind": r.kind,
+                "name": r.name,
+                "source": r.source.to_string(),
+                "error": r.error.to_string(),
+                "effect": r.effect.to_string(),
+            })
+        })
+        .collect();
+    let warnings: Vec<String> = snap.warnings().iter().map(|w| w.to_string()).collect();
     let mut out = json!({
         "workload": cfg.identity.to_string(),
         "port": port,
         "mtls_mode": mtls.mode.to_string(),
         "mtls_mode_from": mtls.source,
         "policies": applied,
+        "refused": refused_resources,
+        "warnings": warnings,
     });
 
     // PeerAuthentication first: a plaintext caller under STRICT never reaches authorization,
@@ -290,6 +308,19 @@ fn finish(args: &CheckArgs, out: serde_json::Value, allowed: bool) -> anyhow::Re
             },
             p["source"].as_str().unwrap_or(""),
         );
+    }
+    for r in out["refused"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "Refused:   {} {} ({}): {}\n           -> {}",
+            r["kind"].as_str().unwrap_or(""),
+            r["name"].as_str().unwrap_or(""),
+            r["source"].as_str().unwrap_or(""),
+            r["error"].as_str().unwrap_or(""),
+            r["effect"].as_str().unwrap_or(""),
+        );
+    }
+    for w in out["warnings"].as_array().cloned().unwrap_or_default() {
+        println!("Warning:   {}", w.as_str().unwrap_or(""));
     }
     println!(
         "Port {}:  mTLS {} ({})",

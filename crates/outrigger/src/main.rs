@@ -48,8 +48,9 @@ enum Command {
 Example:
   outrigger run --config /etc/outrigger/agent.yaml
 
-The agent refuses to start when the configuration, a certificate or a policy file has an
-error, and says which file, line and field. It stops on Ctrl-C or SIGTERM after letting
+The agent refuses to start when the configuration or a certificate has an error, and says
+which file, line and field. A policy resource istiod would reject is refused alone, logged the
+same way, and fails closed (docs/policy.md). It stops on Ctrl-C or SIGTERM after letting
 in-flight requests finish (timeouts.drain, default 30s).")]
     Run(RunArgs),
     /// Build a local mesh on loopback and show Outrigger at work (no setup needed).

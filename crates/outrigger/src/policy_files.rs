@@ -1,6 +1,8 @@
 //! Istio policy from files and directories: load, validate, build a snapshot, and reload it
-//! when the files change. A file with an error never half-applies: at start-up the agent
-//! refuses to start; on reload the last good snapshot stays in force.
+//! when the files change. In Istio each resource stands alone: a resource istiod would reject
+//! (or a file that cannot be read) is refused alone, logged with file:line and reason, listed
+//! in `/config_dump` and `outrigger check`, and replaced by its fail-closed stand-in
+//! (docs/policy.md, "Refused resources"); every valid resource loads.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -138,21 +140,28 @@ pub fn read_contents(paths: &[PathBuf]) -> Result<FileContents, String> {
 fn parse_resources(contents: &FileContents) -> Result<LoadedResources, String> {
     let files: Vec<PathBuf> = contents.files.iter().map(|(f, _)| f.clone()).collect();
     let mut resources = Vec::new();
-    let mut errors = Vec::new();
     for (f, bytes) in &contents.files {
-        let text = bytes.clone().and_then(|b| {
-            String::from_utf8(b).map_err(|e| format!("{}: cannot read: {e}", f.display()))
-        });
+        let name = f.display().to_string();
+        let text = bytes
+            .clone()
+            .and_then(|b| String::from_utf8(b).map_err(|e| format!("cannot read: {e}")));
         match text {
-            Ok(text) => match outrigger_policy::parse_documents(&f.display().to_string(), &text) {
-                Ok(mut r) => resources.append(&mut r),
-                Err(e) => errors.push(e.to_string()),
-            },
-            Err(e) => errors.push(e),
+            Ok(text) => {
+                resources.append(&mut outrigger_policy::parse_documents_lenient(&name, &text))
+            }
+            Err(e) => resources.push(outrigger_policy::Resource::refused_unknown(
+                &name,
+                0,
+                outrigger_policy::LoadError {
+                    location: outrigger_policy::ErrorLocation {
+                        file: name.clone(),
+                        ..Default::default()
+                    },
+                    resource: None,
+                    reason: e,
+                },
+            )),
         }
-    }
-    if !errors.is_empty() {
-        return Err(errors.join("\n"));
     }
     Ok(LoadedResources { files, resources })
 }
@@ -179,6 +188,19 @@ pub fn load_contents(
             i.name,
             i.source,
             i.reason
+        );
+    }
+    for w in snapshot.warnings() {
+        tracing::warn!("policy warning: {w}");
+    }
+    for r in snapshot.refused() {
+        tracing::error!(
+            "policy refused: {} {} ({}): {}; {}",
+            r.kind,
+            r.name,
+            r.source,
+            r.error,
+            r.effect
         );
     }
     for a in snapshot.applied() {

@@ -346,62 +346,185 @@ async fn streaming_http2_requests_are_reauthorized_when_policy_changes() {
     echo_once(&btx, &mut bbody).await.unwrap();
 }
 
-/// A policy file with an error never half-applies: the last good policy stays in force, the
-/// failure is counted and shown in /config_dump, and fixing the file applies it.
+/// In Istio each resource stands alone: a resource istiod would reject is refused alone (on
+/// reload as at start-up), named in the log and /config_dump, and fails closed — a refused
+/// ALLOW policy allows nothing but keeps the workload deny-by-default (istiod's builder keeps
+/// an ALLOW filter whose rules could not be translated, `builder.go`) — while every valid
+/// resource, here a new file, applies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bad_reload_keeps_the_last_good_policy() {
+async fn a_refused_resource_is_refused_alone_and_fails_closed() {
     let mesh = Mesh::new();
     mesh.policy("pa.yaml", MESH_STRICT);
-    let allow = |who: &str| {
+    let allow = |name: &str, who: &str| {
         format!(
-            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: allow-one\n  namespace: legacy\nspec:\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/default/sa/{who}\"]\n"
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}\n  namespace: legacy\nspec:\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/default/sa/{who}\"]\n"
         )
     };
-    mesh.policy("authz.yaml", &allow("sleep"));
+    mesh.policy("authz.yaml", &allow("allow-one", "sleep"));
     let agent = mesh.start(&[("web", start_echo().await, "http")]);
     let sleep = mesh.pki.issue("default", "sleep");
+    let other = mesh.pki.issue("default", "other");
     async fn status(mesh: &Mesh, agent: &AgentProc, who: &Issued) -> u16 {
         let mut c = mesh.connect(agent.addr("web"), who, false).await;
         c.fetch(get("/", false)).await.unwrap().status
     }
     assert_eq!(status(&mesh, &agent, &sleep).await, 200);
+    assert_eq!(status(&mesh, &agent, &other).await, 403);
 
-    // A typo in a new version of the file, plus a second, valid change in another file that
-    // would deny sleep: neither applies, because the set as a whole is invalid.
+    // A typo (istiod rejects the unknown field) in one file, a valid new policy in another.
     mesh.policy(
         "authz.yaml",
-        &allow("sleep").replace("principals", "principalz"),
+        &allow("allow-one", "sleep").replace("principals", "principalz"),
     );
-    mesh.policy("deny.yaml", "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-all\n  namespace: legacy\nspec:\n  action: DENY\n  rules: [{}]\n");
-    agent.wait_metric(
-        "outrigger_config_reloads_total",
-        &["source=\"policy\"", "result=\"error\""],
-        1.0,
-    );
-    assert_eq!(
-        status(&mesh, &agent, &sleep).await,
-        200,
-        "the last good policy stays in force"
-    );
-    let dump = agent.admin_get("/config_dump");
-    assert!(
-        dump.contains("principalz"),
-        "config_dump shows the reload error: {dump}"
-    );
-    let log = agent.wait_for_log("policy reload failed; the previous policy stays in force");
-    assert!(log.contains("authz.yaml:"), "{log}");
-
-    // Fixed: the whole new set applies (deny-all now denies sleep).
-    mesh.policy("authz.yaml", &allow("sleep"));
+    mesh.policy("other.yaml", &allow("allow-other", "other"));
     agent.wait_metric(
         "outrigger_config_reloads_total",
         &["source=\"policy\"", "result=\"success\""],
         1.0,
     );
-    assert_eq!(status(&mesh, &agent, &sleep).await, 403);
+    assert_eq!(
+        status(&mesh, &agent, &other).await,
+        200,
+        "the valid resource applies"
+    );
+    assert_eq!(
+        status(&mesh, &agent, &sleep).await,
+        403,
+        "the refused ALLOW policy allows nothing"
+    );
     let dump = agent.admin_get("/config_dump");
+    let v: serde_json::Value =
+        serde_json::from_str(dump.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let refused = &v["policy"]["refused"][0];
+    assert_eq!(refused["name"], "legacy/allow-one", "{dump}");
     assert!(
-        dump.contains("deny.yaml") && !dump.contains("principalz"),
+        refused["error"].as_str().unwrap().contains("authz.yaml:")
+            && refused["error"].as_str().unwrap().contains("principalz"),
         "{dump}"
     );
+    assert!(
+        refused["effect"]
+            .as_str()
+            .unwrap()
+            .contains("ALLOW policy that allows nothing"),
+        "{dump}"
+    );
+    let log = agent.wait_for_log("policy refused: AuthorizationPolicy legacy/allow-one");
+    assert!(log.contains("principalz"), "{log}");
+
+    // Fixed: it applies again.
+    mesh.policy("authz.yaml", &allow("allow-one", "sleep"));
+    agent.wait_metric(
+        "outrigger_config_reloads_total",
+        &["source=\"policy\"", "result=\"success\""],
+        2.0,
+    );
+    assert_eq!(status(&mesh, &agent, &sleep).await, 200);
+    let dump = agent.admin_get("/config_dump");
+    let v: serde_json::Value =
+        serde_json::from_str(dump.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(v["policy"]["refused"], serde_json::json!([]), "{dump}");
+}
+
+/// Path templates (Istio 1.19+) match as Envoy's URI template matcher: the `/` before `{**}`
+/// is literal, so `/allow/admin/{**}` does not allow `/allow/admin`
+/// (envoy source/extensions/path/uri_template_lib/uri_template_internal.cc: `**` is
+/// `[...]*` after a literal `/`; the query is removed before matching, uri_template_match.cc).
+/// The same file holds a principal written with `spiffe://`: istiod accepts it, so the
+/// agent starts, and reports it as a warning (it never matches).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_templates_match_as_envoy_and_istiod_accepted_forms_load() {
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    mesh.policy(
+        "authz.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: admin-tree\n  namespace: legacy\nspec:\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/default/sa/sleep\", \"spiffe://cluster.local/ns/default/sa/other\"]\n    to:\n    - operation:\n        paths: [\"/allow/admin/{**}\", \"/one/{*}\"]\n",
+    );
+    let agent = mesh.start(&[("web", start_echo().await, "http")]);
+    let sleep = mesh.pki.issue("default", "sleep");
+    let other = mesh.pki.issue("default", "other");
+    for h2 in [false, true] {
+        let mut c = mesh.connect(agent.addr("web"), &sleep, h2).await;
+        for (path, want) in [
+            ("/allow/admin", 403),
+            ("/allow/admin/", 200),
+            ("/allow/admin/x", 200),
+            ("/allow/admin/x/y?q=1", 200),
+            ("/allow/adminx", 403),
+            ("/one/a", 200),
+            ("/one/a/b", 403),
+            ("/one/", 403),
+        ] {
+            let got = c.fetch(get(path, h2)).await.unwrap();
+            assert_eq!(got.status, want, "{path} (h2: {h2})");
+        }
+    }
+    let mut c = mesh.connect(agent.addr("web"), &other, false).await;
+    assert_eq!(
+        c.fetch(get("/allow/admin/x", false)).await.unwrap().status,
+        403,
+        "a `spiffe://` principal never matches"
+    );
+    let dump = agent.admin_get("/config_dump");
+    let v: serde_json::Value =
+        serde_json::from_str(dump.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert!(
+        v["policy"]["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("principals[1]: `spiffe://cluster.local/ns/default/sa/other`"),
+        "{dump}"
+    );
+    agent.wait_for_log("policy warning: ");
+}
+
+/// `outrigger check` answers with the refused resources in force: a DENY policy istiod would
+/// reject (`request.url_path` is not an Istio attribute, from the published fixture
+/// 08-authorizationpolicy-production-security-baseline-deny.yaml) fails closed and is named,
+/// and a valid ALLOW policy beside it still loads.
+#[test]
+fn check_names_refused_resources_and_their_fail_closed_effect() {
+    let mesh = Mesh::new();
+    mesh.policy(
+        "deny.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: baseline-deny\n  namespace: legacy\nspec:\n  action: DENY\n  rules:\n  - when:\n    - key: request.url_path\n      values: [\"*wp-admin*\"]\n",
+    );
+    mesh.policy(
+        "allow.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: allow-sleep\n  namespace: legacy\nspec:\n  rules:\n  - from:\n    - source: {principals: [\"cluster.local/ns/default/sa/sleep\"]}\n",
+    );
+    let cfg = mesh.dir().join("agent.yaml");
+    std::fs::write(
+        &cfg,
+        mesh.config(&[("web", "127.0.0.1:5000".parse().unwrap(), "http")], ""),
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args([
+            "check",
+            "--json",
+            "--from",
+            "cluster.local/ns/default/sa/sleep",
+            "--config",
+        ])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["allowed"], false);
+    assert_eq!(v["policy"], "legacy/baseline-deny");
+    assert_eq!(v["refused"][0]["name"], "legacy/baseline-deny");
+    assert!(
+        v["refused"][0]["error"].as_str().unwrap().ends_with(
+            "deny.yaml:10:12: spec.rules[0].when[0].key: unknown attribute: request.url_path"
+        ),
+        "{text}"
+    );
+    assert_eq!(
+        v["refused"][0]["effect"],
+        "fail closed: every request to this workload is denied"
+    );
+    assert_eq!(v["policies"][0]["name"], "legacy/allow-sleep", "{text}");
 }

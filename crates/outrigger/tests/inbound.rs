@@ -557,7 +557,9 @@ fn config_errors_name_file_line_and_field() {
         "{err}"
     );
 
-    // A policy file with an error: the agent refuses to start and names the policy file.
+    // A policy resource istiod would reject is refused alone, not the whole agent: it starts,
+    // names the file, line and field, and fails closed (a refused PeerAuthentication means
+    // STRICT on every port; docs/policy.md, "Refused resources").
     mesh.policy(
         "pa.yaml",
         &peer_authentication("default", "istio-system", "  mtls:\n    mode: STRCT\n"),
@@ -568,13 +570,20 @@ fn config_errors_name_file_line_and_field() {
     )
     .unwrap();
     let out = std::process::Command::new(BIN)
-        .args(["run", "--config"])
+        .args(["run", "--check-config", "--config"])
         .arg(&path)
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("pa.yaml:") && err.contains("STRCT"), "{err}");
+    let err =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("policy refused: PeerAuthentication istio-system/default")
+            && err.contains("pa.yaml:")
+            && err.contains("STRCT")
+            && err.contains("mTLS STRICT on every port"),
+        "{err}"
+    );
 }
 
 #[cfg(unix)]

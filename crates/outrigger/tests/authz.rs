@@ -511,7 +511,7 @@ fn check_names_refused_resources_and_their_fail_closed_effect() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert_eq!(out.status.code(), Some(1), "{text}");
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["allowed"], false);
     assert_eq!(v["policy"], "legacy/baseline-deny");

@@ -248,9 +248,9 @@ async fn a_huge_jwt_timeout_is_refused_at_load_and_the_agent_keeps_serving() {
     req.headers_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
     let got = c.fetch(req).await.unwrap();
-    // The refused resource is not in force: no RequestAuthentication applies, so the request
-    // is served (Istio: a request without an applicable rule is not authenticated, not denied).
-    assert_eq!(got.status, 200);
+    // The refused resource is replaced by its fail-closed stand-in (docs/policy.md, "Refused
+    // resources"): requests to the workload it selects are denied, answered, not crashed on.
+    assert_eq!(got.status, 403, "{}", got.text());
     let mut agent = agent;
     assert!(
         agent.child.try_wait().unwrap().is_none(),

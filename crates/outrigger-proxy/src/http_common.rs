@@ -169,6 +169,39 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Metered<B> {
     }
 }
 
+/// Sets a request's version and target for the protocol it is sent upstream in, with
+/// `authority` as the target host. HTTP/2 carries the authority in `:authority` (from an
+/// absolute URI, scheme `http`: cleartext to the next hop) and RFC 9113 §8.3.1 forbids a `Host`
+/// that differs, so `Host` goes; HTTP/1.1 carries it in `Host` and the target in origin form.
+/// Connection-specific headers must already be gone ([`strip_hop_by_hop`]).
+pub(crate) fn retarget(
+    parts: &mut http::request::Parts,
+    to_h2: bool,
+    authority: &http::uri::Authority,
+) {
+    let pq = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    if to_h2 {
+        parts.uri = http::Uri::builder()
+            .scheme("http")
+            .authority(authority.clone())
+            .path_and_query(pq)
+            .build()
+            .unwrap_or_default();
+        parts.version = http::Version::HTTP_2;
+        parts.headers.remove(header::HOST);
+    } else {
+        parts.uri = http::Uri::from(pq);
+        parts.version = http::Version::HTTP_11;
+        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

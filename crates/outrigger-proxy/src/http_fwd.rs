@@ -25,15 +25,15 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::Ctx;
 use crate::access_log::{AccessRecord, now_rfc3339};
 use crate::authz;
 use crate::http_common::{
-    Metered, TunnelEnd, drive, drive_with, is_websocket_upgrade, set_websocket_upgrade,
+    Metered, TunnelEnd, drive, drive_with, is_websocket_upgrade, retarget, set_websocket_upgrade,
     strip_hop_by_hop, tunnel,
 };
 use crate::inbound::ConnInfo;
 use crate::metrics::{Lv, RequestHandles, RequestLabels};
+use crate::{Ctx, Protocol};
 
 static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -49,7 +49,6 @@ where
 {
     let backend = Arc::new(Backend::new(
         conn.listener.backend,
-        h2,
         ctx.settings.connect_timeout,
     ));
     let drain = ctx.drain.clone();
@@ -90,13 +89,33 @@ enum Sender {
     H2(client2::SendRequest<ReqBody>),
 }
 
-/// The backend connection of one downstream connection, opened on first use and reopened if
-/// the application closed it.
+/// The backend connections of one downstream connection — one HTTP/1.1 and one HTTP/2, each
+/// opened on first use and reopened if the application closed it.
 struct Backend {
     addr: SocketAddr,
-    h2: bool,
     connect_timeout: Duration,
-    sender: tokio::sync::Mutex<Option<Sender>>,
+    h1: tokio::sync::Mutex<Option<Sender>>,
+    h2: tokio::sync::Mutex<Option<Sender>>,
+}
+
+/// The protocol Outrigger speaks to the application for one request: the listener's, as an
+/// Istio sidecar does (istio/istio `pilot/pkg/networking/core/cluster_builder.go`,
+/// `setUpstreamProtocol`: an `http2`/`grpc`/`grpc-web` port gets HTTP/2 options, an `http`
+/// port the default HTTP/1.1), never the caller's. For `auto` Istio uses the caller's protocol
+/// (`use_downstream_protocol`), which makes an HTTP/2 caller fail against an HTTP/1.1-only
+/// application (IIS, Tomcat, a .NET Framework service: Outrigger's usual backend). Outrigger's
+/// `auto` sends HTTP/2 only for gRPC (`content-type: application/grpc…`, which cannot travel
+/// over HTTP/1.1) and HTTP/1.1 otherwise; docs/config.md says so.
+fn upstream_is_h2(protocol: Protocol, parts: &http::request::Parts) -> bool {
+    if protocol.app_speaks_h2() {
+        return true;
+    }
+    protocol == Protocol::Auto
+        && parts.version == http::Version::HTTP_2
+        && parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,23 +129,23 @@ enum BackendError {
 }
 
 impl Backend {
-    fn new(addr: SocketAddr, h2: bool, connect_timeout: Duration) -> Self {
+    fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
         Backend {
             addr,
-            h2,
             connect_timeout,
-            sender: tokio::sync::Mutex::new(None),
+            h1: tokio::sync::Mutex::new(None),
+            h2: tokio::sync::Mutex::new(None),
         }
     }
 
-    async fn connect(&self) -> Result<Sender, BackendError> {
+    async fn connect(&self, h2: bool) -> Result<Sender, BackendError> {
         let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr))
             .await
             .map_err(|_| BackendError::ConnectTimeout(self.addr))?
             .map_err(|e| BackendError::Connect(self.addr, e))?;
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(stream);
-        if self.h2 {
+        if h2 {
             let (tx, conn) = client2::Builder::new(TokioExecutor::new())
                 .timer(hyper_util::rt::TokioTimer::new())
                 .handshake(io)
@@ -174,14 +193,19 @@ impl Backend {
 
     /// Sends one request. A request that never left because the pooled connection had just
     /// been closed by the application is sent again on a fresh connection.
-    async fn send(&self, req: Request<ReqBody>) -> Result<Response<Incoming>, BackendError> {
+    async fn send(
+        &self,
+        req: Request<ReqBody>,
+        h2: bool,
+    ) -> Result<Response<Incoming>, BackendError> {
         let mut req = req;
+        let slot = if h2 { &self.h2 } else { &self.h1 };
         for attempt in 0..2 {
             let mut sender = {
-                let mut slot = self.sender.lock().await;
+                let mut slot = slot.lock().await;
                 match slot.take() {
                     Some(s) if !is_closed(&s) => s,
-                    _ => self.connect().await?,
+                    _ => self.connect(h2).await?,
                 }
             };
             let fut = match &mut sender {
@@ -201,7 +225,7 @@ impl Backend {
             // HTTP/2 senders are shared by concurrent streams; HTTP/1 requests on one
             // downstream connection are sequential (the next one is read only after this
             // response ends), so the sender can go back to the slot now in both cases.
-            *self.sender.lock().await = Some(sender);
+            *slot.lock().await = Some(sender);
             let res = fut.await;
             match res {
                 Ok(resp) => return Ok(resp),
@@ -320,6 +344,26 @@ async fn handle(
     } else {
         None
     };
+    // A WebSocket upgrade is HTTP/1.1 by definition (RFC 6455); everything else goes in the
+    // application's protocol.
+    let to_h2 = client_upgrade.is_none() && upstream_is_h2(conn.listener.protocol, &parts);
+    let downstream_version = parts.version;
+    // The caller's authority (`:authority`, or `Host`), else the application's address.
+    let authority = parts
+        .uri
+        .authority()
+        .cloned()
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.parse().ok())
+        })
+        .or_else(|| conn.listener.backend.to_string().parse().ok());
+    if let Some(a) = &authority {
+        retarget(&mut parts, to_h2, a);
+    }
     let req = Request::from_parts(
         parts,
         Metered {
@@ -329,7 +373,7 @@ async fn handle(
     );
     let sent = match client_upgrade {
         Some(_) => backend.upgrade(req).await,
-        None => backend.send(req).await,
+        None => backend.send(req, to_h2).await,
     };
     if let (Some(client), Ok(resp)) = (client_upgrade, &sent)
         && resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -341,6 +385,7 @@ async fn handle(
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
+            parts.version = downstream_version;
             rec.code = parts.status.as_u16();
             if let Some(s) = parts.headers.get("grpc-status") {
                 rec.grpc_status = s.to_str().ok().map(Lv::new);

@@ -223,7 +223,7 @@ where
     let configured = conn.listener.protocol;
     let (proto, replay) = match configured {
         Protocol::Tcp => (Sniffed::Opaque, bytes::Bytes::new()),
-        Protocol::Http | Protocol::Auto => match alpn_protocol(alpn) {
+        _ => match alpn_protocol(alpn) {
             Some(p) => (p, bytes::Bytes::new()),
             None => match detect::sniff(&mut io, ctx.settings.detect_timeout).await {
                 Ok(r) => r,
@@ -237,7 +237,8 @@ where
     let kind = match (proto, configured) {
         (Sniffed::Http2, _) => StreamKind::Http(true),
         // A listener declared `http` answers non-HTTP bytes with HTTP's own 400.
-        (Sniffed::Http1, _) | (Sniffed::Opaque, Protocol::Http) => StreamKind::Http(false),
+        (Sniffed::Http1, _) => StreamKind::Http(false),
+        (Sniffed::Opaque, p) if p.is_http() => StreamKind::Http(false),
         (Sniffed::Opaque, _) => StreamKind::Tcp,
     };
     Some((Rewind::new(replay, io), kind))

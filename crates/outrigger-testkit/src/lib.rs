@@ -228,6 +228,26 @@ pub async fn start_echo() -> SocketAddr {
     addr
 }
 
+/// The same echo backend speaking HTTP/1.1 only, as IIS, Tomcat or a .NET Framework service
+/// does: an HTTP/2 preface is a malformed HTTP/1.1 request to it.
+pub async fn start_echo_http1_only() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), service_fn(echo))
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
 type EchoBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 
 async fn echo(req: Request<Incoming>) -> Result<Response<EchoBody>, Infallible> {

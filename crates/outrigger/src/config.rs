@@ -152,17 +152,9 @@ struct RawInbound {
     listen: Spanned<String>,
     backend: Spanned<String>,
     #[serde(default)]
-    protocol: Option<ProtocolName>,
+    protocol: Option<Spanned<String>>,
     #[serde(default)]
     allow_remote_backend: bool,
-}
-
-#[derive(Debug, Deserialize, Clone, Copy)]
-#[serde(rename_all = "lowercase")]
-enum ProtocolName {
-    Http,
-    Tcp,
-    Auto,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -745,6 +737,22 @@ impl Validator<'_> {
             let field = |f: &str| format!("inbound[{i}].{f}");
             let listen = self.addr(&l.listen, &field("listen"))?;
             let backend = self.addr(&l.backend, &field("backend"))?;
+            // Istio's protocol selection: the declared protocol, else the port name's prefix
+            // (`http-web`, `grpc-api`), else sniffing (`auto`).
+            let protocol = match &l.protocol {
+                Some(p) => Protocol::parse(&p.value).ok_or_else(|| {
+                    self.err(
+                        p,
+                        &field("protocol"),
+                        format!(
+                            "`{}`: use http, http2, grpc, grpc-web, tcp (or tls, https, mongo, \
+                             mysql, redis, carried as tcp) or auto",
+                            p.value
+                        ),
+                    )
+                })?,
+                None => Protocol::from_port_name(&l.name).unwrap_or(Protocol::Auto),
+            };
             if !names.insert(l.name.clone()) {
                 return Err(self.err(
                     &l.listen,
@@ -774,11 +782,7 @@ impl Validator<'_> {
                 name: l.name.clone(),
                 listen,
                 backend,
-                protocol: match l.protocol.unwrap_or(ProtocolName::Auto) {
-                    ProtocolName::Http => Protocol::Http,
-                    ProtocolName::Tcp => Protocol::Tcp,
-                    ProtocolName::Auto => Protocol::Auto,
-                },
+                protocol,
             });
         }
 

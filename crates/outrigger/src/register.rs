@@ -167,6 +167,9 @@ pub fn render(cfg: &AgentConfig, args: &RegisterArgs) -> anyhow::Result<String> 
             for l in &cfg.inbound {
                 let proto = match l.protocol {
                     Protocol::Http => "HTTP",
+                    Protocol::Http2 => "HTTP2",
+                    Protocol::Grpc => "GRPC",
+                    Protocol::GrpcWeb => "GRPC-WEB",
                     Protocol::Tcp => "TCP",
                     // Istio picks the protocol by sniffing when it is not declared.
                     Protocol::Auto => "",

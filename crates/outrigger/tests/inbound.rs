@@ -316,7 +316,8 @@ async fn http2_multiplexes_and_streams_both_ways_with_trailers() {
     let mesh = Mesh::new();
     mesh.policy("pa.yaml", MESH_STRICT);
     let echo = start_echo().await;
-    let agent = mesh.start(&[("grpc", echo, "auto")]);
+    // A `grpc` port: the application is spoken to in HTTP/2 (Istio's `IsHTTP2()` ports).
+    let agent = mesh.start(&[("grpc", echo, "grpc")]);
     let sleep = mesh.pki.issue("default", "sleep");
     let mut c = mesh.connect(agent.addr("grpc"), &sleep, true).await;
     assert!(c.is_h2());

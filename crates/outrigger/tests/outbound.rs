@@ -916,11 +916,13 @@ spec:
     let (status, body) = app_get(at(0), "/admin").await.unwrap();
     assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
 
-    // HTTP/2 inside HBONE (prior knowledge on the stream).
+    // HTTP/2 inside HBONE (prior knowledge on the stream). The server's `web` listener is
+    // `auto`: a non-gRPC request reaches its application as HTTP/1.1 (docs/config.md,
+    // "Protocols").
     let (status, body) = app_get(at(1), "/h2").await.unwrap();
     assert_eq!(status, 200, "{body}");
     let seen: outrigger_testkit::Seen = serde_json::from_str(&body).unwrap();
-    assert_eq!(seen.version, "HTTP/2.0");
+    assert_eq!(seen.version, "HTTP/1.1");
 
     // TCP inside HBONE.
     let mut s = TcpStream::connect(at(2)).await.unwrap();

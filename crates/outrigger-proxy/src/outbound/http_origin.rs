@@ -39,7 +39,8 @@ use super::{Destination, OutboundProtocol};
 use crate::Ctx;
 use crate::access_log::{AccessRecord, now_rfc3339};
 use crate::http_common::{
-    Metered, drive_with, is_websocket_upgrade, set_websocket_upgrade, strip_hop_by_hop, tunnel,
+    Metered, drive_with, is_websocket_upgrade, retarget, set_websocket_upgrade, strip_hop_by_hop,
+    tunnel,
 };
 use crate::metrics::{Lv, RequestLabels, TcpLabels};
 
@@ -310,28 +311,7 @@ async fn forward(
         && (dest.cfg.protocol == OutboundProtocol::Http2
             || dest.cfg.pool.h2_upgrade
             || downstream_version == Version::HTTP_2);
-    let pq = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    if h2 {
-        // HTTP/2 carries the authority in `:authority`, built from an absolute URI.
-        parts.uri = Uri::builder()
-            .scheme("http")
-            .authority(authority.clone())
-            .path_and_query(pq)
-            .build()
-            .unwrap_or_default();
-        parts.version = Version::HTTP_2;
-        parts.headers.remove(header::HOST);
-    } else {
-        parts.uri = Uri::from(pq);
-        parts.version = Version::HTTP_11;
-        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
-            parts.headers.insert(header::HOST, v);
-        }
-    }
+    retarget(&mut parts, h2, &authority);
     rec.authority = Some(authority.as_str().to_string());
     let empty = body.is_end_stream();
     let replay = (empty && idempotent(&parts.method)).then(|| Replay {

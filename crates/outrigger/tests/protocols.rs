@@ -165,3 +165,31 @@ fn protocol_names_are_istios() {
         "{err}"
     );
 }
+
+/// The same HTTP/2 caller, the same HTTP/1.1-only application, behind the real Envoy configured
+/// as an Istio sidecar's inbound for an `http` port (tests/common/envoy.rs: the cluster has no
+/// HTTP/2 options, as `setUpstreamProtocol` leaves an `http` port) and behind Outrigger: the same
+/// status, and the application hears HTTP/1.1 from both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_caller_gets_the_same_answer_from_envoy_and_outrigger() {
+    let Some(bin) = common::envoy::envoy_or_skip(
+        "an_http2_caller_gets_the_same_answer_from_envoy_and_outrigger",
+    ) else {
+        return;
+    };
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    let app = start_echo_http1_only().await;
+    let tcp = start_tcp_echo().await;
+    let envoy = common::envoy::start_sidecar_inbound(&bin, mesh.dir(), &mesh.agent, app, tcp).await;
+    let agent = mesh.start(&[("web", app, "http")]);
+    let sleep = mesh.pki.issue("default", "sleep");
+    for (who, addr) in [("envoy", envoy.listener), ("outrigger", agent.addr("web"))] {
+        let mut c = mesh.connect(addr, &sleep, true).await;
+        assert!(c.is_h2(), "{who}");
+        let got = c.fetch(get("/same", true)).await.unwrap();
+        assert_eq!(got.status, 200, "{who}: {}", got.text());
+        assert_eq!(got.seen().version, "HTTP/1.1", "{who}");
+        assert_eq!(got.seen().path, "/same", "{who}");
+    }
+}

@@ -90,7 +90,7 @@ fn conclude(ctx: &Ctx, conn: &ConnInfo, d: &Decision<'_>, what: &str) -> Verdict
     // that cannot be made must not allow (fail closed), so such a request is denied.
     let allowed = d.allowed && d.custom.is_none();
     if let Some(c) = &d.custom {
-        tracing::warn!(
+        crate::warn_limited!(
             provider = c.provider,
             policy = c.matched.policy,
             "CUSTOM authorization requested but external authorizers are not supported; denying"

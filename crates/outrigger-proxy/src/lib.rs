@@ -22,6 +22,7 @@ mod http_fwd;
 pub mod inbound;
 pub mod io;
 pub mod jwt_authn;
+pub mod log_limit;
 pub mod metrics;
 pub mod outbound;
 mod tcp_fwd;

@@ -57,14 +57,14 @@ where
         {
             Ok(Ok(upstream)) => Ok(upstream),
             Ok(Err(e)) => {
-                tracing::warn!(
+                crate::warn_limited!(
                     listener = %conn.listener.name, %backend,
                     "cannot connect to backend: {e}; closing the connection"
                 );
                 Err(Refusal::Upstream)
             }
             Err(_) => {
-                tracing::warn!(
+                crate::warn_limited!(
                     listener = %conn.listener.name, %backend,
                     "connect to backend timed out; closing the connection"
                 );

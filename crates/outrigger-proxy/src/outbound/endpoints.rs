@@ -164,15 +164,15 @@ impl EndpointSet {
                             let before = addrs.len();
                             addrs.extend(it);
                             if addrs.len() == before {
-                                tracing::warn!(%host, "DNS: the name resolved to no address");
+                                crate::warn_limited!(%host, "DNS: the name resolved to no address");
                             }
                         }
                         Ok(Err(e)) => {
-                            tracing::warn!(%host, error = %e, "DNS resolution failed; keeping the previous addresses");
+                            crate::warn_limited!(%host, error = %e, "DNS resolution failed; keeping the previous addresses");
                             keep_previous(&old, &self.configured, host, *port, &mut addrs);
                         }
                         Err(_) => {
-                            tracing::warn!(%host, "DNS resolution timed out; keeping the previous addresses");
+                            crate::warn_limited!(%host, "DNS resolution timed out; keeping the previous addresses");
                             keep_previous(&old, &self.configured, host, *port, &mut addrs);
                         }
                     }
@@ -320,7 +320,7 @@ impl EndpointSet {
         drop(h);
         // Its pooled connections are useless now.
         ep.pool.clear();
-        tracing::warn!(
+        crate::warn_limited!(
             endpoint = %ep.addr,
             ejection_s = duration.as_secs_f64(),
             "outlier detection: endpoint ejected after consecutive errors"

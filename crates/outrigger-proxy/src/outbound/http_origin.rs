@@ -238,7 +238,7 @@ async fn handle(
                     );
                     let mut rec = Rec::new(&ctx, labels, listener, &parts, src, dst, start);
                     rec.authority = Some(authority.as_str().to_string());
-                    tracing::warn!(
+                    crate::warn_limited!(
                         host = %authority,
                         "HTTP proxy: not a configured mesh service and plain egress is off; answering 502"
                     );
@@ -345,7 +345,7 @@ async fn forward(
         let Some(request) = req.take() else { break };
         let Some(ep) = dest.endpoints.pick(&tried) else {
             if attempt == 0 {
-                tracing::warn!(
+                crate::warn_limited!(
                     destination = %dest.authority,
                     "no healthy upstream: every endpoint is ejected or none is known"
                 );
@@ -378,7 +378,7 @@ async fn forward(
                         UPSTREAM_TIMEOUT.to_string(),
                         "UT",
                     );
-                    tracing::warn!(
+                    crate::warn_limited!(
                         destination = %dest.authority, endpoint = %ep.addr,
                         "upstream request timed out; answering 504"
                     );
@@ -446,12 +446,12 @@ async fn forward(
             Err(SendError::Connect(e, back)) => {
                 dest.endpoints.report(&ep, Outcome::GatewayError);
                 if e.identity_mismatch() {
-                    tracing::warn!(
+                    crate::warn_limited!(
                         destination = %dest.authority, endpoint = %ep.addr,
                         "server identity refused: {e}"
                     );
                 } else {
-                    tracing::warn!(
+                    crate::warn_limited!(
                         destination = %dest.authority, endpoint = %ep.addr,
                         retry = attempt + 1 < attempts,
                         "upstream connection failed: {e}"
@@ -468,7 +468,7 @@ async fn forward(
             }
             Err(SendError::Sent(e)) => {
                 dest.endpoints.report(&ep, Outcome::GatewayError);
-                tracing::warn!(
+                crate::warn_limited!(
                     destination = %dest.authority, endpoint = %ep.addr,
                     retry = replay.is_some() && attempt + 1 < attempts,
                     "upstream connection failed after the request was sent: {e}"

@@ -60,9 +60,9 @@ pub(crate) async fn serve(
                 dest.endpoints.report(&ep, Outcome::GatewayError);
                 flags = "UF";
                 if e.identity_mismatch() {
-                    tracing::warn!(destination = %dest.authority, endpoint = %ep.addr, "server identity refused: {e}");
+                    crate::warn_limited!(destination = %dest.authority, endpoint = %ep.addr, "server identity refused: {e}");
                 } else {
-                    tracing::warn!(
+                    crate::warn_limited!(
                         destination = %dest.authority, endpoint = %ep.addr,
                         retry = attempt + 1 < attempts,
                         "upstream connection failed: {e}"

@@ -411,12 +411,19 @@ pub async fn watch(
                     continue;
                 }
                 version = state.version;
+                // A reload that refused some resources applied the rest (each with its
+                // fail-closed stand-in): counted apart, so an alert can tell it from a clean one.
+                let result = if state.snapshot.refused().is_empty() {
+                    "success"
+                } else {
+                    "partial"
+                };
                 handle.publish(state);
                 metrics
                     .reloads
                     .get_or_create(&outrigger_proxy::metrics::ReloadLabels {
                         source: "policy",
-                        result: "success",
+                        result,
                     })
                     .inc();
                 match removes {

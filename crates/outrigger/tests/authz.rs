@@ -377,9 +377,10 @@ async fn a_refused_resource_is_refused_alone_and_fails_closed() {
         &allow("allow-one", "sleep").replace("principals", "principalz"),
     );
     mesh.policy("other.yaml", &allow("allow-other", "other"));
+    // Applied with a refusal: counted as `partial`, not `success`.
     agent.wait_metric(
         "outrigger_config_reloads_total",
-        &["source=\"policy\"", "result=\"success\""],
+        &["source=\"policy\"", "result=\"partial\""],
         1.0,
     );
     assert_eq!(
@@ -417,7 +418,7 @@ async fn a_refused_resource_is_refused_alone_and_fails_closed() {
     agent.wait_metric(
         "outrigger_config_reloads_total",
         &["source=\"policy\"", "result=\"success\""],
-        2.0,
+        1.0,
     );
     assert_eq!(status(&mesh, &agent, &sleep).await, 200);
     let dump = agent.admin_get("/config_dump");

@@ -5,6 +5,7 @@ mod check;
 mod client;
 mod config;
 mod demo;
+mod lint;
 mod logging;
 mod policy_files;
 mod register;
@@ -63,6 +64,11 @@ certificate from an untrusted CA. It prints how to repeat each call with curl.")
     /// Would this request be allowed, and by which policy? (No traffic: same engine, same files.)
     #[command(after_help = check::AFTER_HELP)]
     Check(check::CheckArgs),
+    /// Find Istio's security pitfalls in policy YAML (and an agent configuration) before
+    /// traffic does: default-deny that is not, PERMISSIVE left on, anonymous JWT access, HTTP
+    /// rules on TCP ports... Text, JSON or SARIF.
+    #[command(after_help = lint::AFTER_HELP)]
+    Lint(lint::LintArgs),
     /// Manage Outrigger's built-in certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -317,6 +323,15 @@ fn main() -> ExitCode {
         // Exit statuses as grep's and diff's, kept apart from clap's usage error (2):
         // 0 allowed, 1 denied, 3 the check could not be made.
         Command::Check(a) => match check::run(a) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(3);
+            }
+        },
+        // As `check`: 0 clean, 1 findings, 3 could not lint (clap's usage error is 2).
+        Command::Lint(a) => match lint::run(a) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),
             Err(e) => {

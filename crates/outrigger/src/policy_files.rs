@@ -166,6 +166,13 @@ fn parse_resources(contents: &FileContents) -> Result<LoadedResources, String> {
     Ok(LoadedResources { files, resources })
 }
 
+/// Every resource in files already read, refused ones included (for `outrigger lint`).
+pub fn parse_contents(contents: &FileContents) -> Vec<Resource> {
+    parse_resources(contents)
+        .map(|l| l.resources)
+        .unwrap_or_default()
+}
+
 /// Reads, validates and compiles the policy.
 pub fn load(inputs: &PolicyInputs, version: u64) -> Result<PolicyState, String> {
     load_contents(inputs, &read_contents(&inputs.paths)?, version)

@@ -470,6 +470,20 @@ async fn http2_upstream_multiplexes_on_one_connection() {
         assert_eq!(status, 200, "{body}");
         assert_eq!(json(&body)["conn"], 1, "{body}");
     }
+    // An application speaking HTTP/2 (h2c) to the `http` destination: the destination port's
+    // protocol decides, as a sidecar's outbound cluster does (`setUpstreamProtocol`), so the
+    // mesh hop is HTTP/1.1 on the same pooled connection.
+    let tcp = tokio::net::TcpStream::connect(h1).await.unwrap();
+    let mut app = outrigger_testkit::HttpConn::new(tcp, true).await.unwrap();
+    let got = app
+        .fetch(outrigger_testkit::get("/from-h2-app", true))
+        .await
+        .unwrap();
+    assert_eq!(got.status, 200, "{}", got.text());
+    let v = json(&got.text());
+    assert_eq!(v["version"], "HTTP/1.1", "{v}");
+    assert_eq!(v["alpn"], "istio-http/1.1", "{v}");
+    assert_eq!(v["conn"], 1, "{v}");
     let before = server.accepted.load(Ordering::SeqCst);
     assert_eq!(before, 1);
 
@@ -494,7 +508,7 @@ async fn http2_upstream_multiplexes_on_one_connection() {
         "16 concurrent requests should share one HTTP/2 connection, used {conns:?}"
     );
     assert_eq!(server.accepted.load(Ordering::SeqCst), before + 1);
-    assert_eq!(server.hits.load(Ordering::SeqCst), 22);
+    assert_eq!(server.hits.load(Ordering::SeqCst), 23);
 }
 
 /// One of two endpoints dies mid-run: no idempotent request fails (retries go to the other

@@ -307,10 +307,11 @@ async fn forward(
     } else {
         None
     };
+    // The destination port's protocol, as a sidecar's outbound cluster (istio/istio
+    // cluster_builder.go `setUpstreamProtocol`): `http2`/`grpc` → HTTP/2, `http` → HTTP/1.1
+    // unless `h2UpgradePolicy: UPGRADE` (DestinationRule), whatever the application spoke.
     let h2 = client_upgrade.is_none()
-        && (dest.cfg.protocol == OutboundProtocol::Http2
-            || dest.cfg.pool.h2_upgrade
-            || downstream_version == Version::HTTP_2);
+        && (dest.cfg.protocol == OutboundProtocol::Http2 || dest.cfg.pool.h2_upgrade);
     retarget(&mut parts, h2, &authority);
     rec.authority = Some(authority.as_str().to_string());
     let empty = body.is_end_stream();

@@ -404,7 +404,7 @@ async fn handle(
             ))
         }
         Err(e) => {
-            tracing::warn!(
+            crate::warn_limited!(
                 listener = %conn.listener.name,
                 backend = %conn.listener.backend,
                 "request failed: {e}; answering 503"

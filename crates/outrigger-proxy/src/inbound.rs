@@ -56,7 +56,7 @@ pub(crate) async fn serve_listener(listener: TcpListener, cfg: Arc<InboundConfig
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(listener = %cfg.name, error = %e, "accept failed");
+                crate::warn_limited!(listener = %cfg.name, error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
@@ -78,21 +78,33 @@ async fn handle_connection(
     // receives on, which for Outrigger is the mesh-facing listener port.
     let mtls = policy.snapshot.mtls_mode(cfg.listen.port());
     drop(policy);
-    let is_tls = match detect::peek_is_tls(&stream, ctx.settings.detect_timeout).await {
-        Ok(Some(t)) => t,
-        // Nothing sent in time: under STRICT that can only become a rejection; otherwise the
-        // client may be waiting for a server-first protocol, so it is plaintext.
-        Ok(None) => false,
+    // `None`: nothing arrived within `timeouts.detect` (or the client closed first).
+    let first = match detect::peek_is_tls(&stream, ctx.settings.detect_timeout).await {
+        Ok(t) => t,
         Err(e) => {
             tracing::debug!(%src, error = %e, "connection failed before any byte");
             return;
         }
     };
+    // Nothing sent in time: under STRICT that can only become a rejection; otherwise the
+    // client may be waiting for a server-first protocol, so it is plaintext.
+    let is_tls = first.unwrap_or(false);
     let policy_name = mtls.source.as_deref().unwrap_or("<default>");
     match (mtls.mode, is_tls) {
+        // A connection that sent nothing is not a plaintext client: say which it was.
+        (MtlsMode::Strict, false) if first.is_none() => {
+            ctx.metrics.reject(&listener_lv, "no_client_hello");
+            crate::warn_limited!(
+                listener = %cfg.name, %src,
+                "connection closed: no TLS ClientHello within timeouts.detect ({:?}); mTLS \
+                 mode is STRICT on port {}",
+                ctx.settings.detect_timeout,
+                cfg.listen.port()
+            );
+        }
         (MtlsMode::Strict, false) => {
             ctx.metrics.reject(&listener_lv, "plaintext");
-            tracing::warn!(
+            crate::warn_limited!(
                 listener = %cfg.name, %src,
                 peer_authentication = policy_name,
                 "plaintext connection refused: mTLS mode is STRICT on port {}",
@@ -115,26 +127,28 @@ async fn handle_connection(
         }
         (MtlsMode::Strict | MtlsMode::Permissive, true) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(ctx.certs.server_config());
-            let tls =
-                match tokio::time::timeout(ctx.settings.handshake_timeout, acceptor.accept(stream))
-                    .await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        ctx.metrics.reject(&listener_lv, "tls_handshake");
-                        tracing::warn!(
-                            listener = %cfg.name, %src,
-                            "mTLS handshake refused: {}",
-                            outrigger_tls::verify::describe_handshake_error(&e)
-                        );
-                        return;
-                    }
-                    Err(_) => {
-                        ctx.metrics.reject(&listener_lv, "tls_timeout");
-                        tracing::warn!(listener = %cfg.name, %src, "mTLS handshake timed out");
-                        return;
-                    }
-                };
+            let tls = match tokio::time::timeout(
+                ctx.settings.handshake_timeout,
+                acceptor.accept(stream),
+            )
+            .await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    ctx.metrics.reject(&listener_lv, "tls_handshake");
+                    crate::warn_limited!(
+                        listener = %cfg.name, %src,
+                        "mTLS handshake refused: {}",
+                        outrigger_tls::verify::describe_handshake_error(&e)
+                    );
+                    return;
+                }
+                Err(_) => {
+                    ctx.metrics.reject(&listener_lv, "tls_timeout");
+                    crate::warn_limited!(listener = %cfg.name, %src, "mTLS handshake timed out");
+                    return;
+                }
+            };
             let (_, session) = tls.get_ref();
             let peer_chain = session.peer_certificates().unwrap_or(&[]);
             // The verifier already required a trusted chain with one SPIFFE ID from a trusted
@@ -143,7 +157,7 @@ async fn handle_connection(
                 Ok(id) => id,
                 Err(e) => {
                     ctx.metrics.reject(&listener_lv, "identity");
-                    tracing::warn!(listener = %cfg.name, %src, "peer identity refused: {e}");
+                    crate::warn_limited!(listener = %cfg.name, %src, "peer identity refused: {e}");
                     return;
                 }
             };

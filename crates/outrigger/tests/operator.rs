@@ -112,3 +112,47 @@ async fn no_colour_codes_in_a_log_file() {
     let log = agent.wait_for_log("inbound listener");
     assert!(!log.contains('\u{1b}'), "{log}");
 }
+
+/// A flood of refused connections does not flood the log: at most 10 lines a second per kind,
+/// the next line says how many were left out, and the metric counts every one. A connection
+/// that sends nothing is reported as such, not as a plaintext client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusal_warnings_are_rate_limited_and_say_what_happened() {
+    let backend = start_echo().await;
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    let agent = mesh.start(&[("web", backend, "http")]);
+    let addr = agent.addr("web");
+    const FLOOD: usize = 200;
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..FLOOD {
+        set.spawn(plaintext_request(addr));
+    }
+    while set.join_next().await.is_some() {}
+    agent.wait_metric(
+        "outrigger_connections_rejected_total",
+        &["reason=\"plaintext\""],
+        FLOOD as f64,
+    );
+    let lines = |log: &str| log.matches("plaintext connection refused").count();
+    let written = lines(&agent.stderr());
+    assert!(
+        (1..=40).contains(&written),
+        "{written} lines for {FLOOD} refusals"
+    );
+    // The next window: one more refusal, and its line carries the count left out.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    plaintext_request(addr).await;
+    let log = agent.wait_for_log("suppressed=");
+    assert!(lines(&log) > written, "{log}");
+
+    // Connected, then silent until `timeouts.detect` (300 ms here).
+    let idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    agent.wait_metric(
+        "outrigger_connections_rejected_total",
+        &["reason=\"no_client_hello\""],
+        1.0,
+    );
+    agent.wait_for_log("no TLS ClientHello within timeouts.detect");
+    drop(idle);
+}

@@ -69,7 +69,7 @@ pub(crate) async fn serve_listener(listener: TcpListener, ctx: Arc<Ctx>) {
                 tokio::spawn(async move { handle_connection(stream, src, shared).await });
             }
             Err(e) => {
-                tracing::warn!(listener = LISTENER_NAME, error = %e, "accept failed");
+                crate::warn_limited!(listener = LISTENER_NAME, error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -96,30 +96,31 @@ async fn handle_connection(stream: TcpStream, src: SocketAddr, shared: Arc<Share
     };
     let src = SocketAddr::new(canonical(src.ip()), src.port());
     let acceptor = tokio_rustls::TlsAcceptor::from(ctx.certs.server_config());
-    let tls =
-        match tokio::time::timeout(ctx.settings.handshake_timeout, acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                ctx.metrics.reject(&shared.lv, "tls_handshake");
-                tracing::warn!(
-                    listener = LISTENER_NAME, %src,
-                    "HBONE mTLS handshake refused: {}",
-                    outrigger_tls::verify::describe_handshake_error(&e)
-                );
-                return;
-            }
-            Err(_) => {
-                ctx.metrics.reject(&shared.lv, "tls_timeout");
-                tracing::warn!(listener = LISTENER_NAME, %src, "HBONE mTLS handshake timed out");
-                return;
-            }
-        };
+    let tls = match tokio::time::timeout(ctx.settings.handshake_timeout, acceptor.accept(stream))
+        .await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            ctx.metrics.reject(&shared.lv, "tls_handshake");
+            crate::warn_limited!(
+                listener = LISTENER_NAME, %src,
+                "HBONE mTLS handshake refused: {}",
+                outrigger_tls::verify::describe_handshake_error(&e)
+            );
+            return;
+        }
+        Err(_) => {
+            ctx.metrics.reject(&shared.lv, "tls_timeout");
+            crate::warn_limited!(listener = LISTENER_NAME, %src, "HBONE mTLS handshake timed out");
+            return;
+        }
+    };
     let (_, session) = tls.get_ref();
     if let Some(alpn) = session.alpn_protocol()
         && alpn != ALPN_H2
     {
         ctx.metrics.reject(&shared.lv, "alpn");
-        tracing::warn!(
+        crate::warn_limited!(
             listener = LISTENER_NAME, %src,
             alpn = %String::from_utf8_lossy(alpn),
             "HBONE connection refused: it negotiated ALPN other than h2"
@@ -131,7 +132,7 @@ async fn handle_connection(stream: TcpStream, src: SocketAddr, shared: Arc<Share
         Ok(id) => id,
         Err(e) => {
             ctx.metrics.reject(&shared.lv, "identity");
-            tracing::warn!(listener = LISTENER_NAME, %src, "HBONE peer identity refused: {e}");
+            crate::warn_limited!(listener = LISTENER_NAME, %src, "HBONE peer identity refused: {e}");
             return;
         }
     };
@@ -157,12 +158,12 @@ async fn handle_connection(stream: TcpStream, src: SocketAddr, shared: Arc<Share
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             ctx.metrics.reject(&shared.lv, "http2");
-            tracing::warn!(listener = LISTENER_NAME, %src, peer = %peer, "HBONE HTTP/2 handshake failed: {e}");
+            crate::warn_limited!(listener = LISTENER_NAME, %src, peer = %peer, "HBONE HTTP/2 handshake failed: {e}");
             return;
         }
         Err(_) => {
             ctx.metrics.reject(&shared.lv, "http2");
-            tracing::warn!(listener = LISTENER_NAME, %src, peer = %peer, "HBONE HTTP/2 handshake timed out");
+            crate::warn_limited!(listener = LISTENER_NAME, %src, peer = %peer, "HBONE HTTP/2 handshake timed out");
             return;
         }
     };

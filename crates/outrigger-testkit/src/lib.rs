@@ -211,26 +211,16 @@ impl Seen {
 /// - `/sink`: reads the whole body and answers with its length.
 /// - anything else: JSON [`Seen`].
 pub async fn start_echo() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), service_fn(echo))
-                    .await;
-            });
-        }
-    });
-    addr
+    serve_echo(false).await
 }
 
 /// The same echo backend speaking HTTP/1.1 only, as IIS, Tomcat or a .NET Framework service
 /// does: an HTTP/2 preface is a malformed HTTP/1.1 request to it.
 pub async fn start_echo_http1_only() -> SocketAddr {
+    serve_echo(true).await
+}
+
+async fn serve_echo(http1_only: bool) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -239,9 +229,17 @@ pub async fn start_echo_http1_only() -> SocketAddr {
                 continue;
             };
             tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), service_fn(echo))
-                    .await;
+                let io = TokioIo::new(s);
+                let _ = if http1_only {
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service_fn(echo))
+                        .await
+                        .map_err(|e| e.into())
+                } else {
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, service_fn(echo))
+                        .await
+                };
             });
         }
     });

@@ -9,21 +9,9 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
-use hyper_util::server::graceful::GracefulConnection;
 
-/// Runs a server connection; on drain, lets in-flight requests finish and closes.
-pub(crate) async fn drive<C>(
-    conn: C,
-    drain: tokio::sync::watch::Receiver<bool>,
-) -> Result<(), C::Error>
-where
-    C: GracefulConnection,
-{
-    drive_with(conn, drain, |c| c.graceful_shutdown()).await
-}
-
-/// [`drive`] for connections hyper-util has no `GracefulConnection` for (those serving
-/// upgrades): `shutdown` starts their graceful shutdown.
+/// Runs a server connection; on drain, `shutdown` starts its graceful shutdown (in-flight
+/// requests finish) and it runs until it closes.
 pub(crate) async fn drive_with<C, E>(
     conn: C,
     mut drain: tokio::sync::watch::Receiver<bool>,
@@ -32,10 +20,27 @@ pub(crate) async fn drive_with<C, E>(
 where
     C: Future<Output = Result<(), E>>,
 {
+    let drained = async move {
+        let _ = drain.wait_for(|d| *d).await;
+    };
+    drive_until(conn, drained, shutdown).await
+}
+
+/// Runs a server connection until it ends; if `stop` resolves first (a drain, an idle
+/// timeout), `shutdown` starts its graceful shutdown and it runs until the requests in flight
+/// end.
+pub(crate) async fn drive_until<C, E>(
+    conn: C,
+    stop: impl Future<Output = ()>,
+    shutdown: impl FnOnce(Pin<&mut C>),
+) -> Result<(), E>
+where
+    C: Future<Output = Result<(), E>>,
+{
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => return r,
-        _ = drain.wait_for(|d| *d) => {}
+        _ = stop => {}
     }
     shutdown(conn.as_mut());
     conn.await

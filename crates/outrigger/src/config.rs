@@ -44,6 +44,10 @@ impl std::error::Error for ConfigError {}
 #[path = "config_outbound.rs"]
 mod outbound;
 
+#[path = "config_connections.rs"]
+mod connections;
+pub use connections::ConnectionsConfig;
+
 // ---------------------------------------------------------------------------------------------
 // Schema
 
@@ -77,6 +81,8 @@ struct RawConfig {
     outbound_proxy: Option<outbound::RawOutboundProxy>,
     #[serde(default)]
     hbone: Option<Spanned<RawHbone>>,
+    #[serde(default)]
+    connections: connections::RawConnections,
 }
 
 /// `hbone:` — the Istio ambient (HBONE) listener.
@@ -301,6 +307,8 @@ pub struct AgentConfig {
     pub hbone: Option<outrigger_proxy::hbone::HboneConfig>,
     /// The Istio network this workload is on (`hbone.network`; empty: the default network).
     pub network: String,
+    /// `connections:` (idle timeout, connection caps; see `config_connections.rs`).
+    pub connections: ConnectionsConfig,
 }
 
 /// The HBONE port and address ztunnel listens on (`[::]:15008`); ours defaults to IPv4.
@@ -693,6 +701,7 @@ impl Validator<'_> {
             self.outbound(&raw.outbound, raw.outbound_proxy.as_ref(), &trust_domains)?;
         let (hbone, network) = self.hbone(raw.hbone.as_ref(), &inbound)?;
         let t = &raw.timeouts;
+        let connections = self.connections(&raw.connections)?;
         Ok(AgentConfig {
             file: self.file.to_path_buf(),
             trust_domains,
@@ -727,6 +736,7 @@ impl Validator<'_> {
             outbound_proxy,
             hbone,
             network,
+            connections,
         })
     }
 

@@ -5,6 +5,7 @@ mod check;
 mod client;
 mod config;
 mod demo;
+mod fdlimit;
 mod logging;
 mod policy_files;
 mod register;
@@ -180,6 +181,10 @@ fn runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runt
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = AgentConfig::load(&args.config)?;
     logging::init(cfg.log_format, &cfg.log_level)?;
+    // Before any socket or file is opened, so that every later open gets the raised limit.
+    if !args.check_config {
+        fdlimit::raise().log();
+    }
     let rt = runtime(args.worker_threads.or(cfg.worker_threads))?;
     rt.block_on(async {
         let loaded = agent::Loaded::load(&cfg).await?;

@@ -22,28 +22,33 @@ where
 {
     let drained = async move {
         let _ = drain.wait_for(|d| *d).await;
+        std::future::pending::<()>()
     };
     drive_until(conn, drained, shutdown).await
 }
 
-/// Runs a server connection until it ends; if `stop` resolves first (a drain, an idle
+/// Runs a server connection until it ends. If `stop` resolves first (a drain, an idle
 /// timeout), `shutdown` starts its graceful shutdown and it runs until the requests in flight
-/// end.
-pub(crate) async fn drive_until<C, E>(
+/// end, or until the future `stop` gave resolves (then it is dropped: closed).
+pub(crate) async fn drive_until<C, E, G>(
     conn: C,
-    stop: impl Future<Output = ()>,
+    stop: impl Future<Output = G>,
     shutdown: impl FnOnce(Pin<&mut C>),
 ) -> Result<(), E>
 where
     C: Future<Output = Result<(), E>>,
+    G: Future<Output = ()>,
 {
     tokio::pin!(conn);
-    tokio::select! {
+    let grace = tokio::select! {
         r = conn.as_mut() => return r,
-        _ = stop => {}
-    }
+        g = stop => g,
+    };
     shutdown(conn.as_mut());
-    conn.await
+    tokio::select! {
+        r = conn => r,
+        _ = grace => Ok(()),
+    }
 }
 
 /// A WebSocket opening handshake (RFC 6455 §4.1): HTTP/1.1 with `Connection: upgrade` and

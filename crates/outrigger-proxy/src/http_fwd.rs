@@ -44,6 +44,10 @@ static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const UPSTREAM_CONNECT_ERROR: &str =
     "upstream connect error or disconnect/reset before headers. reset reason: connection failure";
 
+/// After an idle timeout, how long a connection may go on with no request in progress before
+/// it is closed (Envoy's HCM `drain_timeout` default).
+const IDLE_DRAIN: Duration = Duration::from_millis(5000);
+
 pub(crate) async fn serve<T>(io: T, h2: bool, conn: Arc<ConnInfo>, ctx: Arc<Ctx>)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -83,10 +87,18 @@ where
     let src = conn_src;
     let stop = async move {
         tokio::select! {
-            _ = drain.wait_for(|d| *d) => {}
+            // A drain lets requests finish (up to the drain timeout, enforced by the caller).
+            _ = drain.wait_for(|d| *d) => future::Either::Left(future::pending()),
             _ = activity.idle(idle_timeout) => {
                 metrics.idle_timeouts.inc();
                 tracing::debug!(%src, "HTTP connection idle: closing it (connections.idleTimeout)");
+                // After the GOAWAY, a request that raced in may finish; the connection is
+                // closed once none has been in progress for Envoy's HCM `drain_timeout`
+                // (default 5000 ms, "the time that Envoy will wait between sending an HTTP/2
+                // shutdown notification ... and a final GOAWAY frame"). This also closes a
+                // connection whose HTTP/2 preface never came, which a graceful shutdown alone
+                // would wait on forever.
+                future::Either::Right(async move { activity.idle(Some(IDLE_DRAIN)).await })
             }
         }
     };

@@ -20,6 +20,8 @@ pub(crate) async fn drive_with<C, E>(
 where
     C: Future<Output = Result<(), E>>,
 {
+    // `stop` yields the grace period as a future of its own, on purpose.
+    #[allow(clippy::async_yields_async)]
     let drained = async move {
         let _ = drain.wait_for(|d| *d).await;
         std::future::pending::<()>()

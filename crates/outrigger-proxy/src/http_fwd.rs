@@ -85,6 +85,8 @@ where
     let idle_timeout = ctx.settings.idle_timeout;
     let metrics = ctx.metrics.clone();
     let src = conn_src;
+    // `stop` yields the grace period as a future of its own (see `drive_until`), on purpose.
+    #[allow(clippy::async_yields_async)]
     let stop = async move {
         tokio::select! {
             // A drain lets requests finish (up to the drain timeout, enforced by the caller).

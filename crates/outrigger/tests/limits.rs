@@ -241,3 +241,77 @@ fn the_open_file_limit_is_raised_to_the_hard_limit() {
         "open-file limit (RLIMIT_NOFILE) raised to the hard limit: 512 -> {hard}"
     ));
 }
+
+/// The resident set size of a process now, in KiB (Linux `/proc/<pid>/status` `VmRSS`).
+#[cfg(target_os = "linux")]
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap()
+}
+
+/// Memory after a burst of idle HTTP/2 connections (issue 13: RSS rose to ~300 MB and stayed
+/// there). Not a regression test (numbers depend on the build and the allocator): run by
+/// `scripts/idle-burst-rss.sh`, which prints the measurements. `IDLE_BURST_CONNECTIONS` sets the
+/// number of connections (default 500, at most 5000).
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run by scripts/idle-burst-rss.sh"]
+async fn idle_burst_rss() {
+    let n: usize = std::env::var("IDLE_BURST_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500)
+        .min(5000);
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    let echo = start_echo().await;
+    let cfg = mesh.config(&[("web", echo, "http")], "accessLog: off\n");
+    let agent = AgentProc::start(mesh.dir(), &cfg);
+    let pid = agent.child.id();
+    let web = agent.addr("web");
+    let client = mesh.pki.issue("default", "burst");
+    // Warm up: one connection and request, so that the baseline includes what every
+    // connection shares (TLS config, metric series).
+    let mut c = mesh.connect(web, &client, true).await;
+    assert_eq!(c.fetch(get("/", true)).await.unwrap().status, 200);
+    drop(c);
+    agent.wait_metric("outrigger_downstream_connections", &[], 0.0);
+    let before = rss_kib(pid);
+
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        assert!(Instant::now() < deadline, "the burst took over 300 s");
+        let mut c = mesh.connect(web, &client, true).await;
+        // One request each, so that each connection holds its backend connection as well.
+        assert_eq!(c.fetch(get("/", true)).await.unwrap().status, 200);
+        held.push(c);
+    }
+    agent.wait_metric("outrigger_downstream_connections", &[], n as f64);
+    let during = rss_kib(pid);
+    drop(held);
+    agent.wait_metric("outrigger_downstream_connections", &[], 0.0);
+    // Closing is asynchronous (backend connection tasks end just after): sample until two
+    // samples 500 ms apart agree within 1%, for at most 10 s.
+    let settle = Instant::now() + Duration::from_secs(10);
+    let mut after = rss_kib(pid);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = rss_kib(pid);
+        let stable = now.abs_diff(after) * 100 <= after;
+        after = now;
+        if stable || Instant::now() > settle {
+            break;
+        }
+    }
+    let peak = peak_rss_kib(pid).unwrap_or(0);
+    println!(
+        "idle-burst connections={n} rss_kib_before={before} rss_kib_during={during} \
+         rss_kib_after={after} rss_kib_peak={peak} kib_per_connection={:.1}",
+        during.saturating_sub(before) as f64 / n as f64
+    );
+}

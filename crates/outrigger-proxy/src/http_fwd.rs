@@ -100,6 +100,7 @@ where
                 // shutdown notification ... and a final GOAWAY frame"). This also closes a
                 // connection whose HTTP/2 preface never came, which a graceful shutdown alone
                 // would wait on forever.
+                activity.touch();
                 future::Either::Right(async move { activity.idle(Some(IDLE_DRAIN)).await })
             }
         }

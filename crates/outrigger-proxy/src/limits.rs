@@ -26,7 +26,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::watch;
 
 /// File descriptors kept out of the connection budget for the agent itself: its listeners
 /// (inbound, HBONE, outbound, admin), the admin connections of probes and scrapers, the policy,
@@ -254,20 +253,48 @@ impl RateLimited {
 /// sequence will occur prior to closing the connection ... If not specified, this defaults to
 /// 1 hour." The HTTP connection manager arms the timer when the connection is created, so a
 /// connection that never sends a request is closed after the same timeout.
+///
+/// Counting costs two atomic operations per request and wakes nothing: the idle future sleeps
+/// until the earliest moment the connection could be idle and looks again.
 #[derive(Clone)]
-pub(crate) struct Activity(Arc<watch::Sender<usize>>);
+pub(crate) struct Activity(Arc<ActivityState>);
+
+struct ActivityState {
+    /// Requests in progress.
+    active: AtomicUsize,
+    /// When the last request ended (or the connection started), in ms since `base`.
+    last_end_ms: AtomicU64,
+    base: tokio::time::Instant,
+}
 
 /// One request in progress; dropping it ends it.
-pub(crate) struct Active(Arc<watch::Sender<usize>>);
+pub(crate) struct Active(Arc<ActivityState>);
+
+impl ActivityState {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
 
 impl Activity {
     pub fn new() -> Self {
-        Activity(Arc::new(watch::channel(0).0))
+        Activity(Arc::new(ActivityState {
+            active: AtomicUsize::new(0),
+            last_end_ms: AtomicU64::new(0),
+            base: tokio::time::Instant::now(),
+        }))
     }
 
     pub fn start(&self) -> Active {
-        self.0.send_modify(|n| *n += 1);
+        self.0.active.fetch_add(1, Ordering::AcqRel);
         Active(self.0.clone())
+    }
+
+    /// Restarts the idle clock now, as if a request had just ended.
+    pub fn touch(&self) {
+        self.0
+            .last_end_ms
+            .fetch_max(self.0.now_ms(), Ordering::AcqRel);
     }
 
     /// Resolves once the connection has had no request in progress for `timeout`; never
@@ -276,29 +303,30 @@ impl Activity {
         let Some(timeout) = timeout else {
             return std::future::pending().await;
         };
-        let mut rx = self.0.subscribe();
+        let s = &self.0;
         loop {
-            // `self` holds the sender, so the channel cannot close under us; the guards that
-            // `wait_for` returns are dropped at once (they must not live across an await).
-            let none_active = rx.wait_for(|n| *n == 0).await.is_ok();
-            if !none_active {
-                return std::future::pending().await;
+            let deadline = if s.active.load(Ordering::Acquire) > 0 {
+                // Busy: it cannot be idle before a full timeout from now.
+                tokio::time::Instant::now() + timeout
+            } else {
+                s.base + Duration::from_millis(s.last_end_ms.load(Ordering::Acquire)) + timeout
+            };
+            if deadline <= tokio::time::Instant::now() && s.active.load(Ordering::Acquire) == 0 {
+                return;
             }
-            let started =
-                tokio::time::timeout(timeout, async { rx.wait_for(|n| *n > 0).await.is_ok() })
-                    .await;
-            match started {
-                Err(_) => return,
-                Ok(true) => continue,
-                Ok(false) => return std::future::pending().await,
-            }
+            tokio::time::sleep_until(deadline).await;
         }
     }
 }
 
 impl Drop for Active {
     fn drop(&mut self) {
-        self.0.send_modify(|n| *n = n.saturating_sub(1));
+        // The end time first, so that the idle check never sees "none active" with the time of
+        // an older end.
+        self.0
+            .last_end_ms
+            .fetch_max(self.0.now_ms(), Ordering::AcqRel);
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

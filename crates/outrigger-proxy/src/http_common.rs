@@ -9,21 +9,9 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
-use hyper_util::server::graceful::GracefulConnection;
 
-/// Runs a server connection; on drain, lets in-flight requests finish and closes.
-pub(crate) async fn drive<C>(
-    conn: C,
-    drain: tokio::sync::watch::Receiver<bool>,
-) -> Result<(), C::Error>
-where
-    C: GracefulConnection,
-{
-    drive_with(conn, drain, |c| c.graceful_shutdown()).await
-}
-
-/// [`drive`] for connections hyper-util has no `GracefulConnection` for (those serving
-/// upgrades): `shutdown` starts their graceful shutdown.
+/// Runs a server connection; on drain, `shutdown` starts its graceful shutdown (in-flight
+/// requests finish) and it runs until it closes.
 pub(crate) async fn drive_with<C, E>(
     conn: C,
     mut drain: tokio::sync::watch::Receiver<bool>,
@@ -32,13 +20,37 @@ pub(crate) async fn drive_with<C, E>(
 where
     C: Future<Output = Result<(), E>>,
 {
+    // `stop` yields the grace period as a future of its own, on purpose.
+    #[allow(clippy::async_yields_async)]
+    let drained = async move {
+        let _ = drain.wait_for(|d| *d).await;
+        std::future::pending::<()>()
+    };
+    drive_until(conn, drained, shutdown).await
+}
+
+/// Runs a server connection until it ends. If `stop` resolves first (a drain, an idle
+/// timeout), `shutdown` starts its graceful shutdown and it runs until the requests in flight
+/// end, or until the future `stop` gave resolves (then it is dropped: closed).
+pub(crate) async fn drive_until<C, E, G>(
+    conn: C,
+    stop: impl Future<Output = G>,
+    shutdown: impl FnOnce(Pin<&mut C>),
+) -> Result<(), E>
+where
+    C: Future<Output = Result<(), E>>,
+    G: Future<Output = ()>,
+{
     tokio::pin!(conn);
-    tokio::select! {
+    let grace = tokio::select! {
         r = conn.as_mut() => return r,
-        _ = drain.wait_for(|d| *d) => {}
-    }
+        g = stop => g,
+    };
     shutdown(conn.as_mut());
-    conn.await
+    tokio::select! {
+        r = conn => r,
+        _ = grace => Ok(()),
+    }
 }
 
 /// A WebSocket opening handshake (RFC 6455 §4.1): HTTP/1.1 with `Connection: upgrade` and

@@ -28,10 +28,11 @@ use tokio::sync::watch;
 use crate::access_log::{AccessRecord, now_rfc3339};
 use crate::authz;
 use crate::http_common::{
-    Metered, TunnelEnd, drive, drive_with, is_websocket_upgrade, retarget, set_websocket_upgrade,
+    Metered, TunnelEnd, drive_until, is_websocket_upgrade, retarget, set_websocket_upgrade,
     strip_hop_by_hop, tunnel,
 };
 use crate::inbound::ConnInfo;
+use crate::limits::{Active, Activity};
 use crate::metrics::{Lv, RequestHandles, RequestLabels};
 use crate::{Ctx, Protocol};
 
@@ -43,39 +44,79 @@ static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const UPSTREAM_CONNECT_ERROR: &str =
     "upstream connect error or disconnect/reset before headers. reset reason: connection failure";
 
+/// After an idle timeout, how long a connection may go on with no request in progress before
+/// it is closed (Envoy's HCM `drain_timeout` default).
+const IDLE_DRAIN: Duration = Duration::from_millis(5000);
+
 pub(crate) async fn serve<T>(io: T, h2: bool, conn: Arc<ConnInfo>, ctx: Arc<Ctx>)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let conn_src = conn.src;
     let backend = Arc::new(Backend::new(
         conn.listener.backend,
         ctx.settings.connect_timeout,
     ));
-    let drain = ctx.drain.clone();
+    let mut drain = ctx.drain.clone();
     let svc_ctx = ctx.clone();
     let handles = Arc::new(MetricHandles::default());
+    // Requests in progress, for the idle timeout: a request is active from its headers until
+    // its response body has been sent (or dropped).
+    let activity = Activity::new();
+    let svc_activity = activity.clone();
     let svc = service_fn(move |req| {
-        handle(
+        let active = svc_activity.start();
+        let resp = handle(
             req,
             conn.clone(),
             svc_ctx.clone(),
             backend.clone(),
             handles.clone(),
-        )
+        );
+        async move {
+            let resp = resp.await?;
+            Ok::<_, Infallible>(resp.map(|b| b.holding(active)))
+        }
     });
+    // Envoy's connection idle timeout (`crate::limits::Activity`): when no request has been
+    // in progress for `idle_timeout` (from the connection's start, so a connection that never
+    // sends a request is closed too), HTTP/2 gets GOAWAY and HTTP/1.1 is closed.
+    let idle_timeout = ctx.settings.idle_timeout;
+    let metrics = ctx.metrics.clone();
+    let src = conn_src;
+    // `stop` yields the grace period as a future of its own (see `drive_until`), on purpose.
+    #[allow(clippy::async_yields_async)]
+    let stop = async move {
+        tokio::select! {
+            // A drain lets requests finish (up to the drain timeout, enforced by the caller).
+            _ = drain.wait_for(|d| *d) => future::Either::Left(future::pending()),
+            _ = activity.idle(idle_timeout) => {
+                metrics.idle_timeouts.inc();
+                tracing::debug!(%src, "HTTP connection idle: closing it (connections.idleTimeout)");
+                // After the GOAWAY, a request that raced in may finish; the connection is
+                // closed once none has been in progress for Envoy's HCM `drain_timeout`
+                // (default 5000 ms, "the time that Envoy will wait between sending an HTTP/2
+                // shutdown notification ... and a final GOAWAY frame"). This also closes a
+                // connection whose HTTP/2 preface never came, which a graceful shutdown alone
+                // would wait on forever.
+                activity.touch();
+                future::Either::Right(async move { activity.idle(Some(IDLE_DRAIN)).await })
+            }
+        }
+    };
     let io = TokioIo::new(io);
     let result = if h2 {
         let c = server2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
             .serve_connection(io, svc);
-        drive(c, drain).await
+        drive_until(c, stop, |c| c.graceful_shutdown()).await
     } else {
         let c = server1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(Duration::from_secs(30))
             .serve_connection(io, svc)
             .with_upgrades();
-        drive_with(c, drain, |c| c.graceful_shutdown()).await
+        drive_until(c, stop, |c| c.graceful_shutdown()).await
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "downstream HTTP connection ended with an error");
@@ -400,6 +441,7 @@ async fn handle(
                         raced: false,
                     }),
                     rec: Some(rec),
+                    active: None,
                 },
             ))
         }
@@ -472,6 +514,7 @@ fn websocket_tunnel(
             inner: Either::Right(Full::new(Bytes::new())),
             reauth: None,
             rec: None,
+            active: None,
         },
     )
 }
@@ -482,6 +525,7 @@ fn local_reply(status: StatusCode, body: &'static str, mut rec: Recorder) -> Res
         inner: Either::Right(Full::new(Bytes::from_static(body.as_bytes()))),
         reauth: None,
         rec: Some(rec),
+        active: None,
     });
     *resp.status_mut() = status;
     resp.headers_mut()
@@ -493,9 +537,18 @@ fn local_reply(status: StatusCode, body: &'static str, mut rec: Recorder) -> Res
 /// metrics and access log line once, when it ends or is dropped (client gone).
 pub(crate) struct ProxyBody {
     inner: Either<Incoming, Full<Bytes>>,
+    /// Keeps the request counted as in progress (for the idle timeout) until the body ends.
+    active: Option<Active>,
     /// Present while an allowed response streams: a policy change re-authorizes it.
     reauth: Option<Reauth>,
     rec: Option<Recorder>,
+}
+
+impl ProxyBody {
+    fn holding(mut self, active: Active) -> Self {
+        self.active = Some(active);
+        self
+    }
 }
 
 type Changed = Pin<Box<dyn Future<Output = Option<watch::Receiver<u64>>> + Send>>;

@@ -12,6 +12,7 @@ use outrigger_policy::MtlsMode;
 
 use crate::detect::{self, Sniffed};
 use crate::io::Rewind;
+use crate::limits::{Overflow, Permit};
 use crate::metrics::{Lv, TcpLabels, connection_labels};
 use crate::{Ctx, InboundConfig, Protocol};
 
@@ -47,18 +48,24 @@ pub(crate) async fn serve_listener(listener: TcpListener, cfg: Arc<InboundConfig
         };
         match accepted {
             Ok((stream, src)) => {
+                // The global cap is checked at accept, before any work, as Envoy's global
+                // connection limit is: the socket is closed at once.
+                let permit = match ctx.conns.try_acquire() {
+                    Ok(p) => p,
+                    Err(o) => {
+                        drop(stream);
+                        refuse_overflow(&ctx, &listener_lv, &cfg.name, src, None, o);
+                        continue;
+                    }
+                };
                 let ctx = ctx.clone();
                 let cfg = cfg.clone();
                 let lv = listener_lv.clone();
                 tokio::spawn(async move {
-                    handle_connection(stream, src, cfg, lv, ctx).await;
+                    handle_connection(stream, src, cfg, lv, ctx, permit).await;
                 });
             }
-            Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                crate::warn_limited!(listener = %cfg.name, error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
+            Err(e) => accept_failed(&cfg.name, &e).await,
         }
     }
     tracing::debug!(listener = %cfg.name, "listener stopped accepting");
@@ -70,6 +77,7 @@ async fn handle_connection(
     cfg: Arc<InboundConfig>,
     listener_lv: Lv,
     ctx: Arc<Ctx>,
+    mut permit: Permit,
 ) {
     let _ = stream.set_nodelay(true);
     let dst = stream.local_addr().unwrap_or(cfg.listen);
@@ -161,6 +169,12 @@ async fn handle_connection(
                     return;
                 }
             };
+            let peer_id = peer.to_string();
+            if let Err(o) = permit.charge_identity(&peer_id) {
+                drop(tls);
+                refuse_overflow(&ctx, &listener_lv, &cfg.name, src, Some(&peer_id), o);
+                return;
+            }
             let xfcc = peer_chain
                 .first()
                 .and_then(|leaf| xfcc_header(&ctx, leaf.as_ref(), &peer));
@@ -178,6 +192,40 @@ async fn handle_connection(
             serve_stream(tls, alpn.as_deref(), Arc::new(conn), ctx).await;
         }
     }
+}
+
+/// Counts and logs (rate-limited, `warn_limited!`) a connection refused by a connection cap.
+/// The caller has already closed it.
+pub(crate) fn refuse_overflow(
+    ctx: &Ctx,
+    listener_lv: &Lv,
+    listener: &str,
+    src: SocketAddr,
+    peer: Option<&str>,
+    why: Overflow,
+) {
+    ctx.metrics.reject(listener_lv, why.reason());
+    let limits = ctx.conns.limits();
+    match why {
+        Overflow::Global => crate::warn_limited!(
+            listener, %src, max = limits.max,
+            "connection refused: {} downstream connections are open (connections.max)",
+            limits.max
+        ),
+        Overflow::Identity => crate::warn_limited!(
+            listener, %src, peer = peer.unwrap_or("-"), max_per_identity = limits.max_per_identity,
+            "connection refused: this identity has {} connections open \
+             (connections.maxPerIdentity)",
+            limits.max_per_identity
+        ),
+    }
+}
+
+/// `accept` failed (EMFILE and friends, which the connection caps should prevent): log it
+/// (rate-limited) and back off briefly instead of spinning.
+pub(crate) async fn accept_failed(listener: &str, e: &std::io::Error) {
+    crate::warn_limited!(listener, error = %e, "accept failed");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
 }
 
 /// Envoy-format `x-forwarded-client-cert` for a verified peer: `By=` this workload, `Hash=`

@@ -22,6 +22,7 @@ mod http_fwd;
 pub mod inbound;
 pub mod io;
 pub mod jwt_authn;
+pub mod limits;
 pub mod log_limit;
 pub mod metrics;
 pub mod outbound;
@@ -144,6 +145,10 @@ pub struct WorkloadInfo {
     pub cluster: String,
 }
 
+/// Envoy's default HTTP connection idle timeout (`HttpProtocolOptions.idle_timeout`: "If not
+/// specified, this defaults to 1 hour").
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// Timeouts and limits. Defaults follow Envoy's where one exists.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -157,6 +162,13 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// Path normalization before authorization.
     pub path_normalization: outrigger_policy::PathNormalization,
+    /// How long an inbound HTTP connection (direct or HBONE) may have no request in progress
+    /// before it is closed; `None`: never. Envoy's `common_http_protocol_options.idle_timeout`,
+    /// which Istio's sidecar leaves at Envoy's default of 1 hour unless the proxy metadata
+    /// `IDLE_TIMEOUT` is set (istio/istio pilot/pkg/networking/core/listener_builder.go).
+    pub idle_timeout: Option<Duration>,
+    /// The caps on downstream connections (see [`limits`]).
+    pub limits: limits::ConnectionLimits,
 }
 
 impl Default for Settings {
@@ -167,6 +179,8 @@ impl Default for Settings {
             connect_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
             path_normalization: outrigger_policy::PathNormalization::default(),
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            limits: limits::ConnectionLimits::default(),
         }
     }
 }
@@ -276,6 +290,8 @@ pub(crate) struct Ctx {
     /// The HBONE listener's bound address, if enabled.
     pub hbone: Option<SocketAddr>,
     pub jwks: Arc<jwt_authn::JwksCache>,
+    /// The downstream connections open, against their caps.
+    pub conns: Arc<limits::ConnTracker>,
     /// Dropped receivers tell the drain that a connection has finished.
     pub drain: watch::Receiver<bool>,
 }
@@ -357,6 +373,10 @@ impl Proxy {
         let (drain_tx, drain_rx) = watch::channel(false);
         let dest_labels = metrics::destination_labels(&opts.workload);
         let jwks = jwt_authn::JwksCache::new(opts.jwt, opts.metrics.clone());
+        let conns = limits::ConnTracker::new(
+            opts.settings.limits,
+            opts.metrics.downstream_connections.clone(),
+        );
         let ctx = Arc::new(Ctx {
             certs,
             policy,
@@ -370,6 +390,7 @@ impl Proxy {
             outbound: outbound.destinations.clone(),
             hbone: hbone.as_ref().and_then(|l| l.local_addr().ok()),
             jwks,
+            conns,
             drain: drain_rx,
         });
         Ok(Proxy {

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -159,6 +160,12 @@ pub struct Metrics {
     pub jwks_fetches: Family<ReloadLabels, Counter>,
     pub jwt_authn: Family<DecisionLabels, Counter>,
     pub access_log_dropped: Counter,
+    /// Downstream connections open (Envoy: `downstream_cx_active`), as counted against
+    /// `connections.max`.
+    pub downstream_connections: Gauge,
+    /// Inbound HTTP connections closed by the idle timeout (Envoy:
+    /// `http.<prefix>.downstream_cx_idle_timeout`).
+    pub idle_timeouts: Counter,
 }
 
 impl Default for Metrics {
@@ -197,6 +204,18 @@ impl Metrics {
         let access_log_dropped = Counter::default();
         let jwks_fetches = Family::<ReloadLabels, Counter>::default();
         let jwt_authn = Family::<DecisionLabels, Counter>::default();
+        let downstream_connections = Gauge::default();
+        let idle_timeouts = Counter::default();
+        registry.register(
+            "outrigger_downstream_connections",
+            "Mesh-facing downstream connections open (direct, HBONE connections and HBONE streams), as counted against connections.max",
+            downstream_connections.clone(),
+        );
+        registry.register(
+            "outrigger_downstream_idle_timeouts",
+            "Inbound HTTP connections closed because no request was in progress for connections.idleTimeout",
+            idle_timeouts.clone(),
+        );
         registry.register(
             "outrigger_jwks_fetches",
             "JWKS and OpenID discovery fetches, by result (errors keep the last good keys)",
@@ -291,6 +310,8 @@ impl Metrics {
             jwks_fetches,
             jwt_authn,
             access_log_dropped,
+            downstream_connections,
+            idle_timeouts,
         }
     }
 

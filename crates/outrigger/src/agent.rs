@@ -164,6 +164,8 @@ impl Loaded {
             connect_timeout: cfg.connect_timeout,
             drain_timeout: cfg.drain_timeout,
             path_normalization: cfg.policy.path_normalization,
+            idle_timeout: cfg.connections.idle_timeout,
+            limits: connection_limits(cfg),
         };
         let proxy = Proxy::bind(
             ProxyOptions {
@@ -226,6 +228,32 @@ impl Agent {
             t.abort();
         }
     }
+}
+
+/// The connection caps for the open-file limit in force (raised at start, see `fdlimit`),
+/// logged; a configured cap the limit cannot hold is a warning, not an error (the operator may
+/// raise the hard limit later, and the agent still serves what it can).
+fn connection_limits(cfg: &AgentConfig) -> outrigger_proxy::limits::ConnectionLimits {
+    let fds = crate::fdlimit::current().budget();
+    let limits = cfg.connections.limits(fds);
+    tracing::info!(
+        max = limits.max,
+        max_per_identity = limits.max_per_identity,
+        idle_timeout = ?cfg.connections.idle_timeout,
+        "downstream connection caps (connections.max, connections.maxPerIdentity)"
+    );
+    if limits.fds_needed() > fds {
+        tracing::warn!(
+            max = limits.max,
+            open_file_limit = fds,
+            "connections.max {} can use about {} file descriptors (2 per connection and {} for the agent), \
+             more than the open-file limit {fds}: raise the hard limit (LimitNOFILE=) or lower connections.max",
+            limits.max,
+            limits.fds_needed(),
+            outrigger_proxy::limits::FD_RESERVE
+        );
+    }
+    limits
 }
 
 pub(crate) fn jwt_settings(

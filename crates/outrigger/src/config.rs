@@ -45,6 +45,10 @@ impl std::error::Error for ConfigError {}
 #[path = "config_outbound.rs"]
 mod outbound;
 
+#[path = "config_connections.rs"]
+mod connections;
+pub use connections::ConnectionsConfig;
+
 // ---------------------------------------------------------------------------------------------
 // Schema
 
@@ -78,6 +82,8 @@ struct RawConfig {
     outbound_proxy: Option<outbound::RawOutboundProxy>,
     #[serde(default)]
     hbone: Option<Spanned<RawHbone>>,
+    #[serde(default)]
+    connections: connections::RawConnections,
 }
 
 /// `hbone:` — the Istio ambient (HBONE) listener.
@@ -298,6 +304,8 @@ pub struct AgentConfig {
     /// The files and directories the configuration names as inputs (certificates, CA, JWT CA
     /// bundle), with where each is named, so that a missing one is reported at its line.
     pub inputs: Vec<InputFile>,
+    /// `connections:` (idle timeout, connection caps; see `config_connections.rs`).
+    pub connections: ConnectionsConfig,
 }
 
 /// A file or directory the configuration reads, and where the configuration names it.
@@ -359,6 +367,12 @@ pub(crate) const DRAIN: Range = Range {
     min: Duration::ZERO,
     max: DAY,
     text: "0s to 24h",
+};
+/// `connections.idleTimeout`: zero turns it off (Envoy's `idle_timeout: 0s`); at most a year.
+pub(crate) const IDLE: Range = Range {
+    min: Duration::ZERO,
+    max: Duration::from_secs(365 * 86_400),
+    text: "0s (off) to 365d",
 };
 /// File polling (`certificates.files.pollInterval`, `policy.reloadInterval`): below 10ms the
 /// agent would do little but re-read files.
@@ -888,6 +902,7 @@ impl Validator<'_> {
                 worker_threads(n.value).map_err(|r| self.err(n, "runtime.workerThreads", r))?
             }
         };
+        let connections = self.connections(&raw.connections)?;
         Ok(AgentConfig {
             file: self.file.to_path_buf(),
             trust_domains,
@@ -935,6 +950,7 @@ impl Validator<'_> {
             hbone,
             network,
             inputs,
+            connections,
         })
     }
 

@@ -5,6 +5,7 @@ mod check;
 mod client;
 mod config;
 mod demo;
+mod fdlimit;
 mod lint;
 mod logging;
 mod policy_files;
@@ -190,6 +191,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(n) => Some(n),
         None => cfg.worker_threads,
     };
+    // Before any socket or file is opened, so that every later open gets the raised limit.
+    if !args.check_config {
+        fdlimit::raise().log();
+    }
     let rt = runtime(threads)?;
     rt.block_on(async {
         let loaded = agent::Loaded::load(&cfg).await?;

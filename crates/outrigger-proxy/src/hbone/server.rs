@@ -22,7 +22,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
@@ -36,6 +35,7 @@ use crate::hbone::{
 };
 use crate::inbound::{self, ConnInfo, StreamKind};
 use crate::io::{ByteCounts, Counted};
+use crate::limits::{Active, Activity, Permit};
 use crate::metrics::{Lv, TcpLabels, connection_labels};
 use crate::tcp_fwd;
 use crate::{Ctx, InboundConfig, Protocol};
@@ -65,13 +65,26 @@ pub(crate) async fn serve_listener(listener: TcpListener, ctx: Arc<Ctx>) {
         };
         match accepted {
             Ok((stream, src)) => {
+                // The global cap, at accept (see `crate::limits`).
+                let permit = match shared.ctx.conns.try_acquire() {
+                    Ok(p) => p,
+                    Err(o) => {
+                        drop(stream);
+                        inbound::refuse_overflow(
+                            &shared.ctx,
+                            &shared.lv,
+                            LISTENER_NAME,
+                            src,
+                            None,
+                            o,
+                        );
+                        continue;
+                    }
+                };
                 let shared = shared.clone();
-                tokio::spawn(async move { handle_connection(stream, src, shared).await });
+                tokio::spawn(async move { handle_connection(stream, src, shared, permit).await });
             }
-            Err(e) => {
-                crate::warn_limited!(listener = LISTENER_NAME, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            Err(e) => inbound::accept_failed(LISTENER_NAME, &e).await,
         }
     }
     tracing::debug!(listener = LISTENER_NAME, "HBONE listener stopped accepting");
@@ -88,7 +101,12 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-async fn handle_connection(stream: TcpStream, src: SocketAddr, shared: Arc<Shared>) {
+async fn handle_connection(
+    stream: TcpStream,
+    src: SocketAddr,
+    shared: Arc<Shared>,
+    mut permit: Permit,
+) {
     let ctx = &shared.ctx;
     let _ = stream.set_nodelay(true);
     let Ok(local) = stream.local_addr() else {
@@ -139,6 +157,12 @@ async fn handle_connection(stream: TcpStream, src: SocketAddr, shared: Arc<Share
     let xfcc = peer_chain
         .first()
         .and_then(|leaf| inbound::xfcc_header(ctx, leaf.as_ref(), &peer));
+    let peer_id = peer.to_string();
+    if let Err(o) = permit.charge_identity(&peer_id) {
+        drop(tls);
+        inbound::refuse_overflow(ctx, &shared.lv, LISTENER_NAME, src, Some(&peer_id), o);
+        return;
+    }
     let peer_principal = peer.principal();
     let labels = connection_labels(&ctx.dest_labels, Some(&peer));
 
@@ -172,9 +196,17 @@ async fn handle_connection(stream: TcpStream, src: SocketAddr, shared: Arc<Share
         src,
         local,
         peer_principal,
+        peer_id,
         xfcc,
         labels,
     });
+    // The idle timeout: no CONNECT stream open for that long closes the connection (GOAWAY,
+    // as Envoy drains an idle HTTP/2 connection). The timer runs from the handshake, so a
+    // connection that never opens a stream is closed too.
+    let activity = Activity::new();
+    let idle = activity.idle(ctx.settings.idle_timeout);
+    tokio::pin!(idle);
+    let mut idle_over = false;
     // Keepalive, as ztunnel's HBONE server does: a PING every 10 s; no PONG within 20 s means
     // the peer is gone and the connection (with its streams) is closed.
     let mut peer_dead = super::spawn_keepalive(h2.ping_pong());
@@ -205,12 +237,23 @@ async fn handle_connection(stream: TcpStream, src: SocketAddr, shared: Arc<Share
                 h2.graceful_shutdown();
                 continue;
             }
+            _ = &mut idle, if !idle_over && !draining => {
+                idle_over = true;
+                ctx.metrics.idle_timeouts.inc();
+                tracing::debug!(
+                    listener = LISTENER_NAME, %src, peer = %outer.peer_principal,
+                    "HBONE connection idle: closing it (connections.idleTimeout)"
+                );
+                h2.graceful_shutdown();
+                continue;
+            }
         };
         match next {
             Some(Ok((req, respond))) => {
                 let shared = shared.clone();
                 let outer = outer.clone();
-                tokio::spawn(serve_connect(req, respond, outer, shared));
+                let active = activity.start();
+                tokio::spawn(serve_connect(req, respond, outer, shared, active));
             }
             Some(Err(e)) => {
                 tracing::debug!(listener = LISTENER_NAME, %src, "HBONE connection ended: {e}");
@@ -226,6 +269,8 @@ struct Outer {
     src: SocketAddr,
     local: SocketAddr,
     peer_principal: String,
+    /// The SPIFFE ID, as the connection caps count it.
+    peer_id: String,
     xfcc: Option<HeaderValue>,
     labels: TcpLabels,
 }
@@ -312,7 +357,25 @@ async fn serve_connect(
     mut respond: h2::server::SendResponse<Bytes>,
     outer: Arc<Outer>,
     shared: Arc<Shared>,
+    _active: Active,
 ) {
+    // Each stream holds a backend connection of its own, so it counts against the caps like
+    // a connection (a refused stream gets 503, as ztunnel answers a stream it cannot serve).
+    let _permit = match shared.ctx.conns.try_acquire_for(&outer.peer_id) {
+        Ok(p) => p,
+        Err(o) => {
+            inbound::refuse_overflow(
+                &shared.ctx,
+                &shared.lv,
+                LISTENER_NAME,
+                outer.src,
+                Some(&outer.peer_id),
+                o,
+            );
+            reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        }
+    };
     let (parts, recv) = req.into_parts();
     let connect = match request::parse(&parts.method, &parts.uri, &parts.headers) {
         Ok(c) => c,

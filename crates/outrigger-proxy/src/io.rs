@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -68,11 +69,26 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
     }
 }
 
-/// Bytes moved over one downstream connection, shared with whoever reports them.
-#[derive(Debug, Default)]
+/// Bytes moved over one downstream connection, shared with whoever reports them, and when
+/// the last of them moved (for the TCP idle timeout).
+#[derive(Debug)]
 pub struct ByteCounts {
     pub received: AtomicU64,
     pub sent: AtomicU64,
+    /// When bytes last moved either way, in ms since `base` (0: none yet).
+    last_moved_ms: AtomicU64,
+    base: tokio::time::Instant,
+}
+
+impl Default for ByteCounts {
+    fn default() -> Self {
+        ByteCounts {
+            received: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            last_moved_ms: AtomicU64::new(0),
+            base: tokio::time::Instant::now(),
+        }
+    }
 }
 
 impl ByteCounts {
@@ -81,6 +97,36 @@ impl ByteCounts {
     }
     pub fn sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
+    }
+
+    fn moved(&self) {
+        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_moved_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once no byte has moved either way for `timeout` (counted from the later of
+    /// the last byte and the creation of the counts); never when `timeout` is `None`.
+    ///
+    /// Envoy's tcp_proxy `idle_timeout` (envoy api/envoy/extensions/filters/network/
+    /// tcp_proxy/v3/tcp_proxy.proto): "The idle timeout is defined as the period in which
+    /// there are no bytes sent or received on either the upstream or the downstream
+    /// connection. If not set, the default idle timeout is 1 hour. If set to 0s, the timeout
+    /// will be disabled." (tcp_proxy.cc resets the timer on every read and every write.)
+    /// Every byte from or to the upstream passes through the counted downstream stream, so
+    /// counting one side sees both. The future sleeps until the earliest moment the
+    /// connection could be idle and looks again: nothing wakes per byte.
+    pub async fn idle(&self, timeout: Option<Duration>) {
+        let Some(timeout) = timeout else {
+            return std::future::pending().await;
+        };
+        loop {
+            let last = Duration::from_millis(self.last_moved_ms.load(Ordering::Relaxed));
+            let deadline = self.base + last + timeout;
+            if deadline <= tokio::time::Instant::now() {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
     }
 }
 
@@ -107,6 +153,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
         let n = (buf.filled().len() - before) as u64;
         if n > 0 {
             self.counts.received.fetch_add(n, Ordering::Relaxed);
+            self.counts.moved();
         }
         res
     }
@@ -119,8 +166,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = res {
+        if let Poll::Ready(Ok(n)) = res
+            && n > 0
+        {
             self.counts.sent.fetch_add(n as u64, Ordering::Relaxed);
+            self.counts.moved();
         }
         res
     }
@@ -131,8 +181,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = res {
+        if let Poll::Ready(Ok(n)) = res
+            && n > 0
+        {
             self.counts.sent.fetch_add(n as u64, Ordering::Relaxed);
+            self.counts.moved();
         }
         res
     }
@@ -164,6 +217,31 @@ mod tests {
         let mut s = String::new();
         r.read_to_string(&mut s).await.unwrap();
         assert_eq!(s, "hello world");
+    }
+
+    #[tokio::test]
+    async fn idle_waits_for_a_timeout_after_the_last_byte() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let counts = Arc::new(ByteCounts::default());
+        let mut c = Counted::new(a, counts.clone());
+        let timeout = Duration::from_millis(200);
+        // Disabled: never resolves.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), counts.idle(None))
+                .await
+                .is_err()
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        b.write_all(b"x").await.unwrap();
+        let mut one = [0u8; 1];
+        c.read_exact(&mut one).await.unwrap();
+        let moved = std::time::Instant::now();
+        counts.idle(Some(timeout)).await;
+        assert!(
+            moved.elapsed() >= Duration::from_millis(190),
+            "{:?}",
+            moved.elapsed()
+        );
     }
 
     #[tokio::test]

@@ -163,8 +163,8 @@ pub struct Metrics {
     /// Downstream connections open (Envoy: `downstream_cx_active`), as counted against
     /// `connections.max`.
     pub downstream_connections: Gauge,
-    /// Inbound HTTP connections closed by the idle timeout (Envoy:
-    /// `http.<prefix>.downstream_cx_idle_timeout`).
+    /// Connections closed by the idle timeout (Envoy: `http.<prefix>.downstream_cx_idle_timeout`
+    /// for HTTP, `tcp.<prefix>.idle_timeout` for opaque TCP).
     pub idle_timeouts: Counter,
 }
 
@@ -213,7 +213,7 @@ impl Metrics {
         );
         registry.register(
             "outrigger_downstream_idle_timeouts",
-            "Inbound HTTP connections closed because no request was in progress for connections.idleTimeout",
+            "Connections closed by connections.idleTimeout: HTTP with no request in progress, TCP with no byte moved either way",
             idle_timeouts.clone(),
         );
         registry.register(

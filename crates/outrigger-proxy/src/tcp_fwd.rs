@@ -149,12 +149,24 @@ where
     let mut drain = ctx.drain.clone();
     let mut tick = tokio::time::interval(METRICS_FLUSH);
     tick.tick().await;
+    // Istio's inbound tcp_proxy takes its idle timeout from the same `IDLE_TIMEOUT` proxy
+    // metadata as the HTTP connection manager (istio/istio pilot/pkg/networking/core/
+    // listener_inbound.go `buildInboundNetworkFilters`), so one setting serves both.
+    let idle = counts.idle(ctx.settings.idle_timeout);
+    tokio::pin!(idle);
     loop {
         tokio::select! {
             r = &mut copy => {
                 if let Err(e) = r {
                     tracing::debug!(src = %conn.src, error = %e, "TCP connection ended with an error");
                 }
+                return ("-", None);
+            }
+            // Envoy's tcp_proxy `onIdleTimeout` counts `idle_timeout` and closes both sides,
+            // with no response flag.
+            _ = &mut idle => {
+                ctx.metrics.idle_timeouts.inc();
+                tracing::debug!(src = %conn.src, "TCP connection idle: closing it (connections.idleTimeout)");
                 return ("-", None);
             }
             changed = policy_rx.changed() => {

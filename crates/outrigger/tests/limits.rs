@@ -107,6 +107,67 @@ async fn idle_http2_and_silent_connections_are_closed_after_the_idle_timeout() {
     agent.wait_metric("outrigger_downstream_connections", &[], 0.0);
 }
 
+/// Envoy's tcp_proxy `idle_timeout` ("the period in which there are no bytes sent or received
+/// on either the upstream or downstream connection", default 1 h; Istio's inbound tcp_proxy
+/// takes it from the same `IDLE_TIMEOUT` proxy metadata as HTTP — istio/istio
+/// pilot/pkg/networking/core/listener_inbound.go `buildInboundNetworkFilters`): an opaque TCP
+/// connection that keeps moving bytes stays open past the timeout, and is closed once it has
+/// moved none for the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_is_closed_after_the_idle_timeout_without_bytes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    let echo = start_tcp_echo().await;
+    let cfg = mesh.config(&[("db", echo, "tcp")], "connections:\n  idleTimeout: 1s\n");
+    let agent = AgentProc::start(mesh.dir(), &cfg);
+    let sleep = mesh.pki.issue("default", "sleep");
+    let mut tls = tls_connect(agent.addr("db"), client_config(&mesh, &sleep, &[]))
+        .await
+        .unwrap();
+
+    // A byte each 300 ms for 2 s: twice the timeout, never idle for it.
+    let start = Instant::now();
+    let mut buf = [0u8; 1];
+    let mut last = Instant::now();
+    for i in 0..7u8 {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        tls.write_all(&[i]).await.unwrap();
+        tls.read_exact(&mut buf).await.unwrap();
+        last = Instant::now();
+        assert_eq!(buf[0], i, "the echo backend answers each byte");
+    }
+    assert!(start.elapsed() >= Duration::from_millis(1800));
+
+    // Then silence: closed by the agent, at least a timeout after the last byte.
+    let closed = tokio::time::timeout(Duration::from_secs(10), read_until_close(&mut tls))
+        .await
+        .expect("the agent did not close the idle TCP connection within 10 s");
+    assert!(
+        closed.0.is_empty(),
+        "no byte after the echo: {:?}",
+        closed.0
+    );
+    assert!(
+        last.elapsed() >= Duration::from_millis(950),
+        "closed {:?} after the last byte",
+        last.elapsed()
+    );
+    let m = agent.metrics();
+    assert_eq!(
+        metric_value(&m, "outrigger_downstream_idle_timeouts_total", &[]),
+        Some(1.0),
+        "{m}"
+    );
+    agent.wait_metric(
+        "istio_tcp_connections_closed_total",
+        &["reporter=\"destination\""],
+        1.0,
+    );
+}
+
 /// With low caps: an identity over its share and any connection over the global cap are
 /// refused cleanly and counted, while another identity's requests, a policy reload and the
 /// admin endpoint keep working.

@@ -125,12 +125,22 @@ async fn pump(
     let mut published = (0u64, 0u64);
     let mut tick = tokio::time::interval(METRICS_FLUSH);
     tick.tick().await;
+    // Istio's outbound tcp_proxy has the same idle timeout as the inbound one (istio/istio
+    // pilot/pkg/networking/core/listener_builder.go: `IdleTimeout:
+    // parseDuration(node.Metadata.IdleTimeout)`; unset: Envoy's 1 hour).
+    let idle = counts.idle(ctx.settings.idle_timeout);
+    tokio::pin!(idle);
     loop {
         tokio::select! {
             r = &mut copy => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "outbound TCP connection ended with an error");
                 }
+                break;
+            }
+            _ = &mut idle => {
+                ctx.metrics.idle_timeouts.inc();
+                tracing::debug!("outbound TCP connection idle: closing it (connections.idleTimeout)");
                 break;
             }
             _ = tick.tick() => ctx.metrics.publish_tcp_bytes(labels, counts, &mut published),

@@ -376,6 +376,7 @@ impl Proxy {
         let conns = limits::ConnTracker::new(
             opts.settings.limits,
             opts.metrics.downstream_connections.clone(),
+            opts.metrics.downstream_connections_peak.clone(),
         );
         let ctx = Arc::new(Ctx {
             certs,

@@ -21,7 +21,7 @@
 //! mTLS handshake, when the identity is known.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -110,6 +110,8 @@ pub(crate) struct ConnTracker {
     by_identity: Mutex<HashMap<Arc<str>, usize>>,
     /// `outrigger_downstream_connections` (Envoy: `downstream_cx_active`).
     gauge: Gauge,
+    /// Its high-water mark (`Metrics::downstream_connections_peak`).
+    peak: Arc<AtomicI64>,
 }
 
 /// One counted connection; dropping it frees its place.
@@ -119,12 +121,13 @@ pub(crate) struct Permit {
 }
 
 impl ConnTracker {
-    pub fn new(limits: ConnectionLimits, gauge: Gauge) -> Arc<Self> {
+    pub fn new(limits: ConnectionLimits, gauge: Gauge, peak: Arc<AtomicI64>) -> Arc<Self> {
         Arc::new(ConnTracker {
             limits,
             active: AtomicUsize::new(0),
             by_identity: Mutex::new(HashMap::new()),
             gauge,
+            peak,
         })
     }
 
@@ -150,7 +153,8 @@ impl ConnTracker {
                 Err(now) => cur = now,
             }
         }
-        self.gauge.inc();
+        let open = self.gauge.inc() + 1;
+        self.peak.fetch_max(open, Ordering::Relaxed);
         Ok(Permit {
             tracker: self.clone(),
             identity: None,
@@ -319,12 +323,14 @@ mod tests {
     #[test]
     fn caps_global_and_per_identity_and_frees_on_drop() {
         let gauge = Gauge::default();
+        let peak = Arc::new(AtomicI64::new(0));
         let t = ConnTracker::new(
             ConnectionLimits {
                 max: 3,
                 max_per_identity: 2,
             },
             gauge.clone(),
+            peak.clone(),
         );
         let mut a1 = t.try_acquire().unwrap();
         a1.charge_identity("a").unwrap();
@@ -339,6 +345,8 @@ mod tests {
         drop((a1, a3, b));
         assert_eq!(gauge.get(), 0);
         assert!(t.by_identity.lock().unwrap().is_empty());
+        // The high-water mark survives the connections (src/memtrim.rs in the binary).
+        assert_eq!(peak.load(Ordering::Relaxed), 3);
     }
 
     #[tokio::test]

@@ -163,6 +163,11 @@ pub struct Metrics {
     /// Downstream connections open (Envoy: `downstream_cx_active`), as counted against
     /// `connections.max`.
     pub downstream_connections: Gauge,
+    /// The most `downstream_connections` has been since the last [`take_peak`]: a burst that
+    /// opened and closed between two looks is still seen (not exported).
+    ///
+    /// [`take_peak`]: Metrics::take_downstream_peak
+    pub downstream_connections_peak: Arc<std::sync::atomic::AtomicI64>,
     /// Connections closed by the idle timeout (Envoy: `http.<prefix>.downstream_cx_idle_timeout`
     /// for HTTP, `tcp.<prefix>.idle_timeout` for opaque TCP).
     pub idle_timeouts: Counter,
@@ -183,6 +188,15 @@ impl Metrics {
             request_bytes: self.request_bytes.get_or_create(labels).clone(),
             response_bytes: self.response_bytes.get_or_create(labels).clone(),
         }
+    }
+
+    /// The open downstream connections now, and the most there have been since the last call.
+    pub fn take_downstream_peak(&self) -> (i64, i64) {
+        let now = self.downstream_connections.get();
+        let peak = self
+            .downstream_connections_peak
+            .swap(now, std::sync::atomic::Ordering::Relaxed);
+        (now, peak.max(now))
     }
 
     pub fn new() -> Self {
@@ -311,6 +325,7 @@ impl Metrics {
             jwt_authn,
             access_log_dropped,
             downstream_connections,
+            downstream_connections_peak: Default::default(),
             idle_timeouts,
         }
     }

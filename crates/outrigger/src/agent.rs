@@ -184,7 +184,7 @@ impl Loaded {
             policy.clone(),
         )
         .await?;
-        let tasks = vec![
+        let mut tasks = vec![
             certs.spawn_refresh(refresh),
             tokio::spawn(policy_files::watch(
                 policy.clone(),
@@ -194,6 +194,8 @@ impl Loaded {
                 observed,
             )),
         ];
+        let m = metrics.clone();
+        tasks.extend(crate::memtrim::spawn(move || m.take_downstream_peak()));
         Ok(Agent {
             proxy,
             policy,

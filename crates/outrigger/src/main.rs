@@ -8,6 +8,7 @@ mod demo;
 mod fdlimit;
 mod lint;
 mod logging;
+mod memtrim;
 mod policy_files;
 mod register;
 mod windows;

@@ -265,6 +265,105 @@ spec:
     assert_eq!(again.fetch(get("/", true)).await.unwrap().status, 200);
 }
 
+/// Issue 13 item 2 as filed, with the default caps: at an open-file limit of 1024 (soft and
+/// hard, so it cannot be raised), ~500 idle HTTP/2 connections from one mesh identity made
+/// every legitimate request fail and reloads fail with EMFILE. The default caps are derived
+/// from the limit — (1024 - 256 reserved) / 2 = 384 connections, half of them (192) for one
+/// identity — so the flood takes its share and no more: other identities are served, a
+/// policy reload applies and the admin endpoint answers, with no descriptor error anywhere.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_flood_at_a_1024_descriptor_limit_locks_nobody_else_out() {
+    let prlimit = std::process::Command::new("prlimit")
+        .arg("--version")
+        .output();
+    if prlimit.is_err() {
+        eprintln!("SKIPPED: prlimit (util-linux) is not installed");
+        return;
+    }
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    let echo = start_echo().await;
+    let cfg = mesh.config(&[("web", echo, "http")], "");
+    let agent = AgentProc::start_under(
+        mesh.dir(),
+        &cfg,
+        &[],
+        &["prlimit", "--nofile=1024:1024", "--"],
+    );
+    agent.wait_for_log("max=384");
+    let web = agent.addr("web");
+    let attacker = mesh.pki.issue("attack", "flood");
+    let legit = mesh.pki.issue("default", "sleep");
+
+    // The flood: 500 HTTP/2 connections, one request each (so each served one also holds a
+    // backend connection), all kept open.
+    let mut held = Vec::new();
+    let mut refused = 0;
+    let cfg = client_config(&mesh, &attacker, &[b"istio-h2"]);
+    for _ in 0..500 {
+        let Ok(tls) = tls_connect(web, cfg.clone()).await else {
+            refused += 1;
+            continue;
+        };
+        let served = match HttpConn::new(tls, true).await {
+            Ok(mut c) => match c.fetch(get("/", true)).await {
+                Ok(got) if got.status == 200 => Some(c),
+                _ => None,
+            },
+            Err(_) => None,
+        };
+        match served {
+            Some(c) => held.push(c),
+            None => refused += 1,
+        }
+    }
+    assert_eq!((held.len(), refused), (192, 308));
+    agent.wait_metric(
+        "outrigger_connections_rejected_total",
+        &["listener=\"web\"", "reason=\"identity_cx_overflow\""],
+        308.0,
+    );
+
+    // Everyone else is served, each on a new connection.
+    for i in 0..20 {
+        let mut c = mesh.connect(web, &legit, true).await;
+        let got = c.fetch(get(&format!("/legit/{i}"), true)).await.unwrap();
+        assert_eq!(got.status, 200, "{}", got.text());
+    }
+    // A policy reload applies.
+    mesh.policy(
+        "deny.yaml",
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-sleep
+  namespace: legacy
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: [cluster.local/ns/default/sa/sleep]
+",
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut c = mesh.connect(web, &legit, true).await;
+        if c.fetch(get("/after-reload", true)).await.unwrap().status == 403 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the reload never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(agent.admin_get("/healthz/ready").contains("200 OK"));
+    let log = agent.stderr();
+    assert!(
+        !log.contains("Too many open files") && !log.contains("EMFILE"),
+        "{log}"
+    );
+}
+
 /// The agent raises its soft open-file limit to the hard limit at start and says so.
 #[cfg(target_os = "linux")]
 #[test]
@@ -366,18 +465,15 @@ async fn idle_burst_rss() {
         let during = rss_kib(pid);
         drop(held);
         agent.wait_metric("outrigger_downstream_connections", &[], 0.0);
-        // Closing is asynchronous (backend connection tasks end just after): sample until two
-        // samples 500 ms apart agree within 1%, for at most 10 s.
-        let settle = Instant::now() + Duration::from_secs(10);
+        // Closing is asynchronous (backend connection tasks end just after), and the agent
+        // returns freed memory a few seconds after a burst ends (src/memtrim.rs checks every
+        // 5 s): sample every 500 ms for up to 12 s, until RSS is back within a quarter of the
+        // burst's growth.
+        let settle = Instant::now() + Duration::from_secs(12);
         let mut after = rss_kib(pid);
-        loop {
+        while after > before + during.saturating_sub(before) / 4 && Instant::now() < settle {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let now = rss_kib(pid);
-            let stable = now.abs_diff(after) * 100 <= after;
-            after = now;
-            if stable || Instant::now() > settle {
-                break;
-            }
+            after = rss_kib(pid);
         }
         rounds.push((during, after));
         println!(
@@ -394,5 +490,96 @@ async fn idle_burst_rss() {
          rss_kib_after={after1} rss_kib_during_2nd={during2} rss_kib_after_2nd={after2} \
          rss_kib_peak={peak} kib_per_connection={:.1}",
         during1.saturating_sub(before) as f64 / n as f64
+    );
+}
+
+/// Latency of `n` legitimate requests, each on a new mTLS connection (handshake included):
+/// (median, 99th percentile) in milliseconds.
+async fn legit_latency(
+    mesh: &Mesh,
+    web: std::net::SocketAddr,
+    who: &Issued,
+    n: usize,
+) -> (f64, f64) {
+    let mut ms = Vec::with_capacity(n);
+    for i in 0..n {
+        let start = Instant::now();
+        let mut c = mesh.connect(web, who, true).await;
+        let got = c.fetch(get(&format!("/legit/{i}"), true)).await.unwrap();
+        assert_eq!(got.status, 200, "{}", got.text());
+        ms.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    ms.sort_by(f64::total_cmp);
+    let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.99))
+}
+
+/// 10,000 idle mTLS connections (issue 13, RELIABILITY.md): memory per connection, and the
+/// latency of legitimate requests while they are held. Each idle connection completes the
+/// mTLS handshake and then sends nothing (no request, so no backend connection: one
+/// descriptor each). A measurement, not a regression test: run by `scripts/idle-mtls.sh`.
+/// `IDLE_MTLS_CONNECTIONS` sets the number (default 10,000, at most 15,000: the test process
+/// holds one descriptor per connection too).
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run by scripts/idle-mtls.sh"]
+async fn idle_mtls_connections() {
+    let n: usize = std::env::var("IDLE_MTLS_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000)
+        .min(15_000);
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    let echo = start_echo().await;
+    // The idle timeout well above the run; caps above `n` (the default caps are derived from
+    // the open-file limit and would refuse part of the burst on a 20,000-descriptor host).
+    let cfg = mesh.config(
+        &[("web", echo, "http")],
+        &format!(
+            "accessLog: off\nconnections:\n  max: {}\n  maxPerIdentity: {}\n",
+            n + 100,
+            n + 100
+        ),
+    );
+    let agent = AgentProc::start(mesh.dir(), &cfg);
+    let pid = agent.child.id();
+    let web = agent.addr("web");
+    let idle = mesh.pki.issue("default", "idle");
+    let legit = mesh.pki.issue("default", "sleep");
+    let (p50_before, p99_before) = legit_latency(&mesh, web, &legit, 200).await;
+    agent.wait_metric("outrigger_downstream_connections", &[], 0.0);
+    let before = rss_kib(pid);
+
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let cfg = client_config(&mesh, &idle, &[b"istio-h2"]);
+    let opened = Instant::now();
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        assert!(
+            Instant::now() < deadline,
+            "opening the connections took over 600 s"
+        );
+        held.push(tls_connect(web, cfg.clone()).await.unwrap());
+    }
+    let open_secs = opened.elapsed().as_secs_f64();
+    agent.wait_metric("outrigger_downstream_connections", &[], n as f64);
+    let during = rss_kib(pid);
+    let (p50_during, p99_during) = legit_latency(&mesh, web, &legit, 200).await;
+    drop(held);
+    agent.wait_metric("outrigger_downstream_connections", &[], 0.0);
+    // Freed memory is returned a few seconds after a burst ends (src/memtrim.rs).
+    let settle = Instant::now() + Duration::from_secs(12);
+    let mut after = rss_kib(pid);
+    while after > before + during.saturating_sub(before) / 4 && Instant::now() < settle {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        after = rss_kib(pid);
+    }
+    println!(
+        "idle-mtls connections={n} open_secs={open_secs:.1} rss_kib_before={before} \
+         rss_kib_during={during} rss_kib_after={after} kib_per_connection={:.1} \
+         legit_ms_p50_before={p50_before:.2} legit_ms_p99_before={p99_before:.2} \
+         legit_ms_p50_during={p50_during:.2} legit_ms_p99_during={p99_during:.2}",
+        during.saturating_sub(before) as f64 / n as f64
     );
 }

@@ -36,11 +36,29 @@ impl AgentProc {
     }
 
     pub fn start_with(dir: &Path, config: &str, env: &[(&str, &str)]) -> AgentProc {
+        Self::start_under(dir, config, env, &[])
+    }
+
+    /// [`start_with`](Self::start_with), the agent run by `wrapper` (e.g. `prlimit
+    /// --nofile=1024:1024 --`) when it is not empty.
+    pub fn start_under(
+        dir: &Path,
+        config: &str,
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> AgentProc {
         let cfg = dir.join("agent.yaml");
         std::fs::write(&cfg, config).unwrap();
         let ready = dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match wrapper {
+            [] => Command::new(BIN),
+            [program, args @ ..] => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+        };
         cmd.arg("run")
             .arg("--config")
             .arg(&cfg)

@@ -59,6 +59,10 @@ pub enum ResourceKind {
     Other {
         api_version: String,
         kind: String,
+        /// For a resource that runs workloads (Pod, Deployment, StatefulSet, DaemonSet,
+        /// ReplicaSet, Job, CronJob, Istio's WorkloadEntry and WorkloadGroup): the labels its
+        /// workloads carry, which selectors match (`outrigger lint` uses them).
+        workload_labels: Option<BTreeMap<String, String>>,
     },
     /// A document that cannot be loaded (what istiod's validation would reject, or text that
     /// is not a Kubernetes resource): refused alone, with what could still be read of it so
@@ -120,6 +124,11 @@ impl Resource {
             ResourceKind::RequestAuthentication(_) => Some(PolicyKind::RequestAuthentication),
             ResourceKind::Other { .. } | ResourceKind::Refused(_) => None,
         }
+    }
+
+    /// Whether `istio.io/dry-run` makes this policy evaluated and logged but not enforced.
+    pub fn is_dry_run(&self) -> bool {
+        crate::authz::is_dry_run(self)
     }
 
     /// The refusal, for a document that could not be loaded.
@@ -433,6 +442,7 @@ fn parse_one(source: &str, doc: &Node) -> Result<Resource, LoadError> {
                 source: source_ref,
                 api_version: api_version.clone(),
                 kind: ResourceKind::Other {
+                    workload_labels: workload_labels(&kind_name, doc),
                     api_version,
                     kind: kind_name,
                 },
@@ -518,5 +528,47 @@ fn check(source: &str, doc: &Node, issues: Vec<Issue>) -> Result<Vec<LoadError>,
     match errors.into_iter().next() {
         Some(e) => Err(locate(e)),
         None => Ok(warnings.into_iter().map(locate).collect()),
+    }
+}
+
+/// The labels of the workloads a Kubernetes resource runs, read leniently (`None` for a kind
+/// that runs none, or labels that are not a string map): where each kind keeps its pod
+/// template's labels, and Istio's WorkloadEntry (`spec.labels`) and WorkloadGroup
+/// (`spec.metadata.labels`).
+fn workload_labels(kind: &str, doc: &Node) -> Option<BTreeMap<String, String>> {
+    let path: &[&str] = match kind {
+        "Pod" => &["metadata", "labels"],
+        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => {
+            &["spec", "template", "metadata", "labels"]
+        }
+        "CronJob" => &[
+            "spec",
+            "jobTemplate",
+            "spec",
+            "template",
+            "metadata",
+            "labels",
+        ],
+        "WorkloadEntry" => &["spec", "labels"],
+        "WorkloadGroup" => &["spec", "metadata", "labels"],
+        _ => return None,
+    };
+    let mut node = doc;
+    for key in path {
+        match node.get(key) {
+            Some(n) => node = n,
+            // A workload without labels: selectors with labels match none of it.
+            None => return Some(BTreeMap::new()),
+        }
+    }
+    match &node.value {
+        Value::Map(entries) => Some(
+            entries
+                .iter()
+                .filter_map(|(k, v)| Some((k.name.clone(), v.as_str()?.to_string())))
+                .collect(),
+        ),
+        Value::Null => Some(BTreeMap::new()),
+        _ => None,
     }
 }

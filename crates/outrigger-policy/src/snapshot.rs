@@ -369,7 +369,9 @@ impl Snapshot {
             }
             match &r.kind {
                 ResourceKind::Refused(refusal) => refuse(r, refusal),
-                ResourceKind::Other { api_version, kind } => {
+                ResourceKind::Other {
+                    api_version, kind, ..
+                } => {
                     let reason = IgnoreReason::UnsupportedKind {
                         api_version: api_version.clone(),
                         kind: kind.clone(),

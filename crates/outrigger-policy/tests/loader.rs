@@ -496,3 +496,78 @@ fn jwt_timeout_is_parsed_once_at_load_as_istiod_does() {
         );
     }
 }
+
+/// The labels selectors match, read from each kind that runs workloads (for `outrigger lint`'s
+/// "selector matches nothing"); none for other kinds.
+#[test]
+fn workload_labels_are_read_from_each_workload_kind() {
+    let yaml = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: shop, labels: {owner: team-a}}
+spec:
+  template:
+    metadata:
+      labels: {app: web, version: v1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p, labels: {app: pod}}
+---
+apiVersion: batch/v1
+kind: CronJob
+metadata: {name: c}
+spec: {jobTemplate: {spec: {template: {metadata: {labels: {app: cron}}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm}
+spec: {address: 10.0.0.1, labels: {app: legacy}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata: {name: g}
+spec: {metadata: {labels: {app: group}}, template: {serviceAccount: sa}}
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: s}
+spec: {}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: cm, labels: {app: web}}
+"#;
+    let rs = parse_documents("f.yaml", yaml).unwrap();
+    let labels: Vec<Option<Vec<(String, String)>>> = rs
+        .iter()
+        .map(|r| match &r.kind {
+            ResourceKind::Other {
+                workload_labels, ..
+            } => workload_labels
+                .as_ref()
+                .map(|l| l.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+            _ => panic!("not Other: {}", r.kind_name()),
+        })
+        .collect();
+    let kv = |pairs: &[(&str, &str)]| {
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(
+        labels,
+        vec![
+            kv(&[("app", "web"), ("version", "v1")]),
+            kv(&[("app", "pod")]),
+            kv(&[("app", "cron")]),
+            kv(&[("app", "legacy")]),
+            kv(&[("app", "group")]),
+            kv(&[]),
+            None,
+        ]
+    );
+}

@@ -110,6 +110,15 @@ rules! {
     CERT_EXPIRY = "OR009", "certificate-expiry", Warning,
         "A workload certificate that expires stops every mTLS connection.",
         "Renew the certificate, or let the certificate source rotate it before it expires.";
+    SELECTS_NOTHING = "OR011", "selector-matches-nothing", Warning,
+        "The selector matches none of the workloads declared beside it in its namespace: the policy applies to nothing, so what it was meant to deny or require is not (often a label typo, or labels on the Deployment instead of its pod template).",
+        "Use the labels of the workload's pods (`kubectl get pods --show-labels`; a Deployment's `spec.template.metadata.labels`, a WorkloadEntry's `spec.labels`).";
+    REGEX_DOT = "OR012", "meaning-changed-by-regex-fix", Warning,
+        "istiod embedded these values in a regular expression without escaping them until Istio 1.29.2, 1.28.6 and 1.27.9 (`serviceAccounts`, GHSA-9gcg-w975-3rjh / CVE-2026-39350) and 1.29.3 and 1.28.7 (`principals` suffix matches and `namespaces`): `.` matched any character, so under an older istiod an ALLOW admits more identities than written and a DENY misses some. Outrigger and fixed Istio match the value literally, so the same policy means different things across a mixed fleet.",
+        "Upgrade istiod to a fixed release before relying on the policy; until then, add DENY rules for the look-alike names or avoid regex metacharacters in these values.";
+    DEAD_ALLOW = "OR013", "allow-rule-denied", Warning,
+        "A DENY policy that applies to every workload this ALLOW rule applies to matches every request the rule matches, and DENY is evaluated first: the rule can never allow anything.",
+        "Remove the ALLOW rule, or narrow the DENY rule if the ALLOW rule is what was meant.";
     CUSTOM_UNDECLARED = "OR010", "custom-provider-undeclared", Warning,
         "A CUSTOM policy delegates to an extension provider declared in MeshConfig `extensionProviders`; Outrigger declares none yet, so, as Istio does for a provider it cannot find, every request the policy matches is denied.",
         "Remove the policy, or express the decision as ALLOW/DENY rules until external authorization is available.";
@@ -355,6 +364,10 @@ pub fn lint(resources: &[Resource], cfg: Option<&AgentConfig>) -> Vec<Finding> {
         }
     }
 
+    selectors_matching_nothing(resources, cfg, &root, &mut out);
+    regex_fix_values(&authz, &mut out);
+    dead_allow_rules(&authz, &root, &mut out);
+
     // Default deny: for the workload with --config, else for each namespace seen.
     let is_allow = |s: &AuthorizationPolicySpec| s.action == Action::Allow;
     match cfg {
@@ -478,6 +491,293 @@ pub fn lint(resources: &[Resource], cfg: Option<&AgentConfig>) -> Vec<Finding> {
     out
 }
 
+/// OR011: a policy whose selector matches none of the workloads declared in the linted files
+/// in its scope (its namespace; every namespace for the root namespace). Without any declared
+/// workload in scope nothing can be said (the workloads may live elsewhere), so nothing is.
+fn selectors_matching_nothing(
+    resources: &[Resource],
+    cfg: Option<&AgentConfig>,
+    root: &str,
+    out: &mut Vec<Finding>,
+) {
+    let declared: Vec<(&str, &str, &std::collections::BTreeMap<String, String>)> = resources
+        .iter()
+        .filter_map(|r| match &r.kind {
+            ResourceKind::Other {
+                workload_labels: Some(labels),
+                ..
+            } => Some((r.namespace.as_str(), r.name.as_str(), labels)),
+            _ => None,
+        })
+        .collect();
+    for r in resources {
+        let selector = match &r.kind {
+            ResourceKind::AuthorizationPolicy(s) => s.selector.as_ref(),
+            ResourceKind::PeerAuthentication(s) => s.selector.as_ref(),
+            ResourceKind::RequestAuthentication(s) => s.selector.as_ref(),
+            _ => None,
+        };
+        let Some(selector) = selector.filter(|s| !s.match_labels.is_empty()) else {
+            continue;
+        };
+        let in_scope = |ns: &str| r.namespace == root || ns == r.namespace;
+        let scope: Vec<_> = declared.iter().filter(|(ns, ..)| in_scope(ns)).collect();
+        if scope.is_empty() {
+            continue;
+        }
+        let agent_matches = cfg.is_some_and(|c| {
+            in_scope(&c.workload.namespace) && selector.matches(&c.workload.labels)
+        });
+        if agent_matches || scope.iter().any(|(_, _, l)| selector.matches(l)) {
+            continue;
+        }
+        let labels: Vec<String> = selector
+            .match_labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        out.push(finding(
+            &SELECTS_NOTHING,
+            &r.source.file,
+            r.source.line,
+            label(r),
+            format!(
+                "selector {{{}}} matches none of the {} workload(s) declared in {} ({})",
+                labels.join(", "),
+                scope.len(),
+                if r.namespace == root {
+                    "any namespace".to_string()
+                } else {
+                    format!("`{}`", r.namespace)
+                },
+                scope
+                    .iter()
+                    .map(|(ns, name, _)| format!("{ns}/{name}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+}
+
+/// The characters Go's `regexp.QuoteMeta` escapes, other than `*` (Istio's own wildcard):
+/// what istiod's unescaped regular expressions misread.
+fn regex_meta(v: &str) -> bool {
+    v.chars().any(|c| "\\.+?()|[]{}^$".contains(c))
+}
+
+/// OR012: values whose meaning changed with istiod's regex escaping fixes.
+fn regex_fix_values(authz: &[(&Resource, &AuthorizationPolicySpec)], out: &mut Vec<Finding>) {
+    for (r, spec) in authz {
+        let mut hits: Vec<String> = Vec::new();
+        let mut check = |field: &str, values: &[String], affected: fn(&str) -> bool| {
+            for v in values.iter().filter(|v| affected(v)) {
+                hits.push(format!("{field} `{v}`"));
+            }
+        };
+        // serviceAccounts: any value; principals: suffix matches (`*...`) only, the only
+        // form istiod turned into a regex; namespaces: any value.
+        let any: fn(&str) -> bool = regex_meta;
+        let suffix: fn(&str) -> bool = |v| v.starts_with('*') && regex_meta(&v[1..]);
+        for (i, rule) in spec.rules.iter().enumerate() {
+            for src in rule.from.iter().flatten().filter_map(|f| f.source.as_ref()) {
+                let at = |f: &str| format!("rules[{i}].from.source.{f}");
+                check(&at("serviceAccounts"), &src.service_accounts, any);
+                check(&at("notServiceAccounts"), &src.not_service_accounts, any);
+                check(&at("principals"), &src.principals, suffix);
+                check(&at("notPrincipals"), &src.not_principals, suffix);
+                check(&at("namespaces"), &src.namespaces, any);
+                check(&at("notNamespaces"), &src.not_namespaces, any);
+            }
+            for c in &rule.when {
+                let affected = match c.key.as_str() {
+                    "source.principal" => suffix,
+                    "source.namespace" | "source.serviceAccount" => any,
+                    _ => continue,
+                };
+                let at = format!("rules[{i}].when `{}`", c.key);
+                check(&format!("{at} values"), &c.values, affected);
+                check(&format!("{at} notValues"), &c.not_values, affected);
+            }
+        }
+        if !hits.is_empty() {
+            out.push(finding(
+                &REGEX_DOT,
+                &r.source.file,
+                r.source.line,
+                label(r),
+                format!(
+                    "{}: matched literally here; under an istiod before the fix, {}",
+                    hits.join(", "),
+                    match spec.action {
+                        Action::Deny => "this DENY does not deny look-alike names (`.` matched any character)",
+                        Action::Allow => "this ALLOW also admits look-alike names (`.` matched any character)",
+                        _ => "these values also matched look-alike names (`.` matched any character)",
+                    }
+                ),
+            ));
+        }
+    }
+}
+
+/// Whether the glob `d` (Istio's exact, `prefix*`, `*suffix` or `*`) matches every string the
+/// glob `a` matches.
+fn glob_covers(d: &str, a: &str) -> bool {
+    if d == "*" || d == a {
+        return true;
+    }
+    if a == "*" {
+        return false;
+    }
+    if let Some(prefix) = d.strip_suffix('*') {
+        return !a.starts_with('*') && a.starts_with(prefix);
+    }
+    if let Some(suffix) = d.strip_prefix('*') {
+        return !a.ends_with('*') && a.ends_with(suffix);
+    }
+    false
+}
+
+/// Whether the constraint `d` (values of one field; empty: none) holds for every request that
+/// satisfies `a`. `globs`: Istio's glob matching, else exact values (IP blocks, ports).
+fn values_cover(d: &[String], a: &[String], globs: bool) -> bool {
+    d.is_empty()
+        || (!a.is_empty()
+            && a.iter().all(|av| {
+                d.iter()
+                    .any(|dv| if globs { glob_covers(dv, av) } else { dv == av })
+            }))
+}
+
+fn source_covers(d: &outrigger_policy::crd::Source, a: &outrigger_policy::crd::Source) -> bool {
+    // Negative fields in the DENY rule: not analysed (no finding rather than a wrong one).
+    let negatives = [
+        &d.not_principals,
+        &d.not_request_principals,
+        &d.not_namespaces,
+        &d.not_service_accounts,
+        &d.not_ip_blocks,
+        &d.not_remote_ip_blocks,
+        &d.not_trust_domains,
+    ];
+    negatives.iter().all(|v| v.is_empty())
+        && values_cover(&d.principals, &a.principals, true)
+        && values_cover(&d.request_principals, &a.request_principals, true)
+        && values_cover(&d.namespaces, &a.namespaces, true)
+        && values_cover(&d.service_accounts, &a.service_accounts, false)
+        && values_cover(&d.ip_blocks, &a.ip_blocks, false)
+        && values_cover(&d.remote_ip_blocks, &a.remote_ip_blocks, false)
+        && values_cover(&d.trust_domains, &a.trust_domains, true)
+}
+
+fn operation_covers(
+    d: &outrigger_policy::crd::Operation,
+    a: &outrigger_policy::crd::Operation,
+) -> bool {
+    [&d.not_hosts, &d.not_ports, &d.not_methods, &d.not_paths]
+        .iter()
+        .all(|v| v.is_empty())
+        && values_cover(&d.hosts, &a.hosts, true)
+        && values_cover(&d.ports, &a.ports, false)
+        && values_cover(&d.methods, &a.methods, false)
+        && values_cover(&d.paths, &a.paths, true)
+}
+
+/// Whether the DENY rule `d` matches every request the ALLOW rule `a` matches (a sufficient,
+/// syntactic test: `from`/`to` entries are alternatives, so each of `a`'s must be covered by
+/// one of `d`'s; `when` conditions all hold, so each of `d`'s must be implied by one of `a`'s).
+fn rule_covers(d: &Rule, a: &Rule) -> bool {
+    let from = match (&d.from, &a.from) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(ds), Some(as_)) => as_.iter().all(|af| {
+            ds.iter().any(|df| match (&df.source, &af.source) {
+                (None, _) => true,
+                (Some(_), None) => false,
+                (Some(d), Some(a)) => source_covers(d, a),
+            })
+        }),
+    };
+    let to = match (&d.to, &a.to) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(ds), Some(as_)) => as_.iter().all(|at| {
+            ds.iter().any(|dt| match (&dt.operation, &at.operation) {
+                (None, _) => true,
+                (Some(_), None) => false,
+                (Some(d), Some(a)) => operation_covers(d, a),
+            })
+        }),
+    };
+    let when = d.when.iter().all(|dc| {
+        dc.not_values.is_empty()
+            && a.when
+                .iter()
+                .any(|ac| ac.key == dc.key && values_cover(&dc.values, &ac.values, true))
+    });
+    from && to && when
+}
+
+/// Whether a policy in `d_ns` with selector `d_sel` applies to every workload a policy in
+/// `a_ns` with `a_sel` applies to.
+fn scope_covers(
+    d_ns: &str,
+    d_sel: Option<&outrigger_policy::crd::WorkloadSelector>,
+    a_ns: &str,
+    a_sel: Option<&outrigger_policy::crd::WorkloadSelector>,
+    root: &str,
+) -> bool {
+    let empty = std::collections::BTreeMap::new();
+    let labels = |s: Option<&outrigger_policy::crd::WorkloadSelector>| {
+        s.map(|s| &s.match_labels).unwrap_or(&empty).clone()
+    };
+    let (d, a) = (labels(d_sel), labels(a_sel));
+    (d_ns == root || d_ns == a_ns) && d.iter().all(|(k, v)| a.get(k) == Some(v))
+}
+
+/// OR013: ALLOW rules that a DENY policy always overrides.
+fn dead_allow_rules(
+    authz: &[(&Resource, &AuthorizationPolicySpec)],
+    root: &str,
+    out: &mut Vec<Finding>,
+) {
+    let targeted =
+        |s: &AuthorizationPolicySpec| s.target_ref.is_some() || !s.target_refs.is_empty();
+    let denies: Vec<_> = authz
+        .iter()
+        .filter(|(r, s)| s.action == Action::Deny && !r.is_dry_run() && !targeted(s))
+        .collect();
+    for (r, spec) in authz
+        .iter()
+        .filter(|(r, s)| s.action == Action::Allow && !r.is_dry_run() && !targeted(s))
+    {
+        for (i, rule) in spec.rules.iter().enumerate() {
+            let by = denies.iter().find_map(|(dr, ds)| {
+                if !scope_covers(
+                    &dr.namespace,
+                    ds.selector.as_ref(),
+                    &r.namespace,
+                    spec.selector.as_ref(),
+                    root,
+                ) {
+                    return None;
+                }
+                let j = ds.rules.iter().position(|d| rule_covers(d, rule))?;
+                Some(format!("{} rules[{j}]", label(dr)))
+            });
+            if let Some(by) = by {
+                out.push(finding(
+                    &DEAD_ALLOW,
+                    &r.source.file,
+                    r.source.line,
+                    label(r),
+                    format!("rules[{i}] is always denied first by {by}"),
+                ));
+            }
+        }
+    }
+}
+
 fn sarif(findings: &[Finding]) -> serde_json::Value {
     let rules: Vec<serde_json::Value> = ALL
         .iter()
@@ -576,4 +876,142 @@ fn print(args: &LintArgs, findings: &[Finding], resources: &[Resource]) -> std::
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(yaml: &str) -> Rule {
+        serde_saphyr::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn glob_coverage_follows_istio_matching() {
+        // Istio's string match: exact, `prefix*`, `*suffix`, `*` (AuthorizationPolicy
+        // reference, "Value matching").
+        assert!(glob_covers("*", "/a"));
+        assert!(glob_covers("/admin*", "/admin"));
+        assert!(glob_covers("/admin*", "/admin/x*"));
+        assert!(!glob_covers("/admin*", "*/admin"));
+        assert!(!glob_covers("/admin*", "/adm"));
+        assert!(glob_covers("*.example.com", "api.example.com"));
+        assert!(glob_covers("*.example.com", "*.api.example.com"));
+        assert!(!glob_covers("*.example.com", "api.example.*"));
+        assert!(!glob_covers("/a", "*"));
+    }
+
+    #[test]
+    fn a_deny_rule_covers_an_allow_rule_only_when_every_request_matches() {
+        let deny = rule("to: [{operation: {paths: [\"/admin*\"]}}]");
+        // Every from/to alternative of the ALLOW rule must be covered.
+        assert!(rule_covers(
+            &deny,
+            &rule(
+                "to: [{operation: {paths: [\"/admin\"]}}, {operation: {paths: [\"/admin/x\"], methods: [GET]}}]"
+            )
+        ));
+        assert!(!rule_covers(
+            &deny,
+            &rule("to: [{operation: {paths: [\"/admin\"]}}, {operation: {paths: [\"/public\"]}}]")
+        ));
+        // An ALLOW rule without `to` matches any path: not covered.
+        assert!(!rule_covers(
+            &deny,
+            &rule("from: [{source: {namespaces: [ops]}}]")
+        ));
+        // A DENY rule with no fields matches everything.
+        assert!(rule_covers(
+            &rule("{}"),
+            &rule("to: [{operation: {methods: [GET]}}]")
+        ));
+        // Negative fields are not analysed: no finding rather than a wrong one.
+        assert!(!rule_covers(
+            &rule("from: [{source: {notNamespaces: [ops]}}]"),
+            &rule("from: [{source: {namespaces: [shop]}}]")
+        ));
+        // `when`: each DENY condition must be implied by one of the ALLOW rule's.
+        let deny = rule("when: [{key: \"request.headers[x-env]\", values: [\"*\"]}]");
+        assert!(rule_covers(
+            &deny,
+            &rule(
+                "when: [{key: \"request.headers[x-env]\", values: [prod]}, {key: source.ip, values: [10.0.0.1]}]"
+            )
+        ));
+        assert!(!rule_covers(
+            &deny,
+            &rule("when: [{key: source.ip, values: [10.0.0.1]}]")
+        ));
+        // Service accounts and IP blocks are compared exactly.
+        assert!(!rule_covers(
+            &rule("from: [{source: {ipBlocks: [10.0.0.0/8]}}]"),
+            &rule("from: [{source: {ipBlocks: [10.1.0.0/16]}}]")
+        ));
+    }
+
+    #[test]
+    fn scope_of_a_deny_must_include_the_allow_scope() {
+        use outrigger_policy::crd::WorkloadSelector;
+        let sel = |pairs: &[(&str, &str)]| WorkloadSelector {
+            match_labels: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let cart = sel(&[("app", "cart")]);
+        let cart_v1 = sel(&[("app", "cart"), ("version", "v1")]);
+        // Namespace-wide and mesh-wide DENY cover any ALLOW in scope.
+        assert!(scope_covers(
+            "shop",
+            None,
+            "shop",
+            Some(&cart),
+            "istio-system"
+        ));
+        assert!(scope_covers(
+            "istio-system",
+            None,
+            "shop",
+            Some(&cart),
+            "istio-system"
+        ));
+        assert!(!scope_covers(
+            "other",
+            None,
+            "shop",
+            Some(&cart),
+            "istio-system"
+        ));
+        // A DENY for fewer labels covers an ALLOW for more, not the reverse.
+        assert!(scope_covers(
+            "shop",
+            Some(&cart),
+            "shop",
+            Some(&cart_v1),
+            "istio-system"
+        ));
+        assert!(!scope_covers(
+            "shop",
+            Some(&cart_v1),
+            "shop",
+            Some(&cart),
+            "istio-system"
+        ));
+        assert!(!scope_covers(
+            "shop",
+            Some(&cart),
+            "shop",
+            None,
+            "istio-system"
+        ));
+    }
+
+    #[test]
+    fn regex_metacharacters_are_those_go_quotes() {
+        assert!(regex_meta("cert-manager.io"));
+        assert!(regex_meta("a|b"));
+        assert!(regex_meta("a[0]"));
+        assert!(!regex_meta("cert-manager"));
+        assert!(!regex_meta("*"));
+    }
 }

@@ -21,11 +21,108 @@ pub const DEFAULT_CLOCK_SKEW_SECS: u64 = 60;
 /// tokens).
 const MAX_TOKEN_LEN: usize = 64 * 1024;
 
-/// Why a token was refused. Messages are for logs; the client only ever sees a generic 401.
+/// Envoy's verdicts on a token that Outrigger can reach, with Envoy's own words
+/// (envoyproxy/envoy source/common/jwt/status.cc `getStatusString`, formerly jwt_verify_lib):
+/// the body of the local reply, as the jwt_authn filter sends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    JwtBadFormat,
+    JwtHeaderParseErrorBadBase64,
+    JwtHeaderParseErrorBadJson,
+    JwtHeaderBadAlg,
+    JwtHeaderNotImplementedAlg,
+    JwtHeaderBadKid,
+    JwtPayloadParseErrorBadBase64,
+    JwtPayloadParseErrorBadJson,
+    JwtPayloadParseErrorIssNotString,
+    JwtPayloadParseErrorSubNotString,
+    JwtPayloadParseErrorIatNotInteger,
+    JwtPayloadParseErrorIatOutOfRange,
+    JwtPayloadParseErrorNbfNotInteger,
+    JwtPayloadParseErrorNbfOutOfRange,
+    JwtPayloadParseErrorExpNotInteger,
+    JwtPayloadParseErrorExpOutOfRange,
+    JwtPayloadParseErrorJtiNotString,
+    JwtPayloadParseErrorAudNotString,
+    JwtSignatureParseErrorBadBase64,
+    JwtUnknownIssuer,
+    JwtAudienceNotAllowed,
+    JwtVerificationFail,
+    JwtExpired,
+    JwtNotYetValid,
+    JwksKidAlgMismatch,
+    JwksFetchFail,
+}
+
+impl Status {
+    /// Envoy's message for the status: the 401/403 body.
+    pub fn message(self) -> &'static str {
+        match self {
+            Status::JwtBadFormat => {
+                "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"
+            }
+            Status::JwtHeaderParseErrorBadBase64 => "Jwt header is an invalid Base64url encoded",
+            Status::JwtHeaderParseErrorBadJson => "Jwt header is an invalid JSON",
+            Status::JwtHeaderBadAlg => "Jwt header [alg] field is required and must be a string",
+            Status::JwtHeaderNotImplementedAlg => "Jwt header [alg] is not supported",
+            Status::JwtHeaderBadKid => "Jwt header [kid] field is not a string",
+            Status::JwtPayloadParseErrorBadBase64 => "Jwt payload is an invalid Base64url encoded",
+            Status::JwtPayloadParseErrorBadJson => "Jwt payload is an invalid JSON",
+            Status::JwtPayloadParseErrorIssNotString => "Jwt payload [iss] field is not a string",
+            Status::JwtPayloadParseErrorSubNotString => "Jwt payload [sub] field is not a string",
+            Status::JwtPayloadParseErrorIatNotInteger => {
+                "Jwt payload [iat] field is not an integer"
+            }
+            Status::JwtPayloadParseErrorIatOutOfRange => {
+                "Jwt payload [iat] field is not a positive 64 bit integer"
+            }
+            Status::JwtPayloadParseErrorNbfNotInteger => {
+                "Jwt payload [nbf] field is not an integer"
+            }
+            Status::JwtPayloadParseErrorNbfOutOfRange => {
+                "Jwt payload [nbf] field is not a positive 64 bit integer"
+            }
+            Status::JwtPayloadParseErrorExpNotInteger => {
+                "Jwt payload [exp] field is not an integer"
+            }
+            Status::JwtPayloadParseErrorExpOutOfRange => {
+                "Jwt payload [exp] field is not a positive 64 bit integer"
+            }
+            Status::JwtPayloadParseErrorJtiNotString => "Jwt payload [jti] field is not a string",
+            Status::JwtPayloadParseErrorAudNotString => {
+                "Jwt payload [aud] field is not a string or string list"
+            }
+            Status::JwtSignatureParseErrorBadBase64 => {
+                "Jwt signature is an invalid Base64url encoded"
+            }
+            Status::JwtUnknownIssuer => "Jwt issuer is not configured",
+            Status::JwtAudienceNotAllowed => "Audiences in Jwt are not allowed",
+            Status::JwtVerificationFail => "Jwt verification fails",
+            Status::JwtExpired => "Jwt is expired",
+            Status::JwtNotYetValid => "Jwt not yet valid",
+            Status::JwksKidAlgMismatch => "Jwks doesn't have key to match kid or alg from Jwt",
+            Status::JwksFetchFail => "Jwks remote fetch is failed",
+        }
+    }
+
+    /// The HTTP status Envoy's jwt_authn filter answers with (filter.cc `onComplete`: "status
+    /// == Status::JwtAudienceNotAllowed ? Http::Code::Forbidden : Http::Code::Unauthorized").
+    pub fn http_status(self) -> u16 {
+        match self {
+            Status::JwtAudienceNotAllowed => 403,
+            _ => 401,
+        }
+    }
+}
+
+/// Why a token was refused: a detailed reason for logs, and Envoy's [`Status`] for the client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JwtError {
-    #[error("malformed token: {0}")]
-    Malformed(&'static str),
+    /// The token cannot be parsed (header, payload or signature).
+    #[error("malformed token: {}", .0.message())]
+    Malformed(Status),
+    #[error("token longer than 64 KiB")]
+    TooLong,
     #[error("algorithm `{0}` is not accepted (use RS*, PS*, ES256/384 or EdDSA)")]
     UnsupportedAlgorithm(String),
     #[error("no key with kid `{0}` in the key set")]
@@ -47,6 +144,24 @@ pub enum JwtError {
     Expired { exp: u64, now: u64 },
     #[error("token not valid before {nbf} (now {now})")]
     NotYetValid { nbf: u64, now: u64 },
+}
+
+impl JwtError {
+    /// What Envoy would answer for this refusal.
+    pub fn status(&self) -> Status {
+        match self {
+            JwtError::Malformed(s) => *s,
+            // Beyond Envoy's default 60 KiB header limit: Envoy never sees such a token whole.
+            JwtError::TooLong => Status::JwtBadFormat,
+            JwtError::UnsupportedAlgorithm(_) => Status::JwtHeaderNotImplementedAlg,
+            JwtError::UnknownKid(_) | JwtError::NoMatchingKey(_) => Status::JwksKidAlgMismatch,
+            JwtError::BadSignature => Status::JwtVerificationFail,
+            JwtError::WrongIssuer { .. } | JwtError::MissingIssuer => Status::JwtUnknownIssuer,
+            JwtError::WrongAudience { .. } => Status::JwtAudienceNotAllowed,
+            JwtError::Expired { .. } => Status::JwtExpired,
+            JwtError::NotYetValid { .. } => Status::JwtNotYetValid,
+        }
+    }
 }
 
 /// Why a key set was refused.
@@ -71,6 +186,15 @@ pub enum Algorithm {
     PS512,
     ES256,
     ES384,
+    /// Parsed as Envoy does, never verified: no key Outrigger reads fits it (P-521).
+    ES512,
+    /// HMAC: parsed as Envoy does (so that a token's other faults are reported in Envoy's
+    /// order), never verified: no key fits, so such a token always fails with
+    /// `JwksKidAlgMismatch` — HMAC "signed" with a public key from the JWKS is the classic
+    /// algorithm-confusion attack.
+    HS256,
+    HS384,
+    HS512,
     EdDSA,
 }
 
@@ -85,6 +209,10 @@ impl Algorithm {
             "PS512" => Algorithm::PS512,
             "ES256" => Algorithm::ES256,
             "ES384" => Algorithm::ES384,
+            "ES512" => Algorithm::ES512,
+            "HS256" => Algorithm::HS256,
+            "HS384" => Algorithm::HS384,
+            "HS512" => Algorithm::HS512,
             "EdDSA" => Algorithm::EdDSA,
             other => return Err(JwtError::UnsupportedAlgorithm(other.to_string())),
         })
@@ -100,6 +228,10 @@ impl Algorithm {
             Algorithm::PS512 => "PS512",
             Algorithm::ES256 => "ES256",
             Algorithm::ES384 => "ES384",
+            Algorithm::ES512 => "ES512",
+            Algorithm::HS256 => "HS256",
+            Algorithm::HS384 => "HS384",
+            Algorithm::HS512 => "HS512",
             Algorithm::EdDSA => "EdDSA",
         }
     }
@@ -303,13 +435,6 @@ impl Jwks {
     }
 }
 
-#[derive(Deserialize)]
-struct RawHeader {
-    alg: String,
-    #[serde(default)]
-    kid: Option<String>,
-}
-
 /// A decoded, not yet verified, compact JWS.
 #[derive(Debug, Clone)]
 pub struct Token<'a> {
@@ -321,47 +446,142 @@ pub struct Token<'a> {
     pub payload_b64: &'a str,
     signing_input: &'a str,
     signature: Vec<u8>,
+    /// `exp` and `nbf`, checked at parse as Envoy's `Jwt::parseFromString` does.
+    exp: Option<u64>,
+    nbf: Option<u64>,
+    /// `aud`: a string or a list of strings.
+    audiences: Vec<String>,
 }
 
-/// Splits and decodes a compact JWS (`header.payload.signature`). Refuses `none`, HMAC and
-/// anything that is not three base64url parts with JSON objects.
+/// Base64url with or without padding, as Envoy decodes JWT parts (`absl::WebSafeBase64Unescape`
+/// accepts both).
+const B64URL: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
+
+/// A JSON object decoded from a base64url part, or the part's parse status.
+fn json_object(
+    part: &str,
+    bad_base64: Status,
+    bad_json: Status,
+) -> Result<serde_json::Map<String, serde_json::Value>, JwtError> {
+    let bytes = B64URL
+        .decode(part)
+        .map_err(|_| JwtError::Malformed(bad_base64))?;
+    match serde_json::from_slice(&bytes) {
+        Ok(serde_json::Value::Object(m)) => Ok(m),
+        _ => Err(JwtError::Malformed(bad_json)),
+    }
+}
+
+/// A registered time claim (`iat`, `nbf`, `exp`): absent, or a JSON number in the range of a
+/// u64 (Envoy's `StructUtils::GetUInt64`: "not an integer" when not a number, "not a positive
+/// 64 bit integer" when negative or too large; a fraction is truncated).
+fn time_claim(
+    claims: &serde_json::Map<String, serde_json::Value>,
+    name: &str,
+    not_integer: Status,
+    out_of_range: Status,
+) -> Result<Option<u64>, JwtError> {
+    match claims.get(name) {
+        None => Ok(None),
+        Some(serde_json::Value::Number(n)) => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            if !(0.0..18_446_744_073_709_551_615.0).contains(&f) {
+                return Err(JwtError::Malformed(out_of_range));
+            }
+            Ok(Some(n.as_u64().unwrap_or(f as u64)))
+        }
+        Some(_) => Err(JwtError::Malformed(not_integer)),
+    }
+}
+
+/// Splits and decodes a compact JWS (`header.payload.signature`), checking what Envoy's
+/// `Jwt::parseFromString` checks, in its order: three parts; the header (base64url, a JSON
+/// object, `alg` a string of an implemented algorithm, `kid` a string); the payload
+/// (base64url, a JSON object; `iss`, `sub`, `jti` strings; `iat`, `nbf`, `exp` non-negative
+/// numbers; `aud` a string or a list of strings); the signature (base64url). `alg: none` is
+/// refused; HMAC is parsed and can never verify (see [`Algorithm::HS256`]).
 pub fn decode(raw: &str) -> Result<Token<'_>, JwtError> {
+    use Status::*;
     if raw.len() > MAX_TOKEN_LEN {
-        return Err(JwtError::Malformed("longer than 64 KiB"));
+        return Err(JwtError::TooLong);
     }
     let mut parts = raw.split('.');
-    let (Some(h), Some(p), Some(s), None) =
+    let (Some(h), Some(p), Some(sig), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(JwtError::Malformed("not three dot-separated parts"));
+        return Err(JwtError::Malformed(JwtBadFormat));
     };
-    let header_bytes = URL_SAFE_NO_PAD
-        .decode(h)
-        .map_err(|_| JwtError::Malformed("header is not base64url"))?;
-    let header: RawHeader = serde_json::from_slice(&header_bytes)
-        .map_err(|_| JwtError::Malformed("header is not a JSON object with `alg`"))?;
-    let alg = Algorithm::parse(&header.alg)?;
-    let payload = URL_SAFE_NO_PAD
-        .decode(p)
-        .map_err(|_| JwtError::Malformed("payload is not base64url"))?;
-    let claims: serde_json::Value =
-        serde_json::from_slice(&payload).map_err(|_| JwtError::Malformed("payload is not JSON"))?;
-    if !claims.is_object() {
-        return Err(JwtError::Malformed("payload is not a JSON object"));
+    let header = json_object(h, JwtHeaderParseErrorBadBase64, JwtHeaderParseErrorBadJson)?;
+    let alg = match header.get("alg") {
+        Some(serde_json::Value::String(a)) => Algorithm::parse(a)?,
+        _ => return Err(JwtError::Malformed(JwtHeaderBadAlg)),
+    };
+    let kid = match header.get("kid") {
+        None => None,
+        Some(serde_json::Value::String(k)) => Some(k.clone()),
+        Some(_) => return Err(JwtError::Malformed(JwtHeaderBadKid)),
+    };
+    let claims = json_object(
+        p,
+        JwtPayloadParseErrorBadBase64,
+        JwtPayloadParseErrorBadJson,
+    )?;
+    let is_string = |name: &str| claims.get(name).is_none_or(serde_json::Value::is_string);
+    if !is_string("iss") {
+        return Err(JwtError::Malformed(JwtPayloadParseErrorIssNotString));
     }
-    let signature = URL_SAFE_NO_PAD
-        .decode(s)
-        .map_err(|_| JwtError::Malformed("signature is not base64url"))?;
-    if signature.is_empty() {
-        return Err(JwtError::Malformed("empty signature"));
+    if !is_string("sub") {
+        return Err(JwtError::Malformed(JwtPayloadParseErrorSubNotString));
     }
+    time_claim(
+        &claims,
+        "iat",
+        JwtPayloadParseErrorIatNotInteger,
+        JwtPayloadParseErrorIatOutOfRange,
+    )?;
+    let nbf = time_claim(
+        &claims,
+        "nbf",
+        JwtPayloadParseErrorNbfNotInteger,
+        JwtPayloadParseErrorNbfOutOfRange,
+    )?;
+    let exp = time_claim(
+        &claims,
+        "exp",
+        JwtPayloadParseErrorExpNotInteger,
+        JwtPayloadParseErrorExpOutOfRange,
+    )?;
+    if !is_string("jti") {
+        return Err(JwtError::Malformed(JwtPayloadParseErrorJtiNotString));
+    }
+    let audiences = match claims.get("aud") {
+        None => Vec::new(),
+        Some(serde_json::Value::String(a)) => vec![a.clone()],
+        Some(serde_json::Value::Array(list)) => list
+            .iter()
+            .map(|v| v.as_str().map(str::to_string))
+            .collect::<Option<Vec<String>>>()
+            .ok_or(JwtError::Malformed(JwtPayloadParseErrorAudNotString))?,
+        Some(_) => return Err(JwtError::Malformed(JwtPayloadParseErrorAudNotString)),
+    };
+    let signature = B64URL
+        .decode(sig)
+        .map_err(|_| JwtError::Malformed(JwtSignatureParseErrorBadBase64))?;
     Ok(Token {
         alg,
-        kid: header.kid,
-        claims,
+        kid,
+        claims: serde_json::Value::Object(claims),
         payload_b64: p,
         signing_input: &raw[..h.len() + 1 + p.len()],
         signature,
+        exp,
+        nbf,
+        audiences,
     })
 }
 
@@ -378,15 +598,15 @@ pub struct ClaimRules<'a> {
     pub clock_skew: u64,
 }
 
-fn numeric_claim(claims: &serde_json::Value, name: &str) -> Result<Option<u64>, JwtError> {
-    match claims.get(name) {
-        None | Some(serde_json::Value::Null) => Ok(None),
-        Some(v) => v
-            .as_f64()
-            .filter(|f| *f >= 0.0)
-            .map(|f| Some(f as u64))
-            .ok_or(JwtError::Malformed("exp/nbf/iat must be numbers")),
-    }
+/// An audience as Envoy compares it (source/common/jwt/check_audience.cc `sanitizeAudience`):
+/// without an `http://` or `https://` prefix and without one trailing `/`, so that
+/// `https://api.example.com/` and `api.example.com` are the same audience. Case matters.
+pub fn sanitize_audience(aud: &str) -> &str {
+    let a = aud
+        .strip_prefix("http://")
+        .or_else(|| aud.strip_prefix("https://"))
+        .unwrap_or(aud);
+    a.strip_suffix('/').unwrap_or(a)
 }
 
 impl Token<'_> {
@@ -394,33 +614,40 @@ impl Token<'_> {
         self.claims.get("iss").and_then(serde_json::Value::as_str)
     }
 
-    /// Checks the signature with the key set: the key named by `kid` if the token names one,
-    /// else every key that fits the algorithm.
+    /// Checks the signature with the key set as Envoy's `verifyJwtWithoutTimeChecking` does:
+    /// every key whose `kid` does not contradict the token's (a key without `kid` is tried
+    /// too) and whose `alg`, if it pins one, is the token's. No such key: `JwksKidAlgMismatch`
+    /// (reported as [`JwtError::UnknownKid`] when the token names a `kid` no key has, so the
+    /// caller can refetch a rotated key set); such keys but no valid signature:
+    /// `JwtVerificationFail`.
     pub fn verify_signature(&self, jwks: &Jwks) -> Result<(), JwtError> {
         let msg = self.signing_input.as_bytes();
-        let mut tried = false;
+        let mut matched = false;
         for k in jwks.keys() {
-            if let Some(kid) = &self.kid
-                && k.kid.as_deref() != Some(kid.as_str())
+            if let (Some(kid), Some(key_kid)) = (&self.kid, &k.kid)
+                && kid != key_kid
             {
                 continue;
             }
-            if !k.fits(self.alg) {
+            if k.alg.as_deref().is_some_and(|a| a != self.alg.name()) {
                 continue;
             }
-            tried = true;
-            if k.verify(self.alg, msg, &self.signature) {
+            matched = true;
+            if k.fits(self.alg) && k.verify(self.alg, msg, &self.signature) {
                 return Ok(());
             }
         }
-        match (&self.kid, tried) {
+        match (&self.kid, matched) {
             (Some(kid), false) if !jwks.has_kid(kid) => Err(JwtError::UnknownKid(kid.clone())),
             (_, false) => Err(JwtError::NoMatchingKey(self.alg.to_string())),
             (_, true) => Err(JwtError::BadSignature),
         }
     }
 
-    /// Checks `iss`, `aud`, `exp` and `nbf` (with the clock skew).
+    /// Checks `iss`, then `nbf` and `exp` (with the clock skew), then `aud`: Envoy's order
+    /// (authenticator.cc `startVerify`: issuer, `verifyTimeConstraint` — "now + clock_skew <
+    /// nbf" is not yet valid, "now > exp + clock_skew" expired —, then the audiences), all
+    /// before the signature, so a token with several faults gets Envoy's answer for the first.
     pub fn check_claims(&self, rules: &ClaimRules<'_>) -> Result<(), JwtError> {
         match self.issuer() {
             None => return Err(JwtError::MissingIssuer),
@@ -432,15 +659,7 @@ impl Token<'_> {
             }
             Some(_) => {}
         }
-        if let Some(exp) = numeric_claim(&self.claims, "exp")?
-            && rules.now > exp.saturating_add(rules.clock_skew)
-        {
-            return Err(JwtError::Expired {
-                exp,
-                now: rules.now,
-            });
-        }
-        if let Some(nbf) = numeric_claim(&self.claims, "nbf")?
+        if let Some(nbf) = self.nbf
             && rules.now.saturating_add(rules.clock_skew) < nbf
         {
             return Err(JwtError::NotYetValid {
@@ -448,18 +667,24 @@ impl Token<'_> {
                 now: rules.now,
             });
         }
+        if let Some(exp) = self.exp
+            && rules.now > exp.saturating_add(rules.clock_skew)
+        {
+            return Err(JwtError::Expired {
+                exp,
+                now: rules.now,
+            });
+        }
         if !rules.audiences.is_empty() {
-            let found: Vec<String> = match self.claims.get("aud") {
-                Some(serde_json::Value::String(s)) => vec![s.clone()],
-                Some(serde_json::Value::Array(a)) => a
+            let allowed = |a: &String| {
+                rules
+                    .audiences
                     .iter()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect(),
-                _ => Vec::new(),
+                    .any(|r| sanitize_audience(r) == sanitize_audience(a))
             };
-            if !found.iter().any(|a| rules.audiences.contains(a)) {
+            if !self.audiences.iter().any(allowed) {
                 return Err(JwtError::WrongAudience {
-                    found,
+                    found: self.audiences.clone(),
                     allowed: rules.audiences.to_vec(),
                 });
             }
@@ -608,7 +833,145 @@ mod tests {
         let t = token(r#"{"alg":"HS256"}"#, CLAIMS, |m| {
             aws_lc_rs::hmac::sign(&key, m).as_ref().to_vec()
         });
-        assert!(matches!(decode(&t), Err(JwtError::UnsupportedAlgorithm(a)) if a == "HS256"));
+        // Parsed as Envoy parses it, then never verified, whatever the JWKS holds (keys
+        // without `alg` are tried, as Envoy tries them, and none verifies HMAC).
+        let d = decode(&t).unwrap();
+        assert_eq!(
+            d.verify_signature(&k.jwks).map_err(|e| e.status()),
+            Err(Status::JwtVerificationFail)
+        );
+        assert_eq!(
+            JwtError::UnsupportedAlgorithm("none".into()).status(),
+            Status::JwtHeaderNotImplementedAlg
+        );
+    }
+
+    /// Each parse failure gets Envoy's status (source/common/jwt/jwt.cc `parseFromString`,
+    /// status.cc), in Envoy's order.
+    #[test]
+    fn parse_failures_get_envoys_status() {
+        let k = keys();
+        let sign = |h: &str, c: &str| token(h, c, |m| k.ed.sign(m).as_ref().to_vec());
+        let ed = r#"{"alg":"EdDSA"}"#;
+        let cases: &[(String, Status)] = &[
+            ("abc.def".into(), Status::JwtBadFormat),
+            ("a.b.c.d".into(), Status::JwtBadFormat),
+            (
+                format!("!!.{}.", enc(b"{}")),
+                Status::JwtHeaderParseErrorBadBase64,
+            ),
+            (
+                format!("{}.{}.", enc(b"[1]"), enc(b"{}")),
+                Status::JwtHeaderParseErrorBadJson,
+            ),
+            (sign(r#"{"alg":5}"#, "{}"), Status::JwtHeaderBadAlg),
+            (sign(r#"{"typ":"JWT"}"#, "{}"), Status::JwtHeaderBadAlg),
+            (
+                sign(r#"{"alg":"XS1"}"#, "{}"),
+                Status::JwtHeaderNotImplementedAlg,
+            ),
+            (
+                sign(r#"{"alg":"EdDSA","kid":1}"#, "{}"),
+                Status::JwtHeaderBadKid,
+            ),
+            (
+                format!("{}.!!.", enc(ed.as_bytes())),
+                Status::JwtPayloadParseErrorBadBase64,
+            ),
+            (sign(ed, "[]"), Status::JwtPayloadParseErrorBadJson),
+            (
+                sign(ed, r#"{"iss":1}"#),
+                Status::JwtPayloadParseErrorIssNotString,
+            ),
+            (
+                sign(ed, r#"{"sub":true}"#),
+                Status::JwtPayloadParseErrorSubNotString,
+            ),
+            (
+                sign(ed, r#"{"iat":"x"}"#),
+                Status::JwtPayloadParseErrorIatNotInteger,
+            ),
+            (
+                sign(ed, r#"{"iat":-1}"#),
+                Status::JwtPayloadParseErrorIatOutOfRange,
+            ),
+            (
+                sign(ed, r#"{"nbf":"1"}"#),
+                Status::JwtPayloadParseErrorNbfNotInteger,
+            ),
+            (
+                sign(ed, r#"{"nbf":1e30}"#),
+                Status::JwtPayloadParseErrorNbfOutOfRange,
+            ),
+            (
+                sign(ed, r#"{"exp":null}"#),
+                Status::JwtPayloadParseErrorExpNotInteger,
+            ),
+            (
+                sign(ed, r#"{"exp":-5}"#),
+                Status::JwtPayloadParseErrorExpOutOfRange,
+            ),
+            (
+                sign(ed, r#"{"jti":2}"#),
+                Status::JwtPayloadParseErrorJtiNotString,
+            ),
+            (
+                sign(ed, r#"{"aud":["a",1]}"#),
+                Status::JwtPayloadParseErrorAudNotString,
+            ),
+            (
+                sign(ed, r#"{"aud":{}}"#),
+                Status::JwtPayloadParseErrorAudNotString,
+            ),
+            (
+                format!("{}.{}.!!", enc(ed.as_bytes()), enc(b"{}")),
+                Status::JwtSignatureParseErrorBadBase64,
+            ),
+        ];
+        for (t, want) in cases {
+            assert_eq!(
+                decode(t).map(|_| ()).map_err(|e| e.status()),
+                Err(*want),
+                "{t}"
+            );
+        }
+        // Padding is accepted, as Envoy's base64url decoder accepts it.
+        let t = sign(ed, CLAIMS);
+        let mut p: Vec<String> = t.split('.').map(str::to_string).collect();
+        while !p[1].len().is_multiple_of(4) {
+            p[1].push('=');
+        }
+        assert!(decode(&p.join(".")).is_ok());
+    }
+
+    /// Envoy's `sanitizeAudience` (source/common/jwt/check_audience.cc) and its test vectors.
+    #[test]
+    fn audiences_are_compared_without_scheme_and_trailing_slash() {
+        assert_eq!(sanitize_audience("https://example.com/"), "example.com");
+        assert_eq!(sanitize_audience("http://example.com"), "example.com");
+        assert_eq!(sanitize_audience("example.com/"), "example.com");
+        assert_eq!(sanitize_audience("example.com/path/"), "example.com/path");
+        assert_eq!(sanitize_audience("ftp://example.com"), "ftp://example.com");
+        assert_eq!(sanitize_audience(""), "");
+        let k = keys();
+        let t = token(
+            r#"{"alg":"EdDSA"}"#,
+            r#"{"iss":"https://issuer.example","aud":["x","http://api.example.com/"],"exp":2000,"nbf":1000}"#,
+            |m| k.ed.sign(m).as_ref().to_vec(),
+        );
+        let d = decode(&t).unwrap();
+        let aud = vec!["https://api.example.com".to_string()];
+        let mut r = rules(1500);
+        r.audiences = &aud;
+        assert!(d.check_claims(&r).is_ok());
+        let aud = vec!["API.example.com".to_string()];
+        r.audiences = &aud;
+        assert_eq!(
+            d.check_claims(&r).map_err(|e| e.status()),
+            Err(Status::JwtAudienceNotAllowed)
+        );
+        assert_eq!(Status::JwtAudienceNotAllowed.http_status(), 403);
+        assert_eq!(Status::JwtExpired.http_status(), 401);
     }
 
     #[test]

@@ -996,6 +996,62 @@ fn valid_header_name(h: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// `name` if it is an HTTP field name (RFC 9110 `token`).
+fn http_token(name: &str) -> Option<&str> {
+    (!name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)))
+    .then_some(name)
+}
+
+/// The host of a `jwksUri` as istiod's `security.ParseJwksURI` accepts it (istio/istio
+/// pkg/config/security/security.go): Go's `url.Parse` must succeed, the scheme (which Go
+/// lowercases) must be `http` or `https`, and a port, when written, must be a number. The host
+/// itself is not checked (it may be empty).
+fn jwks_uri_host(uri: &str) -> Result<&str, String> {
+    if uri.bytes().any(|b| b < 0x20 || b == 0x7f || b == b' ') {
+        return Err("url.Parse: invalid character in URL".into());
+    }
+    let Some((scheme, rest)) = uri.split_once(':') else {
+        return Err("URI scheme \"\" is not supported".into());
+    };
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return Err(format!(
+            "URI scheme {:?} is not supported",
+            scheme.to_ascii_lowercase()
+        ));
+    }
+    let Some(rest) = rest.strip_prefix("//") else {
+        // `https:foo` parses (an opaque URL) with no host.
+        return Ok("");
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let (host, port) = match hostport.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((h, after)) => (h, after.strip_prefix(':')),
+            None => return Err("url.Parse: missing ']' in host".into()),
+        },
+        None => match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        },
+    };
+    if let Some(p) = port
+        && !p.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(format!(
+            "url.Parse: invalid port {:?} after host",
+            format!(":{p}")
+        ));
+    }
+    if port.is_some_and(|p| !p.is_empty() && p.parse::<u64>().is_err()) {
+        return Err("strconv.Atoi: value out of range".into());
+    }
+    Ok(host)
+}
+
 pub(crate) fn request_authentication(spec: &RequestAuthenticationSpec) -> Vec<Issue> {
     let mut issues = Issues::default();
     one_of_selector(
@@ -1022,20 +1078,19 @@ pub(crate) fn request_authentication(spec: &RequestAuthenticationSpec) -> Vec<Is
             );
         }
         if !rule.jwks_uri.is_empty() {
-            let scheme_ok =
-                rule.jwks_uri.starts_with("https://") || rule.jwks_uri.starts_with("http://");
-            let host_ok = rule
-                .jwks_uri
-                .split_once("://")
-                .is_some_and(|(_, rest)| !rest.is_empty() && !rest.starts_with('/'));
-            if !scheme_ok || !host_ok {
-                issues.push(
-                    &join(&rp, &[k("jwksUri")]),
+            let at = join(&rp, &[k("jwksUri")]);
+            match jwks_uri_host(&rule.jwks_uri) {
+                Err(reason) => issues.push(&at, format!("`{}`: {reason}", rule.jwks_uri)),
+                // istiod accepts it (Go's url.Parse gives an empty host, nothing checks it);
+                // no key set can be fetched from it, so its tokens are refused.
+                Ok("") => issues.warn(
+                    &at,
                     format!(
-                        "`{}`: url must have scheme http:// or https:// and a host",
+                        "`{}` has no host: its key set can never be fetched, so every token of this issuer is refused (Jwks remote fetch is failed)",
                         rule.jwks_uri
                     ),
-                );
+                ),
+                Ok(_) => {}
             }
         }
         if !rule.jwks.is_empty() {
@@ -1094,12 +1149,17 @@ pub(crate) fn request_authentication(spec: &RequestAuthenticationSpec) -> Vec<Is
                 );
             }
         }
+        // istiod does not validate `outputPayloadToHeader` at all; a name that is not an HTTP
+        // header name cannot be written, so it is accepted with a warning.
         if !rule.output_payload_to_header.is_empty()
-            && !valid_header_name(&rule.output_payload_to_header)
+            && http_token(&rule.output_payload_to_header).is_none()
         {
-            issues.push(
+            issues.warn(
                 &join(&rp, &[k("outputPayloadToHeader")]),
-                "not a valid header name",
+                format!(
+                    "`{}` is not an HTTP header name: the payload is not forwarded",
+                    rule.output_payload_to_header
+                ),
             );
         }
         // The value was parsed at load (Go's time.ParseDuration, as istiod's jsonpb does);

@@ -342,7 +342,12 @@ fn validation_rules_like_istiod() {
         ),
         (
             "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: r, namespace: shop}\nspec:\n  jwtRules:\n  - issuer: https://issuer\n    jwksUri: ftp://keys\n",
-            "spec.jwtRules[0].jwksUri: `ftp://keys`: url must have scheme http:// or https://",
+            // istiod's `security.ParseJwksURI` (pkg/config/security/security.go).
+            "spec.jwtRules[0].jwksUri: `ftp://keys`: URI scheme \"ftp\" is not supported",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: r, namespace: shop}\nspec:\n  jwtRules:\n  - issuer: https://issuer\n    jwksUri: https://keys:https/jwks\n",
+            "spec.jwtRules[0].jwksUri: `https://keys:https/jwks`: url.Parse: invalid port",
         ),
         (
             "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: r, namespace: shop}\nspec:\n  jwtRules:\n  - jwks: '{}'\n",
@@ -570,4 +575,39 @@ metadata: {name: cm, labels: {app: web}}
             None,
         ]
     );
+}
+
+/// What istiod accepts in a JwtRule loads, with a warning where it cannot work (istio/istio
+/// pkg/config/validation/validation.go `validateJwtRule`: `jwksUri` through
+/// `security.ParseJwksURI`, which checks the scheme and the port, not the host;
+/// `outputPayloadToHeader` not validated at all).
+#[test]
+fn jwt_rule_forms_istiod_accepts_load() {
+    let rule = |extra: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: r, namespace: shop}}\nspec:\n  jwtRules:\n  - issuer: https://issuer\n{extra}"
+        )
+    };
+    for (extra, warning) in [
+        ("    jwksUri: https://\n", Some("has no host")),
+        ("    jwksUri: HTTPS://keys.example/jwks\n", None),
+        ("    jwksUri: http://[::1]:8443/jwks\n", None),
+        ("    jwksUri: https://keys.example:/jwks\n", None),
+        (
+            "    outputPayloadToHeader: 'x payload'\n",
+            Some("is not an HTTP header name"),
+        ),
+        ("    outputPayloadToHeader: x-jwt-payload\n", None),
+    ] {
+        let rs = parse_documents("f.yaml", &rule(extra))
+            .unwrap_or_else(|e| panic!("istiod accepts {extra:?}: {e}"));
+        let warnings: Vec<String> = rs[0].warnings.iter().map(|w| w.to_string()).collect();
+        match warning {
+            Some(w) => assert!(
+                warnings.iter().any(|x| x.contains(w)),
+                "{extra:?}: {warnings:?}"
+            ),
+            None => assert!(warnings.is_empty(), "{extra:?}: {warnings:?}"),
+        }
+    }
 }

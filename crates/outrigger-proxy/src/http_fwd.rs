@@ -339,14 +339,17 @@ async fn handle(
                     result: "invalid",
                 })
                 .inc();
+            let status =
+                StatusCode::from_u16(e.status.http_status()).unwrap_or(StatusCode::UNAUTHORIZED);
             tracing::info!(
                 listener = %conn.listener.name, src = %conn.src,
                 source = conn.source_principal_str(),
-                "JWT refused: {}; answering 401", e.reason
+                "JWT refused: {}; answering {} {}", e.reason, status.as_u16(), e.status.message()
             );
             rec.authz_result = Some("jwt_invalid");
-            let challenge = crate::jwt_authn::www_authenticate(&parts);
-            let mut resp = local_reply(StatusCode::UNAUTHORIZED, "Jwt verification fails", rec);
+            let challenge =
+                crate::jwt_authn::www_authenticate(&parts, conn.security_policy() == "mutual_tls");
+            let mut resp = local_reply(status, e.status.message(), rec);
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, challenge);
             return Ok(resp);

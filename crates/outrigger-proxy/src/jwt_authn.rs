@@ -496,10 +496,46 @@ fn extract<'a>(
     }
 }
 
-/// A request that must be answered 401.
+/// A request whose token failed: answered as Envoy's jwt_authn filter answers it.
 #[derive(Debug)]
 pub struct Unauthenticated {
+    /// Envoy's verdict: the status code (401, or 403 for an audience that is not allowed) and
+    /// the body.
+    pub status: jwt::Status,
+    /// The detail, for the log.
     pub reason: String,
+}
+
+impl Unauthenticated {
+    fn new(status: jwt::Status, reason: impl Into<String>) -> Self {
+        Unauthenticated {
+            status,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<JwtError> for Unauthenticated {
+    fn from(e: JwtError) -> Self {
+        Unauthenticated::new(e.status(), e.to_string())
+    }
+}
+
+/// A CORS preflight, which Istio lets through RequestAuthentication unverified: istiod sets
+/// `bypass_cors_preflight: true` (pilot/pkg/security/authn/policy_applier.go), and Envoy's
+/// jwt_authn filter.cc `isCorsPreflightRequest` is "method OPTIONS, a non-empty `origin` and a
+/// non-empty `access-control-request-method`" ("The CORS preflight doesn't include user
+/// credentials, bypass regardless of JWT requirements").
+pub fn is_cors_preflight(parts: &http::request::Parts) -> bool {
+    let non_empty = |h: http::header::HeaderName| {
+        parts
+            .headers
+            .get(h)
+            .is_some_and(|v| !v.as_bytes().is_empty())
+    };
+    parts.method == http::Method::OPTIONS
+        && non_empty(http::header::ORIGIN)
+        && non_empty(http::header::ACCESS_CONTROL_REQUEST_METHOD)
 }
 
 fn now_unix() -> u64 {
@@ -509,18 +545,105 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// A claim's value as Envoy's `claim_to_headers` writes it (jwt_authn authenticator.cc
+/// `addJWTClaimToHeader`): a string as is; a number as `convertClaimDoubleToString` prints it
+/// (an integer in u64 range without decimals, anything else with C's `%f`: `1.500000`,
+/// `-3.000000`); a boolean as `true`/`false`; an object or a list as standard base64 (padded)
+/// of its JSON (protobuf's JSON printer: numbers as doubles, so `2.0` is `2`); null: nothing.
 fn claim_text(v: &serde_json::Value) -> Option<String> {
+    use base64::Engine;
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => {
+            let f = n.as_f64()?;
+            if (0.0..18_446_744_073_709_551_615.0).contains(&f) && f.fract() == 0.0 {
+                Some(format!("{}", n.as_u64().unwrap_or(f as u64)))
+            } else {
+                Some(format!("{f:.6}"))
+            }
+        }
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        serde_json::Value::Array(_) | serde_json::Value::Object(_) => {
+            let mut json = String::new();
+            proto_json(v, &mut json);
+            Some(base64::engine::general_purpose::STANDARD.encode(json))
+        }
+        serde_json::Value::Null => None,
+    }
+}
+
+/// A claim's value for Outrigger's own `jwt.identityHeaders` (not an Istio field): strings,
+/// numbers and booleans as JSON prints them, a list as its scalar items joined with `,`
+/// (`readers,admins`: what an IIS or .NET application reads most easily); objects: nothing.
+fn identity_text(v: &serde_json::Value) -> Option<String> {
     match v {
         serde_json::Value::String(s) => Some(s.clone()),
         serde_json::Value::Number(n) => Some(n.to_string()),
         serde_json::Value::Bool(b) => Some(b.to_string()),
         serde_json::Value::Array(a) => Some(
             a.iter()
-                .filter_map(claim_text)
+                .filter_map(identity_text)
                 .collect::<Vec<_>>()
                 .join(","),
         ),
         _ => None,
+    }
+}
+
+/// JSON as protobuf's printer writes a `google.protobuf.Value` (what Envoy's claim values
+/// are): compact, numbers as doubles (`%.15g`, or `%.17g` when 15 digits do not round-trip).
+/// Object keys are sorted (Envoy's order is its hash map's, so any order is Envoy's order).
+fn proto_json(v: &serde_json::Value, out: &mut String) {
+    match v {
+        serde_json::Value::Number(n) => out.push_str(&proto_double(n.as_f64().unwrap_or(0.0))),
+        serde_json::Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                proto_json(item, out);
+            }
+            out.push(']');
+        }
+        serde_json::Value::Object(map) => {
+            out.push('{');
+            for (i, (k, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::Value::String(k.clone()).to_string());
+                out.push(':');
+                proto_json(item, out);
+            }
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// A double as protobuf's `SimpleDtoa` prints it: the shortest of `%.15g`/`%.17g` that
+/// round-trips — fixed notation for decimal exponents from -4 to below the precision,
+/// exponent notation (`1e+20`) otherwise.
+fn proto_double(f: f64) -> String {
+    if f == 0.0 || !f.is_finite() {
+        return format!("{}", if f.is_finite() { 0.0 } else { f });
+    }
+    let sci = format!("{f:e}");
+    let Some((mantissa, exp)) = sci.split_once('e') else {
+        return sci;
+    };
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let digits = mantissa.chars().filter(char::is_ascii_digit).count();
+    let precision = if digits <= 15 { 15 } else { 17 };
+    if exp < -4 || exp >= precision {
+        format!(
+            "{mantissa}e{}{:02}",
+            if exp < 0 { '-' } else { '+' },
+            exp.unsigned_abs()
+        )
+    } else {
+        format!("{f}")
     }
 }
 
@@ -559,7 +682,7 @@ pub async fn authenticate(
     for (h, _) in &cache.settings.identity_headers {
         parts.headers.remove(h);
     }
-    if rules.is_empty() {
+    if rules.is_empty() || is_cors_preflight(parts) {
         return Ok(None);
     }
 
@@ -588,9 +711,10 @@ pub async fn authenticate(
             continue;
         }
         checked.push(token);
-        let decoded = jwt::decode(token).map_err(|e| Unauthenticated {
-            reason: e.to_string(),
-        })?;
+        // Envoy's order (jwt_authn authenticator.cc `startVerify`): parse, issuer, time,
+        // audience, then the key set and the signature — so a token with several faults gets
+        // the answer Envoy gives for the first.
+        let decoded = jwt::decode(token)?;
         let iss = decoded.issuer().unwrap_or("").to_string();
         // The rules that both looked where this token was and name its issuer.
         let candidates: Vec<usize> = found
@@ -599,14 +723,24 @@ pub async fn authenticate(
             .map(|(_, _, i)| *i)
             .collect();
         if candidates.is_empty() {
-            return Err(Unauthenticated {
-                reason: format!("no jwtRule for issuer `{iss}` at the token's location"),
-            });
+            return Err(Unauthenticated::new(
+                jwt::Status::JwtUnknownIssuer,
+                format!("no jwtRule for issuer `{iss}` at the token's location"),
+            ));
         }
-        let mut last_err = String::new();
+        let mut last_err = None;
         let mut ok_rule = None;
         for &ri in &candidates {
             let rule = rules[ri];
+            if let Err(e) = decoded.check_claims(&ClaimRules {
+                issuer: &rule.issuer,
+                audiences: &rule.audiences,
+                now,
+                clock_skew: jwt::DEFAULT_CLOCK_SKEW_SECS,
+            }) {
+                last_err = Some(Unauthenticated::from(e));
+                continue;
+            }
             // Parsed and validated at load (>= 1ms, Go's range): never parsed per request.
             let timeout = rule
                 .timeout
@@ -616,7 +750,7 @@ pub async fn authenticate(
             let keys = match cache.keys(&src, timeout).await {
                 Ok(k) => k,
                 Err(e) => {
-                    last_err = e;
+                    last_err = Some(Unauthenticated::new(jwt::Status::JwksFetchFail, e));
                     continue;
                 }
             };
@@ -629,24 +763,18 @@ pub async fn authenticate(
                     sig = decoded.verify_signature(&k);
                 }
             }
-            let result = sig.and_then(|_| {
-                decoded.check_claims(&ClaimRules {
-                    issuer: &rule.issuer,
-                    audiences: &rule.audiences,
-                    now,
-                    clock_skew: jwt::DEFAULT_CLOCK_SKEW_SECS,
-                })
-            });
-            match result {
+            match sig {
                 Ok(()) => {
                     ok_rule = Some(ri);
                     break;
                 }
-                Err(e) => last_err = e.to_string(),
+                Err(e) => last_err = Some(Unauthenticated::from(e)),
             }
         }
         let Some(ri) = ok_rule else {
-            return Err(Unauthenticated { reason: last_err });
+            return Err(last_err.unwrap_or_else(|| {
+                Unauthenticated::new(jwt::Status::JwtVerificationFail, "no rule verified it")
+            }));
         };
         let rule = rules[ri];
         if !rule.forward_original_token {
@@ -687,7 +815,7 @@ pub async fn authenticate(
         }
     }
     for (h, claim) in &cache.settings.identity_headers {
-        if let Some(v) = claim_at(claims.payload(), claim).and_then(claim_text)
+        if let Some(v) = claim_at(claims.payload(), claim).and_then(identity_text)
             && let Ok(v) = HeaderValue::from_str(&v)
         {
             parts.headers.insert(h.clone(), v);
@@ -717,9 +845,13 @@ fn warn_on_group_overage(claims: &JwtClaims) {
     }
 }
 
-/// Envoy's answer to a request whose JWT failed: 401, body "Jwt verification fails", and a
-/// `www-authenticate` challenge naming the error (RFC 6750 §3).
-pub(crate) fn www_authenticate(parts: &http::request::Parts) -> HeaderValue {
+/// Envoy's `www-authenticate` for a request whose JWT failed (jwt_authn filter.cc
+/// `onComplete`): `Bearer realm="<original URI>", error="invalid_token"` (RFC 6750 §3), the
+/// URI as `Http::Utility::buildOriginalUri` builds it: the forwarded scheme (`https` on an
+/// mTLS connection), `://`, the host, and the path with its query cut to 256 bytes
+/// (`MaximumUriLength`).
+pub(crate) fn www_authenticate(parts: &http::request::Parts, tls: bool) -> HeaderValue {
+    const MAXIMUM_URI_LENGTH: usize = 256;
     let host = parts
         .uri
         .authority()
@@ -731,9 +863,15 @@ pub(crate) fn www_authenticate(parts: &http::request::Parts) -> HeaderValue {
                 .and_then(|h| h.to_str().ok())
         })
         .unwrap_or("");
+    let path = parts.uri.path_and_query().map_or("", |p| p.as_str());
+    let mut end = path.len().min(MAXIMUM_URI_LENGTH);
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    let scheme = if tls { "https" } else { "http" };
     HeaderValue::from_str(&format!(
-        "Bearer realm=\"http://{host}{}\", error=\"invalid_token\"",
-        parts.uri.path()
+        "Bearer realm=\"{scheme}://{host}{}\", error=\"invalid_token\"",
+        &path[..end]
     ))
     .unwrap_or_else(|_| HeaderValue::from_static("Bearer error=\"invalid_token\""))
 }
@@ -741,6 +879,63 @@ pub(crate) fn www_authenticate(parts: &http::request::Parts) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Envoy's claim_to_headers formatting (authenticator.cc `addJWTClaimToHeader`,
+    /// `convertClaimDoubleToString`; protobuf's `SimpleDtoa` inside objects and lists),
+    /// values as the real Envoy wrote them in tests/jwt_envoy.rs.
+    #[test]
+    fn claim_values_are_written_as_envoy_writes_them() {
+        let text = |j: &str| claim_text(&serde_json::from_str(j).unwrap());
+        assert_eq!(text("42").as_deref(), Some("42"));
+        assert_eq!(text("2.0").as_deref(), Some("2"));
+        assert_eq!(text("1.5").as_deref(), Some("1.500000"));
+        assert_eq!(text("-3").as_deref(), Some("-3.000000"));
+        assert_eq!(
+            text("1e20").as_deref(),
+            Some("100000000000000000000.000000")
+        );
+        assert_eq!(text("true").as_deref(), Some("true"));
+        assert_eq!(text("null"), None);
+        assert_eq!(
+            text(r#"["readers","admins"]"#).as_deref(),
+            Some("WyJyZWFkZXJzIiwiYWRtaW5zIl0=")
+        );
+        for (f, want) in [
+            (2.0, "2"),
+            (0.5, "0.5"),
+            (1e20, "1e+20"),
+            (1e-5, "1e-05"),
+            (0.0001, "0.0001"),
+            (123456789012345678.0, "1.2345678901234568e+17"),
+            (-1.25e-7, "-1.25e-07"),
+            (1e15, "1e+15"),
+            (999999999999999.0, "999999999999999"),
+        ] {
+            assert_eq!(proto_double(f), want, "{f}");
+        }
+    }
+
+    #[test]
+    fn cors_preflight_needs_options_origin_and_request_method() {
+        let parts = |method: &str, headers: &[(&str, &str)]| {
+            let mut b = http::Request::builder().method(method).uri("/x");
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            b.body(()).unwrap().into_parts().0
+        };
+        let full = [
+            ("origin", "https://app.example"),
+            ("access-control-request-method", "POST"),
+        ];
+        assert!(is_cors_preflight(&parts("OPTIONS", &full)));
+        assert!(!is_cors_preflight(&parts("GET", &full)));
+        assert!(!is_cors_preflight(&parts("OPTIONS", &full[..1])));
+        assert!(!is_cors_preflight(&parts(
+            "OPTIONS",
+            &[("origin", ""), ("access-control-request-method", "POST")]
+        )));
+    }
 
     #[test]
     fn query_and_cookie_extraction() {

@@ -417,15 +417,49 @@ spec:
         "{hs_input}.{}",
         b64(aws_lc_rs::hmac::sign(&hkey, hs_input.as_bytes()).as_ref())
     );
-    for (what, token) in [
-        ("expired", issuer.token("RS256", expired)),
-        ("not yet valid", issuer.token("RS256", early)),
-        ("wrong issuer", issuer.token("RS256", wrong_iss)),
-        ("wrong audience", issuer.token("RS256", wrong_aud)),
-        ("bad signature", tampered),
-        ("alg none", none),
-        ("HS256 with the public key", hs),
-        ("garbage", "not.a.jwt".to_string()),
+    // Envoy's answer for each failure (jwt_authn filter.cc `onComplete`, status.cc; compared
+    // with the real Envoy in tests/jwt_envoy.rs).
+    for (what, token, status, body) in [
+        (
+            "expired",
+            issuer.token("RS256", expired),
+            401,
+            "Jwt is expired",
+        ),
+        (
+            "not yet valid",
+            issuer.token("RS256", early),
+            401,
+            "Jwt not yet valid",
+        ),
+        (
+            "wrong issuer",
+            issuer.token("RS256", wrong_iss),
+            401,
+            "Jwt issuer is not configured",
+        ),
+        (
+            "wrong audience",
+            issuer.token("RS256", wrong_aud),
+            403,
+            "Audiences in Jwt are not allowed",
+        ),
+        ("bad signature", tampered, 401, "Jwt verification fails"),
+        ("alg none", none, 401, "Jwt header [alg] is not supported"),
+        (
+            // No `kid`, keys without `alg`: every key is tried, as Envoy tries them, and
+            // none verifies HMAC (Outrigger never does).
+            "HS256 with the public key",
+            hs,
+            401,
+            "Jwt verification fails",
+        ),
+        (
+            "garbage",
+            "not.a.jwt".to_string(),
+            401,
+            "Jwt header is an invalid Base64url encoded",
+        ),
     ] {
         let got = call(
             &mesh,
@@ -435,8 +469,8 @@ spec:
             &[("authorization", &format!("Bearer {token}"))],
         )
         .await;
-        assert_eq!(got.status, 401, "{what}: {}", got.text());
-        assert_eq!(got.text(), "Jwt verification fails");
+        assert_eq!(got.status, status, "{what}: {}", got.text());
+        assert_eq!(got.text(), body, "{what}");
         let challenge = got.headers["www-authenticate"].to_str().unwrap();
         assert!(
             challenge.starts_with("Bearer realm=") && challenge.contains("invalid_token"),
@@ -454,7 +488,7 @@ spec:
             ],
         )
         .await;
-        assert_eq!(got.status, 401, "{what} beside a valid token");
+        assert_eq!(got.status, status, "{what} beside a valid token");
     }
 
     // Azure AD group overage: no `groups`, `_claim_names.groups` instead. The group rule

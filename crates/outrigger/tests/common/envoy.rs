@@ -212,6 +212,23 @@ pub async fn start_sidecar_inbound(
     http_app: SocketAddr,
     tcp_app: SocketAddr,
 ) -> Envoy {
+    start_sidecar_inbound_with(bin, dir, certs, http_app, tcp_app, Vec::new()).await
+}
+
+/// [`start_sidecar_inbound`] with `http_filters` (Istio's jwt_authn, RBAC …) before the router
+/// on the HTTP chain, in the order istiod puts them.
+pub async fn start_sidecar_inbound_with(
+    bin: &Path,
+    dir: &Path,
+    certs: &Issued,
+    http_app: SocketAddr,
+    tcp_app: SocketAddr,
+    mut http_filters: Vec<serde_json::Value>,
+) -> Envoy {
+    http_filters.push(serde_json::json!({
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+    }));
     let bootstrap = serde_json::json!({
         "node": {"id": "sidecar~127.0.0.1~ratings-v1.default~default.svc.cluster.local", "cluster": "ratings.default"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
@@ -246,10 +263,7 @@ pub async fn start_sidecar_inbound(
                                     "routes": [{"match": {"prefix": "/"},
                                                 "route": {"cluster": "inbound|8080||", "timeout": "10s"}}]
                                 }]},
-                                "http_filters": [{
-                                    "name": "envoy.filters.http.router",
-                                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
-                                }]
+                                "http_filters": http_filters
                             }
                         }]
                     },

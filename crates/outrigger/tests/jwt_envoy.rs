@@ -176,6 +176,21 @@ async fn ask(
     path: &str,
     headers: &[(&str, String)],
 ) -> Answer {
+    let mut names: Vec<&str> = CLAIM_HEADERS.iter().map(|(h, _)| *h).collect();
+    names.extend(["x-payload", "authorization"]);
+    ask_for(mesh, addr, who, method, path, headers, &names).await
+}
+
+/// [`ask`], recording the application's view of the headers `names`.
+async fn ask_for(
+    mesh: &Mesh,
+    addr: std::net::SocketAddr,
+    who: &Issued,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    names: &[&str],
+) -> Answer {
     let mut c = mesh.connect(addr, who, false).await;
     let mut req = get(path, false);
     *req.method_mut() = method.parse().unwrap();
@@ -199,8 +214,6 @@ async fn ask(
         };
     }
     let seen = got.seen();
-    let mut names: Vec<&str> = CLAIM_HEADERS.iter().map(|(h, _)| *h).collect();
-    names.extend(["x-payload", "authorization"]);
     Answer {
         status: 200,
         body: None,
@@ -392,4 +405,184 @@ async fn request_authentication_answers_as_envoys_jwt_authn() {
         diffs.join("\n"),
         envoy.tail()
     );
+}
+
+/// Two rules, as istiod configures two issuers: rule A reads `x-jwt-assertion` with the prefix
+/// `Token ` and the `tok` query parameter and keeps the token (`forwardOriginalToken: true`);
+/// rule B reads Istio's default locations. Envoy's requirement for several providers is
+/// istiod's `{A, B, AND{OR{A, allow_missing}, OR{B, allow_missing}}}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_locations_and_forwarding_as_envoy() {
+    let Some(bin) = common::envoy::envoy_or_skip("token_locations_and_forwarding_as_envoy") else {
+        return;
+    };
+    let (a, b) = (Signer::new(), Signer::new());
+    let (iss_a, iss_b) = ("https://a.example", "https://b.example");
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    mesh.policy(
+        "jwt.yaml",
+        &format!(
+            "apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: legacy}}
+spec:
+  jwtRules:
+  - issuer: {iss_a}
+    jwks: '{}'
+    fromHeaders: [{{name: x-jwt-assertion, prefix: 'Token '}}]
+    fromParams: [tok]
+    forwardOriginalToken: true
+    outputPayloadToHeader: x-payload-a
+  - issuer: {iss_b}
+    jwks: '{}'
+",
+            a.jwks(),
+            b.jwks()
+        ),
+    );
+    let provider = |iss: &str, jwks: String, extra: serde_json::Value| {
+        let mut p = serde_json::json!({
+            "issuer": iss,
+            "forward": false,
+            "payload_in_metadata": "payload",
+            "normalize_payload_in_metadata": {"space_delimited_claims": ["scope", "permission"]},
+            "local_jwks": {"inline_string": jwks}
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            p[k] = v.clone();
+        }
+        p
+    };
+    let filter = serde_json::json!({
+        "name": "envoy.filters.http.jwt_authn",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": {
+                "origins-0": provider(iss_a, a.jwks(), serde_json::json!({
+                    "forward": true,
+                    "forward_payload_header": "x-payload-a",
+                    "from_headers": [{"name": "x-jwt-assertion", "value_prefix": "Token "}],
+                    "from_params": ["tok"]
+                })),
+                "origins-1": provider(iss_b, b.jwks(), serde_json::json!({}))
+            },
+            "rules": [{
+                "match": {"prefix": "/"},
+                "requires": {"requires_any": {"requirements": [
+                    {"provider_name": "origins-0"},
+                    {"provider_name": "origins-1"},
+                    {"requires_all": {"requirements": [
+                        {"requires_any": {"requirements": [{"provider_name": "origins-0"}, {"allow_missing": {}}]}},
+                        {"requires_any": {"requirements": [{"provider_name": "origins-1"}, {"allow_missing": {}}]}}
+                    ]}}
+                ]}}
+            }],
+            "bypass_cors_preflight": true
+        }
+    });
+    let app = start_echo().await;
+    let tcp = start_tcp_echo().await;
+    let envoy = common::envoy::start_sidecar_inbound_with(
+        &bin,
+        mesh.dir(),
+        &mesh.agent,
+        app,
+        tcp,
+        vec![filter],
+    )
+    .await;
+    let agent = mesh.start(&[("web", app, "http")]);
+    let sleep = mesh.pki.issue("default", "sleep");
+
+    let claims_for = |iss: &str| with(claims(), "iss", iss.into());
+    let ta = a.sign(&claims_for(iss_a));
+    let tb = b.sign(&claims_for(iss_b));
+    let h = |k: &'static str, v: String| vec![(k, v)];
+    let (p3, p6) = (format!("/3?tok={ta}"), format!("/6?access_token={tb}"));
+    let cases: Vec<Case> = vec![
+        (
+            "A in its header",
+            "GET",
+            "/1",
+            h("x-jwt-assertion", format!("Token {ta}")),
+        ),
+        (
+            "A in its header without the prefix",
+            "GET",
+            "/2",
+            h("x-jwt-assertion", ta.clone()),
+        ),
+        ("A in its query parameter", "GET", &p3, vec![]),
+        (
+            "A where only B looks",
+            "GET",
+            "/4",
+            h("authorization", format!("Bearer {ta}")),
+        ),
+        (
+            "B in the default header",
+            "GET",
+            "/5",
+            h("authorization", format!("Bearer {tb}")),
+        ),
+        ("B in the default query parameter", "GET", &p6, vec![]),
+        (
+            "B where only A looks",
+            "GET",
+            "/7",
+            h("x-jwt-assertion", format!("Token {tb}")),
+        ),
+        (
+            "A signed by B's key",
+            "GET",
+            "/8",
+            h(
+                "x-jwt-assertion",
+                format!("Token {}", b.sign(&claims_for(iss_a))),
+            ),
+        ),
+    ];
+    let names = ["x-jwt-assertion", "authorization", "x-payload-a"];
+    let mut diffs = Vec::new();
+    for (name, method, path, headers) in &cases {
+        let e = ask_for(&mesh, envoy.listener, &sleep, method, path, headers, &names).await;
+        let o = ask_for(
+            &mesh,
+            agent.addr("web"),
+            &sleep,
+            method,
+            path,
+            headers,
+            &names,
+        )
+        .await;
+        if e != o {
+            diffs.push(format!("{name}:\n  envoy:     {e:?}\n  outrigger: {o:?}"));
+        }
+    }
+    assert!(
+        diffs.is_empty(),
+        "{} of {} cases differ:\n{}\n{}",
+        diffs.len(),
+        cases.len(),
+        diffs.join("\n"),
+        envoy.tail()
+    );
+
+    // The one documented difference (docs/jwt.md, "Several tokens"): with both tokens, Envoy's
+    // `requires_any` is satisfied by A alone and never looks at B's token, so B's token
+    // reaches the application although B's rule does not forward it; Outrigger verifies every
+    // token it finds and removes each one whose rule does not forward it.
+    let both = vec![
+        ("x-jwt-assertion", format!("Token {ta}")),
+        ("authorization", format!("Bearer {tb}")),
+    ];
+    let e = ask_for(&mesh, envoy.listener, &sleep, "GET", "/9", &both, &names).await;
+    let o = ask_for(&mesh, agent.addr("web"), &sleep, "GET", "/9", &both, &names).await;
+    assert_eq!((e.status, o.status), (200, 200));
+    assert_eq!(e.app_headers[1].1, vec![format!("Bearer {tb}")]);
+    assert!(o.app_headers[1].1.is_empty(), "{o:?}");
+    assert_eq!(e.app_headers[0], o.app_headers[0]);
+    assert_eq!(e.app_headers[2], o.app_headers[2]);
 }

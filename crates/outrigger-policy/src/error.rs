@@ -72,7 +72,7 @@ impl LoadError {
 pub enum PathError {
     #[error("the path is empty or does not start with `/`")]
     NotAbsolute,
-    #[error("invalid percent-encoding at byte {0}")]
+    #[error("an escaped NUL (%00) at byte {0}")]
     BadPercentEncoding(usize),
     #[error("the path contains a forbidden character (byte {0:#04x})")]
     ForbiddenCharacter(u8),

@@ -29,6 +29,8 @@ fn paths() -> impl Strategy<Value = String> {
         Just("%41".to_string()),
         Just("%7e".to_string()),
         Just("%zz".to_string()),
+        Just("%00".to_string()),
+        Just("%".to_string()),
         Just("admin".to_string()),
         Just("a".to_string()),
         Just("é".to_string()),
@@ -81,8 +83,20 @@ fn decode_unreserved(p: &str) -> Option<String> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let h = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            let c = u8::from_str_radix(h, 16).ok()?;
+            // A `%` that starts no escape is kept (Envoy keeps it); `%00` is refused.
+            let Some(c) = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .filter(|h| h.bytes().all(|x| x.is_ascii_hexdigit()))
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            else {
+                out.push('%');
+                i += 1;
+                continue;
+            };
+            if c == 0 {
+                return None;
+            }
             if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
                 out.push(c as char);
             } else {

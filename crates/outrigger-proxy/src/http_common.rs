@@ -153,6 +153,9 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
 pub(crate) struct Metered<B> {
     pub(crate) inner: B,
     pub(crate) counter: Arc<AtomicU64>,
+    /// Set when the body itself fails (a downstream protocol error such as a malformed chunk),
+    /// so that a failed upstream request can be told apart from a failed upstream.
+    pub(crate) failed: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl<B: Body<Data = Bytes> + Unpin> Body for Metered<B> {
@@ -164,10 +167,18 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Metered<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let res = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &res
-            && let Some(d) = f.data_ref()
-        {
-            self.counter.fetch_add(d.len() as u64, Ordering::Relaxed);
+        match &res {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.counter.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(failed) = &self.failed {
+                    failed.store(true, Ordering::Relaxed);
+                }
+            }
+            _ => {}
         }
         res
     }

@@ -44,6 +44,11 @@ static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const UPSTREAM_CONNECT_ERROR: &str =
     "upstream connect error or disconnect/reset before headers. reset reason: connection failure";
 
+/// The largest request head accepted, request line included: Envoy's
+/// `max_request_headers_kb` default of 60 KiB, which Istio's sidecar keeps (larger heads are
+/// answered `431`).
+const MAX_REQUEST_HEADERS_BYTES: usize = 60 * 1024;
+
 /// After an idle timeout, how long a connection may go on with no request in progress before
 /// it is closed (Envoy's HCM `drain_timeout` default).
 const IDLE_DRAIN: Duration = Duration::from_millis(5000);
@@ -60,6 +65,7 @@ where
     let mut drain = ctx.drain.clone();
     let svc_ctx = ctx.clone();
     let handles = Arc::new(MetricHandles::default());
+    let (codec_conn, codec_handles) = (conn.clone(), handles.clone());
     // Requests in progress, for the idle timeout: a request is active from its headers until
     // its response body has been sent (or dropped).
     let activity = Activity::new();
@@ -108,19 +114,71 @@ where
     let result = if h2 {
         let c = server2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
+            .max_header_list_size(MAX_REQUEST_HEADERS_BYTES as u32)
             .serve_connection(io, svc);
         drive_until(c, stop, |c| c.graceful_shutdown()).await
     } else {
         let c = server1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(Duration::from_secs(30))
+            // A larger request head is answered 431 by hyper.
+            .max_header_size(MAX_REQUEST_HEADERS_BYTES)
             .serve_connection(io, svc)
             .with_upgrades();
         drive_until(c, stop, |c| c.graceful_shutdown()).await
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "downstream HTTP connection ended with an error");
+        if let Some(status) = codec_refusal(&e) {
+            record_codec_refusal(&ctx, &codec_conn, codec_handles, status, &e);
+        }
     }
+}
+
+/// The answer hyper's HTTP/1 server sent by itself for a request head it could not parse
+/// (hyper proto/h1/role.rs `on_error`: `400` for a bad method, target, version or header —
+/// including conflicting or malformed framing headers —, `414` for a target too long, `431`
+/// for a head too large), before any service ran; `None` for other connection errors.
+fn codec_refusal(e: &hyper::Error) -> Option<StatusCode> {
+    if !e.is_parse() || e.is_parse_version_h2() {
+        return None;
+    }
+    Some(if e.is_parse_too_large() {
+        // hyper's two "too large" kinds differ only in their description.
+        if e.to_string().contains("URI too long") {
+            StatusCode::URI_TOO_LONG
+        } else {
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        }
+    } else {
+        StatusCode::BAD_REQUEST
+    })
+}
+
+/// Records a request the codec refused as Envoy records it: a request in the metrics and the
+/// access log with its status and the `DPE` (downstream protocol error) flag, method and path
+/// unknown (`-`).
+fn record_codec_refusal(
+    ctx: &Arc<Ctx>,
+    conn: &Arc<ConnInfo>,
+    handles: Arc<MetricHandles>,
+    status: StatusCode,
+    e: &hyper::Error,
+) {
+    crate::warn_limited!(
+        listener = %conn.listener.name, src = %conn.src,
+        "request refused by the HTTP codec: {e}; answered {status}"
+    );
+    let parts = Request::new(()).into_parts().0;
+    let mut rec = Recorder::new(ctx, conn, &parts, "HTTP/1.1", Instant::now(), handles);
+    if let Some(log) = &mut rec.log {
+        log.method = "-".into();
+        log.path = "-".into();
+        log.authority = "-".into();
+    }
+    rec.code = status.as_u16();
+    rec.flags = "DPE";
+    rec.finish();
 }
 
 type ReqBody = Metered<Incoming>;
@@ -307,6 +365,23 @@ async fn handle(
     };
     let mut rec = Recorder::new(&ctx, &conn, &parts, protocol, start, handles);
 
+    // What Envoy's codec refuses before any filter runs (crate::codec_checks).
+    if let Some(r) = crate::codec_checks::check(&parts) {
+        crate::warn_limited!(
+            listener = %conn.listener.name, src = %conn.src,
+            method = %parts.method, details = r.details,
+            "request refused by the HTTP codec rules: {}", r.status
+        );
+        rec.flags = r.flag;
+        let mut resp = local_reply(r.status, "", rec);
+        // Envoy closes an HTTP/1 connection after a protocol error.
+        if r.flag == "DPE" && parts.version != http::Version::HTTP_2 {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        return Ok(resp);
+    }
+
     // One policy snapshot for the whole request: authentication and authorization agree.
     let policy = ctx.policy.load();
     let jwt_rules: Vec<&outrigger_policy::crd::JwtRule> = policy
@@ -408,11 +483,13 @@ async fn handle(
     if let Some(a) = &authority {
         retarget(&mut parts, to_h2, a);
     }
+    let body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let req = Request::from_parts(
         parts,
         Metered {
             inner: body,
             counter: received,
+            failed: Some(body_failed.clone()),
         },
     );
     let sent = match client_upgrade {
@@ -447,6 +524,20 @@ async fn handle(
                     active: None,
                 },
             ))
+        }
+        // The request body was malformed (a bad chunk, a body shorter than its
+        // content-length): the downstream's fault, answered as Envoy's codec answers it —
+        // `400` with `DPE` — not as an upstream failure.
+        Err(e) if body_failed.load(std::sync::atomic::Ordering::Relaxed) => {
+            crate::warn_limited!(
+                listener = %conn.listener.name, src = %conn.src,
+                "request body malformed: {e}; answering 400"
+            );
+            rec.flags = "DPE";
+            let mut resp = local_reply(StatusCode::BAD_REQUEST, "", rec);
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            Ok(resp)
         }
         Err(e) => {
             crate::warn_limited!(

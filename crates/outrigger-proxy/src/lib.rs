@@ -14,6 +14,7 @@
 pub mod access_log;
 pub mod admin;
 mod authz;
+mod codec_checks;
 pub mod detect;
 pub mod egress_proxy;
 pub mod hbone;

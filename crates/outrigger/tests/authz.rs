@@ -82,9 +82,14 @@ async fn http_requests_are_authorized_per_identity_method_and_normalized_path() 
             let got = c.fetch(get(sneaky, h2)).await.unwrap();
             assert_eq!(got.status, 403, "{sneaky}");
         }
-        // A path that cannot be normalized is refused with 400 before any policy.
-        let bad = c.fetch(get("/api/%zz", h2)).await.unwrap();
+        // A path that cannot be normalized (an escaped NUL) is refused with 400 before any
+        // policy; a `%` that starts no escape is kept and matched as written (as Envoy does:
+        // tests/codec.rs).
+        let bad = c.fetch(get("/api/%00", h2)).await.unwrap();
         assert_eq!(bad.status, 400);
+        let kept = c.fetch(get("/api/%zz", h2)).await.unwrap();
+        assert_eq!(kept.status, 200);
+        assert_eq!(kept.seen().path, "/api/%zz");
     }
 
     let mut c = mesh.connect(agent.addr("web"), &intruder, false).await;

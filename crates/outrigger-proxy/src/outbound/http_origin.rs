@@ -327,6 +327,7 @@ async fn forward(
         Either::Left(Metered {
             inner: body,
             counter: rec.received.clone(),
+            failed: None,
         })
     };
     let mut req = Some(Request::from_parts(parts, up_body));
@@ -550,6 +551,7 @@ async fn egress(
     let up_body: UpBody = Either::Left(Metered {
         inner: body,
         counter: rec.received.clone(),
+        failed: None,
     });
     let result = async {
         let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;

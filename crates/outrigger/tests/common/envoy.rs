@@ -229,6 +229,27 @@ pub async fn start_sidecar_inbound_with(
         "name": "envoy.filters.http.router",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
     }));
+    let hcm = serde_json::json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "inbound_0.0.0.0_8080",
+        "codec_type": "AUTO",
+        // istiod's buildHTTPConnectionManager (listener_builder.go) for
+        // the default mesh `pathNormalization` (BASE).
+        "normalize_path": true,
+        "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
+        "use_remote_address": false,
+        "upgrade_configs": [{"upgrade_type": "websocket"}],
+        "stream_idle_timeout": "0s",
+        "forward_client_cert_details": "APPEND_FORWARD",
+        "set_current_client_cert_details": {"uri": true},
+        "route_config": {"virtual_hosts": [{
+            "name": "inbound|http|8080",
+            "domains": ["*"],
+            "routes": [{"match": {"prefix": "/"},
+                        "route": {"cluster": "inbound|8080||", "timeout": "10s"}}]
+        }]},
+        "http_filters": http_filters
+    });
     let bootstrap = serde_json::json!({
         "node": {"id": "sidecar~127.0.0.1~ratings-v1.default~default.svc.cluster.local", "cluster": "ratings.default"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
@@ -251,20 +272,7 @@ pub async fn start_sidecar_inbound_with(
                         "transport_socket": downstream_tls(certs, &["h2", "http/1.1"]),
                         "filters": [{
                             "name": "envoy.filters.network.http_connection_manager",
-                            "typed_config": {
-                                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                                "stat_prefix": "inbound_0.0.0.0_8080",
-                                "codec_type": "AUTO",
-                                "forward_client_cert_details": "APPEND_FORWARD",
-                                "set_current_client_cert_details": {"uri": true},
-                                "route_config": {"virtual_hosts": [{
-                                    "name": "inbound|http|8080",
-                                    "domains": ["*"],
-                                    "routes": [{"match": {"prefix": "/"},
-                                                "route": {"cluster": "inbound|8080||", "timeout": "10s"}}]
-                                }]},
-                                "http_filters": http_filters
-                            }
+                            "typed_config": hcm
                         }]
                     },
                     {

@@ -180,3 +180,230 @@ async fn http1_requests_the_codec_refuses_get_envoys_answer() {
         "{log}"
     );
 }
+
+/// What came back for a raw HTTP/2 request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum H2Outcome {
+    /// A response with this `:status`.
+    Status(u16),
+    /// `RST_STREAM` on the request's stream, with this error code.
+    Reset(u32),
+    /// `GOAWAY` for the connection, with this error code.
+    GoAway(u32),
+    /// Closed without any of those.
+    Closed,
+}
+
+impl H2Outcome {
+    /// Whether the request was refused (a 4xx/5xx, a reset stream or connection).
+    fn refused(self) -> bool {
+        !matches!(self, H2Outcome::Status(s) if s < 400)
+    }
+}
+
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HPACK string or integer with a 7-bit prefix (no Huffman coding).
+fn hpack_len(out: &mut Vec<u8>, n: usize) {
+    if n < 127 {
+        out.push(n as u8);
+    } else {
+        out.push(127);
+        let mut n = n - 127;
+        while n >= 128 {
+            out.push((n % 128) as u8 | 0x80);
+            n /= 128;
+        }
+        out.push(n as u8);
+    }
+}
+
+/// Sends one HTTP/2 request whose header block is written by hand — every field as a literal
+/// without indexing, in the given order and case, so malformed requests can be sent — and
+/// reads frames until the stream is answered, reset, or the connection goes away.
+async fn raw_h2(
+    mesh: &Mesh,
+    addr: std::net::SocketAddr,
+    who: &Issued,
+    fields: &[(&str, &str)],
+) -> H2Outcome {
+    let mut tls = tls_connect(addr, client_config(mesh, who, &[b"istio-h2"]))
+        .await
+        .unwrap();
+    let mut block = Vec::new();
+    for (k, v) in fields {
+        block.push(0x00);
+        hpack_len(&mut block, k.len());
+        block.extend_from_slice(k.as_bytes());
+        hpack_len(&mut block, v.len());
+        block.extend_from_slice(v.as_bytes());
+    }
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(0x4, 0, 0, &[]));
+    // END_STREAM | END_HEADERS
+    out.extend(h2_frame(0x1, 0x5, 1, &block));
+    tls.write_all(&out).await.unwrap();
+    let mut buf = Vec::new();
+    let outcome = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut chunk = [0u8; 8192];
+        loop {
+            while buf.len() >= 9 {
+                let len =
+                    (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
+                if buf.len() < 9 + len {
+                    break;
+                }
+                let (kind, flags) = (buf[3], buf[4]);
+                let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+                let payload: Vec<u8> = buf[9..9 + len].to_vec();
+                buf.drain(..9 + len);
+                match (kind, stream) {
+                    (0x4, 0) if flags & 1 == 0 => {
+                        tls.write_all(&h2_frame(0x4, 1, 0, &[])).await.ok();
+                    }
+                    (0x1, 1) => {
+                        let mut block = payload.as_slice();
+                        if flags & 0x8 != 0 {
+                            let pad = usize::from(block[0]);
+                            block = &block[1..block.len() - pad];
+                        }
+                        if flags & 0x20 != 0 {
+                            block = &block[5..];
+                        }
+                        let status = hpack::Decoder::new()
+                            .decode(block)
+                            .ok()
+                            .and_then(|h| {
+                                h.into_iter()
+                                    .find(|(k, _)| k == b":status")
+                                    .and_then(|(_, v)| String::from_utf8(v).ok())
+                            })
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
+                        return H2Outcome::Status(status);
+                    }
+                    (0x3, 1) => {
+                        return H2Outcome::Reset(u32::from_be_bytes([
+                            payload[0], payload[1], payload[2], payload[3],
+                        ]));
+                    }
+                    (0x7, 0) => {
+                        return H2Outcome::GoAway(u32::from_be_bytes([
+                            payload[4], payload[5], payload[6], payload[7],
+                        ]));
+                    }
+                    _ => {}
+                }
+            }
+            match tls.read(&mut chunk).await {
+                Ok(0) | Err(_) => return H2Outcome::Closed,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    outcome.unwrap_or(H2Outcome::Closed)
+}
+
+/// The same malformed HTTP/2 requests to Envoy and to Outrigger (RFC 9113 §8.2–8.3: uppercase
+/// names, connection-specific fields, `te` other than `trailers`, pseudo-header rules). Both
+/// must refuse what is malformed and answer what is not; how they refuse differs — Envoy
+/// closes the connection (Istio leaves `stream_error_on_invalid_http_message` off), Outrigger's
+/// h2 resets the stream (`PROTOCOL_ERROR`) or, for a header block it cannot decode, sends
+/// `GOAWAY` — which the printed table shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_requests_the_codec_refuses_get_refused_by_both() {
+    let Some(bin) =
+        common::envoy::envoy_or_skip("http2_requests_the_codec_refuses_get_refused_by_both")
+    else {
+        return;
+    };
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    let app = start_echo().await;
+    let tcp = start_tcp_echo().await;
+    let envoy = common::envoy::start_sidecar_inbound(&bin, mesh.dir(), &mesh.agent, app, tcp).await;
+    let agent = mesh.start(&[("web", app, "http")]);
+    let sleep = mesh.pki.issue("default", "sleep");
+    let base: &[(&str, &str)] = &[
+        (":method", "GET"),
+        (":scheme", "https"),
+        (":authority", "outrigger.test"),
+        (":path", "/ok"),
+    ];
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut v = base.to_vec();
+        v.extend_from_slice(extra);
+        v
+    };
+    let without = |name: &str| {
+        base.iter()
+            .copied()
+            .filter(|(k, _)| *k != name)
+            .collect::<Vec<_>>()
+    };
+    let replace = |name: &str, value: &'static str| {
+        base.iter()
+            .map(|(k, v)| if *k == name { (*k, value) } else { (*k, *v) })
+            .collect::<Vec<_>>()
+    };
+    let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
+        ("plain", base.to_vec()),
+        ("te: trailers", with(&[("te", "trailers")])),
+        ("custom method", replace(":method", "FOO")),
+        ("uppercase header name", with(&[("X-Upper", "v")])),
+        ("connection header", with(&[("connection", "keep-alive")])),
+        ("keep-alive header", with(&[("keep-alive", "timeout=5")])),
+        (
+            "proxy-connection header",
+            with(&[("proxy-connection", "keep-alive")]),
+        ),
+        (
+            "transfer-encoding header",
+            with(&[("transfer-encoding", "chunked")]),
+        ),
+        ("upgrade header", with(&[("upgrade", "h2c")])),
+        ("te: gzip", with(&[("te", "gzip")])),
+        ("NUL in a value", with(&[("x-a", "a\0b")])),
+        ("space in a name", with(&[("x a", "v")])),
+        ("no :method", without(":method")),
+        ("no :path", without(":path")),
+        ("no :scheme", without(":scheme")),
+        ("empty :path", replace(":path", "")),
+        ("unknown pseudo-header", with(&[(":foo", "x")])),
+        ("response pseudo-header", with(&[(":status", "200")])),
+        ("pseudo-header after a field", {
+            let mut v = without(":path");
+            v.push(("x-a", "v"));
+            v.push((":path", "/ok"));
+            v
+        }),
+        ("duplicate :path", with(&[(":path", "/again")])),
+        (
+            "CONNECT",
+            vec![(":method", "CONNECT"), (":authority", "outrigger.test:443")],
+        ),
+    ];
+    let mut diffs = Vec::new();
+    let mut table = Vec::new();
+    for (name, fields) in &cases {
+        let e = raw_h2(&mesh, envoy.listener, &sleep, fields).await;
+        let o = raw_h2(&mesh, agent.addr("web"), &sleep, fields).await;
+        table.push(format!("{name:32} envoy {e:?}  outrigger {o:?}"));
+        let same = match (e, o) {
+            (H2Outcome::Status(a), H2Outcome::Status(b)) => a == b,
+            _ => e.refused() == o.refused(),
+        };
+        if !same {
+            diffs.push(name.to_string());
+        }
+    }
+    println!("{}", table.join("\n"));
+    assert!(diffs.is_empty(), "differ: {diffs:?}\n{}", table.join("\n"));
+}

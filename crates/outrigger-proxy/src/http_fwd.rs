@@ -348,6 +348,9 @@ fn is_closed(s: &Sender) -> bool {
     }
 }
 
+/// One request, in the order an Istio sidecar's inbound HTTP chain handles it: what the codec
+/// refuses, then local rate limiting (the filter Istio's rate-limiting task inserts first),
+/// then authentication, authorization and forwarding ([`authorize_and_forward`]).
 async fn handle(
     req: Request<Incoming>,
     conn: Arc<ConnInfo>,
@@ -356,14 +359,12 @@ async fn handle(
     handles: Arc<MetricHandles>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
-    let (mut parts, body) = req.into_parts();
-    let websocket = is_websocket_upgrade(&parts);
+    let (parts, body) = req.into_parts();
     let protocol = if parts.version == http::Version::HTTP_2 {
         "HTTP/2"
     } else {
         "HTTP/1.1"
     };
-    let mut rec = Recorder::new(&ctx, &conn, &parts, protocol, start, handles);
 
     // What Envoy's codec refuses before any filter runs (crate::codec_checks).
     if let Some(r) = crate::codec_checks::check(&parts) {
@@ -372,6 +373,7 @@ async fn handle(
             method = %parts.method, details = r.details,
             "request refused by the HTTP codec rules: {}", r.status
         );
+        let mut rec = Recorder::new(&ctx, &conn, &parts, protocol, start, handles);
         rec.flags = r.flag;
         let mut resp = local_reply(r.status, "", rec);
         // Envoy closes an HTTP/1 connection after a protocol error.
@@ -381,6 +383,56 @@ async fn handle(
         }
         return Ok(resp);
     }
+
+    // Local rate limiting (crate::ratelimit).
+    let mut rl_headers = Vec::new();
+    if !ctx.ratelimit.is_empty() {
+        let v = ctx.ratelimit.check(
+            &crate::ratelimit::Request {
+                listener: &conn.listener.name,
+                method: &parts.method,
+                path: parts.uri.path(),
+                principal: conn.source_principal_str(),
+            },
+            std::time::Instant::now(),
+        );
+        rl_headers = v.headers;
+        if let Some(rule) = v.limited_by {
+            ctx.metrics.rate_limited(&rule);
+            let mut rec = Recorder::new(&ctx, &conn, &parts, protocol, start, handles);
+            // Envoy's response flag for a local rate limit: `RL`.
+            rec.flags = "RL";
+            let mut resp = local_reply(StatusCode::TOO_MANY_REQUESTS, "local_rate_limited", rec);
+            for (k, v) in rl_headers {
+                resp.headers_mut().append(k, v);
+            }
+            return Ok(resp);
+        }
+    }
+
+    let mut resp =
+        authorize_and_forward(parts, body, protocol, start, conn, ctx, backend, handles).await?;
+    for (k, v) in rl_headers {
+        resp.headers_mut().append(k, v);
+    }
+    Ok(resp)
+}
+
+/// Authentication, authorization and forwarding of a request the codec and the rate limits
+/// let through.
+#[allow(clippy::too_many_arguments)]
+async fn authorize_and_forward(
+    mut parts: http::request::Parts,
+    body: Incoming,
+    protocol: &'static str,
+    start: Instant,
+    conn: Arc<ConnInfo>,
+    ctx: Arc<Ctx>,
+    backend: Arc<Backend>,
+    handles: Arc<MetricHandles>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let websocket = is_websocket_upgrade(&parts);
+    let mut rec = Recorder::new(&ctx, &conn, &parts, protocol, start, handles);
 
     // One policy snapshot for the whole request: authentication and authorization agree.
     let policy = ctx.policy.load();

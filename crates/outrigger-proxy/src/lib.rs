@@ -27,6 +27,7 @@ pub mod limits;
 pub mod log_limit;
 pub mod metrics;
 pub mod outbound;
+pub mod ratelimit;
 mod tcp_fwd;
 
 use std::net::SocketAddr;
@@ -170,6 +171,8 @@ pub struct Settings {
     pub idle_timeout: Option<Duration>,
     /// The caps on downstream connections (see [`limits`]).
     pub limits: limits::ConnectionLimits,
+    /// Local rate limits on inbound HTTP (see [`ratelimit`]).
+    pub rate_limits: Vec<ratelimit::RateLimitRule>,
 }
 
 impl Default for Settings {
@@ -182,6 +185,7 @@ impl Default for Settings {
             path_normalization: outrigger_policy::PathNormalization::default(),
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             limits: limits::ConnectionLimits::default(),
+            rate_limits: Vec::new(),
         }
     }
 }
@@ -293,6 +297,8 @@ pub(crate) struct Ctx {
     pub jwks: Arc<jwt_authn::JwksCache>,
     /// The downstream connections open, against their caps.
     pub conns: Arc<limits::ConnTracker>,
+    /// The local rate limits' buckets.
+    pub ratelimit: ratelimit::RateLimiter,
     /// Dropped receivers tell the drain that a connection has finished.
     pub drain: watch::Receiver<bool>,
 }
@@ -379,6 +385,7 @@ impl Proxy {
             opts.metrics.downstream_connections.clone(),
             opts.metrics.downstream_connections_peak.clone(),
         );
+        let ratelimit = ratelimit::RateLimiter::new(&opts.settings.rate_limits);
         let ctx = Arc::new(Ctx {
             certs,
             policy,
@@ -393,6 +400,7 @@ impl Proxy {
             hbone: hbone.as_ref().and_then(|l| l.local_addr().ok()),
             jwks,
             conns,
+            ratelimit,
             drain: drain_rx,
         });
         Ok(Proxy {

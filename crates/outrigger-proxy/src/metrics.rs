@@ -171,6 +171,15 @@ pub struct Metrics {
     /// Connections closed by the idle timeout (Envoy: `http.<prefix>.downstream_cx_idle_timeout`
     /// for HTTP, `tcp.<prefix>.idle_timeout` for opaque TCP).
     pub idle_timeouts: Counter,
+    /// Requests answered 429 by a local rate limit, by rule (Envoy:
+    /// `<stat_prefix>.http_local_rate_limit.rate_limited`).
+    pub rate_limited: Family<RuleLabels, Counter>,
+}
+
+/// The rate limit rule that limited a request (a configured name: bounded).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    pub rule: String,
 }
 
 impl Default for Metrics {
@@ -188,6 +197,15 @@ impl Metrics {
             request_bytes: self.request_bytes.get_or_create(labels).clone(),
             response_bytes: self.response_bytes.get_or_create(labels).clone(),
         }
+    }
+
+    /// Counts a request limited by the rate limit rule `rule`.
+    pub fn rate_limited(&self, rule: &str) {
+        self.rate_limited
+            .get_or_create(&RuleLabels {
+                rule: rule.to_string(),
+            })
+            .inc();
     }
 
     /// The open downstream connections now, and the most there have been since the last call.
@@ -220,6 +238,12 @@ impl Metrics {
         let jwt_authn = Family::<DecisionLabels, Counter>::default();
         let downstream_connections = Gauge::default();
         let idle_timeouts = Counter::default();
+        let rate_limited = Family::<RuleLabels, Counter>::default();
+        registry.register(
+            "outrigger_rate_limited",
+            "Requests answered 429 local_rate_limited, by rateLimits rule",
+            rate_limited.clone(),
+        );
         registry.register(
             "outrigger_downstream_connections",
             "Mesh-facing downstream connections open (direct, HBONE connections and HBONE streams), as counted against connections.max",
@@ -327,6 +351,7 @@ impl Metrics {
             downstream_connections,
             downstream_connections_peak: Default::default(),
             idle_timeouts,
+            rate_limited,
         }
     }
 

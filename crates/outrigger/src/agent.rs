@@ -166,6 +166,7 @@ impl Loaded {
             path_normalization: cfg.policy.path_normalization,
             idle_timeout: cfg.connections.idle_timeout,
             limits: connection_limits(cfg),
+            rate_limits: cfg.rate_limits.clone(),
         };
         let proxy = Proxy::bind(
             ProxyOptions {

@@ -48,6 +48,8 @@ mod outbound;
 #[path = "config_connections.rs"]
 mod connections;
 pub use connections::ConnectionsConfig;
+#[path = "config_ratelimits.rs"]
+mod ratelimits;
 
 // ---------------------------------------------------------------------------------------------
 // Schema
@@ -84,6 +86,8 @@ struct RawConfig {
     hbone: Option<Spanned<RawHbone>>,
     #[serde(default)]
     connections: connections::RawConnections,
+    #[serde(default)]
+    rate_limits: Vec<ratelimits::RawRateLimit>,
 }
 
 /// `hbone:` — the Istio ambient (HBONE) listener.
@@ -306,6 +310,8 @@ pub struct AgentConfig {
     pub inputs: Vec<InputFile>,
     /// `connections:` (idle timeout, connection caps; see `config_connections.rs`).
     pub connections: ConnectionsConfig,
+    /// `rateLimits:` (local rate limits on inbound HTTP; see `config_ratelimits.rs`).
+    pub rate_limits: Vec<outrigger_proxy::ratelimit::RateLimitRule>,
 }
 
 /// A file or directory the configuration reads, and where the configuration names it.
@@ -903,6 +909,7 @@ impl Validator<'_> {
             }
         };
         let connections = self.connections(&raw.connections)?;
+        let rate_limits = self.rate_limits(&raw.rate_limits, &inbound)?;
         Ok(AgentConfig {
             file: self.file.to_path_buf(),
             trust_domains,
@@ -951,6 +958,7 @@ impl Validator<'_> {
             network,
             inputs,
             connections,
+            rate_limits,
         })
     }
 

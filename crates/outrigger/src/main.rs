@@ -61,7 +61,11 @@ in-flight requests finish (timeouts.drain, default 30s).")]
 The demo makes a CA, an application bound to 127.0.0.1, and Outrigger in front of it under
 STRICT mTLS with a default-deny AuthorizationPolicy, then makes real calls: an allowed mTLS
 call, a call from a mesh identity the policy denies, a plaintext call and a call with a
-certificate from an untrusted CA. It prints how to repeat each call with curl.")]
+certificate from an untrusted CA. It prints how to repeat each call with curl.
+
+Examples:
+  outrigger demo
+  outrigger demo --keep     (leave it running and call it yourself)")]
     Demo(DemoArgs),
     /// Would this request be allowed, and by which policy? (No traffic: same engine, same files.)
     #[command(after_help = check::AFTER_HELP)]
@@ -80,12 +84,74 @@ certificate from an untrusted CA. It prints how to repeat each call with curl.")
     /// Check this host for ways around Outrigger: application ports reachable from the
     /// network, Outrigger's listeners, Windows Firewall rules. Prints the commands that fix
     /// what it finds.
+    #[command(after_help = "\
+Example:
+  outrigger doctor --config agent.yaml --address 10.0.0.5")]
     Doctor(windows::DoctorArgs),
     /// Mesh registration: the Istio resources that make this host a mesh workload.
     #[command(subcommand)]
     Mesh(MeshCommand),
-    /// Print the version.
+    /// Print the version, git commit, build date, target and crypto provider.
+    #[command(after_help = "\
+Example:
+  outrigger version")]
     Version,
+    /// Print a shell completion script (bash, zsh, powershell, fish, elvish).
+    #[command(after_help = "\
+Examples:
+  outrigger completions bash > /etc/bash_completion.d/outrigger
+  outrigger completions zsh > \"${fpath[1]}/_outrigger\"
+  outrigger completions powershell >> $PROFILE")]
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), or write one page per command into a directory.
+    #[command(after_help = "\
+Examples:
+  outrigger man | man -l -
+  outrigger man --dir /usr/share/man/man1")]
+    Man {
+        /// Write outrigger.1 and one page per command (outrigger-run.1, ...) here instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// The cryptography under every TLS connection, for `outrigger version`.
+const CRYPTO_PROVIDER: &str = "rustls with aws-lc-rs";
+
+/// `outrigger version`: what an operator checks against a release's SHA256SUMS and SBOM.
+fn version_text() -> String {
+    format!(
+        "outrigger {}\ncommit:  {}\nbuilt:   {} ({} build)\ntarget:  {}\ncrypto:  {}\n",
+        env!("CARGO_PKG_VERSION"),
+        env!("OUTRIGGER_COMMIT"),
+        env!("OUTRIGGER_BUILD_DATE"),
+        env!("OUTRIGGER_PROFILE"),
+        env!("OUTRIGGER_TARGET"),
+        CRYPTO_PROVIDER,
+    )
+}
+
+/// `outrigger man`: the top page to stdout, or every page into `dir`.
+fn man(dir: Option<PathBuf>) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    match dir {
+        None => {
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout().lock())?;
+        }
+        Some(dir) => {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            clap_mangen::generate_to(cmd, &dir)
+                .with_context(|| format!("cannot write manual pages into {}", dir.display()))?;
+            println!("manual pages written into {}", dir.display());
+        }
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -346,9 +412,20 @@ fn main() -> ExitCode {
             }
         },
         Command::Version => {
-            println!("outrigger {}", env!("CARGO_PKG_VERSION"));
+            print!("{}", version_text());
             Ok(())
         }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "outrigger",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man { dir } => man(dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -356,5 +433,49 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every command a user can see says how to use it with an example, and clap's own
+    /// checks of the definitions pass.
+    #[test]
+    fn every_visible_command_has_an_example() {
+        Cli::command().debug_assert();
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for sub in cmd.get_subcommands().filter(|c| !c.is_hide_set()) {
+                let name = format!("{path} {}", sub.get_name());
+                if sub.get_subcommands().next().is_some() {
+                    walk(sub, &name, missing);
+                } else if !sub
+                    .get_after_help()
+                    .is_some_and(|h| h.to_string().contains("Example"))
+                {
+                    missing.push(name);
+                }
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "outrigger", &mut missing);
+        assert!(missing.is_empty(), "no example in --help: {missing:?}");
+    }
+
+    #[test]
+    fn version_names_commit_date_target_and_crypto() {
+        let v = version_text();
+        for field in [
+            "outrigger ",
+            "commit:",
+            "built:",
+            "target:",
+            "crypto:  rustls",
+        ] {
+            assert!(v.contains(field), "{v}");
+        }
+        assert!(v.contains(env!("CARGO_PKG_VERSION")));
     }
 }

@@ -156,3 +156,79 @@ async fn refusal_warnings_are_rate_limited_and_say_what_happened() {
     agent.wait_for_log("no TLS ClientHello within timeouts.detect");
     drop(idle);
 }
+
+fn outrigger(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_outrigger"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Completions and manual pages are generated from the command definitions (docs/cli.md).
+#[test]
+fn completions_and_manual_pages_are_generated() {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef outrigger"),
+        ("powershell", "Register-ArgumentCompleter"),
+    ] {
+        let out = outrigger(&["completions", shell]);
+        assert!(out.status.success(), "{shell}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(marker) && text.contains("lint"),
+            "{shell}: {text}"
+        );
+    }
+    let out = outrigger(&["man"]);
+    assert!(out.status.success());
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        page.contains(".TH outrigger 1") && page.contains("run"),
+        "{page}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = outrigger(&["man", "--dir", dir.path().to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for page in [
+        "outrigger.1",
+        "outrigger-run.1",
+        "outrigger-lint.1",
+        "outrigger-ca-issue.1",
+    ] {
+        let text = std::fs::read_to_string(dir.path().join(page)).unwrap();
+        assert!(text.starts_with(".ie") || text.contains(".TH"), "{page}");
+    }
+}
+
+/// The exit codes of docs/cli.md: a usage error is clap's 2, and nothing else uses 2.
+#[test]
+fn exit_codes_are_the_documented_ones() {
+    assert_eq!(outrigger(&["no-such-command"]).status.code(), Some(2));
+    assert_eq!(outrigger(&["run"]).status.code(), Some(2));
+    let out = outrigger(&["version"]);
+    assert_eq!(out.status.code(), Some(0));
+    let v = String::from_utf8_lossy(&out.stdout);
+    assert!(v.contains("commit:") && v.contains("target:"), "{v}");
+    // A configuration that does not exist: an error, 1.
+    assert_eq!(
+        outrigger(&[
+            "run",
+            "--check-config",
+            "--config",
+            "/nonexistent/agent.yaml"
+        ])
+        .status
+        .code(),
+        Some(1)
+    );
+    // `lint` and `check` that cannot run: 3.
+    assert_eq!(
+        outrigger(&["lint", "/nonexistent/dir"]).status.code(),
+        Some(3)
+    );
+}

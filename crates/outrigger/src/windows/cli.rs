@@ -46,22 +46,26 @@ Event Log source, and creates the log directory. See docs/windows.md.")]
         log_dir: PathBuf,
     },
     /// Stop (if running) and remove the service. Files and logs are left in place.
+    #[command(after_help = "Example:\n  outrigger service uninstall")]
     Uninstall {
         #[arg(long, default_value = DEFAULT_SERVICE_NAME)]
         name: String,
     },
     /// Start the service and wait until it is running.
+    #[command(after_help = "Example:\n  outrigger service start")]
     Start {
         #[arg(long, default_value = DEFAULT_SERVICE_NAME)]
         name: String,
     },
     /// Stop the service: it stops accepting, lets in-flight requests finish (timeouts.drain),
     /// then exits. Waits until it has stopped.
+    #[command(after_help = "Example:\n  outrigger service stop")]
     Stop {
         #[arg(long, default_value = DEFAULT_SERVICE_NAME)]
         name: String,
     },
     /// Print the service's state, process id, account and command line.
+    #[command(after_help = "Example:\n  outrigger service status")]
     Status {
         #[arg(long, default_value = DEFAULT_SERVICE_NAME)]
         name: String,

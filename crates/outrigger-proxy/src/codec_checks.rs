@@ -89,7 +89,20 @@ pub(crate) fn check(parts: &http::request::Parts) -> Option<Refusal> {
                 "http1.codec_error{HPE_INVALID_METHOD}",
             ));
         }
-        // balsa_parser.cc `isUrlValid`: the target starts with `/` or `*`, or is
+        // balsa_parser.cc `isUrlValid`: path and query bytes are `!`..`~` (and tab, form
+        // feed); the test is on a signed `char`, so every byte from 0x80 up is refused.
+        if parts
+            .uri
+            .path_and_query()
+            .is_some_and(|p| p.as_str().bytes().any(|b| b >= 0x80))
+        {
+            return Some(refuse(
+                StatusCode::BAD_REQUEST,
+                "DPE",
+                "http1.codec_error{HPE_INVALID_URL}",
+            ));
+        }
+        // ... and the target starts with `/` or `*`, or is
         // `scheme://...` (absolute-form), or, for CONNECT only, an authority. httparse hands
         // `abc` to `http::Uri` as an authority.
         if parts.method != Method::CONNECT

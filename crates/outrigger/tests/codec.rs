@@ -407,3 +407,69 @@ async fn http2_requests_the_codec_refuses_get_refused_by_both() {
     println!("{}", table.join("\n"));
     assert!(diffs.is_empty(), "differ: {diffs:?}\n{}", table.join("\n"));
 }
+
+/// The path the application receives, as the echo backend saw it (`None`: not forwarded).
+async fn forwarded_path(
+    mesh: &Mesh,
+    addr: std::net::SocketAddr,
+    who: &Issued,
+    target: &str,
+) -> Option<String> {
+    let mut tls = tls_connect(addr, client_config(mesh, who, &[b"istio-http/1.1"]))
+        .await
+        .unwrap();
+    let raw = format!("GET {target} HTTP/1.1\r\nHost: outrigger.test\r\nConnection: close\r\n\r\n");
+    tls.write_all(raw.as_bytes()).await.unwrap();
+    let (bytes, _) = tokio::time::timeout(Duration::from_secs(5), read_until_close(&mut tls))
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes);
+    let body = text.split_once("\r\n\r\n")?.1;
+    // A chunked body: the JSON object is in it whole.
+    let json = &body[body.find('{')?..=body.rfind('}')?];
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    v["path"].as_str().map(str::to_string)
+}
+
+/// Path normalization forwards what Envoy forwards (istiod's BASE normalization:
+/// `normalize_path: true`): escapes of unreserved characters decoded, others kept, a `%` that
+/// starts no escape, dot segments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_are_forwarded_as_envoy_forwards_them() {
+    let Some(bin) = common::envoy::envoy_or_skip("paths_are_forwarded_as_envoy_forwards_them")
+    else {
+        return;
+    };
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    let app = start_echo().await;
+    let tcp = start_tcp_echo().await;
+    let envoy = common::envoy::start_sidecar_inbound(&bin, mesh.dir(), &mesh.agent, app, tcp).await;
+    let agent = mesh.start(&[("web", app, "http")]);
+    let sleep = mesh.pki.issue("default", "sleep");
+    let mut table = Vec::new();
+    let mut diffs = Vec::new();
+    for target in [
+        "/a/./b/../c",
+        "/%61dmin",
+        "/a%2Fb",
+        "/a%zzb",
+        "/a%4",
+        "/a%",
+        "/%%36%31dmin",
+        "/a%25zz",
+        "/a%01%7F%FF",
+        "/a\\b",
+        "/a?x=%zz&y=../z",
+        "/é",
+    ] {
+        let e = forwarded_path(&mesh, envoy.listener, &sleep, target).await;
+        let o = forwarded_path(&mesh, agent.addr("web"), &sleep, target).await;
+        table.push(format!("{target:24} envoy {e:?}  outrigger {o:?}"));
+        if e != o {
+            diffs.push(target);
+        }
+    }
+    println!("{}", table.join("\n"));
+    assert!(diffs.is_empty(), "differ: {diffs:?}\n{}", table.join("\n"));
+}

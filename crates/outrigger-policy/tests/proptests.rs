@@ -80,6 +80,7 @@ fn rfc_remove_dot_segments(input: &str) -> String {
 fn decode_unreserved(p: &str) -> Option<String> {
     let b = p.as_bytes();
     let mut out = String::new();
+    let mut stray = Vec::new();
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
@@ -90,6 +91,7 @@ fn decode_unreserved(p: &str) -> Option<String> {
                 .filter(|h| h.bytes().all(|x| x.is_ascii_hexdigit()))
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
             else {
+                stray.push(out.len());
                 out.push('%');
                 i += 1;
                 continue;
@@ -117,6 +119,14 @@ fn decode_unreserved(p: &str) -> Option<String> {
                 }
             }
             i += ch.len_utf8();
+        }
+    }
+    // Envoy's canonicalizer (not the RFC): a kept `%` that now stands before two hex digits
+    // is written `%25`, so that decoding the result again cannot make a new escape.
+    for at in stray.into_iter().rev() {
+        let next: Vec<char> = out[at + 1..].chars().take(2).collect();
+        if next.len() == 2 && next.iter().all(char::is_ascii_hexdigit) {
+            out.insert_str(at + 1, "25");
         }
     }
     Some(out)

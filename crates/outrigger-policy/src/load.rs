@@ -63,6 +63,10 @@ pub enum ResourceKind {
         /// ReplicaSet, Job, CronJob, Istio's WorkloadEntry and WorkloadGroup): the labels its
         /// workloads carry, which selectors match (`outrigger lint` uses them).
         workload_labels: Option<BTreeMap<String, String>>,
+        /// For an Istio `EnvoyFilter` (`networking.istio.io`): its `spec` as JSON, for the
+        /// caller to recognise the patches it supports (the local rate limit of Istio's
+        /// rate-limiting task) and report the rest as ignored.
+        envoy_filter: Option<serde_json::Value>,
     },
     /// A document that cannot be loaded (what istiod's validation would reject, or text that
     /// is not a Kubernetes resource): refused alone, with what could still be read of it so
@@ -443,6 +447,9 @@ fn parse_one(source: &str, doc: &Node) -> Result<Resource, LoadError> {
                 api_version: api_version.clone(),
                 kind: ResourceKind::Other {
                     workload_labels: workload_labels(&kind_name, doc),
+                    envoy_filter: (kind_name == "EnvoyFilter"
+                        && api_version.starts_with("networking.istio.io/"))
+                    .then(|| doc.get("spec").map_or(serde_json::Value::Null, to_json)),
                     api_version,
                     kind: kind_name,
                 },
@@ -528,6 +535,26 @@ fn check(source: &str, doc: &Node, issues: Vec<Issue>) -> Result<Vec<LoadError>,
     match errors.into_iter().next() {
         Some(e) => Err(locate(e)),
         None => Ok(warnings.into_iter().map(locate).collect()),
+    }
+}
+
+/// A YAML node as JSON (mapping keys are strings already).
+fn to_json(n: &Node) -> serde_json::Value {
+    match &n.value {
+        Value::Null => serde_json::Value::Null,
+        Value::Bool(b) => (*b).into(),
+        Value::Int(i) => (*i).into(),
+        Value::UInt(u) => (*u).into(),
+        Value::Float(f) => {
+            serde_json::Number::from_f64(*f).map_or(serde_json::Value::Null, Into::into)
+        }
+        Value::Str(s) => s.clone().into(),
+        Value::Seq(items) => items.iter().map(to_json).collect(),
+        Value::Map(entries) => entries
+            .iter()
+            .map(|(k, v)| (k.name.clone(), to_json(v)))
+            .collect::<serde_json::Map<_, _>>()
+            .into(),
     }
 }
 

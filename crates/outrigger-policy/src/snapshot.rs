@@ -369,6 +369,11 @@ impl Snapshot {
             }
             match &r.kind {
                 ResourceKind::Refused(refusal) => refuse(r, refusal),
+                // An Istio EnvoyFilter is the agent's to apply or report (its local rate limit).
+                ResourceKind::Other {
+                    envoy_filter: Some(_),
+                    ..
+                } => {}
                 ResourceKind::Other {
                     api_version, kind, ..
                 } => {

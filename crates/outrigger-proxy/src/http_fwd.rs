@@ -384,10 +384,21 @@ async fn handle(
         return Ok(resp);
     }
 
-    // Local rate limiting (crate::ratelimit).
+    // One policy snapshot for the whole request: rate limits (EnvoyFilters), authentication
+    // and authorization agree.
+    let policy = ctx.policy.load();
+
+    // Local rate limiting (crate::ratelimit), rebuilt once per policy version.
+    let mut ratelimit = ctx.ratelimit.load_full();
+    if ratelimit.version() != policy.version {
+        let mut rules = ctx.settings.rate_limits.clone();
+        rules.extend(policy.rate_limits.iter().cloned());
+        ratelimit = Arc::new(ratelimit.rebuilt(&rules, policy.version));
+        ctx.ratelimit.store(ratelimit.clone());
+    }
     let mut rl_headers = Vec::new();
-    if !ctx.ratelimit.is_empty() {
-        let v = ctx.ratelimit.check(
+    if !ratelimit.is_empty() {
+        let v = ratelimit.check(
             &crate::ratelimit::Request {
                 listener: &conn.listener.name,
                 method: &parts.method,
@@ -410,8 +421,10 @@ async fn handle(
         }
     }
 
-    let mut resp =
-        authorize_and_forward(parts, body, protocol, start, conn, ctx, backend, handles).await?;
+    let mut resp = authorize_and_forward(
+        parts, body, protocol, start, policy, conn, ctx, backend, handles,
+    )
+    .await?;
     for (k, v) in rl_headers {
         resp.headers_mut().append(k, v);
     }
@@ -426,6 +439,7 @@ async fn authorize_and_forward(
     body: Incoming,
     protocol: &'static str,
     start: Instant,
+    policy: Arc<crate::PolicyState>,
     conn: Arc<ConnInfo>,
     ctx: Arc<Ctx>,
     backend: Arc<Backend>,
@@ -434,8 +448,6 @@ async fn authorize_and_forward(
     let websocket = is_websocket_upgrade(&parts);
     let mut rec = Recorder::new(&ctx, &conn, &parts, protocol, start, handles);
 
-    // One policy snapshot for the whole request: authentication and authorization agree.
-    let policy = ctx.policy.load();
     let jwt_rules: Vec<&outrigger_policy::crd::JwtRule> = policy
         .snapshot
         .request_authentications()

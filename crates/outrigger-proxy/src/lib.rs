@@ -193,6 +193,9 @@ impl Default for Settings {
 /// The policy in force and where it came from.
 pub struct PolicyState {
     pub snapshot: Snapshot,
+    /// Local rate limits from Istio `EnvoyFilter`s in the policy files (added to the
+    /// configuration's `rateLimits`).
+    pub rate_limits: Vec<ratelimit::RateLimitRule>,
     /// The files the snapshot was built from.
     pub sources: Vec<String>,
     /// Increases with every successful (re)load.
@@ -297,8 +300,9 @@ pub(crate) struct Ctx {
     pub jwks: Arc<jwt_authn::JwksCache>,
     /// The downstream connections open, against their caps.
     pub conns: Arc<limits::ConnTracker>,
-    /// The local rate limits' buckets.
-    pub ratelimit: ratelimit::RateLimiter,
+    /// The local rate limits' buckets, for the policy version they were built for (the
+    /// configuration's rules and the policy files' EnvoyFilters).
+    pub ratelimit: arc_swap::ArcSwap<ratelimit::RateLimiter>,
     /// Dropped receivers tell the drain that a connection has finished.
     pub drain: watch::Receiver<bool>,
 }
@@ -385,7 +389,12 @@ impl Proxy {
             opts.metrics.downstream_connections.clone(),
             opts.metrics.downstream_connections_peak.clone(),
         );
-        let ratelimit = ratelimit::RateLimiter::new(&opts.settings.rate_limits);
+        let ratelimit = {
+            let state = policy.load();
+            let mut rules = opts.settings.rate_limits.clone();
+            rules.extend(state.rate_limits.iter().cloned());
+            arc_swap::ArcSwap::from_pointee(ratelimit::RateLimiter::new(&rules, state.version))
+        };
         let ctx = Arc::new(Ctx {
             certs,
             policy,

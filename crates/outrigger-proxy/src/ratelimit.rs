@@ -122,6 +122,22 @@ struct Rule {
     buckets: Buckets,
 }
 
+impl Rule {
+    fn new(cfg: &RateLimitRule, now: f64) -> Rule {
+        Rule {
+            buckets: if cfg.per_principal {
+                Buckets::PerPrincipal {
+                    map: Mutex::new(HashMap::new()),
+                    overflow: Mutex::new(Bucket::full(&cfg.bucket, now)),
+                }
+            } else {
+                Buckets::Shared(Mutex::new(Bucket::full(&cfg.bucket, now)))
+            },
+            cfg: cfg.clone(),
+        }
+    }
+}
+
 /// What a request is, for the rules.
 pub struct Request<'a> {
     pub listener: &'a str,
@@ -143,9 +159,11 @@ pub struct Verdict {
 
 /// The rules in force.
 pub struct RateLimiter {
-    rules: Vec<Rule>,
+    rules: Vec<Arc<Rule>>,
     /// Bucket times are seconds since this.
     base: Instant,
+    /// The policy version the rules were built for.
+    version: u64,
 }
 
 static LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
@@ -153,25 +171,38 @@ static REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 static RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
 impl RateLimiter {
-    pub fn new(rules: &[RateLimitRule]) -> RateLimiter {
-        let base = Instant::now();
-        let now = 0.0;
+    pub fn new(rules: &[RateLimitRule], version: u64) -> RateLimiter {
         RateLimiter {
-            base,
+            rules: rules.iter().map(|c| Arc::new(Rule::new(c, 0.0))).collect(),
+            base: Instant::now(),
+            version,
+        }
+    }
+
+    /// The policy version these rules were built for.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The limiter for a new rule set: a rule that is unchanged keeps its buckets (a policy
+    /// reload must not refill them), a new or changed one starts full.
+    pub fn rebuilt(&self, rules: &[RateLimitRule], version: u64) -> RateLimiter {
+        let now = Instant::now()
+            .saturating_duration_since(self.base)
+            .as_secs_f64();
+        RateLimiter {
             rules: rules
                 .iter()
-                .map(|cfg| Rule {
-                    buckets: if cfg.per_principal {
-                        Buckets::PerPrincipal {
-                            map: Mutex::new(HashMap::new()),
-                            overflow: Mutex::new(Bucket::full(&cfg.bucket, now)),
-                        }
-                    } else {
-                        Buckets::Shared(Mutex::new(Bucket::full(&cfg.bucket, now)))
-                    },
-                    cfg: cfg.clone(),
+                .map(|c| {
+                    self.rules
+                        .iter()
+                        .find(|r| r.cfg == *c)
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(Rule::new(c, now)))
                 })
                 .collect(),
+            base: self.base,
+            version,
         }
     }
 
@@ -278,7 +309,7 @@ mod tests {
     #[test]
     fn a_bucket_starts_full_refills_continuously_and_caps() {
         // 2 tokens per 10 s: one every 5 s.
-        let rl = RateLimiter::new(&[rule(false)]);
+        let rl = RateLimiter::new(&[rule(false)], 0);
         let t0 = rl.base;
         let limited = |t: Instant| rl.check(&req("/api/x", "a"), t).limited_by.is_some();
         assert!(!limited(t0) && !limited(t0) && !limited(t0));
@@ -297,7 +328,7 @@ mod tests {
 
     #[test]
     fn only_matching_requests_count_and_principals_have_their_own_buckets() {
-        let rl = RateLimiter::new(&[rule(true)]);
+        let rl = RateLimiter::new(&[rule(true)], 0);
         let t = rl.base;
         for _ in 0..3 {
             assert!(rl.check(&req("/api/x", "a"), t).limited_by.is_none());
@@ -328,7 +359,7 @@ mod tests {
 
     #[test]
     fn per_principal_buckets_stay_bounded() {
-        let rl = RateLimiter::new(&[rule(true)]);
+        let rl = RateLimiter::new(&[rule(true)], 0);
         let t = Instant::now();
         for i in 0..(MAX_BUCKETS_PER_RULE + 50) {
             rl.check(&req("/api", &format!("p{i}")), t);

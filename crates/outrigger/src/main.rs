@@ -5,6 +5,7 @@ mod check;
 mod client;
 mod config;
 mod demo;
+mod envoy_filter;
 mod fdlimit;
 mod lint;
 mod logging;

@@ -219,8 +219,27 @@ pub fn load_contents(
             a.source
         );
     }
+    // Istio EnvoyFilters: the local rate limit is applied, anything else said out loud.
+    let filters = crate::envoy_filter::interpret(
+        &loaded.resources,
+        &inputs.workload,
+        &inputs.options.root_namespace,
+    );
+    for (what, why) in &filters.ignored {
+        tracing::warn!("not applied: {what}: {why}; nothing of it is applied");
+    }
+    for r in &filters.rate_limits {
+        tracing::info!(
+            "in force: local rate limit {} ({} tokens, {} per {:?})",
+            r.name,
+            r.bucket.max_tokens,
+            r.bucket.tokens_per_fill,
+            r.bucket.fill_interval
+        );
+    }
     Ok(PolicyState {
         snapshot,
+        rate_limits: filters.rate_limits,
         sources: loaded
             .files
             .iter()

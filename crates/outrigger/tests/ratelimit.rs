@@ -202,3 +202,46 @@ fn bad_rate_limits_are_refused_with_their_field() {
         );
     }
 }
+
+/// Istio's rate-limiting task EnvoyFilter ("Local rate limit"), as published except for the
+/// workload selector (this workload's `app`), dropped into the policy directory: applied as
+/// the same token bucket; a reload that changes something else does not refill it; an
+/// EnvoyFilter Outrigger does not implement is logged as not applied, whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istios_local_rate_limit_envoy_filter_is_applied_as_published() {
+    let task = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../testdata/istio-ratelimit/local-rate-limit.yaml"),
+    )
+    .unwrap()
+    .replace("app: productpage", "app: windows-app");
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    mesh.policy("ratelimit.yaml", &task);
+    mesh.policy(
+        "lua.yaml",
+        &task.replace("filter-local-ratelimit-svc", "lua").replace(
+            "name: envoy.filters.http.local_ratelimit",
+            "name: envoy.filters.http.lua",
+        ),
+    );
+    let app = start_echo().await;
+    let agent = mesh.start(&[("web", app, "http")]);
+    agent.wait_for_log(
+        "in force: local rate limit EnvoyFilter/istio-system/filter-local-ratelimit-svc",
+    );
+    agent.wait_for_log("not applied: EnvoyFilter istio-system/lua");
+    let sleep = mesh.pki.issue("default", "sleep");
+    let web = agent.addr("web");
+    for i in 0..4 {
+        assert_eq!(ask(&mesh, web, &sleep, &format!("/{i}")).await.status, 200);
+    }
+    let limited = ask(&mesh, web, &sleep, "/5").await;
+    assert_eq!(limited.status, 429);
+    assert_eq!(limited.body.as_deref(), Some("local_rate_limited"));
+    assert_eq!(limited.flag_header.as_deref(), Some("true"));
+    // A reload that leaves the EnvoyFilter as it was keeps its bucket empty.
+    mesh.policy("other.yaml", "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-all, namespace: legacy}\nspec:\n  rules: [{}]\n");
+    agent.wait_for_log("in force: AuthorizationPolicy legacy/allow-all");
+    assert_eq!(ask(&mesh, web, &sleep, "/6").await.status, 429);
+}

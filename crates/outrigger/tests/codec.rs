@@ -18,6 +18,21 @@ fn client_config(mesh: &Mesh, client: &Issued, alpn: &[&[u8]]) -> Arc<rustls::Cl
         .unwrap()
 }
 
+/// The real Envoy as an Istio sidecar's inbound and Outrigger, in front of one echo
+/// application under STRICT mTLS, and a client identity; `None` (the test skips) without
+/// Envoy.
+async fn side_by_side(test: &str) -> Option<(Mesh, common::envoy::Envoy, AgentProc, Issued)> {
+    let bin = common::envoy::envoy_or_skip(test)?;
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    let app = start_echo().await;
+    let tcp = start_tcp_echo().await;
+    let envoy = common::envoy::start_sidecar_inbound(&bin, mesh.dir(), &mesh.agent, app, tcp).await;
+    let agent = mesh.start(&[("web", app, "http")]);
+    let sleep = mesh.pki.issue("default", "sleep");
+    Some((mesh, envoy, agent, sleep))
+}
+
 /// Sends `raw` on a new mTLS connection (ALPN `istio-http/1.1`) and returns the status code of
 /// the answer (0: closed without one).
 async fn raw_status(mesh: &Mesh, addr: std::net::SocketAddr, who: &Issued, raw: &[u8]) -> u16 {
@@ -48,18 +63,11 @@ async fn raw_status(mesh: &Mesh, addr: std::net::SocketAddr, who: &Issued, raw: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_requests_the_codec_refuses_get_envoys_answer() {
-    let Some(bin) =
-        common::envoy::envoy_or_skip("http1_requests_the_codec_refuses_get_envoys_answer")
+    let Some((mesh, envoy, agent, sleep)) =
+        side_by_side("http1_requests_the_codec_refuses_get_envoys_answer").await
     else {
         return;
     };
-    let mesh = Mesh::new();
-    mesh.policy("pa.yaml", MESH_STRICT);
-    let app = start_echo().await;
-    let tcp = start_tcp_echo().await;
-    let envoy = common::envoy::start_sidecar_inbound(&bin, mesh.dir(), &mesh.agent, app, tcp).await;
-    let agent = mesh.start(&[("web", app, "http")]);
-    let sleep = mesh.pki.issue("default", "sleep");
     let h = "Host: outrigger.test\r\nConnection: close\r\n";
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("plain", format!("GET /ok HTTP/1.1\r\n{h}\r\n").into_bytes()),
@@ -319,18 +327,11 @@ async fn raw_h2(
 /// `GOAWAY` — which the printed table shows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_requests_the_codec_refuses_get_refused_by_both() {
-    let Some(bin) =
-        common::envoy::envoy_or_skip("http2_requests_the_codec_refuses_get_refused_by_both")
+    let Some((mesh, envoy, agent, sleep)) =
+        side_by_side("http2_requests_the_codec_refuses_get_refused_by_both").await
     else {
         return;
     };
-    let mesh = Mesh::new();
-    mesh.policy("pa.yaml", MESH_STRICT);
-    let app = start_echo().await;
-    let tcp = start_tcp_echo().await;
-    let envoy = common::envoy::start_sidecar_inbound(&bin, mesh.dir(), &mesh.agent, app, tcp).await;
-    let agent = mesh.start(&[("web", app, "http")]);
-    let sleep = mesh.pki.issue("default", "sleep");
     let base: &[(&str, &str)] = &[
         (":method", "GET"),
         (":scheme", "https"),
@@ -436,17 +437,11 @@ async fn forwarded_path(
 /// starts no escape, dot segments.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paths_are_forwarded_as_envoy_forwards_them() {
-    let Some(bin) = common::envoy::envoy_or_skip("paths_are_forwarded_as_envoy_forwards_them")
+    let Some((mesh, envoy, agent, sleep)) =
+        side_by_side("paths_are_forwarded_as_envoy_forwards_them").await
     else {
         return;
     };
-    let mesh = Mesh::new();
-    mesh.policy("pa.yaml", MESH_STRICT);
-    let app = start_echo().await;
-    let tcp = start_tcp_echo().await;
-    let envoy = common::envoy::start_sidecar_inbound(&bin, mesh.dir(), &mesh.agent, app, tcp).await;
-    let agent = mesh.start(&[("web", app, "http")]);
-    let sleep = mesh.pki.issue("default", "sleep");
     let mut table = Vec::new();
     let mut diffs = Vec::new();
     for target in [

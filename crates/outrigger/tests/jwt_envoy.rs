@@ -86,6 +86,13 @@ fn claims() -> serde_json::Value {
     })
 }
 
+/// The token with a signature that verifies under no key.
+fn with_bad_signature(token: &str) -> String {
+    let mut parts: Vec<String> = token.split('.').map(str::to_string).collect();
+    parts[2] = b64(&[7u8; 64]);
+    parts.join(".")
+}
+
 fn with(mut c: serde_json::Value, k: &str, v: serde_json::Value) -> serde_json::Value {
     c[k] = v;
     c
@@ -274,11 +281,7 @@ async fn request_authentication_answers_as_envoys_jwt_authn() {
 
     let good = signer.sign(&claims());
     let bearer = |t: &str| vec![("authorization", format!("Bearer {t}"))];
-    let tampered = {
-        let mut parts: Vec<String> = good.split('.').map(str::to_string).collect();
-        parts[2] = b64(&[7u8; 64]);
-        parts.join(".")
-    };
+    let tampered = with_bad_signature(&good);
     let expired = signer.sign(&with(claims(), "exp", (now() - 3600).into()));
     let long_path = format!("/{}", "p".repeat(300));
     let cases: Vec<Case> = vec![
@@ -338,27 +341,21 @@ async fn request_authentication_answers_as_envoys_jwt_authn() {
             "expired and bad audience and bad signature",
             "GET",
             "/k",
-            bearer(&{
-                let t = signer.sign(&with(
-                    with(claims(), "aud", "other".into()),
-                    "exp",
-                    (now() - 3600).into(),
-                ));
-                let mut p: Vec<String> = t.split('.').map(str::to_string).collect();
-                p[2] = b64(&[7u8; 64]);
-                p.join(".")
-            }),
+            bearer(&with_bad_signature(&signer.sign(&with(
+                with(claims(), "aud", "other".into()),
+                "exp",
+                (now() - 3600).into(),
+            )))),
         ),
         (
             "bad audience and bad signature",
             "GET",
             "/l",
-            bearer(&{
-                let t = signer.sign(&with(claims(), "aud", "other".into()));
-                let mut p: Vec<String> = t.split('.').map(str::to_string).collect();
-                p[2] = b64(&[7u8; 64]);
-                p.join(".")
-            }),
+            bearer(&with_bad_signature(&signer.sign(&with(
+                claims(),
+                "aud",
+                "other".into(),
+            )))),
         ),
         // Istio sets `bypass_cors_preflight`: a CORS preflight passes with any token.
         (

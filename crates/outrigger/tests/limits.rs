@@ -413,6 +413,21 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// RSS once a burst has ended. Closing is asynchronous (backend connection tasks end just
+/// after), and the agent returns freed memory a few seconds after a burst ends
+/// (src/memtrim.rs checks every 5 s): samples every 500 ms for up to 12 s, until RSS is back
+/// within a quarter of the burst's growth.
+#[cfg(target_os = "linux")]
+async fn rss_after_burst(pid: u32, before: u64, during: u64) -> u64 {
+    let settle = Instant::now() + Duration::from_secs(12);
+    let mut after = rss_kib(pid);
+    while after > before + during.saturating_sub(before) / 4 && Instant::now() < settle {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        after = rss_kib(pid);
+    }
+    after
+}
+
 /// Memory after a burst of idle HTTP/2 connections (issue 13: RSS rose to ~300 MB and stayed
 /// there). Not a regression test (numbers depend on the build and the allocator): run by
 /// `scripts/idle-burst-rss.sh`, which prints the measurements. `IDLE_BURST_CONNECTIONS` sets the
@@ -465,16 +480,7 @@ async fn idle_burst_rss() {
         let during = rss_kib(pid);
         drop(held);
         agent.wait_metric("outrigger_downstream_connections", &[], 0.0);
-        // Closing is asynchronous (backend connection tasks end just after), and the agent
-        // returns freed memory a few seconds after a burst ends (src/memtrim.rs checks every
-        // 5 s): sample every 500 ms for up to 12 s, until RSS is back within a quarter of the
-        // burst's growth.
-        let settle = Instant::now() + Duration::from_secs(12);
-        let mut after = rss_kib(pid);
-        while after > before + during.saturating_sub(before) / 4 && Instant::now() < settle {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            after = rss_kib(pid);
-        }
+        let after = rss_after_burst(pid, before, during).await;
         rounds.push((during, after));
         println!(
             "idle-burst open_fds_after_round={} open_fds_before={fds_before}",
@@ -568,13 +574,7 @@ async fn idle_mtls_connections() {
     let (p50_during, p99_during) = legit_latency(&mesh, web, &legit, 200).await;
     drop(held);
     agent.wait_metric("outrigger_downstream_connections", &[], 0.0);
-    // Freed memory is returned a few seconds after a burst ends (src/memtrim.rs).
-    let settle = Instant::now() + Duration::from_secs(12);
-    let mut after = rss_kib(pid);
-    while after > before + during.saturating_sub(before) / 4 && Instant::now() < settle {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        after = rss_kib(pid);
-    }
+    let after = rss_after_burst(pid, before, during).await;
     println!(
         "idle-mtls connections={n} open_secs={open_secs:.1} rss_kib_before={before} \
          rss_kib_during={during} rss_kib_after={after} kib_per_connection={:.1} \

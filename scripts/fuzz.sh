@@ -6,7 +6,8 @@
 #   scripts/fuzz.sh [SECONDS]        seconds per target (default 60)
 #
 # Corpora stay in fuzz/corpus/<target> (ignored by git) so later runs start where earlier
-# ones stopped; crashes land in fuzz/artifacts/<target>. Exit status 1 if any target crashed.
+# ones stopped; crashes land in fuzz/artifacts/<target>, each run's output in
+# fuzz/artifacts/<target>.log. Exit status 1 if any target crashed or did not build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-60}"
@@ -31,12 +32,15 @@ for t in $targets; do
   if (cd fuzz && cargo +nightly fuzz run "$t" -- -max_total_time="$secs" -rss_limit_mb=2048 \
         -print_final_stats=1) >"$log" 2>&1; then
     result=ok
+  elif grep -q 'could not compile' "$log"; then
+    result=BUILD-FAILED
+    failed=1
   else
     result=CRASH
     failed=1
   fi
-  runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
-  cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*')
+  runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1 || true)
+  cov=$( (grep -o 'cov: [0-9]*' "$log" || true) | tail -1 | grep -o '[0-9]*' || true)
   summary+=("$(printf '%-22s %-6s runs=%-10s cov=%s' "$t" "$result" "${runs:-?}" "${cov:-?}")")
 done
 echo

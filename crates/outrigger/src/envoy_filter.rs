@@ -68,6 +68,18 @@ fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     path.iter().try_fold(v, |v, k| v.get(k))?.as_str()
 }
 
+/// For `outrigger lint`: why an EnvoyFilter would not be applied (`None`: it is Istio's local
+/// rate limit, which Outrigger applies), whatever workload it selects.
+pub fn not_applied(r: &Resource) -> Option<String> {
+    match &r.kind {
+        ResourceKind::Other {
+            envoy_filter: Some(spec),
+            ..
+        } => rate_limit(r, spec).err(),
+        _ => None,
+    }
+}
+
 /// The one EnvoyFilter shape applied, or why this one is not.
 fn rate_limit(r: &Resource, spec: &Value) -> Result<RateLimitRule, String> {
     let known = [

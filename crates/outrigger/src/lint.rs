@@ -119,6 +119,9 @@ rules! {
     DEAD_ALLOW = "OR013", "allow-rule-denied", Warning,
         "A DENY policy that applies to every workload this ALLOW rule applies to matches every request the rule matches, and DENY is evaluated first: the rule can never allow anything.",
         "Remove the ALLOW rule, or narrow the DENY rule if the ALLOW rule is what was meant.";
+    ENVOY_FILTER = "OR014", "envoy-filter-not-applied", Warning,
+        "An EnvoyFilter patches Envoy's configuration, which Outrigger does not have: only Istio's local rate limit EnvoyFilter is applied; this one is ignored, whole (the agent logs it as not applied).",
+        "Express the intent in Istio's security resources or the agent configuration (`rateLimits:`), or keep the EnvoyFilter for the Envoy sidecars only.";
     CUSTOM_UNDECLARED = "OR010", "custom-provider-undeclared", Warning,
         "A CUSTOM policy delegates to an extension provider declared in MeshConfig `extensionProviders`; Outrigger declares none yet, so, as Istio does for a provider it cannot find, every request the policy matches is denied.",
         "Remove the policy, or express the decision as ALLOW/DENY rules until external authorization is available.";
@@ -364,6 +367,17 @@ pub fn lint(resources: &[Resource], cfg: Option<&AgentConfig>) -> Vec<Finding> {
         }
     }
 
+    for r in resources {
+        if let Some(why) = crate::envoy_filter::not_applied(r) {
+            out.push(finding(
+                &ENVOY_FILTER,
+                &r.source.file,
+                r.source.line,
+                label(r),
+                why,
+            ));
+        }
+    }
     selectors_matching_nothing(resources, cfg, &root, &mut out);
     regex_fix_values(&authz, &mut out);
     dead_allow_rules(&authz, &root, &mut out);

@@ -225,6 +225,29 @@ pub(crate) fn retarget(
     }
 }
 
+/// A new `x-request-id`: a random (version 4) UUID in its usual lowercase form, as Envoy's
+/// `UUIDRequestIdExtension` makes one (`Random::RandomGeneratorImpl::uuid`). `None` only if the
+/// system random generator fails, in which case the request simply goes without one.
+pub(crate) fn new_request_id() -> Option<http::HeaderValue> {
+    let mut b = [0u8; 16];
+    outrigger_tls::crypto_provider()
+        .secure_random
+        .fill(&mut b)
+        .ok()?;
+    b[6] = (b[6] & 0x0f) | 0x40; // version 4
+    b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
+    let h = hex::encode(b);
+    let id = format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    );
+    http::HeaderValue::from_str(&id).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

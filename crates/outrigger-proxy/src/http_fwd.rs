@@ -38,6 +38,7 @@ use crate::{Ctx, Protocol};
 
 static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Envoy's body for a request it could not connect upstream for, so clients and dashboards see
 /// the text they know.
@@ -359,7 +360,7 @@ async fn handle(
     handles: Arc<MetricHandles>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let protocol = if parts.version == http::Version::HTTP_2 {
         "HTTP/2"
     } else {
@@ -382,6 +383,16 @@ async fn handle(
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         return Ok(resp);
+    }
+
+    // Envoy's connection manager gives every request an `x-request-id` before any filter
+    // (conn_manager_utility.cc `mutateRequestHeaders`): one a mesh peer sent is kept (the
+    // inbound listener does not use the remote address, so the request is internal), a
+    // missing one is generated. The application, the access log and tracing see the same id.
+    if !parts.headers.contains_key(&X_REQUEST_ID)
+        && let Some(id) = crate::http_common::new_request_id()
+    {
+        parts.headers.insert(X_REQUEST_ID.clone(), id);
     }
 
     // One policy snapshot for the whole request: rate limits (EnvoyFilters), authentication
@@ -938,7 +949,7 @@ impl Recorder {
                 .to_string(),
             request_id: parts
                 .headers
-                .get("x-request-id")
+                .get(&X_REQUEST_ID)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
         });

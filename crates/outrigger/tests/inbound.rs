@@ -656,3 +656,37 @@ async fn admin_endpoints() {
             .ends_with("pa.yaml")
     );
 }
+
+/// Envoy's connection manager gives every request an `x-request-id` before its filters
+/// (conn_manager_utility.cc `mutateRequestHeaders`): a peer's is kept, a missing one is a new
+/// version 4 UUID; the application and the access log see the same id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_carries_an_x_request_id() {
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    let agent = mesh.start(&[("web", start_echo().await, "http")]);
+    let sleep = mesh.pki.issue("default", "sleep");
+    let mut c = mesh.connect(agent.addr("web"), &sleep, false).await;
+    let got = c.fetch(get("/new", false)).await.unwrap();
+    let id = got.seen().header("x-request-id").unwrap().to_string();
+    let parts: Vec<&str> = id.split('-').collect();
+    assert_eq!(
+        parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+        [8, 4, 4, 4, 12],
+        "{id}"
+    );
+    assert!(parts[2].starts_with('4'), "version 4: {id}");
+    assert!("89ab".contains(&parts[3][..1]), "RFC 4122 variant: {id}");
+    assert!(
+        id.bytes()
+            .all(|b| b == b'-' || b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    );
+    let mut req = get("/kept", false);
+    req.headers_mut()
+        .insert("x-request-id", "caller-chosen-id".parse().unwrap());
+    let got = c.fetch(req).await.unwrap();
+    assert_eq!(got.seen().header("x-request-id"), Some("caller-chosen-id"));
+    // The same ids in the access log (JSON lines on stdout).
+    agent.wait_for_log("\"request_id\":\"caller-chosen-id\"");
+    agent.wait_for_log(&format!("\"request_id\":\"{id}\""));
+}

@@ -71,11 +71,22 @@ fn route(req: Request<Incoming>, ctx: &Ctx) -> Response<Full<Bytes>> {
                 format!("{first}\n{}", reload_summary(ctx)),
             )
         }
-        "/metrics" | "/stats/prometheus" => reply(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            ctx.metrics.encode(),
-        ),
+        "/metrics" | "/stats/prometheus" => {
+            // The certificate in service now (rotation may have replaced it since the last
+            // scrape).
+            let expiry = ctx
+                .certs
+                .certs()
+                .not_after()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+            ctx.metrics.certificate_expiry.set(expiry);
+            reply(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ctx.metrics.encode(),
+            )
+        }
         "/config_dump" => reply(
             StatusCode::OK,
             "application/json",

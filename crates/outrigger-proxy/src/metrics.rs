@@ -174,6 +174,8 @@ pub struct Metrics {
     /// Requests answered 429 by a local rate limit, by rule (Envoy:
     /// `<stat_prefix>.http_local_rate_limit.rate_limited`).
     pub rate_limited: Family<RuleLabels, Counter>,
+    /// When the workload certificate in service expires (Unix seconds), set at each scrape.
+    pub certificate_expiry: Gauge,
 }
 
 /// The rate limit rule that limited a request (a configured name: bounded).
@@ -239,6 +241,12 @@ impl Metrics {
         let downstream_connections = Gauge::default();
         let idle_timeouts = Counter::default();
         let rate_limited = Family::<RuleLabels, Counter>::default();
+        let certificate_expiry = Gauge::default();
+        registry.register(
+            "outrigger_certificate_expiry_timestamp_seconds",
+            "When the workload certificate in service expires, in Unix seconds (alert on it minus time())",
+            certificate_expiry.clone(),
+        );
         registry.register(
             "outrigger_rate_limited",
             "Requests answered 429 local_rate_limited, by rateLimits rule",
@@ -352,6 +360,7 @@ impl Metrics {
             downstream_connections_peak: Default::default(),
             idle_timeouts,
             rate_limited,
+            certificate_expiry,
         }
     }
 

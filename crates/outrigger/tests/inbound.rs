@@ -690,3 +690,21 @@ async fn every_request_carries_an_x_request_id() {
     agent.wait_for_log("\"request_id\":\"caller-chosen-id\"");
     agent.wait_for_log(&format!("\"request_id\":\"{id}\""));
 }
+
+/// The certificate in service's expiry is a metric, so that an alert can fire before it stops
+/// every mTLS connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_expiry_is_a_metric() {
+    let mesh = Mesh::new();
+    let agent = mesh.start(&[("web", start_echo().await, "http")]);
+    let m = agent.metrics();
+    let got = metric_value(&m, "outrigger_certificate_expiry_timestamp_seconds", &[]).unwrap();
+    let want = mesh
+        .agent
+        .certs
+        .not_after()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as f64;
+    assert_eq!(got, want, "{m}");
+}

@@ -45,10 +45,13 @@ for c in outrigger-identity outrigger-policy; do
   fi
 done
 
-log "the repository stands alone (nothing reads ../shared)"
+log "the repository stands alone (nothing reads beside the clone)"
 # A user's clone has nothing beside it: test data lives in testdata/ (with its licence notice).
-if grep -rnE '\.\./shared|shared/fixtures' --include='*.rs' --include='*.sh' --include='*.toml' \
-    crates scripts bench fuzz .ci 2>/dev/null | grep -v '^scripts/test.sh:'; then
+# The team's fixture directory sits beside the repository on the team's machines only; its name
+# is assembled here so that this check does not match itself.
+beside="shar""ed"
+if grep -rnE "\.\./${beside}|${beside}/fixtures" --include='*.rs' --include='*.sh' --include='*.toml' \
+    crates scripts bench fuzz .ci 2>/dev/null; then
   echo "error: the lines above read outside the repository" >&2
   exit 1
 fi

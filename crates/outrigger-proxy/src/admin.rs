@@ -60,7 +60,15 @@ fn route(req: Request<Incoming>, ctx: &Ctx) -> Response<Full<Bytes>> {
             // The status code is the readiness (the agent serves with the policy and
             // certificate in force whatever is pending); the body says what is in force and
             // what is waiting, for operators.
-            let (status, first) = if ctx.ready.load(Ordering::SeqCst) {
+            // An expired workload certificate fails closed: every peer refuses it, so the
+            // agent is not ready until a renewal succeeds, and says why.
+            let expired = std::time::SystemTime::now() >= ctx.certs.certs().not_after();
+            let (status, first) = if expired {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: the workload certificate has expired (peers refuse it); waiting for a renewal",
+                )
+            } else if ctx.ready.load(Ordering::SeqCst) {
                 (StatusCode::OK, "ready")
             } else {
                 (StatusCode::SERVICE_UNAVAILABLE, "not ready")

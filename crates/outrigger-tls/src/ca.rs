@@ -314,6 +314,32 @@ impl BuiltinCa {
     /// A workload certificate with full control over SANs and validity (see [`IssueOptions`]).
     pub fn issue_with(&self, opts: &IssueOptions) -> Result<IssuedCert, TlsError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
+        Ok(IssuedCert {
+            cert_chain_pem: self.sign(opts, &key)?,
+            key_pem: key.serialize_pem(),
+            root_cert_pem: self.root_pem.clone(),
+        })
+    }
+
+    /// Signs the public key of a PEM certificate signing request (its signature checked first)
+    /// with the SANs and validity of `opts`, and returns the certificate, PEM. As istiod's
+    /// `CreateCertificate` does, the subject and SANs the request asks for are ignored: "the
+    /// SAN is the identity of the caller in authentication result" and "the subject public key
+    /// is the public key in the CSR" (istio/istio `security/pkg/server/ca/server.go`); the
+    /// caller decides the identity with [`csr_uri_sans`] and its own authentication.
+    pub fn sign_csr(&self, csr_pem: &str, opts: &IssueOptions) -> Result<String, TlsError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| TlsError::invalid("certificate signing request", csr_error(e)))?;
+        self.sign(opts, &csr.public_key)
+    }
+
+    /// The certificate shape of a workload certificate (see the module documentation), for
+    /// `public_key`, signed by this CA.
+    fn sign(
+        &self,
+        opts: &IssueOptions,
+        public_key: &impl PublicKeyData,
+    ) -> Result<String, TlsError> {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         for uri in &opts.uri_sans {
@@ -341,11 +367,50 @@ impl BuiltinCa {
         params.not_after = opts.not_after.into();
 
         let issuer = Issuer::from_ca_cert_der(&self.root_der, &self.key).map_err(gen_err)?;
-        let cert = params.signed_by(&key, &issuer).map_err(gen_err)?;
-        Ok(IssuedCert {
-            cert_chain_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            root_cert_pem: self.root_pem.clone(),
-        })
+        let cert = params.signed_by(public_key, &issuer).map_err(gen_err)?;
+        Ok(cert.pem())
     }
+}
+
+/// Why a certificate signing request was refused, in words.
+fn csr_error(e: rcgen::Error) -> String {
+    match e {
+        rcgen::Error::InvalidCertificationRequestSignature => {
+            "its signature does not verify with its own public key".into()
+        }
+        rcgen::Error::CouldNotParseCertificationRequest => {
+            "not a PEM `CERTIFICATE REQUEST` (PKCS#10)".into()
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The URI SANs a PEM certificate signing request asks for (its signature checked first).
+pub fn csr_uri_sans(csr_pem: &str) -> Result<Vec<String>, TlsError> {
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| TlsError::invalid("certificate signing request", csr_error(e)))?;
+    Ok(csr
+        .params
+        .subject_alt_names
+        .iter()
+        .filter_map(|san| match san {
+            SanType::URI(uri) => Some(uri.as_str().to_string()),
+            _ => None,
+        })
+        .collect())
+}
+
+/// A new key and a certificate signing request for `id`, as Istio's agents make them: an ECDSA
+/// P-256 key (istio-agent's `ECC_SIGNATURE_ALGORITHM=ECDSA`, P-256 by default), no subject, the
+/// SPIFFE ID as the only SAN (ztunnel `src/tls/csr.rs`, istio `security/pkg/pki/util`
+/// `GenCSR` with `Host: <spiffe id>`). Returns (CSR PEM, PKCS#8 key PEM).
+pub fn workload_csr(id: &Identity) -> Result<(String, String), TlsError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    let uri = rcgen::string::Ia5String::try_from(id.to_string())
+        .map_err(|e| TlsError::Issue(format!("URI SAN `{id}`: {e}")))?;
+    params.subject_alt_names = vec![SanType::URI(uri)];
+    let csr = params.serialize_request(&key).map_err(gen_err)?;
+    Ok((csr.pem().map_err(gen_err)?, key.serialize_pem()))
 }

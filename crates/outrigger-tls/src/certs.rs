@@ -86,7 +86,7 @@ impl WorkloadCerts {
 
     /// [`from_pem`](Self::from_pem) plus [`check_chain`](Self::check_chain): what
     /// [`crate::CertStore`] uses for issued certificates.
-    pub(crate) fn from_pem_checked(
+    pub fn from_pem_checked(
         chain_pem: &str,
         key_pem: &str,
         roots_pem: &str,

@@ -16,6 +16,7 @@
 
 pub mod ca;
 mod certs;
+pub mod control;
 mod error;
 mod fsutil;
 pub mod settle;

@@ -317,7 +317,7 @@ impl ServerCertVerifier for SpiffeServerCertVerifier {
     }
 }
 
-fn config_err(e: impl fmt::Display) -> TlsError {
+pub(crate) fn config_err(e: impl fmt::Display) -> TlsError {
     TlsError::Config(e.to_string())
 }
 

@@ -10,13 +10,20 @@ use outrigger_proxy::{
 };
 use outrigger_tls::{CertSource, CertStore};
 
-use crate::config::{AgentConfig, CertificatesConfig};
+use outrigger_ca::client::{CaClient, CaClientConfig};
+use outrigger_ca::source::IstioCaSource;
+
+use crate::config::{AgentConfig, CertificatesConfig, IstioCaConfig};
 use crate::policy_files::{self, PolicyInputs};
 
 /// Everything the agent loads and checks before it binds a socket: credentials, policy, JWT
 /// settings. `run --check-config` stops here, so it works beside a running agent.
 pub struct Loaded {
-    certs: CertStore,
+    /// `None` only for `run --check-config` with an `istioCa` source that has no certificate
+    /// yet (checking a configuration never asks the CA for one).
+    certs: Option<CertStore>,
+    /// The `istioCa` source, whose renewal task starts with the listeners.
+    istio_ca: Option<IstioCaSource>,
     refresh: std::time::Duration,
     inputs: PolicyInputs,
     /// What the policy in force was built from: the watcher compares later reads with it.
@@ -35,15 +42,24 @@ pub struct Agent {
 impl Agent {
     /// Loads credentials and policy (refusing to start on any error) and binds the listeners.
     pub async fn start(cfg: &AgentConfig) -> anyhow::Result<Agent> {
-        Loaded::load(cfg).await?.bind(cfg).await
+        Loaded::load(cfg, Obtain::Yes).await?.bind(cfg).await
     }
+}
+
+/// Whether loading may ask the Istio CA for a first certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Obtain {
+    Yes,
+    /// `run --check-config`: use a persisted certificate if there is one, never call the CA.
+    No,
 }
 
 impl Loaded {
     /// Loads and checks the credentials, the policy and the JWT settings; binds nothing.
-    pub async fn load(cfg: &AgentConfig) -> anyhow::Result<Loaded> {
+    pub async fn load(cfg: &AgentConfig, obtain: Obtain) -> anyhow::Result<Loaded> {
         // A missing certificate file is reported at the configuration line that names it.
         cfg.check_inputs()?;
+        let mut istio_ca = None;
         let (source, refresh) = match &cfg.certificates {
             CertificatesConfig::Files {
                 cert_chain,
@@ -66,6 +82,55 @@ impl Loaded {
                 },
                 std::time::Duration::from_secs(30),
             ),
+            CertificatesConfig::IstioCa(c) => {
+                let source = istio_ca_source(cfg, c)?;
+                let files = CertSource::Files {
+                    chain: source.chain_path(),
+                    key: source.key_path(),
+                    roots: c.root_cert.clone(),
+                };
+                let have = match obtain {
+                    Obtain::Yes => {
+                        let how = source.ensure(c.bootstrap_timeout).await.with_context(|| {
+                            format!(
+                                "{}: certificates.istioCa: obtaining the workload certificate for {} \
+                                 from {}",
+                                cfg.file.display(),
+                                cfg.identity,
+                                c.address
+                            )
+                        })?;
+                        tracing::info!(
+                            state_dir = %c.state_dir.display(),
+                            startup = ?how,
+                            "workload certificate from the Istio CA"
+                        );
+                        true
+                    }
+                    Obtain::No => source.persisted().is_ok(),
+                };
+                istio_ca = Some(source);
+                if !have {
+                    // Only `--check-config` gets here: say what `run` would do.
+                    let c = c.clone();
+                    return Self::load_rest(cfg, None, std::time::Duration::ZERO, istio_ca)
+                        .await
+                        .inspect(|_| {
+                            println!(
+                                "certificate: none persisted in {} yet; `run` requests one from {} \
+                                 (server name {}) with the token in {}",
+                                c.state_dir.display(),
+                                c.address,
+                                c.server_name,
+                                c.token_file
+                                    .as_ref()
+                                    .map(|t| t.display().to_string())
+                                    .unwrap_or_else(|| "(no tokenFile set)".into())
+                            )
+                        });
+                }
+                (files, std::time::Duration::from_secs(10))
+            }
         };
         let alpn = outrigger_tls::ISTIO_ALPNS
             .iter()
@@ -87,7 +152,16 @@ impl Loaded {
                 cfg.identity
             )
         })?;
+        Self::load_rest(cfg, Some(certs), refresh, istio_ca).await
+    }
 
+    /// Policy and JWT settings, after the credentials.
+    async fn load_rest(
+        cfg: &AgentConfig,
+        certs: Option<CertStore>,
+        refresh: std::time::Duration,
+        istio_ca: Option<IstioCaSource>,
+    ) -> anyhow::Result<Loaded> {
         let inputs = PolicyInputs::from_config(cfg);
         // The watcher compares later reads with exactly what this policy was built from.
         let (state, observed) = {
@@ -107,6 +181,7 @@ impl Loaded {
         let jwt = jwt_settings(&cfg.jwt)?;
         Ok(Loaded {
             certs,
+            istio_ca,
             refresh,
             inputs,
             observed,
@@ -119,12 +194,16 @@ impl Loaded {
     pub async fn bind(self, cfg: &AgentConfig) -> anyhow::Result<Agent> {
         let Loaded {
             certs,
+            istio_ca,
             refresh,
             inputs,
             observed,
             policy,
             jwt,
         } = self;
+        let certs = certs.ok_or_else(|| {
+            anyhow::anyhow!("no workload certificate: it was loaded for --check-config only")
+        })?;
         let metrics = Arc::new(Metrics::new());
         {
             let metrics = metrics.clone();
@@ -195,6 +274,9 @@ impl Loaded {
                 observed,
             )),
         ];
+        if let Some(source) = istio_ca {
+            tasks.push(source.spawn_renewal(certs.clone()));
+        }
         let m = metrics.clone();
         tasks.extend(crate::memtrim::spawn(move || m.take_downstream_peak()));
         Ok(Agent {
@@ -344,4 +426,33 @@ pub async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// The `istioCa` source for this workload: its CA client (the mesh root read now) and where the
+/// credentials are kept. The `clusterid` header is `workload.cluster`, as istio-agent sends
+/// `ISTIO_META_CLUSTER_ID`.
+fn istio_ca_source(cfg: &AgentConfig, c: &IstioCaConfig) -> anyhow::Result<IstioCaSource> {
+    let root_cert_pem = std::fs::read(&c.root_cert).with_context(|| {
+        format!(
+            "{}: certificates.istioCa.rootCert: reading {}",
+            cfg.file.display(),
+            c.root_cert.display()
+        )
+    })?;
+    Ok(IstioCaSource {
+        client: CaClient::new(CaClientConfig {
+            address: c.address.clone(),
+            server_name: c.server_name.clone(),
+            root_cert_pem,
+            root_cert_file: c.root_cert.clone(),
+            token_file: c.token_file.clone(),
+            cluster_id: cfg.workload.cluster.clone(),
+            ttl: c.ttl,
+            timeout: cfg.connect_timeout.max(std::time::Duration::from_secs(10)),
+        }),
+        identity: cfg.identity.clone(),
+        state_dir: c.state_dir.clone(),
+        grace_period_ratio: c.grace_period_ratio,
+        jitter: c.grace_period_ratio_jitter,
+    })
 }

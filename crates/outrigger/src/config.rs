@@ -135,6 +135,29 @@ struct RawCertificates {
     files: Option<RawFiles>,
     #[serde(default)]
     builtin: Option<RawBuiltin>,
+    #[serde(default)]
+    istio_ca: Option<RawIstioCa>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawIstioCa {
+    #[serde(default)]
+    address: Option<Spanned<String>>,
+    #[serde(default)]
+    server_name: Option<Spanned<String>>,
+    root_cert: Spanned<String>,
+    #[serde(default)]
+    token_file: Option<Spanned<String>>,
+    state_dir: Spanned<String>,
+    #[serde(default)]
+    ttl: Option<Spanned<String>>,
+    #[serde(default)]
+    grace_period_ratio: Option<Spanned<f64>>,
+    #[serde(default)]
+    grace_period_ratio_jitter: Option<Spanned<f64>>,
+    #[serde(default)]
+    bootstrap_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -258,7 +281,28 @@ pub enum CertificatesConfig {
         ca_dir: PathBuf,
         ttl: Duration,
     },
+    /// Obtained from the Istio CA API (istiod) and persisted in `state_dir`.
+    IstioCa(IstioCaConfig),
 }
+
+/// `certificates.istioCa`.
+#[derive(Debug, Clone)]
+pub struct IstioCaConfig {
+    /// `host:port` dialled (istio-agent's `CA_ADDRESS`).
+    pub address: String,
+    /// The name istiod's certificate carries (ztunnel's `ALT_CA_HOSTNAME`).
+    pub server_name: String,
+    pub root_cert: PathBuf,
+    pub token_file: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub ttl: Duration,
+    pub grace_period_ratio: f64,
+    pub grace_period_ratio_jitter: f64,
+    pub bootstrap_timeout: Duration,
+}
+
+/// istio-agent's default `CA_ADDRESS`.
+pub const DEFAULT_CA_ADDRESS: &str = "istiod.istio-system.svc:15012";
 
 #[derive(Debug, Clone)]
 pub struct WorkloadConfig {
@@ -399,6 +443,12 @@ pub(crate) const TTL: Range = Range {
     min: Duration::from_secs(60),
     max: Duration::from_secs(3650 * 86_400),
     text: "1m to 3650d",
+};
+/// `certificates.istioCa.bootstrapTimeout`: how long start-up keeps asking the CA.
+pub(crate) const BOOTSTRAP: Range = Range {
+    min: Duration::from_secs(1),
+    max: DAY,
+    text: "1s to 24h",
 };
 /// The Istio-named outbound settings (DestinationRule, VirtualService, meshConfig): Istio's
 /// ">= 1ms", and at most a year.
@@ -626,6 +676,111 @@ impl Validator<'_> {
         }
     }
 
+    /// `certificates.istioCa`: istio-agent's settings under Outrigger's names.
+    fn istio_ca(&self, i: &RawIstioCa) -> Result<IstioCaConfig, ConfigError> {
+        const F: &str = "certificates.istioCa";
+        let address = match &i.address {
+            None => DEFAULT_CA_ADDRESS.to_string(),
+            Some(a) => {
+                let ok = a.value.rsplit_once(':').is_some_and(|(host, port)| {
+                    !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+                });
+                if !ok {
+                    return Err(self.err(
+                        a,
+                        &format!("{F}.address"),
+                        format!(
+                            "`{}` is not host:port (istiod: `{DEFAULT_CA_ADDRESS}`)",
+                            a.value
+                        ),
+                    ));
+                }
+                a.value.clone()
+            }
+        };
+        let server_name = match &i.server_name {
+            Some(n) => {
+                if outrigger_tls::rustls_pki_types::ServerName::try_from(n.value.as_str()).is_err()
+                {
+                    return Err(self.err(
+                        n,
+                        &format!("{F}.serverName"),
+                        format!("`{}` is not a DNS name or IP address", n.value),
+                    ));
+                }
+                n.value.clone()
+            }
+            None => {
+                // The host of `address`, brackets of an IPv6 literal removed.
+                let host = address.rsplit_once(':').map(|(h, _)| h).unwrap_or(&address);
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string()
+            }
+        };
+        let ratio = |v: &Option<Spanned<f64>>,
+                     field: &str,
+                     default: f64,
+                     ok: fn(f64) -> bool,
+                     text: &str| match v {
+            None => Ok(default),
+            Some(r) if ok(r.value) => Ok(r.value),
+            Some(r) => Err(self.err(
+                r,
+                &format!("{F}.{field}"),
+                format!("{} is out of range: use {text}", r.value),
+            )),
+        };
+        let grace_period_ratio = ratio(
+            &i.grace_period_ratio,
+            "gracePeriodRatio",
+            outrigger_ca::source::DEFAULT_GRACE_PERIOD_RATIO,
+            |r| r > 0.0 && r < 1.0,
+            "a fraction between 0 and 1, exclusive (Istio's SECRET_GRACE_PERIOD_RATIO; 0.5 renews half-way)",
+        )?;
+        let grace_period_ratio_jitter = ratio(
+            &i.grace_period_ratio_jitter,
+            "gracePeriodRatioJitter",
+            outrigger_ca::source::DEFAULT_GRACE_PERIOD_RATIO_JITTER,
+            |r| (0.0..0.5).contains(&r),
+            "0 to below 0.5 (Istio's SECRET_GRACE_PERIOD_RATIO_JITTER)",
+        )?;
+        if let Some(j) = &i.grace_period_ratio_jitter
+            && (grace_period_ratio - grace_period_ratio_jitter <= 0.0
+                || grace_period_ratio + grace_period_ratio_jitter >= 1.0)
+        {
+            return Err(self.err(
+                j,
+                &format!("{F}.gracePeriodRatioJitter"),
+                format!(
+                    "gracePeriodRatio {grace_period_ratio} ± {grace_period_ratio_jitter} leaves 0..1: \
+                     renewal would be due at issue or at expiry"
+                ),
+            ));
+        }
+        Ok(IstioCaConfig {
+            address,
+            server_name,
+            root_cert: self.path(&i.root_cert.value),
+            token_file: i.token_file.as_ref().map(|t| self.path(&t.value)),
+            state_dir: self.path(&i.state_dir.value),
+            ttl: self.duration(
+                &i.ttl,
+                &format!("{F}.ttl"),
+                Duration::from_secs(24 * 3600),
+                TTL,
+            )?,
+            grace_period_ratio,
+            grace_period_ratio_jitter,
+            bootstrap_timeout: self.duration(
+                &i.bootstrap_timeout,
+                &format!("{F}.bootstrapTimeout"),
+                Duration::from_secs(120),
+                BOOTSTRAP,
+            )?,
+        })
+    }
+
     fn input(&self, v: &Spanned<String>, field: &str, directory: bool) -> InputFile {
         InputFile {
             path: self.path(&v.value),
@@ -700,8 +855,8 @@ impl Validator<'_> {
 
         let c = &raw.certificates;
         let mut inputs = Vec::new();
-        let certificates = match (&c.value.files, &c.value.builtin) {
-            (Some(f), None) => {
+        let certificates = match (&c.value.files, &c.value.builtin, &c.value.istio_ca) {
+            (Some(f), None, None) => {
                 inputs.push(self.input(&f.cert_chain, "certificates.files.certChain", false));
                 inputs.push(self.input(&f.key, "certificates.files.key", false));
                 inputs.push(self.input(&f.root_cert, "certificates.files.rootCert", false));
@@ -717,7 +872,7 @@ impl Validator<'_> {
                     )?,
                 }
             }
-            (None, Some(b)) => {
+            (None, Some(b), None) => {
                 inputs.push(self.input(&b.ca_dir, "certificates.builtin.caDir", true));
                 CertificatesConfig::Builtin {
                     ca_dir: self.path(&b.ca_dir.value),
@@ -729,18 +884,23 @@ impl Validator<'_> {
                     )?,
                 }
             }
-            (Some(_), Some(_)) => {
+            (None, None, Some(i)) => {
+                inputs.push(self.input(&i.root_cert, "certificates.istioCa.rootCert", false));
+                CertificatesConfig::IstioCa(self.istio_ca(i)?)
+            }
+            (None, None, None) => {
                 return Err(self.err(
                     c,
                     "certificates",
-                    "set exactly one of `files` and `builtin`, not both",
+                    "set one of `files` (certChain, key, rootCert), `builtin` (caDir) or \
+                     `istioCa` (rootCert, stateDir, tokenFile)",
                 ));
             }
-            (None, None) => {
+            _ => {
                 return Err(self.err(
                     c,
                     "certificates",
-                    "set one of `files` (certChain, key, rootCert) or `builtin` (caDir)",
+                    "set exactly one of `files`, `builtin` and `istioCa`",
                 ));
             }
         };
@@ -1079,6 +1239,89 @@ policy:
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    fn istio_ca(body: &str) -> Result<AgentConfig, ConfigError> {
+        let files = "  files:\n    certChain: certs/cert-chain.pem\n    key: certs/key.pem\n    rootCert: certs/root-cert.pem\n";
+        parse(&GOOD.replace(files, &format!("  istioCa:\n{body}")))
+    }
+
+    #[test]
+    fn istio_ca_defaults_follow_istio_agent() {
+        let c = istio_ca("    rootCert: root-cert.pem\n    stateDir: identity\n").unwrap();
+        let CertificatesConfig::IstioCa(i) = c.certificates else {
+            panic!("{:?}", c.certificates)
+        };
+        assert_eq!(i.address, "istiod.istio-system.svc:15012");
+        assert_eq!(i.server_name, "istiod.istio-system.svc");
+        assert_eq!(i.root_cert, PathBuf::from("/etc/outrigger/root-cert.pem"));
+        assert_eq!(i.state_dir, PathBuf::from("/etc/outrigger/identity"));
+        assert_eq!(i.token_file, None);
+        assert_eq!(i.ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(i.grace_period_ratio, 0.5);
+        assert_eq!(i.grace_period_ratio_jitter, 0.01);
+        // A VM reaching istiod through the east-west gateway's address keeps istiod's name.
+        let c =
+            istio_ca("    address: \"[fd00::5]:15012\"\n    rootCert: r.pem\n    stateDir: s\n")
+                .unwrap();
+        let CertificatesConfig::IstioCa(i) = c.certificates else {
+            panic!()
+        };
+        assert_eq!(i.server_name, "fd00::5");
+    }
+
+    #[test]
+    fn istio_ca_errors_name_the_field() {
+        let cases = [
+            (
+                "    address: istiod\n    rootCert: r\n    stateDir: s\n",
+                "certificates.istioCa.address",
+                "not host:port",
+            ),
+            (
+                "    rootCert: r\n    stateDir: s\n    gracePeriodRatio: 1.0\n",
+                "certificates.istioCa.gracePeriodRatio",
+                "out of range",
+            ),
+            (
+                "    rootCert: r\n    stateDir: s\n    gracePeriodRatioJitter: 0.6\n",
+                "certificates.istioCa.gracePeriodRatioJitter",
+                "out of range",
+            ),
+            (
+                "    rootCert: r\n    stateDir: s\n    gracePeriodRatio: 0.9\n    gracePeriodRatioJitter: 0.2\n",
+                "certificates.istioCa.gracePeriodRatioJitter",
+                "leaves 0..1",
+            ),
+            (
+                "    rootCert: r\n    stateDir: s\n    ttl: 10s\n",
+                "certificates.istioCa.ttl",
+                "out of range",
+            ),
+            (
+                "    rootCert: r\n    stateDir: s\n    serverName: \"bad name\"\n",
+                "certificates.istioCa.serverName",
+                "not a DNS name",
+            ),
+        ];
+        for (body, field, why) in cases {
+            let e = istio_ca(body).unwrap_err();
+            assert_eq!(e.field, field, "{body}: {e}");
+            assert!(e.to_string().contains(why), "{body}: {e}");
+            assert!(e.line > 0, "{body}: {e}");
+        }
+        let e = istio_ca("    stateDir: s\n").unwrap_err();
+        assert!(e.to_string().contains("rootCert"), "{e}");
+        let both = GOOD.replace(
+            "certificates:\n",
+            "certificates:\n  istioCa: {rootCert: r, stateDir: s}\n",
+        );
+        let e = parse(&both).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("exactly one of `files`, `builtin` and `istioCa`"),
+            "{e}"
+        );
     }
 
     #[test]

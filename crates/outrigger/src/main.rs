@@ -233,6 +233,50 @@ Writes cert-chain.pem, key.pem and root-cert.pem (Istio's file names) into --out
         #[arg(long, default_value = "24h", value_parser = config::parse_ttl)]
         ttl: Duration,
     },
+    /// Serve Istio's CA API (istiod's CreateCertificate) from a built-in CA: a lab/dev CA.
+    #[command(after_help = "\
+Example:
+  outrigger ca serve --dir ./ca --listen 127.0.0.1:15012 --token-file ./ca-token
+
+Answers istio.v1.auth.IstioCertificateService/CreateCertificate over TLS with a serving
+certificate for --server-name (istiod.istio-system.svc by default), so Outrigger agents
+(`certificates.istioCa`), ztunnel and istio-agent can obtain workload certificates from it.
+
+Authentication (a lab/dev mode, not istiod's Kubernetes TokenReview):
+  * a caller presenting a certificate of this CA gets a certificate for its own identity only;
+  * a caller with the token in --token-file (`authorization: Bearer <token>`) may ask for any
+    SPIFFE ID of the CA's trust domain: the CSR's URI SAN, or the ImpersonatedIdentity
+    metadata that ztunnel sends;
+  * --insecure-no-token gives every caller that right: for a lab on one machine only.
+Lifetimes as istiod's: the requested one, 24h when none, refused above --max-ttl (90d).")]
+    Serve {
+        /// The CA directory made by `outrigger ca init`.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Address to listen on (istiod's CA port is 15012).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15012")]
+        listen: std::net::SocketAddr,
+        /// DNS name(s) of the serving certificate; clients verify the one they dial with.
+        #[arg(
+            long = "server-name",
+            value_name = "NAME",
+            default_value = "istiod.istio-system.svc"
+        )]
+        server_names: Vec<String>,
+        /// File holding the token callers without a certificate must present.
+        #[arg(
+            long,
+            value_name = "FILE",
+            required_unless_present = "insecure_no_token"
+        )]
+        token_file: Option<PathBuf>,
+        /// Issue to any caller without a token (lab on one machine only).
+        #[arg(long, conflicts_with = "token_file")]
+        insecure_no_token: bool,
+        /// Longest lifetime granted (istiod's MAX_WORKLOAD_CERT_TTL).
+        #[arg(long, default_value = "90d", value_parser = config::parse_ttl)]
+        max_ttl: Duration,
+    },
 }
 
 fn runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
@@ -265,7 +309,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let rt = runtime(threads)?;
     rt.block_on(async {
-        let loaded = agent::Loaded::load(&cfg).await?;
+        let obtain = if args.check_config {
+            agent::Obtain::No
+        } else {
+            agent::Obtain::Yes
+        };
+        let loaded = agent::Loaded::load(&cfg, obtain).await?;
         if args.check_config {
             // Binds nothing, so it also checks a configuration beside the running agent.
             let policy = loaded.policy.load();
@@ -370,8 +419,71 @@ fn ca(cmd: CaCommand) -> anyhow::Result<()> {
                 out.display()
             );
         }
+        CaCommand::Serve {
+            dir,
+            listen,
+            server_names,
+            token_file,
+            insecure_no_token,
+            max_ttl,
+        } => ca_serve(
+            dir,
+            listen,
+            server_names,
+            token_file,
+            insecure_no_token,
+            max_ttl,
+        )?,
     }
     Ok(())
+}
+
+/// `outrigger ca serve`: runs until Ctrl-C / SIGTERM.
+fn ca_serve(
+    dir: PathBuf,
+    listen: std::net::SocketAddr,
+    server_names: Vec<String>,
+    token_file: Option<PathBuf>,
+    insecure_no_token: bool,
+    max_ttl: Duration,
+) -> anyhow::Result<()> {
+    use outrigger_ca::server::{ServeOptions, TokenCheck};
+    logging::init(config::LogFormat::Text, "info")?;
+    let ca = outrigger_tls::ca::BuiltinCa::load(&dir)?;
+    let tokens = match (token_file, insecure_no_token) {
+        (Some(f), _) => {
+            let t = std::fs::read_to_string(&f)
+                .with_context(|| format!("--token-file {}", f.display()))?;
+            let t = t.trim();
+            anyhow::ensure!(
+                !t.is_empty(),
+                "--token-file {}: the file is empty",
+                f.display()
+            );
+            TokenCheck::Static(t.to_string())
+        }
+        (None, _) => TokenCheck::None,
+    };
+    let mut opts = ServeOptions::new(tokens.clone(), server_names.clone());
+    opts.max_ttl = max_ttl;
+    let rt = runtime(None)?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("--listen {listen}"))?;
+        let addr = listener.local_addr()?;
+        println!(
+            "serving the Istio CA API for trust domain {} on {addr} (server name {}; {})",
+            ca.trust_domain(),
+            server_names.join(", "),
+            match tokens {
+                TokenCheck::Static(_) => "callers need the token or a certificate of this CA",
+                TokenCheck::None => "INSECURE: any caller may obtain any identity",
+            }
+        );
+        outrigger_ca::server::serve(listener, ca, opts, agent::shutdown_signal()).await?;
+        Ok(())
+    })
 }
 
 fn humanize(d: Duration) -> String {

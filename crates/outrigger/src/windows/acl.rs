@@ -58,6 +58,21 @@ pub fn restrict(path: &Path, account: &str, dir: bool) -> Icacls {
     )
 }
 
+/// Like [`restrict`] on a directory, but `account` may also write (`M`): the `istioCa` state
+/// directory, where the service itself writes each renewed key and chain.
+pub fn restrict_writable(dir: &Path, account: &str) -> Icacls {
+    Icacls::new(
+        dir,
+        &[
+            "/inheritance:r".into(),
+            "/grant:r".into(),
+            format!("{SYSTEM_SID}:(OI)(CI)F"),
+            format!("{ADMINISTRATORS_SID}:(OI)(CI)F"),
+            format!("{account}:(OI)(CI)M"),
+        ],
+    )
+}
+
 /// Lets `account` write logs in `dir` (and files in it), keeping what the directory inherits.
 pub fn grant_modify(dir: &Path, account: &str) -> Icacls {
     Icacls::new(dir, &["/grant".into(), format!("{account}:(OI)(CI)M")])
@@ -72,6 +87,7 @@ pub fn install_plan(
     config_file: &Path,
     key: Option<&Path>,
     ca_dir: Option<&Path>,
+    state_dir: Option<&Path>,
     logs: &Path,
 ) -> Vec<Icacls> {
     let mut plan = Vec::new();
@@ -84,6 +100,9 @@ pub fn install_plan(
     }
     if let Some(ca) = ca_dir {
         plan.push(restrict(ca, account, true));
+    }
+    if let Some(state) = state_dir {
+        plan.push(restrict_writable(state, account));
     }
     plan.push(grant_modify(logs, account));
     plan
@@ -129,6 +148,7 @@ mod tests {
             &p("C:/ProgramData/Outrigger/agent.yaml"),
             Some(&p("C:/ProgramData/Outrigger/certs/key.pem")),
             None,
+            None,
             &p("C:/ProgramData/Outrigger/logs"),
         );
         let shown: Vec<String> = plan.iter().map(Icacls::display).collect();
@@ -149,6 +169,7 @@ mod tests {
             &p("D:/outrigger/agent.yaml"),
             Some(&p("D:/outrigger/key.pem")),
             None,
+            None,
             &p("D:/logs"),
         );
         assert_eq!(plan.len(), 2);
@@ -166,11 +187,28 @@ mod tests {
             &p("C:/o/agent.yaml"),
             None,
             Some(&p("C:/o/ca")),
+            None,
             &p("C:/o/logs"),
         );
         assert_eq!(
             plan[0].display(),
             r"icacls C:/o/ca /inheritance:r /grant:r *S-1-5-18:(OI)(CI)F *S-1-5-32-544:(OI)(CI)F CONTOSO\svc-outrigger$:(OI)(CI)RX"
+        );
+    }
+
+    #[test]
+    fn the_istio_ca_state_directory_is_private_but_writable_by_the_service() {
+        let plan = install_plan(
+            ACCOUNT,
+            &p("C:/o/agent.yaml"),
+            None,
+            None,
+            Some(&p("C:/o/identity")),
+            &p("C:/o/logs"),
+        );
+        assert_eq!(
+            plan[0].display(),
+            r#"icacls C:/o/identity /inheritance:r /grant:r *S-1-5-18:(OI)(CI)F *S-1-5-32-544:(OI)(CI)F "NT SERVICE\Outrigger:(OI)(CI)M""#
         );
     }
 }

@@ -191,11 +191,17 @@ fn install(
         Err(e) => eprintln!("warning: registering the Event Log source: {e:#}"),
     }
 
-    let (key, ca_dir) = match &cfg.certificates {
-        CertificatesConfig::Files { key, .. } => (Some(key.as_path()), None),
-        CertificatesConfig::Builtin { ca_dir, .. } => (None, Some(ca_dir.as_path())),
+    let (key, ca_dir, state_dir) = match &cfg.certificates {
+        CertificatesConfig::Files { key, .. } => (Some(key.as_path()), None, None),
+        CertificatesConfig::Builtin { ca_dir, .. } => (None, Some(ca_dir.as_path()), None),
+        // The state directory holds the persisted key, which the service itself rewrites.
+        CertificatesConfig::IstioCa(i) => (None, None, Some(i.state_dir.as_path())),
     };
-    let plan = acl::install_plan(&account, &config, key, ca_dir, &logs);
+    if let Some(dir) = state_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the state directory {}", dir.display()))?;
+    }
+    let plan = acl::install_plan(&account, &config, key, ca_dir, state_dir, &logs);
     if no_acl {
         println!("  ACLs: left unchanged (--no-acl); the commands it would run:");
         for c in &plan {

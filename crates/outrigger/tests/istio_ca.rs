@@ -5,38 +5,22 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::*;
 use outrigger_testkit::*;
 
-/// `outrigger ca serve` on 127.0.0.1, port 0, with a token; returns it and its address.
-fn ca_serve(ca_dir: &Path, token: &Path) -> (KillOnDrop, SocketAddr) {
-    let mut child = Command::new(BIN)
-        .args(["ca", "serve", "--listen", "127.0.0.1:0", "--dir"])
-        .arg(ca_dir)
-        .arg("--token-file")
-        .arg(token)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    // "serving the Istio CA API for trust domain cluster.local on 127.0.0.1:PORT (…"
-    let addr = line
-        .split(" on ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-        .parse()
-        .unwrap();
+/// `outrigger ca serve` on 127.0.0.1, any port, with a token; killed on drop.
+fn start_ca(mesh: &Mesh, token: &Path) -> (KillOnDrop, SocketAddr) {
+    let (child, addr) = ca_serve(
+        &mesh.dir().join("ca"),
+        "127.0.0.1:0",
+        token,
+        &mesh.dir().join("ca-serve.log"),
+    );
     (KillOnDrop(child), addr)
 }
 
@@ -102,7 +86,7 @@ async fn identity_from_the_ca_survives_restarts_rotates_under_load_and_fails_clo
     let mesh = Mesh::new();
     let token = mesh.dir().join("istio-token");
     std::fs::write(&token, "bootstrap-token\n").unwrap();
-    let (ca, ca_addr) = ca_serve(&mesh.dir().join("ca"), &token);
+    let (ca, ca_addr) = start_ca(&mesh, &token);
     let backend = start_echo().await;
     let caller = mesh.pki.issue("default", "sleep");
 
@@ -217,7 +201,7 @@ async fn a_refused_bootstrap_token_stops_start_up_with_the_reason() {
     let mesh = Mesh::new();
     let token = mesh.dir().join("ca-token");
     std::fs::write(&token, "the-real-token").unwrap();
-    let (_ca, ca_addr) = ca_serve(&mesh.dir().join("ca"), &token);
+    let (_ca, ca_addr) = start_ca(&mesh, &token);
     std::fs::write(mesh.dir().join("istio-token"), "an-old-token").unwrap();
     let cfg_path = mesh.dir().join("agent.yaml");
     std::fs::write(

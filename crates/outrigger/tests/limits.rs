@@ -10,6 +10,20 @@ use std::time::{Duration, Instant};
 use common::*;
 use outrigger_testkit::*;
 
+/// Applied while the agent is at a connection cap: a policy reload must still go through.
+const DENY_SLEEP: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-sleep
+  namespace: legacy
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: [cluster.local/ns/default/sa/sleep]
+";
+
 /// Waits until the client side of `c` sees its connection closed by the agent; returns how
 /// long that took. Fails after 10 s.
 async fn wait_closed(c: &HttpConn) -> Duration {
@@ -40,6 +54,7 @@ fn client_config(mesh: &Mesh, client: &Issued, alpn: &[&[u8]]) -> Arc<rustls::Cl
 /// after its last request, a TLS connection that never sends a request, and an HBONE
 /// connection with no stream are all closed once it expires; a connection with a request in
 /// progress is not.
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_http2_and_silent_connections_are_closed_after_the_idle_timeout() {
     let mesh = Mesh::new();
@@ -231,21 +246,7 @@ async fn connection_caps_refuse_cleanly_while_others_reloads_and_admin_still_wor
 
     // At the cap: a policy reload still applies (the legit identity's open connection now
     // gets 403 from the new policy) and the admin endpoint answers.
-    mesh.policy(
-        "deny.yaml",
-        "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: deny-sleep
-  namespace: legacy
-spec:
-  action: DENY
-  rules:
-  - from:
-    - source:
-        principals: [cluster.local/ns/default/sa/sleep]
-",
-    );
+    mesh.policy("deny.yaml", DENY_SLEEP);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let got = ok.fetch(get("/after-reload", true)).await.unwrap();
@@ -332,21 +333,7 @@ async fn idle_flood_at_a_1024_descriptor_limit_locks_nobody_else_out() {
         assert_eq!(got.status, 200, "{}", got.text());
     }
     // A policy reload applies.
-    mesh.policy(
-        "deny.yaml",
-        "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: deny-sleep
-  namespace: legacy
-spec:
-  action: DENY
-  rules:
-  - from:
-    - source:
-        principals: [cluster.local/ns/default/sa/sleep]
-",
-    );
+    mesh.policy("deny.yaml", DENY_SLEEP);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let mut c = mesh.connect(web, &legit, true).await;

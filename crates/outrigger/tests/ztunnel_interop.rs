@@ -48,31 +48,38 @@ struct Env {
 }
 
 fn env_or_skip(test: &str) -> Option<Env> {
-    let bin = std::env::var_os("ZTUNNEL_BIN").map(PathBuf::from);
-    let tls = std::env::var_os("ZTUNNEL_TLS_DIR").map(PathBuf::from);
-    match (bin, tls) {
-        (Some(bin), Some(tls_dir)) => {
-            assert!(bin.is_file(), "ZTUNNEL_BIN={} is not a file", bin.display());
-            for f in ["root-cert.pem", "ca-key.pem"] {
-                assert!(
-                    tls_dir.join(f).is_file(),
-                    "ZTUNNEL_TLS_DIR={} has no {f} (point it at ztunnel's src/tls)",
-                    tls_dir.display()
-                );
-            }
-            Some(Env { bin, tls_dir })
-        }
-        _ => {
-            // Written to the real stderr, past libtest's output capture, so that a skip is
-            // visible in every run.
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED {test}: set ZTUNNEL_BIN (ztunnel built with --features testing) and \
-                 ZTUNNEL_TLS_DIR (ztunnel's src/tls) to run the ztunnel interop test; see docs/ambient.md"
-            );
-            None
-        }
+    let bin = ztunnel_bin_or_skip(test)?;
+    let Some(tls_dir) = std::env::var_os("ZTUNNEL_TLS_DIR").map(PathBuf::from) else {
+        skip(test, "ZTUNNEL_TLS_DIR (ztunnel's src/tls)");
+        return None;
+    };
+    for f in ["root-cert.pem", "ca-key.pem"] {
+        assert!(
+            tls_dir.join(f).is_file(),
+            "ZTUNNEL_TLS_DIR={} has no {f} (point it at ztunnel's src/tls)",
+            tls_dir.display()
+        );
     }
+    Some(Env { bin, tls_dir })
+}
+
+/// `ZTUNNEL_BIN`, or `None` after saying on stderr that `test` is skipped.
+fn ztunnel_bin_or_skip(test: &str) -> Option<PathBuf> {
+    let Some(bin) = std::env::var_os("ZTUNNEL_BIN").map(PathBuf::from) else {
+        skip(test, "ZTUNNEL_BIN (ztunnel built with --features testing)");
+        return None;
+    };
+    assert!(bin.is_file(), "ZTUNNEL_BIN={} is not a file", bin.display());
+    Some(bin)
+}
+
+fn skip(test: &str, what: &str) {
+    // Written to the real stderr, past libtest's output capture, so that a skip is visible in
+    // every run.
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: set {what} to run the ztunnel interop test; see docs/ambient.md"
+    );
 }
 
 fn sh(args: &[&str]) {
@@ -311,13 +318,41 @@ services: []
     )
 }
 
-fn start_ztunnel(env: &Env, ns: &Netns, dir: &Path) -> Proc {
+/// Where ztunnel gets its certificates: its fake CA (signed by its published test root), or a
+/// real CA API server (`outrigger ca serve`) at `address`, verified with `root` under istiod's
+/// name, authenticated with the token in `token`.
+enum ZtunnelCa<'a> {
+    Fake,
+    Server {
+        address: SocketAddr,
+        root: &'a Path,
+        token: &'a Path,
+    },
+}
+
+fn start_ztunnel(bin: &Path, ns: &Netns, dir: &Path, ca: ZtunnelCa<'_>) -> Proc {
     let cfg = dir.join("ztunnel-local.yaml");
     std::fs::write(&cfg, ztunnel_config(ns)).unwrap();
     let log = dir.join("ztunnel.log");
-    let mut cmd = ns.command(&env.bin);
-    cmd.env("FAKE_CA", "true")
-        .env("XDS_ADDRESS", "")
+    let mut cmd = ns.command(bin);
+    match ca {
+        ZtunnelCa::Fake => {
+            cmd.env("FAKE_CA", "true");
+        }
+        // ztunnel's own settings for istiod's CA (src/config.rs: CA_ADDRESS, ALT_CA_HOSTNAME,
+        // CA_ROOT_CA, AUTH_TOKEN).
+        ZtunnelCa::Server {
+            address,
+            root,
+            token,
+        } => {
+            cmd.env("CA_ADDRESS", format!("https://{address}"))
+                .env("ALT_CA_HOSTNAME", "istiod.istio-system.svc")
+                .env("CA_ROOT_CA", root)
+                .env("AUTH_TOKEN", token);
+        }
+    }
+    cmd.env("XDS_ADDRESS", "")
         .env("LOCAL_XDS_PATH", &cfg)
         .env("PROXY_MODE", "dedicated")
         .env("PROXY_WORKLOAD_INFO", format!("{ZT_NS}/{ZT_SA}/{ZT_SA}"))
@@ -378,7 +413,7 @@ fn hbone_client(certs: &Path) -> HboneClient {
 /// `<endpoint ip>:15008` is ztunnel's), pinning ztunnel's identity: `zt-echo` (TCP, the helper
 /// in ztunnel's namespace) and `zt-metrics` (HTTP, ztunnel's own :15020).
 fn agent_config(
-    certs: &Path,
+    certificates: &str,
     ns: &Netns,
     echo: SocketAddr,
     sink: SocketAddr,
@@ -392,11 +427,7 @@ workload:
   labels:
     app: windows-app
 certificates:
-  files:
-    certChain: {d}/cert-chain.pem
-    key: {d}/key.pem
-    rootCert: {d}/root-cert.pem
-policy:
+{certificates}policy:
   paths: [policies]
 admin:
   listen: 127.0.0.1:0
@@ -431,12 +462,52 @@ outbound:
     transport: hbone
     identity: spiffe://cluster.local/ns/{ZT_NS}/sa/{ZT_SA}
 ",
-        d = certs.display(),
         host = ns.host,
         peer = ns.peer,
         echo_port = outbound.0,
         metrics_port = outbound.1,
     )
+}
+
+/// The `certificates:` block for Istio-style files in `dir`.
+fn files_certificates(dir: &Path) -> String {
+    format!(
+        "  files:\n    certChain: {d}/cert-chain.pem\n    key: {d}/key.pem\n    rootCert: {d}/root-cert.pem\n",
+        d = dir.display()
+    )
+}
+
+/// `curl` in ztunnel's namespace through ztunnel's SOCKS5 outbound to Outrigger's `web`
+/// listener: ztunnel carries it over HBONE to Outrigger's :15008. Returns what the echo
+/// backend saw.
+fn curl_through_ztunnel(
+    ns: &Netns,
+    path: &str,
+    ztunnel: &Proc,
+    agent: &AgentProc,
+) -> outrigger_testkit::Seen {
+    let url = format!("http://{}:{WEB_PORT}{path}", ns.host);
+    let out = ns
+        .command(Path::new("curl"))
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "--socks5",
+            "127.0.0.1:15080",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "curl through ztunnel failed: {}\nztunnel:\n{}\noutrigger:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        ztunnel.log(),
+        agent.stderr()
+    );
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("not the echo's answer ({e}): {body}"))
 }
 
 const ALLOW_ZTUNNEL_ONLY: &str = "apiVersion: security.istio.io/v1
@@ -490,7 +561,7 @@ async fn ztunnel_and_outrigger_speak_hbone_both_ways() {
     let dir = dir.path();
     let ns = Netns::new();
     let certs = issue_from_ztunnel_root(&env, dir, AGENT_NS, AGENT_SA);
-    let ztunnel = start_ztunnel(&env, &ns, dir);
+    let ztunnel = start_ztunnel(&env.bin, &ns, dir, ZtunnelCa::Fake);
     let helper_addr = SocketAddr::new(ns.peer.into(), HELPER_PORT);
     let helper = start_helper(Some(&ns), helper_addr, dir, "netns-helper");
     wait_listening(helper_addr, "netns helper", || helper.log());
@@ -510,34 +581,18 @@ async fn ztunnel_and_outrigger_speak_hbone_both_ways() {
     let outbound_ports = (free_port(), free_port());
     let agent = AgentProc::start(
         dir,
-        &agent_config(&certs, &ns, echo, local_sink_addr, outbound_ports),
+        &agent_config(
+            &files_certificates(&certs),
+            &ns,
+            echo,
+            local_sink_addr,
+            outbound_ports,
+        ),
     );
 
     // ztunnel → Outrigger: curl in ztunnel's namespace, through ztunnel's SOCKS5 outbound,
     // to Outrigger's workload address; ztunnel carries it over HBONE to Outrigger's :15008.
-    let url = format!("http://{}:{WEB_PORT}/via-ztunnel", ns.host);
-    let out = ns
-        .command(Path::new("curl"))
-        .args([
-            "-sS",
-            "--max-time",
-            "20",
-            "--socks5",
-            "127.0.0.1:15080",
-            &url,
-        ])
-        .output()
-        .unwrap();
-    let body = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "curl through ztunnel failed: {}\nztunnel:\n{}\noutrigger:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        ztunnel.log(),
-        agent.stderr()
-    );
-    let seen: outrigger_testkit::Seen = serde_json::from_str(&body)
-        .unwrap_or_else(|e| panic!("not the echo's answer ({e}): {body}"));
+    let seen = curl_through_ztunnel(&ns, "/via-ztunnel", &ztunnel, &agent);
     assert_eq!(seen.path, "/via-ztunnel");
     let xfcc = seen.header("x-forwarded-client-cert").unwrap_or_default();
     assert!(
@@ -743,4 +798,105 @@ async fn ztunnel_and_outrigger_speak_hbone_both_ways() {
             );
         }
     }
+}
+
+/// Issue 11 item 5: one CA for both, reached through Istio's CA API. `outrigger ca serve` (the
+/// built-in CA) serves istiod's `CreateCertificate`; ztunnel obtains its workload certificate
+/// from it with its own CA client (token authentication, istiod's name verified), and the
+/// agent obtains its own through `certificates.istioCa`. Then the two speak HBONE both ways,
+/// each verifying the other's identity from that CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztunnel_and_outrigger_take_their_identities_from_outrigger_ca_serve() {
+    let test = "ztunnel_and_outrigger_take_their_identities_from_outrigger_ca_serve";
+    let Some(bin) = ztunnel_bin_or_skip(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let ns = Netns::new();
+    let ca_dir = dir.join("ca");
+    outrigger_tls::ca::BuiltinCa::init(&ca_dir, "cluster.local").unwrap();
+    let token = dir.join("istio-token");
+    // No trailing newline: ztunnel sends the file as it is, and a newline is not allowed in a
+    // header (Kubernetes token files have none).
+    std::fs::write(&token, "lab-token").unwrap();
+
+    // The CA on the host side of the veth, so that ztunnel (in its namespace) reaches it.
+    let ca_log = dir.join("ca-serve.log");
+    let (ca, ca_addr) = ca_serve(&ca_dir, &format!("{}:0", ns.host), &token, &ca_log);
+    let _ca = Proc {
+        child: ca,
+        log: ca_log,
+    };
+
+    let ztunnel = start_ztunnel(
+        &bin,
+        &ns,
+        dir,
+        ZtunnelCa::Server {
+            address: ca_addr,
+            root: &ca_dir.join("root-cert.pem"),
+            token: &token,
+        },
+    );
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("pa.yaml"), MESH_STRICT).unwrap();
+    std::fs::write(policies.join("authz.yaml"), ALLOW_ZTUNNEL_ONLY).unwrap();
+    let echo = outrigger_testkit::start_echo().await;
+    let outbound_ports = (free_port(), free_port());
+    let certificates = format!(
+        "  istioCa:\n    address: {ca_addr}\n    serverName: istiod.istio-system.svc\n    \
+         rootCert: {root}\n    tokenFile: {token}\n    stateDir: {state}\n",
+        root = ca_dir.join("root-cert.pem").display(),
+        token = token.display(),
+        state = dir.join("identity").display(),
+    );
+    let unused_sink: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let agent = AgentProc::start(
+        dir,
+        &agent_config(&certificates, &ns, echo, unused_sink, outbound_ports),
+    );
+    // ztunnel → Outrigger over HBONE (curl through ztunnel's SOCKS5 outbound).
+    let seen = curl_through_ztunnel(&ns, "/ca-served", &ztunnel, &agent);
+    assert_eq!(seen.path, "/ca-served");
+    let xfcc = seen.header("x-forwarded-client-cert").unwrap_or_default();
+    assert!(
+        xfcc.ends_with(";URI=spiffe://cluster.local/ns/default/sa/sleep"),
+        "Outrigger did not see ztunnel's identity: {xfcc}"
+    );
+
+    // Both certificates came from the CA API (ztunnel asks when it first needs one): both
+    // requests are in the CA's log.
+    let issued = std::fs::read_to_string(dir.join("ca-serve.log")).unwrap_or_default();
+    for id in [
+        "spiffe://cluster.local/ns/default/sa/sleep",
+        "spiffe://cluster.local/ns/legacy/sa/windows-app",
+    ] {
+        assert!(
+            issued
+                .lines()
+                .any(|l| l.contains("issued a workload certificate") && l.contains(id)),
+            "the CA issued nothing for {id}:\n{issued}"
+        );
+    }
+
+    // Outrigger → ztunnel over HBONE: the agent's outbound listener to ztunnel's :15020,
+    // pinning ztunnel's identity.
+    let zt_metrics: SocketAddr = format!("127.0.0.1:{}", outbound_ports.1).parse().unwrap();
+    let tcp = tokio::net::TcpStream::connect(zt_metrics).await.unwrap();
+    let mut http = outrigger_testkit::HttpConn::new(tcp, false).await.unwrap();
+    let got = http
+        .fetch(outrigger_testkit::get("/metrics", false))
+        .await
+        .unwrap();
+    assert_eq!(got.status, 200, "{}\n{}", got.text(), agent.stderr());
+    assert!(
+        got.text()
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total")
+                || l.starts_with("istio_tcp_connections_opened_total")),
+        "not ztunnel's metrics:\n{}",
+        got.text()
+    );
 }

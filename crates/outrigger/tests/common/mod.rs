@@ -320,3 +320,46 @@ impl AgentProc {
         }
     }
 }
+
+/// `outrigger ca serve` from the CA in `ca_dir` (made by `ca init`), listening on `listen`
+/// (port 0: any), callers authenticated by the token in `token`, its log in `log`. Returns
+/// the process and the address it announced on its first line of output.
+pub fn ca_serve(ca_dir: &Path, listen: &str, token: &Path, log: &Path) -> (Child, SocketAddr) {
+    let mut child = Command::new(BIN)
+        .args(["ca", "serve", "--listen", listen, "--dir"])
+        .arg(ca_dir)
+        .arg("--token-file")
+        .arg(token)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    // "serving the Istio CA API for trust domain cluster.local on 127.0.0.1:PORT (…"
+    let addr = line
+        .split(" on ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected first line of ca serve: {line:?}"));
+    (child, addr)
+}
+
+/// Base64url without padding (JWT segments, JWK members).
+pub fn b64(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+/// Seconds since the Unix epoch (JWT `iat`/`exp`).
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}

@@ -309,3 +309,151 @@ impl Validator<'_> {
         })
     }
 }
+
+#[cfg(all(test, feature = "kubernetes"))]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::AgentConfig;
+
+    /// The configuration lives in a temporary directory, so that `stateFile`'s directory
+    /// exists.
+    fn config(dir: &Path, section: &str) -> String {
+        format!(
+            "trustDomain: cluster.local
+workload:
+  namespace: legacy
+  serviceAccount: windows-app
+certificates:
+  files: {{certChain: c.pem, key: k.pem, rootCert: r.pem}}
+inbound:
+  - {{name: web, listen: 0.0.0.0:8080, backend: 127.0.0.1:5000}}
+policy:
+  rootNamespace: mesh-root
+  kubernetes:
+{section}",
+            section = section
+                .lines()
+                .map(|l| format!("    {l}\n"))
+                .collect::<String>()
+        )
+        .replace("DIR", &dir.display().to_string())
+    }
+
+    fn parse(section: &str) -> Result<AgentConfig, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.yaml");
+        AgentConfig::parse(&file, &config(dir.path(), section)).map_err(|e| {
+            e.to_string()
+                .replace(&dir.path().display().to_string(), "DIR")
+        })
+    }
+
+    #[test]
+    fn the_token_form_with_defaults() {
+        let c = parse("server: https://10.0.0.1:6443/\ntokenFile: token\nstateFile: state.json")
+            .unwrap();
+        let k = c.policy.kubernetes.clone().unwrap();
+        assert_eq!(k.namespaces, ["legacy", "mesh-root"]);
+        assert_eq!(k.api_version, "security.istio.io/v1");
+        assert_eq!(k.sync_timeout, Duration::from_secs(10));
+        assert_eq!(k.max_backoff, Duration::from_secs(30));
+        match k.credentials {
+            KubeCredentials::Token {
+                server,
+                token_file,
+                ca_cert,
+            } => {
+                assert_eq!(server, "https://10.0.0.1:6443");
+                assert!(token_file.ends_with("token"));
+                assert_eq!(ca_cert, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        // The token file is an input: a missing one is reported at its line.
+        assert!(
+            c.inputs
+                .iter()
+                .any(|i| i.field == "policy.kubernetes.tokenFile" && i.line == 13),
+            "{:?}",
+            c.inputs
+        );
+    }
+
+    #[test]
+    fn the_kubeconfig_form_with_namespaces_and_v1beta1() {
+        let c = parse(
+            "kubeconfig: kc.yaml\ncontext: lab\nnamespaces: [legacy, legacy, istio-system]\n\
+             apiVersion: v1beta1\nstateFile: state.json\nsyncTimeout: 2s\nmaxBackoff: 5s",
+        )
+        .unwrap();
+        let k = c.policy.kubernetes.unwrap();
+        assert_eq!(k.namespaces, ["legacy", "istio-system"]);
+        assert_eq!(k.api_version, "security.istio.io/v1beta1");
+        assert!(matches!(
+            k.credentials,
+            KubeCredentials::Kubeconfig { context: Some(ref c), .. } if c == "lab"
+        ));
+    }
+
+    #[test]
+    fn errors_name_the_line_and_field() {
+        let cases = [
+            (
+                "server: http://10.0.0.1:8080\ntokenFile: t\nstateFile: s.json",
+                "DIR/agent.yaml:12:13: policy.kubernetes.server: `http://10.0.0.1:8080`: plain http",
+            ),
+            (
+                "server: 10.0.0.1:6443\ntokenFile: t\nstateFile: s.json",
+                "DIR/agent.yaml:12:13: policy.kubernetes.server: `10.0.0.1:6443` is not",
+            ),
+            (
+                "server: https://k8s:6443\nstateFile: s.json",
+                "DIR/agent.yaml:12:13: policy.kubernetes.tokenFile: `server` needs `tokenFile`",
+            ),
+            (
+                "kubeconfig: kc\nserver: https://k8s:6443\nstateFile: s.json",
+                "DIR/agent.yaml:13:13: policy.kubernetes: set either `kubeconfig` or `server`",
+            ),
+            (
+                "kubeconfig: kc\ntokenFile: t\nstateFile: s.json",
+                "DIR/agent.yaml:13:16: policy.kubernetes.tokenFile: set with `server`",
+            ),
+            (
+                "kubeconfig: kc",
+                "policy.kubernetes.stateFile: set the file",
+            ),
+            (
+                "kubeconfig: kc\nstateFile: nowhere/s.json",
+                "DIR/agent.yaml:13:16: policy.kubernetes.stateFile: the directory DIR/nowhere does not exist",
+            ),
+            (
+                "kubeconfig: kc\nstateFile: s.json\nnamespaces: [Legacy]",
+                "DIR/agent.yaml:14:18: policy.kubernetes.namespaces[0]: `Legacy` is not a namespace name",
+            ),
+            (
+                "kubeconfig: kc\nstateFile: s.json\nnamespaces: []",
+                "policy.kubernetes.namespaces: name at least one",
+            ),
+            (
+                "kubeconfig: kc\nstateFile: s.json\napiVersion: v2",
+                "DIR/agent.yaml:14:17: policy.kubernetes.apiVersion: `v2`",
+            ),
+            (
+                "kubeconfig: kc\nstateFile: s.json\nsyncTimeout: 0s",
+                "DIR/agent.yaml:14:18: policy.kubernetes.syncTimeout: `0s` is out of range",
+            ),
+            (
+                "kubeconfig: kc\nstateFile: s.json\nwatch: all",
+                "DIR/agent.yaml:14:5: policy.kubernetes.watch: unknown field `watch`",
+            ),
+        ];
+        for (section, want) in cases {
+            let e = parse(section).unwrap_err();
+            assert!(e.contains(want), "{section}\nwant: {want}\ngot:  {e}");
+        }
+        // http on loopback is `kubectl proxy`.
+        parse("server: http://127.0.0.1:8001\ntokenFile: t\nstateFile: s.json").unwrap();
+    }
+}

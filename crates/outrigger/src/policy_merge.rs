@@ -151,3 +151,41 @@ fn publish(handle: &PolicyHandle, state: PolicyState) -> bool {
     handle.publish(state);
     clean
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deny(source: &str, name: &str) -> Vec<Resource> {
+        let text = format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: legacy}}\nspec: {{action: DENY, rules: [{{}}]}}\n"
+        );
+        outrigger_policy::parse_documents(source, &text).unwrap()
+    }
+
+    /// Istio identifies a resource by kind, namespace and name: the file's copy wins.
+    #[test]
+    fn the_file_wins_over_the_cluster_for_the_same_name() {
+        let files = deny("deny.yaml", "a");
+        let mut cluster = deny(
+            "cluster:legacy/AuthorizationPolicy/a (resourceVersion 1)",
+            "a",
+        );
+        cluster.extend(deny(
+            "cluster:legacy/AuthorizationPolicy/b (resourceVersion 2)",
+            "b",
+        ));
+        let merged = merge(files, &cluster);
+        let names: Vec<String> = merged
+            .iter()
+            .map(|r| format!("{} {}", r.name, r.source.file))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "a deny.yaml",
+                "b cluster:legacy/AuthorizationPolicy/b (resourceVersion 2)"
+            ]
+        );
+    }
+}

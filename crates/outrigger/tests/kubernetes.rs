@@ -490,3 +490,37 @@ fn check_stands_without_state(dir: &Path) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no cluster policy persisted"), "{err}");
 }
+
+/// A change that removes every cluster policy is held for `REMOVAL_SETTLE` (as for files): the
+/// policy in force stays meanwhile and `/config_dump` shows the pending removal; if the cluster
+/// still holds none then, it applies, with a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_every_cluster_policy_waits_and_then_applies_with_a_warning() {
+    use outrigger_tls::settle::REMOVAL_SETTLE;
+    let api = FakeKubeApi::start(Some(TOKEN)).await;
+    api.apply(deny("deny-intruder", "intruder"));
+    let mesh = Mesh::new();
+    let section = kube_section(&mesh, &api.url());
+    let agent = AgentProc::start(
+        mesh.dir(),
+        &config_with(&mesh, start_echo().await, &section),
+    );
+    let intruder = mesh.pki.issue("default", "intruder");
+    assert_eq!(status(&mesh, &agent, &intruder).await, 403);
+
+    let removed = Instant::now();
+    api.delete(AGENT_NS, "AuthorizationPolicy", "deny-intruder");
+    wait_until("the removal shows as pending", || {
+        config_dump(&agent)["policy"]["pending_change"]["removes_policies"] == true
+    });
+    while removed.elapsed() < REMOVAL_SETTLE - Duration::from_millis(500) {
+        assert_eq!(status(&mesh, &agent, &intruder).await, 403);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_status(&mesh, &agent, &intruder, 200).await;
+    assert!(removed.elapsed() >= REMOVAL_SETTLE);
+    agent.wait_for_log("every cluster policy removed");
+    assert_eq!(config_dump(&agent)["policy"]["pending_change"], Value::Null);
+    let persisted = std::fs::read_to_string(mesh.dir().join("state/cluster-policy.json")).unwrap();
+    assert!(!persisted.contains("deny-intruder"), "{persisted}");
+}

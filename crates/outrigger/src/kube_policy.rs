@@ -285,6 +285,9 @@ struct Watched {
     /// During a (re)list: what has been listed so far.
     buffer: Option<Objects>,
     listed: bool,
+    /// The error this stream last logged, so that a retry with the same error is not logged
+    /// again.
+    last_error: Option<String>,
 }
 
 /// The watchers of every (namespace, kind), merged.
@@ -424,6 +427,7 @@ impl ClusterWatch {
                     objects: Objects::new(),
                     buffer: None,
                     listed: false,
+                    last_error: None,
                 });
             }
         }
@@ -478,8 +482,10 @@ impl ClusterWatch {
         match event {
             Err(e) => {
                 let msg = format!("{what}: {e}");
+                let repeated = self.streams[i].last_error.as_ref() == Some(&msg);
+                self.streams[i].last_error = Some(msg.clone());
                 let mut st = self.status();
-                if st.connected || st.last_error.as_ref().map(|(_, m)| m) != Some(&msg) {
+                if !repeated {
                     tracing::warn!(
                         "the Kubernetes API server {}: {msg}; retrying with backoff, the \
                          cluster policy in force stays",
@@ -490,6 +496,7 @@ impl ClusterWatch {
                 st.last_error = Some((SystemTime::now(), msg));
             }
             Ok(ev) => {
+                self.streams[i].last_error = None;
                 {
                     let mut st = self.status();
                     if !st.connected && st.last_error.is_some() {

@@ -345,8 +345,10 @@ policy:
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("agent.yaml");
         AgentConfig::parse(&file, &config(dir.path(), section)).map_err(|e| {
+            // Windows paths (the unit tests also run under Wine) written as Unix ones.
             e.to_string()
                 .replace(&dir.path().display().to_string(), "DIR")
+                .replace('\\', "/")
         })
     }
 

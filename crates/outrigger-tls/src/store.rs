@@ -312,6 +312,7 @@ impl CertStore {
         let interval = interval.max(Duration::from_millis(10));
         tokio::spawn(async move {
             let mut warned_expired = false;
+            let mut warned_soon = false;
             let mut failing = false;
             loop {
                 let delay = match weak.upgrade() {
@@ -324,6 +325,7 @@ impl CertStore {
                     Ok(changed) => {
                         if changed {
                             warned_expired = false;
+                            warned_soon = false;
                         }
                         failing = false;
                     }
@@ -331,7 +333,16 @@ impl CertStore {
                     Err(_) => failing = true,
                 }
                 let certs = inner.current.load().certs.clone();
-                if !warned_expired && SystemTime::now() > certs.not_after() {
+                let now = SystemTime::now();
+                if !warned_soon && expires_soon(certs.not_before(), certs.not_after(), now) {
+                    tracing::warn!(
+                        identity = %certs.identity(),
+                        not_after = %fmt_time(certs.not_after()),
+                        "the workload certificate is in the last tenth of its lifetime and has not been replaced; check what renews it"
+                    );
+                    warned_soon = true;
+                }
+                if !warned_expired && now > certs.not_after() {
                     tracing::warn!(
                         identity = %certs.identity(),
                         not_after = %fmt_time(certs.not_after()),
@@ -342,6 +353,14 @@ impl CertStore {
             }
         })
     }
+}
+
+/// Less than a tenth of the certificate's lifetime is left. Renewers replace certificates well
+/// before that (istio-agent and `istioCa` with half the lifetime left, `builtin` at half-life),
+/// so a certificate this old was not renewed in time.
+fn expires_soon(not_before: SystemTime, not_after: SystemTime, now: SystemTime) -> bool {
+    let life = not_after.duration_since(not_before).unwrap_or_default();
+    not_after.duration_since(now).unwrap_or_default() < life / 10
 }
 
 /// Every check a credential set must pass, at start-up and at each rotation alike (one
@@ -591,5 +610,20 @@ impl<'a> Raw<'a> {
                 &issued.root_cert_pem,
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_warning_starts_in_the_last_tenth_of_the_lifetime() {
+        let t = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        // 1000 s lifetime from t(0): warn once fewer than 100 s are left.
+        assert!(!expires_soon(t(0), t(1000), t(500)));
+        assert!(!expires_soon(t(0), t(1000), t(900)));
+        assert!(expires_soon(t(0), t(1000), t(901)));
+        assert!(expires_soon(t(0), t(1000), t(2000)), "expired counts too");
     }
 }

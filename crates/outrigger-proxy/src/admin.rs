@@ -204,6 +204,16 @@ fn config_dump(ctx: &Ctx) -> serde_json::Value {
                 "reason": r.reason,
                 "error": r.error,
             })),
+            "crl": certs.revocation().map(|r| {
+                let (crls, revoked) = r.counts();
+                serde_json::json!({
+                    "file": r.file().display().to_string(),
+                    "crls": crls,
+                    "revoked_serials": revoked,
+                    "next_update_unix": r.next_update().map(unix),
+                    "only_verify_leaf_cert_crl": r.only_leaf(),
+                })
+            }),
         },
         "inbound": listeners,
         "hbone": ctx.hbone.map(|a| serde_json::json!({ "listen": a.to_string() })),

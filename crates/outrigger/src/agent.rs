@@ -152,6 +152,11 @@ impl Loaded {
                 cfg.identity
             )
         })?;
+        if let Some((file, only_leaf)) = &cfg.crl {
+            certs
+                .set_crl(file.clone(), *only_leaf)
+                .with_context(|| format!("{}: certificates.crl", cfg.file.display()))?;
+        }
         Self::load_rest(cfg, Some(certs), refresh, istio_ca).await
     }
 

@@ -137,6 +137,10 @@ struct RawCertificates {
     builtin: Option<RawBuiltin>,
     #[serde(default)]
     istio_ca: Option<RawIstioCa>,
+    #[serde(default)]
+    crl: Option<Spanned<String>>,
+    #[serde(default)]
+    only_verify_leaf_cert_crl: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -329,6 +333,8 @@ pub struct AgentConfig {
     pub identity: Identity,
     pub workload: WorkloadConfig,
     pub certificates: CertificatesConfig,
+    /// `certificates.crl`: (file, `onlyVerifyLeafCertCrl`).
+    pub crl: Option<(PathBuf, bool)>,
     pub inbound: Vec<InboundConfig>,
     pub policy: PolicyConfig,
     pub admin: Option<SocketAddr>,
@@ -905,6 +911,21 @@ impl Validator<'_> {
             }
         };
 
+        let crl = match (&c.value.crl, c.value.only_verify_leaf_cert_crl) {
+            (Some(f), only_leaf) => {
+                inputs.push(self.input(f, "certificates.crl", false));
+                Some((self.path(&f.value), only_leaf.unwrap_or(false)))
+            }
+            (None, Some(_)) => {
+                return Err(self.err(
+                    c,
+                    "certificates.onlyVerifyLeafCertCrl",
+                    "set only together with `crl` (the CRL file it applies to)",
+                ));
+            }
+            (None, None) => None,
+        };
+
         if raw.inbound.is_empty() && raw.outbound.is_empty() {
             return Err(self.err_noloc(
                 "inbound",
@@ -1076,6 +1097,7 @@ impl Validator<'_> {
             identity,
             workload,
             certificates,
+            crl,
             inbound,
             policy,
             admin,

@@ -233,6 +233,29 @@ Writes cert-chain.pem, key.pem and root-cert.pem (Istio's file names) into --out
         #[arg(long, default_value = "24h", value_parser = config::parse_ttl)]
         ttl: Duration,
     },
+    /// Write a certificate revocation list signed by a built-in CA, for `certificates.crl`.
+    #[command(after_help = "\
+Example:
+  outrigger ca crl --dir ./ca --revoke ./stolen/cert-chain.pem --out ./ca-crl.pem
+
+Revokes the leaf certificate of each --revoke file (none: an empty CRL, which agents with
+`certificates.crl` need so that certificates of this CA are not refused for lack of a CRL).
+The CRL number is the current Unix time, so a newer CRL always has a higher number. Agents
+re-read the file and apply it to new handshakes; publish a new one before --validity ends.")]
+    Crl {
+        /// The CA directory made by `outrigger ca init`.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// A PEM certificate (or chain: its first certificate) to revoke; repeatable.
+        #[arg(long, value_name = "FILE")]
+        revoke: Vec<PathBuf>,
+        /// Until the CRL's nextUpdate, e.g. 7d (1m to 3650d).
+        #[arg(long, default_value = "7d", value_parser = config::parse_ttl)]
+        validity: Duration,
+        /// Where to write the CRL (PEM).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
     /// Serve Istio's CA API (istiod's CreateCertificate) from a built-in CA: a lab/dev CA.
     #[command(after_help = "\
 Example:
@@ -416,6 +439,38 @@ fn ca(cmd: CaCommand) -> anyhow::Result<()> {
             println!(
                 "issued {id} (valid for {}) into {}\n  cert-chain.pem, key.pem, root-cert.pem",
                 humanize(ttl),
+                out.display()
+            );
+        }
+        CaCommand::Crl {
+            dir,
+            revoke,
+            validity,
+            out,
+        } => {
+            let ca = outrigger_tls::ca::BuiltinCa::load(&dir)?;
+            let mut leaves = Vec::new();
+            for f in &revoke {
+                let pem = std::fs::read(f).with_context(|| format!("--revoke {}", f.display()))?;
+                use outrigger_tls::rustls_pki_types::pem::PemObject;
+                let cert = outrigger_tls::rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+                    .next()
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("--revoke {}: no PEM certificate in the file", f.display())
+                    })?
+                    .with_context(|| format!("--revoke {}", f.display()))?;
+                leaves.push(cert);
+            }
+            let number = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_secs());
+            let crl = ca.crl(&leaves, number, validity)?;
+            std::fs::write(&out, crl).with_context(|| format!("--out {}", out.display()))?;
+            println!(
+                "wrote a CRL of trust domain {} revoking {} certificate(s), valid for {}, to {}",
+                ca.trust_domain(),
+                leaves.len(),
+                humanize(validity),
                 out.display()
             );
         }

@@ -17,6 +17,7 @@ mod authz;
 mod codec_checks;
 pub mod detect;
 pub mod egress_proxy;
+pub mod h1_guard;
 pub mod hbone;
 mod http_common;
 mod http_fwd;

@@ -206,7 +206,11 @@ fn ca_crl_writes_a_crl_that_revokes_the_given_certificates() {
             .unwrap()
     };
     let done = run(&stolen.dir.join("cert-chain.pem"));
-    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
     let r = outrigger_tls::crl::Revocation::load(&out, false).unwrap();
     assert_eq!(r.counts(), (1, 1));
     let serial = x509_parser::parse_x509_certificate(stolen.certs.leaf())
@@ -228,5 +232,8 @@ fn ca_crl_writes_a_crl_that_revokes_the_given_certificates() {
     let failed = run(&not_a_cert);
     assert!(!failed.status.success());
     let err = String::from_utf8_lossy(&failed.stderr);
-    assert!(err.contains("notes.txt") && err.contains("no PEM certificate"), "{err}");
+    assert!(
+        err.contains("notes.txt") && err.contains("no PEM certificate"),
+        "{err}"
+    );
 }

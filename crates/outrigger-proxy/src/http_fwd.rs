@@ -129,7 +129,8 @@ where
             .with_upgrades();
         drive_until(c, stop, |c| c.graceful_shutdown()).await
     } else {
-        let io = TokioIo::new(io);
+        // A malformed request closes the connection, as in Envoy (crate::h2_close).
+        let io = TokioIo::new(crate::h2_close::H2Close::new(io));
         let c = server2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
             .max_header_list_size(MAX_REQUEST_HEADERS_BYTES as u32)

@@ -18,6 +18,7 @@ mod codec_checks;
 pub mod detect;
 pub mod egress_proxy;
 pub mod h1_guard;
+mod h2_close;
 pub mod hbone;
 mod http_common;
 mod http_fwd;

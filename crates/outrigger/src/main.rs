@@ -1,6 +1,7 @@
 //! `outrigger`: a zero-trust Istio mesh agent for workloads that cannot run a sidecar.
 
 mod agent;
+mod bootstrap;
 mod check;
 mod client;
 mod config;
@@ -92,6 +93,10 @@ Example:
     /// Mesh registration: the Istio resources that make this host a mesh workload.
     #[command(subcommand)]
     Mesh(MeshCommand),
+    /// Write an agent configuration from the files of `istioctl x workload entry configure`
+    /// (cluster.env, mesh.yaml, hosts, root-cert.pem, istio-token): identity from istiod.
+    #[command(after_help = bootstrap::AFTER_HELP)]
+    Bootstrap(bootstrap::BootstrapArgs),
     /// Print the version, git commit, build date, target and crypto provider.
     #[command(after_help = "\
 Example:
@@ -560,6 +565,7 @@ fn main() -> ExitCode {
         Command::Service(c) => windows::service(c),
         Command::Doctor(a) => windows::doctor(a),
         Command::Mesh(MeshCommand::Register(a)) => register::run(a),
+        Command::Bootstrap(a) => bootstrap::run(a),
         // Exit statuses as grep's and diff's, kept apart from clap's usage error (2):
         // 0 allowed, 1 denied, 3 the check could not be made.
         Command::Check(a) => match check::run(a) {

@@ -18,10 +18,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -648,38 +647,11 @@ fn errors_name_the_file_key_and_reason() {
     assert!(err.ends_with("mesh.yaml: defaultConfig: missing: istioctl writes the mesh's ProxyConfig under `defaultConfig:`"), "{err}");
 }
 
-/// `outrigger ca serve` on 127.0.0.1, port 0, with a token; returns it and its address.
-fn ca_serve(ca_dir: &Path, token: &Path) -> (KillOnDrop, SocketAddr) {
-    let mut child = Command::new(BIN)
-        .args(["ca", "serve", "--listen", "127.0.0.1:0", "--dir"])
-        .arg(ca_dir)
-        .arg("--token-file")
-        .arg(token)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split(" on ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-        .parse()
-        .unwrap();
+/// `outrigger ca serve` standing in for istiod, killed on drop.
+fn start_ca(ca_dir: &Path, token: &Path) -> (KillOnDrop, SocketAddr) {
+    let log = ca_dir.with_file_name("ca-serve.log");
+    let (child, addr) = ca_serve(ca_dir, "127.0.0.1:0", token, &log);
     (KillOnDrop(child), addr)
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The whole flow on one machine: istioctl's files, `bootstrap` pointed at `outrigger ca
@@ -693,7 +665,7 @@ async fn bootstrapped_agent_obtains_its_certificate_and_answers_mtls() {
     let from = pki.path().join("vm-files");
     let s = named_ports(http, grpc);
     s.write(&from, &ca_dir.join("root-cert.pem"));
-    let (_ca, ca_addr) = ca_serve(&ca_dir, &from.join("istio-token"));
+    let (_ca, ca_addr) = start_ca(&ca_dir, &from.join("istio-token"));
     let backend = start_echo().await;
     let out = pki.path().join("agent");
     let ca_address = ca_addr.to_string();

@@ -25,18 +25,6 @@ fn with_crl(cfg: &str, crl: &std::path::Path) -> String {
     .replacen("    rootCert:", "    pollInterval: 100ms\n    rootCert:", 1)
 }
 
-async fn mtls_status(mesh: &Mesh, agent: &AgentProc, who: &Issued) -> anyhow::Result<u16> {
-    let cfg = outrigger_tls::client_config(
-        &who.certs,
-        &mesh.pki.trust(),
-        &[mesh.agent_id()],
-        &[b"istio-http/1.1"],
-    )?;
-    let tls = tls_connect(agent.addr("web"), cfg).await?;
-    let mut conn = HttpConn::new(tls, false).await?;
-    Ok(conn.fetch(get("/", false)).await?.status)
-}
-
 fn hbone_client(mesh: &Mesh, who: &Issued) -> HboneClient {
     let store = CertStore::new(
         CertSource::Files {
@@ -106,8 +94,15 @@ async fn revoked_peers_are_refused_inbound_hbone_and_outbound_and_a_new_crl_appl
 
     // Inbound: the revoked caller is refused at the handshake, the log says why and which
     // serial; others are served.
-    assert_eq!(mtls_status(&mesh, &agent, &sleep).await.unwrap(), 200);
-    assert!(mtls_status(&mesh, &agent, &stolen).await.is_err());
+    assert_eq!(
+        mtls_status(&mesh, agent.addr("web"), &sleep).await.unwrap(),
+        200
+    );
+    assert!(
+        mtls_status(&mesh, agent.addr("web"), &stolen)
+            .await
+            .is_err()
+    );
     let log = agent.wait_for_log("peer certificate refused by the certificate revocation list");
     let serial = x509_parser::parse_x509_certificate(stolen.certs.leaf())
         .unwrap()
@@ -150,7 +145,7 @@ async fn revoked_peers_are_refused_inbound_hbone_and_outbound_and_a_new_crl_appl
     let now_revoked = [stolen.certs.leaf().clone(), sleep.certs.leaf().clone()];
     std::fs::write(&crl, mesh.pki.ca.crl(&now_revoked, 2, DAY).unwrap()).unwrap();
     eventually("the new CRL applied inbound", async || {
-        mtls_status(&mesh, &agent, &sleep).await.is_err()
+        mtls_status(&mesh, agent.addr("web"), &sleep).await.is_err()
     })
     .await;
     eventually("the new CRL applied outbound", async || call().await == 200).await;

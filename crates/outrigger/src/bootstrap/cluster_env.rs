@@ -240,6 +240,10 @@ fn value(cur: &mut Cursor<'_>, key: &str) -> Result<String, ParseError> {
                             // A backslash-newline inside double quotes joins the lines.
                             Some('\n') => {}
                             Some(e @ ('"' | '\\' | '$' | '`')) => v.push(e),
+                            // Found by the fuzz target: an escaped NUL is a NUL too.
+                            Some('\0') => {
+                                return cur.err(format!("a NUL byte in the value of {key}"));
+                            }
                             Some(other) => {
                                 v.push('\\');
                                 v.push(other);
@@ -384,6 +388,7 @@ mod tests {
         assert!(err("A=x;rm").reason.contains("operator"));
         assert!(err("A=\\").reason.contains("lone backslash"));
         assert!(err("A='\0'").reason.contains("NUL"));
+        assert!(err("A=\"\\\0\"").reason.contains("NUL"));
         assert_eq!(err("\n\n\nA=1 2").line, 4);
     }
 

@@ -257,6 +257,8 @@ impl Loaded {
                 jwt,
                 inbound: cfg.inbound.clone(),
                 admin: cfg.admin,
+                metrics_listen: cfg.metrics_listen,
+                log_control: Some(Arc::new(crate::logging::AdminLogControl)),
                 workload,
                 settings,
                 access_log,
@@ -299,6 +301,10 @@ impl Agent {
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.proxy.admin_addr()
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.proxy.metrics_addr()
     }
 
     /// The bound HBONE listener, if enabled.

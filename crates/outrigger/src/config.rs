@@ -231,6 +231,8 @@ enum PathNormalizationName {
 struct RawAdmin {
     #[serde(default)]
     listen: Option<Spanned<String>>,
+    #[serde(default)]
+    metrics_listen: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -338,6 +340,8 @@ pub struct AgentConfig {
     pub inbound: Vec<InboundConfig>,
     pub policy: PolicyConfig,
     pub admin: Option<SocketAddr>,
+    /// `admin.metricsListen`: a listener for `/metrics` only.
+    pub metrics_listen: Option<SocketAddr>,
     pub access_log: AccessLogTarget,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -1015,6 +1019,10 @@ impl Validator<'_> {
             )?,
         };
 
+        let metrics_listen = match &raw.admin.metrics_listen {
+            None => None,
+            Some(a) => Some(self.addr(a, "admin.metricsListen")?),
+        };
         let admin = match &raw.admin.listen {
             Some(a) if a.value == "off" => None,
             Some(a) => Some(self.addr(a, "admin.listen")?),
@@ -1101,6 +1109,7 @@ impl Validator<'_> {
             inbound,
             policy,
             admin,
+            metrics_listen,
             access_log,
             log_format: raw.log.format.unwrap_or_default(),
             log_level: match &raw.log.level {

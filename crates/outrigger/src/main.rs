@@ -378,7 +378,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             );
         }
         if let Some(a) = agent.admin_addr() {
-            tracing::info!(admin = %a, "admin endpoints: /healthz/ready /metrics /config_dump");
+            tracing::info!(
+                admin = %a,
+                "admin endpoints: /healthz/ready /metrics /stats /config_dump /logging"
+            );
+        }
+        if let Some(a) = agent.metrics_addr() {
+            tracing::info!(metrics = %a, "metrics listener (admin.metricsListen): /metrics");
         }
         if let Some(a) = agent.hbone_addr() {
             tracing::info!(
@@ -411,6 +417,7 @@ fn write_ready_file(path: &std::path::Path, agent: &agent::Agent) -> anyhow::Res
         "inbound": inbound,
         "outbound": outbound,
         "admin": agent.admin_addr().map(|a| a.to_string()),
+        "metrics": agent.metrics_addr().map(|a| a.to_string()),
         "hbone": agent.hbone_addr().map(|a| a.to_string()),
     });
     let tmp = path.with_extension("tmp");

@@ -180,6 +180,21 @@ pub fn is_unexpected_identity(err: &std::io::Error) -> bool {
         })
 }
 
+/// The metric reason of a refused handshake (tokio-rustls' `io::Error`): `tls_revoked` when
+/// `certificates.crl` decided (revoked, no CRL for an issuer, expired CRL), else
+/// `tls_handshake`.
+pub fn handshake_refusal_reason(err: &std::io::Error) -> &'static str {
+    let revoked = err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(is_revocation_error);
+    if revoked {
+        "tls_revoked"
+    } else {
+        "tls_handshake"
+    }
+}
+
 /// The SPIFFE identity of a verified leaf, with its trust domain checked.
 fn spiffe_identity(
     end_entity: &CertificateDer<'_>,

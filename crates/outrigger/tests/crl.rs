@@ -113,6 +113,11 @@ async fn revoked_peers_are_refused_inbound_hbone_and_outbound_and_a_new_crl_appl
         "the log does not name serial {serial}:\n{log}"
     );
     assert!(log.contains("certificate is revoked"), "{log}");
+    agent.wait_metric(
+        "outrigger_connections_rejected_total",
+        &["listener=\"web\"", "reason=\"tls_revoked\""],
+        1.0,
+    );
 
     // HBONE: the same refusal on the tunnel port.
     let me = mesh.agent_id();

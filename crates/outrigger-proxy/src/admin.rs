@@ -16,7 +16,25 @@ use tokio::net::TcpListener;
 
 use crate::Ctx;
 
-pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
+/// The agent's log filter, as the admin API sees it (the binary owns the logger).
+pub trait LogControl: Send + Sync {
+    /// The filter in force (`info`, `info,outrigger_proxy=debug` …).
+    fn current(&self) -> String;
+    /// Replaces it; `Err` says why the value was refused (the filter in force stays).
+    fn set(&self, filter: &str) -> Result<String, String>;
+}
+
+/// Which endpoints a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Endpoints {
+    /// The admin listener: everything.
+    All,
+    /// `admin.metricsListen`: `/metrics` and `/stats/prometheus` only, so that Prometheus on
+    /// another host can scrape without reaching `/config_dump` or `/logging`.
+    MetricsOnly,
+}
+
+pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Ctx>, endpoints: Endpoints) {
     let mut drain = ctx.drain.clone();
     loop {
         let accepted = tokio::select! {
@@ -28,7 +46,7 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let ctx = ctx.clone();
-                async move { Ok::<_, Infallible>(route(req, &ctx)) }
+                async move { Ok::<_, Infallible>(route(req, &ctx, endpoints)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -47,7 +65,19 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
     r
 }
 
-fn route(req: Request<Incoming>, ctx: &Ctx) -> Response<Full<Bytes>> {
+fn route(req: Request<Incoming>, ctx: &Ctx, endpoints: Endpoints) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if endpoints == Endpoints::MetricsOnly && !matches!(path, "/metrics" | "/stats/prometheus") {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found (this listener serves /metrics only)\n".into(),
+        );
+    }
+    // As Envoy's admin: what changes state needs POST, everything else is GET.
+    if path == "/logging" {
+        return logging(&req, ctx);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -100,13 +130,119 @@ fn route(req: Request<Incoming>, ctx: &Ctx) -> Response<Full<Bytes>> {
             "application/json",
             serde_json::to_string_pretty(&config_dump(ctx)).unwrap_or_default() + "\n",
         ),
+        "/stats" => reply(StatusCode::OK, "text/plain", stats_summary(ctx)),
         "/" => reply(
             StatusCode::OK,
             "text/plain",
-            "outrigger admin\n  /healthz/ready  readiness\n  /metrics        Prometheus metrics (Istio names)\n  /config_dump    listeners, outbound destinations, certificate and policy in force\n".into(),
+            "outrigger admin\n  /healthz/ready  readiness\n  /metrics        Prometheus metrics (Istio names)\n  /stats          each metric's total, one per line\n  /config_dump    listeners, outbound destinations, certificate and policy in force\n  /logging        the log filter (POST /logging?level=debug changes it)\n".into(),
         ),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
+}
+
+/// `GET /logging`: the log filter in force. `POST /logging?level=<filter>`: replaces it, with
+/// the same values as `log.level` (`debug`, `info,outrigger_proxy=debug`, …) — Envoy's admin
+/// `POST /logging?level=<level>` for the agent's own log.
+fn logging(req: &Request<Incoming>, ctx: &Ctx) -> Response<Full<Bytes>> {
+    let Some(control) = &ctx.log_control else {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "the log level cannot be changed in this process\n".into(),
+        );
+    };
+    match *req.method() {
+        Method::GET | Method::HEAD => reply(
+            StatusCode::OK,
+            "text/plain",
+            format!("active log filter: {}\n", control.current()),
+        ),
+        Method::POST => {
+            let level = req.uri().query().and_then(|q| {
+                q.split('&')
+                    .filter_map(|kv| kv.split_once('='))
+                    .find(|(k, _)| *k == "level")
+                    .map(|(_, v)| percent_decode(v))
+            });
+            let Some(level) = level else {
+                return reply(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    "usage: POST /logging?level=<trace|debug|info|warn|error|off, or directives such as info,outrigger_proxy=debug>\n".into(),
+                );
+            };
+            match control.set(&level) {
+                Ok(now) => {
+                    tracing::warn!(filter = %now, "log filter changed through the admin API");
+                    reply(
+                        StatusCode::OK,
+                        "text/plain",
+                        format!("active log filter: {now}\n"),
+                    )
+                }
+                Err(why) => reply(StatusCode::BAD_REQUEST, "text/plain", format!("{why}\n")),
+            }
+        }
+        _ => reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET shows the log filter, POST /logging?level=... changes it\n".into(),
+        ),
+    }
+}
+
+/// `%XX` escapes and `+` of a query value (`info%2Coutrigger_proxy%3Ddebug`).
+fn percent_decode(v: &str) -> String {
+    let bytes = v.as_bytes();
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied(),
+            bytes.get(i + 2).copied(),
+        ) {
+            (b'%', Some(h), Some(l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+                continue;
+            }
+            (b'+', ..) => out.push(b' '),
+            (b, ..) => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `GET /stats`: each metric family's total over all its series, `name: value`, sorted — a
+/// summary for a person (Envoy's `/stats` lists counters the same way); the series with their
+/// labels are in `/metrics`.
+fn stats_summary(ctx: &Ctx) -> String {
+    let text = ctx.metrics.encode();
+    let mut totals: std::collections::BTreeMap<&str, f64> = std::collections::BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (series, value) = match line.rsplit_once(' ') {
+            Some(p) => p,
+            None => continue,
+        };
+        let name = series.split('{').next().unwrap_or(series);
+        if name.ends_with("_bucket") || name.ends_with("_created") {
+            continue;
+        }
+        if let Ok(v) = value.parse::<f64>() {
+            *totals.entry(name).or_default() += v;
+        }
+    }
+    let mut out = String::new();
+    for (name, total) in totals {
+        out.push_str(&format!("{name}: {total}\n"));
+    }
+    out
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -204,6 +340,16 @@ fn config_dump(ctx: &Ctx) -> serde_json::Value {
                 "reason": r.reason,
                 "error": r.error,
             })),
+            "crl": certs.revocation().map(|r| {
+                let (crls, revoked) = r.counts();
+                serde_json::json!({
+                    "file": r.file().display().to_string(),
+                    "crls": crls,
+                    "revoked_serials": revoked,
+                    "next_update_unix": r.next_update().map(unix),
+                    "only_verify_leaf_cert_crl": r.only_leaf(),
+                })
+            }),
         },
         "inbound": listeners,
         "hbone": ctx.hbone.map(|a| serde_json::json!({ "listen": a.to_string() })),
@@ -242,4 +388,20 @@ fn config_dump(ctx: &Ctx) -> serde_json::Value {
             "cluster": ctx.policy.cluster_status(),
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_percent_decoded_without_panicking() {
+        assert_eq!(
+            percent_decode("info%2Coutrigger_proxy%3Ddebug"),
+            "info,outrigger_proxy=debug"
+        );
+        assert_eq!(percent_decode("a+b"), "a b");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(percent_decode("%é%"), "%é%");
+    }
 }

@@ -27,6 +27,7 @@ use tokio::sync::watch;
 
 use crate::access_log::{AccessRecord, now_rfc3339};
 use crate::authz;
+use crate::h1_guard;
 use crate::http_common::{
     Metered, TunnelEnd, drive_until, is_websocket_upgrade, retarget, set_websocket_upgrade,
     strip_hop_by_hop, tunnel,
@@ -71,10 +72,16 @@ where
     // its response body has been sent (or dropped).
     let activity = Activity::new();
     let svc_activity = activity.clone();
+    // HTTP/1: what Envoy's codec decides from the raw head (crate::h1_guard), one verdict per
+    // request, in order.
+    let verdicts = (!h2).then(|| Arc::new(h1_guard::Verdicts::default()));
+    let svc_verdicts = verdicts.clone();
     let svc = service_fn(move |req| {
         let active = svc_activity.start();
+        let verdict = svc_verdicts.as_ref().and_then(|v| v.next());
         let resp = handle(
             req,
+            verdict,
             conn.clone(),
             svc_ctx.clone(),
             backend.clone(),
@@ -111,14 +118,8 @@ where
             }
         }
     };
-    let io = TokioIo::new(io);
-    let result = if h2 {
-        let c = server2::Builder::new(TokioExecutor::new())
-            .timer(hyper_util::rt::TokioTimer::new())
-            .max_header_list_size(MAX_REQUEST_HEADERS_BYTES as u32)
-            .serve_connection(io, svc);
-        drive_until(c, stop, |c| c.graceful_shutdown()).await
-    } else {
+    let result = if let Some(verdicts) = verdicts {
+        let io = TokioIo::new(h1_guard::H1Guard::new(io, verdicts));
         let c = server1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(Duration::from_secs(30))
@@ -126,6 +127,14 @@ where
             .max_header_size(MAX_REQUEST_HEADERS_BYTES)
             .serve_connection(io, svc)
             .with_upgrades();
+        drive_until(c, stop, |c| c.graceful_shutdown()).await
+    } else {
+        // A malformed request closes the connection, as in Envoy (crate::h2_close).
+        let io = TokioIo::new(crate::h2_close::H2Close::new(io));
+        let c = server2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .max_header_list_size(MAX_REQUEST_HEADERS_BYTES as u32)
+            .serve_connection(io, svc);
         drive_until(c, stop, |c| c.graceful_shutdown()).await
     };
     if let Err(e) = result {
@@ -354,6 +363,7 @@ fn is_closed(s: &Sender) -> bool {
 /// then authentication, authorization and forwarding ([`authorize_and_forward`]).
 async fn handle(
     req: Request<Incoming>,
+    codec_verdict: Option<crate::codec_checks::Refusal>,
     conn: Arc<ConnInfo>,
     ctx: Arc<Ctx>,
     backend: Arc<Backend>,
@@ -367,8 +377,9 @@ async fn handle(
         "HTTP/1.1"
     };
 
-    // What Envoy's codec refuses before any filter runs (crate::codec_checks).
-    if let Some(r) = crate::codec_checks::check(&parts) {
+    // What Envoy's codec refuses before any filter runs: decided from the raw HTTP/1 head
+    // (crate::h1_guard) or from the parsed head (crate::codec_checks).
+    if let Some(r) = codec_verdict.or_else(|| crate::codec_checks::check(&parts)) {
         crate::warn_limited!(
             listener = %conn.listener.name, src = %conn.src,
             method = %parts.method, details = r.details,

@@ -143,7 +143,10 @@ async fn handle_connection(
             {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
-                    ctx.metrics.reject(&listener_lv, "tls_handshake");
+                    ctx.metrics.reject(
+                        &listener_lv,
+                        outrigger_tls::verify::handshake_refusal_reason(&e),
+                    );
                     crate::warn_limited!(
                         listener = %cfg.name, %src,
                         "mTLS handshake refused: {}",

@@ -17,6 +17,8 @@ mod authz;
 mod codec_checks;
 pub mod detect;
 pub mod egress_proxy;
+pub mod h1_guard;
+mod h2_close;
 pub mod hbone;
 mod http_common;
 mod http_fwd;
@@ -296,6 +298,8 @@ impl PolicyHandle {
 
 /// State shared by every connection.
 pub(crate) struct Ctx {
+    /// `POST /logging`: the agent's log filter, changed at run time.
+    pub log_control: Option<Arc<dyn admin::LogControl>>,
     pub certs: CertStore,
     pub policy: Arc<PolicyHandle>,
     pub metrics: Arc<Metrics>,
@@ -324,6 +328,8 @@ pub struct Proxy {
     ctx: Arc<Ctx>,
     listeners: Vec<(Arc<InboundConfig>, TcpListener)>,
     admin: Option<TcpListener>,
+    /// `admin.metricsListen`: Prometheus metrics only.
+    metrics_listener: Option<TcpListener>,
     hbone: Option<TcpListener>,
     outbound: outbound::Bound,
     drain_tx: watch::Sender<bool>,
@@ -333,6 +339,11 @@ pub struct Proxy {
 pub struct ProxyOptions {
     pub inbound: Vec<InboundConfig>,
     pub admin: Option<SocketAddr>,
+    /// A listener for `/metrics` alone (scraping from another host without exposing the rest
+    /// of the admin API).
+    pub metrics_listen: Option<SocketAddr>,
+    /// What `POST /logging` changes; `None`: the endpoint says it is not available.
+    pub log_control: Option<Arc<dyn admin::LogControl>>,
     pub workload: WorkloadInfo,
     pub settings: Settings,
     pub access_log: AccessLog,
@@ -407,7 +418,17 @@ impl Proxy {
             rules.extend(state.rate_limits.iter().cloned());
             arc_swap::ArcSwap::from_pointee(ratelimit::RateLimiter::new(&rules, state.version))
         };
+        let metrics_listener = match opts.metrics_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("metrics listener (admin.metricsListen): cannot listen on {addr}: {e}"),
+                )
+            })?),
+            None => None,
+        };
         let ctx = Arc::new(Ctx {
+            log_control: opts.log_control,
             certs,
             policy,
             metrics: opts.metrics,
@@ -428,6 +449,7 @@ impl Proxy {
             ctx,
             listeners,
             admin,
+            metrics_listener,
             hbone,
             outbound,
             drain_tx,
@@ -456,6 +478,13 @@ impl Proxy {
         self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
+    /// The metrics-only listener's bound address, if configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
     /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish
     /// (up to `drain_timeout`) and returns.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
@@ -463,6 +492,7 @@ impl Proxy {
             ctx,
             listeners,
             admin,
+            metrics_listener,
             hbone,
             outbound,
             drain_tx,
@@ -472,7 +502,10 @@ impl Proxy {
             tasks.spawn(inbound::serve_listener(l, cfg, ctx.clone()));
         }
         if let Some(l) = admin {
-            tasks.spawn(admin::serve(l, ctx.clone()));
+            tasks.spawn(admin::serve(l, ctx.clone(), admin::Endpoints::All));
+        }
+        if let Some(l) = metrics_listener {
+            tasks.spawn(admin::serve(l, ctx.clone(), admin::Endpoints::MetricsOnly));
         }
         if let Some(l) = hbone {
             tasks.spawn(hbone::server::serve_listener(l, ctx.clone()));

@@ -372,6 +372,53 @@ impl BuiltinCa {
     }
 }
 
+impl BuiltinCa {
+    /// A CRL signed by this CA (version 2, CRL number `number`, valid from now for `validity`)
+    /// revoking the certificates `revoked` (PEM or DER leaf certificates; their serials are
+    /// read from them), as `openssl ca -gencrl` makes one. PEM.
+    pub fn crl(
+        &self,
+        revoked: &[CertificateDer<'_>],
+        number: u64,
+        validity: Duration,
+    ) -> Result<String, TlsError> {
+        let now = SystemTime::now();
+        self.crl_between(revoked, number, now - CLOCK_SKEW_GRACE, now + validity)
+    }
+
+    /// [`crl`](Self::crl) with explicit `thisUpdate` and `nextUpdate` (tests make expired ones).
+    pub fn crl_between(
+        &self,
+        revoked: &[CertificateDer<'_>],
+        number: u64,
+        this_update: SystemTime,
+        next_update: SystemTime,
+    ) -> Result<String, TlsError> {
+        let mut revoked_certs = Vec::with_capacity(revoked.len());
+        for cert in revoked {
+            let (_, x509) = x509_parser::parse_x509_certificate(cert)
+                .map_err(|e| TlsError::Issue(format!("revoked certificate: {e}")))?;
+            revoked_certs.push(rcgen::RevokedCertParams {
+                serial_number: SerialNumber::from_slice(x509.raw_serial()),
+                revocation_time: this_update.into(),
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            });
+        }
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: this_update.into(),
+            next_update: next_update.into(),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let issuer = Issuer::from_ca_cert_der(&self.root_der, &self.key).map_err(gen_err)?;
+        let crl = params.signed_by(&issuer).map_err(gen_err)?;
+        crl.pem().map_err(gen_err)
+    }
+}
+
 /// Why a certificate signing request was refused, in words.
 fn csr_error(e: rcgen::Error) -> String {
     match e {

@@ -13,6 +13,7 @@ use rustls::{CertificateError, InconsistentKeys, RootCertStore};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 
+use crate::crl::{Revocation, SharedRevocation};
 use crate::error::InvalidKind;
 use crate::{TlsError, crypto_provider, fsutil};
 
@@ -39,6 +40,8 @@ pub struct WorkloadCerts {
     identity: Identity,
     not_before: SystemTime,
     not_after: SystemTime,
+    /// `certificates.crl`: checked on every peer verification with these credentials.
+    revocation: SharedRevocation,
 }
 
 impl fmt::Debug for WorkloadCerts {
@@ -163,6 +166,17 @@ impl WorkloadCerts {
         self.not_after
     }
 
+    /// The same credentials, peers checked against `revocation` (or no CRL).
+    pub fn with_revocation(mut self, revocation: SharedRevocation) -> Self {
+        self.revocation = revocation;
+        self
+    }
+
+    /// The CRLs peers are checked against, if any.
+    pub fn revocation(&self) -> Option<&Arc<Revocation>> {
+        self.revocation.as_ref()
+    }
+
     /// The leaf certificate (what peers see).
     pub fn leaf(&self) -> &CertificateDer<'static> {
         &self.chain[0]
@@ -229,6 +243,7 @@ impl WorkloadCerts {
             identity,
             not_before,
             not_after,
+            revocation: None,
         })
     }
 }

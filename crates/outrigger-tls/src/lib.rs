@@ -17,6 +17,7 @@
 pub mod ca;
 mod certs;
 pub mod control;
+pub mod crl;
 mod error;
 mod fsutil;
 pub mod settle;

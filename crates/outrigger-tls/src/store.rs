@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use crate::ca::{BuiltinCa, IssuedCert};
 use crate::certs::fmt_time;
+use crate::crl::{Revocation, SharedRevocation};
 use crate::error::InvalidKind;
 use crate::settle::{SETTLE, SETTLE_POLL, Settle};
 use crate::{TlsError, WorkloadCerts, client_config, fsutil, server_config};
@@ -60,6 +61,12 @@ struct Inner {
     settle: Mutex<Settle<Observed>>,
     status: Mutex<Status>,
     observer: OnceLock<Observer>,
+    /// `certificates.crl` (file, only the leaf), set once by [`CertStore::set_crl`].
+    crl: OnceLock<(PathBuf, bool)>,
+    /// A changed CRL file waiting to read the same for [`SETTLE`].
+    crl_settle: Mutex<Settle<[u8; 32]>>,
+    /// The last refused CRL content (or read error): refused once, not every poll.
+    crl_refused: Mutex<Option<Observed>>,
 }
 
 type Observer = Box<dyn Fn(&RotationEvent<'_>) + Send + Sync>;
@@ -202,7 +209,7 @@ impl CertStore {
             (None, CertSource::Builtin { identity, .. }) => Some(identity.clone()),
             (None, CertSource::Files { .. }) => None,
         };
-        let (certs, server) = validate(&raw, expected.as_ref(), &trust, &alpn)?;
+        let (certs, server) = validate(&raw, expected.as_ref(), &trust, &alpn, None)?;
         drop(raw);
         let expected = certs.identity().clone();
         let current = Current {
@@ -223,6 +230,9 @@ impl CertStore {
                 settle: Mutex::new(Settle::default()),
                 status: Mutex::new(Status::default()),
                 observer: OnceLock::new(),
+                crl: OnceLock::new(),
+                crl_settle: Mutex::new(Settle::default()),
+                crl_refused: Mutex::new(None),
             }),
         })
     }
@@ -288,7 +298,20 @@ impl CertStore {
     /// published. On error the current credentials stay in place (the refusal is logged and
     /// counted once per distinct content, like the background refresh's).
     pub fn reload(&self) -> Result<bool, TlsError> {
-        self.inner.check(true)
+        let certs = self.inner.check(true)?;
+        let crl = self.inner.check_crl(true)?;
+        Ok(certs || crl)
+    }
+
+    /// Checks every peer against the CRLs in `file` from now on (`certificates.crl`; see
+    /// [`crate::crl`]), re-read with the certificates by the refresh task and by
+    /// [`reload`](Self::reload). Call once, before serving; an unreadable or invalid file is
+    /// an error here (refuse to start), later only a logged refusal that keeps the CRL in
+    /// force.
+    pub fn set_crl(&self, file: PathBuf, only_leaf: bool) -> Result<(), TlsError> {
+        let revocation = Revocation::load(&file, only_leaf)?;
+        let _ = self.inner.crl.set((file, only_leaf));
+        self.inner.install_revocation(Arc::new(revocation))
     }
 
     /// Starts the background refresh task (needs a tokio runtime):
@@ -312,6 +335,7 @@ impl CertStore {
         let interval = interval.max(Duration::from_millis(10));
         tokio::spawn(async move {
             let mut warned_expired = false;
+            let mut warned_soon = false;
             let mut failing = false;
             loop {
                 let delay = match weak.upgrade() {
@@ -320,10 +344,13 @@ impl CertStore {
                 };
                 tokio::time::sleep(delay).await;
                 let Some(inner) = weak.upgrade() else { return };
+                // Logged and counted where refused; the CRL in force stays.
+                let _ = inner.check_crl(false);
                 match inner.check(false) {
                     Ok(changed) => {
                         if changed {
                             warned_expired = false;
+                            warned_soon = false;
                         }
                         failing = false;
                     }
@@ -331,7 +358,16 @@ impl CertStore {
                     Err(_) => failing = true,
                 }
                 let certs = inner.current.load().certs.clone();
-                if !warned_expired && SystemTime::now() > certs.not_after() {
+                let now = SystemTime::now();
+                if !warned_soon && expires_soon(certs.not_before(), certs.not_after(), now) {
+                    tracing::warn!(
+                        identity = %certs.identity(),
+                        not_after = %fmt_time(certs.not_after()),
+                        "the workload certificate is in the last tenth of its lifetime and has not been replaced; check what renews it"
+                    );
+                    warned_soon = true;
+                }
+                if !warned_expired && now > certs.not_after() {
                     tracing::warn!(
                         identity = %certs.identity(),
                         not_after = %fmt_time(certs.not_after()),
@@ -342,6 +378,14 @@ impl CertStore {
             }
         })
     }
+}
+
+/// Less than a tenth of the certificate's lifetime is left. Renewers replace certificates well
+/// before that (istio-agent and `istioCa` with half the lifetime left, `builtin` at half-life),
+/// so a certificate this old was not renewed in time.
+fn expires_soon(not_before: SystemTime, not_after: SystemTime, now: SystemTime) -> bool {
+    let life = not_after.duration_since(not_before).unwrap_or_default();
+    not_after.duration_since(now).unwrap_or_default() < life / 10
 }
 
 /// Every check a credential set must pass, at start-up and at each rotation alike (one
@@ -355,8 +399,9 @@ fn validate(
     expected: Option<&Identity>,
     trust: &TrustDomains,
     alpn: &[Vec<u8>],
+    revocation: SharedRevocation,
 ) -> Result<(WorkloadCerts, Arc<ServerConfig>), TlsError> {
-    let certs = raw.validate()?;
+    let certs = raw.validate()?.with_revocation(revocation);
     if let Some(expected) = expected
         && certs.identity() != expected
     {
@@ -453,9 +498,16 @@ impl Inner {
             }
             self.status().pending_since = None;
         }
+        let revocation = self.current.load().certs.revocation().cloned();
         let checked = read.and_then(|raw| {
-            validate(&raw, Some(&self.expected), &self.trust, &self.alpn)
-                .map(|(certs, server)| (certs, server, raw.fingerprint()))
+            validate(
+                &raw,
+                Some(&self.expected),
+                &self.trust,
+                &self.alpn,
+                revocation,
+            )
+            .map(|(certs, server)| (certs, server, raw.fingerprint()))
         });
         let (certs, server, fingerprint) = match checked {
             Ok(v) => v,
@@ -488,6 +540,93 @@ impl Inner {
             });
         }
         Ok(true)
+    }
+
+    /// Re-reads the CRL file (when one is configured); a changed one that reads the same for
+    /// [`SETTLE`] (at once with `force`) and parses is applied to new handshakes. Returns
+    /// whether it was applied.
+    fn check_crl(&self, force: bool) -> Result<bool, TlsError> {
+        let Some((file, only_leaf)) = self.crl.get() else {
+            return Ok(false);
+        };
+        let bytes = match fsutil::read("certificate revocation list file", file) {
+            Ok(b) => b,
+            Err(e) => return Err(self.refuse_crl(Observed::Unreadable(e.to_string()), e)),
+        };
+        let hash: [u8; 32] = Sha256::digest(&bytes).into();
+        let in_use = self
+            .current
+            .load()
+            .certs
+            .revocation()
+            .map(|r| r.fingerprint());
+        let refused = lock(&self.crl_refused).clone();
+        if in_use == Some(hash) || (!force && refused == Some(Observed::Content(hash))) {
+            lock(&self.crl_settle).clear();
+            return Ok(false);
+        }
+        if !force && !lock(&self.crl_settle).observe_stable(hash, Instant::now(), SETTLE) {
+            return Ok(false);
+        }
+        lock(&self.crl_settle).clear();
+        match Revocation::from_bytes(file, &bytes, *only_leaf) {
+            Ok(r) => {
+                self.install_revocation(Arc::new(r))?;
+                *lock(&self.crl_refused) = None;
+                Ok(true)
+            }
+            Err(e) => Err(self.refuse_crl(Observed::Content(hash), e)),
+        }
+    }
+
+    /// Puts `revocation` in force with the current credentials (new server config, new
+    /// generation so that outbound configs are rebuilt).
+    fn install_revocation(&self, revocation: Arc<Revocation>) -> Result<(), TlsError> {
+        let cur = self.current.load();
+        let certs = (*cur.certs)
+            .clone()
+            .with_revocation(Some(revocation.clone()));
+        let alpn: Vec<&[u8]> = self.alpn.iter().map(Vec::as_slice).collect();
+        let server = server_config(&certs, &self.trust, &alpn)?;
+        self.current.store(Arc::new(Current {
+            certs: Arc::new(certs),
+            server,
+            fingerprint: cur.fingerprint,
+            obtained_at: cur.obtained_at,
+        }));
+        self.generation.send_modify(|g| *g += 1);
+        let (crls, revoked) = revocation.counts();
+        tracing::info!(
+            file = %revocation.file().display(),
+            crls,
+            revoked,
+            next_update = %revocation.next_update().map(fmt_time).unwrap_or_default(),
+            "certificate revocation list in force"
+        );
+        if revocation
+            .next_update()
+            .is_some_and(|n| n < SystemTime::now())
+        {
+            tracing::error!(
+                file = %revocation.file().display(),
+                "the certificate revocation list has expired (nextUpdate passed): every peer \
+                 verification fails until a new CRL is published, as in Envoy"
+            );
+        }
+        Ok(())
+    }
+
+    /// Logs a refused CRL file once per distinct content; the CRL in force stays.
+    fn refuse_crl(&self, key: Observed, e: TlsError) -> TlsError {
+        let mut refused = lock(&self.crl_refused);
+        if refused.as_ref() != Some(&key) {
+            tracing::error!(
+                error = %e,
+                "new certificate revocation list refused; the one in force stays"
+            );
+            *refused = Some(key);
+        }
+        e
     }
 
     fn settle_lock(&self) -> std::sync::MutexGuard<'_, Settle<Observed>> {
@@ -591,5 +730,25 @@ impl<'a> Raw<'a> {
                 &issued.root_cert_pem,
             ),
         }
+    }
+}
+
+/// A lock whose poisoning (a panic while holding it) leaves nothing inconsistent here.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_warning_starts_in_the_last_tenth_of_the_lifetime() {
+        let t = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        // 1000 s lifetime from t(0): warn once fewer than 100 s are left.
+        assert!(!expires_soon(t(0), t(1000), t(500)));
+        assert!(!expires_soon(t(0), t(1000), t(900)));
+        assert!(expires_soon(t(0), t(1000), t(901)));
+        assert!(expires_soon(t(0), t(1000), t(2000)), "expired counts too");
     }
 }

@@ -36,6 +36,7 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::certs::fmt_time;
+use crate::crl::SharedRevocation;
 use crate::{PROTOCOL_VERSIONS, TlsError, WorkloadCerts, crypto_provider};
 
 /// Why a peer whose chain verified was still refused.
@@ -94,6 +95,10 @@ pub fn describe_tls_error(err: &rustls::Error) -> String {
         E::AlertReceived(alert) => format!(
             "the peer aborted the handshake with TLS alert `{alert:?}` (its logs have the reason)"
         ),
+        E::InvalidCertRevocationList(e) => format!(
+            "a CRL of certificates.crl cannot be used for this certificate ({e:?}): a CRL whose \
+             issuer name matches the certificate's issuer must be signed by that issuer's key"
+        ),
         E::NoApplicationProtocol => {
             "no common ALPN protocol between the client's offer and the server's list".into()
         }
@@ -128,7 +133,20 @@ fn describe_certificate_error(ce: &CertificateError) -> String {
              name matches a trusted root but whose key differs (another mesh's CA with the same \
              trust domain, or a replaced root?), or it was altered"
             .into(),
-        C::Revoked => "certificate is revoked".into(),
+        C::Revoked => "certificate is revoked (listed in a CRL of certificates.crl)".into(),
+        C::UnknownRevocationStatus => "no CRL from the certificate's issuer in certificates.crl: \
+             with a CRL configured every CA of the chain needs one (Envoy's `crl` rule; \
+             `onlyVerifyLeafCertCrl: true` checks the leaf only)"
+            .into(),
+        C::ExpiredRevocationListContext { time, next_update } => format!(
+            "the CRL of certificates.crl expired at {} (its nextUpdate; verification time {}): \
+             publish a new CRL",
+            secs(next_update),
+            secs(time)
+        ),
+        C::ExpiredRevocationList => {
+            "the CRL of certificates.crl has expired (nextUpdate passed)".into()
+        }
         C::BadEncoding => "certificate is not valid DER/X.509".into(),
         C::Other(OtherError(inner)) => inner.to_string(),
         other => format!("invalid certificate: {other}"),
@@ -162,6 +180,21 @@ pub fn is_unexpected_identity(err: &std::io::Error) -> bool {
         })
 }
 
+/// The metric reason of a refused handshake (tokio-rustls' `io::Error`): `tls_revoked` when
+/// `certificates.crl` decided (revoked, no CRL for an issuer, expired CRL), else
+/// `tls_handshake`.
+pub fn handshake_refusal_reason(err: &std::io::Error) -> &'static str {
+    let revoked = err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(is_revocation_error);
+    if revoked {
+        "tls_revoked"
+    } else {
+        "tls_handshake"
+    }
+}
+
 /// The SPIFFE identity of a verified leaf, with its trust domain checked.
 fn spiffe_identity(
     end_entity: &CertificateDer<'_>,
@@ -189,6 +222,7 @@ fn identity_matches(expected: &Identity, presented: &Identity, trust: &TrustDoma
 struct SpiffeClientCertVerifier {
     webpki: Arc<dyn ClientCertVerifier>,
     trust: TrustDomains,
+    revocation: SharedRevocation,
 }
 
 impl ClientCertVerifier for SpiffeClientCertVerifier {
@@ -210,8 +244,15 @@ impl ClientCertVerifier for SpiffeClientCertVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.webpki
-            .verify_client_cert(end_entity, intermediates, now)?;
+        if let Err(e) = self
+            .webpki
+            .verify_client_cert(end_entity, intermediates, now)
+        {
+            if let (Some(r), true) = (&self.revocation, is_revocation_error(&e)) {
+                r.log_refusal(end_entity, &e);
+            }
+            return Err(e);
+        }
         spiffe_identity(end_entity, &self.trust)?;
         Ok(ClientCertVerified::assertion())
     }
@@ -247,6 +288,7 @@ struct SpiffeServerCertVerifier {
     trust: TrustDomains,
     expected: Vec<Identity>,
     provider: Arc<CryptoProvider>,
+    revocation: SharedRevocation,
 }
 
 impl ServerCertVerifier for SpiffeServerCertVerifier {
@@ -266,6 +308,15 @@ impl ServerCertVerifier for SpiffeServerCertVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
+        if let Some(r) = &self.revocation {
+            r.check_server(
+                end_entity,
+                intermediates,
+                &self.roots,
+                now,
+                self.provider.signature_verification_algorithms.all,
+            )?;
+        }
         let presented = spiffe_identity(end_entity, &self.trust)?;
         if !self.expected.is_empty()
             && !self
@@ -317,6 +368,19 @@ impl ServerCertVerifier for SpiffeServerCertVerifier {
     }
 }
 
+/// A failure that a CRL decided (revoked, no CRL for an issuer, expired CRL).
+fn is_revocation_error(e: &rustls::Error) -> bool {
+    matches!(
+        e,
+        rustls::Error::InvalidCertificate(
+            CertificateError::Revoked
+                | CertificateError::UnknownRevocationStatus
+                | CertificateError::ExpiredRevocationList
+                | CertificateError::ExpiredRevocationListContext { .. }
+        ) | rustls::Error::InvalidCertRevocationList(_)
+    )
+}
+
 pub(crate) fn config_err(e: impl fmt::Display) -> TlsError {
     TlsError::Config(e.to_string())
 }
@@ -334,12 +398,22 @@ pub fn server_config(
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = crypto_provider();
     let roots = Arc::new(certs.root_store()?);
-    let webpki = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
-        .build()
-        .map_err(config_err)?;
+    let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
+    if let Some(r) = certs.revocation() {
+        // Envoy's `crl`: every CA of the chain needs a CRL (unknown status fails), an expired
+        // CRL fails; `only_verify_leaf_cert_crl` checks the leaf only (see crate::crl).
+        builder = builder
+            .with_crls(r.ders().iter().cloned())
+            .enforce_revocation_expiration();
+        if r.only_leaf() {
+            builder = builder.only_check_end_entity_revocation();
+        }
+    }
+    let webpki = builder.build().map_err(config_err)?;
     let verifier = Arc::new(SpiffeClientCertVerifier {
         webpki,
         trust: trust.clone(),
+        revocation: certs.revocation().cloned(),
     });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(PROTOCOL_VERSIONS)
@@ -373,6 +447,7 @@ pub fn client_config(
         trust: trust.clone(),
         expected: expected.to_vec(),
         provider: provider.clone(),
+        revocation: certs.revocation().cloned(),
     });
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(PROTOCOL_VERSIONS)

@@ -155,6 +155,11 @@ impl Loaded {
                 cfg.identity
             )
         })?;
+        if let Some((file, only_leaf)) = &cfg.crl {
+            certs
+                .set_crl(file.clone(), *only_leaf)
+                .with_context(|| format!("{}: certificates.crl", cfg.file.display()))?;
+        }
         Self::load_rest(cfg, Some(certs), refresh, istio_ca).await
     }
 
@@ -269,6 +274,8 @@ impl Loaded {
                 jwt,
                 inbound: cfg.inbound.clone(),
                 admin: cfg.admin,
+                metrics_listen: cfg.metrics_listen,
+                log_control: Some(Arc::new(crate::logging::AdminLogControl)),
                 workload,
                 settings,
                 access_log,
@@ -313,6 +320,10 @@ impl Agent {
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.proxy.admin_addr()
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.proxy.metrics_addr()
     }
 
     /// The bound HBONE listener, if enabled.

@@ -141,6 +141,10 @@ struct RawCertificates {
     builtin: Option<RawBuiltin>,
     #[serde(default)]
     istio_ca: Option<RawIstioCa>,
+    #[serde(default)]
+    crl: Option<Spanned<String>>,
+    #[serde(default)]
+    only_verify_leaf_cert_crl: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -234,6 +238,8 @@ enum PathNormalizationName {
 struct RawAdmin {
     #[serde(default)]
     listen: Option<Spanned<String>>,
+    #[serde(default)]
+    metrics_listen: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -338,9 +344,13 @@ pub struct AgentConfig {
     pub identity: Identity,
     pub workload: WorkloadConfig,
     pub certificates: CertificatesConfig,
+    /// `certificates.crl`: (file, `onlyVerifyLeafCertCrl`).
+    pub crl: Option<(PathBuf, bool)>,
     pub inbound: Vec<InboundConfig>,
     pub policy: PolicyConfig,
     pub admin: Option<SocketAddr>,
+    /// `admin.metricsListen`: a listener for `/metrics` only.
+    pub metrics_listen: Option<SocketAddr>,
     pub access_log: AccessLogTarget,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -914,6 +924,21 @@ impl Validator<'_> {
             }
         };
 
+        let crl = match (&c.value.crl, c.value.only_verify_leaf_cert_crl) {
+            (Some(f), only_leaf) => {
+                inputs.push(self.input(f, "certificates.crl", false));
+                Some((self.path(&f.value), only_leaf.unwrap_or(false)))
+            }
+            (None, Some(_)) => {
+                return Err(self.err(
+                    c,
+                    "certificates.onlyVerifyLeafCertCrl",
+                    "set only together with `crl` (the CRL file it applies to)",
+                ));
+            }
+            (None, None) => None,
+        };
+
         if raw.inbound.is_empty() && raw.outbound.is_empty() {
             return Err(self.err_noloc(
                 "inbound",
@@ -1011,6 +1036,10 @@ impl Validator<'_> {
             kubernetes,
         };
 
+        let metrics_listen = match &raw.admin.metrics_listen {
+            None => None,
+            Some(a) => Some(self.addr(a, "admin.metricsListen")?),
+        };
         let admin = match &raw.admin.listen {
             Some(a) if a.value == "off" => None,
             Some(a) => Some(self.addr(a, "admin.listen")?),
@@ -1093,9 +1122,11 @@ impl Validator<'_> {
             identity,
             workload,
             certificates,
+            crl,
             inbound,
             policy,
             admin,
+            metrics_listen,
             access_log,
             log_format: raw.log.format.unwrap_or_default(),
             log_level: match &raw.log.level {

@@ -83,24 +83,61 @@ fn use_colour() -> bool {
         && std::io::stderr().is_terminal()
 }
 
+/// The reload handle of the agent's filter, for the admin API's `POST /logging`.
+static FILTER: std::sync::OnceLock<(
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>,
+    std::sync::Mutex<String>,
+)> = std::sync::OnceLock::new();
+
 /// Starts the agent's log on stderr. `RUST_LOG`, when set, replaces `log.level` entirely (it
-/// is checked the same way; a bad value is an error, not silence).
+/// is checked the same way; a bad value is an error, not silence). The filter can be changed
+/// later with [`AdminLogControl`] (`POST /logging?level=` on the admin listener).
 pub fn init(format: LogFormat, level: &str) -> anyhow::Result<()> {
+    use tracing_subscriber::prelude::*;
     let filter = match std::env::var("RUST_LOG") {
         Ok(v) if !v.trim().is_empty() => {
             parse_filter(&v).map_err(|e| anyhow::anyhow!("RUST_LOG: {e}"))?
         }
         _ => level.to_string(),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+    let (layer, handle) =
+        tracing_subscriber::reload::Layer::new(tracing_subscriber::EnvFilter::new(&filter));
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(use_colour());
-    let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
+    let registry = tracing_subscriber::registry().with(layer);
+    let installed = match format {
+        LogFormat::Json => registry.with(fmt.json()).try_init(),
+        LogFormat::Text => registry.with(fmt).try_init(),
     };
+    if installed.is_ok() {
+        let _ = FILTER.set((handle, std::sync::Mutex::new(filter)));
+    }
     Ok(())
+}
+
+/// The admin API's view of the log filter set up by [`init`].
+pub struct AdminLogControl;
+
+impl outrigger_proxy::admin::LogControl for AdminLogControl {
+    fn current(&self) -> String {
+        FILTER
+            .get()
+            .map(|(_, f)| f.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .unwrap_or_default()
+    }
+
+    fn set(&self, value: &str) -> Result<String, String> {
+        let (handle, current) = FILTER
+            .get()
+            .ok_or_else(|| "the log was not set up by this process".to_string())?;
+        let filter = parse_filter(value)?;
+        handle
+            .reload(tracing_subscriber::EnvFilter::new(&filter))
+            .map_err(|e| format!("the log filter could not be changed: {e}"))?;
+        *current.lock().unwrap_or_else(|e| e.into_inner()) = filter.clone();
+        Ok(filter)
+    }
 }
 
 #[cfg(test)]

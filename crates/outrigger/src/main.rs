@@ -1,6 +1,7 @@
 //! `outrigger`: a zero-trust Istio mesh agent for workloads that cannot run a sidecar.
 
 mod agent;
+mod bootstrap;
 mod check;
 mod client;
 mod config;
@@ -96,6 +97,10 @@ Example:
     /// Mesh registration: the Istio resources that make this host a mesh workload.
     #[command(subcommand)]
     Mesh(MeshCommand),
+    /// Write an agent configuration from the files of `istioctl x workload entry configure`
+    /// (cluster.env, mesh.yaml, hosts, root-cert.pem, istio-token): identity from istiod.
+    #[command(after_help = bootstrap::AFTER_HELP)]
+    Bootstrap(bootstrap::BootstrapArgs),
     /// Print the version, git commit, build date, target and crypto provider.
     #[command(after_help = "\
 Example:
@@ -237,6 +242,29 @@ Writes cert-chain.pem, key.pem and root-cert.pem (Istio's file names) into --out
         #[arg(long, default_value = "24h", value_parser = config::parse_ttl)]
         ttl: Duration,
     },
+    /// Write a certificate revocation list signed by a built-in CA, for `certificates.crl`.
+    #[command(after_help = "\
+Example:
+  outrigger ca crl --dir ./ca --revoke ./stolen/cert-chain.pem --out ./ca-crl.pem
+
+Revokes the leaf certificate of each --revoke file (none: an empty CRL, which agents with
+`certificates.crl` need so that certificates of this CA are not refused for lack of a CRL).
+The CRL number is the current Unix time, so a newer CRL always has a higher number. Agents
+re-read the file and apply it to new handshakes; publish a new one before --validity ends.")]
+    Crl {
+        /// The CA directory made by `outrigger ca init`.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// A PEM certificate (or chain: its first certificate) to revoke; repeatable.
+        #[arg(long, value_name = "FILE")]
+        revoke: Vec<PathBuf>,
+        /// Until the CRL's nextUpdate, e.g. 7d (1m to 3650d).
+        #[arg(long, default_value = "7d", value_parser = config::parse_ttl)]
+        validity: Duration,
+        /// Where to write the CRL (PEM).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
     /// Serve Istio's CA API (istiod's CreateCertificate) from a built-in CA: a lab/dev CA.
     #[command(after_help = "\
 Example:
@@ -354,7 +382,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             );
         }
         if let Some(a) = agent.admin_addr() {
-            tracing::info!(admin = %a, "admin endpoints: /healthz/ready /metrics /config_dump");
+            tracing::info!(
+                admin = %a,
+                "admin endpoints: /healthz/ready /metrics /stats /config_dump /logging"
+            );
+        }
+        if let Some(a) = agent.metrics_addr() {
+            tracing::info!(metrics = %a, "metrics listener (admin.metricsListen): /metrics");
         }
         if let Some(a) = agent.hbone_addr() {
             tracing::info!(
@@ -387,6 +421,7 @@ fn write_ready_file(path: &std::path::Path, agent: &agent::Agent) -> anyhow::Res
         "inbound": inbound,
         "outbound": outbound,
         "admin": agent.admin_addr().map(|a| a.to_string()),
+        "metrics": agent.metrics_addr().map(|a| a.to_string()),
         "hbone": agent.hbone_addr().map(|a| a.to_string()),
     });
     let tmp = path.with_extension("tmp");
@@ -420,6 +455,38 @@ fn ca(cmd: CaCommand) -> anyhow::Result<()> {
             println!(
                 "issued {id} (valid for {}) into {}\n  cert-chain.pem, key.pem, root-cert.pem",
                 humanize(ttl),
+                out.display()
+            );
+        }
+        CaCommand::Crl {
+            dir,
+            revoke,
+            validity,
+            out,
+        } => {
+            let ca = outrigger_tls::ca::BuiltinCa::load(&dir)?;
+            let mut leaves = Vec::new();
+            for f in &revoke {
+                let pem = std::fs::read(f).with_context(|| format!("--revoke {}", f.display()))?;
+                use outrigger_tls::rustls_pki_types::pem::PemObject;
+                let cert = outrigger_tls::rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+                    .next()
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("--revoke {}: no PEM certificate in the file", f.display())
+                    })?
+                    .with_context(|| format!("--revoke {}", f.display()))?;
+                leaves.push(cert);
+            }
+            let number = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_secs());
+            let crl = ca.crl(&leaves, number, validity)?;
+            std::fs::write(&out, crl).with_context(|| format!("--out {}", out.display()))?;
+            println!(
+                "wrote a CRL of trust domain {} revoking {} certificate(s), valid for {}, to {}",
+                ca.trust_domain(),
+                leaves.len(),
+                humanize(validity),
                 out.display()
             );
         }
@@ -509,6 +576,7 @@ fn main() -> ExitCode {
         Command::Service(c) => windows::service(c),
         Command::Doctor(a) => windows::doctor(a),
         Command::Mesh(MeshCommand::Register(a)) => register::run(a),
+        Command::Bootstrap(a) => bootstrap::run(a),
         // Exit statuses as grep's and diff's, kept apart from clap's usage error (2):
         // 0 allowed, 1 denied, 3 the check could not be made.
         Command::Check(a) => match check::run(a) {

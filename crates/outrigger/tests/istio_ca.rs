@@ -7,7 +7,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -22,15 +22,6 @@ fn start_ca(mesh: &Mesh, token: &Path) -> (KillOnDrop, SocketAddr) {
         &mesh.dir().join("ca-serve.log"),
     );
     (KillOnDrop(child), addr)
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn config(mesh: &Mesh, ca: SocketAddr, backend: SocketAddr, extra_ca: &str) -> String {
@@ -63,15 +54,7 @@ inbound:
 /// One request over a new mTLS connection (a new handshake each time, so every certificate
 /// the agent rotates to is presented to a peer).
 async fn one_request(mesh: &Mesh, agent: &AgentProc, client: &Issued) -> anyhow::Result<u16> {
-    let cfg = outrigger_tls::client_config(
-        &client.certs,
-        &mesh.pki.trust(),
-        &[mesh.agent_id()],
-        &[b"istio-http/1.1"],
-    )?;
-    let tls = tls_connect(agent.addr("web"), cfg).await?;
-    let mut conn = HttpConn::new(tls, false).await?;
-    Ok(conn.fetch(get("/", false)).await?.status)
+    mtls_status(mesh, agent.addr("web"), client).await
 }
 
 fn generation(agent: &AgentProc) -> u64 {

@@ -119,7 +119,10 @@ async fn handle_connection(
     {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            ctx.metrics.reject(&shared.lv, "tls_handshake");
+            ctx.metrics.reject(
+                &shared.lv,
+                outrigger_tls::verify::handshake_refusal_reason(&e),
+            );
             crate::warn_limited!(
                 listener = LISTENER_NAME, %src,
                 "HBONE mTLS handshake refused: {}",

@@ -363,3 +363,27 @@ pub fn now() -> u64 {
         .unwrap()
         .as_secs()
 }
+
+/// A child process killed (and reaped) on drop.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `GET /` as `who` over a new mTLS connection (a new handshake each call) to `addr`,
+/// pinning the agent's identity: the status, or why the connection failed.
+pub async fn mtls_status(mesh: &Mesh, addr: SocketAddr, who: &Issued) -> anyhow::Result<u16> {
+    let cfg = outrigger_tls::client_config(
+        &who.certs,
+        &mesh.pki.trust(),
+        &[mesh.agent_id()],
+        &[b"istio-http/1.1"],
+    )?;
+    let tls = tls_connect(addr, cfg).await?;
+    let mut conn = HttpConn::new(tls, false).await?;
+    Ok(conn.fetch(outrigger_testkit::get("/", false)).await?.status)
+}

@@ -40,7 +40,8 @@ type Key = (String, String, String);
 enum Signal {
     /// A watch event for (namespace, plural): the JSON line.
     Event(String, String, String),
-    Bookmark,
+    /// A bookmark at this resourceVersion (the current one when it was sent).
+    Bookmark(u64),
     /// 410: the history is compacted; every open watch gets an ERROR event and ends.
     Expire,
     /// Every open watch connection is cut.
@@ -283,10 +284,12 @@ impl FakeKubeApi {
         let _ = self.inner.signals.send(Signal::Drop);
     }
 
-    /// Sends a BOOKMARK with the current resourceVersion on every open watch that asked for
+    /// Sends a BOOKMARK with the current resourceVersion (returned) on every open watch that asked for
     /// bookmarks.
-    pub fn bookmark(&self) {
-        let _ = self.inner.signals.send(Signal::Bookmark);
+    pub fn bookmark(&self) -> u64 {
+        let rv = self.inner.state.lock().unwrap().rv;
+        let _ = self.inner.signals.send(Signal::Bookmark(rv));
+        rv
     }
 
     /// The requests served so far (`METHOD path?query`), oldest first.
@@ -435,7 +438,6 @@ async fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
         (rx, backlog, expired)
     };
     let (tx, body_rx) = tokio::sync::mpsc::channel::<Bytes>(64);
-    let inner2 = inner.clone();
     let kind_guess = {
         let st = inner.state.lock().unwrap();
         st.objects
@@ -471,15 +473,12 @@ async fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
             let line = match sig {
                 Signal::Event(n, p, l) if n == ns && p == plural => l,
                 Signal::Event(..) => continue,
-                Signal::Bookmark if bookmarks => {
-                    let rv = inner2.state.lock().unwrap().rv;
-                    json!({"type": "BOOKMARK", "object": {
-                        "apiVersion": api_version, "kind": kind_guess,
-                        "metadata": {"resourceVersion": rv.to_string()},
-                    }})
-                    .to_string()
-                }
-                Signal::Bookmark => continue,
+                Signal::Bookmark(rv) if bookmarks => json!({"type": "BOOKMARK", "object": {
+                    "apiVersion": api_version, "kind": kind_guess,
+                    "metadata": {"resourceVersion": rv.to_string()},
+                }})
+                .to_string(),
+                Signal::Bookmark(_) => continue,
                 Signal::Expire => {
                     let _ = tx.send(gone(from)).await;
                     return;

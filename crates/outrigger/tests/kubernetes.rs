@@ -138,9 +138,10 @@ async fn a_deny_policy_in_the_cluster_is_added_changed_and_deleted() {
 
     // A bookmark, then a dropped watch: the watch resumes from the bookmark, no relist.
     let lists = api.list_count();
-    api.bookmark();
+    let bookmark_rv = api.bookmark();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let bookmark_rv = api.apply(deny("other", "nobody")) - 1;
+    // A change after the bookmark: its own stream resumes from it, the others from the bookmark.
+    api.apply(deny("other", "nobody"));
     tokio::time::sleep(Duration::from_millis(300)).await;
     api.drop_watches();
     let marker = format!("resourceVersion={bookmark_rv}");
@@ -293,8 +294,12 @@ async fn without_the_api_server_the_last_set_stays_and_survives_a_restart() {
     wait_until("in force from the API server again", || {
         config_dump(&agent)["policy"]["cluster"]["in_force_from"] == "api-server"
     });
-    let persisted = std::fs::read_to_string(&state).unwrap();
-    assert!(persisted.contains("deny-sleep"), "{persisted}");
+    // Persisted just after it is applied.
+    wait_until("the new set is persisted", || {
+        std::fs::read_to_string(&state)
+            .unwrap()
+            .contains("deny-sleep")
+    });
 }
 
 /// With no API server and nothing persisted, the agent refuses to start (it would start
@@ -521,6 +526,10 @@ async fn removing_every_cluster_policy_waits_and_then_applies_with_a_warning() {
     assert!(removed.elapsed() >= REMOVAL_SETTLE);
     agent.wait_for_log("every cluster policy removed");
     assert_eq!(config_dump(&agent)["policy"]["pending_change"], Value::Null);
-    let persisted = std::fs::read_to_string(mesh.dir().join("state/cluster-policy.json")).unwrap();
-    assert!(!persisted.contains("deny-intruder"), "{persisted}");
+    // Persisted just after it is applied.
+    wait_until("the empty set is persisted", || {
+        !std::fs::read_to_string(mesh.dir().join("state/cluster-policy.json"))
+            .unwrap()
+            .contains("deny-intruder")
+    });
 }

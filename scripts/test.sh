@@ -37,6 +37,9 @@ cargo fmt --all -- --check
 log "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+log "the agent without the default \`kubernetes\` feature (policy files only) still builds cleanly"
+cargo clippy -p outrigger --no-default-features --all-targets --locked -- -D warnings
+
 log "pure crates stay pure (no tokio/hyper/rustls/h2 in outrigger-identity, outrigger-policy)"
 for c in outrigger-identity outrigger-policy; do
   if cargo tree -p "$c" -e normal --locked | grep -E '^[^a-z]*(tokio|hyper|rustls|h2) v' ; then

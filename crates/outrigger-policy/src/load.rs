@@ -17,6 +17,8 @@ pub const SUPPORTED_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.ist
 pub const DEFAULT_NAMESPACE: &str = "default";
 
 /// Where a resource was read from: the source name and the line its document starts on.
+/// Line 0 means "no line": a resource that is not read from a file (one from the Kubernetes
+/// API, named `cluster:<namespace>/<kind>/<name>`) displays as its name alone.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct SourceRef {
     pub file: String,
@@ -25,6 +27,9 @@ pub struct SourceRef {
 
 impl fmt::Display for SourceRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            return f.write_str(&self.file);
+        }
         write!(f, "{}:{}", self.file, self.line)
     }
 }

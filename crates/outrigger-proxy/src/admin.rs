@@ -383,6 +383,9 @@ fn config_dump(ctx: &Ctx) -> serde_json::Value {
             "warnings": policy.snapshot.warnings().iter().map(|w| w.to_string()).collect::<Vec<_>>(),
             "last_reload_error": failure,
             "pending_change": pending,
+            // `policy.kubernetes`: the API server, whether it answers, and whether the policy
+            // in force came from it or from the persisted state file.
+            "cluster": ctx.policy.cluster_status(),
         },
     })
 }

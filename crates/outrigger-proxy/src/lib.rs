@@ -231,6 +231,8 @@ pub struct PolicyHandle {
     current: ArcSwap<PolicyState>,
     last_failure: ArcSwap<Option<ReloadFailure>>,
     pending: ArcSwap<Option<PendingChange>>,
+    /// The cluster policy source's state (`policy.kubernetes`), for `/config_dump`.
+    cluster: ArcSwap<Option<serde_json::Value>>,
     changed: watch::Sender<u64>,
 }
 
@@ -241,6 +243,7 @@ impl PolicyHandle {
             current: ArcSwap::from_pointee(state),
             last_failure: ArcSwap::from_pointee(None),
             pending: ArcSwap::from_pointee(None),
+            cluster: ArcSwap::from_pointee(None),
             changed,
         })
     }
@@ -277,6 +280,15 @@ impl PolicyHandle {
 
     pub fn pending(&self) -> Option<PendingChange> {
         (**self.pending.load()).clone()
+    }
+
+    /// Records the cluster policy source's state (shown as `policy.cluster` in `/config_dump`).
+    pub fn set_cluster_status(&self, status: Option<serde_json::Value>) {
+        self.cluster.store(Arc::new(status));
+    }
+
+    pub fn cluster_status(&self) -> Option<serde_json::Value> {
+        (**self.cluster.load()).clone()
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {

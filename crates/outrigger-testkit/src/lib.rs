@@ -23,6 +23,8 @@ use outrigger_identity::{Identity, TrustDomains};
 use outrigger_tls::WorkloadCerts;
 use outrigger_tls::ca::{BuiltinCa, IssueOptions, IssuedCert};
 
+pub mod kube_api;
+
 pub const TRUST_DOMAIN: &str = "cluster.local";
 
 /// A CA in a temporary directory, and helpers to issue good and bad certificates.

@@ -30,6 +30,9 @@ pub struct Loaded {
     observed: policy_files::Observation,
     pub policy: Arc<PolicyHandle>,
     jwt: outrigger_proxy::jwt_authn::JwtSettings,
+    /// `policy.kubernetes`: the cluster watch, listed (or its persisted set loaded).
+    #[cfg(feature = "kubernetes")]
+    cluster: Option<crate::kube_policy::Started>,
 }
 
 /// A bound (listening) agent, not yet serving.
@@ -168,6 +171,13 @@ impl Loaded {
         istio_ca: Option<IstioCaSource>,
     ) -> anyhow::Result<Loaded> {
         let inputs = PolicyInputs::from_config(cfg);
+        // The cluster's policy first (listed, or the persisted set), so that the first
+        // snapshot holds both sources; refuses to start with neither.
+        #[cfg(feature = "kubernetes")]
+        let cluster = match (&cfg.policy.kubernetes, &inputs.cluster) {
+            (Some(k), Some(merge)) => Some(crate::kube_policy::start(cfg, k, merge).await?),
+            _ => None,
+        };
         // The watcher compares later reads with exactly what this policy was built from.
         let (state, observed) = {
             let inputs = inputs.clone();
@@ -182,6 +192,9 @@ impl Loaded {
             .await?
             .map_err(|e| anyhow::anyhow!("invalid policy; refusing to start:\n{e}"))?
         };
+        if let (Some(merge), Ok(files)) = (&inputs.cluster, observed.contents()) {
+            merge.set_files(files.clone());
+        }
         let policy = PolicyHandle::new(state);
         let jwt = jwt_settings(&cfg.jwt)?;
         Ok(Loaded {
@@ -192,6 +205,8 @@ impl Loaded {
             observed,
             policy,
             jwt,
+            #[cfg(feature = "kubernetes")]
+            cluster,
         })
     }
 
@@ -205,6 +220,8 @@ impl Loaded {
             observed,
             policy,
             jwt,
+            #[cfg(feature = "kubernetes")]
+            cluster,
         } = self;
         let certs = certs.ok_or_else(|| {
             anyhow::anyhow!("no workload certificate: it was loaded for --check-config only")
@@ -271,16 +288,18 @@ impl Loaded {
             policy.clone(),
         )
         .await?;
-        let mut tasks = vec![
-            certs.spawn_refresh(refresh),
-            tokio::spawn(policy_files::watch(
-                policy.clone(),
-                inputs,
-                cfg.policy.reload_interval,
-                metrics.clone(),
-                observed,
-            )),
-        ];
+        let mut tasks = vec![certs.spawn_refresh(refresh)];
+        #[cfg(feature = "kubernetes")]
+        if let Some(cluster) = cluster {
+            tasks.push(cluster.spawn(policy.clone(), inputs.clone(), metrics.clone()));
+        }
+        tasks.push(tokio::spawn(policy_files::watch(
+            policy.clone(),
+            inputs,
+            cfg.policy.reload_interval,
+            metrics.clone(),
+            observed,
+        )));
         if let Some(source) = istio_ca {
             tasks.push(source.spawn_renewal(certs.clone()));
         }

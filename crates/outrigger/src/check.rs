@@ -67,6 +67,7 @@ Exit status: 0 allowed; 1 denied or refused; 2 usage error (a bad or missing fla
 pub fn run(args: CheckArgs) -> anyhow::Result<bool> {
     let cfg = AgentConfig::load(&args.config)?;
     let inputs = PolicyInputs::from_config(&cfg);
+    let cluster = cluster_policy(&cfg, &inputs)?;
     let state =
         policy_files::load(&inputs, 1).map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;
     let snap = &state.snapshot;
@@ -134,6 +135,9 @@ pub fn run(args: CheckArgs) -> anyhow::Result<bool> {
         "refused": refused_resources,
         "warnings": warnings,
     });
+    if let Some(c) = cluster {
+        out["cluster_policy"] = c;
+    }
 
     // PeerAuthentication first: a plaintext caller under STRICT never reaches authorization,
     // and a DISABLE port carries no verified identity.
@@ -242,6 +246,39 @@ pub fn run(args: CheckArgs) -> anyhow::Result<bool> {
     finish(&args, out, allowed)
 }
 
+/// With `policy.kubernetes`: the cluster's policy as the agent last persisted it (its last
+/// good set, in `stateFile`), merged with the files. `check` does not call the API server.
+#[cfg(feature = "kubernetes")]
+fn cluster_policy(
+    cfg: &AgentConfig,
+    inputs: &PolicyInputs,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    let (Some(k), Some(merge)) = (&cfg.policy.kubernetes, &inputs.cluster) else {
+        return Ok(None);
+    };
+    match crate::kube_policy::for_check(k, merge)? {
+        Some(info) => Ok(Some(json!({
+            "state_file": k.state_file.display().to_string(),
+            "server": info.server,
+            "saved_at_unix": info.saved_at_unix,
+        }))),
+        None => anyhow::bail!(
+            "policy.kubernetes: no cluster policy persisted in {} yet; `check` reads the set the \
+             running agent persists there (it does not call the API server): start the agent \
+             first",
+            k.state_file.display()
+        ),
+    }
+}
+
+#[cfg(not(feature = "kubernetes"))]
+fn cluster_policy(
+    _cfg: &AgentConfig,
+    _inputs: &PolicyInputs,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    Ok(None)
+}
+
 /// Verifies the token in `path` as the agent would: `Ok(Ok(None))` when no RequestAuthentication
 /// applies (the token would be ignored), `Ok(Err(reason))` for a 401.
 fn verify_jwt(
@@ -289,6 +326,15 @@ fn finish(args: &CheckArgs, out: serde_json::Value, allowed: bool) -> anyhow::Re
         return Ok(allowed);
     }
     println!("Workload:  {}", out["workload"].as_str().unwrap_or(""));
+    if let Some(c) = out.get("cluster_policy") {
+        println!(
+            "Cluster:   the policies of {} as the agent last persisted them in {} (saved at \
+             {} Unix time)",
+            c["server"].as_str().unwrap_or("?"),
+            c["state_file"].as_str().unwrap_or(""),
+            c["saved_at_unix"]
+        );
+    }
     let pols = out["policies"].as_array().cloned().unwrap_or_default();
     println!("Policies in force ({}):", pols.len());
     for p in &pols {

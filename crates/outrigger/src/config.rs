@@ -48,8 +48,12 @@ mod outbound;
 #[path = "config_connections.rs"]
 mod connections;
 pub use connections::ConnectionsConfig;
+#[path = "config_kubernetes.rs"]
+mod kubernetes;
 #[path = "config_ratelimits.rs"]
 mod ratelimits;
+#[cfg_attr(not(feature = "kubernetes"), allow(unused_imports))]
+pub use kubernetes::{KubeCredentials, KubernetesConfig};
 
 // ---------------------------------------------------------------------------------------------
 // Schema
@@ -207,6 +211,9 @@ struct RawPolicy {
     path_normalization: Option<PathNormalizationName>,
     #[serde(default)]
     reload_interval: Option<Spanned<String>>,
+    /// Istio policy watched in the cluster (`config_kubernetes.rs`).
+    #[serde(default)]
+    kubernetes: Option<Spanned<kubernetes::RawKubernetes>>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy)]
@@ -326,6 +333,8 @@ pub struct PolicyConfig {
     pub default_mtls_mode: MtlsMode,
     pub path_normalization: PathNormalization,
     pub reload_interval: Duration,
+    /// `policy.kubernetes`: Istio policy watched in the cluster, beside the files.
+    pub kubernetes: Option<KubernetesConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -992,12 +1001,19 @@ impl Validator<'_> {
         }
 
         let p = &raw.policy;
+        let root_namespace = p
+            .root_namespace
+            .clone()
+            .unwrap_or_else(|| "istio-system".into());
+        let kubernetes = match &p.kubernetes {
+            Some(k) => {
+                Some(self.kubernetes(k, &workload.namespace, &root_namespace, &mut inputs)?)
+            }
+            None => None,
+        };
         let policy = PolicyConfig {
             paths: p.paths.iter().map(|x| self.path(x)).collect(),
-            root_namespace: p
-                .root_namespace
-                .clone()
-                .unwrap_or_else(|| "istio-system".into()),
+            root_namespace,
             default_mtls_mode: match p.default_mtls_mode.unwrap_or(MtlsModeName::Strict) {
                 MtlsModeName::Strict => MtlsMode::Strict,
                 MtlsModeName::Permissive => MtlsMode::Permissive,
@@ -1017,6 +1033,7 @@ impl Validator<'_> {
                 Duration::from_secs(2),
                 POLL,
             )?,
+            kubernetes,
         };
 
         let metrics_listen = match &raw.admin.metrics_listen {

@@ -12,6 +12,10 @@ mod lint;
 mod logging;
 mod memtrim;
 mod policy_files;
+mod policy_merge;
+// Policy from the cluster (`policy.kubernetes`), behind the default `kubernetes` feature.
+#[cfg(feature = "kubernetes")]
+mod kube_policy;
 mod register;
 mod windows;
 

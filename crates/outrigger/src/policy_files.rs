@@ -21,6 +21,9 @@ pub struct PolicyInputs {
     pub paths: Vec<PathBuf>,
     pub workload: Workload,
     pub options: PolicyOptions,
+    /// With `policy.kubernetes`: the cluster's resources, merged into every build
+    /// (`policy_merge.rs`).
+    pub cluster: Option<Arc<crate::policy_merge::Merge>>,
 }
 
 impl PolicyInputs {
@@ -41,6 +44,11 @@ impl PolicyInputs {
                 // provider) instead of being allowed unchecked.
                 extension_providers: Vec::new(),
             },
+            cluster: cfg
+                .policy
+                .kubernetes
+                .is_some()
+                .then(crate::policy_merge::Merge::new),
         }
     }
 }
@@ -117,7 +125,7 @@ pub struct LoadedResources {
 /// The policy files and their bytes, read once: what the watcher compares to decide that a
 /// read is stable is exactly what is then parsed, so a file rewritten between the check and
 /// the parse cannot slip in.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct FileContents {
     files: Vec<(PathBuf, Result<Vec<u8>, String>)>,
 }
@@ -178,13 +186,32 @@ pub fn load(inputs: &PolicyInputs, version: u64) -> Result<PolicyState, String> 
     load_contents(inputs, &read_contents(&inputs.paths)?, version)
 }
 
-/// Validates and compiles policy files already read.
+/// Validates and compiles policy files already read (with the cluster's resources in force,
+/// when `policy.kubernetes` is set).
 pub fn load_contents(
     inputs: &PolicyInputs,
     contents: &FileContents,
     version: u64,
 ) -> Result<PolicyState, String> {
-    let loaded = parse_resources(contents)?;
+    let cluster = inputs
+        .cluster
+        .as_ref()
+        .map(|m| m.cluster())
+        .unwrap_or_default();
+    build(inputs, contents, &cluster, version)
+}
+
+/// Validates and compiles policy files already read together with cluster resources.
+pub fn build(
+    inputs: &PolicyInputs,
+    contents: &FileContents,
+    cluster: &crate::policy_merge::ClusterResources,
+    version: u64,
+) -> Result<PolicyState, String> {
+    let mut loaded = parse_resources(contents)?;
+    if !cluster.resources.is_empty() {
+        loaded.resources = crate::policy_merge::merge(loaded.resources, &cluster.resources);
+    }
     let snapshot = Snapshot::build(&loaded.resources, &inputs.workload, &inputs.options)
         .map_err(|e| e.to_string())?;
     for i in snapshot.ignored() {
@@ -244,6 +271,7 @@ pub fn load_contents(
             .files
             .iter()
             .map(|f| f.display().to_string())
+            .chain(cluster.sources.iter().cloned())
             .collect(),
         version,
         loaded_at: SystemTime::now(),
@@ -276,11 +304,13 @@ impl Observation {
 }
 
 /// The files that hold at least one resource of a policy state (applied to this workload or
-/// not), with how many.
+/// not), with how many. Cluster resources are not files: their changes are the cluster
+/// watcher's (`kube_policy.rs`).
 fn resource_files(state: &PolicyState) -> BTreeMap<&str, usize> {
     let mut files = BTreeMap::new();
     let sources = (state.snapshot.applied().iter().map(|a| &a.source))
-        .chain(state.snapshot.ignored().iter().map(|i| &i.source));
+        .chain(state.snapshot.ignored().iter().map(|i| &i.source))
+        .filter(|s| !s.file.starts_with(crate::policy_merge::CLUSTER_PREFIX));
     for s in sources {
         *files.entry(s.file.as_str()).or_insert(0) += 1;
     }
@@ -391,7 +421,8 @@ pub async fn watch(
         if candidate.as_ref().map(|(o, _)| o) != Some(&obs) {
             let inputs2 = inputs.clone();
             let obs2 = obs.clone();
-            let next = version + 1;
+            // The cluster watcher publishes versions too.
+            let next = handle.load().version.max(version) + 1;
             // Parsing and compiling happen off the async workers.
             let built = tokio::task::spawn_blocking(move || match obs2.contents() {
                 Ok(c) => load_contents(&inputs2, c, next),
@@ -437,14 +468,42 @@ pub async fn watch(
                     continue;
                 }
                 version = state.version;
+                let clean = match (&inputs.cluster, obs.contents()) {
+                    // Rebuilt under the merge's lock with the cluster's resources in force, so
+                    // that a cluster change published meanwhile is not overwritten.
+                    (Some(merge), Ok(contents)) => {
+                        let (merge, handle2, inputs2) =
+                            (merge.clone(), handle.clone(), inputs.clone());
+                        let contents = contents.clone();
+                        let published = tokio::task::spawn_blocking(move || {
+                            merge.publish_files(&handle2, &inputs2, &contents)
+                        })
+                        .await;
+                        match published {
+                            Ok(Ok(clean)) => clean,
+                            Ok(Err(e)) => {
+                                tracing::error!(
+                                    "policy reload failed; the previous policy stays in force:\n{e}"
+                                );
+                                handle.record_failure(e);
+                                continue;
+                            }
+                            Err(e) => {
+                                tracing::error!("policy reload task failed: {e}");
+                                continue;
+                            }
+                        }
+                    }
+                    _ => {
+                        let clean = state.snapshot.refused().is_empty();
+                        handle.publish(state);
+                        clean
+                    }
+                };
+                version = handle.load().version.max(version);
                 // A reload that refused some resources applied the rest (each with its
                 // fail-closed stand-in): counted apart, so an alert can tell it from a clean one.
-                let result = if state.snapshot.refused().is_empty() {
-                    "success"
-                } else {
-                    "partial"
-                };
-                handle.publish(state);
+                let result = if clean { "success" } else { "partial" };
                 metrics
                     .reloads
                     .get_or_create(&outrigger_proxy::metrics::ReloadLabels {
@@ -497,6 +556,7 @@ mod tests {
                 labels: Default::default(),
             },
             options: PolicyOptions::default(),
+            cluster: None,
         };
         let contents = FileContents {
             files: files

@@ -75,7 +75,7 @@ cargo_tool cargo-cyclonedx cargo-cyclonedx 0.5.9
 
 # 2. Dependency policy: licences, bans, sources (deny.toml), without the network.
 log "cargo deny check licenses bans sources (offline)"
-timeout 300 cargo deny --frozen check licenses bans sources
+timeout 300 cargo deny --frozen check --hide-inclusion-graph licenses bans sources
 
 # 3. The binaries, with their dependency lists embedded.
 log "cargo auditable build --release --target $LINUX (static, musl)"
@@ -86,7 +86,7 @@ linux_bin="$CARGO_TARGET_DIR/$LINUX/release/outrigger"
 win_exe="$CARGO_TARGET_DIR/$WIN/release/outrigger.exe"
 [ -x "$linux_bin" ] || die "$linux_bin was not built"
 [ -f "$win_exe" ] || die "$win_exe was not built"
-if ! file "$linux_bin" | grep -q 'statically linked'; then
+if ! file "$linux_bin" | grep -Eq 'statically linked|static-pie linked'; then
   die "$linux_bin is not statically linked: $(file "$linux_bin")"
 fi
 

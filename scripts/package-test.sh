@@ -31,6 +31,9 @@ ROOT="$PWD"
 log() { printf '\n==> %s\n' "$*"; }
 fail() { echo "FAIL: $*" >&2; exit 1; }
 ok() { echo "  ok: $*"; }
+# grep reading all its input: `producer | grep -q` fails under pipefail when grep quits first
+# and the producer is killed by SIGPIPE.
+match() { grep "$@" >/dev/null; }
 started=$(date +%s)
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 mkdir -p "$CARGO_TARGET_DIR"
@@ -77,33 +80,33 @@ mkdir -p "$SCRATCH"
 log "the static Linux binary"
 bin="$CARGO_TARGET_DIR/x86_64-unknown-linux-musl/release/outrigger"
 file "$bin"
-file "$bin" | grep -Eq 'statically linked|static-pie linked' || fail "file does not say static"
+file "$bin" | match -E 'statically linked|static-pie linked' || fail "file does not say static"
 ldd_out="$(ldd "$bin" 2>&1 || true)"
 echo "ldd: $ldd_out"
-echo "$ldd_out" | grep -Eq 'not a dynamic executable|statically linked' || fail "ldd lists libraries"
+echo "$ldd_out" | match -E 'not a dynamic executable|statically linked' || fail "ldd lists libraries"
 ok "static (file, ldd)"
 v="$(timeout 10 "$bin" version)"
 echo "$v"
-echo "$v" | grep -q "^outrigger $VERSION$" || fail "outrigger version: no version line"
-echo "$v" | grep -q "target:  x86_64-unknown-linux-musl" || fail "outrigger version: wrong target"
-objdump -h "$bin" | grep -q '\.dep-v0' || fail "no .dep-v0 section (cargo auditable)"
+echo "$v" | match "^outrigger $VERSION$" || fail "outrigger version: no version line"
+echo "$v" | match "target:  x86_64-unknown-linux-musl" || fail "outrigger version: wrong target"
+objdump -h "$bin" | match '\.dep-v0' || fail "no .dep-v0 section (cargo auditable)"
 x86_64-w64-mingw32-objdump -h "$CARGO_TARGET_DIR/x86_64-pc-windows-gnu/release/outrigger.exe" \
-  | grep -q '\.dep-v0' || fail "outrigger.exe: no .dep-v0 section (cargo auditable)"
+  | match '\.dep-v0' || fail "outrigger.exe: no .dep-v0 section (cargo auditable)"
 ok "dependency lists embedded (.dep-v0) in both binaries"
 for shell in bash zsh powershell; do
   n="$(timeout 10 "$bin" completions "$shell" | wc -c)"
   [ "$n" -gt 1000 ] || fail "completions $shell: $n bytes"
 done
-timeout 10 "$bin" man | grep -q '^\.TH outrigger' || fail "outrigger man: no .TH header"
+timeout 10 "$bin" man | match '^\.TH outrigger' || fail "outrigger man: no .TH header"
 ok "completions (bash, zsh, powershell) and man page non-empty"
-tar -tzf "$tgz" | grep -q "outrigger-$VERSION-x86_64-linux-musl/outrigger$" || fail "tarball lacks the binary"
+tar -tzf "$tgz" | match "outrigger-$VERSION-x86_64-linux-musl/outrigger$" || fail "tarball lacks the binary"
 
 # 2. The .deb.
 log "the .deb: metadata"
 dpkg-deb --info "$deb" >"$SCRATCH/deb-info"
 grep -E '^ (Package|Version|Architecture|Depends|Recommends):' "$SCRATCH/deb-info"
-grep -q '^ Depends:' "$SCRATCH/deb-info" && fail "the static binary's .deb should depend on nothing"
-dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./conffiles | grep -qx /etc/outrigger/agent.yaml \
+grep -Eq '^ Depends: *[^ ]' "$SCRATCH/deb-info" && fail "the static binary's .deb should depend on nothing"
+dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./conffiles | match -x /etc/outrigger/agent.yaml \
   || fail "agent.yaml is not a conffile"
 dpkg-deb --contents "$deb" >"$SCRATCH/deb-contents"
 for f in ./usr/bin/outrigger ./lib/systemd/system/outrigger.service ./etc/outrigger/agent.yaml \
@@ -125,13 +128,13 @@ printf 'root:*:19000:0:99999:7:::\n' >"$droot/etc/shadow"
 printf 'root:*::\n' >"$droot/etc/gshadow"
 dpkgr() { timeout 120 dpkg --root="$droot" --force-script-chrootless --log=/dev/null "$@"; }
 dpkgr -i "$deb"
-dpkgr -s outrigger | grep -q '^Status: install ok installed' || fail "dpkg -s: not installed"
+dpkgr -s outrigger | match '^Status: install ok installed' || fail "dpkg -s: not installed"
 uid="$(awk -F: '$1 == "outrigger" { print $3 }' "$droot/etc/passwd")"
 gid="$(awk -F: '$1 == "outrigger" { print $3 }' "$droot/etc/group")"
 [ -n "$uid" ] && [ -n "$gid" ] || fail "postinst did not create the outrigger user and group"
 grep '^outrigger:' "$droot/etc/passwd"
 awk -F: '$1 == "outrigger" && $7 == "/usr/sbin/nologin" && $6 == "/var/lib/outrigger"' "$droot/etc/passwd" \
-  | grep -q . || fail "outrigger user: wrong shell or home"
+  | match . || fail "outrigger user: wrong shell or home"
 mode() { stat -c '%a %u:%g' "$1"; }
 [ "$(mode "$droot/etc/outrigger")" = "750 0:$gid" ] || fail "/etc/outrigger: $(mode "$droot/etc/outrigger")"
 [ "$(mode "$droot/etc/outrigger/certs")" = "750 0:$gid" ] || fail "/etc/outrigger/certs: $(mode "$droot/etc/outrigger/certs")"
@@ -142,7 +145,7 @@ for f in usr/share/man/man1/outrigger.1.gz usr/share/bash-completion/completions
     usr/share/zsh/vendor-completions/_outrigger; do
   [ -s "$droot/$f" ] || fail "/$f is empty"
 done
-zcat "$droot/usr/share/man/man1/outrigger.1.gz" | grep -q '^\.TH outrigger' || fail "man page unreadable"
+zcat "$droot/usr/share/man/man1/outrigger.1.gz" | match '^\.TH outrigger' || fail "man page unreadable"
 ok "installed: user outrigger ($uid:$gid), /etc/outrigger 750 root:outrigger, agent.yaml 640, /var/lib/outrigger 750 outrigger"
 
 log "the installed configuration, as shipped, with a certificate from outrigger ca"
@@ -152,7 +155,7 @@ timeout 30 "$droot/usr/bin/outrigger" ca issue --dir "$SCRATCH/ca" \
   --spiffe spiffe://cluster.local/ns/legacy/sa/legacy-app --out "$etc/certs" >/dev/null
 check="$(timeout 30 "$droot/usr/bin/outrigger" run --config "$etc/agent.yaml" --check-config)"
 echo "$check"
-echo "$check" | grep -q '^configuration OK' || fail "the shipped agent.yaml is not accepted"
+echo "$check" | match '^configuration OK' || fail "the shipped agent.yaml is not accepted"
 ok "the shipped agent.yaml passes --check-config"
 
 log "the .deb: reinstall over itself (upgrade path), remove, purge"
@@ -198,7 +201,7 @@ fi
 # 4. The .rpm.
 log "the .rpm: metadata, scripts, files"
 rpm -qp --qf '%{NAME} %{VERSION}-%{RELEASE} %{ARCH} payload=%{PAYLOADCOMPRESSOR}\n' "$rpm"
-rpm -qp --qf '%{PAYLOADCOMPRESSOR}' "$rpm" | grep -qx gzip || fail "rpm payload is not gzip (old rpm reads only gzip/xz)"
+rpm -qp --qf '%{PAYLOADCOMPRESSOR}' "$rpm" | match -x gzip || fail "rpm payload is not gzip (old rpm reads only gzip/xz)"
 req="$(rpm -qp --requires "$rpm")"
 echo "requires: $(echo "$req" | tr '\n' ' ')"
 echo "$req" | grep -Ev '^(/bin/sh|rpmlib\(.*|config\(outrigger\) = .*)$' && fail "the rpm requires more than /bin/sh"
@@ -206,8 +209,8 @@ rpm -qp --scripts "$rpm" >"$SCRATCH/rpm-scripts"
 grep -q '^postinstall scriptlet' "$SCRATCH/rpm-scripts" && grep -q 'useradd' "$SCRATCH/rpm-scripts" \
   || fail "rpm %post does not create the user"
 grep -q '^preuninstall scriptlet' "$SCRATCH/rpm-scripts" || fail "rpm has no %preun"
-rpm -qp --configfiles "$rpm" | grep -qx /etc/outrigger/agent.yaml || fail "agent.yaml is not %config"
-rpm -qp --qf '[%{FILENAMES} %{FILEFLAGS:fflags}\n]' "$rpm" | grep -q '^/etc/outrigger/agent.yaml .*n' \
+rpm -qp --configfiles "$rpm" | match -x /etc/outrigger/agent.yaml || fail "agent.yaml is not %config"
+rpm -qp --qf '[%{FILENAMES} %{FILEFLAGS:fflags}\n]' "$rpm" | match '^/etc/outrigger/agent.yaml .*n' \
   || fail "agent.yaml is not %config(noreplace)"
 rroot="$SCRATCH/rpm-root"
 mkdir -p "$rroot/etc"
@@ -229,7 +232,7 @@ ok "rpm: gzip payload, requires /bin/sh only, %config(noreplace), files, %post c
 log "the Windows zip"
 unzip_list="$(python3 -m zipfile -l "$zip")"
 for f in outrigger.exe agent.yaml LICENSE.txt windows.md install.md outrigger-completions.ps1; do
-  echo "$unzip_list" | grep -q "x86_64-windows/$f " || fail "the zip lacks $f"
+  echo "$unzip_list" | match "x86_64-windows/$f " || fail "the zip lacks $f"
 done
 ok "zip: outrigger.exe, agent.yaml, LICENSE.txt, windows.md, install.md, outrigger-completions.ps1"
 
@@ -259,14 +262,14 @@ ok "files: Program Files\\Outrigger\\outrigger.exe (+docs), ProgramData\\Outrigg
 
 svc="$(w 60 reg query "$svckey")"
 echo "$svc" | grep -E 'ImagePath|Start|ObjectName|DisplayName|DependOnService|Type|Description'
-echo "$svc" | grep -q 'ImagePath.*Program Files\\Outrigger\\outrigger.exe.* service run --config "C:\\ProgramData\\Outrigger\\agent.yaml" --name Outrigger --log-dir "C:\\ProgramData\\Outrigger\\logs"' \
+echo "$svc" | match 'ImagePath.*Program Files\\Outrigger\\outrigger.exe.* service run --config "C:\\ProgramData\\Outrigger\\agent.yaml" --name Outrigger --log-dir "C:\\ProgramData\\Outrigger\\logs"' \
   || fail "service ImagePath"
-echo "$svc" | grep -Eq 'Start[[:space:]]+REG_DWORD[[:space:]]+0x2$' || fail "service start type is not Automatic"
-echo "$svc" | grep -q 'ObjectName.*NT SERVICE\\Outrigger' || fail "service account is not NT SERVICE\\Outrigger"
-echo "$svc" | grep -q 'DisplayName.*Outrigger mesh agent' || fail "service display name"
-echo "$svc" | grep -q 'DependOnService.*Tcpip' || fail "service does not depend on Tcpip"
+echo "$svc" | match -E 'Start[[:space:]]+REG_DWORD[[:space:]]+0x2$' || fail "service start type is not Automatic"
+echo "$svc" | match 'ObjectName.*NT SERVICE\\Outrigger' || fail "service account is not NT SERVICE\\Outrigger"
+echo "$svc" | match 'DisplayName.*Outrigger mesh agent' || fail "service display name"
+echo "$svc" | match 'DependOnService.*Tcpip' || fail "service does not depend on Tcpip"
 ev="$(w 60 reg query "$evkey")"
-echo "$ev" | grep -q 'EventMessageFile.*REG_EXPAND_SZ.*EventLogMessages.dll' || fail "Event Log source: $ev"
+echo "$ev" | match 'EventMessageFile.*REG_EXPAND_SZ.*EventLogMessages.dll' || fail "Event Log source: $ev"
 ok "service Outrigger registered as \`outrigger service install\` does (registry); Event Log source"
 # The custom actions (recovery, service SID, ACLs) run under Wine, but Wine's sc.exe and
 # icacls.exe do not keep what they are told: check that the MSI carries them.
@@ -274,11 +277,11 @@ ca="$(msiinfo export "$msi" CustomAction | tr -d '\r')"
 for a in 'SvcFailure	3170	.*sc.exe" failure Outrigger reset= 86400 actions= restart/5000/restart/10000/restart/60000' \
     'SvcFailureFlag	3170	.*failureflag Outrigger 1' 'SvcSidType	3170	.*sidtype Outrigger unrestricted' \
     'AclCerts	3170	.*icacls.exe" "\[CERTSDIR\]." /inheritance:r' 'AclLogs	3170	.*icacls.exe" "\[LOGSDIR\]." /grant'; do
-  echo "$ca" | grep -q "^$a" || fail "the MSI lacks the custom action $a"
+  echo "$ca" | match "^$a" || fail "the MSI lacks the custom action $a"
 done
 comp="$(msiinfo export "$msi" Component | tr -d '\r' | awk -F'\t' '{print $1 "=" $4}')"
 for c in DataDir=272 CertsDir=272 PoliciesDir=272 LogsDir=272 AgentYaml=400; do
-  echo "$comp" | grep -qx "$c" || fail "MSI component attributes: want $c (Permanent; AgentYaml NeverOverwrite)"
+  echo "$comp" | match -x "$c" || fail "MSI component attributes: want $c (Permanent; AgentYaml NeverOverwrite)"
 done
 ok "MSI tables: recovery, SID and ACL custom actions; permanent data folders, never-overwritten agent.yaml"
 
@@ -309,8 +312,8 @@ log "msiexec /x: the service and program files go, the data stays"
 timeout 300 "$WINE" msiexec /x 'C:\outrigger.msi' /qn /l*v 'C:\msi-uninstall.log' \
   || { iconv -f utf-16 -t utf-8 "$c/msi-uninstall.log" 2>/dev/null | tail -40 || true; fail "msiexec /x failed"; }
 timeout 60 "$WINESERVER" -w || true
-if w 60 reg query "$svckey" | grep -q ImagePath; then fail "the service is still registered"; fi
-if w 60 reg query "$evkey" | grep -q EventMessageFile; then fail "the Event Log source is still registered"; fi
+if w 60 reg query "$svckey" | match ImagePath; then fail "the service is still registered"; fi
+if w 60 reg query "$evkey" | match EventMessageFile; then fail "the Event Log source is still registered"; fi
 [ ! -e "$pf/outrigger.exe" ] || fail "outrigger.exe left behind"
 grep -q 'edited by the administrator' "$pd/agent.yaml" || fail "uninstall removed or replaced agent.yaml"
 [ -s "$pd/certs/key.pem" ] && [ -d "$pd/policies" ] && [ -s "$pd/logs/agent.log" ] \

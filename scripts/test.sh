@@ -64,3 +64,4 @@ cargo nextest run --workspace --locked --no-fail-fast
 log "doc tests"
 cargo test --workspace --doc --locked
 ./scripts/windows-test.sh   # Windows: cross-build, tests under Wine (see the script)
+./scripts/package-test.sh   # release packages: release.sh, then .deb/.rpm/MSI installed and checked

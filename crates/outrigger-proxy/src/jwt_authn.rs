@@ -114,23 +114,11 @@ fn msg(e: impl std::fmt::Display) -> FetchError {
 
 impl JwksCache {
     pub fn new(settings: JwtSettings, metrics: Arc<Metrics>) -> Arc<Self> {
-        let mut roots = rustls::RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        for c in native.certs {
-            let _ = roots.add(c);
-        }
-        for c in &settings.extra_roots {
-            let _ = roots.add(c.clone());
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(outrigger_tls::crypto_provider())
-            .with_safe_default_protocol_versions()
-            .expect("the provider supports TLS 1.2 and 1.3")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = outrigger_tls::control::web_client_config(&settings.extra_roots);
         Arc::new(JwksCache {
             entries: Mutex::new(HashMap::new()),
             fetch_locks: Mutex::new(HashMap::new()),
-            tls: Arc::new(tls),
+            tls,
             settings,
             metrics,
         })

@@ -291,6 +291,92 @@ fn json(body: &str) -> serde_json::Value {
 // ---------------------------------------------------------------------------------------------
 // Tests
 
+/// Istio's metadata exchange between two agents (outrigger_proxy::peer_metadata): the client
+/// agent sends its workload with every request and reads the server's from the answer, so
+/// both reporters name both workloads — `source_workload` on the server, `destination_workload`
+/// on the client — where a certificate alone leaves them `unknown`. Neither application sees
+/// an exchange header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_reporters_name_both_workloads() {
+    let mesh = Mesh::new();
+    let echo = start_echo().await;
+    let (server, _) = start_server_agent(&mesh, "ratings", echo, "http");
+    let port = free_port();
+    let client = start_client(
+        &mesh,
+        &format!(
+            "outbound:
+  - name: ratings
+    listen: 127.0.0.1:{port}
+    host: {RATINGS}
+    port: 8080
+    endpoints: [\"{s}\"]
+    identity: {{serviceAccount: ratings}}
+",
+            s = server.addr("web")
+        ),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    for _ in 0..3 {
+        let s = TcpStream::connect(addr).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get("/reviews")
+            .header("host", RATINGS)
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = tokio::time::timeout(WAIT, send.send_request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{}", client.stderr());
+        assert!(
+            !resp.headers().contains_key("x-envoy-peer-metadata"),
+            "{resp:?}"
+        );
+        assert!(
+            !resp.headers().contains_key("x-envoy-peer-metadata-id"),
+            "{resp:?}"
+        );
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let seen: outrigger_testkit::Seen = serde_json::from_slice(&body).unwrap();
+        assert!(seen.header("x-envoy-peer-metadata").is_none(), "{seen:?}");
+        assert!(
+            seen.header("x-envoy-peer-metadata-id").is_none(),
+            "{seen:?}"
+        );
+    }
+
+    let on_server = [
+        "reporter=\"destination\"",
+        "source_workload=\"windows-app\"",
+        "source_workload_namespace=\"legacy\"",
+        "source_app=\"windows-app\"",
+        "source_version=\"v1\"",
+        "source_canonical_service=\"windows-app\"",
+        "source_canonical_revision=\"v1\"",
+        "destination_workload=\"ratings\"",
+        "response_code=\"200\"",
+    ];
+    server.wait_metric("istio_requests_total", &on_server, 3.0);
+    let on_client = [
+        "reporter=\"source\"",
+        "source_workload=\"windows-app\"",
+        "destination_workload=\"ratings\"",
+        "destination_workload_namespace=\"default\"",
+        "destination_principal=\"spiffe://cluster.local/ns/default/sa/ratings\"",
+        "destination_app=\"ratings\"",
+        "destination_version=\"v1\"",
+        "destination_canonical_service=\"ratings\"",
+        "destination_canonical_revision=\"v1\"",
+        "destination_service=\"ratings.default.svc.cluster.local\"",
+        "response_code=\"200\"",
+    ];
+    client.wait_metric("istio_requests_total", &on_client, 3.0);
+}
+
 /// Two agents, two identities: the client agent's outbound reaches the server agent's inbound,
 /// which verifies the client's identity; a destination pinned to another identity is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

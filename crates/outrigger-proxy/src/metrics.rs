@@ -103,6 +103,15 @@ pub struct RotationFailureLabels {
     pub reason: &'static str,
 }
 
+/// `outrigger_authorization_decisions_total`: the outcome, why, and the deciding policy
+/// (`namespace/name`, `-` when no policy decided).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct AuthzDecisionLabels {
+    pub action: &'static str,
+    pub result: &'static str,
+    pub policy: Lv,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct DecisionLabels {
     pub action: &'static str,
@@ -156,7 +165,7 @@ pub struct Metrics {
     pub rejected: Family<RejectLabels, Counter>,
     pub reloads: Family<ReloadLabels, Counter>,
     pub rotation_failures: Family<RotationFailureLabels, Counter>,
-    pub decisions: Family<DecisionLabels, Counter>,
+    pub decisions: Family<AuthzDecisionLabels, Counter>,
     pub jwks_fetches: Family<ReloadLabels, Counter>,
     pub jwt_authn: Family<DecisionLabels, Counter>,
     pub access_log_dropped: Counter,
@@ -234,7 +243,7 @@ impl Metrics {
         let rejected = Family::<RejectLabels, Counter>::default();
         let reloads = Family::<ReloadLabels, Counter>::default();
         let rotation_failures = Family::<RotationFailureLabels, Counter>::default();
-        let decisions = Family::<DecisionLabels, Counter>::default();
+        let decisions = Family::<AuthzDecisionLabels, Counter>::default();
         let access_log_dropped = Counter::default();
         let jwks_fetches = Family::<ReloadLabels, Counter>::default();
         let jwt_authn = Family::<DecisionLabels, Counter>::default();
@@ -331,7 +340,7 @@ impl Metrics {
         );
         registry.register(
             "outrigger_authorization_decisions",
-            "Authorization decisions, by deciding action and result",
+            "Authorization decisions, by outcome (action), reason (result) and deciding policy (namespace/name, - for none)",
             decisions.clone(),
         );
         registry.register(

@@ -510,12 +510,9 @@ async fn authorize_and_forward(
     let websocket = is_websocket_upgrade(&parts);
     let mut rec = Recorder::new(&ctx, &conn, &parts, protocol, start, handles);
 
-    let jwt_rules: Vec<&outrigger_policy::crd::JwtRule> = policy
-        .snapshot
-        .request_authentications()
-        .flat_map(|(_, spec)| spec.jwt_rules.iter())
-        .collect();
-    let jwt = match crate::jwt_authn::authenticate(&ctx.jwks, &jwt_rules, &mut parts).await {
+    // Compiled with the snapshot (outrigger_policy::request_authn): nothing parsed here.
+    let jwt_rules = policy.snapshot.jwt_rules();
+    let jwt = match crate::jwt_authn::authenticate(&ctx.jwks, jwt_rules, &mut parts).await {
         Ok(claims) => {
             if !jwt_rules.is_empty() {
                 ctx.metrics
@@ -558,7 +555,6 @@ async fn authorize_and_forward(
     };
     let (verdict, inflight) =
         authz::check_http(&ctx, &conn, &mut parts, &policy.snapshot, jwt.as_ref());
-    drop(jwt_rules);
     drop(policy);
     rec.authz_policy = verdict.policy.clone();
     rec.authz_result = Some(verdict.result);

@@ -345,6 +345,12 @@ assert d["bomFormat"] == "CycloneDX", d.get("bomFormat")
 names = {c["name"] for c in d.get("components", [])}
 for n in ("rustls", "tokio", "aws-lc-rs"):
     assert n in names, f"{n} not in the SBOM"
+# What ships, not what builds or tests: no dev-dependencies; the Windows service crates on
+# Windows only.
+for n in ("proptest", "criterion", "outrigger-testkit"):
+    assert n not in names, f"dev-dependency {n} in the SBOM"
+assert ("windows-service" in names) == sys.argv[1].endswith("windows.cdx.json"), "windows-service"
+assert all(c.get("hashes") for c in d["components"] if not c["name"].startswith("outrigger")), "hashes"
 print(f"  {sys.argv[1].rsplit('/', 1)[1]}: CycloneDX {d['specVersion']}, {len(names)} components")
 PY
 done

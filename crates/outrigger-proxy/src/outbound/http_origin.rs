@@ -435,7 +435,10 @@ async fn forward(
                 strip_hop_by_hop(&mut rparts.headers);
                 // The called workload, from its answer (`upstream_discovery`); the headers are
                 // the proxies' business, not the application's.
-                rec.dest_peer = crate::peer_metadata::take(&mut rparts.headers, &mut None).peer;
+                rec.dest_peer = {
+                    let mut last = ep.peer.lock().unwrap_or_else(|e| e.into_inner());
+                    crate::peer_metadata::take(&mut rparts.headers, &mut last).peer
+                };
                 rparts.version = downstream_version;
                 rec.code = status.as_u16();
                 if let Some(s) = rparts.headers.get("grpc-status") {

@@ -62,11 +62,13 @@ wine_tools
 
 log "scripts/release.sh (into $DIST)"
 # The packages are what this tests, not the optimizer: unless PACKAGE_TEST_FULL_RELEASE=1, the
-# release profile is built without fat LTO and with parallel codegen (the same targets,
-# features, static linking, panic=abort, stripping and cargo auditable), which keeps two
-# release builds inside CI's time budget. scripts/release.sh on its own builds the real thing.
+# release profile is built without fat LTO, with parallel codegen and opt-level 1 (the same
+# targets, features, static linking, panic=abort, stripping and cargo auditable), which keeps
+# two release builds inside CI's time budget. scripts/release.sh on its own builds the real
+# thing.
 if [ "${PACKAGE_TEST_FULL_RELEASE:-0}" != 1 ]; then
-  export CARGO_PROFILE_RELEASE_LTO=off CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16
+  export CARGO_PROFILE_RELEASE_LTO=off CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+    CARGO_PROFILE_RELEASE_OPT_LEVEL=1
 fi
 DIST_DIR="$DIST" timeout 3600 ./scripts/release.sh
 VERSION="$(sed -n 's/^version = "\([^"]*\)"$/\1/p' Cargo.toml | head -1)"

@@ -440,9 +440,15 @@ pub fn destination_labels(w: &crate::WorkloadInfo) -> TcpLabels {
             Lv::new(s)
         }
     };
+    // istio_stats.cc, server reporter: `destination_service` is the service host, else the
+    // canonical service name; `destination_service_name` the host's first label, else the
+    // canonical service name.
     let (service, service_name) = match &w.service_host {
         Some(h) => (Lv::new(h), Lv::new(h.split('.').next().unwrap_or(h))),
-        None => (Lv::unknown(), Lv::unknown()),
+        None => (
+            or_unknown(&w.canonical_service),
+            or_unknown(&w.canonical_service),
+        ),
     };
     TcpLabels {
         reporter: "destination",

@@ -139,6 +139,9 @@ spec:
         "source_canonical_revision=\"v1\"",
         "source_cluster=\"Kubernetes\"",
         "destination_workload=\"windows-app\"",
+        // No `workload.service`: the canonical service name, as istio_stats.cc falls back.
+        "destination_service=\"windows-app\"",
+        "destination_service_name=\"windows-app\"",
     ];
     let denied = [
         &named[..],

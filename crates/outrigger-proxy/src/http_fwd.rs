@@ -403,7 +403,7 @@ async fn handle(
     // encodes them through the same filter — carries ours when the caller sent its own.
     let exchange = {
         let mut last = handles.peer.lock().unwrap_or_else(|e| e.into_inner());
-        crate::peer_metadata::take(&mut parts.headers, &mut last)
+        ctx.peer_exchange.take(&mut parts.headers, &mut last)
     };
     if let Some(peer) = &exchange.peer {
         parts.extensions.insert(peer.clone());

@@ -38,6 +38,12 @@ use crate::WorkloadInfo;
 pub static HEADER: HeaderName = HeaderName::from_static("x-envoy-peer-metadata");
 pub static HEADER_ID: HeaderName = HeaderName::from_static("x-envoy-peer-metadata-id");
 
+/// The most distinct peer workloads whose labels the metrics carry. The values come from the
+/// peers, so without a bound a caller sending a new value per request would grow the agent's
+/// metric series (and memory) without end; past it, a new peer is counted as `unknown` and
+/// the agent says so in its log.
+pub const MAX_PEERS: usize = 1024;
+
 /// A header value larger than this is not decoded (Envoy's own header limit is 60 KiB; a
 /// real peer's metadata is a few hundred bytes).
 const MAX_ENCODED: usize = 16 * 1024;
@@ -54,7 +60,7 @@ const APP: &str = "app";
 const VERSION: &str = "version";
 
 /// A peer's workload, as its proxy described it (`WorkloadMetadataObject`). Empty = not sent.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct PeerMetadata {
     pub instance: String,
     pub namespace: String,
@@ -161,11 +167,13 @@ impl PeerMetadata {
     }
 }
 
-/// This workload's side of the exchange, built once.
-#[derive(Debug, Clone)]
+/// This workload's side of the exchange, built once, and the peers it has met.
+#[derive(Debug)]
 pub struct Local {
     id: HeaderValue,
     value: HeaderValue,
+    /// Every distinct peer seen, shared (one `Arc` per workload), at most [`MAX_PEERS`].
+    known: std::sync::Mutex<std::collections::HashSet<Arc<PeerMetadata>>>,
 }
 
 impl Local {
@@ -197,7 +205,60 @@ impl Local {
             // text; an unexpected byte drops the exchange rather than the agent.
             id: HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("")),
             value: HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("")),
+            known: Default::default(),
         }
+    }
+
+    /// Reads and removes the exchange headers from a request (inbound) or a response
+    /// (outbound). `last` is the connection's (or endpoint's) previous value: a peer sends the
+    /// same one every time, so it is decoded once, not per request.
+    pub fn take(
+        &self,
+        headers: &mut HeaderMap,
+        last: &mut Option<(HeaderValue, Arc<PeerMetadata>)>,
+    ) -> Received {
+        let id = headers.remove(&HEADER_ID).is_some();
+        let mut r = Received {
+            id,
+            ..Received::default()
+        };
+        // Only the first value counts (Envoy reads `peer_info_header[0]`).
+        let Some(value) = headers.get(&HEADER).cloned() else {
+            return r;
+        };
+        while headers.remove(&HEADER).is_some() {}
+        r.metadata = true;
+        if let Some((v, peer)) = last
+            && *v == value
+        {
+            r.peer = Some(peer.clone());
+            return r;
+        }
+        if let Some(peer) = PeerMetadata::decode(value.as_bytes())
+            && let Some(peer) = self.admit(peer)
+        {
+            *last = Some((value, peer.clone()));
+            r.peer = Some(peer);
+        }
+        r
+    }
+
+    /// The shared `Arc` of a peer, or `None` past [`MAX_PEERS`] distinct ones.
+    fn admit(&self, peer: PeerMetadata) -> Option<Arc<PeerMetadata>> {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = known.get(&peer) {
+            return Some(p.clone());
+        }
+        if known.len() >= MAX_PEERS {
+            crate::warn_limited!(
+                workload = %peer.workload, namespace = %peer.namespace,
+                "more than {MAX_PEERS} distinct peer workloads sent metadata: this one is counted as unknown in the metrics"
+            );
+            return None;
+        }
+        let p = Arc::new(peer);
+        known.insert(p.clone());
+        Some(p)
     }
 
     /// Outbound: both headers on a request to a mesh destination.
@@ -223,38 +284,6 @@ pub struct Received {
     pub id: bool,
     pub metadata: bool,
     pub peer: Option<Arc<PeerMetadata>>,
-}
-
-/// Reads and removes the exchange headers from a request (inbound) or a response (outbound).
-/// `last` is the connection's previous result: a peer sends the same value on every request,
-/// so it is decoded once per connection, not per request.
-pub fn take(
-    headers: &mut HeaderMap,
-    last: &mut Option<(HeaderValue, Arc<PeerMetadata>)>,
-) -> Received {
-    let id = headers.remove(&HEADER_ID).is_some();
-    let mut r = Received {
-        id,
-        ..Received::default()
-    };
-    // Only the first value counts (Envoy reads `peer_info_header[0]`).
-    let Some(value) = headers.get(&HEADER).cloned() else {
-        return r;
-    };
-    while headers.remove(&HEADER).is_some() {}
-    r.metadata = true;
-    if let Some((v, peer)) = last
-        && *v == value
-    {
-        r.peer = Some(peer.clone());
-        return r;
-    }
-    if let Some(peer) = PeerMetadata::decode(value.as_bytes()) {
-        let peer = Arc::new(peer);
-        *last = Some((value, peer.clone()));
-        r.peer = Some(peer);
-    }
-    r
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -341,7 +370,7 @@ mod tests {
         let mut h = HeaderMap::new();
         local.inject(&mut h);
         let mut cache = None;
-        let r = take(&mut h, &mut cache);
+        let r = local.take(&mut h, &mut cache);
         assert!(r.id && r.metadata);
         assert!(h.is_empty(), "both headers removed");
         let peer = r.peer.unwrap();
@@ -381,7 +410,7 @@ mod tests {
             if req_md {
                 req.insert(HEADER.clone(), HeaderValue::from_static("CgA"));
             }
-            let r = take(&mut req, &mut cache);
+            let r = local.take(&mut req, &mut cache);
             let mut resp = HeaderMap::new();
             local.respond(&r, &mut resp);
             assert_eq!(resp.contains_key(&HEADER_ID), req_id);
@@ -422,14 +451,42 @@ mod tests {
         );
     }
 
+    /// A caller sending a new workload per request cannot grow the metrics without end:
+    /// past MAX_PEERS distinct peers a new one is unknown; known ones still count, and the
+    /// same workload from two connections is one shared value.
+    #[test]
+    fn distinct_peers_are_bounded() {
+        let local = Local::new(&workload());
+        let header = |n: usize| {
+            let m = PeerMetadata {
+                workload: format!("w{n}"),
+                ..Default::default()
+            };
+            let mut h = HeaderMap::new();
+            h.insert(HEADER.clone(), HeaderValue::from_str(&m.encode()).unwrap());
+            h
+        };
+        for n in 0..MAX_PEERS {
+            assert!(local.take(&mut header(n), &mut None).peer.is_some(), "{n}");
+        }
+        let over = local.take(&mut header(MAX_PEERS), &mut None);
+        assert!(
+            over.metadata && over.peer.is_none(),
+            "the new one is unknown"
+        );
+        let a = local.take(&mut header(7), &mut None).peer.unwrap();
+        let b = local.take(&mut header(7), &mut None).peer.unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "one shared value per workload");
+    }
+
     #[test]
     fn a_connection_decodes_a_repeated_value_once() {
         let local = Local::new(&workload());
         let mut cache = None;
         let mut h = HeaderMap::new();
         local.inject(&mut h);
-        let first = take(&mut h.clone(), &mut cache).peer.unwrap();
-        let second = take(&mut h, &mut cache).peer.unwrap();
+        let first = local.take(&mut h.clone(), &mut cache).peer.unwrap();
+        let second = local.take(&mut h, &mut cache).peer.unwrap();
         assert!(Arc::ptr_eq(&first, &second));
     }
 }

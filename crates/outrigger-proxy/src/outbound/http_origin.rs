@@ -437,7 +437,7 @@ async fn forward(
                 // the proxies' business, not the application's.
                 rec.dest_peer = {
                     let mut last = ep.peer.lock().unwrap_or_else(|e| e.into_inner());
-                    crate::peer_metadata::take(&mut rparts.headers, &mut last).peer
+                    ctx.peer_exchange.take(&mut rparts.headers, &mut last).peer
                 };
                 rparts.version = downstream_version;
                 rec.code = status.as_u16();

@@ -52,6 +52,8 @@ pub use connections::ConnectionsConfig;
 mod kubernetes;
 #[path = "config_ratelimits.rs"]
 mod ratelimits;
+#[path = "config_tracing.rs"]
+mod tracing_cfg;
 #[cfg_attr(not(feature = "kubernetes"), allow(unused_imports))]
 pub use kubernetes::{KubeCredentials, KubernetesConfig};
 
@@ -92,6 +94,8 @@ struct RawConfig {
     connections: connections::RawConnections,
     #[serde(default)]
     rate_limits: Vec<ratelimits::RawRateLimit>,
+    #[serde(default)]
+    tracing: Option<tracing_cfg::RawTracing>,
 }
 
 /// `hbone:` — the Istio ambient (HBONE) listener.
@@ -375,6 +379,8 @@ pub struct AgentConfig {
     pub connections: ConnectionsConfig,
     /// `rateLimits:` (local rate limits on inbound HTTP; see `config_ratelimits.rs`).
     pub rate_limits: Vec<outrigger_proxy::ratelimit::RateLimitRule>,
+    /// `tracing:` (sampling, OTLP collector; see `config_tracing.rs`); `None`: off.
+    pub tracing: Option<outrigger_proxy::trace::TracingConfig>,
 }
 
 /// A file or directory the configuration reads, and where the configuration names it.
@@ -1116,6 +1122,7 @@ impl Validator<'_> {
         };
         let connections = self.connections(&raw.connections)?;
         let rate_limits = self.rate_limits(&raw.rate_limits, &inbound)?;
+        let tracing = self.tracing(raw.tracing.as_ref(), &raw.trust_domain.value)?;
         Ok(AgentConfig {
             file: self.file.to_path_buf(),
             trust_domains,
@@ -1167,6 +1174,7 @@ impl Validator<'_> {
             inputs,
             connections,
             rate_limits,
+            tracing,
         })
     }
 

@@ -2016,4 +2016,93 @@ outboundProxy:
         let e = with_bundle.check_inputs().unwrap_err();
         assert_eq!((e.field.as_str(), e.line), ("jwt.caBundle", 21), "{e}");
     }
+
+    /// `tracing:` (config_tracing.rs): Istio's defaults, the provider in MeshConfig's
+    /// `extensionProviders[].opentelemetry` shape, and errors at their line and field.
+    #[test]
+    fn tracing_section() {
+        use outrigger_proxy::trace::*;
+        assert!(parse(GOOD).unwrap().tracing.is_none());
+        let t = parse(&format!("{GOOD}tracing: {{}}\n"))
+            .unwrap()
+            .tracing
+            .unwrap();
+        assert_eq!(t.sampling, 1.0);
+        assert_eq!(t.mesh_id, "cluster.local");
+        assert_eq!(
+            t.propagation,
+            Propagation {
+                w3c: true,
+                b3: true
+            }
+        );
+        assert!(t.provider.is_none());
+        let t = parse(&format!(
+            "{GOOD}tracing:
+  sampling: 2.5
+  propagation: [w3c]
+  opentelemetry:
+    service: otel.observability.svc.cluster.local
+    port: 4318
+    http:
+      path: /otlp/v1/traces
+      timeout: 2s
+      headers: [{{name: x-tenant, value: a}}]
+"
+        ))
+        .unwrap()
+        .tracing
+        .unwrap();
+        assert_eq!(t.sampling, 2.5);
+        assert!(!t.propagation.b3);
+        let p = t.provider.unwrap();
+        assert_eq!(p.port, 4318);
+        assert_eq!(p.http.unwrap().path, "/otlp/v1/traces");
+        assert_eq!(p.timeout, Duration::from_secs(2));
+        assert_eq!(p.headers[0].0, "x-tenant");
+        let grpc = parse(&format!(
+            "{GOOD}tracing:\n  opentelemetry: {{service: 127.0.0.1, port: 4317}}\n"
+        ))
+        .unwrap()
+        .tracing
+        .unwrap()
+        .provider
+        .unwrap();
+        assert!(grpc.http.is_none());
+        assert_eq!(grpc.timeout, Duration::from_secs(5));
+
+        let line = GOOD.lines().count() + 2;
+        for (body, field, reason) in [
+            ("  sampling: 101\n", "tracing.sampling", "percentage"),
+            ("  propagation: [jaeger]\n", "tracing.propagation", "jaeger"),
+            (
+                "  opentelemetry: {service: otel, port: 70000}\n",
+                "tracing.opentelemetry.port",
+                "70000",
+            ),
+            (
+                "  opentelemetry: {service: otel, port: 4318, http: {path: traces}}\n",
+                "tracing.opentelemetry.http.path",
+                "absolute",
+            ),
+            (
+                "  opentelemetry: {service: otel, port: 4318, http: {timeout: 0s}}\n",
+                "tracing.opentelemetry.http.timeout",
+                "",
+            ),
+        ] {
+            let e = parse(&format!("{GOOD}tracing:\n{body}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with(&format!("/etc/outrigger/agent.yaml:{line}:")),
+                "{e}"
+            );
+            assert!(e.contains(field) && e.contains(reason), "{e}");
+        }
+        let e = parse(&format!("{GOOD}tracing:\n  sampleRate: 3\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sampleRate"), "{e}");
+    }
 }

@@ -577,11 +577,13 @@ impl Tracer {
             if let Ok(v) = HeaderValue::from_str(&format!("00-{trace_hex}-{span_hex}-{flag}")) {
                 h.insert(TRACEPARENT.clone(), v);
             }
-            if let Some(ts) = &tracestate
-                && let Ok(v) = HeaderValue::from_str(ts)
-            {
-                h.insert(TRACESTATE.clone(), v);
-            }
+            // Envoy 1.40's OpenTelemetry tracer sends `tracestate` always, empty when the
+            // trace has none (seen against the real Envoy in tests/tracing.rs).
+            let ts = tracestate
+                .as_deref()
+                .and_then(|ts| HeaderValue::from_str(ts).ok())
+                .unwrap_or_else(|| HeaderValue::from_static(""));
+            h.insert(TRACESTATE.clone(), ts);
         }
         if inner.propagation.b3 {
             let set = |h: &mut HeaderMap, k: &HeaderName, v: &str| {
@@ -659,7 +661,10 @@ impl Tracer {
                     end_time_unix_nano: 0,
                     attributes,
                     status: None,
-                    flags: 1,
+                    // W3C sampled, and (opentelemetry-proto `SpanFlags`) "has is_remote"
+                    // 0x100, "is_remote" 0x200 when the parent came from the caller: what
+                    // Envoy 1.40 sends (0x101 for a new trace, 0x301 for a continued one).
+                    flags: 0x101 | if parent_id.is_some() { 0x200 } else { 0 },
                 },
             })
         });

@@ -590,3 +590,227 @@ async fn outbound_client_span_is_the_parent_of_the_inbound_server_span() {
     client.wait_for_log(&format!("\"trace_id\":\"{trace}\""));
     server.wait_for_log(&format!("\"trace_id\":\"{trace}\""));
 }
+
+/// One plaintext GET with extra headers on a new connection; the echo backend's view of it.
+async fn get_seen(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Seen {
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut b = http::Request::get(path).header("host", "outrigger.test");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(http_body_util::Empty::<Bytes>::new()).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// The real Envoy with its OpenTelemetry tracer (envoy.tracers.opentelemetry, OTLP/gRPC to the
+/// same in-test collector), as an inbound listener (`traffic_direction: INBOUND`) with Istio's
+/// request id settings (`use_request_id_for_trace_sampling`) and 100% sampling, against
+/// Outrigger configured alike (`propagation: [w3c]`, Envoy's header set): the application sees
+/// the same headers, and the spans have the same shape (kind, ids, parent, tracestate, and
+/// every tag Envoy sets is set by Outrigger).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn propagation_and_span_shape_match_envoys_opentelemetry_tracer() {
+    let Some(bin) = common::envoy::envoy_or_skip(
+        "propagation_and_span_shape_match_envoys_opentelemetry_tracer",
+    ) else {
+        return;
+    };
+    let (collector, got) = start_collector(Duration::ZERO).await;
+    let echo = start_echo().await;
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    let mut otel = common::envoy::static_cluster("otel", collector);
+    otel["typed_extension_protocol_options"] = serde_json::json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}
+        }
+    });
+    let bootstrap = serde_json::json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "virtualInbound",
+                "traffic_direction": "INBOUND",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "inbound_0.0.0.0_8080",
+                        "request_id_extension": {"typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
+                            "use_request_id_for_trace_sampling": true
+                        }},
+                        "tracing": {
+                            "random_sampling": {"value": 100},
+                            "provider": {
+                                "name": "envoy.tracers.opentelemetry",
+                                "typed_config": {
+                                    "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                                    "grpc_service": {"envoy_grpc": {"cluster_name": "otel"}, "timeout": "5s"},
+                                    "service_name": "envoy-web"
+                                }
+                            }
+                        },
+                        "route_config": {"name": "inbound", "virtual_hosts": [{
+                            "name": "inbound", "domains": ["*"],
+                            "routes": [{"match": {"prefix": "/"},
+                                        "decorator": {"operation": "web.test:8080/*"},
+                                        "route": {"cluster": "inbound|8080||"}}]
+                        }]},
+                        "http_filters": [{"name": "envoy.filters.http.router",
+                            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
+                    }
+                }]}]
+            }],
+            "clusters": [common::envoy::static_cluster("inbound|8080||", echo), otel]
+        }
+    });
+    let envoy = common::envoy::launch_envoy(&bin, mesh.dir(), "tracing", &bootstrap).await;
+    let extra = format!(
+        "tracing:
+  sampling: 100
+  propagation: [w3c]
+  opentelemetry: {{service: 127.0.0.1, port: {}}}
+",
+        collector.port()
+    );
+    // A plaintext inbound listener (PERMISSIVE) so that both take the same plain request.
+    mesh.policy(
+        "pa.yaml",
+        "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: default
+  namespace: istio-system
+spec:
+  mtls:
+    mode: PERMISSIVE
+",
+    );
+    let agent = AgentProc::start(mesh.dir(), &mesh.config(&[("web", echo, "http")], &extra));
+
+    for (who, addr) in [("envoy", envoy.listener), ("outrigger", agent.addr("web"))] {
+        // A new trace.
+        let seen = get_seen(addr, "/new", &[]).await;
+        let (trace, span, flags) = traceparent(seen.header("traceparent").unwrap());
+        assert_eq!(flags, "01", "{who}");
+        // Envoy sends an empty `tracestate` on a new trace; so does Outrigger.
+        assert_eq!(seen.header("tracestate"), Some(""), "{who}");
+        assert_eq!(seen.header("x-b3-traceid"), None, "{who}");
+        let rid = seen.header("x-request-id").unwrap().to_string();
+        assert_eq!(rid.len(), 36, "{who}: {rid}");
+        assert_eq!(
+            rid.as_bytes()[14],
+            b'9',
+            "{who}: request id marked sampled: {rid}"
+        );
+        // A caller's context, sampled, with tracestate.
+        let seen2 = get_seen(
+            addr,
+            "/continued",
+            &[("traceparent", TP_IN), ("tracestate", "vendor=abc")],
+        )
+        .await;
+        let (t2, s2, f2) = traceparent(seen2.header("traceparent").unwrap());
+        assert_eq!(
+            (t2.as_str(), f2.as_str()),
+            ("0af7651916cd43dd8448eb211c80319c", "01"),
+            "{who}"
+        );
+        assert_eq!(seen2.header("tracestate"), Some("vendor=abc"), "{who}");
+        // A caller's context, not sampled: the caller's flag wins over 100% sampling.
+        let seen3 = get_seen(
+            addr,
+            "/unsampled",
+            &[(
+                "traceparent",
+                "00-1af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+            )],
+        )
+        .await;
+        let (t3, _, f3) = traceparent(seen3.header("traceparent").unwrap());
+        assert_eq!(
+            (t3.as_str(), f3.as_str()),
+            ("1af7651916cd43dd8448eb211c80319c", "00"),
+            "{who}"
+        );
+
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (new_span, cont_span) = loop {
+            let all = spans(&got);
+            let find = |span: &str| {
+                all.iter()
+                    .find(|(_, s)| hex::encode(&s.span_id) == span)
+                    .cloned()
+            };
+            if let (Some(a), Some(b)) = (find(&span), find(&s2)) {
+                break (a.1, b.1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{who}: spans never arrived: {all:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(hex::encode(&new_span.span_id), span, "{who}");
+        assert_eq!(new_span.kind, otlp::span_kind::SERVER, "{who}");
+        assert!(new_span.parent_span_id.is_empty(), "{who}");
+        assert_eq!(
+            hex::encode(&cont_span.parent_span_id),
+            "b7ad6b7169203331",
+            "{who}"
+        );
+        assert_eq!(cont_span.trace_state, "vendor=abc", "{who}");
+        assert_eq!(hex::encode(&cont_span.trace_id), t2, "{who}");
+        // SpanFlags: sampled, and whether the parent is remote, as Envoy 1.40 sets them.
+        assert_eq!((new_span.flags, cont_span.flags), (0x101, 0x301), "{who}");
+        assert_eq!(
+            attr(&new_span, "guid:x-request-id"),
+            Some(rid.as_str()),
+            "{who}"
+        );
+        assert_eq!(attr(&new_span, "http.status_code"), Some("200"), "{who}");
+        assert_eq!(attr(&new_span, "http.method"), Some("GET"), "{who}");
+        assert_eq!(attr(&new_span, "component"), Some("proxy"), "{who}");
+        assert_eq!(
+            attr(&new_span, "http.url"),
+            Some("http://outrigger.test/new"),
+            "{who}"
+        );
+        if who == "envoy" {
+            let envoy_keys: Vec<String> =
+                new_span.attributes.iter().map(|a| a.key.clone()).collect();
+            eprintln!("envoy span: {} {envoy_keys:?}", new_span.name);
+            std::fs::write(mesh.dir().join("envoy-keys"), envoy_keys.join("\n")).unwrap();
+        } else {
+            let envoy_keys = std::fs::read_to_string(mesh.dir().join("envoy-keys")).unwrap();
+            for k in envoy_keys.lines() {
+                assert!(
+                    new_span.attributes.iter().any(|a| a.key == k),
+                    "Envoy's span has tag {k}, Outrigger's does not: {:?}",
+                    new_span.attributes
+                );
+            }
+        }
+        // The unsampled request exported nothing.
+        assert!(
+            spans(&got)
+                .iter()
+                .all(|(_, s)| hex::encode(&s.trace_id) != t3),
+            "{who}"
+        );
+    }
+    drop(envoy);
+}

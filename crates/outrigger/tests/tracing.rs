@@ -765,6 +765,7 @@ spec:
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         assert_eq!(hex::encode(&new_span.span_id), span, "{who}");
+        assert_eq!(hex::encode(&new_span.trace_id), trace, "{who}");
         assert_eq!(new_span.kind, otlp::span_kind::SERVER, "{who}");
         assert!(new_span.parent_span_id.is_empty(), "{who}");
         assert_eq!(

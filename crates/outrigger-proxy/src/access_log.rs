@@ -54,6 +54,10 @@ pub struct AccessRecord<'a> {
     pub authz_result: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<&'a str>,
+    /// The request's trace id (W3C, 32 lowercase hex digits): the span's when tracing is on,
+    /// else the caller's `traceparent`/B3 trace id when it sent one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<&'a str>,
 }
 
 /// A cheap handle to the access log writer.

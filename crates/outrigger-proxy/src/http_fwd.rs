@@ -445,6 +445,9 @@ async fn filter_chain(
     {
         parts.headers.insert(X_REQUEST_ID.clone(), id);
     }
+    // The request's trace (crate::trace): the sampling decision, a SERVER span, and the
+    // context headers the application sees. Ended in `Recorder::finish`.
+    let trace = start_trace(&ctx, &conn, &mut parts, protocol);
 
     // One policy snapshot for the whole request: rate limits (EnvoyFilters), authentication
     // and authorization agree.
@@ -473,6 +476,7 @@ async fn filter_chain(
         if let Some(rule) = v.limited_by {
             ctx.metrics.rate_limited(&rule);
             let mut rec = Recorder::new(&ctx, &conn, &parts, protocol, start, handles);
+            rec.trace = trace;
             // Envoy's response flag for a local rate limit: `RL`.
             rec.flags = "RL";
             let mut resp = local_reply(StatusCode::TOO_MANY_REQUESTS, "local_rate_limited", rec);
@@ -484,13 +488,71 @@ async fn filter_chain(
     }
 
     let mut resp = authorize_and_forward(
-        parts, body, protocol, start, policy, conn, ctx, backend, handles,
+        parts, body, protocol, start, policy, conn, ctx, backend, handles, trace,
     )
     .await?;
     for (k, v) in rl_headers {
         resp.headers_mut().append(k, v);
     }
     Ok(resp)
+}
+
+/// Starts the request's trace (one call; with tracing and the access log off, nothing is
+/// done). The span's name is Istio's inbound route decorator, `<service host>:<port>/*`, and
+/// its upstream cluster Istio's inbound cluster, `inbound|<port>||`.
+fn start_trace(
+    ctx: &Ctx,
+    conn: &ConnInfo,
+    parts: &mut http::request::Parts,
+    protocol: &str,
+) -> crate::trace::ReqTrace {
+    if !ctx.tracer.enabled() {
+        return ctx.tracer.start(
+            &mut parts.headers,
+            &crate::trace::SpanStart::none(&ctx.workload),
+        );
+    }
+    let w = &ctx.workload;
+    let port = conn.dst.port();
+    let host = w
+        .service_host
+        .clone()
+        .unwrap_or_else(|| format!("{}.{}.svc.cluster.local", w.canonical_service, w.namespace));
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("");
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let url = format!("http://{authority}{path}");
+    let name = format!("{host}:{port}/*");
+    let cluster = format!("inbound|{port}||");
+    let node_id = crate::trace::node_id(w, conn.dst.ip());
+    let method = parts.method.clone();
+    ctx.tracer.start(
+        &mut parts.headers,
+        &crate::trace::SpanStart {
+            kind: crate::trace::Kind::Server,
+            name: &name,
+            method: method.as_str(),
+            url: &url,
+            protocol,
+            peer: conn.src,
+            upstream_cluster: &cluster,
+            node_id: &node_id,
+            workload: w,
+        },
+    )
 }
 
 /// Authentication, authorization and forwarding of a request the codec and the rate limits
@@ -506,9 +568,11 @@ async fn authorize_and_forward(
     ctx: Arc<Ctx>,
     backend: Arc<Backend>,
     handles: Arc<MetricHandles>,
+    trace: crate::trace::ReqTrace,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let websocket = is_websocket_upgrade(&parts);
     let mut rec = Recorder::new(&ctx, &conn, &parts, protocol, start, handles);
+    rec.trace = trace;
 
     // Compiled with the snapshot (outrigger_policy::request_authn): nothing parsed here.
     let jwt_rules = policy.snapshot.jwt_rules();
@@ -930,6 +994,7 @@ pub(crate) struct Recorder {
     /// Only captured when the access log is on.
     log: Option<LogFields>,
     handles: Arc<MetricHandles>,
+    trace: crate::trace::ReqTrace,
 }
 
 /// The request series (count, duration, sizes) of each label set seen on one connection, so
@@ -1022,10 +1087,11 @@ impl Recorder {
             protocol,
             log,
             handles,
+            trace: Default::default(),
         }
     }
 
-    fn finish(self) {
+    fn finish(mut self) {
         let elapsed = self.start.elapsed();
         let key = HandleKey {
             code: self.code,
@@ -1070,7 +1136,17 @@ impl Recorder {
             .map(|r| r.load(Ordering::Relaxed))
             .unwrap_or(0);
         handles.record(elapsed, received, self.sent);
+        self.trace.finish(
+            &self.ctx.tracer,
+            &crate::trace::SpanEnd {
+                status: self.code,
+                flags: self.flags,
+                request_size: received,
+                response_size: self.sent,
+            },
+        );
         if let Some(log) = &self.log {
+            let trace_id = self.trace.trace_id_hex();
             self.ctx.access_log.log(&AccessRecord {
                 start_time: log.start_time.clone(),
                 kind: "http",
@@ -1093,6 +1169,7 @@ impl Recorder {
                 authz_policy: self.authz_policy.as_deref(),
                 authz_result: self.authz_result,
                 request_id: log.request_id.as_deref(),
+                trace_id: trace_id.as_deref(),
             });
         }
     }

@@ -28,10 +28,12 @@ pub mod jwt_authn;
 pub mod limits;
 pub mod log_limit;
 pub mod metrics;
+pub mod otlp;
 pub mod outbound;
 pub mod peer_metadata;
 pub mod ratelimit;
 mod tcp_fwd;
+pub mod trace;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -176,6 +178,8 @@ pub struct Settings {
     pub limits: limits::ConnectionLimits,
     /// Local rate limits on inbound HTTP (see [`ratelimit`]).
     pub rate_limits: Vec<ratelimit::RateLimitRule>,
+    /// Distributed tracing (see [`trace`]); `None`: off (`x-request-id` is still generated).
+    pub tracing: Option<trace::TracingConfig>,
 }
 
 impl Default for Settings {
@@ -189,6 +193,7 @@ impl Default for Settings {
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             limits: limits::ConnectionLimits::default(),
             rate_limits: Vec::new(),
+            tracing: None,
         }
     }
 }
@@ -305,6 +310,7 @@ pub(crate) struct Ctx {
     pub policy: Arc<PolicyHandle>,
     pub metrics: Arc<Metrics>,
     pub access_log: AccessLog,
+    pub tracer: trace::Tracer,
     pub workload: WorkloadInfo,
     pub settings: Settings,
     pub dest_labels: metrics::TcpLabels,
@@ -430,7 +436,17 @@ impl Proxy {
             })?),
             None => None,
         };
+        let tracer = match &opts.settings.tracing {
+            Some(c) => trace::Tracer::new(
+                c,
+                &opts.workload,
+                opts.metrics.spans.clone(),
+                opts.access_log.enabled(),
+            ),
+            None => trace::Tracer::off(opts.access_log.enabled()),
+        };
         let ctx = Arc::new(Ctx {
+            tracer,
             log_control: opts.log_control,
             certs,
             policy,

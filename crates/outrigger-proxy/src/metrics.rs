@@ -169,6 +169,8 @@ pub struct Metrics {
     pub jwks_fetches: Family<ReloadLabels, Counter>,
     pub jwt_authn: Family<DecisionLabels, Counter>,
     pub access_log_dropped: Counter,
+    /// Spans exported and dropped by the OTLP exporter (crate::trace).
+    pub spans: crate::trace::SpanCounters,
     /// Downstream connections open (Envoy: `downstream_cx_active`), as counted against
     /// `connections.max`.
     pub downstream_connections: Gauge,
@@ -245,6 +247,7 @@ impl Metrics {
         let rotation_failures = Family::<RotationFailureLabels, Counter>::default();
         let decisions = Family::<AuthzDecisionLabels, Counter>::default();
         let access_log_dropped = Counter::default();
+        let spans = crate::trace::SpanCounters::default();
         let jwks_fetches = Family::<ReloadLabels, Counter>::default();
         let jwt_authn = Family::<DecisionLabels, Counter>::default();
         let downstream_connections = Gauge::default();
@@ -348,6 +351,16 @@ impl Metrics {
             "Access log lines dropped because the log writer could not keep up",
             access_log_dropped.clone(),
         );
+        registry.register(
+            "outrigger_tracing_spans_exported",
+            "Spans the OTLP collector accepted",
+            spans.exported.clone(),
+        );
+        registry.register(
+            "outrigger_tracing_spans_dropped",
+            "Spans dropped: the export queue was full, or the collector failed or was too slow",
+            spans.dropped.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -365,6 +378,7 @@ impl Metrics {
             jwks_fetches,
             jwt_authn,
             access_log_dropped,
+            spans,
             downstream_connections,
             downstream_connections_peak: Default::default(),
             idle_timeouts,

@@ -123,6 +123,7 @@ where
             authz_policy: verdict.policy.as_deref(),
             authz_result: Some(verdict.result),
             request_id: None,
+            trace_id: None,
         });
     }
 }

@@ -52,6 +52,8 @@ pub use connections::ConnectionsConfig;
 mod kubernetes;
 #[path = "config_ratelimits.rs"]
 mod ratelimits;
+#[path = "config_tracing.rs"]
+mod tracing_cfg;
 #[cfg_attr(not(feature = "kubernetes"), allow(unused_imports))]
 pub use kubernetes::{KubeCredentials, KubernetesConfig};
 
@@ -92,6 +94,8 @@ struct RawConfig {
     connections: connections::RawConnections,
     #[serde(default)]
     rate_limits: Vec<ratelimits::RawRateLimit>,
+    #[serde(default)]
+    tracing: Option<tracing_cfg::RawTracing>,
 }
 
 /// `hbone:` — the Istio ambient (HBONE) listener.
@@ -375,6 +379,8 @@ pub struct AgentConfig {
     pub connections: ConnectionsConfig,
     /// `rateLimits:` (local rate limits on inbound HTTP; see `config_ratelimits.rs`).
     pub rate_limits: Vec<outrigger_proxy::ratelimit::RateLimitRule>,
+    /// `tracing:` (sampling, OTLP collector; see `config_tracing.rs`); `None`: off.
+    pub tracing: Option<outrigger_proxy::trace::TracingConfig>,
 }
 
 /// A file or directory the configuration reads, and where the configuration names it.
@@ -1116,6 +1122,7 @@ impl Validator<'_> {
         };
         let connections = self.connections(&raw.connections)?;
         let rate_limits = self.rate_limits(&raw.rate_limits, &inbound)?;
+        let tracing = self.tracing(raw.tracing.as_ref(), &raw.trust_domain.value)?;
         Ok(AgentConfig {
             file: self.file.to_path_buf(),
             trust_domains,
@@ -1167,6 +1174,7 @@ impl Validator<'_> {
             inputs,
             connections,
             rate_limits,
+            tracing,
         })
     }
 
@@ -2007,5 +2015,94 @@ outboundProxy:
             AgentConfig::parse(&path, &format!("{GOOD}jwt:\n  caBundle: corp.pem\n")).unwrap();
         let e = with_bundle.check_inputs().unwrap_err();
         assert_eq!((e.field.as_str(), e.line), ("jwt.caBundle", 21), "{e}");
+    }
+
+    /// `tracing:` (config_tracing.rs): Istio's defaults, the provider in MeshConfig's
+    /// `extensionProviders[].opentelemetry` shape, and errors at their line and field.
+    #[test]
+    fn tracing_section() {
+        use outrigger_proxy::trace::*;
+        assert!(parse(GOOD).unwrap().tracing.is_none());
+        let t = parse(&format!("{GOOD}tracing: {{}}\n"))
+            .unwrap()
+            .tracing
+            .unwrap();
+        assert_eq!(t.sampling, 1.0);
+        assert_eq!(t.mesh_id, "cluster.local");
+        assert_eq!(
+            t.propagation,
+            Propagation {
+                w3c: true,
+                b3: true
+            }
+        );
+        assert!(t.provider.is_none());
+        let t = parse(&format!(
+            "{GOOD}tracing:
+  sampling: 2.5
+  propagation: [w3c]
+  opentelemetry:
+    service: otel.observability.svc.cluster.local
+    port: 4318
+    http:
+      path: /otlp/v1/traces
+      timeout: 2s
+      headers: [{{name: x-tenant, value: a}}]
+"
+        ))
+        .unwrap()
+        .tracing
+        .unwrap();
+        assert_eq!(t.sampling, 2.5);
+        assert!(!t.propagation.b3);
+        let p = t.provider.unwrap();
+        assert_eq!(p.port, 4318);
+        assert_eq!(p.http.unwrap().path, "/otlp/v1/traces");
+        assert_eq!(p.timeout, Duration::from_secs(2));
+        assert_eq!(p.headers[0].0, "x-tenant");
+        let grpc = parse(&format!(
+            "{GOOD}tracing:\n  opentelemetry: {{service: 127.0.0.1, port: 4317}}\n"
+        ))
+        .unwrap()
+        .tracing
+        .unwrap()
+        .provider
+        .unwrap();
+        assert!(grpc.http.is_none());
+        assert_eq!(grpc.timeout, Duration::from_secs(5));
+
+        let line = GOOD.lines().count() + 2;
+        for (body, field, reason) in [
+            ("  sampling: 101\n", "tracing.sampling", "percentage"),
+            ("  propagation: [jaeger]\n", "tracing.propagation", "jaeger"),
+            (
+                "  opentelemetry: {service: otel, port: 70000}\n",
+                "tracing.opentelemetry.port",
+                "70000",
+            ),
+            (
+                "  opentelemetry: {service: otel, port: 4318, http: {path: traces}}\n",
+                "tracing.opentelemetry.http.path",
+                "absolute",
+            ),
+            (
+                "  opentelemetry: {service: otel, port: 4318, http: {timeout: 0s}}\n",
+                "tracing.opentelemetry.http.timeout",
+                "",
+            ),
+        ] {
+            let e = parse(&format!("{GOOD}tracing:\n{body}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with(&format!("/etc/outrigger/agent.yaml:{line}:")),
+                "{e}"
+            );
+            assert!(e.contains(field) && e.contains(reason), "{e}");
+        }
+        let e = parse(&format!("{GOOD}tracing:\n  sampleRate: 3\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sampleRate"), "{e}");
     }
 }

@@ -174,7 +174,15 @@ async fn handle(
     ctx: Arc<Ctx>,
 ) -> Result<Response<OutBody>, Infallible> {
     let start = Instant::now();
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    // The outbound listener's connection manager gives the request an `x-request-id` as the
+    // inbound one does (envoy conn_manager_utility.cc `mutateRequestHeaders`; the
+    // application is on loopback, so the request is internal and its own id is kept).
+    if !parts.headers.contains_key("x-request-id")
+        && let Some(id) = crate::http_common::new_request_id()
+    {
+        parts.headers.insert("x-request-id", id);
+    }
     let app_authority = request_authority(&parts);
     match route {
         Route::Fixed(dest) => {
@@ -314,6 +322,8 @@ async fn forward(
         && (dest.cfg.protocol == OutboundProtocol::Http2 || dest.cfg.pool.h2_upgrade);
     retarget(&mut parts, h2, &authority);
     rec.authority = Some(authority.as_str().to_string());
+    // A CLIENT span, and the context the destination sees (crate::trace).
+    rec.trace = start_client_trace(&ctx, &dest, &authority, &mut parts, src, rec.protocol);
     // Istio's metadata exchange (crate::peer_metadata): who is calling, on every request to a
     // mesh destination (a sidecar's `upstream_propagation`). An application's own exchange
     // headers are replaced, never passed on.
@@ -715,6 +725,49 @@ struct Rec {
     dst: SocketAddr,
     protocol: &'static str,
     log: Option<LogFields>,
+    trace: crate::trace::ReqTrace,
+}
+
+/// Starts an outbound request's trace: a CLIENT span named as Istio's outbound route
+/// decorator, `<host>:<port>/*`, upstream cluster `outbound|<port>||<host>`.
+fn start_client_trace(
+    ctx: &Ctx,
+    dest: &Destination,
+    authority: &Authority,
+    parts: &mut http::request::Parts,
+    src: SocketAddr,
+    protocol: &str,
+) -> crate::trace::ReqTrace {
+    if !ctx.tracer.enabled() {
+        return ctx.tracer.start(
+            &mut parts.headers,
+            &crate::trace::SpanStart::none(&ctx.workload),
+        );
+    }
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let url = format!("http://{authority}{path}");
+    let name = format!("{}:{}/*", dest.cfg.host, dest.cfg.port);
+    let cluster = format!("outbound|{}||{}", dest.cfg.port, dest.cfg.host);
+    let node_id = crate::trace::node_id(&ctx.workload, src.ip());
+    let method = parts.method.clone();
+    ctx.tracer.start(
+        &mut parts.headers,
+        &crate::trace::SpanStart {
+            kind: crate::trace::Kind::Client,
+            name: &name,
+            method: method.as_str(),
+            url: &url,
+            protocol,
+            peer: src,
+            upstream_cluster: &cluster,
+            node_id: &node_id,
+            workload: &ctx.workload,
+        },
+    )
 }
 
 struct LogFields {
@@ -771,10 +824,11 @@ impl Rec {
                 "HTTP/1.1"
             },
             log,
+            trace: Default::default(),
         }
     }
 
-    fn finish(self) {
+    fn finish(mut self) {
         let elapsed = self.start.elapsed();
         let mut conn = self.labels;
         conn.destination_principal = self.peer.clone();
@@ -802,7 +856,17 @@ impl Rec {
             self.received.load(Ordering::Relaxed),
             self.sent,
         );
+        self.trace.finish(
+            &self.ctx.tracer,
+            &crate::trace::SpanEnd {
+                status: self.code,
+                flags: self.flags,
+                request_size: self.received.load(Ordering::Relaxed),
+                response_size: self.sent,
+            },
+        );
         if let Some(log) = &self.log {
+            let trace_id = self.trace.trace_id_hex();
             let security = if self.peer.0.as_ref() == "unknown" {
                 "none"
             } else {
@@ -833,6 +897,7 @@ impl Rec {
                 authz_policy: None,
                 authz_result: None,
                 request_id: log.request_id.as_deref(),
+                trace_id: trace_id.as_deref(),
             });
         }
     }

@@ -102,6 +102,7 @@ pub(crate) async fn serve(
             authz_policy: None,
             authz_result: None,
             request_id: None,
+            trace_id: None,
         });
     }
 }

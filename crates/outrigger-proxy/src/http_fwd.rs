@@ -508,6 +508,14 @@ async fn authorize_and_forward(
                 "JWT refused: {}; answering {} {}", e.reason, status.as_u16(), e.status.message()
             );
             rec.authz_result = Some("jwt_invalid");
+            ctx.denials.record(crate::status::Denial {
+                at: std::time::SystemTime::now(),
+                listener: conn.listener.name.clone(),
+                source: conn.source_principal_str().to_string(),
+                request: parts.uri.path().to_string(),
+                policy: None,
+                reason: "jwt_invalid",
+            });
             let challenge =
                 crate::jwt_authn::www_authenticate(&parts, conn.security_policy() == "mutual_tls");
             let mut resp = local_reply(status, e.status.message(), rec);
@@ -522,6 +530,10 @@ async fn authorize_and_forward(
     drop(policy);
     rec.authz_policy = verdict.policy.clone();
     rec.authz_result = Some(verdict.result);
+    rec.audit = verdict.audit.clone();
+    if rec.log.is_some() {
+        rec.jwt_principal = jwt.as_ref().and_then(|c| c.principal());
+    }
     if let Some((status, body)) = verdict.deny {
         // Envoy's response flag for an RBAC denial is `RBAC`.
         rec.flags = if status == StatusCode::FORBIDDEN {
@@ -888,6 +900,10 @@ pub(crate) struct Recorder {
     grpc_status: Option<Lv>,
     authz_policy: Option<String>,
     authz_result: Option<&'static str>,
+    /// AUDIT policies that matched (`ns/name[rule],…`).
+    audit: Option<String>,
+    /// The verified JWT's `iss/sub`.
+    jwt_principal: Option<String>,
     protocol: &'static str,
     /// Only captured when the access log is on.
     log: Option<LogFields>,
@@ -914,6 +930,8 @@ struct LogFields {
     authority: String,
     path: String,
     request_id: Option<String>,
+    user_agent: Option<String>,
+    x_forwarded_for: Option<String>,
 }
 
 impl Recorder {
@@ -963,6 +981,16 @@ impl Recorder {
                 .get(&X_REQUEST_ID)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
+            user_agent: parts
+                .headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            x_forwarded_for: parts
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
         });
         Recorder {
             ctx: ctx.clone(),
@@ -975,6 +1003,8 @@ impl Recorder {
             grpc_status: None,
             authz_policy: None,
             authz_result: None,
+            audit: None,
+            jwt_principal: None,
             protocol,
             log,
             handles,
@@ -983,6 +1013,10 @@ impl Recorder {
 
     fn finish(self) {
         let elapsed = self.start.elapsed();
+        self.ctx
+            .status_rates
+            .requests
+            .fetch_add(1, Ordering::Relaxed);
         let key = HandleKey {
             code: self.code,
             flags: self.flags,
@@ -1041,6 +1075,13 @@ impl Recorder {
                 authz_policy: self.authz_policy.as_deref(),
                 authz_result: self.authz_result,
                 request_id: log.request_id.as_deref(),
+                audit: self.audit.as_deref(),
+                jwt_principal: self.jwt_principal.as_deref(),
+                user_agent: log.user_agent.as_deref(),
+                x_forwarded_for: log.x_forwarded_for.as_deref(),
+                requested_server_name: self.conn.sni.as_deref(),
+                // Filled by tracing when it lands.
+                trace_id: None,
             });
         }
     }

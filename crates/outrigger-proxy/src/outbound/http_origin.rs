@@ -812,6 +812,7 @@ impl Rec {
                 authz_policy: None,
                 authz_result: None,
                 request_id: log.request_id.as_deref(),
+                ..Default::default()
             });
         }
     }

@@ -261,6 +261,23 @@ impl<'de> Deserialize<'de> for RawAccessLog {
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawAccessLog, E> {
                 Ok(RawAccessLog::Short(v.to_string()))
             }
+            // YAML 1.1 reads a bare `off` as false (and `on` as true).
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<RawAccessLog, E> {
+                if v {
+                    Err(E::custom(
+                        "`true`/`on`: use `stdout`, `off`, a file path, or a mapping",
+                    ))
+                } else {
+                    Ok(RawAccessLog::Short("off".into()))
+                }
+            }
+            // A file named by a number.
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawAccessLog, E> {
+                Ok(RawAccessLog::Short(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<RawAccessLog, E> {
+                Ok(RawAccessLog::Short(v.to_string()))
+            }
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
                 m: A,

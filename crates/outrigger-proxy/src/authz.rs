@@ -11,7 +11,7 @@ use outrigger_policy::{Decision, HttpAttrs, Reason, Request, normalize_path};
 
 use crate::Ctx;
 use crate::inbound::ConnInfo;
-use crate::metrics::DecisionLabels;
+use crate::metrics::{AuthzDecisionLabels, Lv};
 
 /// Envoy's RBAC filter body for a denied request.
 pub(crate) const RBAC_DENIED: &str = "RBAC: access denied";
@@ -56,12 +56,13 @@ fn reason_name(r: &Reason<'_>) -> &'static str {
 /// Records the decision (metrics, AUDIT and dry-run log lines) and turns it into a verdict.
 fn conclude(ctx: &Ctx, conn: &ConnInfo, d: &Decision<'_>, what: &str) -> Verdict {
     let result = reason_name(&d.reason);
-    let matched = match d.reason {
+    let deciding = match d.reason {
         Reason::AllowMatched(m) | Reason::DenyMatched(m) | Reason::CustomProviderUnavailable(m) => {
-            Some(format!("{}[{}]", m.policy, m.rule))
+            Some(m)
         }
         _ => None,
     };
+    let matched = deciding.map(|m| format!("{}[{}]", m.policy, m.rule));
     for a in &d.audit {
         tracing::info!(
             target: "outrigger::audit",
@@ -101,9 +102,12 @@ fn conclude(ctx: &Ctx, conn: &ConnInfo, d: &Decision<'_>, what: &str) -> Verdict
     }
     ctx.metrics
         .decisions
-        .get_or_create(&DecisionLabels {
+        .get_or_create(&AuthzDecisionLabels {
             action: if allowed { "allow" } else { "deny" },
             result,
+            // `namespace/name` of the deciding policy: bounded by the policies in force
+            // (never a path, a principal or an address).
+            policy: deciding.map_or_else(|| Lv::new("-"), |m| Lv::new(m.policy)),
         })
         .inc();
     if !allowed {

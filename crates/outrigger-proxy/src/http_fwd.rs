@@ -35,6 +35,7 @@ use crate::http_common::{
 use crate::inbound::ConnInfo;
 use crate::limits::{Active, Activity};
 use crate::metrics::{Lv, RequestHandles, RequestLabels};
+use crate::peer_metadata::PeerMetadata;
 use crate::{Ctx, Protocol};
 
 static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
@@ -396,6 +397,45 @@ async fn handle(
         return Ok(resp);
     }
 
+    // Istio's inbound HTTP chain starts with the metadata exchange filter (crate::peer_metadata):
+    // the caller's workload is known to every later step's metrics, the application never sees
+    // the exchange headers, and every answer from here on — local replies included, as Envoy
+    // encodes them through the same filter — carries ours when the caller sent its own.
+    let exchange = {
+        let mut last = handles.peer.lock().unwrap_or_else(|e| e.into_inner());
+        crate::peer_metadata::take(&mut parts.headers, &mut last)
+    };
+    if let Some(peer) = &exchange.peer {
+        parts.extensions.insert(peer.clone());
+    }
+    let mut resp = filter_chain(
+        parts,
+        body,
+        protocol,
+        start,
+        conn,
+        ctx.clone(),
+        backend,
+        handles,
+    )
+    .await?;
+    ctx.peer_exchange.respond(&exchange, resp.headers_mut());
+    Ok(resp)
+}
+
+/// The inbound HTTP filters after the metadata exchange, in Istio's order: request id, local
+/// rate limit, then authentication, authorization and the router.
+#[allow(clippy::too_many_arguments)]
+async fn filter_chain(
+    mut parts: http::request::Parts,
+    body: Incoming,
+    protocol: &'static str,
+    start: Instant,
+    conn: Arc<ConnInfo>,
+    ctx: Arc<Ctx>,
+    backend: Arc<Backend>,
+    handles: Arc<MetricHandles>,
+) -> Result<Response<ProxyBody>, Infallible> {
     // Envoy's connection manager gives every request an `x-request-id` before any filter
     // (conn_manager_utility.cc `mutateRequestHeaders`): one a mesh peer sent is kept (the
     // inbound listener does not use the remote address, so the request is internal), a
@@ -470,12 +510,9 @@ async fn authorize_and_forward(
     let websocket = is_websocket_upgrade(&parts);
     let mut rec = Recorder::new(&ctx, &conn, &parts, protocol, start, handles);
 
-    let jwt_rules: Vec<&outrigger_policy::crd::JwtRule> = policy
-        .snapshot
-        .request_authentications()
-        .flat_map(|(_, spec)| spec.jwt_rules.iter())
-        .collect();
-    let jwt = match crate::jwt_authn::authenticate(&ctx.jwks, &jwt_rules, &mut parts).await {
+    // Compiled with the snapshot (outrigger_policy::request_authn): nothing parsed here.
+    let jwt_rules = policy.snapshot.jwt_rules();
+    let jwt = match crate::jwt_authn::authenticate(&ctx.jwks, jwt_rules, &mut parts).await {
         Ok(claims) => {
             if !jwt_rules.is_empty() {
                 ctx.metrics
@@ -526,7 +563,6 @@ async fn authorize_and_forward(
     };
     let (verdict, inflight) =
         authz::check_http(&ctx, &conn, &mut parts, &policy.snapshot, jwt.as_ref());
-    drop(jwt_rules);
     drop(policy);
     rec.authz_policy = verdict.policy.clone();
     rec.authz_result = Some(verdict.result);
@@ -892,6 +928,8 @@ impl Drop for ProxyBody {
 pub(crate) struct Recorder {
     ctx: Arc<Ctx>,
     conn: Arc<ConnInfo>,
+    /// The calling workload, from Istio's metadata exchange (crate::peer_metadata).
+    peer: Option<Arc<PeerMetadata>>,
     start: Instant,
     code: u16,
     flags: &'static str,
@@ -914,7 +952,11 @@ pub(crate) struct Recorder {
 /// that a request does not hash two dozen labels four times to find them (most connections see
 /// one or two label sets: 200, maybe 404).
 #[derive(Default)]
-pub(crate) struct MetricHandles(std::sync::Mutex<Vec<(HandleKey, RequestHandles)>>);
+pub(crate) struct MetricHandles {
+    series: std::sync::Mutex<Vec<(HandleKey, RequestHandles)>>,
+    /// The peer's last `x-envoy-peer-metadata`, decoded (crate::peer_metadata::take).
+    peer: std::sync::Mutex<Option<(HeaderValue, Arc<PeerMetadata>)>>,
+}
 
 #[derive(PartialEq)]
 struct HandleKey {
@@ -922,6 +964,7 @@ struct HandleKey {
     flags: &'static str,
     protocol: &'static str,
     grpc: Option<Lv>,
+    peer: Option<Arc<PeerMetadata>>,
 }
 
 struct LogFields {
@@ -995,6 +1038,7 @@ impl Recorder {
         Recorder {
             ctx: ctx.clone(),
             conn: conn.clone(),
+            peer: parts.extensions.get::<Arc<PeerMetadata>>().cloned(),
             start,
             code: 0,
             flags: "-",
@@ -1026,15 +1070,23 @@ impl Recorder {
                 "http"
             },
             grpc: self.grpc_status.clone(),
+            peer: self.peer.clone(),
         };
         let handles = {
-            let mut cache = self.handles.0.lock().unwrap_or_else(|e| e.into_inner());
+            let mut cache = self
+                .handles
+                .series
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             match cache.iter().find(|(k, _)| *k == key) {
                 Some((_, h)) => h.clone(),
                 None => {
                     let mut conn_labels = self.conn.labels.clone();
                     conn_labels.request_protocol = key.protocol;
                     conn_labels.response_flags = key.flags;
+                    if let Some(peer) = &key.peer {
+                        crate::metrics::apply_source_peer(&mut conn_labels, peer);
+                    }
                     let labels = RequestLabels {
                         conn: conn_labels,
                         response_code: key.code,

@@ -29,6 +29,7 @@ pub mod limits;
 pub mod log_limit;
 pub mod metrics;
 pub mod outbound;
+pub mod peer_metadata;
 pub mod ratelimit;
 pub mod status;
 mod tcp_fwd;
@@ -308,6 +309,8 @@ pub(crate) struct Ctx {
     pub workload: WorkloadInfo,
     pub settings: Settings,
     pub dest_labels: metrics::TcpLabels,
+    /// This workload's side of Istio's HTTP metadata exchange.
+    pub peer_exchange: peer_metadata::Local,
     pub ready: AtomicBool,
     pub inbound: Vec<InboundConfig>,
     /// The outbound destinations (for `/config_dump`).
@@ -439,6 +442,7 @@ impl Proxy {
             metrics: opts.metrics,
             access_log: opts.access_log,
             dest_labels,
+            peer_exchange: peer_metadata::Local::new(&opts.workload),
             workload: opts.workload,
             settings: opts.settings,
             ready: AtomicBool::new(false),

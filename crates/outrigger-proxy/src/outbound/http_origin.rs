@@ -314,6 +314,10 @@ async fn forward(
         && (dest.cfg.protocol == OutboundProtocol::Http2 || dest.cfg.pool.h2_upgrade);
     retarget(&mut parts, h2, &authority);
     rec.authority = Some(authority.as_str().to_string());
+    // Istio's metadata exchange (crate::peer_metadata): who is calling, on every request to a
+    // mesh destination (a sidecar's `upstream_propagation`). An application's own exchange
+    // headers are replaced, never passed on.
+    ctx.peer_exchange.inject(&mut parts.headers);
     let empty = body.is_end_stream();
     let replay = (empty && idempotent(&parts.method)).then(|| Replay {
         method: parts.method.clone(),
@@ -429,6 +433,12 @@ async fn forward(
                 }
                 let (mut rparts, rbody) = response.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
+                // The called workload, from its answer (`upstream_discovery`); the headers are
+                // the proxies' business, not the application's.
+                rec.dest_peer = {
+                    let mut last = ep.peer.lock().unwrap_or_else(|e| e.into_inner());
+                    crate::peer_metadata::take(&mut rparts.headers, &mut last).peer
+                };
                 rparts.version = downstream_version;
                 rec.code = status.as_u16();
                 if let Some(s) = rparts.headers.get("grpc-status") {
@@ -696,6 +706,8 @@ struct Rec {
     received: Arc<AtomicU64>,
     grpc_status: Option<Lv>,
     peer: Lv,
+    /// The called workload, from Istio's metadata exchange.
+    dest_peer: Option<Arc<crate::peer_metadata::PeerMetadata>>,
     upstream: Option<SocketAddr>,
     authority: Option<String>,
     security: &'static str,
@@ -747,6 +759,7 @@ impl Rec {
             received: Arc::new(AtomicU64::new(0)),
             grpc_status: None,
             peer: Lv::unknown(),
+            dest_peer: None,
             upstream: None,
             authority: None,
             security: "mutual_tls",
@@ -765,6 +778,14 @@ impl Rec {
         let elapsed = self.start.elapsed();
         let mut conn = self.labels;
         conn.destination_principal = self.peer.clone();
+        // The namespace from the server's certificate first (istio_stats.cc: "fallback from
+        // using the namespace from SAN if available to using peer metadata").
+        if let Some(ns) = spiffe_namespace(&self.peer.0) {
+            conn.destination_workload_namespace = Lv::new(ns);
+        }
+        if let Some(peer) = &self.dest_peer {
+            crate::metrics::apply_destination_peer(&mut conn, peer);
+        }
         conn.request_protocol = if self.grpc_status.is_some() {
             "grpc"
         } else {
@@ -816,6 +837,14 @@ impl Rec {
             });
         }
     }
+}
+
+/// The namespace of a SPIFFE ID `spiffe://<td>/ns/<ns>/sa/<sa>`.
+fn spiffe_namespace(principal: &str) -> Option<&str> {
+    let rest = principal.strip_prefix("spiffe://")?;
+    let (_, path) = rest.split_once('/')?;
+    let ns = path.strip_prefix("ns/")?.split('/').next()?;
+    (!ns.is_empty()).then_some(ns)
 }
 
 #[cfg(test)]

@@ -24,6 +24,9 @@ pub(crate) struct Verdict {
     pub policy: Option<String>,
     /// Why: `allow_matched`, `deny_matched`, `no_allow_matched`, `no_policies`, ...
     pub result: &'static str,
+    /// AUDIT policies whose rules matched, `ns/name[rule]` joined by `,` (the access log marks
+    /// the line with them).
+    pub audit: Option<String>,
 }
 
 /// Request headers for policy `request.headers[...]` conditions.
@@ -114,10 +117,28 @@ fn conclude(ctx: &Ctx, conn: &ConnInfo, d: &Decision<'_>, what: &str) -> Verdict
             "denied by authorization policy"
         );
     }
+    let audit = (!d.audit.is_empty()).then(|| {
+        d.audit
+            .iter()
+            .map(|a| format!("{}[{}]", a.policy, a.rule))
+            .collect::<Vec<_>>()
+            .join(",")
+    });
+    if !allowed {
+        ctx.denials.record(crate::status::Denial {
+            at: std::time::SystemTime::now(),
+            listener: conn.listener.name.clone(),
+            source: conn.source_principal_str().to_string(),
+            request: what.to_string(),
+            policy: matched.clone(),
+            reason: result,
+        });
+    }
     Verdict {
         deny: (!allowed).then_some((StatusCode::FORBIDDEN, RBAC_DENIED)),
         policy: matched,
         result,
+        audit,
     }
 }
 
@@ -221,6 +242,7 @@ fn bad_path() -> Verdict {
         deny: Some((StatusCode::BAD_REQUEST, "Bad Request")),
         policy: None,
         result: "bad_path",
+        audit: None,
     }
 }
 

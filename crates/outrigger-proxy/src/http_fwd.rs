@@ -609,6 +609,14 @@ async fn authorize_and_forward(
                 "JWT refused: {}; answering {} {}", e.reason, status.as_u16(), e.status.message()
             );
             rec.authz_result = Some("jwt_invalid");
+            ctx.denials.record(crate::status::Denial {
+                at: std::time::SystemTime::now(),
+                listener: conn.listener.name.clone(),
+                source: conn.source_principal_str().to_string(),
+                request: parts.uri.path().to_string(),
+                policy: None,
+                reason: "jwt_invalid",
+            });
             let challenge =
                 crate::jwt_authn::www_authenticate(&parts, conn.security_policy() == "mutual_tls");
             let mut resp = local_reply(status, e.status.message(), rec);
@@ -622,6 +630,10 @@ async fn authorize_and_forward(
     drop(policy);
     rec.authz_policy = verdict.policy.clone();
     rec.authz_result = Some(verdict.result);
+    rec.audit = verdict.audit.clone();
+    if rec.log.is_some() {
+        rec.jwt_principal = jwt.as_ref().and_then(|c| c.principal());
+    }
     if let Some((status, body)) = verdict.deny {
         // Envoy's response flag for an RBAC denial is `RBAC`.
         rec.flags = if status == StatusCode::FORBIDDEN {
@@ -990,6 +1002,10 @@ pub(crate) struct Recorder {
     grpc_status: Option<Lv>,
     authz_policy: Option<String>,
     authz_result: Option<&'static str>,
+    /// AUDIT policies that matched (`ns/name[rule],…`).
+    audit: Option<String>,
+    /// The verified JWT's `iss/sub`.
+    jwt_principal: Option<String>,
     protocol: &'static str,
     /// Only captured when the access log is on.
     log: Option<LogFields>,
@@ -1022,6 +1038,8 @@ struct LogFields {
     authority: String,
     path: String,
     request_id: Option<String>,
+    user_agent: Option<String>,
+    x_forwarded_for: Option<String>,
 }
 
 impl Recorder {
@@ -1071,6 +1089,16 @@ impl Recorder {
                 .get(&X_REQUEST_ID)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
+            user_agent: parts
+                .headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            x_forwarded_for: parts
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
         });
         Recorder {
             ctx: ctx.clone(),
@@ -1084,6 +1112,8 @@ impl Recorder {
             grpc_status: None,
             authz_policy: None,
             authz_result: None,
+            audit: None,
+            jwt_principal: None,
             protocol,
             log,
             handles,
@@ -1093,6 +1123,10 @@ impl Recorder {
 
     fn finish(mut self) {
         let elapsed = self.start.elapsed();
+        self.ctx
+            .status_rates
+            .requests
+            .fetch_add(1, Ordering::Relaxed);
         let key = HandleKey {
             code: self.code,
             flags: self.flags,
@@ -1169,6 +1203,11 @@ impl Recorder {
                 authz_policy: self.authz_policy.as_deref(),
                 authz_result: self.authz_result,
                 request_id: log.request_id.as_deref(),
+                audit: self.audit.as_deref(),
+                jwt_principal: self.jwt_principal.as_deref(),
+                user_agent: log.user_agent.as_deref(),
+                x_forwarded_for: log.x_forwarded_for.as_deref(),
+                requested_server_name: self.conn.sni.as_deref(),
                 trace_id: trace_id.as_deref(),
             });
         }

@@ -32,6 +32,7 @@ pub mod otlp;
 pub mod outbound;
 pub mod peer_metadata;
 pub mod ratelimit;
+pub mod status;
 mod tcp_fwd;
 pub mod trace;
 
@@ -48,7 +49,7 @@ use outrigger_identity::Identity;
 use outrigger_policy::Snapshot;
 use outrigger_tls::CertStore;
 
-pub use access_log::{AccessLog, AccessLogTarget};
+pub use access_log::{AccessLog, AccessLogConfig, AccessLogFormat};
 pub use metrics::Metrics;
 
 /// How an inbound listener treats the bytes inside the (m)TLS session, and which protocol the
@@ -330,6 +331,10 @@ pub(crate) struct Ctx {
     pub ratelimit: arc_swap::ArcSwap<ratelimit::RateLimiter>,
     /// Dropped receivers tell the drain that a connection has finished.
     pub drain: watch::Receiver<bool>,
+    /// The last denials, for the status page.
+    pub denials: status::Denials,
+    /// Request and connection counts, for the status page's rates.
+    pub status_rates: status::Rates,
 }
 
 /// The running data plane.
@@ -464,6 +469,8 @@ impl Proxy {
             conns,
             ratelimit,
             drain: drain_rx,
+            denials: status::Denials::default(),
+            status_rates: status::Rates::default(),
         });
         Ok(Proxy {
             ctx,

@@ -898,6 +898,7 @@ impl Rec {
                 authz_result: None,
                 request_id: log.request_id.as_deref(),
                 trace_id: trace_id.as_deref(),
+                ..Default::default()
             });
         }
     }

@@ -67,7 +67,11 @@ done
 cargo_tool() { # cargo_tool COMMAND CRATE VERSION
   if ! command -v "$1" >/dev/null; then
     log "installing $2 $3 (cargo install --locked --debug)"
-    timeout 1200 cargo install --locked --debug --quiet "$2" --version "$3"
+    # Without our CARGO_TARGET_DIR: cargo install then builds in a temporary directory that it
+    # deletes afterwards, instead of leaving gigabytes of the tool's objects (no debug
+    # information either) in target/.
+    env -u CARGO_TARGET_DIR CARGO_PROFILE_DEV_DEBUG=0 \
+      timeout 1200 cargo install --locked --debug --quiet "$2" --version "$3"
   fi
 }
 cargo_tool cargo-auditable cargo-auditable 0.7.7

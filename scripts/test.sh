@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 
 log() { printf '\n==> %s\n' "$*"; }
 
+# A one-shot build gains nothing from incremental compilation, whose caches took 5 GB of
+# target/ (CI's disk is not large; stop 21 ran out of it). A caller's own setting wins.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 need_apt=()
 command -v curl >/dev/null || need_apt+=(curl)
 command -v openssl >/dev/null || need_apt+=(openssl)

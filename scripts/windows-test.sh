@@ -68,10 +68,12 @@ log "Windows unit tests under Wine"
 timeout 900 cargo test --target "$TARGET" --locked "${pkgs[@]}" --lib --bins
 
 # 5. outrigger.exe under Wine, end to end (a Linux test driving the Windows binary).
+#    `--workspace`, as nextest builds: `-p outrigger` alone resolves other features and rebuilt
+#    every host dependency a second time (a second copy on disk; CI ran out of it, stop 21).
 log "end to end: outrigger.exe under Wine, Linux clients and backend"
 OUTRIGGER_WINDOWS_EXE="$CARGO_TARGET_DIR/$TARGET/debug/outrigger.exe" \
 OUTRIGGER_WINE="$WINE" \
 OUTRIGGER_REQUIRE_WINDOWS=1 \
-  timeout 900 cargo test --locked -p outrigger --test windows_e2e -- --nocapture
+  timeout 900 cargo test --locked --workspace --test windows_e2e -- --nocapture
 
 log "Windows tests passed in $(( $(date +%s) - started ))s"

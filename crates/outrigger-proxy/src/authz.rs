@@ -24,6 +24,11 @@ pub(crate) struct Verdict {
     pub policy: Option<String>,
     /// Why: `allow_matched`, `deny_matched`, `no_allow_matched`, `no_policies`, ...
     pub result: &'static str,
+    /// A CUSTOM policy matched and its provider is configured: the request is allowed by the
+    /// local policies only if this external authorizer allows it too (Istio evaluates CUSTOM
+    /// first, then DENY, then ALLOW; a request DENY or ALLOW refuses is refused without
+    /// asking it — `deny` is then set and this is `None`).
+    pub custom: Option<std::sync::Arc<crate::ext_authz::HttpProvider>>,
 }
 
 /// Request headers for policy `request.headers[...]` conditions.
@@ -86,15 +91,35 @@ fn conclude(ctx: &Ctx, conn: &ConnInfo, d: &Decision<'_>, what: &str) -> Verdict
             );
         }
     }
-    // CUSTOM with a provider: Outrigger has no external authorizer client yet, and a check
-    // that cannot be made must not allow (fail closed), so such a request is denied.
-    let allowed = d.allowed && d.custom.is_none();
+    // CUSTOM with a configured provider: the local decision stands only if the external
+    // authorizer allows too (the call is made by the caller, which is async). A provider
+    // unknown here (cannot happen: the policy options list the same names) denies.
+    let mut custom = None;
     if let Some(c) = &d.custom {
-        crate::warn_limited!(
-            provider = c.provider,
-            policy = c.matched.policy,
-            "CUSTOM authorization requested but external authorizers are not supported; denying"
-        );
+        custom = ctx
+            .settings
+            .extension_providers
+            .iter()
+            .find(|p| p.name == c.provider)
+            .cloned();
+        if custom.is_none() {
+            crate::warn_limited!(
+                provider = c.provider,
+                policy = c.matched.policy,
+                "CUSTOM authorization provider is not configured; denying"
+            );
+        }
+    }
+    let allowed = d.allowed && (d.custom.is_none() || custom.is_some());
+    let custom = if allowed { custom } else { None };
+    if custom.is_some() {
+        // Counted when the authorizer has answered (`record_custom`).
+        return Verdict {
+            deny: None,
+            policy: matched,
+            result,
+            custom,
+        };
     }
     ctx.metrics
         .decisions
@@ -114,7 +139,20 @@ fn conclude(ctx: &Ctx, conn: &ConnInfo, d: &Decision<'_>, what: &str) -> Verdict
         deny: (!allowed).then_some((StatusCode::FORBIDDEN, RBAC_DENIED)),
         policy: matched,
         result,
+        custom: None,
     }
+}
+
+/// Counts a CUSTOM check's outcome with the other decisions: `custom_allowed`,
+/// `custom_denied`, `custom_error` (or `custom_failed_open`).
+pub(crate) fn record_custom(ctx: &Ctx, allowed: bool, result: &'static str) {
+    ctx.metrics
+        .decisions
+        .get_or_create(&DecisionLabels {
+            action: if allowed { "allow" } else { "deny" },
+            result,
+        })
+        .inc();
 }
 
 fn base_request<'a>(conn: &'a ConnInfo) -> Request<'a> {
@@ -217,6 +255,7 @@ fn bad_path() -> Verdict {
         deny: Some((StatusCode::BAD_REQUEST, "Bad Request")),
         policy: None,
         result: "bad_path",
+        custom: None,
     }
 }
 

@@ -48,6 +48,8 @@ mod outbound;
 #[path = "config_connections.rs"]
 mod connections;
 pub use connections::ConnectionsConfig;
+#[path = "config_extauthz.rs"]
+mod extauthz;
 #[path = "config_kubernetes.rs"]
 mod kubernetes;
 #[path = "config_ratelimits.rs"]
@@ -92,6 +94,9 @@ struct RawConfig {
     connections: connections::RawConnections,
     #[serde(default)]
     rate_limits: Vec<ratelimits::RawRateLimit>,
+    /// MeshConfig's `extensionProviders` (the CUSTOM action's authorizers).
+    #[serde(default)]
+    extension_providers: Vec<extauthz::RawProvider>,
 }
 
 /// `hbone:` — the Istio ambient (HBONE) listener.
@@ -375,6 +380,8 @@ pub struct AgentConfig {
     pub connections: ConnectionsConfig,
     /// `rateLimits:` (local rate limits on inbound HTTP; see `config_ratelimits.rs`).
     pub rate_limits: Vec<outrigger_proxy::ratelimit::RateLimitRule>,
+    /// `extensionProviders:` (Istio's CUSTOM action; see `config_extauthz.rs`).
+    pub extension_providers: Vec<std::sync::Arc<outrigger_proxy::ext_authz::HttpProvider>>,
 }
 
 /// A file or directory the configuration reads, and where the configuration names it.
@@ -1116,6 +1123,7 @@ impl Validator<'_> {
         };
         let connections = self.connections(&raw.connections)?;
         let rate_limits = self.rate_limits(&raw.rate_limits, &inbound)?;
+        let extension_providers = self.extension_providers(&raw.extension_providers)?;
         Ok(AgentConfig {
             file: self.file.to_path_buf(),
             trust_domains,
@@ -1167,6 +1175,7 @@ impl Validator<'_> {
             inputs,
             connections,
             rate_limits,
+            extension_providers,
         })
     }
 

@@ -263,5 +263,14 @@ fn bad_path() -> Verdict {
 pub(crate) fn check_tcp(ctx: &Ctx, conn: &ConnInfo) -> Verdict {
     let policy = ctx.policy.load();
     let d = policy.snapshot.authorize(&base_request(conn));
-    conclude(ctx, conn, &d, "tcp")
+    let mut v = conclude(ctx, conn, &d, "tcp");
+    // CUSTOM on a TCP connection: an envoyExtAuthzHttp provider has no TCP check (istiod
+    // builds the network ext_authz filter for gRPC providers only: extauthz.go
+    // `generateGRPCConfig`), and gRPC providers are not implemented yet: fail closed.
+    if v.custom.take().is_some() {
+        record_custom(ctx, false, "custom_tcp_unsupported");
+        v.deny = Some((StatusCode::FORBIDDEN, RBAC_DENIED));
+        v.result = "custom_tcp_unsupported";
+    }
+    v
 }

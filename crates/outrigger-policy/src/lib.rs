@@ -97,6 +97,7 @@ mod error;
 pub mod jwt;
 mod load;
 mod path;
+pub mod request_authn;
 mod snapshot;
 mod validate;
 mod yaml;

@@ -203,6 +203,8 @@ pub struct Snapshot {
     warnings: Vec<LoadError>,
     pub(crate) authz: crate::authz::AuthzIndex,
     pub(crate) request_authn: Vec<(String, crate::crd::RequestAuthenticationSpec)>,
+    /// `request_authn`'s rules compiled for the request path (crate::request_authn).
+    jwt_rules: Vec<crate::request_authn::JwtRuleModel>,
 }
 
 /// Istio's PeerAuthentication order: "oldest wins", by `creationTimestamp`, then name, then
@@ -536,6 +538,7 @@ impl Snapshot {
             refused,
             warnings,
             authz,
+            jwt_rules: crate::request_authn::compile(&request_authn),
             request_authn,
         })
     }
@@ -571,7 +574,13 @@ impl Snapshot {
         &self.warnings
     }
 
-    /// The RequestAuthentication specs that apply (`namespace/name`, spec), for the JWT layer.
+    /// Every JWT rule of the RequestAuthentications that apply, compiled when the snapshot was
+    /// built: what the request path reads.
+    pub fn jwt_rules(&self) -> &[crate::request_authn::JwtRuleModel] {
+        &self.jwt_rules
+    }
+
+    /// The RequestAuthentication specs that apply (`namespace/name`, spec), as loaded.
     pub fn request_authentications(
         &self,
     ) -> impl Iterator<Item = (&str, &crate::crd::RequestAuthenticationSpec)> {

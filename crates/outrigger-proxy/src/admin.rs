@@ -36,6 +36,20 @@ pub(crate) enum Endpoints {
 
 pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Ctx>, endpoints: Endpoints) {
     let mut drain = ctx.drain.clone();
+    if endpoints == Endpoints::All {
+        // The status page's rates: one sample a second.
+        let ctx = ctx.clone();
+        let mut drain = ctx.drain.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => ctx.status_rates.sample(),
+                    _ = drain.wait_for(|d| *d) => break,
+                }
+            }
+        });
+    }
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -133,8 +147,13 @@ fn route(req: Request<Incoming>, ctx: &Ctx, endpoints: Endpoints) -> Response<Fu
         "/stats" => reply(StatusCode::OK, "text/plain", stats_summary(ctx)),
         "/" => reply(
             StatusCode::OK,
+            "text/html; charset=utf-8",
+            crate::status::page(ctx),
+        ),
+        "/help" => reply(
+            StatusCode::OK,
             "text/plain",
-            "outrigger admin\n  /healthz/ready  readiness\n  /metrics        Prometheus metrics (Istio names)\n  /stats          each metric's total, one per line\n  /config_dump    listeners, outbound destinations, certificate and policy in force\n  /logging        the log filter (POST /logging?level=debug changes it)\n".into(),
+            "outrigger admin\n  /               the status page (HTML)\n  /healthz/ready  readiness\n  /metrics        Prometheus metrics (Istio names)\n  /stats          each metric's total, one per line\n  /config_dump    listeners, outbound destinations, certificate and policy in force\n  /logging        the log filter (POST /logging?level=debug changes it)\n".into(),
         ),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }

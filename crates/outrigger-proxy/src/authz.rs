@@ -11,7 +11,7 @@ use outrigger_policy::{Decision, HttpAttrs, Reason, Request, normalize_path};
 
 use crate::Ctx;
 use crate::inbound::ConnInfo;
-use crate::metrics::DecisionLabels;
+use crate::metrics::{AuthzDecisionLabels, Lv};
 
 /// Envoy's RBAC filter body for a denied request.
 pub(crate) const RBAC_DENIED: &str = "RBAC: access denied";
@@ -29,6 +29,9 @@ pub(crate) struct Verdict {
     /// first, then DENY, then ALLOW; a request DENY or ALLOW refuses is refused without
     /// asking it — `deny` is then set and this is `None`).
     pub custom: Option<std::sync::Arc<crate::ext_authz::HttpProvider>>,
+    /// AUDIT policies whose rules matched, `ns/name[rule]` joined by `,` (the access log marks
+    /// the line with them).
+    pub audit: Option<String>,
 }
 
 /// Request headers for policy `request.headers[...]` conditions.
@@ -58,12 +61,13 @@ fn reason_name(r: &Reason<'_>) -> &'static str {
 /// Records the decision (metrics, AUDIT and dry-run log lines) and turns it into a verdict.
 fn conclude(ctx: &Ctx, conn: &ConnInfo, d: &Decision<'_>, what: &str) -> Verdict {
     let result = reason_name(&d.reason);
-    let matched = match d.reason {
+    let deciding = match d.reason {
         Reason::AllowMatched(m) | Reason::DenyMatched(m) | Reason::CustomProviderUnavailable(m) => {
-            Some(format!("{}[{}]", m.policy, m.rule))
+            Some(m)
         }
         _ => None,
     };
+    let matched = deciding.map(|m| format!("{}[{}]", m.policy, m.rule));
     for a in &d.audit {
         tracing::info!(
             target: "outrigger::audit",
@@ -111,6 +115,13 @@ fn conclude(ctx: &Ctx, conn: &ConnInfo, d: &Decision<'_>, what: &str) -> Verdict
         }
     }
     let allowed = d.allowed && (d.custom.is_none() || custom.is_some());
+    let audit = (!d.audit.is_empty()).then(|| {
+        d.audit
+            .iter()
+            .map(|a| format!("{}[{}]", a.policy, a.rule))
+            .collect::<Vec<_>>()
+            .join(",")
+    });
     let custom = if allowed { custom } else { None };
     if custom.is_some() {
         // Counted when the authorizer has answered (`record_custom`).
@@ -119,13 +130,17 @@ fn conclude(ctx: &Ctx, conn: &ConnInfo, d: &Decision<'_>, what: &str) -> Verdict
             policy: matched,
             result,
             custom,
+            audit,
         };
     }
     ctx.metrics
         .decisions
-        .get_or_create(&DecisionLabels {
+        .get_or_create(&AuthzDecisionLabels {
             action: if allowed { "allow" } else { "deny" },
             result,
+            // `namespace/name` of the deciding policy: bounded by the policies in force
+            // (never a path, a principal or an address).
+            policy: deciding.map_or_else(|| Lv::new("-"), |m| Lv::new(m.policy)),
         })
         .inc();
     if !allowed {
@@ -135,24 +150,59 @@ fn conclude(ctx: &Ctx, conn: &ConnInfo, d: &Decision<'_>, what: &str) -> Verdict
             "denied by authorization policy"
         );
     }
+    if !allowed {
+        ctx.denials.record(crate::status::Denial {
+            at: std::time::SystemTime::now(),
+            listener: conn.listener.name.clone(),
+            source: conn.source_principal_str().to_string(),
+            request: what.to_string(),
+            policy: matched.clone(),
+            reason: result,
+        });
+    }
     Verdict {
         deny: (!allowed).then_some((StatusCode::FORBIDDEN, RBAC_DENIED)),
         policy: matched,
         result,
         custom: None,
+        audit,
     }
 }
 
 /// Counts a CUSTOM check's outcome with the other decisions: `custom_allowed`,
 /// `custom_denied`, `custom_error` (or `custom_failed_open`).
-pub(crate) fn record_custom(ctx: &Ctx, allowed: bool, result: &'static str) {
+pub(crate) fn record_custom(
+    ctx: &Ctx,
+    conn: &ConnInfo,
+    v: &Verdict,
+    what: &str,
+    allowed: bool,
+    result: &'static str,
+) {
+    // The label is the policy's `namespace/name` (the verdict's `ns/name[rule]` less the rule).
+    let policy = v
+        .policy
+        .as_deref()
+        .map(|p| p.split_once('[').map_or(p, |(n, _)| n))
+        .unwrap_or("-");
     ctx.metrics
         .decisions
-        .get_or_create(&DecisionLabels {
+        .get_or_create(&AuthzDecisionLabels {
             action: if allowed { "allow" } else { "deny" },
             result,
+            policy: Lv::new(policy),
         })
         .inc();
+    if !allowed {
+        ctx.denials.record(crate::status::Denial {
+            at: std::time::SystemTime::now(),
+            listener: conn.listener.name.clone(),
+            source: conn.source_principal_str().to_string(),
+            request: what.to_string(),
+            policy: v.policy.clone(),
+            reason: result,
+        });
+    }
 }
 
 fn base_request<'a>(conn: &'a ConnInfo) -> Request<'a> {
@@ -256,6 +306,7 @@ fn bad_path() -> Verdict {
         policy: None,
         result: "bad_path",
         custom: None,
+        audit: None,
     }
 }
 
@@ -268,7 +319,7 @@ pub(crate) fn check_tcp(ctx: &Ctx, conn: &ConnInfo) -> Verdict {
     // builds the network ext_authz filter for gRPC providers only: extauthz.go
     // `generateGRPCConfig`), and gRPC providers are not implemented yet: fail closed.
     if v.custom.take().is_some() {
-        record_custom(ctx, false, "custom_tcp_unsupported");
+        record_custom(ctx, conn, &v, "tcp", false, "custom_tcp_unsupported");
         v.deny = Some((StatusCode::FORBIDDEN, RBAC_DENIED));
         v.result = "custom_tcp_unsupported";
     }

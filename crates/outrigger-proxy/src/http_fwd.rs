@@ -35,6 +35,7 @@ use crate::http_common::{
 use crate::inbound::ConnInfo;
 use crate::limits::{Active, Activity};
 use crate::metrics::{Lv, RequestHandles, RequestLabels};
+use crate::peer_metadata::PeerMetadata;
 use crate::{Ctx, Protocol};
 
 static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
@@ -396,6 +397,45 @@ async fn handle(
         return Ok(resp);
     }
 
+    // Istio's inbound HTTP chain starts with the metadata exchange filter (crate::peer_metadata):
+    // the caller's workload is known to every later step's metrics, the application never sees
+    // the exchange headers, and every answer from here on — local replies included, as Envoy
+    // encodes them through the same filter — carries ours when the caller sent its own.
+    let exchange = {
+        let mut last = handles.peer.lock().unwrap_or_else(|e| e.into_inner());
+        ctx.peer_exchange.take(&mut parts.headers, &mut last)
+    };
+    if let Some(peer) = &exchange.peer {
+        parts.extensions.insert(peer.clone());
+    }
+    let mut resp = filter_chain(
+        parts,
+        body,
+        protocol,
+        start,
+        conn,
+        ctx.clone(),
+        backend,
+        handles,
+    )
+    .await?;
+    ctx.peer_exchange.respond(&exchange, resp.headers_mut());
+    Ok(resp)
+}
+
+/// The inbound HTTP filters after the metadata exchange, in Istio's order: request id, local
+/// rate limit, then authentication, authorization and the router.
+#[allow(clippy::too_many_arguments)]
+async fn filter_chain(
+    mut parts: http::request::Parts,
+    body: Incoming,
+    protocol: &'static str,
+    start: Instant,
+    conn: Arc<ConnInfo>,
+    ctx: Arc<Ctx>,
+    backend: Arc<Backend>,
+    handles: Arc<MetricHandles>,
+) -> Result<Response<ProxyBody>, Infallible> {
     // Envoy's connection manager gives every request an `x-request-id` before any filter
     // (conn_manager_utility.cc `mutateRequestHeaders`): one a mesh peer sent is kept (the
     // inbound listener does not use the remote address, so the request is internal), a
@@ -405,6 +445,9 @@ async fn handle(
     {
         parts.headers.insert(X_REQUEST_ID.clone(), id);
     }
+    // The request's trace (crate::trace): the sampling decision, a SERVER span, and the
+    // context headers the application sees. Ended in `Recorder::finish`.
+    let trace = start_trace(&ctx, &conn, &mut parts, protocol);
 
     // One policy snapshot for the whole request: rate limits (EnvoyFilters), authentication
     // and authorization agree.
@@ -433,6 +476,7 @@ async fn handle(
         if let Some(rule) = v.limited_by {
             ctx.metrics.rate_limited(&rule);
             let mut rec = Recorder::new(&ctx, &conn, &parts, protocol, start, handles);
+            rec.trace = trace;
             // Envoy's response flag for a local rate limit: `RL`.
             rec.flags = "RL";
             let mut resp = local_reply(StatusCode::TOO_MANY_REQUESTS, "local_rate_limited", rec);
@@ -444,13 +488,71 @@ async fn handle(
     }
 
     let mut resp = authorize_and_forward(
-        parts, body, protocol, start, policy, conn, ctx, backend, handles,
+        parts, body, protocol, start, policy, conn, ctx, backend, handles, trace,
     )
     .await?;
     for (k, v) in rl_headers {
         resp.headers_mut().append(k, v);
     }
     Ok(resp)
+}
+
+/// Starts the request's trace (one call; with tracing and the access log off, nothing is
+/// done). The span's name is Istio's inbound route decorator, `<service host>:<port>/*`, and
+/// its upstream cluster Istio's inbound cluster, `inbound|<port>||`.
+fn start_trace(
+    ctx: &Ctx,
+    conn: &ConnInfo,
+    parts: &mut http::request::Parts,
+    protocol: &str,
+) -> crate::trace::ReqTrace {
+    if !ctx.tracer.enabled() {
+        return ctx.tracer.start(
+            &mut parts.headers,
+            &crate::trace::SpanStart::none(&ctx.workload),
+        );
+    }
+    let w = &ctx.workload;
+    let port = conn.dst.port();
+    let host = w
+        .service_host
+        .clone()
+        .unwrap_or_else(|| format!("{}.{}.svc.cluster.local", w.canonical_service, w.namespace));
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("");
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let url = format!("http://{authority}{path}");
+    let name = format!("{host}:{port}/*");
+    let cluster = format!("inbound|{port}||");
+    let node_id = crate::trace::node_id(w, conn.dst.ip());
+    let method = parts.method.clone();
+    ctx.tracer.start(
+        &mut parts.headers,
+        &crate::trace::SpanStart {
+            kind: crate::trace::Kind::Server,
+            name: &name,
+            method: method.as_str(),
+            url: &url,
+            protocol,
+            peer: conn.src,
+            upstream_cluster: &cluster,
+            node_id: &node_id,
+            workload: w,
+        },
+    )
 }
 
 /// Authentication, authorization and forwarding of a request the codec and the rate limits
@@ -466,16 +568,15 @@ async fn authorize_and_forward(
     ctx: Arc<Ctx>,
     backend: Arc<Backend>,
     handles: Arc<MetricHandles>,
+    trace: crate::trace::ReqTrace,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let websocket = is_websocket_upgrade(&parts);
     let mut rec = Recorder::new(&ctx, &conn, &parts, protocol, start, handles);
+    rec.trace = trace;
 
-    let jwt_rules: Vec<&outrigger_policy::crd::JwtRule> = policy
-        .snapshot
-        .request_authentications()
-        .flat_map(|(_, spec)| spec.jwt_rules.iter())
-        .collect();
-    let jwt = match crate::jwt_authn::authenticate(&ctx.jwks, &jwt_rules, &mut parts).await {
+    // Compiled with the snapshot (outrigger_policy::request_authn): nothing parsed here.
+    let jwt_rules = policy.snapshot.jwt_rules();
+    let jwt = match crate::jwt_authn::authenticate(&ctx.jwks, jwt_rules, &mut parts).await {
         Ok(claims) => {
             if !jwt_rules.is_empty() {
                 ctx.metrics
@@ -508,6 +609,14 @@ async fn authorize_and_forward(
                 "JWT refused: {}; answering {} {}", e.reason, status.as_u16(), e.status.message()
             );
             rec.authz_result = Some("jwt_invalid");
+            ctx.denials.record(crate::status::Denial {
+                at: std::time::SystemTime::now(),
+                listener: conn.listener.name.clone(),
+                source: conn.source_principal_str().to_string(),
+                request: parts.uri.path().to_string(),
+                policy: None,
+                reason: "jwt_invalid",
+            });
             let challenge =
                 crate::jwt_authn::www_authenticate(&parts, conn.security_policy() == "mutual_tls");
             let mut resp = local_reply(status, e.status.message(), rec);
@@ -518,10 +627,13 @@ async fn authorize_and_forward(
     };
     let (verdict, inflight) =
         authz::check_http(&ctx, &conn, &mut parts, &policy.snapshot, jwt.as_ref());
-    drop(jwt_rules);
     drop(policy);
     rec.authz_policy = verdict.policy.clone();
     rec.authz_result = Some(verdict.result);
+    rec.audit = verdict.audit.clone();
+    if rec.log.is_some() {
+        rec.jwt_principal = jwt.as_ref().and_then(|c| c.principal());
+    }
     if let Some((status, body)) = verdict.deny {
         // Envoy's response flag for an RBAC denial is `RBAC`.
         rec.flags = if status == StatusCode::FORBIDDEN {
@@ -559,7 +671,7 @@ async fn authorize_and_forward(
                 upstream,
                 downstream,
             } => {
-                authz::record_custom(&ctx, true, "custom_allowed");
+                authz::record_custom(&ctx, &conn, &verdict, &pq, true, "custom_allowed");
                 rec.authz_result = Some("custom_allowed");
                 for (n, v) in upstream {
                     parts.headers.insert(n, v);
@@ -571,7 +683,7 @@ async fn authorize_and_forward(
                     provider = provider.name,
                     "external authorization failed: {why}; allowed (failOpen)"
                 );
-                authz::record_custom(&ctx, true, "custom_failed_open");
+                authz::record_custom(&ctx, &conn, &verdict, &pq, true, "custom_failed_open");
                 rec.authz_result = Some("custom_failed_open");
             }
             crate::ext_authz::Outcome::Deny {
@@ -579,7 +691,7 @@ async fn authorize_and_forward(
                 headers,
                 body,
             } => {
-                authz::record_custom(&ctx, false, "custom_denied");
+                authz::record_custom(&ctx, &conn, &verdict, &pq, false, "custom_denied");
                 tracing::debug!(
                     listener = %conn.listener.name, source = conn.source_principal_str(),
                     provider = provider.name, status = status.as_u16(),
@@ -600,7 +712,7 @@ async fn authorize_and_forward(
                     "external authorization failed: {why}; answering {}",
                     status.as_u16()
                 );
-                authz::record_custom(&ctx, false, "custom_error");
+                authz::record_custom(&ctx, &conn, &verdict, &pq, false, "custom_error");
                 rec.authz_result = Some("custom_error");
                 rec.flags = "UAEX";
                 let mut resp = local_reply_bytes(status, Bytes::new(), rec);
@@ -965,6 +1077,8 @@ impl Drop for ProxyBody {
 pub(crate) struct Recorder {
     ctx: Arc<Ctx>,
     conn: Arc<ConnInfo>,
+    /// The calling workload, from Istio's metadata exchange (crate::peer_metadata).
+    peer: Option<Arc<PeerMetadata>>,
     start: Instant,
     code: u16,
     flags: &'static str,
@@ -973,17 +1087,26 @@ pub(crate) struct Recorder {
     grpc_status: Option<Lv>,
     authz_policy: Option<String>,
     authz_result: Option<&'static str>,
+    /// AUDIT policies that matched (`ns/name[rule],…`).
+    audit: Option<String>,
+    /// The verified JWT's `iss/sub`.
+    jwt_principal: Option<String>,
     protocol: &'static str,
     /// Only captured when the access log is on.
     log: Option<LogFields>,
     handles: Arc<MetricHandles>,
+    trace: crate::trace::ReqTrace,
 }
 
 /// The request series (count, duration, sizes) of each label set seen on one connection, so
 /// that a request does not hash two dozen labels four times to find them (most connections see
 /// one or two label sets: 200, maybe 404).
 #[derive(Default)]
-pub(crate) struct MetricHandles(std::sync::Mutex<Vec<(HandleKey, RequestHandles)>>);
+pub(crate) struct MetricHandles {
+    series: std::sync::Mutex<Vec<(HandleKey, RequestHandles)>>,
+    /// The peer's last `x-envoy-peer-metadata`, decoded (crate::peer_metadata::take).
+    peer: std::sync::Mutex<Option<(HeaderValue, Arc<PeerMetadata>)>>,
+}
 
 #[derive(PartialEq)]
 struct HandleKey {
@@ -991,6 +1114,7 @@ struct HandleKey {
     flags: &'static str,
     protocol: &'static str,
     grpc: Option<Lv>,
+    peer: Option<Arc<PeerMetadata>>,
 }
 
 struct LogFields {
@@ -999,6 +1123,8 @@ struct LogFields {
     authority: String,
     path: String,
     request_id: Option<String>,
+    user_agent: Option<String>,
+    x_forwarded_for: Option<String>,
 }
 
 impl Recorder {
@@ -1048,10 +1174,21 @@ impl Recorder {
                 .get(&X_REQUEST_ID)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
+            user_agent: parts
+                .headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            x_forwarded_for: parts
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
         });
         Recorder {
             ctx: ctx.clone(),
             conn: conn.clone(),
+            peer: parts.extensions.get::<Arc<PeerMetadata>>().cloned(),
             start,
             code: 0,
             flags: "-",
@@ -1060,14 +1197,21 @@ impl Recorder {
             grpc_status: None,
             authz_policy: None,
             authz_result: None,
+            audit: None,
+            jwt_principal: None,
             protocol,
             log,
             handles,
+            trace: Default::default(),
         }
     }
 
-    fn finish(self) {
+    fn finish(mut self) {
         let elapsed = self.start.elapsed();
+        self.ctx
+            .status_rates
+            .requests
+            .fetch_add(1, Ordering::Relaxed);
         let key = HandleKey {
             code: self.code,
             flags: self.flags,
@@ -1077,15 +1221,23 @@ impl Recorder {
                 "http"
             },
             grpc: self.grpc_status.clone(),
+            peer: self.peer.clone(),
         };
         let handles = {
-            let mut cache = self.handles.0.lock().unwrap_or_else(|e| e.into_inner());
+            let mut cache = self
+                .handles
+                .series
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             match cache.iter().find(|(k, _)| *k == key) {
                 Some((_, h)) => h.clone(),
                 None => {
                     let mut conn_labels = self.conn.labels.clone();
                     conn_labels.request_protocol = key.protocol;
                     conn_labels.response_flags = key.flags;
+                    if let Some(peer) = &key.peer {
+                        crate::metrics::apply_source_peer(&mut conn_labels, peer);
+                    }
                     let labels = RequestLabels {
                         conn: conn_labels,
                         response_code: key.code,
@@ -1103,7 +1255,17 @@ impl Recorder {
             .map(|r| r.load(Ordering::Relaxed))
             .unwrap_or(0);
         handles.record(elapsed, received, self.sent);
+        self.trace.finish(
+            &self.ctx.tracer,
+            &crate::trace::SpanEnd {
+                status: self.code,
+                flags: self.flags,
+                request_size: received,
+                response_size: self.sent,
+            },
+        );
         if let Some(log) = &self.log {
+            let trace_id = self.trace.trace_id_hex();
             self.ctx.access_log.log(&AccessRecord {
                 start_time: log.start_time.clone(),
                 kind: "http",
@@ -1126,6 +1288,12 @@ impl Recorder {
                 authz_policy: self.authz_policy.as_deref(),
                 authz_result: self.authz_result,
                 request_id: log.request_id.as_deref(),
+                audit: self.audit.as_deref(),
+                jwt_principal: self.jwt_principal.as_deref(),
+                user_agent: log.user_agent.as_deref(),
+                x_forwarded_for: log.x_forwarded_for.as_deref(),
+                requested_server_name: self.conn.sni.as_deref(),
+                trace_id: trace_id.as_deref(),
             });
         }
     }

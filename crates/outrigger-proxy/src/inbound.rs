@@ -58,6 +58,9 @@ pub(crate) async fn serve_listener(listener: TcpListener, cfg: Arc<InboundConfig
                         continue;
                     }
                 };
+                ctx.status_rates
+                    .connections
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let ctx = ctx.clone();
                 let cfg = cfg.clone();
                 let lv = listener_lv.clone();

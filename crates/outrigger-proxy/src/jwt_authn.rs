@@ -23,13 +23,11 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
 
 use outrigger_policy::JwtClaims;
-use outrigger_policy::crd::JwtRule;
 use outrigger_policy::jwt::{self, ClaimRules, Jwks, JwtError};
+use outrigger_policy::request_authn::{JwtRuleModel, KeySource, RemoteKeys, TokenLocations};
 
 use crate::metrics::Metrics;
 
-/// Istio's default `timeout` for fetching a JWKS: "If not set, the default timeout is 5s."
-const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// A token naming an unknown `kid` may trigger a refetch at most this often per key set.
 const UNKNOWN_KID_REFETCH: Duration = Duration::from_secs(30);
 /// Key sets and discovery documents larger than this are refused.
@@ -60,28 +58,6 @@ impl Default for JwtSettings {
     }
 }
 
-/// Where a rule's keys come from.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum KeySource {
-    Inline(String),
-    Uri(String),
-    /// Only `issuer` given: "the public key set is implicitly set from the OpenID Connect
-    /// spec" — `<issuer>/.well-known/openid-configuration` names `jwks_uri`.
-    Discovery(String),
-}
-
-impl KeySource {
-    fn of(rule: &JwtRule) -> KeySource {
-        if !rule.jwks.is_empty() {
-            KeySource::Inline(rule.jwks.clone())
-        } else if !rule.jwks_uri.is_empty() {
-            KeySource::Uri(rule.jwks_uri.clone())
-        } else {
-            KeySource::Discovery(rule.issuer.clone())
-        }
-    }
-}
-
 #[derive(Default)]
 struct Entry {
     keys: Option<Arc<Jwks>>,
@@ -94,9 +70,9 @@ struct Entry {
 
 /// Key sets by source, shared by all connections.
 pub struct JwksCache {
-    entries: Mutex<HashMap<KeySource, Entry>>,
+    entries: Mutex<HashMap<RemoteKeys, Entry>>,
     /// One fetch at a time per source; others wait for it and read the result.
-    fetch_locks: Mutex<HashMap<KeySource, Arc<tokio::sync::Mutex<()>>>>,
+    fetch_locks: Mutex<HashMap<RemoteKeys, Arc<tokio::sync::Mutex<()>>>>,
     tls: Arc<rustls::ClientConfig>,
     settings: JwtSettings,
     metrics: Arc<Metrics>,
@@ -114,23 +90,11 @@ fn msg(e: impl std::fmt::Display) -> FetchError {
 
 impl JwksCache {
     pub fn new(settings: JwtSettings, metrics: Arc<Metrics>) -> Arc<Self> {
-        let mut roots = rustls::RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        for c in native.certs {
-            let _ = roots.add(c);
-        }
-        for c in &settings.extra_roots {
-            let _ = roots.add(c.clone());
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(outrigger_tls::crypto_provider())
-            .with_safe_default_protocol_versions()
-            .expect("the provider supports TLS 1.2 and 1.3")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = outrigger_tls::control::web_client_config(&settings.extra_roots);
         Arc::new(JwksCache {
             entries: Mutex::new(HashMap::new()),
             fetch_locks: Mutex::new(HashMap::new()),
-            tls: Arc::new(tls),
+            tls,
             settings,
             metrics,
         })
@@ -140,7 +104,7 @@ impl JwksCache {
         &self.settings
     }
 
-    fn cached(&self, src: &KeySource) -> (Option<Arc<Jwks>>, bool, Option<Instant>) {
+    fn cached(&self, src: &RemoteKeys) -> (Option<Arc<Jwks>>, bool, Option<Instant>) {
         let entries = self.entries.lock().expect("jwks cache lock");
         match entries.get(src) {
             Some(e) => {
@@ -153,32 +117,19 @@ impl JwksCache {
         }
     }
 
-    /// The keys for a rule. Fresh keys return at once; stale keys return at once while a
-    /// refresh runs in the background; with no keys yet, the caller waits for the first fetch
-    /// (at most `timeout`). An unreachable issuer keeps the last good keys in use.
+    /// The keys for a rule. An inline set was parsed with the policy. Fresh fetched keys return
+    /// at once; stale keys return at once while a refresh runs in the background; with no keys
+    /// yet, the caller waits for the first fetch (at most `timeout`). An unreachable issuer
+    /// keeps the last good keys in use.
     async fn keys(
         self: &Arc<Self>,
         src: &KeySource,
         timeout: Duration,
     ) -> Result<Arc<Jwks>, String> {
-        if let KeySource::Inline(text) = src {
-            if let (Some(k), _, _) = self.cached(src) {
-                return Ok(k);
-            }
-            let k = Arc::new(Jwks::parse(text).map_err(|e| format!("inline jwks: {e}"))?);
-            let mut entries = self.entries.lock().expect("jwks cache lock");
-            entries.insert(
-                src.clone(),
-                Entry {
-                    keys: Some(k.clone()),
-                    fetched_at: None,
-                    last_attempt: None,
-                    last_error: None,
-                    kid_refetch_at: None,
-                },
-            );
-            return Ok(k);
-        }
+        let src = match src {
+            KeySource::Inline(parsed) => return parsed.clone(),
+            KeySource::Remote(r) => r,
+        };
         match self.cached(src) {
             (Some(k), true, _) => Ok(k),
             (Some(k), false, _) => {
@@ -198,7 +149,7 @@ impl JwksCache {
     /// kids cannot turn into a flood of requests to the issuer.
     async fn refresh(
         self: &Arc<Self>,
-        src: &KeySource,
+        src: &RemoteKeys,
         timeout: Duration,
         for_unknown_kid: bool,
     ) -> Result<Arc<Jwks>, String> {
@@ -267,11 +218,10 @@ impl JwksCache {
         outcome
     }
 
-    async fn fetch(&self, src: &KeySource) -> Result<Jwks, FetchError> {
+    async fn fetch(&self, src: &RemoteKeys) -> Result<Jwks, FetchError> {
         let uri = match src {
-            KeySource::Inline(_) => unreachable!("inline key sets are never fetched"),
-            KeySource::Uri(u) => u.clone(),
-            KeySource::Discovery(issuer) => {
+            RemoteKeys::Uri(u) => u.clone(),
+            RemoteKeys::Discovery(issuer) => {
                 let url = format!(
                     "{}/.well-known/openid-configuration",
                     issuer.trim_end_matches('/')
@@ -375,16 +325,21 @@ impl JwksCache {
             loop {
                 tick.tick().await;
                 let Some(me) = weak.upgrade() else { return };
-                let sources: Vec<KeySource> = me
+                let sources: Vec<RemoteKeys> = me
                     .entries
                     .lock()
                     .expect("jwks cache lock")
                     .keys()
-                    .filter(|s| !matches!(s, KeySource::Inline(_)))
                     .cloned()
                     .collect();
                 for s in sources {
-                    let _ = me.refresh(&s, DEFAULT_FETCH_TIMEOUT, false).await;
+                    let _ = me
+                        .refresh(
+                            &s,
+                            outrigger_policy::request_authn::DEFAULT_FETCH_TIMEOUT,
+                            false,
+                        )
+                        .await;
                 }
             }
         })
@@ -405,20 +360,20 @@ where
     tx.send_request(req).await.map_err(msg)
 }
 
-fn describe(src: &KeySource) -> String {
+fn describe(src: &RemoteKeys) -> String {
     match src {
-        KeySource::Inline(_) => "inline jwks".into(),
-        KeySource::Uri(u) => u.clone(),
-        KeySource::Discovery(i) => format!("issuer {i} (OpenID discovery)"),
+        RemoteKeys::Uri(u) => u.clone(),
+        RemoteKeys::Discovery(i) => format!("issuer {i} (OpenID discovery)"),
     }
 }
 
 /// Where a token was found, to remove it when `forwardOriginalToken` is false.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Location {
-    Header(HeaderName),
-    Param(String),
-    Cookie(String),
+enum Location<'r> {
+    /// A lowercased header name.
+    Header(&'r str),
+    Param(&'r str),
+    Cookie(&'r str),
 }
 
 fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
@@ -443,55 +398,58 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// The tokens a rule looks for, with where each was found. "If no explicit location is
 /// specified the following default locations are tried in order: 1) The Authorization header
 /// using the Bearer schema ... 2) `access_token` query parameter."
-fn extract<'a>(
-    rule: &JwtRule,
+fn extract<'a, 'r>(
+    rule: &'r JwtRuleModel,
     parts: &'a http::request::Parts,
-    out: &mut Vec<(&'a str, Location)>,
+    out: &mut Vec<(&'a str, Location<'r>)>,
 ) {
     let query = parts.uri.query();
-    let explicit = !rule.from_headers.is_empty()
-        || !rule.from_params.is_empty()
-        || !rule.from_cookies.is_empty();
-    let mut push = |t: &'a str, loc: Location| {
+    let mut push = |t: &'a str, loc: Location<'r>| {
         let t = t.trim();
         if !t.is_empty() && !out.iter().any(|(x, l)| *x == t && *l == loc) {
             out.push((t, loc));
         }
     };
-    if !explicit {
-        for v in parts.headers.get_all(http::header::AUTHORIZATION) {
+    let (headers, params, cookies) = match &rule.locations {
+        TokenLocations::Default => {
+            for v in parts.headers.get_all(http::header::AUTHORIZATION) {
+                if let Ok(v) = v.to_str()
+                    && v.len() > 7
+                    && v[..7].eq_ignore_ascii_case("bearer ")
+                {
+                    push(&v[7..], Location::Header("authorization"));
+                }
+            }
+            if let Some(t) = query_param(query, "access_token") {
+                push(t, Location::Param("access_token"));
+            }
+            return;
+        }
+        TokenLocations::Explicit {
+            headers,
+            params,
+            cookies,
+        } => (headers, params, cookies),
+    };
+    for (name, prefix) in headers {
+        // A name that is not a valid header name finds nothing (`get_all` of an invalid name
+        // is empty), as no request can carry it.
+        for v in parts.headers.get_all(name.as_str()) {
             if let Ok(v) = v.to_str()
-                && v.len() > 7
-                && v[..7].eq_ignore_ascii_case("bearer ")
+                && let Some(t) = v.strip_prefix(prefix.as_str())
             {
-                push(&v[7..], Location::Header(http::header::AUTHORIZATION));
+                push(t, Location::Header(name));
             }
         }
-        if let Some(t) = query_param(query, "access_token") {
-            push(t, Location::Param("access_token".into()));
-        }
-        return;
     }
-    for h in &rule.from_headers {
-        let Ok(name) = HeaderName::from_bytes(h.name.to_ascii_lowercase().as_bytes()) else {
-            continue;
-        };
-        for v in parts.headers.get_all(&name) {
-            if let Ok(v) = v.to_str()
-                && let Some(t) = v.strip_prefix(h.prefix.as_str())
-            {
-                push(t, Location::Header(name.clone()));
-            }
-        }
-    }
-    for p in &rule.from_params {
+    for p in params {
         if let Some(t) = query_param(query, p) {
-            push(t, Location::Param(p.clone()));
+            push(t, Location::Param(p));
         }
     }
-    for c in &rule.from_cookies {
+    for c in cookies {
         if let Some(t) = cookie(&parts.headers, c) {
-            push(t, Location::Cookie(c.clone()));
+            push(t, Location::Cookie(c));
         }
     }
 }
@@ -665,18 +623,16 @@ fn set_header(headers: &mut HeaderMap, name: &str, value: &str) {
 /// Outrigger sets from verified claims (so a client cannot forge them), then sets them.
 pub async fn authenticate(
     cache: &Arc<JwksCache>,
-    rules: &[&JwtRule],
+    rules: &[JwtRuleModel],
     parts: &mut http::request::Parts,
 ) -> Result<Option<JwtClaims>, Unauthenticated> {
     // Headers derived from verified claims are ours alone.
     for rule in rules {
-        if !rule.output_payload_to_header.is_empty() {
-            parts
-                .headers
-                .remove(rule.output_payload_to_header.to_ascii_lowercase().as_str());
+        if let Some(h) = &rule.output_payload_to_header {
+            parts.headers.remove(h.as_str());
         }
-        for c in &rule.output_claim_to_headers {
-            parts.headers.remove(c.header.to_ascii_lowercase().as_str());
+        for (h, _) in &rule.output_claim_to_headers {
+            parts.headers.remove(h.as_str());
         }
     }
     for (h, _) in &cache.settings.identity_headers {
@@ -731,7 +687,7 @@ pub async fn authenticate(
         let mut last_err = None;
         let mut ok_rule = None;
         for &ri in &candidates {
-            let rule = rules[ri];
+            let rule = &rules[ri];
             if let Err(e) = decoded.check_claims(&ClaimRules {
                 issuer: &rule.issuer,
                 audiences: &rule.audiences,
@@ -741,13 +697,8 @@ pub async fn authenticate(
                 last_err = Some(Unauthenticated::from(e));
                 continue;
             }
-            // Parsed and validated at load (>= 1ms, Go's range): never parsed per request.
-            let timeout = rule
-                .timeout
-                .and_then(|t| t.to_std())
-                .unwrap_or(DEFAULT_FETCH_TIMEOUT);
-            let src = KeySource::of(rule);
-            let keys = match cache.keys(&src, timeout).await {
+            let timeout = rule.fetch_timeout;
+            let keys = match cache.keys(&rule.keys, timeout).await {
                 Ok(k) => k,
                 Err(e) => {
                     last_err = Some(Unauthenticated::new(jwt::Status::JwksFetchFail, e));
@@ -756,10 +707,10 @@ pub async fn authenticate(
             };
             let mut sig = decoded.verify_signature(&keys);
             if let Err(JwtError::UnknownKid(_)) = &sig
-                && !matches!(src, KeySource::Inline(_))
+                && let KeySource::Remote(src) = &rule.keys
             {
                 // The issuer may have rotated its keys: refetch (rate-limited) and retry.
-                if let Ok(k) = cache.refresh(&src, timeout, true).await {
+                if let Ok(k) = cache.refresh(src, timeout, true).await {
                     sig = decoded.verify_signature(&k);
                 }
             }
@@ -776,7 +727,7 @@ pub async fn authenticate(
                 Unauthenticated::new(jwt::Status::JwtVerificationFail, "no rule verified it")
             }));
         };
-        let rule = rules[ri];
+        let rule = &rules[ri];
         if !rule.forward_original_token {
             for (t, loc, _) in &found {
                 if t == token {
@@ -794,7 +745,7 @@ pub async fn authenticate(
     let Some((claims, ri, payload_b64)) = verified else {
         return Ok(None);
     };
-    let rule = rules[ri];
+    let rule = &rules[ri];
     // "forwardOriginalToken: If set to true, the original token will be kept for the
     // upstream request. Default is false."
     for loc in to_remove {
@@ -802,16 +753,12 @@ pub async fn authenticate(
             parts.headers.remove(h);
         }
     }
-    if !rule.output_payload_to_header.is_empty() {
-        set_header(
-            &mut parts.headers,
-            &rule.output_payload_to_header,
-            &payload_b64,
-        );
+    if let Some(h) = &rule.output_payload_to_header {
+        set_header(&mut parts.headers, h, &payload_b64);
     }
-    for c in &rule.output_claim_to_headers {
-        if let Some(v) = claim_at(claims.payload(), &c.claim).and_then(claim_text) {
-            set_header(&mut parts.headers, &c.header, &v);
+    for (h, claim) in &rule.output_claim_to_headers {
+        if let Some(v) = claim_at(claims.payload(), claim).and_then(claim_text) {
+            set_header(&mut parts.headers, h, &v);
         }
     }
     for (h, claim) in &cache.settings.identity_headers {

@@ -29,9 +29,13 @@ pub mod jwt_authn;
 pub mod limits;
 pub mod log_limit;
 pub mod metrics;
+pub mod otlp;
 pub mod outbound;
+pub mod peer_metadata;
 pub mod ratelimit;
+pub mod status;
 mod tcp_fwd;
+pub mod trace;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,7 +50,7 @@ use outrigger_identity::Identity;
 use outrigger_policy::Snapshot;
 use outrigger_tls::CertStore;
 
-pub use access_log::{AccessLog, AccessLogTarget};
+pub use access_log::{AccessLog, AccessLogConfig, AccessLogFormat};
 pub use metrics::Metrics;
 
 /// How an inbound listener treats the bytes inside the (m)TLS session, and which protocol the
@@ -178,6 +182,8 @@ pub struct Settings {
     pub rate_limits: Vec<ratelimit::RateLimitRule>,
     /// The CUSTOM action's providers (MeshConfig `extensionProviders`; see [`ext_authz`]).
     pub extension_providers: Vec<Arc<ext_authz::HttpProvider>>,
+    /// Distributed tracing (see [`trace`]); `None`: off (`x-request-id` is still generated).
+    pub tracing: Option<trace::TracingConfig>,
 }
 
 impl Default for Settings {
@@ -192,6 +198,7 @@ impl Default for Settings {
             limits: limits::ConnectionLimits::default(),
             rate_limits: Vec::new(),
             extension_providers: Vec::new(),
+            tracing: None,
         }
     }
 }
@@ -308,9 +315,12 @@ pub(crate) struct Ctx {
     pub policy: Arc<PolicyHandle>,
     pub metrics: Arc<Metrics>,
     pub access_log: AccessLog,
+    pub tracer: trace::Tracer,
     pub workload: WorkloadInfo,
     pub settings: Settings,
     pub dest_labels: metrics::TcpLabels,
+    /// This workload's side of Istio's HTTP metadata exchange.
+    pub peer_exchange: peer_metadata::Local,
     pub ready: AtomicBool,
     pub inbound: Vec<InboundConfig>,
     /// The outbound destinations (for `/config_dump`).
@@ -325,6 +335,10 @@ pub(crate) struct Ctx {
     pub ratelimit: arc_swap::ArcSwap<ratelimit::RateLimiter>,
     /// Dropped receivers tell the drain that a connection has finished.
     pub drain: watch::Receiver<bool>,
+    /// The last denials, for the status page.
+    pub denials: status::Denials,
+    /// Request and connection counts, for the status page's rates.
+    pub status_rates: status::Rates,
 }
 
 /// The running data plane.
@@ -431,13 +445,24 @@ impl Proxy {
             })?),
             None => None,
         };
+        let tracer = match &opts.settings.tracing {
+            Some(c) => trace::Tracer::new(
+                c,
+                &opts.workload,
+                opts.metrics.spans.clone(),
+                opts.access_log.enabled(),
+            ),
+            None => trace::Tracer::off(opts.access_log.enabled()),
+        };
         let ctx = Arc::new(Ctx {
+            tracer,
             log_control: opts.log_control,
             certs,
             policy,
             metrics: opts.metrics,
             access_log: opts.access_log,
             dest_labels,
+            peer_exchange: peer_metadata::Local::new(&opts.workload),
             workload: opts.workload,
             settings: opts.settings,
             ready: AtomicBool::new(false),
@@ -448,6 +473,8 @@ impl Proxy {
             conns,
             ratelimit,
             drain: drain_rx,
+            denials: status::Denials::default(),
+            status_rates: status::Rates::default(),
         });
         Ok(Proxy {
             ctx,

@@ -103,6 +103,15 @@ pub struct RotationFailureLabels {
     pub reason: &'static str,
 }
 
+/// `outrigger_authorization_decisions_total`: the outcome, why, and the deciding policy
+/// (`namespace/name`, `-` when no policy decided).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct AuthzDecisionLabels {
+    pub action: &'static str,
+    pub result: &'static str,
+    pub policy: Lv,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct DecisionLabels {
     pub action: &'static str,
@@ -156,10 +165,12 @@ pub struct Metrics {
     pub rejected: Family<RejectLabels, Counter>,
     pub reloads: Family<ReloadLabels, Counter>,
     pub rotation_failures: Family<RotationFailureLabels, Counter>,
-    pub decisions: Family<DecisionLabels, Counter>,
+    pub decisions: Family<AuthzDecisionLabels, Counter>,
     pub jwks_fetches: Family<ReloadLabels, Counter>,
     pub jwt_authn: Family<DecisionLabels, Counter>,
     pub access_log_dropped: Counter,
+    /// Spans exported and dropped by the OTLP exporter (crate::trace).
+    pub spans: crate::trace::SpanCounters,
     /// Downstream connections open (Envoy: `downstream_cx_active`), as counted against
     /// `connections.max`.
     pub downstream_connections: Gauge,
@@ -234,8 +245,9 @@ impl Metrics {
         let rejected = Family::<RejectLabels, Counter>::default();
         let reloads = Family::<ReloadLabels, Counter>::default();
         let rotation_failures = Family::<RotationFailureLabels, Counter>::default();
-        let decisions = Family::<DecisionLabels, Counter>::default();
+        let decisions = Family::<AuthzDecisionLabels, Counter>::default();
         let access_log_dropped = Counter::default();
+        let spans = crate::trace::SpanCounters::default();
         let jwks_fetches = Family::<ReloadLabels, Counter>::default();
         let jwt_authn = Family::<DecisionLabels, Counter>::default();
         let downstream_connections = Gauge::default();
@@ -331,13 +343,23 @@ impl Metrics {
         );
         registry.register(
             "outrigger_authorization_decisions",
-            "Authorization decisions, by deciding action and result",
+            "Authorization decisions, by outcome (action), reason (result) and deciding policy (namespace/name, - for none)",
             decisions.clone(),
         );
         registry.register(
             "outrigger_access_log_dropped",
             "Access log lines dropped because the log writer could not keep up",
             access_log_dropped.clone(),
+        );
+        registry.register(
+            "outrigger_tracing_spans_exported",
+            "Spans the OTLP collector accepted",
+            spans.exported.clone(),
+        );
+        registry.register(
+            "outrigger_tracing_spans_dropped",
+            "Spans dropped: the export queue was full, or the collector failed or was too slow",
+            spans.dropped.clone(),
         );
         Metrics {
             registry,
@@ -356,6 +378,7 @@ impl Metrics {
             jwks_fetches,
             jwt_authn,
             access_log_dropped,
+            spans,
             downstream_connections,
             downstream_connections_peak: Default::default(),
             idle_timeouts,
@@ -431,15 +454,22 @@ pub fn destination_labels(w: &crate::WorkloadInfo) -> TcpLabels {
             Lv::new(s)
         }
     };
+    // istio_stats.cc, server reporter: `destination_service` is the service host, else the
+    // canonical service name; `destination_service_name` the host's first label, else the
+    // canonical service name.
     let (service, service_name) = match &w.service_host {
         Some(h) => (Lv::new(h), Lv::new(h.split('.').next().unwrap_or(h))),
-        None => (Lv::unknown(), Lv::unknown()),
+        None => (
+            or_unknown(&w.canonical_service),
+            or_unknown(&w.canonical_service),
+        ),
     };
     TcpLabels {
         reporter: "destination",
         source_workload: Lv::unknown(),
         source_canonical_service: Lv::unknown(),
-        source_canonical_revision: Lv::unknown(),
+        // istio_stats.cc (server reporter): the peer's canonical revision, else `latest`.
+        source_canonical_revision: Lv::new("latest"),
         source_workload_namespace: Lv::unknown(),
         source_principal: Lv::unknown(),
         source_app: Lv::unknown(),
@@ -459,6 +489,55 @@ pub fn destination_labels(w: &crate::WorkloadInfo) -> TcpLabels {
         request_protocol: "tcp",
         response_flags: "-",
         connection_security_policy: "none",
+    }
+}
+
+/// The calling workload's labels from Istio's metadata exchange (crate::peer_metadata), as
+/// the server reporter fills them (istio/proxy `istio_stats.cc`, `Reporter::ServerSidecar`):
+/// each label from the peer's metadata, `unknown` where it sent none — except the canonical
+/// revision, `latest` — and the namespace from the certificate when there is one.
+pub fn apply_source_peer(l: &mut TcpLabels, peer: &crate::peer_metadata::PeerMetadata) {
+    let or = |s: &str, default: &'static str| {
+        if s.is_empty() {
+            Lv::new(default)
+        } else {
+            Lv::new(s)
+        }
+    };
+    l.source_workload = or(&peer.workload, "unknown");
+    l.source_canonical_service = or(&peer.canonical_service, "unknown");
+    l.source_canonical_revision = or(&peer.canonical_revision, "latest");
+    l.source_app = or(&peer.app, "unknown");
+    l.source_version = or(&peer.version, "unknown");
+    l.source_cluster = or(&peer.cluster, "unknown");
+    if l.source_workload_namespace.0.as_ref() == "unknown" && !peer.namespace.is_empty() {
+        l.source_workload_namespace = Lv::new(&peer.namespace);
+    }
+}
+
+/// The called workload's labels from the exchange, as the client reporter fills them
+/// (`Reporter::ClientSidecar`): the destination namespace from the server's certificate first
+/// (`destination_principal` is set from it before this is called), the canonical revision
+/// `latest` when the peer sent none.
+pub fn apply_destination_peer(l: &mut TcpLabels, peer: &crate::peer_metadata::PeerMetadata) {
+    let or = |s: &str, default: &'static str| {
+        if s.is_empty() {
+            Lv::new(default)
+        } else {
+            Lv::new(s)
+        }
+    };
+    l.destination_workload = or(&peer.workload, "unknown");
+    l.destination_canonical_service = or(&peer.canonical_service, "unknown");
+    l.destination_canonical_revision = or(&peer.canonical_revision, "latest");
+    l.destination_app = or(&peer.app, "unknown");
+    l.destination_version = or(&peer.version, "unknown");
+    l.destination_cluster = or(&peer.cluster, "unknown");
+    if l.destination_workload_namespace.0.as_ref() == "unknown" && !peer.namespace.is_empty() {
+        l.destination_workload_namespace = Lv::new(&peer.namespace);
+    }
+    if l.destination_service_namespace.0.as_ref() == "unknown" && !peer.namespace.is_empty() {
+        l.destination_service_namespace = Lv::new(&peer.namespace);
     }
 }
 
@@ -512,7 +591,8 @@ pub fn source_labels(w: &crate::WorkloadInfo) -> TcpLabels {
         destination_version: Lv::unknown(),
         destination_service: Lv::unknown(),
         destination_canonical_service: Lv::unknown(),
-        destination_canonical_revision: Lv::unknown(),
+        // istio_stats.cc (client reporter): the peer's canonical revision, else `latest`.
+        destination_canonical_revision: Lv::new("latest"),
         destination_service_name: Lv::unknown(),
         destination_service_namespace: Lv::unknown(),
         destination_cluster: Lv::unknown(),

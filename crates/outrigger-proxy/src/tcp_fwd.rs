@@ -122,7 +122,9 @@ where
             connection_security_policy: conn.security_policy(),
             authz_policy: verdict.policy.as_deref(),
             authz_result: Some(verdict.result),
-            request_id: None,
+            audit: verdict.audit.as_deref(),
+            requested_server_name: conn.sni.as_deref(),
+            ..Default::default()
         });
     }
 }

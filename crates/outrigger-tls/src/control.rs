@@ -48,6 +48,25 @@ pub fn control_plane_client_config(
     Ok(Arc::new(config))
 }
 
+/// Client side of HTTPS to the web PKI: JWKS and OpenID discovery fetches from token issuers
+/// (`RequestAuthentication` `jwksUri`, `issuer`). Issuers are verified the way Envoy's
+/// `jwks_uri` cluster verifies them, by the system's trust store plus `extra_roots`
+/// (`jwt.caBundle`) and the host name; no client certificate. Built once per agent: the roots
+/// do not change while it runs.
+pub fn web_client_config(extra_roots: &[CertificateDer<'static>]) -> Arc<ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    // A certificate the system store holds but webpki cannot parse is skipped, as curl and
+    // Envoy skip it: one bad entry must not leave the agent without roots.
+    let _ = roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    let _ = roots.add_parsable_certificates(extra_roots.iter().cloned());
+    let config = ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(PROTOCOL_VERSIONS)
+        .expect("the provider supports TLS 1.2 and 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
 /// The CA API server's own credentials: a certificate for the DNS names clients connect to
 /// (istiod's is for `istiod.istio-system.svc`), not a workload identity.
 pub struct ServingCert {

@@ -1,5 +1,6 @@
 //! Live credentials, swapped atomically on rotation.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -46,6 +47,36 @@ struct Current {
     /// `notAfter`, as istio-agent does (`SECRET_GRACE_PERIOD_RATIO` = 0.5 of the lifetime
     /// measured from when the secret was created, not from the back-dated `NotBefore`).
     obtained_at: SystemTime,
+    /// Client configs built from these credentials, by (expected peer identities, ALPN). A
+    /// config is built once per destination kind and credential set, not per dial: building one
+    /// costs a root-store parse, and a config carries rustls' session cache, so reusing it is
+    /// what lets the next handshake to the same peer resume. A rotation swaps `Current` and so
+    /// starts an empty cache. Bounded by [`CLIENT_CONFIGS_MAX`].
+    clients: Mutex<HashMap<ClientKey, Arc<ClientConfig>>>,
+}
+
+type ClientKey = (Vec<Identity>, Vec<Vec<u8>>);
+
+/// The most client configs kept per credential set. The keys come from the configuration
+/// (outbound services, HBONE peers' pinned identities), so a real agent has a handful; past the
+/// bound the cache is emptied and refilled rather than grown.
+const CLIENT_CONFIGS_MAX: usize = 256;
+
+impl Current {
+    fn new(
+        certs: WorkloadCerts,
+        server: Arc<ServerConfig>,
+        fingerprint: Option<[u8; 32]>,
+        obtained_at: SystemTime,
+    ) -> Current {
+        Current {
+            certs: Arc::new(certs),
+            server,
+            fingerprint,
+            obtained_at,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
 }
 
 struct Inner {
@@ -212,12 +243,7 @@ impl CertStore {
         let (certs, server) = validate(&raw, expected.as_ref(), &trust, &alpn, None)?;
         drop(raw);
         let expected = certs.identity().clone();
-        let current = Current {
-            certs: Arc::new(certs),
-            server,
-            fingerprint,
-            obtained_at: SystemTime::now(),
-        };
+        let current = Current::new(certs, server, fingerprint, SystemTime::now());
         let (generation, _) = watch::channel(0);
         Ok(CertStore {
             inner: Arc::new(Inner {
@@ -272,14 +298,28 @@ impl CertStore {
         &self.inner.trust
     }
 
-    /// An outbound config from the current credentials (see [`crate::client_config`]). Build it
-    /// once per destination and rebuild when [`subscribe`](Self::subscribe) reports a change.
+    /// The outbound config for peers pinned to `expected`, offering `alpn` (see
+    /// [`crate::client_config`]), from the current credentials. Every client of the mesh
+    /// identity (outbound origination, the HBONE client) takes its config here: built once per
+    /// (identities, ALPN) and credential set, so repeated dials share one config and its
+    /// session cache (TLS resumption), and a rotation is picked up by the next call.
     pub fn client_config(
         &self,
         expected: &[Identity],
         alpn: &[&[u8]],
     ) -> Result<Arc<ClientConfig>, TlsError> {
-        client_config(&self.certs(), &self.inner.trust, expected, alpn)
+        let cur = self.inner.current.load();
+        let key: ClientKey = (expected.to_vec(), alpn.iter().map(|p| p.to_vec()).collect());
+        let mut clients = cur.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(cfg) = clients.get(&key) {
+            return Ok(cfg.clone());
+        }
+        let cfg = client_config(&cur.certs, &self.inner.trust, expected, alpn)?;
+        if clients.len() >= CLIENT_CONFIGS_MAX {
+            clients.clear();
+        }
+        clients.insert(key, cfg.clone());
+        Ok(cfg)
     }
 
     /// The generation of the current credentials: 0 at start, +1 per rotation.
@@ -515,12 +555,12 @@ impl Inner {
         };
         let identity = certs.identity().clone();
         let not_after = certs.not_after();
-        self.current.store(Arc::new(Current {
-            certs: Arc::new(certs),
+        self.current.store(Arc::new(Current::new(
+            certs,
             server,
             fingerprint,
-            obtained_at: SystemTime::now(),
-        }));
+            SystemTime::now(),
+        )));
         self.generation.send_modify(|g| *g += 1);
         {
             let mut st = self.status();
@@ -588,12 +628,12 @@ impl Inner {
             .with_revocation(Some(revocation.clone()));
         let alpn: Vec<&[u8]> = self.alpn.iter().map(Vec::as_slice).collect();
         let server = server_config(&certs, &self.trust, &alpn)?;
-        self.current.store(Arc::new(Current {
-            certs: Arc::new(certs),
+        self.current.store(Arc::new(Current::new(
+            certs,
             server,
-            fingerprint: cur.fingerprint,
-            obtained_at: cur.obtained_at,
-        }));
+            cur.fingerprint,
+            cur.obtained_at,
+        )));
         self.generation.send_modify(|g| *g += 1);
         let (crls, revoked) = revocation.counts();
         tracing::info!(

@@ -464,3 +464,78 @@ async fn a_chain_and_key_caught_mid_write_are_neither_applied_nor_refused() {
     assert_eq!(store.generation(), 1);
     refresh.abort();
 }
+
+/// `CertStore::client_config` is built once per (pinned identities, ALPN) and credential set,
+/// so a second dial to the same peer resumes its TLS session (the HBONE client used to build a
+/// config per dial, and so always paid a full handshake), the server still sees the client's
+/// identity on the resumed session, a different pin never shares a session cache, and a
+/// rotation starts afresh.
+#[tokio::test]
+async fn client_configs_are_shared_so_a_second_dial_resumes() {
+    use rustls::HandshakeKind;
+    let ca = ca();
+    let server_dir = tempfile::tempdir().unwrap();
+    ca.issue(&id("a", "srv"), Duration::from_secs(3600))
+        .unwrap()
+        .write_to(server_dir.path())
+        .unwrap();
+    let server = CertStore::new(files_source(server_dir.path()), trust(), alpn()).unwrap();
+    let client_dir = tempfile::tempdir().unwrap();
+    ca.issue(&id("a", "cli"), Duration::from_secs(3600))
+        .unwrap()
+        .write_to(client_dir.path())
+        .unwrap();
+    let client = CertStore::new(files_source(client_dir.path()), trust(), alpn()).unwrap();
+    let (addr, mut outcomes) = echo_server(move || server.server_config()).await;
+    let kind = |tls: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>| {
+        tls.get_ref().1.handshake_kind().unwrap()
+    };
+
+    let pin = [id("a", "srv")];
+    let first = client.client_config(&pin, &[b"istio"]).unwrap();
+    let tls = connect(first.clone(), addr, "srv").await.unwrap();
+    assert_eq!(kind(&tls), HandshakeKind::Full);
+    assert_eq!(
+        next_outcome(&mut outcomes).await.unwrap().peer,
+        id("a", "cli")
+    );
+
+    let again = client.client_config(&pin, &[b"istio"]).unwrap();
+    assert!(Arc::ptr_eq(&first, &again), "one config per pin and ALPN");
+    let tls = connect(again, addr, "srv").await.unwrap();
+    assert_eq!(kind(&tls), HandshakeKind::Resumed);
+    assert_eq!(
+        next_outcome(&mut outcomes).await.unwrap().peer,
+        id("a", "cli"),
+        "the resumed session keeps the client's identity"
+    );
+
+    // Another pin set (or ALPN) is another config, with its own session cache.
+    let other = client
+        .client_config(&[id("a", "srv"), id("b", "x")], &[b"istio"])
+        .unwrap();
+    assert!(!Arc::ptr_eq(&first, &other));
+    assert_eq!(
+        kind(&connect(other, addr, "srv").await.unwrap()),
+        HandshakeKind::Full
+    );
+    next_outcome(&mut outcomes).await.unwrap();
+    let h2 = client.client_config(&pin, &[b"h2"]).unwrap();
+    assert!(!Arc::ptr_eq(&first, &h2));
+
+    // A rotation: the next call builds from the new credentials.
+    ca.issue(&id("a", "cli"), Duration::from_secs(3600))
+        .unwrap()
+        .write_to(client_dir.path())
+        .unwrap();
+    assert!(client.reload().unwrap());
+    let rotated = client.client_config(&pin, &[b"istio"]).unwrap();
+    assert!(!Arc::ptr_eq(&first, &rotated));
+    let tls = connect(rotated, addr, "srv").await.unwrap();
+    assert_eq!(kind(&tls), HandshakeKind::Full);
+    assert_eq!(
+        next_outcome(&mut outcomes).await.unwrap().peer_leaf,
+        client.certs().chain[0],
+        "the new certificate is presented"
+    );
+}

@@ -269,6 +269,7 @@ impl Loaded {
             limits: connection_limits(cfg),
             rate_limits: cfg.rate_limits.clone(),
             extension_providers: cfg.extension_providers.clone(),
+            tracing: cfg.tracing.clone(),
         };
         let proxy = Proxy::bind(
             ProxyOptions {

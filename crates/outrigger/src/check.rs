@@ -289,10 +289,7 @@ fn verify_jwt(
     let token = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("--jwt {}: {e}", path.display()))?;
     let token = token.trim();
-    let rules: Vec<&outrigger_policy::crd::JwtRule> = snap
-        .request_authentications()
-        .flat_map(|(_, s)| s.jwt_rules.iter())
-        .collect();
+    let rules = snap.jwt_rules();
     if rules.is_empty() {
         eprintln!("note: no RequestAuthentication applies to this workload: the token is ignored");
         return Ok(Ok(None));
@@ -300,9 +297,13 @@ fn verify_jwt(
     // Put the token everywhere the rules look for one in headers.
     let mut b = http::Request::get("/");
     b = b.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
-    for r in &rules {
-        for h in &r.from_headers {
-            b = b.header(h.name.as_str(), format!("{}{token}", h.prefix));
+    for r in rules {
+        if let outrigger_policy::request_authn::TokenLocations::Explicit { headers, .. } =
+            &r.locations
+        {
+            for (name, prefix) in headers {
+                b = b.header(name.as_str(), format!("{prefix}{token}"));
+            }
         }
     }
     let (mut parts, ()) = b.body(())?.into_parts();
@@ -315,7 +316,7 @@ fn verify_jwt(
             settings,
             std::sync::Arc::new(outrigger_proxy::Metrics::new()),
         );
-        outrigger_proxy::jwt_authn::authenticate(&cache, &rules, &mut parts).await
+        outrigger_proxy::jwt_authn::authenticate(&cache, rules, &mut parts).await
     });
     Ok(result.map_err(|e| e.reason))
 }

@@ -15,7 +15,8 @@ use serde_saphyr::Spanned;
 use outrigger_identity::{Identity, TrustDomains};
 use outrigger_policy::duration::parse_agent_duration;
 use outrigger_policy::{MtlsMode, PathNormalization};
-use outrigger_proxy::{AccessLogTarget, InboundConfig, Protocol};
+use outrigger_proxy::access_log::{DEFAULT_MAX_FILES, DEFAULT_MAX_SIZE_MIB, FileOutput};
+use outrigger_proxy::{AccessLogConfig, AccessLogFormat, InboundConfig, Protocol};
 
 /// A configuration error users can act on.
 #[derive(Debug)]
@@ -54,6 +55,8 @@ mod extauthz;
 mod kubernetes;
 #[path = "config_ratelimits.rs"]
 mod ratelimits;
+#[path = "config_tracing.rs"]
+mod tracing_cfg;
 #[cfg_attr(not(feature = "kubernetes"), allow(unused_imports))]
 pub use kubernetes::{KubeCredentials, KubernetesConfig};
 
@@ -75,7 +78,7 @@ struct RawConfig {
     #[serde(default)]
     admin: RawAdmin,
     #[serde(default)]
-    access_log: Option<Spanned<String>>,
+    access_log: Option<Spanned<RawAccessLog>>,
     #[serde(default)]
     log: RawLog,
     #[serde(default)]
@@ -97,6 +100,8 @@ struct RawConfig {
     /// MeshConfig's `extensionProviders` (the CUSTOM action's authorizers).
     #[serde(default)]
     extension_providers: Vec<extauthz::RawProvider>,
+    #[serde(default)]
+    tracing: Option<tracing_cfg::RawTracing>,
 }
 
 /// `hbone:` — the Istio ambient (HBONE) listener.
@@ -247,6 +252,80 @@ struct RawAdmin {
     metrics_listen: Option<Spanned<String>>,
 }
 
+/// `accessLog:` — a string (`stdout`, `off`, a file path), or a mapping.
+#[derive(Debug)]
+enum RawAccessLog {
+    Short(String),
+    Full(Box<RawAccessLogFull>),
+}
+
+impl<'de> Deserialize<'de> for RawAccessLog {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawAccessLog;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`stdout`, `off`, a file path, or a mapping with format, output, file, rotation")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawAccessLog, E> {
+                Ok(RawAccessLog::Short(v.to_string()))
+            }
+            // YAML 1.1 reads a bare `off` as false (and `on` as true).
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<RawAccessLog, E> {
+                if v {
+                    Err(E::custom(
+                        "`true`/`on`: use `stdout`, `off`, a file path, or a mapping",
+                    ))
+                } else {
+                    Ok(RawAccessLog::Short("off".into()))
+                }
+            }
+            // A file named by a number.
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawAccessLog, E> {
+                Ok(RawAccessLog::Short(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<RawAccessLog, E> {
+                Ok(RawAccessLog::Short(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                m: A,
+            ) -> Result<RawAccessLog, A::Error> {
+                RawAccessLogFull::deserialize(serde::de::value::MapAccessDeserializer::new(m))
+                    .map(|f| RawAccessLog::Full(Box::new(f)))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawAccessLogFull {
+    #[serde(default)]
+    format: Option<Spanned<String>>,
+    #[serde(default)]
+    output: Option<Spanned<String>>,
+    #[serde(default)]
+    file: Option<Spanned<String>>,
+    #[serde(default)]
+    rotation: Option<Spanned<RawRotation>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRotation {
+    #[serde(default, rename = "maxSizeMiB")]
+    max_size_mib: Option<Spanned<f64>>,
+    #[serde(default)]
+    max_files: Option<Spanned<u64>>,
+}
+
+/// `accessLog.rotation.maxSizeMiB`: from about 1 KiB (tests, tiny disks) to 1 TiB.
+const MAX_SIZE_MIB: (f64, f64) = (0.001, 1024.0 * 1024.0);
+/// `accessLog.rotation.maxFiles`.
+const MAX_FILES: u64 = 1000;
+
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawLog {
@@ -356,7 +435,7 @@ pub struct AgentConfig {
     pub admin: Option<SocketAddr>,
     /// `admin.metricsListen`: a listener for `/metrics` only.
     pub metrics_listen: Option<SocketAddr>,
-    pub access_log: AccessLogTarget,
+    pub access_log: AccessLogConfig,
     pub log_format: LogFormat,
     pub log_level: String,
     pub detect_timeout: Duration,
@@ -382,6 +461,8 @@ pub struct AgentConfig {
     pub rate_limits: Vec<outrigger_proxy::ratelimit::RateLimitRule>,
     /// `extensionProviders:` (Istio's CUSTOM action; see `config_extauthz.rs`).
     pub extension_providers: Vec<std::sync::Arc<outrigger_proxy::ext_authz::HttpProvider>>,
+    /// `tracing:` (sampling, OTLP collector; see `config_tracing.rs`); `None`: off.
+    pub tracing: Option<outrigger_proxy::trace::TracingConfig>,
 }
 
 /// A file or directory the configuration reads, and where the configuration names it.
@@ -700,6 +781,125 @@ impl Validator<'_> {
             None => Ok(default),
             Some(s) => parse_duration(&s.value, range).map_err(|r| self.err(s, field, r)),
         }
+    }
+
+    /// `accessLog`: the short form (`stdout`, `off`, a path) or the mapping.
+    fn access_log(
+        &self,
+        a: Option<&Spanned<RawAccessLog>>,
+    ) -> Result<AccessLogConfig, ConfigError> {
+        let Some(a) = a else {
+            return Ok(AccessLogConfig::stdout());
+        };
+        let f = match &a.value {
+            RawAccessLog::Short(s) => {
+                return match s.as_str() {
+                    "stdout" => Ok(AccessLogConfig::stdout()),
+                    "off" => Ok(AccessLogConfig::off()),
+                    "" => Err(self.err(
+                        a,
+                        "accessLog",
+                        "use `stdout`, `off`, a file path, or a mapping (format, output, file, rotation)",
+                    )),
+                    p => Ok(AccessLogConfig::file(self.path(p))),
+                };
+            }
+            RawAccessLog::Full(f) => f,
+        };
+        let format = match &f.format {
+            None => AccessLogFormat::Json,
+            Some(v) => match v.value.as_str() {
+                "json" => AccessLogFormat::Json,
+                "text" => AccessLogFormat::Text,
+                other => {
+                    return Err(self.err(
+                        v,
+                        "accessLog.format",
+                        format!("`{other}`: use `json` or `text` (Istio's default text format)"),
+                    ));
+                }
+            },
+        };
+        let (stdout, to_file) = match &f.output {
+            None => (f.file.is_none(), f.file.is_some()),
+            Some(o) => match o.value.as_str() {
+                "stdout" => (true, false),
+                "file" => (false, true),
+                "both" => (true, true),
+                "off" => (false, false),
+                other => {
+                    return Err(self.err(
+                        o,
+                        "accessLog.output",
+                        format!("`{other}`: use `stdout`, `file`, `both` or `off`"),
+                    ));
+                }
+            },
+        };
+        let file = match (&f.file, to_file) {
+            (Some(p), true) if p.value.is_empty() => {
+                return Err(self.err(p, "accessLog.file", "name the file"));
+            }
+            (Some(p), true) => Some(p),
+            (None, true) => {
+                return Err(self.err(
+                    a,
+                    "accessLog.file",
+                    "output `file` or `both` needs `file`, the log file's path",
+                ));
+            }
+            (Some(p), false) => {
+                return Err(self.err(
+                    p,
+                    "accessLog.file",
+                    "a file is named but `output` does not write to it: use `output: file` or `both`",
+                ));
+            }
+            (None, false) => None,
+        };
+        let mut max_bytes = (DEFAULT_MAX_SIZE_MIB * 1024.0 * 1024.0) as u64;
+        let mut max_files = DEFAULT_MAX_FILES;
+        if let Some(r) = &f.rotation {
+            if file.is_none() {
+                return Err(self.err(
+                    r,
+                    "accessLog.rotation",
+                    "rotation applies to a file: set `file` (and `output: file` or `both`)",
+                ));
+            }
+            if let Some(m) = &r.value.max_size_mib {
+                if !(m.value >= MAX_SIZE_MIB.0 && m.value <= MAX_SIZE_MIB.1) {
+                    return Err(self.err(
+                        m,
+                        "accessLog.rotation.maxSizeMiB",
+                        format!(
+                            "{} is out of range: use 0.001 (1 KiB) to 1048576 (1 TiB)",
+                            m.value
+                        ),
+                    ));
+                }
+                max_bytes = (m.value * 1024.0 * 1024.0) as u64;
+            }
+            if let Some(n) = &r.value.max_files {
+                if n.value == 0 || n.value > MAX_FILES {
+                    return Err(self.err(
+                        n,
+                        "accessLog.rotation.maxFiles",
+                        format!("{}: use 1 to {MAX_FILES} rotated files", n.value),
+                    ));
+                }
+                max_files = n.value as u32;
+            }
+        }
+        Ok(AccessLogConfig {
+            format,
+            stdout,
+            file: file.map(|p| FileOutput {
+                path: self.path(&p.value),
+                max_bytes,
+                max_files,
+            }),
+        })
     }
 
     /// `certificates.istioCa`: istio-agent's settings under Outrigger's names.
@@ -1052,15 +1252,7 @@ impl Validator<'_> {
             Some(a) => Some(self.addr(a, "admin.listen")?),
             None => Some(DEFAULT_ADMIN.parse().expect("valid default")),
         };
-        let access_log = match &raw.access_log {
-            None => AccessLogTarget::Stdout,
-            Some(s) => match s.value.as_str() {
-                "stdout" => AccessLogTarget::Stdout,
-                "off" => AccessLogTarget::Off,
-                "" => return Err(self.err(s, "accessLog", "use `stdout`, `off` or a file path")),
-                p => AccessLogTarget::File(self.path(p)),
-            },
-        };
+        let access_log = self.access_log(raw.access_log.as_ref())?;
         let j = &raw.jwt;
         let mut identity_headers = Vec::new();
         for (h, claim) in &j.identity_headers {
@@ -1124,6 +1316,7 @@ impl Validator<'_> {
         let connections = self.connections(&raw.connections)?;
         let rate_limits = self.rate_limits(&raw.rate_limits, &inbound)?;
         let extension_providers = self.extension_providers(&raw.extension_providers)?;
+        let tracing = self.tracing(raw.tracing.as_ref(), &raw.trust_domain.value)?;
         Ok(AgentConfig {
             file: self.file.to_path_buf(),
             trust_domains,
@@ -1176,6 +1369,7 @@ impl Validator<'_> {
             connections,
             rate_limits,
             extension_providers,
+            tracing,
         })
     }
 
@@ -2016,5 +2210,94 @@ outboundProxy:
             AgentConfig::parse(&path, &format!("{GOOD}jwt:\n  caBundle: corp.pem\n")).unwrap();
         let e = with_bundle.check_inputs().unwrap_err();
         assert_eq!((e.field.as_str(), e.line), ("jwt.caBundle", 21), "{e}");
+    }
+
+    /// `tracing:` (config_tracing.rs): Istio's defaults, the provider in MeshConfig's
+    /// `extensionProviders[].opentelemetry` shape, and errors at their line and field.
+    #[test]
+    fn tracing_section() {
+        use outrigger_proxy::trace::*;
+        assert!(parse(GOOD).unwrap().tracing.is_none());
+        let t = parse(&format!("{GOOD}tracing: {{}}\n"))
+            .unwrap()
+            .tracing
+            .unwrap();
+        assert_eq!(t.sampling, 1.0);
+        assert_eq!(t.mesh_id, "cluster.local");
+        assert_eq!(
+            t.propagation,
+            Propagation {
+                w3c: true,
+                b3: true
+            }
+        );
+        assert!(t.provider.is_none());
+        let t = parse(&format!(
+            "{GOOD}tracing:
+  sampling: 2.5
+  propagation: [w3c]
+  opentelemetry:
+    service: otel.observability.svc.cluster.local
+    port: 4318
+    http:
+      path: /otlp/v1/traces
+      timeout: 2s
+      headers: [{{name: x-tenant, value: a}}]
+"
+        ))
+        .unwrap()
+        .tracing
+        .unwrap();
+        assert_eq!(t.sampling, 2.5);
+        assert!(!t.propagation.b3);
+        let p = t.provider.unwrap();
+        assert_eq!(p.port, 4318);
+        assert_eq!(p.http.unwrap().path, "/otlp/v1/traces");
+        assert_eq!(p.timeout, Duration::from_secs(2));
+        assert_eq!(p.headers[0].0, "x-tenant");
+        let grpc = parse(&format!(
+            "{GOOD}tracing:\n  opentelemetry: {{service: 127.0.0.1, port: 4317}}\n"
+        ))
+        .unwrap()
+        .tracing
+        .unwrap()
+        .provider
+        .unwrap();
+        assert!(grpc.http.is_none());
+        assert_eq!(grpc.timeout, Duration::from_secs(5));
+
+        let line = GOOD.lines().count() + 2;
+        for (body, field, reason) in [
+            ("  sampling: 101\n", "tracing.sampling", "percentage"),
+            ("  propagation: [jaeger]\n", "tracing.propagation", "jaeger"),
+            (
+                "  opentelemetry: {service: otel, port: 70000}\n",
+                "tracing.opentelemetry.port",
+                "70000",
+            ),
+            (
+                "  opentelemetry: {service: otel, port: 4318, http: {path: traces}}\n",
+                "tracing.opentelemetry.http.path",
+                "absolute",
+            ),
+            (
+                "  opentelemetry: {service: otel, port: 4318, http: {timeout: 0s}}\n",
+                "tracing.opentelemetry.http.timeout",
+                "",
+            ),
+        ] {
+            let e = parse(&format!("{GOOD}tracing:\n{body}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with(&format!("/etc/outrigger/agent.yaml:{line}:")),
+                "{e}"
+            );
+            assert!(e.contains(field) && e.contains(reason), "{e}");
+        }
+        let e = parse(&format!("{GOOD}tracing:\n  sampleRate: 3\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sampleRate"), "{e}");
     }
 }

@@ -17,6 +17,7 @@ mod policy_merge;
 #[cfg(feature = "kubernetes")]
 mod kube_policy;
 mod register;
+mod sd_notify;
 mod windows;
 
 use std::path::PathBuf;
@@ -400,7 +401,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         if let Some(path) = &args.ready_file {
             write_ready_file(path, &agent)?;
         }
-        agent.run(agent::shutdown_signal()).await;
+        sd_notify::ready();
+        agent
+            .run(async {
+                agent::shutdown_signal().await;
+                sd_notify::stopping();
+            })
+            .await;
         Ok::<_, anyhow::Error>(())
     })
 }

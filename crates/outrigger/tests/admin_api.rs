@@ -110,3 +110,84 @@ async fn logging_stats_and_a_metrics_only_listener() {
     }
     assert!(http(metrics, "POST", "/logging?level=off").contains("404"));
 }
+
+/// `deploy/grafana/outrigger-host.json` queries only what the agent exports: every metric a
+/// panel names is registered (metrics.rs, the one place families are named; a family without
+/// samples yet is not in `/metrics` at all), and every label a panel groups by is on that
+/// metric's samples in a running agent's `/metrics` once there is traffic — so a renamed
+/// metric or label fails here, not on an operator's empty panel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_names_what_the_agent_exports() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../../deploy/grafana/outrigger-host.json")).unwrap();
+    let mesh = Mesh::new();
+    mesh.policy(
+        "deny.yaml",
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: legacy}
+spec:
+  action: DENY
+  rules: [{to: [{operation: {paths: [/admin]}}]}]
+",
+    );
+    let agent = mesh.start(&[("web", start_echo().await, "http")]);
+    let sleep = mesh.pki.issue("default", "sleep");
+    let mut conn = mesh.connect(agent.addr("web"), &sleep, false).await;
+    assert_eq!(conn.fetch(get("/", false)).await.unwrap().status, 200);
+    assert_eq!(conn.fetch(get("/admin", false)).await.unwrap().status, 403);
+    let metrics = agent.wait_metric(
+        "outrigger_authorization_decisions_total",
+        &["action=\"deny\""],
+        1.0,
+    );
+
+    const REGISTERED: &str = include_str!("../../outrigger-proxy/src/metrics.rs");
+    assert!(
+        metrics.contains("# TYPE outrigger_authorization_decisions counter")
+            && REGISTERED
+                .contains("registry.register(\n            \"outrigger_authorization_decisions\",")
+    );
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            exprs.push(t["expr"].as_str().unwrap().to_string());
+        }
+    }
+    assert!(exprs.len() >= 12, "{exprs:?}");
+    let mut checked = 0;
+    for expr in &exprs {
+        let words: Vec<&str> = expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("istio_") || w.starts_with("outrigger_"))
+            .collect();
+        assert!(!words.is_empty(), "no metric in {expr}");
+        for name in words {
+            let family = name
+                .strip_suffix("_bucket")
+                .or_else(|| name.strip_suffix("_total"))
+                .unwrap_or(name);
+            assert!(
+                REGISTERED.contains(&format!("registry.register(\n            \"{family}\",")),
+                "{expr}: the agent registers no {family}"
+            );
+            checked += 1;
+            // Labels grouped by must be on the metric's samples (when it has any yet).
+            let samples: Vec<&str> = metrics
+                .lines()
+                .filter(|l| l.starts_with(&format!("{name}{{")))
+                .collect();
+            if let Some(by) = expr.split("by (").nth(1).and_then(|r| r.split(')').next())
+                && !samples.is_empty()
+            {
+                for label in by.split(',').map(str::trim).filter(|l| *l != "le") {
+                    assert!(
+                        samples.iter().all(|s| s.contains(&format!("{label}=\""))),
+                        "{expr}: {name} has no label {label}: {samples:?}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(checked >= 14);
+}

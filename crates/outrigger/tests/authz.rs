@@ -110,7 +110,7 @@ async fn http_requests_are_authorized_per_identity_method_and_normalized_path() 
         metric_value(
             &m,
             "outrigger_authorization_decisions_total",
-            &["result=\"deny_matched\""]
+            &["result=\"deny_matched\"", "policy=\"legacy/deny-admin\""]
         ),
         Some(6.0),
         "{m}"

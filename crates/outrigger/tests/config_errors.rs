@@ -262,3 +262,68 @@ async fn a_huge_jwt_timeout_is_refused_at_load_and_the_agent_keeps_serving() {
     let (_, out) = outrigger(&["check", "--config", cfg.to_str().unwrap()]);
     assert!(out.contains(&want), "{out}");
 }
+
+/// `accessLog` as a mapping: each wrong value is refused at its file, line and field, and the
+/// short form and a good mapping are accepted.
+#[test]
+fn access_log_settings_are_checked_at_their_line_and_field() {
+    let mesh = Mesh::new();
+    let base = mesh.config(&[("web", "127.0.0.1:5000".parse().unwrap(), "http")], "");
+    for (extra, needle, field, reason) in [
+        (
+            "accessLog:\n  format: xml\n",
+            "format: xml",
+            "accessLog.format",
+            "`xml`: use `json` or `text`",
+        ),
+        (
+            "accessLog:\n  output: syslog\n",
+            "output: syslog",
+            "accessLog.output",
+            "`syslog`: use `stdout`, `file`, `both` or `off`",
+        ),
+        (
+            "accessLog:\n  output: both\n  file: a.log\n  rotation:\n    maxSizeMiB: 0\n",
+            "maxSizeMiB: 0",
+            "accessLog.rotation.maxSizeMiB",
+            "0 is out of range",
+        ),
+        (
+            "accessLog:\n  file: a.log\n  rotation:\n    maxFiles: 0\n",
+            "maxFiles: 0",
+            "accessLog.rotation.maxFiles",
+            "0: use 1 to 1000",
+        ),
+        (
+            "accessLog:\n  output: stdout\n  file: a.log\n",
+            "file: a.log",
+            "accessLog.file",
+            "does not write to it",
+        ),
+        (
+            "accessLog:\n  format: text\n  fmt: json\n",
+            "fmt: json",
+            "accessLog.fmt",
+            "unknown field",
+        ),
+    ] {
+        let config = format!("{base}{extra}");
+        let (code, out, file) = check_config(&mesh, &config);
+        let line = line_of(&config, needle);
+        assert_eq!(code, 1, "{extra}: {out}");
+        assert!(
+            out.contains(&format!("{file}:{line}:")) && out.contains(field) && out.contains(reason),
+            "{extra}: want {file}:{line}: {field}: {reason}, got {out}"
+        );
+    }
+    for ok in [
+        "accessLog: off\n",
+        "accessLog:\n  output: off\n",
+        "accessLog: logs/access.log\n",
+        "accessLog:\n  format: text\n",
+        "accessLog:\n  format: text\n  output: both\n  file: a.log\n  rotation:\n    maxSizeMiB: 0.5\n    maxFiles: 10\n",
+    ] {
+        let (code, out, _) = check_config(&mesh, &format!("{base}{ok}"));
+        assert_eq!(code, 0, "{ok}: {out}");
+    }
+}

@@ -232,3 +232,45 @@ fn exit_codes_are_the_documented_ones() {
         Some(3)
     );
 }
+
+/// systemd's `Type=notify` (sd_notify(3)): `READY=1` once the listeners are bound — the ready
+/// file, written just before, names them and they accept — and `STOPPING=1` when SIGTERM starts
+/// the drain. Both socket forms systemd uses: a path, and `@name` in the abstract namespace.
+#[cfg(target_os = "linux")]
+#[test]
+fn systemd_is_told_ready_then_stopping() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
+    use std::time::Duration;
+
+    let mesh = Mesh::new();
+    let backend: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let path_sock = mesh.dir().join("notify.sock");
+    let abstract_name = format!("outrigger-test-notify-{}", std::process::id());
+    for (env, sock) in [
+        (
+            path_sock.to_str().unwrap().to_string(),
+            UnixDatagram::bind(&path_sock).unwrap(),
+        ),
+        (
+            format!("@{abstract_name}"),
+            UnixDatagram::bind_addr(&UnixAddr::from_abstract_name(&abstract_name).unwrap())
+                .unwrap(),
+        ),
+    ] {
+        sock.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut agent = common::AgentProc::start_with(
+            mesh.dir(),
+            &mesh.config(&[("web", backend, "tcp")], ""),
+            &[("NOTIFY_SOCKET", &env)],
+        );
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf).expect("READY=1 within 30 s");
+        assert_eq!(&buf[..n], b"READY=1\nSTATUS=serving", "{env}");
+        std::net::TcpStream::connect(agent.addr("web")).expect("bound when READY=1 was sent");
+        assert!(agent.terminate().success());
+        let n = sock.recv(&mut buf).expect("STOPPING=1 within 30 s");
+        assert_eq!(&buf[..n], b"STOPPING=1\nSTATUS=draining", "{env}");
+    }
+}

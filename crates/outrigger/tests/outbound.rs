@@ -291,6 +291,91 @@ fn json(body: &str) -> serde_json::Value {
 // ---------------------------------------------------------------------------------------------
 // Tests
 
+/// Istio's metadata exchange between two agents (outrigger_proxy::peer_metadata): the client
+/// agent sends its workload with every request and reads the server's from the answer, so
+/// both reporters name both workloads — `source_workload` on the server, `destination_workload`
+/// on the client — where a certificate alone leaves them `unknown`. Neither application sees
+/// an exchange header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_reporters_name_both_workloads() {
+    let mesh = Mesh::new();
+    let echo = start_echo().await;
+    let (server, _) = start_server_agent(&mesh, "ratings", echo, "http");
+    let client = start_client(
+        &mesh,
+        &format!(
+            "outbound:
+  - name: ratings
+    listen: 127.0.0.1:0
+    host: {RATINGS}
+    port: 8080
+    endpoints: [\"{s}\"]
+    identity: {{serviceAccount: ratings}}
+",
+            s = server.addr("web")
+        ),
+    );
+    let addr = client.outbound("ratings");
+    for _ in 0..3 {
+        let s = TcpStream::connect(addr).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get("/reviews")
+            .header("host", RATINGS)
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = tokio::time::timeout(WAIT, send.send_request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{}", client.stderr());
+        assert!(
+            !resp.headers().contains_key("x-envoy-peer-metadata"),
+            "{resp:?}"
+        );
+        assert!(
+            !resp.headers().contains_key("x-envoy-peer-metadata-id"),
+            "{resp:?}"
+        );
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let seen: outrigger_testkit::Seen = serde_json::from_slice(&body).unwrap();
+        assert!(seen.header("x-envoy-peer-metadata").is_none(), "{seen:?}");
+        assert!(
+            seen.header("x-envoy-peer-metadata-id").is_none(),
+            "{seen:?}"
+        );
+    }
+
+    let on_server = [
+        "reporter=\"destination\"",
+        "source_workload=\"windows-app\"",
+        "source_workload_namespace=\"legacy\"",
+        "source_app=\"windows-app\"",
+        "source_version=\"v1\"",
+        "source_canonical_service=\"windows-app\"",
+        "source_canonical_revision=\"v1\"",
+        "destination_workload=\"ratings\"",
+        "response_code=\"200\"",
+    ];
+    server.wait_metric("istio_requests_total", &on_server, 3.0);
+    let on_client = [
+        "reporter=\"source\"",
+        "source_workload=\"windows-app\"",
+        "destination_workload=\"ratings\"",
+        "destination_workload_namespace=\"default\"",
+        "destination_principal=\"spiffe://cluster.local/ns/default/sa/ratings\"",
+        "destination_app=\"ratings\"",
+        "destination_version=\"v1\"",
+        "destination_canonical_service=\"ratings\"",
+        "destination_canonical_revision=\"v1\"",
+        "destination_service=\"ratings.default.svc.cluster.local\"",
+        "response_code=\"200\"",
+    ];
+    client.wait_metric("istio_requests_total", &on_client, 3.0);
+}
+
 /// Two agents, two identities: the client agent's outbound reaches the server agent's inbound,
 /// which verifies the client's identity; a destination pinned to another identity is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -298,19 +383,18 @@ async fn outrigger_outbound_to_outrigger_inbound_and_wrong_identity_refused() {
     let mesh = Mesh::new();
     let echo = start_echo().await;
     let (server, _) = start_server_agent(&mesh, "ratings", echo, "http");
-    let (ok_port, wrong_port) = (free_port(), free_port());
     let client = start_client(
         &mesh,
         &format!(
             "outbound:
   - name: ratings
-    listen: 127.0.0.1:{ok_port}
+    listen: 127.0.0.1:0
     host: {RATINGS}
     port: 8080
     endpoints: [\"{s}\"]
     identity: {{serviceAccount: ratings}}
   - name: impostor
-    listen: 127.0.0.1:{wrong_port}
+    listen: 127.0.0.1:0
     host: {REVIEWS}
     port: 8080
     endpoints: [\"{s}\"]
@@ -319,8 +403,8 @@ async fn outrigger_outbound_to_outrigger_inbound_and_wrong_identity_refused() {
             s = server.addr("web")
         ),
     );
-    let ok: SocketAddr = format!("127.0.0.1:{ok_port}").parse().unwrap();
-    let wrong: SocketAddr = format!("127.0.0.1:{wrong_port}").parse().unwrap();
+    let ok = client.outbound("ratings");
+    let wrong = client.outbound("impostor");
 
     let (status, body) = app_get(ok, "/hello?x=1").await.unwrap();
     assert_eq!(status, 200, "{body}\n{}", client.stderr());
@@ -431,19 +515,18 @@ async fn http2_upstream_multiplexes_on_one_connection() {
     let mesh = Mesh::new();
     let certs = mesh.pki.issue("default", "ratings");
     let server = MeshServer::start("ratings", &certs, &mesh).await;
-    let (h1_port, h2_port) = (free_port(), free_port());
     let client = start_client(
         &mesh,
         &format!(
             "outbound:
   - name: ratings-h1
-    listen: 127.0.0.1:{h1_port}
+    listen: 127.0.0.1:0
     host: {RATINGS}
     port: 8080
     endpoints: [\"{s}\"]
     identity: {RATINGS_ID}
   - name: ratings-h2
-    listen: 127.0.0.1:{h2_port}
+    listen: 127.0.0.1:0
     host: {RATINGS}
     port: 8080
     protocol: http2
@@ -453,8 +536,8 @@ async fn http2_upstream_multiplexes_on_one_connection() {
             s = server.addr
         ),
     );
-    let h1: SocketAddr = format!("127.0.0.1:{h1_port}").parse().unwrap();
-    let h2: SocketAddr = format!("127.0.0.1:{h2_port}").parse().unwrap();
+    let h1 = client.outbound("ratings-h1");
+    let h2 = client.outbound("ratings-h2");
 
     let (status, body) = app_get(h1, "/one").await.unwrap();
     assert_eq!(status, 200, "{body}\n{}", client.stderr());
@@ -519,13 +602,12 @@ async fn endpoint_dies_mid_run_then_recovers() {
     let certs = mesh.pki.issue("default", "ratings");
     let s1 = MeshServer::start("s1", &certs, &mesh).await;
     let s2 = MeshServer::start("s2", &certs, &mesh).await;
-    let port = free_port();
     let client = start_client(
         &mesh,
         &format!(
             "outbound:
   - name: ratings
-    listen: 127.0.0.1:{port}
+    listen: 127.0.0.1:0
     host: {RATINGS}
     port: 8080
     endpoints: [\"{a}\", \"{b}\"]
@@ -538,7 +620,7 @@ async fn endpoint_dies_mid_run_then_recovers() {
             b = s2.addr
         ),
     );
-    let listener: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let listener = client.outbound("ratings");
 
     // Both endpoints take traffic.
     for i in 0..10 {
@@ -608,13 +690,12 @@ async fn tcp_outbound_to_outrigger_inbound() {
     let mesh = Mesh::new();
     let echo = start_tcp_echo().await;
     let (server, _) = start_server_agent(&mesh, "ratings", echo, "tcp");
-    let port = free_port();
     let client = start_client(
         &mesh,
         &format!(
             "outbound:
   - name: db
-    listen: 127.0.0.1:{port}
+    listen: 127.0.0.1:0
     host: {RATINGS}
     port: 5432
     protocol: tcp
@@ -624,7 +705,7 @@ async fn tcp_outbound_to_outrigger_inbound() {
             s = server.addr("web")
         ),
     );
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = client.outbound("db");
     let mut s = TcpStream::connect(addr).await.unwrap();
     let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
     s.write_all(&payload).await.unwrap();
@@ -676,7 +757,6 @@ async fn http_proxy_mode_routes_two_services_by_host() {
     let mesh = Mesh::new();
     let ratings = MeshServer::start("ratings", &mesh.pki.issue("default", "ratings"), &mesh).await;
     let reviews = MeshServer::start("reviews", &mesh.pki.issue("default", "reviews"), &mesh).await;
-    let port = free_port();
     let client = start_client(
         &mesh,
         &format!(
@@ -693,14 +773,14 @@ async fn http_proxy_mode_routes_two_services_by_host() {
     dnsRefreshRate: 1s
     identity: {{serviceAccount: reviews}}
 outboundProxy:
-  listen: 127.0.0.1:{port}
+  listen: 127.0.0.1:0
 ",
             a = ratings.addr,
             // A DNS name: resolved at start and re-resolved every second.
             b = reviews.addr.port()
         ),
     );
-    let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let proxy = client.outbound("http-proxy");
     let mut cases = BTreeMap::new();
     cases.insert("http://ratings.default.svc.cluster.local:8080/r", "ratings");
     cases.insert("http://reviews.default.svc.cluster.local:9080/v", "reviews");
@@ -737,7 +817,6 @@ async fn http_proxy_plain_egress_when_allowed() {
     let mesh = Mesh::new();
     let outside = start_echo().await;
     let ratings = MeshServer::start("ratings", &mesh.pki.issue("default", "ratings"), &mesh).await;
-    let port = free_port();
     let client = start_client(
         &mesh,
         &format!(
@@ -748,13 +827,13 @@ async fn http_proxy_plain_egress_when_allowed() {
     endpoints: [\"{a}\"]
     identity: {RATINGS_ID}
 outboundProxy:
-  listen: 127.0.0.1:{port}
+  listen: 127.0.0.1:0
   allowPlainEgress: true
 ",
             a = ratings.addr
         ),
     );
-    let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let proxy = client.outbound("http-proxy");
     let (status, body) = app_get(proxy, &format!("http://{outside}/plain"))
         .await
         .unwrap();
@@ -783,13 +862,12 @@ async fn connect_and_request_timeouts() {
             h.lock().unwrap().push(s);
         }
     });
-    let (p0, p1, p2) = (free_port(), free_port(), free_port());
     let client = start_client(
         &mesh,
         &format!(
             "outbound:
   - name: mixed
-    listen: 127.0.0.1:{p0}
+    listen: 127.0.0.1:0
     host: {RATINGS}
     port: 8080
     endpoints: [\"{silent_addr}\", \"{g}\"]
@@ -798,7 +876,7 @@ async fn connect_and_request_timeouts() {
       loadBalancer: {{simple: ROUND_ROBIN}}
       connectionPool: {{tcp: {{connectTimeout: 300ms}}}}
   - name: only-silent
-    listen: 127.0.0.1:{p1}
+    listen: 127.0.0.1:0
     host: {RATINGS}
     port: 8080
     endpoints: [\"{silent_addr}\"]
@@ -807,7 +885,7 @@ async fn connect_and_request_timeouts() {
     trafficPolicy:
       connectionPool: {{tcp: {{connectTimeout: 300ms}}}}
   - name: impatient
-    listen: 127.0.0.1:{p2}
+    listen: 127.0.0.1:0
     host: {RATINGS}
     port: 8080
     endpoints: [\"{g}\"]
@@ -817,15 +895,18 @@ async fn connect_and_request_timeouts() {
             g = good.addr
         ),
     );
-    let at = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
     for i in 0..4 {
         let started = Instant::now();
-        let (status, body) = app_get(at(p0), &format!("/mixed/{i}")).await.unwrap();
+        let (status, body) = app_get(client.outbound("mixed"), &format!("/mixed/{i}"))
+            .await
+            .unwrap();
         assert_eq!(status, 200, "{body}\n{}", client.stderr());
         assert!(started.elapsed() < Duration::from_secs(5));
     }
     let started = Instant::now();
-    let (status, body) = app_get(at(p1), "/never").await.unwrap();
+    let (status, body) = app_get(client.outbound("only-silent"), "/never")
+        .await
+        .unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("timed out"), "{body}");
     assert!(
@@ -835,9 +916,13 @@ async fn connect_and_request_timeouts() {
     );
     // The request timeout is generous (1 s) so that a loaded machine never trips it on the
     // fast request; the slow one takes 3 s.
-    let (status, body) = app_get(at(p2), "/slow?ms=3000").await.unwrap();
+    let (status, body) = app_get(client.outbound("impatient"), "/slow?ms=3000")
+        .await
+        .unwrap();
     assert_eq!((status, body.as_str()), (504, "upstream request timeout"));
-    let (status, _) = app_get(at(p2), "/fast").await.unwrap();
+    let (status, _) = app_get(client.outbound("impatient"), "/fast")
+        .await
+        .unwrap();
     assert_eq!(status, 200);
     silent_task.abort();
 }
@@ -890,11 +975,10 @@ spec:
         ),
     );
     let peer = server.hbone_addr();
-    let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
-    let dest = |name: &str, port: u16, proto: &str, endpoint: SocketAddr, id: &str| {
+    let dest = |name: &str, proto: &str, endpoint: SocketAddr, id: &str| {
         format!(
             "  - name: {name}
-    listen: 127.0.0.1:{port}
+    listen: 127.0.0.1:0
     host: {RATINGS}
     port: 8080
     protocol: {proto}
@@ -908,14 +992,15 @@ spec:
     let (web, db, vault) = (server.addr("web"), server.addr("db"), server.addr("vault"));
     let outbound = format!(
         "outbound:\n{}{}{}{}{}",
-        dest("ratings", ports[0], "http", web, RATINGS_ID),
-        dest("ratings-h2", ports[1], "http2", web, RATINGS_ID),
-        dest("db", ports[2], "tcp", db, RATINGS_ID),
-        dest("vault", ports[3], "tcp", vault, RATINGS_ID),
-        dest("impostor", ports[4], "http", web, REVIEWS_ID),
+        dest("ratings", "http", web, RATINGS_ID),
+        dest("ratings-h2", "http2", web, RATINGS_ID),
+        dest("db", "tcp", db, RATINGS_ID),
+        dest("vault", "tcp", vault, RATINGS_ID),
+        dest("impostor", "http", web, REVIEWS_ID),
     );
     let client = start_client(&mesh, &outbound);
-    let at = |i: usize| -> SocketAddr { format!("127.0.0.1:{}", ports[i]).parse().unwrap() };
+    let names = ["ratings", "ratings-h2", "db", "vault", "impostor"];
+    let at = |i: usize| client.outbound(names[i]);
 
     // HTTP/1.1 inside HBONE: the server agent verified the outer peer and tells the app.
     let (status, body) = app_get(at(0), "/hello").await.unwrap();

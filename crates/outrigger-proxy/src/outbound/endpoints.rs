@@ -49,6 +49,10 @@ pub struct Endpoint {
     pub active: AtomicUsize,
     health: Mutex<Health>,
     pub(crate) pool: EndpointPool,
+    /// The workload behind this endpoint, from its last metadata-exchange answer, decoded
+    /// (crate::peer_metadata::take): one endpoint is one workload, which answers with the
+    /// same value every time.
+    pub(crate) peer: Mutex<Option<(http::HeaderValue, Arc<crate::peer_metadata::PeerMetadata>)>>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -66,6 +70,7 @@ impl Endpoint {
             active: AtomicUsize::new(0),
             health: Mutex::new(Health::default()),
             pool: EndpointPool::default(),
+            peer: Mutex::new(None),
         }
     }
 

@@ -174,7 +174,15 @@ async fn handle(
     ctx: Arc<Ctx>,
 ) -> Result<Response<OutBody>, Infallible> {
     let start = Instant::now();
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    // The outbound listener's connection manager gives the request an `x-request-id` as the
+    // inbound one does (envoy conn_manager_utility.cc `mutateRequestHeaders`; the
+    // application is on loopback, so the request is internal and its own id is kept).
+    if !parts.headers.contains_key("x-request-id")
+        && let Some(id) = crate::http_common::new_request_id()
+    {
+        parts.headers.insert("x-request-id", id);
+    }
     let app_authority = request_authority(&parts);
     match route {
         Route::Fixed(dest) => {
@@ -314,6 +322,12 @@ async fn forward(
         && (dest.cfg.protocol == OutboundProtocol::Http2 || dest.cfg.pool.h2_upgrade);
     retarget(&mut parts, h2, &authority);
     rec.authority = Some(authority.as_str().to_string());
+    // A CLIENT span, and the context the destination sees (crate::trace).
+    rec.trace = start_client_trace(&ctx, &dest, &authority, &mut parts, src, rec.protocol);
+    // Istio's metadata exchange (crate::peer_metadata): who is calling, on every request to a
+    // mesh destination (a sidecar's `upstream_propagation`). An application's own exchange
+    // headers are replaced, never passed on.
+    ctx.peer_exchange.inject(&mut parts.headers);
     let empty = body.is_end_stream();
     let replay = (empty && idempotent(&parts.method)).then(|| Replay {
         method: parts.method.clone(),
@@ -429,6 +443,12 @@ async fn forward(
                 }
                 let (mut rparts, rbody) = response.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
+                // The called workload, from its answer (`upstream_discovery`); the headers are
+                // the proxies' business, not the application's.
+                rec.dest_peer = {
+                    let mut last = ep.peer.lock().unwrap_or_else(|e| e.into_inner());
+                    ctx.peer_exchange.take(&mut rparts.headers, &mut last).peer
+                };
                 rparts.version = downstream_version;
                 rec.code = status.as_u16();
                 if let Some(s) = rparts.headers.get("grpc-status") {
@@ -696,6 +716,8 @@ struct Rec {
     received: Arc<AtomicU64>,
     grpc_status: Option<Lv>,
     peer: Lv,
+    /// The called workload, from Istio's metadata exchange.
+    dest_peer: Option<Arc<crate::peer_metadata::PeerMetadata>>,
     upstream: Option<SocketAddr>,
     authority: Option<String>,
     security: &'static str,
@@ -703,6 +725,49 @@ struct Rec {
     dst: SocketAddr,
     protocol: &'static str,
     log: Option<LogFields>,
+    trace: crate::trace::ReqTrace,
+}
+
+/// Starts an outbound request's trace: a CLIENT span named as Istio's outbound route
+/// decorator, `<host>:<port>/*`, upstream cluster `outbound|<port>||<host>`.
+fn start_client_trace(
+    ctx: &Ctx,
+    dest: &Destination,
+    authority: &Authority,
+    parts: &mut http::request::Parts,
+    src: SocketAddr,
+    protocol: &str,
+) -> crate::trace::ReqTrace {
+    if !ctx.tracer.enabled() {
+        return ctx.tracer.start(
+            &mut parts.headers,
+            &crate::trace::SpanStart::none(&ctx.workload),
+        );
+    }
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let url = format!("http://{authority}{path}");
+    let name = format!("{}:{}/*", dest.cfg.host, dest.cfg.port);
+    let cluster = format!("outbound|{}||{}", dest.cfg.port, dest.cfg.host);
+    let node_id = crate::trace::node_id(&ctx.workload, src.ip());
+    let method = parts.method.clone();
+    ctx.tracer.start(
+        &mut parts.headers,
+        &crate::trace::SpanStart {
+            kind: crate::trace::Kind::Client,
+            name: &name,
+            method: method.as_str(),
+            url: &url,
+            protocol,
+            peer: src,
+            upstream_cluster: &cluster,
+            node_id: &node_id,
+            workload: &ctx.workload,
+        },
+    )
 }
 
 struct LogFields {
@@ -747,6 +812,7 @@ impl Rec {
             received: Arc::new(AtomicU64::new(0)),
             grpc_status: None,
             peer: Lv::unknown(),
+            dest_peer: None,
             upstream: None,
             authority: None,
             security: "mutual_tls",
@@ -758,13 +824,22 @@ impl Rec {
                 "HTTP/1.1"
             },
             log,
+            trace: Default::default(),
         }
     }
 
-    fn finish(self) {
+    fn finish(mut self) {
         let elapsed = self.start.elapsed();
         let mut conn = self.labels;
         conn.destination_principal = self.peer.clone();
+        // The namespace from the server's certificate first (istio_stats.cc: "fallback from
+        // using the namespace from SAN if available to using peer metadata").
+        if let Some(ns) = spiffe_namespace(&self.peer.0) {
+            conn.destination_workload_namespace = Lv::new(ns);
+        }
+        if let Some(peer) = &self.dest_peer {
+            crate::metrics::apply_destination_peer(&mut conn, peer);
+        }
         conn.request_protocol = if self.grpc_status.is_some() {
             "grpc"
         } else {
@@ -781,7 +856,17 @@ impl Rec {
             self.received.load(Ordering::Relaxed),
             self.sent,
         );
+        self.trace.finish(
+            &self.ctx.tracer,
+            &crate::trace::SpanEnd {
+                status: self.code,
+                flags: self.flags,
+                request_size: self.received.load(Ordering::Relaxed),
+                response_size: self.sent,
+            },
+        );
         if let Some(log) = &self.log {
+            let trace_id = self.trace.trace_id_hex();
             let security = if self.peer.0.as_ref() == "unknown" {
                 "none"
             } else {
@@ -812,9 +897,19 @@ impl Rec {
                 authz_policy: None,
                 authz_result: None,
                 request_id: log.request_id.as_deref(),
+                trace_id: trace_id.as_deref(),
+                ..Default::default()
             });
         }
     }
+}
+
+/// The namespace of a SPIFFE ID `spiffe://<td>/ns/<ns>/sa/<sa>`.
+fn spiffe_namespace(principal: &str) -> Option<&str> {
+    let rest = principal.strip_prefix("spiffe://")?;
+    let (_, path) = rest.split_once('/')?;
+    let ns = path.strip_prefix("ns/")?.split('/').next()?;
+    (!ns.is_empty()).then_some(ns)
 }
 
 #[cfg(test)]

@@ -106,42 +106,23 @@ impl ConnectError {
     }
 }
 
-type CachedConfig = (u64, Arc<ClientConfig>);
-
-/// Client TLS configs of one destination, rebuilt after a certificate rotation.
+/// Client TLS configs of one destination: its pinned identities. The configs themselves are
+/// built and cached by the certificate store (one per ALPN and credential set, rebuilt after a
+/// rotation; see [`CertStore::client_config`]).
 pub(crate) struct TlsConfigs {
     certs: CertStore,
     expected: Vec<Identity>,
-    /// Per [`Alpn`]: the certificate generation it was built from, and the config.
-    cache: Mutex<[Option<CachedConfig>; 3]>,
 }
 
 impl TlsConfigs {
     pub fn new(certs: CertStore, expected: Vec<Identity>) -> Self {
-        TlsConfigs {
-            certs,
-            expected,
-            cache: Mutex::new([None, None, None]),
-        }
+        TlsConfigs { certs, expected }
     }
 
     fn get(&self, alpn: Alpn) -> Result<Arc<ClientConfig>, ConnectError> {
-        let generation = self.certs.generation();
-        {
-            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((g, cfg)) = &cache[alpn as usize]
-                && *g == generation
-            {
-                return Ok(cfg.clone());
-            }
-        }
-        let cfg = self
-            .certs
+        self.certs
             .client_config(&self.expected, alpn.protocols())
-            .map_err(|e| ConnectError::Config(e.to_string()))?;
-        self.cache.lock().unwrap_or_else(|e| e.into_inner())[alpn as usize] =
-            Some((generation, cfg.clone()));
-        Ok(cfg)
+            .map_err(|e| ConnectError::Config(e.to_string()))
     }
 }
 

@@ -101,7 +101,7 @@ pub(crate) async fn serve(
             connection_security_policy: if flags == "-" { "mutual_tls" } else { "none" },
             authz_policy: None,
             authz_result: None,
-            request_id: None,
+            ..Default::default()
         });
     }
 }

@@ -534,8 +534,17 @@ fn serve(
 ) -> anyhow::Result<()> {
     let mut cfg = AgentConfig::load(&p.config)?;
     // A service has no console: the access log would vanish on stdout.
-    if matches!(cfg.access_log, outrigger_proxy::AccessLogTarget::Stdout) {
-        cfg.access_log = outrigger_proxy::AccessLogTarget::File(p.log_dir.join("access.log"));
+    // Lines meant for stdout go to `access.log` in the log directory instead (rotated as
+    // configured, or with the default size and count).
+    if cfg.access_log.stdout {
+        cfg.access_log.stdout = false;
+        if cfg.access_log.file.is_none() {
+            let format = cfg.access_log.format;
+            cfg.access_log = outrigger_proxy::AccessLogConfig {
+                format,
+                ..outrigger_proxy::AccessLogConfig::file(p.log_dir.join("access.log"))
+            };
+        }
     }
     init_logging(&cfg, &p.log_dir, log.clone())?;
     // A service has no stderr: record panics where an administrator looks.

@@ -25,6 +25,8 @@ pub const AGENT_SA: &str = "windows-app";
 pub struct AgentProc {
     pub child: Child,
     pub inbound: BTreeMap<String, SocketAddr>,
+    /// Outbound listeners by name (`http-proxy` for `outboundProxy`), as bound.
+    pub outbound: BTreeMap<String, SocketAddr>,
     pub admin: SocketAddr,
     pub dir: PathBuf,
 }
@@ -81,10 +83,17 @@ impl AgentProc {
                     .iter()
                     .map(|(k, a)| (k.clone(), a.as_str().unwrap().parse().unwrap()))
                     .collect();
+                let outbound = v["outbound"]
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .map(|(k, a)| (k.clone(), a.as_str().unwrap().parse().unwrap()))
+                    .collect();
                 let admin = v["admin"].as_str().unwrap().parse().unwrap();
                 return AgentProc {
                     child,
                     inbound,
+                    outbound,
                     admin,
                     dir: dir.to_path_buf(),
                 };
@@ -98,6 +107,14 @@ impl AgentProc {
             assert!(Instant::now() < deadline, "outrigger did not start in 30s");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The bound address of the outbound listener `name` (configured with port 0).
+    pub fn outbound(&self, name: &str) -> SocketAddr {
+        *self
+            .outbound
+            .get(name)
+            .unwrap_or_else(|| panic!("no outbound listener {name}: {:?}", self.outbound))
     }
 
     pub fn addr(&self, listener: &str) -> SocketAddr {

@@ -1,0 +1,245 @@
+//! The `tracing:` section of the agent configuration (documented in `docs/config.md` and
+//! `docs/tracing.md`): the sampling rate (MeshConfig `defaultConfig.tracing.sampling`, Istio's
+//! default 1%), the OTLP collector in the shape of MeshConfig
+//! `extensionProviders[].opentelemetry` (istio/api `mesh/v1alpha1/config.proto`,
+//! `OpenTelemetryTracingProvider`: `service`, `port`, `http: {path, timeout, headers}`,
+//! `grpc: {timeout, initialMetadata}`), the exported resource, and the propagation formats. A
+//! child module of `config`, so that it shares the validator and its file:line:field errors.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use outrigger_proxy::trace::{OtlpHttp, OtlpProvider, Propagation, TracingConfig};
+
+use super::{ConfigError, Range, Validator};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawTracing {
+    #[serde(default)]
+    sampling: Option<Spanned<f64>>,
+    #[serde(default)]
+    service_name: Option<Spanned<String>>,
+    #[serde(default)]
+    resource_attributes: BTreeMap<String, String>,
+    #[serde(default)]
+    mesh_id: Option<String>,
+    #[serde(default)]
+    propagation: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    opentelemetry: Option<Spanned<RawOtel>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawOtel {
+    service: Spanned<String>,
+    port: Spanned<u32>,
+    #[serde(default)]
+    http: Option<Spanned<RawHttp>>,
+    #[serde(default)]
+    grpc: Option<RawGrpc>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawHttp {
+    #[serde(default)]
+    path: Option<Spanned<String>>,
+    #[serde(default)]
+    timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    headers: Vec<RawHeader>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawGrpc {
+    #[serde(default)]
+    timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    initial_metadata: Vec<RawHeader>,
+}
+
+/// istio/api `HttpHeader` (`name`, `value`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawHeader {
+    name: Spanned<String>,
+    value: Spanned<String>,
+}
+
+/// The export timeout: Istio's `HttpService.timeout`/`GrpcService.timeout` (Envoy's default
+/// for the OpenTelemetry HTTP exporter is 250 ms; Outrigger's is 5 s, the OTLP exporter
+/// specification's `OTEL_EXPORTER_OTLP_TIMEOUT` default, as the export never holds a request).
+const EXPORT_TIMEOUT: Range = Range {
+    min: Duration::from_millis(1),
+    max: Duration::from_secs(300),
+    text: "1ms to 5m",
+};
+const DEFAULT_EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Validator<'_> {
+    pub(super) fn tracing(
+        &self,
+        raw: Option<&RawTracing>,
+        trust_domain: &str,
+    ) -> Result<Option<TracingConfig>, ConfigError> {
+        let Some(raw) = raw else { return Ok(None) };
+        let mut cfg = TracingConfig {
+            mesh_id: raw
+                .mesh_id
+                .clone()
+                .unwrap_or_else(|| trust_domain.to_string()),
+            resource_attributes: raw
+                .resource_attributes
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            ..TracingConfig::default()
+        };
+        if let Some(s) = &raw.sampling {
+            if !(0.0..=100.0).contains(&s.value) {
+                return Err(self.err(
+                    s,
+                    "tracing.sampling",
+                    format!("{} is not a percentage from 0 to 100", s.value),
+                ));
+            }
+            cfg.sampling = s.value;
+        }
+        if let Some(n) = &raw.service_name {
+            if n.value.is_empty() {
+                return Err(self.err(n, "tracing.serviceName", "must not be empty"));
+            }
+            cfg.service_name = Some(n.value.clone());
+        }
+        if let Some(list) = &raw.propagation {
+            let mut p = Propagation {
+                w3c: false,
+                b3: false,
+            };
+            for f in &list.value {
+                match f.value.as_str() {
+                    "w3c" => p.w3c = true,
+                    "b3" => p.b3 = true,
+                    other => {
+                        return Err(self.err(
+                            f,
+                            "tracing.propagation",
+                            format!("`{other}` is not a propagation format (w3c, b3)"),
+                        ));
+                    }
+                }
+            }
+            if !p.w3c && !p.b3 {
+                return Err(self.err(list, "tracing.propagation", "names no format (w3c, b3)"));
+            }
+            cfg.propagation = p;
+        }
+        if let Some(o) = &raw.opentelemetry {
+            cfg.provider = Some(self.otel(&o.value, o)?);
+        }
+        Ok(Some(cfg))
+    }
+
+    fn otel(&self, o: &RawOtel, at: &Spanned<RawOtel>) -> Result<OtlpProvider, ConfigError> {
+        const F: &str = "tracing.opentelemetry";
+        if o.service.value.is_empty() || o.service.value.contains(['/', ' ']) {
+            return Err(self.err(
+                &o.service,
+                &format!("{F}.service"),
+                format!("`{}` is not a host name or address", o.service.value),
+            ));
+        }
+        let port = match u16::try_from(o.port.value) {
+            Ok(p) if p > 0 => p,
+            _ => {
+                return Err(self.err(
+                    &o.port,
+                    &format!("{F}.port"),
+                    format!("{} is not a port (1-65535)", o.port.value),
+                ));
+            }
+        };
+        if o.http.is_some() && o.grpc.is_some() {
+            return Err(self.err(
+                at,
+                F,
+                "`http` and `grpc` are exclusive: `http` exports OTLP/HTTP, otherwise OTLP/gRPC",
+            ));
+        }
+        let (timeout, raw_headers, http, hf) = match (&o.http, &o.grpc) {
+            (Some(h), _) => {
+                let path = match &h.value.path {
+                    None => "/v1/traces".to_string(),
+                    Some(p)
+                        if p.value.starts_with('/')
+                            && p.value.parse::<http::uri::PathAndQuery>().is_ok() =>
+                    {
+                        p.value.clone()
+                    }
+                    Some(p) => {
+                        return Err(self.err(
+                            p,
+                            &format!("{F}.http.path"),
+                            format!("`{}` is not an absolute request path", p.value),
+                        ));
+                    }
+                };
+                (
+                    self.duration(
+                        &h.value.timeout,
+                        &format!("{F}.http.timeout"),
+                        DEFAULT_EXPORT_TIMEOUT,
+                        EXPORT_TIMEOUT,
+                    )?,
+                    &h.value.headers,
+                    Some(OtlpHttp { path }),
+                    "http.headers",
+                )
+            }
+            (None, Some(g)) => (
+                self.duration(
+                    &g.timeout,
+                    &format!("{F}.grpc.timeout"),
+                    DEFAULT_EXPORT_TIMEOUT,
+                    EXPORT_TIMEOUT,
+                )?,
+                &g.initial_metadata,
+                None,
+                "grpc.initialMetadata",
+            ),
+            (None, None) => (DEFAULT_EXPORT_TIMEOUT, &Vec::new(), None, ""),
+        };
+        let mut headers = Vec::new();
+        for h in raw_headers {
+            let name = HeaderName::from_bytes(h.name.value.as_bytes()).map_err(|_| {
+                self.err(
+                    &h.name,
+                    &format!("{F}.{hf}.name"),
+                    format!("`{}` is not a header name", h.name.value),
+                )
+            })?;
+            let value = HeaderValue::from_str(&h.value.value).map_err(|_| {
+                self.err(
+                    &h.value,
+                    &format!("{F}.{hf}.value"),
+                    "is not a valid header value",
+                )
+            })?;
+            headers.push((name, value));
+        }
+        Ok(OtlpProvider {
+            service: o.service.value.clone(),
+            port,
+            http,
+            timeout,
+            headers,
+        })
+    }
+}

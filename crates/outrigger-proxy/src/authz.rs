@@ -24,6 +24,11 @@ pub(crate) struct Verdict {
     pub policy: Option<String>,
     /// Why: `allow_matched`, `deny_matched`, `no_allow_matched`, `no_policies`, ...
     pub result: &'static str,
+    /// A CUSTOM policy matched and its provider is configured: the request is allowed by the
+    /// local policies only if this external authorizer allows it too (Istio evaluates CUSTOM
+    /// first, then DENY, then ALLOW; a request DENY or ALLOW refuses is refused without
+    /// asking it — `deny` is then set and this is `None`).
+    pub custom: Option<std::sync::Arc<crate::ext_authz::HttpProvider>>,
     /// AUDIT policies whose rules matched, `ns/name[rule]` joined by `,` (the access log marks
     /// the line with them).
     pub audit: Option<String>,
@@ -90,15 +95,43 @@ fn conclude(ctx: &Ctx, conn: &ConnInfo, d: &Decision<'_>, what: &str) -> Verdict
             );
         }
     }
-    // CUSTOM with a provider: Outrigger has no external authorizer client yet, and a check
-    // that cannot be made must not allow (fail closed), so such a request is denied.
-    let allowed = d.allowed && d.custom.is_none();
+    // CUSTOM with a configured provider: the local decision stands only if the external
+    // authorizer allows too (the call is made by the caller, which is async). A provider
+    // unknown here (cannot happen: the policy options list the same names) denies.
+    let mut custom = None;
     if let Some(c) = &d.custom {
-        crate::warn_limited!(
-            provider = c.provider,
-            policy = c.matched.policy,
-            "CUSTOM authorization requested but external authorizers are not supported; denying"
-        );
+        custom = ctx
+            .settings
+            .extension_providers
+            .iter()
+            .find(|p| p.name == c.provider)
+            .cloned();
+        if custom.is_none() {
+            crate::warn_limited!(
+                provider = c.provider,
+                policy = c.matched.policy,
+                "CUSTOM authorization provider is not configured; denying"
+            );
+        }
+    }
+    let allowed = d.allowed && (d.custom.is_none() || custom.is_some());
+    let audit = (!d.audit.is_empty()).then(|| {
+        d.audit
+            .iter()
+            .map(|a| format!("{}[{}]", a.policy, a.rule))
+            .collect::<Vec<_>>()
+            .join(",")
+    });
+    let custom = if allowed { custom } else { None };
+    if custom.is_some() {
+        // Counted when the authorizer has answered (`record_custom`).
+        return Verdict {
+            deny: None,
+            policy: matched,
+            result,
+            custom,
+            audit,
+        };
     }
     ctx.metrics
         .decisions
@@ -117,13 +150,6 @@ fn conclude(ctx: &Ctx, conn: &ConnInfo, d: &Decision<'_>, what: &str) -> Verdict
             "denied by authorization policy"
         );
     }
-    let audit = (!d.audit.is_empty()).then(|| {
-        d.audit
-            .iter()
-            .map(|a| format!("{}[{}]", a.policy, a.rule))
-            .collect::<Vec<_>>()
-            .join(",")
-    });
     if !allowed {
         ctx.denials.record(crate::status::Denial {
             at: std::time::SystemTime::now(),
@@ -138,7 +164,44 @@ fn conclude(ctx: &Ctx, conn: &ConnInfo, d: &Decision<'_>, what: &str) -> Verdict
         deny: (!allowed).then_some((StatusCode::FORBIDDEN, RBAC_DENIED)),
         policy: matched,
         result,
+        custom: None,
         audit,
+    }
+}
+
+/// Counts a CUSTOM check's outcome with the other decisions: `custom_allowed`,
+/// `custom_denied`, `custom_error` (or `custom_failed_open`).
+pub(crate) fn record_custom(
+    ctx: &Ctx,
+    conn: &ConnInfo,
+    v: &Verdict,
+    what: &str,
+    allowed: bool,
+    result: &'static str,
+) {
+    // The label is the policy's `namespace/name` (the verdict's `ns/name[rule]` less the rule).
+    let policy = v
+        .policy
+        .as_deref()
+        .map(|p| p.split_once('[').map_or(p, |(n, _)| n))
+        .unwrap_or("-");
+    ctx.metrics
+        .decisions
+        .get_or_create(&AuthzDecisionLabels {
+            action: if allowed { "allow" } else { "deny" },
+            result,
+            policy: Lv::new(policy),
+        })
+        .inc();
+    if !allowed {
+        ctx.denials.record(crate::status::Denial {
+            at: std::time::SystemTime::now(),
+            listener: conn.listener.name.clone(),
+            source: conn.source_principal_str().to_string(),
+            request: what.to_string(),
+            policy: v.policy.clone(),
+            reason: result,
+        });
     }
 }
 
@@ -242,6 +305,7 @@ fn bad_path() -> Verdict {
         deny: Some((StatusCode::BAD_REQUEST, "Bad Request")),
         policy: None,
         result: "bad_path",
+        custom: None,
         audit: None,
     }
 }
@@ -250,5 +314,14 @@ fn bad_path() -> Verdict {
 pub(crate) fn check_tcp(ctx: &Ctx, conn: &ConnInfo) -> Verdict {
     let policy = ctx.policy.load();
     let d = policy.snapshot.authorize(&base_request(conn));
-    conclude(ctx, conn, &d, "tcp")
+    let mut v = conclude(ctx, conn, &d, "tcp");
+    // CUSTOM on a TCP connection: an envoyExtAuthzHttp provider has no TCP check (istiod
+    // builds the network ext_authz filter for gRPC providers only: extauthz.go
+    // `generateGRPCConfig`), and gRPC providers are not implemented yet: fail closed.
+    if v.custom.take().is_some() {
+        record_custom(ctx, conn, &v, "tcp", false, "custom_tcp_unsupported");
+        v.deny = Some((StatusCode::FORBIDDEN, RBAC_DENIED));
+        v.result = "custom_tcp_unsupported";
+    }
+    v
 }

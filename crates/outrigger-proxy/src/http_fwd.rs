@@ -643,6 +643,84 @@ async fn authorize_and_forward(
         };
         return Ok(local_reply(status, body, rec));
     }
+    // CUSTOM: the external authorizer decides last (crate::ext_authz). Envoy's response flag
+    // for its denial or error is `UAEX` (UnauthorizedExternalService).
+    let mut on_allow_downstream = Vec::new();
+    if let Some(provider) = &verdict.custom {
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        let host = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        let outcome =
+            crate::ext_authz::check(provider, &parts.method, &host, &pq, &parts.headers).await;
+        match outcome {
+            crate::ext_authz::Outcome::Allow {
+                upstream,
+                downstream,
+            } => {
+                authz::record_custom(&ctx, &conn, &verdict, &pq, true, "custom_allowed");
+                rec.authz_result = Some("custom_allowed");
+                for (n, v) in upstream {
+                    parts.headers.insert(n, v);
+                }
+                on_allow_downstream = downstream;
+            }
+            crate::ext_authz::Outcome::FailedOpen { why } => {
+                crate::warn_limited!(
+                    provider = provider.name,
+                    "external authorization failed: {why}; allowed (failOpen)"
+                );
+                authz::record_custom(&ctx, &conn, &verdict, &pq, true, "custom_failed_open");
+                rec.authz_result = Some("custom_failed_open");
+            }
+            crate::ext_authz::Outcome::Deny {
+                status,
+                headers,
+                body,
+            } => {
+                authz::record_custom(&ctx, &conn, &verdict, &pq, false, "custom_denied");
+                tracing::debug!(
+                    listener = %conn.listener.name, source = conn.source_principal_str(),
+                    provider = provider.name, status = status.as_u16(),
+                    "denied by the external authorizer"
+                );
+                rec.authz_result = Some("custom_denied");
+                rec.flags = "UAEX";
+                let mut resp = local_reply_bytes(status, body, rec);
+                resp.headers_mut().remove(header::CONTENT_TYPE);
+                for (n, v) in headers {
+                    resp.headers_mut().append(n, v);
+                }
+                return Ok(resp);
+            }
+            crate::ext_authz::Outcome::Error { status, why } => {
+                crate::warn_limited!(
+                    provider = provider.name,
+                    "external authorization failed: {why}; answering {}",
+                    status.as_u16()
+                );
+                authz::record_custom(&ctx, &conn, &verdict, &pq, false, "custom_error");
+                rec.authz_result = Some("custom_error");
+                rec.flags = "UAEX";
+                let mut resp = local_reply_bytes(status, Bytes::new(), rec);
+                resp.headers_mut().remove(header::CONTENT_TYPE);
+                return Ok(resp);
+            }
+        }
+    }
 
     strip_hop_by_hop(&mut parts.headers);
     // Never forward a client's own claim about its certificate: only ours is trusted.
@@ -708,6 +786,9 @@ async fn authorize_and_forward(
             rec.code = parts.status.as_u16();
             if let Some(s) = parts.headers.get("grpc-status") {
                 rec.grpc_status = s.to_str().ok().map(Lv::new);
+            }
+            for (n, v) in on_allow_downstream {
+                parts.headers.append(n, v);
             }
             Ok(Response::from_parts(
                 parts,
@@ -811,10 +892,14 @@ fn websocket_tunnel(
     )
 }
 
-fn local_reply(status: StatusCode, body: &'static str, mut rec: Recorder) -> Response<ProxyBody> {
+fn local_reply(status: StatusCode, body: &'static str, rec: Recorder) -> Response<ProxyBody> {
+    local_reply_bytes(status, Bytes::from_static(body.as_bytes()), rec)
+}
+
+fn local_reply_bytes(status: StatusCode, body: Bytes, mut rec: Recorder) -> Response<ProxyBody> {
     rec.code = status.as_u16();
     let mut resp = Response::new(ProxyBody {
-        inner: Either::Right(Full::new(Bytes::from_static(body.as_bytes()))),
+        inner: Either::Right(Full::new(body)),
         reauth: None,
         rec: Some(rec),
         active: None,

@@ -17,6 +17,7 @@ mod authz;
 mod codec_checks;
 pub mod detect;
 pub mod egress_proxy;
+pub mod ext_authz;
 pub mod h1_guard;
 mod h2_close;
 pub mod hbone;
@@ -179,6 +180,8 @@ pub struct Settings {
     pub limits: limits::ConnectionLimits,
     /// Local rate limits on inbound HTTP (see [`ratelimit`]).
     pub rate_limits: Vec<ratelimit::RateLimitRule>,
+    /// The CUSTOM action's providers (MeshConfig `extensionProviders`; see [`ext_authz`]).
+    pub extension_providers: Vec<Arc<ext_authz::HttpProvider>>,
     /// Distributed tracing (see [`trace`]); `None`: off (`x-request-id` is still generated).
     pub tracing: Option<trace::TracingConfig>,
 }
@@ -194,6 +197,7 @@ impl Default for Settings {
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             limits: limits::ConnectionLimits::default(),
             rate_limits: Vec::new(),
+            extension_providers: Vec::new(),
             tracing: None,
         }
     }

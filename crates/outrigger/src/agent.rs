@@ -268,6 +268,7 @@ impl Loaded {
             idle_timeout: cfg.connections.idle_timeout,
             limits: connection_limits(cfg),
             rate_limits: cfg.rate_limits.clone(),
+            extension_providers: cfg.extension_providers.clone(),
             tracing: cfg.tracing.clone(),
         };
         let proxy = Proxy::bind(

@@ -49,6 +49,8 @@ mod outbound;
 #[path = "config_connections.rs"]
 mod connections;
 pub use connections::ConnectionsConfig;
+#[path = "config_extauthz.rs"]
+mod extauthz;
 #[path = "config_kubernetes.rs"]
 mod kubernetes;
 #[path = "config_ratelimits.rs"]
@@ -95,6 +97,9 @@ struct RawConfig {
     connections: connections::RawConnections,
     #[serde(default)]
     rate_limits: Vec<ratelimits::RawRateLimit>,
+    /// MeshConfig's `extensionProviders` (the CUSTOM action's authorizers).
+    #[serde(default)]
+    extension_providers: Vec<extauthz::RawProvider>,
     #[serde(default)]
     tracing: Option<tracing_cfg::RawTracing>,
 }
@@ -454,6 +459,8 @@ pub struct AgentConfig {
     pub connections: ConnectionsConfig,
     /// `rateLimits:` (local rate limits on inbound HTTP; see `config_ratelimits.rs`).
     pub rate_limits: Vec<outrigger_proxy::ratelimit::RateLimitRule>,
+    /// `extensionProviders:` (Istio's CUSTOM action; see `config_extauthz.rs`).
+    pub extension_providers: Vec<std::sync::Arc<outrigger_proxy::ext_authz::HttpProvider>>,
     /// `tracing:` (sampling, OTLP collector; see `config_tracing.rs`); `None`: off.
     pub tracing: Option<outrigger_proxy::trace::TracingConfig>,
 }
@@ -1308,6 +1315,7 @@ impl Validator<'_> {
         };
         let connections = self.connections(&raw.connections)?;
         let rate_limits = self.rate_limits(&raw.rate_limits, &inbound)?;
+        let extension_providers = self.extension_providers(&raw.extension_providers)?;
         let tracing = self.tracing(raw.tracing.as_ref(), &raw.trust_domain.value)?;
         Ok(AgentConfig {
             file: self.file.to_path_buf(),
@@ -1360,6 +1368,7 @@ impl Validator<'_> {
             inputs,
             connections,
             rate_limits,
+            extension_providers,
             tracing,
         })
     }

@@ -39,10 +39,13 @@ impl PolicyInputs {
                 trust_domains: cfg.trust_domains.clone(),
                 default_mtls_mode: cfg.policy.default_mtls_mode,
                 path_normalization: cfg.policy.path_normalization,
-                // No external authorizer client exists yet: every CUSTOM policy's provider is
-                // unknown, so what it matches is denied (Istio's rule for an undefined
-                // provider) instead of being allowed unchecked.
-                extension_providers: Vec::new(),
+                // The configured `extensionProviders`: a CUSTOM policy naming any other
+                // provider denies what it matches (Istio's rule for an undefined provider).
+                extension_providers: cfg
+                    .extension_providers
+                    .iter()
+                    .map(|p| p.name.clone())
+                    .collect(),
             },
             cluster: cfg
                 .policy

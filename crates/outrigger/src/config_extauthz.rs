@@ -1,0 +1,193 @@
+//! The `extensionProviders:` section of the agent configuration (documented in
+//! `docs/ext-authz.md` and `docs/config.md`): the providers of Istio's CUSTOM authorization
+//! action, in MeshConfig's own shape (istio/api `mesh/v1alpha1/config.proto`,
+//! `MeshConfig.ExtensionProvider`), validated as istiod validates them
+//! (istio/istio `pilot/pkg/security/authz/builder/extauthz.go`: port 1–65535, `pathPrefix`
+//! beginning with `/`, `statusOnError` an HTTP status code). A child module of `config`, so
+//! that it shares the validator and its file:line:field errors.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, StatusCode};
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use outrigger_proxy::ext_authz::{DEFAULT_TIMEOUT, HttpProvider, NameMatch};
+
+use super::{ConfigError, Range, Validator};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawProvider {
+    name: Spanned<String>,
+    #[serde(default)]
+    envoy_ext_authz_http: Option<Spanned<RawHttp>>,
+    #[serde(default)]
+    envoy_ext_authz_grpc: Option<Spanned<serde_json::Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawHttp {
+    service: Spanned<String>,
+    port: Spanned<u64>,
+    #[serde(default)]
+    timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    path_prefix: Option<Spanned<String>>,
+    #[serde(default)]
+    fail_open: bool,
+    #[serde(default)]
+    status_on_error: Option<Spanned<String>>,
+    #[serde(default)]
+    include_request_headers_in_check: Vec<String>,
+    /// Deprecated MeshConfig name of `includeRequestHeadersInCheck`.
+    #[serde(default)]
+    include_headers_in_check: Vec<String>,
+    #[serde(default)]
+    include_additional_headers_in_check: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    include_request_body_in_check: Option<Spanned<serde_json::Value>>,
+    #[serde(default)]
+    headers_to_upstream_on_allow: Vec<String>,
+    #[serde(default)]
+    headers_to_downstream_on_deny: Vec<String>,
+    #[serde(default)]
+    headers_to_downstream_on_allow: Vec<String>,
+}
+
+/// `timeout`: more than zero, at most istiod's 600 s placeholder's order (a day).
+const TIMEOUT: Range = Range {
+    min: Duration::from_millis(1),
+    max: Duration::from_secs(86_400),
+    text: "1ms to 24h",
+};
+
+impl Validator<'_> {
+    pub(super) fn extension_providers(
+        &self,
+        raw: &[RawProvider],
+    ) -> Result<Vec<Arc<HttpProvider>>, ConfigError> {
+        let mut out: Vec<Arc<HttpProvider>> = Vec::new();
+        for (i, r) in raw.iter().enumerate() {
+            let at = |f: &str| format!("extensionProviders[{i}].{f}");
+            if r.name.value.is_empty() {
+                return Err(self.err(&r.name, &at("name"), "must not be empty"));
+            }
+            if out.iter().any(|o| o.name == r.name.value) {
+                // extauthz.go: "extension provider name must be unique".
+                return Err(self.err(
+                    &r.name,
+                    &at("name"),
+                    format!("`{}` names two providers", r.name.value),
+                ));
+            }
+            if let Some(g) = &r.envoy_ext_authz_grpc {
+                return Err(self.err(
+                    g,
+                    &at("envoyExtAuthzGrpc"),
+                    "gRPC providers are not supported yet (envoyExtAuthzHttp only)",
+                ));
+            }
+            let Some(h) = &r.envoy_ext_authz_http else {
+                return Err(self.err(
+                    &r.name,
+                    &at("envoyExtAuthzHttp"),
+                    "a provider needs envoyExtAuthzHttp (the only kind supported)",
+                ));
+            };
+            let f = |x: &str| at(&format!("envoyExtAuthzHttp.{x}"));
+            let h = &h.value;
+            if h.service.value.is_empty() {
+                return Err(self.err(&h.service, &f("service"), "must not be empty"));
+            }
+            // istiod takes `namespace/name` or a hostname; the agent dials a hostname.
+            let service = match h.service.value.split_once('/') {
+                Some((_, host)) => host.to_string(),
+                None => h.service.value.clone(),
+            };
+            let port = match u16::try_from(h.port.value) {
+                Ok(p) if p > 0 => p,
+                _ => {
+                    return Err(self.err(
+                        &h.port,
+                        &f("port"),
+                        format!("must be in the range [1, 65535], found: {}", h.port.value),
+                    ));
+                }
+            };
+            let timeout = self.duration(&h.timeout, &f("timeout"), DEFAULT_TIMEOUT, TIMEOUT)?;
+            let path_prefix = match &h.path_prefix {
+                None => String::new(),
+                Some(p) if p.value.starts_with('/') && p.value.parse::<http::Uri>().is_ok() => {
+                    p.value.clone()
+                }
+                Some(p) => {
+                    return Err(self.err(
+                        p,
+                        &f("pathPrefix"),
+                        format!("pathPrefix must begin with `/`, found: {:?}", p.value),
+                    ));
+                }
+            };
+            let status_on_error = match &h.status_on_error {
+                None => StatusCode::FORBIDDEN,
+                Some(s) => match s.value.parse::<u16>().ok().and_then(|c| {
+                    StatusCode::from_u16(c)
+                        .ok()
+                        .filter(|c| c.canonical_reason().is_some())
+                }) {
+                    Some(c) => c,
+                    None => {
+                        return Err(self.err(
+                            s,
+                            &f("statusOnError"),
+                            format!("`{}` is not an HTTP status code", s.value),
+                        ));
+                    }
+                },
+            };
+            if let Some(b) = &h.include_request_body_in_check {
+                return Err(self.err(
+                    b,
+                    &f("includeRequestBodyInCheck"),
+                    "sending the request body is not supported yet",
+                ));
+            }
+            let mut additional = Vec::new();
+            for (k, v) in &h.include_additional_headers_in_check {
+                let (Ok(n), Ok(val)) = (
+                    HeaderName::from_bytes(k.as_bytes()),
+                    HeaderValue::from_str(&v.value),
+                ) else {
+                    return Err(self.err(
+                        v,
+                        &f(&format!("includeAdditionalHeadersInCheck.{k}")),
+                        "not a valid header name and value",
+                    ));
+                };
+                additional.push((n, val));
+            }
+            let names = |l: &[String]| l.iter().map(|s| NameMatch::parse(s)).collect::<Vec<_>>();
+            let mut include = names(&h.include_request_headers_in_check);
+            include.extend(names(&h.include_headers_in_check));
+            out.push(Arc::new(HttpProvider {
+                name: r.name.value.clone(),
+                service,
+                port,
+                timeout,
+                path_prefix,
+                include_request_headers: include,
+                additional_headers: additional,
+                headers_to_upstream_on_allow: names(&h.headers_to_upstream_on_allow),
+                headers_to_downstream_on_deny: names(&h.headers_to_downstream_on_deny),
+                headers_to_downstream_on_allow: names(&h.headers_to_downstream_on_allow),
+                fail_open: h.fail_open,
+                status_on_error,
+            }));
+        }
+        Ok(out)
+    }
+}

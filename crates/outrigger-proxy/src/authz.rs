@@ -24,14 +24,30 @@ pub(crate) struct Verdict {
     pub policy: Option<String>,
     /// Why: `allow_matched`, `deny_matched`, `no_allow_matched`, `no_policies`, ...
     pub result: &'static str,
-    /// A CUSTOM policy matched and its provider is configured: the request is allowed by the
-    /// local policies only if this external authorizer allows it too (Istio evaluates CUSTOM
-    /// first, then DENY, then ALLOW; a request DENY or ALLOW refuses is refused without
-    /// asking it — `deny` is then set and this is `None`).
-    pub custom: Option<std::sync::Arc<crate::ext_authz::HttpProvider>>,
+    /// A CUSTOM policy matched and its provider is configured: the proxy asks that authorizer
+    /// first (Istio evaluates CUSTOM, then DENY, then ALLOW: istiod puts the ext_authz filter
+    /// before the DENY and ALLOW RBAC filters), and only if it allows does `deny` (the DENY
+    /// and ALLOW decision) apply. Nothing is recorded until [`settle_custom`] has its answer.
+    pub custom: Option<Custom>,
     /// AUDIT policies whose rules matched, `ns/name[rule]` joined by `,` (the access log marks
     /// the line with them).
     pub audit: Option<String>,
+}
+
+/// The CUSTOM check a request needs.
+pub(crate) struct Custom {
+    pub provider: std::sync::Arc<crate::ext_authz::HttpProvider>,
+    /// The CUSTOM policy and rule that matched (`ns/name[rule]`).
+    pub policy: String,
+}
+
+/// What the external authorizer answered (see [`crate::ext_authz::Outcome`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CustomAnswer {
+    Allowed,
+    FailedOpen,
+    Denied,
+    Error,
 }
 
 /// Request headers for policy `request.headers[...]` conditions.
@@ -95,26 +111,6 @@ fn conclude(ctx: &Ctx, conn: &ConnInfo, d: &Decision<'_>, what: &str) -> Verdict
             );
         }
     }
-    // CUSTOM with a configured provider: the local decision stands only if the external
-    // authorizer allows too (the call is made by the caller, which is async). A provider
-    // unknown here (cannot happen: the policy options list the same names) denies.
-    let mut custom = None;
-    if let Some(c) = &d.custom {
-        custom = ctx
-            .settings
-            .extension_providers
-            .iter()
-            .find(|p| p.name == c.provider)
-            .cloned();
-        if custom.is_none() {
-            crate::warn_limited!(
-                provider = c.provider,
-                policy = c.matched.policy,
-                "CUSTOM authorization provider is not configured; denying"
-            );
-        }
-    }
-    let allowed = d.allowed && (d.custom.is_none() || custom.is_some());
     let audit = (!d.audit.is_empty()).then(|| {
         d.audit
             .iter()
@@ -122,87 +118,106 @@ fn conclude(ctx: &Ctx, conn: &ConnInfo, d: &Decision<'_>, what: &str) -> Verdict
             .collect::<Vec<_>>()
             .join(",")
     });
-    let custom = if allowed { custom } else { None };
-    if custom.is_some() {
-        // Counted when the authorizer has answered (`record_custom`).
-        return Verdict {
-            deny: None,
-            policy: matched,
-            result,
-            custom,
-            audit,
-        };
+    let mut v = Verdict {
+        deny: (!d.allowed).then_some((StatusCode::FORBIDDEN, RBAC_DENIED)),
+        policy: matched,
+        result,
+        custom: None,
+        audit,
+    };
+    if let Some(c) = &d.custom {
+        // The policy options list the configured providers' names, so a CUSTOM check the
+        // snapshot asks for has its provider here; were it missing, deny (Istio denies what a
+        // CUSTOM policy with an unusable provider matches).
+        match ctx
+            .settings
+            .extension_providers
+            .iter()
+            .find(|p| p.name == c.provider)
+        {
+            Some(p) => {
+                v.custom = Some(Custom {
+                    provider: p.clone(),
+                    policy: format!("{}[{}]", c.matched.policy, c.matched.rule),
+                });
+                return v;
+            }
+            None => {
+                v.deny = Some((StatusCode::FORBIDDEN, RBAC_DENIED));
+                v.result = "custom_provider_unavailable";
+                v.policy = Some(format!("{}[{}]", c.matched.policy, c.matched.rule));
+            }
+        }
     }
+    record(ctx, conn, what, &v);
+    v
+}
+
+/// Counts a decision (`outrigger_authorization_decisions_total`) and lists a denial on the
+/// status page.
+fn record(ctx: &Ctx, conn: &ConnInfo, what: &str, v: &Verdict) {
+    let allowed = v.deny.is_none();
+    // `namespace/name` of the deciding policy (the verdict's `ns/name[rule]` less the rule):
+    // bounded by the policies in force (never a path, a principal or an address).
+    let policy = v
+        .policy
+        .as_deref()
+        .map_or("-", |p| p.split_once('[').map_or(p, |(n, _)| n));
     ctx.metrics
         .decisions
         .get_or_create(&AuthzDecisionLabels {
             action: if allowed { "allow" } else { "deny" },
-            result,
-            // `namespace/name` of the deciding policy: bounded by the policies in force
-            // (never a path, a principal or an address).
-            policy: deciding.map_or_else(|| Lv::new("-"), |m| Lv::new(m.policy)),
+            result: v.result,
+            policy: Lv::new(policy),
         })
         .inc();
     if !allowed {
         tracing::debug!(
             listener = %conn.listener.name, source = conn.source_principal_str(),
-            request = what, reason = result, policy = matched.as_deref().unwrap_or("-"),
+            request = what, reason = v.result, policy = v.policy.as_deref().unwrap_or("-"),
             "denied by authorization policy"
         );
-    }
-    if !allowed {
-        ctx.denials.record(crate::status::Denial {
-            at: std::time::SystemTime::now(),
-            listener: conn.listener.name.clone(),
-            source: conn.source_principal_str().to_string(),
-            request: what.to_string(),
-            policy: matched.clone(),
-            reason: result,
-        });
-    }
-    Verdict {
-        deny: (!allowed).then_some((StatusCode::FORBIDDEN, RBAC_DENIED)),
-        policy: matched,
-        result,
-        custom: None,
-        audit,
-    }
-}
-
-/// Counts a CUSTOM check's outcome with the other decisions: `custom_allowed`,
-/// `custom_denied`, `custom_error` (or `custom_failed_open`).
-pub(crate) fn record_custom(
-    ctx: &Ctx,
-    conn: &ConnInfo,
-    v: &Verdict,
-    what: &str,
-    allowed: bool,
-    result: &'static str,
-) {
-    // The label is the policy's `namespace/name` (the verdict's `ns/name[rule]` less the rule).
-    let policy = v
-        .policy
-        .as_deref()
-        .map(|p| p.split_once('[').map_or(p, |(n, _)| n))
-        .unwrap_or("-");
-    ctx.metrics
-        .decisions
-        .get_or_create(&AuthzDecisionLabels {
-            action: if allowed { "allow" } else { "deny" },
-            result,
-            policy: Lv::new(policy),
-        })
-        .inc();
-    if !allowed {
         ctx.denials.record(crate::status::Denial {
             at: std::time::SystemTime::now(),
             listener: conn.listener.name.clone(),
             source: conn.source_principal_str().to_string(),
             request: what.to_string(),
             policy: v.policy.clone(),
-            reason: result,
+            reason: v.result,
         });
     }
+}
+
+/// Completes a verdict whose CUSTOM check has been answered, and records it. A denial or an
+/// error of the authorizer decides (`custom_denied`, `custom_error`: the caller answers with
+/// the authorizer's response or `statusOnError`); after an allow (or a failure with
+/// `failOpen`) the DENY and ALLOW decision applies, as the RBAC filters after ext_authz do.
+pub(crate) fn settle_custom(
+    ctx: &Ctx,
+    conn: &ConnInfo,
+    what: &str,
+    v: &mut Verdict,
+    custom: &Custom,
+    answer: CustomAnswer,
+) {
+    let by_authorizer = match answer {
+        CustomAnswer::Denied => Some("custom_denied"),
+        CustomAnswer::Error => Some("custom_error"),
+        CustomAnswer::Allowed if v.deny.is_none() => Some("custom_allowed"),
+        CustomAnswer::FailedOpen if v.deny.is_none() => Some("custom_failed_open"),
+        // Allowed by the authorizer, refused by DENY or ALLOW: their verdict stands.
+        CustomAnswer::Allowed | CustomAnswer::FailedOpen => None,
+    };
+    if let Some(result) = by_authorizer {
+        v.result = result;
+        v.policy = Some(custom.policy.clone());
+        if matches!(answer, CustomAnswer::Denied | CustomAnswer::Error) {
+            // The status and body are the authorizer's (or `statusOnError`), set by the
+            // caller; this marks the request as refused for the record.
+            v.deny = Some((StatusCode::FORBIDDEN, ""));
+        }
+    }
+    record(ctx, conn, what, v);
 }
 
 fn base_request<'a>(conn: &'a ConnInfo) -> Request<'a> {
@@ -234,7 +249,13 @@ pub(crate) fn recheck(ctx: &Ctx, conn: &ConnInfo, f: &InFlight) -> Verdict {
     });
     req.jwt = f.jwt.as_ref();
     let d = policy.snapshot.authorize(&req);
-    conclude(ctx, conn, &d, &f.path)
+    let mut v = conclude(ctx, conn, &d, &f.path);
+    // The authorizer's first answer stands while the response streams: it is not asked again,
+    // and the DENY and ALLOW decision is recorded now.
+    if v.custom.take().is_some() {
+        record(ctx, conn, &f.path, &v);
+    }
+    v
 }
 
 /// Authorizes one HTTP request. Normalizes its path first (and forwards the normalized path,
@@ -269,17 +290,7 @@ pub(crate) fn check_http(
             parts.uri = u;
         }
     }
-    let host = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| {
-            parts
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
-        .unwrap_or("");
+    let host = authority(parts);
     let headers = HeaderView(&parts.headers);
     let mut req = base_request(conn).with_http(HttpAttrs {
         method: parts.method.as_str(),
@@ -300,6 +311,22 @@ pub(crate) fn check_http(
     (verdict, inflight)
 }
 
+/// The request's authority (`:authority`, else `Host`), as policy `hosts` and the CUSTOM check
+/// see it.
+pub(crate) fn authority(parts: &http::request::Parts) -> &str {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("")
+}
+
 fn bad_path() -> Verdict {
     Verdict {
         deny: Some((StatusCode::BAD_REQUEST, "Bad Request")),
@@ -315,13 +342,18 @@ pub(crate) fn check_tcp(ctx: &Ctx, conn: &ConnInfo) -> Verdict {
     let policy = ctx.policy.load();
     let d = policy.snapshot.authorize(&base_request(conn));
     let mut v = conclude(ctx, conn, &d, "tcp");
-    // CUSTOM on a TCP connection: an envoyExtAuthzHttp provider has no TCP check (istiod
-    // builds the network ext_authz filter for gRPC providers only: extauthz.go
-    // `generateGRPCConfig`), and gRPC providers are not implemented yet: fail closed.
-    if v.custom.take().is_some() {
-        record_custom(ctx, conn, &v, "tcp", false, "custom_tcp_unsupported");
-        v.deny = Some((StatusCode::FORBIDDEN, RBAC_DENIED));
-        v.result = "custom_tcp_unsupported";
+    // An envoyExtAuthzHttp provider has no TCP check: istiod's builder "ignored CUSTOM action
+    // with HTTP provider on TCP filter chain" (pilot/pkg/security/authz/builder/builder.go), so
+    // a sidecar lets DENY and ALLOW decide. (gRPC providers, which have one, are refused when
+    // the configuration loads.)
+    if let Some(c) = v.custom.take() {
+        crate::warn_limited!(
+            policy = c.policy,
+            provider = c.provider.name,
+            "CUSTOM policy matched a TCP connection; its HTTP provider has no TCP check and is \
+             ignored there, as istiod does (DENY and ALLOW policies still apply)"
+        );
+        record(ctx, conn, "tcp", &v);
     }
     v
 }

@@ -2,20 +2,26 @@
 //! entry (MeshConfig), called for a request that a CUSTOM policy matched.
 //!
 //! Only `envoyExtAuthzHttp` is implemented here, with the semantics of Envoy's HTTP ext_authz
-//! client (envoyproxy/envoy `source/extensions/filters/common/ext_authz/ext_authz_http_impl.cc`)
-//! as istiod configures it (istio/istio `pilot/pkg/security/authz/builder/extauthz.go`):
+//! client (envoyproxy/envoy `source/extensions/filters/common/ext_authz/ext_authz_http_impl.cc`,
+//! `api/envoy/extensions/filters/http/ext_authz/v3/ext_authz.proto`) as istiod configures it
+//! (istio/istio `pilot/pkg/security/authz/builder/extauthz.go`), and checked against Envoy
+//! 1.40 itself (`tests/ext_authz.rs`, `custom_answers_as_envoys_ext_authz`):
 //!
 //! - the check request has the original method, `pathPrefix` + the original path (with its
-//!   query), the original `Host`, `content-length: 0` and the request headers: all of them when
-//!   `includeRequestHeadersInCheck` is empty, else those it names plus `host`, `:method`,
-//!   `:path`, `content-length` and `authorization`, which Envoy always sends; then the
-//!   `includeAdditionalHeadersInCheck` headers;
+//!   query), the original `Host`, `content-length: 0`, `authorization`, and the request headers
+//!   named by `includeRequestHeadersInCheck` — no others when that list is empty
+//!   (`toRequestMatchers`: "Authorization, Method, Path and Host" are always added; the
+//!   proto: "no client request headers (besides the ones allowed by default) are included in
+//!   the check request to an HTTP authorization server"); then the
+//!   `includeAdditionalHeadersInCheck` headers, replacing any of the same name;
 //! - `200` allows: the authorizer's headers named by `headersToUpstreamOnAllow` replace the
-//!   request's, those named by `headersToDownstreamOnAllow` are added to the response;
-//! - any other status denies with that status and the authorizer's body, and its headers
-//!   named by `headersToDownstreamOnDeny` (all but `host` when that list is empty);
+//!   request's, those named by `headersToDownstreamOnAllow` are added to the response (none
+//!   when a list is empty);
+//! - any other status below 500 denies with that status and the authorizer's body and headers:
+//!   all but `host` when `headersToDownstreamOnDeny` is empty, else those it names plus
+//!   `www-authenticate` and `location` (`toClientMatchers`);
 //! - a 5xx, a timeout (`timeout`, istiod's default 600 s) or a failed connection is an error:
-//!   `statusOnError` (Envoy's default 403) unless `failOpen`.
+//!   `statusOnError` (Envoy's default 403) with no body, unless `failOpen`.
 //!
 //! The provider is reached with plain HTTP/1.1 at `service:port`.
 
@@ -45,13 +51,16 @@ pub enum NameMatch {
 }
 
 impl NameMatch {
-    /// Parses one entry of `includeRequestHeadersInCheck`, `headersTo...`.
+    /// Parses one entry of `includeRequestHeadersInCheck`, `headersTo...` as istiod's
+    /// `generateHeaders` does: a leading `*` makes a suffix match (checked first), a trailing
+    /// one a prefix match, anything else an exact match, all ignoring case. (istiod refuses a
+    /// lone `*`; so does the configuration loader.)
     pub fn parse(s: &str) -> NameMatch {
         let l = s.to_ascii_lowercase();
-        if let Some(p) = l.strip_suffix('*') {
-            NameMatch::Prefix(p.to_string())
-        } else if let Some(p) = l.strip_prefix('*') {
+        if let Some(p) = l.strip_prefix('*') {
             NameMatch::Suffix(p.to_string())
+        } else if let Some(p) = l.strip_suffix('*') {
+            NameMatch::Prefix(p.to_string())
         } else {
             NameMatch::Exact(l)
         }
@@ -107,9 +116,14 @@ pub(crate) enum Outcome {
     FailedOpen { why: String },
 }
 
-/// Headers Envoy always sends when `allowed_headers` is set (ext_authz.proto: "in addition to
-/// the user's supplied matchers, Host, Method, Path, Content-Length, and Authorization").
-const ALWAYS_SENT: [&str; 2] = ["authorization", "content-length"];
+/// The one request header Envoy always copies into the check request besides the
+/// pseudo-headers, `host` and `content-length` (which it sets itself): `toRequestMatchers`.
+const ALWAYS_SENT: &str = "authorization";
+
+/// Authorizer headers Envoy passes to the client on a denial whenever
+/// `headersToDownstreamOnDeny` is set (`toClientMatchers`: "Status, Content-Length,
+/// WWW-Authenticate, Location"; the first two are this response's own).
+const ALWAYS_ON_DENY: [&str; 2] = ["www-authenticate", "location"];
 
 /// Hop-by-hop and framing headers, never copied between the authorizer and the request or
 /// response.
@@ -168,10 +182,7 @@ async fn call(
         if is_framing(name) || name == http::header::HOST {
             continue;
         }
-        if p.include_request_headers.is_empty()
-            || ALWAYS_SENT.contains(&name.as_str())
-            || any(&p.include_request_headers, name.as_str())
-        {
+        if name == ALWAYS_SENT || any(&p.include_request_headers, name.as_str()) {
             h.append(name.clone(), value.clone());
         }
     }
@@ -223,29 +234,29 @@ fn decide(
     if status.is_server_error() {
         return Err(format!("authorizer answered {}", status.as_u16()));
     }
-    let pick = |list: &[NameMatch], all_when_empty: bool| -> Vec<(HeaderName, HeaderValue)> {
+    let pick = |keep: &dyn Fn(&str) -> bool| -> Vec<(HeaderName, HeaderValue)> {
         headers
             .iter()
-            .filter(|(n, _)| !is_framing(n))
-            .filter(|(n, _)| {
-                if list.is_empty() {
-                    all_when_empty && *n != http::header::HOST
-                } else {
-                    any(list, n.as_str())
-                }
-            })
+            .filter(|(n, _)| !is_framing(n) && keep(n.as_str()))
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect()
     };
     if status == StatusCode::OK {
         Ok(Outcome::Allow {
-            upstream: pick(&p.headers_to_upstream_on_allow, false),
-            downstream: pick(&p.headers_to_downstream_on_allow, false),
+            upstream: pick(&|n| any(&p.headers_to_upstream_on_allow, n)),
+            downstream: pick(&|n| any(&p.headers_to_downstream_on_allow, n)),
         })
     } else {
+        let deny = &p.headers_to_downstream_on_deny;
         Ok(Outcome::Deny {
             status,
-            headers: pick(&p.headers_to_downstream_on_deny, true),
+            headers: pick(&|n| {
+                if deny.is_empty() {
+                    n != "host"
+                } else {
+                    ALWAYS_ON_DENY.contains(&n) || any(deny, n)
+                }
+            }),
             body,
         })
     }
@@ -261,5 +272,7 @@ mod tests {
         assert!(NameMatch::parse("x-*").matches("x-bar"));
         assert!(NameMatch::parse("*-id").matches("x-user-id"));
         assert!(!NameMatch::parse("x-foo").matches("x-foob"));
+        // generateHeaders looks for the leading `*` first.
+        assert_eq!(NameMatch::parse("*a*"), NameMatch::Suffix("a*".into()));
     }
 }

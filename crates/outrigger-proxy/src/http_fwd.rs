@@ -625,213 +625,158 @@ async fn authorize_and_forward(
             return Ok(resp);
         }
     };
-    let (verdict, inflight) =
+    let (mut verdict, inflight) =
         authz::check_http(&ctx, &conn, &mut parts, &policy.snapshot, jwt.as_ref());
     drop(policy);
-    rec.authz_policy = verdict.policy.clone();
-    rec.authz_result = Some(verdict.result);
-    rec.audit = verdict.audit.clone();
     if rec.log.is_some() {
         rec.jwt_principal = jwt.as_ref().and_then(|c| c.principal());
     }
-    if let Some((status, body)) = verdict.deny {
-        // Envoy's response flag for an RBAC denial is `RBAC`.
-        rec.flags = if status == StatusCode::FORBIDDEN {
-            "RBAC"
-        } else {
-            "-"
-        };
-        return Ok(local_reply(status, body, rec));
-    }
-    // CUSTOM: the external authorizer decides last (crate::ext_authz). Envoy's response flag
-    // for its denial or error is `UAEX` (UnauthorizedExternalService).
+    // CUSTOM first (crate::ext_authz): the authorizer's denial or error answers; after its
+    // allow, the DENY and ALLOW decision applies.
     let mut on_allow_downstream = Vec::new();
-    if let Some(provider) = &verdict.custom {
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into());
-        let host = parts
+    let custom_refusal = match verdict.custom.take() {
+        Some(custom) => ask_custom(&ctx, &conn, &mut parts, &mut verdict, &custom)
+            .await
+            .map(|headers| on_allow_downstream = headers)
+            .err(),
+        None => None,
+    };
+    rec.authz_policy = verdict.policy.clone();
+    rec.authz_result = Some(verdict.result);
+    rec.audit = verdict.audit.clone();
+    if let Some(refusal) = custom_refusal {
+        // Envoy's response flag for an external authorizer's denial or error.
+        rec.flags = "UAEX";
+        return Ok(refusal.reply(rec));
+    }
+    // Every answer from here on (the application's, a DENY or ALLOW refusal, a local error)
+    // carries the authorizer's `headersToDownstreamOnAllow` headers: Envoy's ext_authz filter
+    // adds them to whatever response passes back through it.
+    let answer: Result<Response<ProxyBody>, Infallible> = async move {
+        if let Some((status, body)) = verdict.deny {
+            // Envoy's response flag for an RBAC denial is `RBAC`.
+            rec.flags = if status == StatusCode::FORBIDDEN {
+                "RBAC"
+            } else {
+                "-"
+            };
+            return Ok(local_reply(status, body, rec));
+        }
+
+        strip_hop_by_hop(&mut parts.headers);
+        // Never forward a client's own claim about its certificate: only ours is trusted.
+        parts.headers.remove(&XFCC);
+        if let Some(xfcc) = &conn.xfcc {
+            parts.headers.insert(XFCC.clone(), xfcc.clone());
+            parts
+                .headers
+                .insert(XFP.clone(), HeaderValue::from_static("https"));
+        }
+        let received = Arc::new(AtomicU64::new(0));
+        rec.received = Some(received.clone());
+        let client_upgrade = if websocket {
+            set_websocket_upgrade(&mut parts.headers);
+            parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+        } else {
+            None
+        };
+        // A WebSocket upgrade is HTTP/1.1 by definition (RFC 6455); everything else goes in the
+        // application's protocol.
+        let to_h2 = client_upgrade.is_none() && upstream_is_h2(conn.listener.protocol, &parts);
+        let downstream_version = parts.version;
+        // The caller's authority (`:authority`, or `Host`), else the application's address.
+        let authority = parts
             .uri
             .authority()
-            .map(|a| a.as_str().to_string())
+            .cloned()
             .or_else(|| {
                 parts
                     .headers
                     .get(header::HOST)
                     .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
+                    .and_then(|h| h.parse().ok())
             })
-            .unwrap_or_default();
-        let outcome =
-            crate::ext_authz::check(provider, &parts.method, &host, &pq, &parts.headers).await;
-        match outcome {
-            crate::ext_authz::Outcome::Allow {
-                upstream,
-                downstream,
-            } => {
-                authz::record_custom(&ctx, &conn, &verdict, &pq, true, "custom_allowed");
-                rec.authz_result = Some("custom_allowed");
-                for (n, v) in upstream {
-                    parts.headers.insert(n, v);
+            .or_else(|| conn.listener.backend.to_string().parse().ok());
+        if let Some(a) = &authority {
+            retarget(&mut parts, to_h2, a);
+        }
+        let body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let req = Request::from_parts(
+            parts,
+            Metered {
+                inner: body,
+                counter: received,
+                failed: Some(body_failed.clone()),
+            },
+        );
+        let sent = match client_upgrade {
+            Some(_) => backend.upgrade(req).await,
+            None => backend.send(req, to_h2).await,
+        };
+        if let (Some(client), Ok(resp)) = (client_upgrade, &sent)
+            && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        {
+            let resp = sent.expect("matched Ok");
+            return Ok(websocket_tunnel(client, resp, rec, inflight, &ctx));
+        }
+        match sent {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                parts.version = downstream_version;
+                rec.code = parts.status.as_u16();
+                if let Some(s) = parts.headers.get("grpc-status") {
+                    rec.grpc_status = s.to_str().ok().map(Lv::new);
                 }
-                on_allow_downstream = downstream;
+                Ok(Response::from_parts(
+                    parts,
+                    ProxyBody {
+                        inner: Either::Left(body),
+                        reauth: inflight.map(|f| Reauth {
+                            inflight: f,
+                            watch: Watch::Idle(ctx.policy.subscribe()),
+                            raced: false,
+                        }),
+                        rec: Some(rec),
+                        active: None,
+                    },
+                ))
             }
-            crate::ext_authz::Outcome::FailedOpen { why } => {
+            // The request body was malformed (a bad chunk, a body shorter than its
+            // content-length): the downstream's fault, answered as Envoy's codec answers it —
+            // `400` with `DPE` — not as an upstream failure.
+            Err(e) if body_failed.load(std::sync::atomic::Ordering::Relaxed) => {
                 crate::warn_limited!(
-                    provider = provider.name,
-                    "external authorization failed: {why}; allowed (failOpen)"
+                    listener = %conn.listener.name, src = %conn.src,
+                    "request body malformed: {e}; answering 400"
                 );
-                authz::record_custom(&ctx, &conn, &verdict, &pq, true, "custom_failed_open");
-                rec.authz_result = Some("custom_failed_open");
+                rec.flags = "DPE";
+                let mut resp = local_reply(StatusCode::BAD_REQUEST, "", rec);
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                Ok(resp)
             }
-            crate::ext_authz::Outcome::Deny {
-                status,
-                headers,
-                body,
-            } => {
-                authz::record_custom(&ctx, &conn, &verdict, &pq, false, "custom_denied");
-                tracing::debug!(
-                    listener = %conn.listener.name, source = conn.source_principal_str(),
-                    provider = provider.name, status = status.as_u16(),
-                    "denied by the external authorizer"
-                );
-                rec.authz_result = Some("custom_denied");
-                rec.flags = "UAEX";
-                let mut resp = local_reply_bytes(status, body, rec);
-                resp.headers_mut().remove(header::CONTENT_TYPE);
-                for (n, v) in headers {
-                    resp.headers_mut().append(n, v);
-                }
-                return Ok(resp);
-            }
-            crate::ext_authz::Outcome::Error { status, why } => {
+            Err(e) => {
                 crate::warn_limited!(
-                    provider = provider.name,
-                    "external authorization failed: {why}; answering {}",
-                    status.as_u16()
+                    listener = %conn.listener.name,
+                    backend = %conn.listener.backend,
+                    "request failed: {e}; answering 503"
                 );
-                authz::record_custom(&ctx, &conn, &verdict, &pq, false, "custom_error");
-                rec.authz_result = Some("custom_error");
-                rec.flags = "UAEX";
-                let mut resp = local_reply_bytes(status, Bytes::new(), rec);
-                resp.headers_mut().remove(header::CONTENT_TYPE);
-                return Ok(resp);
+                rec.flags = "UF";
+                Ok(local_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    UPSTREAM_CONNECT_ERROR,
+                    rec,
+                ))
             }
         }
     }
-
-    strip_hop_by_hop(&mut parts.headers);
-    // Never forward a client's own claim about its certificate: only ours is trusted.
-    parts.headers.remove(&XFCC);
-    if let Some(xfcc) = &conn.xfcc {
-        parts.headers.insert(XFCC.clone(), xfcc.clone());
-        parts
-            .headers
-            .insert(XFP.clone(), HeaderValue::from_static("https"));
+    .await;
+    let Ok(mut resp) = answer;
+    for (n, v) in on_allow_downstream {
+        resp.headers_mut().append(n, v);
     }
-    let received = Arc::new(AtomicU64::new(0));
-    rec.received = Some(received.clone());
-    let client_upgrade = if websocket {
-        set_websocket_upgrade(&mut parts.headers);
-        parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
-    } else {
-        None
-    };
-    // A WebSocket upgrade is HTTP/1.1 by definition (RFC 6455); everything else goes in the
-    // application's protocol.
-    let to_h2 = client_upgrade.is_none() && upstream_is_h2(conn.listener.protocol, &parts);
-    let downstream_version = parts.version;
-    // The caller's authority (`:authority`, or `Host`), else the application's address.
-    let authority = parts
-        .uri
-        .authority()
-        .cloned()
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .and_then(|h| h.parse().ok())
-        })
-        .or_else(|| conn.listener.backend.to_string().parse().ok());
-    if let Some(a) = &authority {
-        retarget(&mut parts, to_h2, a);
-    }
-    let body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let req = Request::from_parts(
-        parts,
-        Metered {
-            inner: body,
-            counter: received,
-            failed: Some(body_failed.clone()),
-        },
-    );
-    let sent = match client_upgrade {
-        Some(_) => backend.upgrade(req).await,
-        None => backend.send(req, to_h2).await,
-    };
-    if let (Some(client), Ok(resp)) = (client_upgrade, &sent)
-        && resp.status() == StatusCode::SWITCHING_PROTOCOLS
-    {
-        let resp = sent.expect("matched Ok");
-        return Ok(websocket_tunnel(client, resp, rec, inflight, &ctx));
-    }
-    match sent {
-        Ok(resp) => {
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            parts.version = downstream_version;
-            rec.code = parts.status.as_u16();
-            if let Some(s) = parts.headers.get("grpc-status") {
-                rec.grpc_status = s.to_str().ok().map(Lv::new);
-            }
-            for (n, v) in on_allow_downstream {
-                parts.headers.append(n, v);
-            }
-            Ok(Response::from_parts(
-                parts,
-                ProxyBody {
-                    inner: Either::Left(body),
-                    reauth: inflight.map(|f| Reauth {
-                        inflight: f,
-                        watch: Watch::Idle(ctx.policy.subscribe()),
-                        raced: false,
-                    }),
-                    rec: Some(rec),
-                    active: None,
-                },
-            ))
-        }
-        // The request body was malformed (a bad chunk, a body shorter than its
-        // content-length): the downstream's fault, answered as Envoy's codec answers it —
-        // `400` with `DPE` — not as an upstream failure.
-        Err(e) if body_failed.load(std::sync::atomic::Ordering::Relaxed) => {
-            crate::warn_limited!(
-                listener = %conn.listener.name, src = %conn.src,
-                "request body malformed: {e}; answering 400"
-            );
-            rec.flags = "DPE";
-            let mut resp = local_reply(StatusCode::BAD_REQUEST, "", rec);
-            resp.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            Ok(resp)
-        }
-        Err(e) => {
-            crate::warn_limited!(
-                listener = %conn.listener.name,
-                backend = %conn.listener.backend,
-                "request failed: {e}; answering 503"
-            );
-            rec.flags = "UF";
-            Ok(local_reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                UPSTREAM_CONNECT_ERROR,
-                rec,
-            ))
-        }
-    }
+    Ok(resp)
 }
 
 /// The backend accepted a WebSocket upgrade: answers the client `101` with the backend's
@@ -890,6 +835,107 @@ fn websocket_tunnel(
             active: None,
         },
     )
+}
+
+/// An external authorizer's refusal: its denial (status, body, the headers it may pass to the
+/// client) or, when it could not answer, `statusOnError` with no body.
+struct CustomRefusal {
+    status: StatusCode,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    body: Bytes,
+}
+
+impl CustomRefusal {
+    /// Envoy's ext_authz filter answers with `sendLocalReply(status, body)` (`content-type:
+    /// text/plain` when there is a body), then sets each of the authorizer's headers, replacing
+    /// one of the same name (a repeated name keeps its last value).
+    fn reply(self, rec: Recorder) -> Response<ProxyBody> {
+        let empty = self.body.is_empty();
+        let mut resp = local_reply_bytes(self.status, self.body, rec);
+        if empty {
+            resp.headers_mut().remove(header::CONTENT_TYPE);
+        }
+        for (n, v) in self.headers {
+            resp.headers_mut().insert(n, v);
+        }
+        resp
+    }
+}
+
+/// Istio's CUSTOM action for one request: asks the provider ([`crate::ext_authz`]) and settles
+/// the verdict. `Ok`: allowed by the authorizer (or its failure, with `failOpen`), the
+/// request's headers updated (`headersToUpstreamOnAllow`); the headers to add to the
+/// application's response (`headersToDownstreamOnAllow`). `Err`: what to answer instead.
+async fn ask_custom(
+    ctx: &Ctx,
+    conn: &ConnInfo,
+    parts: &mut http::request::Parts,
+    verdict: &mut authz::Verdict,
+    custom: &authz::Custom,
+) -> Result<Vec<(HeaderName, HeaderValue)>, CustomRefusal> {
+    use crate::ext_authz::Outcome;
+    let provider = &custom.provider;
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let outcome = crate::ext_authz::check(
+        provider,
+        &parts.method,
+        authz::authority(parts),
+        pq,
+        &parts.headers,
+    )
+    .await;
+    let path = parts.uri.path().to_string();
+    let (answer, result) = match outcome {
+        Outcome::Allow {
+            upstream,
+            downstream,
+        } => {
+            // `setCopy`: each replaces the request's header of that name.
+            for (n, v) in upstream {
+                parts.headers.insert(n, v);
+            }
+            (authz::CustomAnswer::Allowed, Ok(downstream))
+        }
+        Outcome::FailedOpen { why } => {
+            crate::warn_limited!(
+                provider = provider.name,
+                "external authorization failed: {why}; allowed (failOpen)"
+            );
+            (authz::CustomAnswer::FailedOpen, Ok(Vec::new()))
+        }
+        Outcome::Deny {
+            status,
+            headers,
+            body,
+        } => {
+            tracing::debug!(
+                listener = %conn.listener.name, source = conn.source_principal_str(),
+                provider = provider.name, status = status.as_u16(),
+                "denied by the external authorizer"
+            );
+            let refusal = CustomRefusal {
+                status,
+                headers,
+                body,
+            };
+            (authz::CustomAnswer::Denied, Err(refusal))
+        }
+        Outcome::Error { status, why } => {
+            crate::warn_limited!(
+                provider = provider.name,
+                "external authorization failed: {why}; answering {}",
+                status.as_u16()
+            );
+            let refusal = CustomRefusal {
+                status,
+                headers: Vec::new(),
+                body: Bytes::new(),
+            };
+            (authz::CustomAnswer::Error, Err(refusal))
+        }
+    };
+    authz::settle_custom(ctx, conn, &path, verdict, custom, answer);
+    result
 }
 
 fn local_reply(status: StatusCode, body: &'static str, rec: Recorder) -> Response<ProxyBody> {

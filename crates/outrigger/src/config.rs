@@ -2212,6 +2212,90 @@ outboundProxy:
         assert_eq!((e.field.as_str(), e.line), ("jwt.caBundle", 21), "{e}");
     }
 
+    /// `extensionProviders:` (config_extauthz.rs): istiod's validation (extauthz.go) and
+    /// its header-list rules, errors at their line and field.
+    #[test]
+    fn extension_providers_section() {
+        use outrigger_proxy::ext_authz::NameMatch;
+        let c = parse(&format!(
+            "{GOOD}extensionProviders:
+- name: a
+  envoyExtAuthzHttp:
+    service: foo/ext-authz.foo.svc.cluster.local
+    port: 8000
+    includeHeadersInCheck: [x-old]
+- name: b
+  envoyExtAuthzHttp:
+    service: ext-authz
+    port: 9000
+    includeRequestHeadersInCheck: [\"*-Id\", x-ticket]
+    includeHeadersInCheck: [x-old]
+"
+        ))
+        .unwrap();
+        let (a, b) = (&c.extension_providers[0], &c.extension_providers[1]);
+        // `namespace/host`: the host is dialed.
+        assert_eq!(a.service, "ext-authz.foo.svc.cluster.local");
+        assert_eq!(a.timeout, Duration::from_secs(600));
+        assert_eq!(a.status_on_error, http::StatusCode::FORBIDDEN);
+        // The deprecated list counts only when the new one is not set.
+        assert_eq!(
+            a.include_request_headers,
+            [NameMatch::Exact("x-old".into())]
+        );
+        assert_eq!(
+            b.include_request_headers,
+            [
+                NameMatch::Suffix("-id".into()),
+                NameMatch::Exact("x-ticket".into())
+            ]
+        );
+
+        let line = GOOD.lines().count() + 2;
+        for (body, field, reason) in [
+            (
+                "- name: a\n  envoyExtAuthzHttp: {service: s, port: 0}\n",
+                "extensionProviders[0].envoyExtAuthzHttp.port",
+                "[1, 65535]",
+            ),
+            (
+                "- name: a\n  envoyExtAuthzHttp: {service: s, port: 1, pathPrefix: check}\n",
+                "extensionProviders[0].envoyExtAuthzHttp.pathPrefix",
+                "begin with `/`",
+            ),
+            (
+                "- name: a\n  envoyExtAuthzHttp: {service: s, port: 1, statusOnError: \"999\"}\n",
+                "extensionProviders[0].envoyExtAuthzHttp.statusOnError",
+                "999",
+            ),
+            (
+                "- name: a\n  envoyExtAuthzHttp: {service: s, port: 1, headersToUpstreamOnAllow: [\"*\"]}\n",
+                "extensionProviders[0].envoyExtAuthzHttp.headersToUpstreamOnAllow",
+                "single wildcard",
+            ),
+            (
+                "- name: a\n  envoyExtAuthzGrpc: {service: s, port: 1}\n",
+                "extensionProviders[0].envoyExtAuthzGrpc",
+                "gRPC",
+            ),
+        ] {
+            let e = parse(&format!("{GOOD}extensionProviders:\n{body}")).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.line >= line as u64, "{e}");
+            assert!(e.reason.contains(reason), "{e}");
+        }
+        let e = parse(&format!(
+            "{GOOD}extensionProviders:
+- name: a
+  envoyExtAuthzHttp: {{service: s, port: 1}}
+- name: a
+  envoyExtAuthzHttp: {{service: s, port: 2}}
+"
+        ))
+        .unwrap_err();
+        assert!(e.reason.contains("names two providers"), "{e}");
+    }
+
     /// `tracing:` (config_tracing.rs): Istio's defaults, the provider in MeshConfig's
     /// `extensionProviders[].opentelemetry` shape, and errors at their line and field.
     #[test]

@@ -42,20 +42,20 @@ struct RawHttp {
     #[serde(default)]
     status_on_error: Option<Spanned<String>>,
     #[serde(default)]
-    include_request_headers_in_check: Vec<String>,
+    include_request_headers_in_check: Vec<Spanned<String>>,
     /// Deprecated MeshConfig name of `includeRequestHeadersInCheck`.
     #[serde(default)]
-    include_headers_in_check: Vec<String>,
+    include_headers_in_check: Vec<Spanned<String>>,
     #[serde(default)]
     include_additional_headers_in_check: BTreeMap<String, Spanned<String>>,
     #[serde(default)]
     include_request_body_in_check: Option<Spanned<serde_json::Value>>,
     #[serde(default)]
-    headers_to_upstream_on_allow: Vec<String>,
+    headers_to_upstream_on_allow: Vec<Spanned<String>>,
     #[serde(default)]
-    headers_to_downstream_on_deny: Vec<String>,
+    headers_to_downstream_on_deny: Vec<Spanned<String>>,
     #[serde(default)]
-    headers_to_downstream_on_allow: Vec<String>,
+    headers_to_downstream_on_allow: Vec<Spanned<String>>,
 }
 
 /// `timeout`: more than zero, at most istiod's 600 s placeholder's order (a day).
@@ -170,9 +170,45 @@ impl Validator<'_> {
                 };
                 additional.push((n, val));
             }
-            let names = |l: &[String]| l.iter().map(|s| NameMatch::parse(s)).collect::<Vec<_>>();
-            let mut include = names(&h.include_request_headers_in_check);
-            include.extend(names(&h.include_headers_in_check));
+            // extauthz.go: "a single wildcard (\"*\") is not supported, change it to either
+            // prefix or suffix match".
+            for (field, list) in [
+                (
+                    "includeRequestHeadersInCheck",
+                    &h.include_request_headers_in_check,
+                ),
+                ("includeHeadersInCheck", &h.include_headers_in_check),
+                ("headersToUpstreamOnAllow", &h.headers_to_upstream_on_allow),
+                (
+                    "headersToDownstreamOnDeny",
+                    &h.headers_to_downstream_on_deny,
+                ),
+                (
+                    "headersToDownstreamOnAllow",
+                    &h.headers_to_downstream_on_allow,
+                ),
+            ] {
+                if let Some(star) = list.iter().find(|s| s.value == "*") {
+                    return Err(self.err(
+                        star,
+                        &f(field),
+                        "a single wildcard (\"*\") is not supported, change it to either \
+                         prefix or suffix match",
+                    ));
+                }
+            }
+            let names = |l: &[Spanned<String>]| {
+                l.iter()
+                    .map(|s| NameMatch::parse(&s.value))
+                    .collect::<Vec<_>>()
+            };
+            // The deprecated `includeHeadersInCheck` counts only when
+            // `includeRequestHeadersInCheck` is not set (extauthz.go).
+            let include = if h.include_request_headers_in_check.is_empty() {
+                names(&h.include_headers_in_check)
+            } else {
+                names(&h.include_request_headers_in_check)
+            };
             out.push(Arc::new(HttpProvider {
                 name: r.name.value.clone(),
                 service,

@@ -123,8 +123,8 @@ rules! {
         "An EnvoyFilter patches Envoy's configuration, which Outrigger does not have: only Istio's local rate limit EnvoyFilter is applied; this one is ignored, whole (the agent logs it as not applied).",
         "Express the intent in Istio's security resources or the agent configuration (`rateLimits:`), or keep the EnvoyFilter for the Envoy sidecars only.";
     CUSTOM_UNDECLARED = "OR010", "custom-provider-undeclared", Warning,
-        "A CUSTOM policy delegates to an extension provider declared in MeshConfig `extensionProviders`; Outrigger declares none yet, so, as Istio does for a provider it cannot find, every request the policy matches is denied.",
-        "Remove the policy, or express the decision as ALLOW/DENY rules until external authorization is available.";
+        "A CUSTOM policy delegates to an extension provider declared in MeshConfig `extensionProviders` (for Outrigger: the agent configuration's `extensionProviders:`); for a provider it cannot find, Istio denies every request the policy matches, and so does Outrigger.",
+        "Declare the provider under `extensionProviders:` (envoyExtAuthzHttp; docs/ext-authz.md), or remove the policy. Without --config, lint cannot see the declared providers and reports every CUSTOM policy.";
 }
 
 #[derive(serde::Serialize)]
@@ -252,12 +252,14 @@ pub fn lint(resources: &[Resource], cfg: Option<&AgentConfig>) -> Vec<Finding> {
         }
         match &r.kind {
             ResourceKind::AuthorizationPolicy(spec) => {
-                if spec.action == Action::Custom {
-                    let provider = spec
-                        .provider
-                        .as_ref()
-                        .map(|p| p.name.as_str())
-                        .unwrap_or("");
+                let provider = spec
+                    .provider
+                    .as_ref()
+                    .map(|p| p.name.as_str())
+                    .unwrap_or("");
+                let declared =
+                    cfg.is_some_and(|c| c.extension_providers.iter().any(|p| p.name == provider));
+                if spec.action == Action::Custom && !declared {
                     out.push(finding(
                         &CUSTOM_UNDECLARED,
                         file,

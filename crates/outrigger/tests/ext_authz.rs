@@ -20,9 +20,10 @@ use outrigger_testkit::*;
 /// What the authorizer saw: method, path, and headers.
 type Log = Arc<Mutex<Vec<(String, String, http::HeaderMap)>>>;
 
-/// An authorizer that decides by path: `/allow*` → 200 with `x-user: alice` and
-/// `x-allow-note: yes`; `/slow*` → no answer for 5 s; `/boom*` → 500; anything else → 401
-/// with `www-authenticate`, `x-deny-reason` and a body.
+/// An authorizer that decides by path: `/allow*` → 200 with `x-user: alice`,
+/// `x-allow-note: yes` and `x-not-listed`; `/slow*` → no answer for 5 s; `/boom*` → 500;
+/// anything else → 401 with `www-authenticate`, `location`, `x-deny-reason`, `x-not-listed`
+/// and a body.
 async fn start_authorizer() -> (SocketAddr, Log) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -50,6 +51,7 @@ async fn start_authorizer() -> (SocketAddr, Log) {
                             b.status(200)
                                 .header("x-user", "alice")
                                 .header("x-allow-note", "yes")
+                                .header("x-not-listed", "n")
                                 .body(Full::new(Bytes::new()))
                         } else if p.starts_with("/slow") {
                             tokio::time::sleep(Duration::from_secs(5)).await;
@@ -59,7 +61,9 @@ async fn start_authorizer() -> (SocketAddr, Log) {
                         } else {
                             b.status(401)
                                 .header("www-authenticate", "Bearer realm=\"x\"")
+                                .header("location", "/login")
                                 .header("x-deny-reason", "no-ticket")
+                                .header("x-not-listed", "n")
                                 .body(Full::new(Bytes::from("denied by ext")))
                         };
                         Ok::<_, std::convert::Infallible>(r.unwrap())
@@ -164,7 +168,13 @@ async fn http_provider_allows_denies_and_fails_as_configured() {
     assert_eq!(got.status, 401);
     assert_eq!(got.text(), "denied by ext");
     assert_eq!(got.headers.get("x-deny-reason").unwrap(), "no-ticket");
-    assert!(got.headers.get("www-authenticate").is_none());
+    // Envoy passes www-authenticate and location whenever headersToDownstreamOnDeny is set.
+    assert_eq!(
+        got.headers.get("www-authenticate").unwrap(),
+        "Bearer realm=\"x\""
+    );
+    assert_eq!(got.headers.get("location").unwrap(), "/login");
+    assert!(got.headers.get("x-not-listed").is_none());
 
     // Not matched by the CUSTOM policy: the authorizer is not asked.
     let before = log.lock().unwrap().len();
@@ -216,4 +226,248 @@ async fn fail_open_and_undefined_provider() {
     let got = ask(&mesh, agent.addr("web"), &sleep, "/allow").await;
     assert_eq!(got.status, 403);
     assert_eq!(got.text(), "RBAC: access denied");
+}
+
+/// A DENY policy for `/both*` and `/allow/both*`, beside the CUSTOM one.
+const DENY_BOTH: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-both
+  namespace: legacy
+spec:
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        paths: [\"/both*\", \"/allow/both*\"]
+";
+
+/// Envoy's HTTP filters as istiod builds them for the CUSTOM policy (`ext`, provider `ext` of
+/// [`providers`]) and [`DENY_BOTH`] (pilot/pkg/security/authz/builder: builder.go, extauthz.go):
+/// an RBAC filter with the CUSTOM rules as shadow rules (stat prefix `istio_ext_authz_`), the
+/// ext_authz filter enabled by the shadow effective policy id that those rules set, then the
+/// RBAC filter of the DENY policy.
+fn istiod_custom_filters(authz_cluster: &str) -> Vec<serde_json::Value> {
+    use serde_json::json;
+    let path_prefix = |p: &str| json!({"url_path": {"path": {"prefix": p}}});
+    vec![
+        json!({
+            "name": "envoy.filters.http.rbac",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+                "shadow_rules": {"action": "DENY", "policies": {
+                    "istio-ext-authz-ns[legacy]-policy[ext]-rule[0]": {
+                        "permissions": [{"not_rule": path_prefix("/public")}],
+                        "principals": [{"any": true}]
+                    }
+                }},
+                "shadow_rules_stat_prefix": "istio_ext_authz_"
+            }
+        }),
+        json!({
+            "name": "envoy.filters.http.ext_authz",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+                "transport_api_version": "V3",
+                "status_on_error": {"code": 503},
+                "failure_mode_allow": false,
+                "http_service": {
+                    "path_prefix": "/check",
+                    "server_uri": {"uri": "http://ext-authz", "cluster": authz_cluster, "timeout": "0.5s"},
+                    "authorization_request": {
+                        "allowed_headers": {"patterns": [{"exact": "x-ticket", "ignore_case": true}]},
+                        "headers_to_add": [{"key": "x-from", "value": "outrigger"}]
+                    },
+                    "authorization_response": {
+                        "allowed_upstream_headers": {"patterns": [{"exact": "x-user", "ignore_case": true}]},
+                        "allowed_client_headers": {"patterns": [{"exact": "x-deny-reason", "ignore_case": true}]},
+                        "allowed_client_headers_on_success": {"patterns": [{"exact": "x-allow-note", "ignore_case": true}]}
+                    }
+                },
+                "filter_enabled_metadata": {
+                    "filter": "envoy.filters.http.rbac",
+                    "path": [{"key": "istio_ext_authz_shadow_effective_policy_id"}],
+                    "value": {"string_match": {"prefix": "istio-ext-authz"}}
+                }
+            }
+        }),
+        json!({
+            "name": "envoy.filters.http.rbac",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+                "rules": {"action": "DENY", "policies": {
+                    "ns[legacy]-policy[deny-both]-rule[0]": {
+                        "permissions": [{"or_rules": {"rules": [
+                            path_prefix("/both"), path_prefix("/allow/both")
+                        ]}}],
+                        "principals": [{"any": true}]
+                    }
+                }}
+            }
+        }),
+    ]
+}
+
+/// A check request as the authorizer received it: method, path, headers.
+type Check = (String, String, Vec<(String, String)>);
+
+/// What one request did, compared between Envoy and Outrigger.
+#[derive(Debug, PartialEq)]
+struct Seen {
+    /// The check request: method, path, and its headers but Envoy's own `x-envoy-*` (sorted).
+    check: Option<Check>,
+    status: u16,
+    /// The body of a refusal.
+    body: Option<String>,
+    /// Response headers the ext_authz semantics decide.
+    headers: Vec<(&'static str, Option<String>)>,
+    /// `x-user` as the application saw it (allowed requests).
+    app_user: Option<String>,
+}
+
+async fn ask_both_ways(mesh: &Mesh, addr: SocketAddr, who: &Issued, path: &str, log: &Log) -> Seen {
+    log.lock().unwrap().clear();
+    let mut c = mesh.connect(addr, who, false).await;
+    let mut req = get(path, false);
+    for (k, v) in [
+        ("x-ticket", "t1"),
+        ("x-other", "o"),
+        ("x-user", "mallory"),
+        ("authorization", "Basic dTpw"),
+    ] {
+        req.headers_mut()
+            .insert(k, http::HeaderValue::from_static(v));
+    }
+    let got = c.fetch(req).await.unwrap();
+    let check = log.lock().unwrap().first().map(|(m, p, h)| {
+        let mut hs: Vec<(String, String)> = h
+            .iter()
+            .filter(|(n, _)| !n.as_str().starts_with("x-envoy-"))
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
+            .collect();
+        hs.sort();
+        (m.clone(), p.clone(), hs)
+    });
+    let header = |n: &str| got.headers.get(n).map(|v| v.to_str().unwrap().to_string());
+    let ok = got.status == 200;
+    Seen {
+        check,
+        status: got.status,
+        body: (!ok).then(|| got.text()),
+        headers: [
+            "www-authenticate",
+            "location",
+            "x-deny-reason",
+            "x-not-listed",
+            "x-allow-note",
+            "x-user",
+            "content-type",
+        ]
+        .into_iter()
+        .filter(|n| !ok || *n != "content-type")
+        .map(|n| (n, header(n)))
+        .collect(),
+        app_user: ok
+            .then(|| got.seen().header("x-user").map(str::to_string))
+            .flatten(),
+    }
+}
+
+/// The same CUSTOM (and DENY) policies through Envoy 1.40 configured as istiod configures a
+/// sidecar, and through Outrigger, against the same authorizer: the check request it receives,
+/// and what the client and the application get, are the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_answers_as_envoys_ext_authz() {
+    let Some(bin) = common::envoy::envoy_or_skip("custom_answers_as_envoys_ext_authz") else {
+        return;
+    };
+    let (authz, log) = start_authorizer().await;
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    mesh.policy("ext.yaml", &CUSTOM.replace("PROVIDER", "ext"));
+    mesh.policy("deny.yaml", DENY_BOTH);
+    let app = start_echo().await;
+    let tcp = start_tcp_echo().await;
+    let cluster = "outbound|8000||ext-authz.legacy.svc.cluster.local";
+    // The authorizer's cluster is a static one here (a sidecar has it from CDS).
+    let envoy = common::envoy::start_sidecar_inbound_with_clusters(
+        &bin,
+        mesh.dir(),
+        &mesh.agent,
+        app,
+        tcp,
+        istiod_custom_filters(cluster),
+        vec![common::envoy::static_cluster(cluster, authz)],
+    )
+    .await;
+    let cfg = mesh.config(&[("web", app, "http")], &providers(authz));
+    let agent = AgentProc::start(mesh.dir(), &cfg);
+    let sleep = mesh.pki.issue("default", "sleep");
+
+    let mut diffs = Vec::new();
+    for path in [
+        "/allow/a?q=1",
+        "/private",
+        "/public/x",
+        // CUSTOM is asked first: its denial answers, though DENY matches too.
+        "/both",
+        // CUSTOM allows, then DENY refuses.
+        "/allow/both",
+        "/boom",
+        "/slow",
+    ] {
+        let from_envoy = ask_both_ways(&mesh, envoy.listener, &sleep, path, &log).await;
+        let from_outrigger = ask_both_ways(&mesh, agent.addr("web"), &sleep, path, &log).await;
+        if from_envoy != from_outrigger {
+            diffs.push(format!(
+                "{path}:\n  envoy:     {from_envoy:?}\n  outrigger: {from_outrigger:?}"
+            ));
+        }
+    }
+    assert!(diffs.is_empty(), "{}\n{}", diffs.join("\n"), envoy.tail());
+}
+
+/// A CUSTOM policy with an HTTP provider does not apply to a TCP connection: istiod's builder
+/// "ignored CUSTOM action with HTTP provider on TCP filter chain" (builder.go), so a sidecar
+/// lets the connection through unless DENY or ALLOW refuse it, and the authorizer is not asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_provider_is_ignored_on_tcp_as_istiod_does() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (authz, log) = start_authorizer().await;
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    // No rules: matches every request and connection.
+    mesh.policy(
+        "ext.yaml",
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: ext-all
+  namespace: legacy
+spec:
+  action: CUSTOM
+  provider:
+    name: ext
+  rules:
+  - {}
+",
+    );
+    let tcp_echo = start_tcp_echo().await;
+    let cfg = mesh.config(&[("db", tcp_echo, "tcp")], &providers(authz));
+    let agent = AgentProc::start(mesh.dir(), &cfg);
+    let etl = mesh.pki.issue("default", "etl");
+    let tls = outrigger_tls::client_config(
+        &etl.certs,
+        &mesh.pki.trust(),
+        &[mesh.agent_id()],
+        &[b"istio"],
+    )
+    .unwrap();
+    let mut s = tls_connect(agent.addr("db"), tls).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    assert!(log.lock().unwrap().is_empty(), "the authorizer was asked");
+    agent.wait_for_log("CUSTOM policy matched a TCP connection");
 }

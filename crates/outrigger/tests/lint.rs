@@ -141,8 +141,32 @@ spec:
 ",
     );
     mesh.policy("pa.yaml", MESH_STRICT);
+    // Two CUSTOM policies: one names the provider the configuration declares, one does not.
+    for (name, provider) in [("ext-declared", "ext"), ("ext-missing", "missing")] {
+        mesh.policy(
+            &format!("{name}.yaml"),
+            &format!(
+                "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: {name}, namespace: legacy}}
+spec:
+  action: CUSTOM
+  provider: {{name: {provider}}}
+  rules:
+  - to: [{{operation: {{paths: [\"/admin/*\"]}}}}]
+"
+            ),
+        );
+    }
+    let providers = "extensionProviders:
+- name: ext
+  envoyExtAuthzHttp: {service: ext-authz.legacy.svc.cluster.local, port: 8000}
+";
     let cfg = mesh
-        .config(&[("db", "127.0.0.1:5432".parse().unwrap(), "tcp")], "")
+        .config(
+            &[("db", "127.0.0.1:5432".parse().unwrap(), "tcp")],
+            providers,
+        )
         .replace(
             "admin:\n  listen: 127.0.0.1:0",
             "admin:\n  listen: 0.0.0.0:15000",
@@ -160,6 +184,10 @@ spec:
         "{out}"
     );
     assert!(!out.contains("OR004"), "an ALLOW policy applies: {out}");
+    assert!(
+        out.contains("provider `missing` is not declared") && !out.contains("provider `ext`"),
+        "only the CUSTOM policy whose provider is not declared is reported: {out}"
+    );
 
     let (code, out) = lint(&["/no/such/dir"]);
     assert_eq!(code, 3, "{out}");

@@ -223,7 +223,22 @@ pub async fn start_sidecar_inbound_with(
     certs: &Issued,
     http_app: SocketAddr,
     tcp_app: SocketAddr,
+    http_filters: Vec<serde_json::Value>,
+) -> Envoy {
+    start_sidecar_inbound_with_clusters(bin, dir, certs, http_app, tcp_app, http_filters, vec![])
+        .await
+}
+
+/// [`start_sidecar_inbound_with`] and `clusters` beside the two inbound ones (those the filters
+/// call: an ext_authz provider, a JWKS server).
+pub async fn start_sidecar_inbound_with_clusters(
+    bin: &Path,
+    dir: &Path,
+    certs: &Issued,
+    http_app: SocketAddr,
+    tcp_app: SocketAddr,
     mut http_filters: Vec<serde_json::Value>,
+    clusters: Vec<serde_json::Value>,
 ) -> Envoy {
     http_filters.push(serde_json::json!({
         "name": "envoy.filters.http.router",
@@ -250,6 +265,11 @@ pub async fn start_sidecar_inbound_with(
         }]},
         "http_filters": http_filters
     });
+    let mut all_clusters = vec![
+        static_cluster("inbound|8080||", http_app),
+        static_cluster("inbound|5432||", tcp_app),
+    ];
+    all_clusters.extend(clusters);
     let bootstrap = serde_json::json!({
         "node": {"id": "sidecar~127.0.0.1~ratings-v1.default~default.svc.cluster.local", "cluster": "ratings.default"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
@@ -293,10 +313,7 @@ pub async fn start_sidecar_inbound_with(
                     }
                 ]
             }],
-            "clusters": [
-                static_cluster("inbound|8080||", http_app),
-                static_cluster("inbound|5432||", tcp_app),
-            ]
+            "clusters": all_clusters
         }
     });
     launch_envoy(bin, dir, "sidecar", &bootstrap).await

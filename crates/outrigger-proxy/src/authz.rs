@@ -36,7 +36,7 @@ pub(crate) struct Verdict {
 
 /// The CUSTOM check a request needs.
 pub(crate) struct Custom {
-    pub provider: std::sync::Arc<crate::ext_authz::HttpProvider>,
+    pub provider: std::sync::Arc<crate::ext_authz::Provider>,
     /// The CUSTOM policy and rule that matched (`ns/name[rule]`).
     pub policy: String,
 }
@@ -342,17 +342,32 @@ pub(crate) fn check_tcp(ctx: &Ctx, conn: &ConnInfo) -> Verdict {
     let policy = ctx.policy.load();
     let d = policy.snapshot.authorize(&base_request(conn));
     let mut v = conclude(ctx, conn, &d, "tcp");
-    // An envoyExtAuthzHttp provider has no TCP check: istiod's builder "ignored CUSTOM action
-    // with HTTP provider on TCP filter chain" (pilot/pkg/security/authz/builder/builder.go), so
-    // a sidecar lets DENY and ALLOW decide. (gRPC providers, which have one, are refused when
-    // the configuration loads.)
     if let Some(c) = v.custom.take() {
-        crate::warn_limited!(
-            policy = c.policy,
-            provider = c.provider.name,
-            "CUSTOM policy matched a TCP connection; its HTTP provider has no TCP check and is \
-             ignored there, as istiod does (DENY and ALLOW policies still apply)"
-        );
+        match c.provider.api {
+            // An envoyExtAuthzHttp provider has no TCP check: istiod's builder "ignored CUSTOM
+            // action with HTTP provider on TCP filter chain" (pilot/pkg/security/authz/builder/
+            // builder.go), so a sidecar lets DENY and ALLOW decide.
+            crate::ext_authz::Api::Http(_) => crate::warn_limited!(
+                policy = c.policy,
+                provider = c.provider.name,
+                "CUSTOM policy matched a TCP connection; its HTTP provider has no TCP check and \
+                 is ignored there, as istiod does (DENY and ALLOW policies still apply)"
+            ),
+            // A gRPC provider has one on a sidecar (the network ext_authz filter), which
+            // Outrigger does not make yet: the connection is refused rather than let through
+            // unchecked.
+            crate::ext_authz::Api::Grpc => {
+                crate::warn_limited!(
+                    policy = c.policy,
+                    provider = c.provider.name,
+                    "CUSTOM policy with a gRPC provider matched a TCP connection; Outrigger has \
+                     no TCP check for it yet: closing the connection"
+                );
+                v.deny = Some((StatusCode::FORBIDDEN, RBAC_DENIED));
+                v.result = "custom_tcp_unsupported";
+                v.policy = Some(c.policy.clone());
+            }
+        }
         record(ctx, conn, "tcp", &v);
     }
     v

@@ -573,6 +573,17 @@ async fn authorize_and_forward(
     let websocket = is_websocket_upgrade(&parts);
     let mut rec = Recorder::new(&ctx, &conn, &parts, protocol, start, handles);
     rec.trace = trace;
+    // What Envoy's connection manager sets before any filter runs, so that JWT, RBAC, the
+    // external authorizer and the application all see it: never a client's own claim about
+    // its certificate, only ours (`forward_client_cert_details: APPEND_FORWARD` with the peer's
+    // URI, as istiod configures the inbound listener), and the scheme of the mTLS connection.
+    parts.headers.remove(&XFCC);
+    if let Some(xfcc) = &conn.xfcc {
+        parts.headers.insert(XFCC.clone(), xfcc.clone());
+        parts
+            .headers
+            .insert(XFP.clone(), HeaderValue::from_static("https"));
+    }
 
     // Compiled with the snapshot (outrigger_policy::request_authn): nothing parsed here.
     let jwt_rules = policy.snapshot.jwt_rules();
@@ -664,14 +675,6 @@ async fn authorize_and_forward(
         }
 
         strip_hop_by_hop(&mut parts.headers);
-        // Never forward a client's own claim about its certificate: only ours is trusted.
-        parts.headers.remove(&XFCC);
-        if let Some(xfcc) = &conn.xfcc {
-            parts.headers.insert(XFCC.clone(), xfcc.clone());
-            parts
-                .headers
-                .insert(XFP.clone(), HeaderValue::from_static("https"));
-        }
         let received = Arc::new(AtomicU64::new(0));
         rec.received = Some(received.clone());
         let client_upgrade = if websocket {
@@ -773,9 +776,7 @@ async fn authorize_and_forward(
     }
     .await;
     let Ok(mut resp) = answer;
-    for (n, v) in on_allow_downstream {
-        resp.headers_mut().append(n, v);
-    }
+    crate::ext_authz::apply(resp.headers_mut(), on_allow_downstream);
     Ok(resp)
 }
 
@@ -841,59 +842,74 @@ fn websocket_tunnel(
 /// client) or, when it could not answer, `statusOnError` with no body.
 struct CustomRefusal {
     status: StatusCode,
-    headers: Vec<(HeaderName, HeaderValue)>,
+    headers: Vec<crate::ext_authz::Mutation>,
     body: Bytes,
 }
 
 impl CustomRefusal {
     /// Envoy's ext_authz filter answers with `sendLocalReply(status, body)` (`content-type:
-    /// text/plain` when there is a body), then sets each of the authorizer's headers, replacing
-    /// one of the same name (a repeated name keeps its last value).
+    /// text/plain` when there is a body), then applies the authorizer's headers to it.
     fn reply(self, rec: Recorder) -> Response<ProxyBody> {
         let empty = self.body.is_empty();
         let mut resp = local_reply_bytes(self.status, self.body, rec);
         if empty {
             resp.headers_mut().remove(header::CONTENT_TYPE);
         }
-        for (n, v) in self.headers {
-            resp.headers_mut().insert(n, v);
-        }
+        crate::ext_authz::apply(resp.headers_mut(), self.headers);
         resp
     }
 }
 
 /// Istio's CUSTOM action for one request: asks the provider ([`crate::ext_authz`]) and settles
 /// the verdict. `Ok`: allowed by the authorizer (or its failure, with `failOpen`), the
-/// request's headers updated (`headersToUpstreamOnAllow`); the headers to add to the
-/// application's response (`headersToDownstreamOnAllow`). `Err`: what to answer instead.
+/// request's headers updated; the headers to apply to the response the client gets. `Err`:
+/// what to answer instead.
 async fn ask_custom(
     ctx: &Ctx,
     conn: &ConnInfo,
     parts: &mut http::request::Parts,
     verdict: &mut authz::Verdict,
     custom: &authz::Custom,
-) -> Result<Vec<(HeaderName, HeaderValue)>, CustomRefusal> {
-    use crate::ext_authz::Outcome;
+) -> Result<Vec<crate::ext_authz::Mutation>, CustomRefusal> {
+    use crate::ext_authz::{CheckInput, Outcome};
     let provider = &custom.provider;
-    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let outcome = crate::ext_authz::check(
-        provider,
-        &parts.method,
-        authz::authority(parts),
-        pq,
-        &parts.headers,
-    )
-    .await;
+    let w = &ctx.workload;
+    let input = CheckInput {
+        method: &parts.method,
+        host: authz::authority(parts),
+        path_and_query: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+        headers: &parts.headers,
+        protocol: match parts.version {
+            http::Version::HTTP_2 => "HTTP/2",
+            http::Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        },
+        scheme: if conn.security_policy() == "mutual_tls" {
+            "https"
+        } else {
+            "http"
+        },
+        source: conn.src,
+        destination: conn.dst,
+        source_principal: conn
+            .peer_principal
+            .as_ref()
+            .map(|p| format!("spiffe://{p}")),
+        destination_principal: w.identity.to_string(),
+        destination_service: format!("{}.{}", w.canonical_service, w.namespace),
+    };
+    let outcome = crate::ext_authz::check(provider, &input).await;
     let path = parts.uri.path().to_string();
     let (answer, result) = match outcome {
         Outcome::Allow {
             upstream,
+            remove,
             downstream,
         } => {
-            // `setCopy`: each replaces the request's header of that name.
-            for (n, v) in upstream {
-                parts.headers.insert(n, v);
+            for n in remove {
+                parts.headers.remove(n);
             }
+            crate::ext_authz::apply(&mut parts.headers, upstream);
             (authz::CustomAnswer::Allowed, Ok(downstream))
         }
         Outcome::FailedOpen { why } => {

@@ -18,6 +18,7 @@ mod codec_checks;
 pub mod detect;
 pub mod egress_proxy;
 pub mod ext_authz;
+pub mod ext_authz_proto;
 pub mod h1_guard;
 mod h2_close;
 pub mod hbone;
@@ -181,7 +182,7 @@ pub struct Settings {
     /// Local rate limits on inbound HTTP (see [`ratelimit`]).
     pub rate_limits: Vec<ratelimit::RateLimitRule>,
     /// The CUSTOM action's providers (MeshConfig `extensionProviders`; see [`ext_authz`]).
-    pub extension_providers: Vec<Arc<ext_authz::HttpProvider>>,
+    pub extension_providers: Vec<Arc<ext_authz::Provider>>,
     /// Distributed tracing (see [`trace`]); `None`: off (`x-request-id` is still generated).
     pub tracing: Option<trace::TracingConfig>,
 }

@@ -419,7 +419,7 @@ pub(crate) struct SpanEnd<'a> {
     pub response_size: u64,
 }
 
-fn random_bytes<const N: usize>() -> [u8; N] {
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
     // A failing system generator leaves zeros, an invalid id; fall back on the clock.
     if outrigger_tls::crypto_provider()

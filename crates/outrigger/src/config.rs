@@ -460,7 +460,7 @@ pub struct AgentConfig {
     /// `rateLimits:` (local rate limits on inbound HTTP; see `config_ratelimits.rs`).
     pub rate_limits: Vec<outrigger_proxy::ratelimit::RateLimitRule>,
     /// `extensionProviders:` (Istio's CUSTOM action; see `config_extauthz.rs`).
-    pub extension_providers: Vec<std::sync::Arc<outrigger_proxy::ext_authz::HttpProvider>>,
+    pub extension_providers: Vec<std::sync::Arc<outrigger_proxy::ext_authz::Provider>>,
     /// `tracing:` (sampling, OTLP collector; see `config_tracing.rs`); `None`: off.
     pub tracing: Option<outrigger_proxy::trace::TracingConfig>,
 }
@@ -2216,7 +2216,11 @@ outboundProxy:
     /// its header-list rules, errors at their line and field.
     #[test]
     fn extension_providers_section() {
-        use outrigger_proxy::ext_authz::NameMatch;
+        use outrigger_proxy::ext_authz::{Api, NameMatch};
+        let http = |p: &outrigger_proxy::ext_authz::Provider| match &p.api {
+            Api::Http(h) => h.clone(),
+            Api::Grpc => panic!("{} is an HTTP provider", p.name),
+        };
         let c = parse(&format!(
             "{GOOD}extensionProviders:
 - name: a
@@ -2230,21 +2234,29 @@ outboundProxy:
     port: 9000
     includeRequestHeadersInCheck: [\"*-Id\", x-ticket]
     includeHeadersInCheck: [x-old]
+- name: opa
+  envoyExtAuthzGrpc: {{service: opa.opa.svc.cluster.local, port: 9191, timeout: 250ms, failOpen: true}}
 "
         ))
         .unwrap();
         let (a, b) = (&c.extension_providers[0], &c.extension_providers[1]);
+        let opa = &c.extension_providers[2];
+        assert!(matches!(opa.api, Api::Grpc));
+        assert_eq!(
+            (opa.port, opa.timeout, opa.fail_open),
+            (9191, Duration::from_millis(250), true)
+        );
         // `namespace/host`: the host is dialed.
         assert_eq!(a.service, "ext-authz.foo.svc.cluster.local");
         assert_eq!(a.timeout, Duration::from_secs(600));
         assert_eq!(a.status_on_error, http::StatusCode::FORBIDDEN);
         // The deprecated list counts only when the new one is not set.
         assert_eq!(
-            a.include_request_headers,
+            http(a).include_request_headers,
             [NameMatch::Exact("x-old".into())]
         );
         assert_eq!(
-            b.include_request_headers,
+            http(b).include_request_headers,
             [
                 NameMatch::Suffix("-id".into()),
                 NameMatch::Exact("x-ticket".into())
@@ -2274,9 +2286,14 @@ outboundProxy:
                 "single wildcard",
             ),
             (
-                "- name: a\n  envoyExtAuthzGrpc: {service: s, port: 1}\n",
-                "extensionProviders[0].envoyExtAuthzGrpc",
-                "gRPC",
+                "- name: a\n  envoyExtAuthzGrpc: {service: s, port: 1, includeRequestBodyInCheck: {}}\n",
+                "extensionProviders[0].envoyExtAuthzGrpc.includeRequestBodyInCheck",
+                "not supported yet",
+            ),
+            (
+                "- name: a\n  envoyExtAuthzGrpc: {service: s, port: 1}\n  envoyExtAuthzHttp: {service: s, port: 1}\n",
+                "extensionProviders[0].envoyExtAuthzHttp",
+                "exactly one",
             ),
         ] {
             let e = parse(&format!("{GOOD}extensionProviders:\n{body}")).unwrap_err();

@@ -14,7 +14,7 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use outrigger_proxy::ext_authz::{DEFAULT_TIMEOUT, HttpProvider, NameMatch};
+use outrigger_proxy::ext_authz::{Api, DEFAULT_TIMEOUT, HttpApi, NameMatch, Provider};
 
 use super::{ConfigError, Range, Validator};
 
@@ -25,7 +25,23 @@ pub(super) struct RawProvider {
     #[serde(default)]
     envoy_ext_authz_http: Option<Spanned<RawHttp>>,
     #[serde(default)]
-    envoy_ext_authz_grpc: Option<Spanned<serde_json::Value>>,
+    envoy_ext_authz_grpc: Option<Spanned<RawGrpc>>,
+}
+
+/// MeshConfig's `EnvoyExternalAuthorizationGrpcProvider`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawGrpc {
+    service: Spanned<String>,
+    port: Spanned<u64>,
+    #[serde(default)]
+    timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    fail_open: bool,
+    #[serde(default)]
+    status_on_error: Option<Spanned<String>>,
+    #[serde(default)]
+    include_request_body_in_check: Option<Spanned<serde_json::Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,8 +85,8 @@ impl Validator<'_> {
     pub(super) fn extension_providers(
         &self,
         raw: &[RawProvider],
-    ) -> Result<Vec<Arc<HttpProvider>>, ConfigError> {
-        let mut out: Vec<Arc<HttpProvider>> = Vec::new();
+    ) -> Result<Vec<Arc<Provider>>, ConfigError> {
+        let mut out: Vec<Arc<Provider>> = Vec::new();
         for (i, r) in raw.iter().enumerate() {
             let at = |f: &str| format!("extensionProviders[{i}].{f}");
             if r.name.value.is_empty() {
@@ -84,41 +100,45 @@ impl Validator<'_> {
                     format!("`{}` names two providers", r.name.value),
                 ));
             }
-            if let Some(g) = &r.envoy_ext_authz_grpc {
-                return Err(self.err(
-                    g,
-                    &at("envoyExtAuthzGrpc"),
-                    "gRPC providers are not supported yet (envoyExtAuthzHttp only)",
-                ));
-            }
-            let Some(h) = &r.envoy_ext_authz_http else {
-                return Err(self.err(
-                    &r.name,
-                    &at("envoyExtAuthzHttp"),
-                    "a provider needs envoyExtAuthzHttp (the only kind supported)",
-                ));
-            };
-            let f = |x: &str| at(&format!("envoyExtAuthzHttp.{x}"));
-            let h = &h.value;
-            if h.service.value.is_empty() {
-                return Err(self.err(&h.service, &f("service"), "must not be empty"));
-            }
-            // istiod takes `namespace/name` or a hostname; the agent dials a hostname.
-            let service = match h.service.value.split_once('/') {
-                Some((_, host)) => host.to_string(),
-                None => h.service.value.clone(),
-            };
-            let port = match u16::try_from(h.port.value) {
-                Ok(p) if p > 0 => p,
+            let h = match (&r.envoy_ext_authz_http, &r.envoy_ext_authz_grpc) {
+                (Some(h), None) => &h.value,
+                (None, Some(g)) => {
+                    let f = |x: &str| at(&format!("envoyExtAuthzGrpc.{x}"));
+                    let g = &g.value;
+                    let common = self.provider_common(
+                        &g.service,
+                        &g.port,
+                        &g.timeout,
+                        &g.status_on_error,
+                        &g.include_request_body_in_check,
+                        &f,
+                    )?;
+                    out.push(Arc::new(Provider {
+                        name: r.name.value.clone(),
+                        fail_open: g.fail_open,
+                        api: Api::Grpc,
+                        ..common
+                    }));
+                    continue;
+                }
                 _ => {
                     return Err(self.err(
-                        &h.port,
-                        &f("port"),
-                        format!("must be in the range [1, 65535], found: {}", h.port.value),
+                        &r.name,
+                        &at("envoyExtAuthzHttp"),
+                        "a provider needs exactly one of envoyExtAuthzHttp and envoyExtAuthzGrpc \
+                         (the kinds supported)",
                     ));
                 }
             };
-            let timeout = self.duration(&h.timeout, &f("timeout"), DEFAULT_TIMEOUT, TIMEOUT)?;
+            let f = |x: &str| at(&format!("envoyExtAuthzHttp.{x}"));
+            let common = self.provider_common(
+                &h.service,
+                &h.port,
+                &h.timeout,
+                &h.status_on_error,
+                &h.include_request_body_in_check,
+                &f,
+            )?;
             let path_prefix = match &h.path_prefix {
                 None => String::new(),
                 Some(p) if p.value.starts_with('/') && p.value.parse::<http::Uri>().is_ok() => {
@@ -132,30 +152,6 @@ impl Validator<'_> {
                     ));
                 }
             };
-            let status_on_error = match &h.status_on_error {
-                None => StatusCode::FORBIDDEN,
-                Some(s) => match s.value.parse::<u16>().ok().and_then(|c| {
-                    StatusCode::from_u16(c)
-                        .ok()
-                        .filter(|c| c.canonical_reason().is_some())
-                }) {
-                    Some(c) => c,
-                    None => {
-                        return Err(self.err(
-                            s,
-                            &f("statusOnError"),
-                            format!("`{}` is not an HTTP status code", s.value),
-                        ));
-                    }
-                },
-            };
-            if let Some(b) = &h.include_request_body_in_check {
-                return Err(self.err(
-                    b,
-                    &f("includeRequestBodyInCheck"),
-                    "sending the request body is not supported yet",
-                ));
-            }
             let mut additional = Vec::new();
             for (k, v) in &h.include_additional_headers_in_check {
                 let (Ok(n), Ok(val)) = (
@@ -209,21 +205,86 @@ impl Validator<'_> {
             } else {
                 names(&h.include_request_headers_in_check)
             };
-            out.push(Arc::new(HttpProvider {
+            out.push(Arc::new(Provider {
                 name: r.name.value.clone(),
-                service,
-                port,
-                timeout,
-                path_prefix,
-                include_request_headers: include,
-                additional_headers: additional,
-                headers_to_upstream_on_allow: names(&h.headers_to_upstream_on_allow),
-                headers_to_downstream_on_deny: names(&h.headers_to_downstream_on_deny),
-                headers_to_downstream_on_allow: names(&h.headers_to_downstream_on_allow),
                 fail_open: h.fail_open,
-                status_on_error,
+                api: Api::Http(HttpApi {
+                    path_prefix,
+                    include_request_headers: include,
+                    additional_headers: additional,
+                    headers_to_upstream_on_allow: names(&h.headers_to_upstream_on_allow),
+                    headers_to_downstream_on_deny: names(&h.headers_to_downstream_on_deny),
+                    headers_to_downstream_on_allow: names(&h.headers_to_downstream_on_allow),
+                }),
+                ..common
             }));
         }
         Ok(out)
+    }
+
+    /// What both kinds of provider share, validated as extauthz.go does (`parsePort`,
+    /// `parseStatusOnError`): service, port, timeout, statusOnError; and the request body,
+    /// which is not sent yet. `name`, `fail_open` and `api` are the caller's.
+    fn provider_common(
+        &self,
+        service: &Spanned<String>,
+        port: &Spanned<u64>,
+        timeout: &Option<Spanned<String>>,
+        status_on_error: &Option<Spanned<String>>,
+        body: &Option<Spanned<serde_json::Value>>,
+        f: &dyn Fn(&str) -> String,
+    ) -> Result<Provider, ConfigError> {
+        if service.value.is_empty() {
+            return Err(self.err(service, &f("service"), "must not be empty"));
+        }
+        // istiod takes `namespace/host` or a host; the agent dials the host.
+        let host = match service.value.split_once('/') {
+            Some((_, host)) => host.to_string(),
+            None => service.value.clone(),
+        };
+        let port = match u16::try_from(port.value) {
+            Ok(p) if p > 0 => p,
+            _ => {
+                return Err(self.err(
+                    port,
+                    &f("port"),
+                    format!("must be in the range [1, 65535], found: {}", port.value),
+                ));
+            }
+        };
+        let timeout = self.duration(timeout, &f("timeout"), DEFAULT_TIMEOUT, TIMEOUT)?;
+        let status_on_error = match status_on_error {
+            None => StatusCode::FORBIDDEN,
+            Some(s) => match s.value.parse::<u16>().ok().and_then(|c| {
+                StatusCode::from_u16(c)
+                    .ok()
+                    .filter(|c| c.canonical_reason().is_some())
+            }) {
+                Some(c) => c,
+                None => {
+                    return Err(self.err(
+                        s,
+                        &f("statusOnError"),
+                        format!("`{}` is not an HTTP status code", s.value),
+                    ));
+                }
+            },
+        };
+        if let Some(b) = body {
+            return Err(self.err(
+                b,
+                &f("includeRequestBodyInCheck"),
+                "sending the request body is not supported yet",
+            ));
+        }
+        Ok(Provider {
+            name: String::new(),
+            service: host,
+            port,
+            timeout,
+            fail_open: false,
+            status_on_error,
+            api: Api::Grpc,
+        })
     }
 }

@@ -16,6 +16,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use outrigger_testkit::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// What the authorizer saw: method, path, and headers.
 type Log = Arc<Mutex<Vec<(String, String, http::HeaderMap)>>>;
@@ -432,14 +433,43 @@ async fn custom_answers_as_envoys_ext_authz() {
 /// lets the connection through unless DENY or ALLOW refuse it, and the authorizer is not asked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_provider_is_ignored_on_tcp_as_istiod_does() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (authz, log) = start_authorizer().await;
+    let (agent, mesh) = tcp_behind_custom("ext", &providers(authz)).await;
+    let mut s = tcp_client(&agent, &mesh).await;
+    s.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    assert!(log.lock().unwrap().is_empty(), "the authorizer was asked");
+    agent.wait_for_log("its HTTP provider has no TCP check");
+}
+
+/// A gRPC provider has a TCP check on a sidecar (the network ext_authz filter), which Outrigger
+/// does not make yet: the connection is closed, never let through unchecked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_provider_closes_tcp_connections_until_their_check_exists() {
+    let (authz, log) = start_grpc_authorizer().await;
+    let (agent, mesh) = tcp_behind_custom("opa", &grpc_providers(authz)).await;
+    let mut s = tcp_client(&agent, &mesh).await;
+    let _ = s.write_all(b"ping").await;
+    let (got, _) = read_until_close(&mut s).await;
+    assert!(
+        got.is_empty(),
+        "a TCP connection reached the backend unchecked"
+    );
+    assert!(log.lock().unwrap().is_empty());
+    agent.wait_for_log("no TCP check for it yet");
+}
+
+/// A TCP listener in front of an echo server, with a CUSTOM policy (no rules: it matches every
+/// connection) naming `provider`.
+async fn tcp_behind_custom(provider: &str, providers: &str) -> (AgentProc, Mesh) {
     let mesh = Mesh::new();
     mesh.policy("pa.yaml", MESH_STRICT);
-    // No rules: matches every request and connection.
     mesh.policy(
         "ext.yaml",
-        "apiVersion: security.istio.io/v1
+        &format!(
+            "apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata:
   name: ext-all
@@ -447,14 +477,21 @@ metadata:
 spec:
   action: CUSTOM
   provider:
-    name: ext
+    name: {provider}
   rules:
-  - {}
-",
+  - {{}}
+"
+        ),
     );
     let tcp_echo = start_tcp_echo().await;
-    let cfg = mesh.config(&[("db", tcp_echo, "tcp")], &providers(authz));
-    let agent = AgentProc::start(mesh.dir(), &cfg);
+    let cfg = mesh.config(&[("db", tcp_echo, "tcp")], providers);
+    (AgentProc::start(mesh.dir(), &cfg), mesh)
+}
+
+async fn tcp_client(
+    agent: &AgentProc,
+    mesh: &Mesh,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let etl = mesh.pki.issue("default", "etl");
     let tls = outrigger_tls::client_config(
         &etl.certs,
@@ -463,11 +500,345 @@ spec:
         &[b"istio"],
     )
     .unwrap();
-    let mut s = tls_connect(agent.addr("db"), tls).await.unwrap();
-    s.write_all(b"ping").await.unwrap();
-    let mut buf = [0u8; 4];
-    s.read_exact(&mut buf).await.unwrap();
-    assert_eq!(&buf, b"ping");
-    assert!(log.lock().unwrap().is_empty(), "the authorizer was asked");
-    agent.wait_for_log("CUSTOM policy matched a TCP connection");
+    tls_connect(agent.addr("db"), tls).await.unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// envoyExtAuthzGrpc: Envoy's `envoy.service.auth.v3.Authorization/Check`
+
+use outrigger_proxy::ext_authz_proto as pb;
+
+/// What a gRPC authorizer received.
+type CheckLog = Arc<Mutex<Vec<pb::CheckRequest>>>;
+
+fn header_option(
+    key: &str,
+    value: &str,
+    append: Option<bool>,
+    action: i32,
+) -> pb::HeaderValueOption {
+    pb::HeaderValueOption {
+        header: Some(pb::HeaderValue {
+            key: key.into(),
+            value: value.into(),
+            raw_value: Vec::new(),
+        }),
+        append,
+        append_action: action,
+    }
+}
+
+/// A gRPC `Authorization/Check` server (HTTP/2, prior knowledge) that decides by the request's
+/// path as [`start_authorizer`] does: `/allow*` → OK with request header mutations of every
+/// kind (`x-user` with `append: false`, `x-added` with neither `append` nor an action,
+/// `x-joined` with `append: true`, `x-if-absent` with ADD_IF_ABSENT, `x-only-if-there` with
+/// OVERWRITE_IF_EXISTS), `x-remove-me` removed, `x-allow-note` for the client; `/slow*` → no
+/// answer for 5 s; `/boom*` → grpc-status 14; anything else → PERMISSION_DENIED with a 401,
+/// `x-deny-reason` and a body; `/plain-deny*` → PERMISSION_DENIED with no denied_response.
+async fn start_grpc_authorizer() -> (SocketAddr, CheckLog) {
+    use prost::Message;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let log: CheckLog = Arc::default();
+    let log2 = log.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let log = log2.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let log = log.clone();
+                    async move {
+                        use http_body_util::BodyExt;
+                        assert_eq!(req.uri().path(), pb::CHECK_PATH);
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let check = pb::CheckRequest::decode(&body[5..]).unwrap();
+                        let path = check
+                            .attributes
+                            .as_ref()
+                            .and_then(|a| a.request.as_ref())
+                            .and_then(|r| r.http.as_ref())
+                            .map(|h| h.path.clone())
+                            .unwrap_or_default();
+                        log.lock().unwrap().push(check);
+                        let status = |code: i32| pb::RpcStatus {
+                            code,
+                            message: String::new(),
+                        };
+                        let resp = if path.starts_with("/allow") {
+                            pb::CheckResponse {
+                                status: Some(status(0)),
+                                ok_response: Some(pb::OkHttpResponse {
+                                    headers: vec![
+                                        header_option("x-user", "alice", Some(false), 0),
+                                        header_option("x-added", "a2", None, 0),
+                                        header_option("x-joined", "j2", Some(true), 0),
+                                        header_option("x-if-absent", "new", None, 1),
+                                        header_option("x-only-if-there", "new", None, 3),
+                                    ],
+                                    headers_to_remove: vec!["x-remove-me".into()],
+                                    response_headers_to_add: vec![header_option(
+                                        "x-allow-note",
+                                        "yes",
+                                        None,
+                                        0,
+                                    )],
+                                }),
+                                denied_response: None,
+                            }
+                        } else if path.starts_with("/slow") {
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                            pb::CheckResponse::default()
+                        } else if path.starts_with("/boom") {
+                            // A trailers-only answer: grpc-status in the headers.
+                            let r = http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .header("grpc-status", "14")
+                                .body(Full::new(Bytes::new()).boxed())
+                                .unwrap();
+                            return Ok::<_, std::convert::Infallible>(r);
+                        } else if path.starts_with("/plain-deny") {
+                            pb::CheckResponse {
+                                status: Some(status(7)),
+                                ..Default::default()
+                            }
+                        } else {
+                            pb::CheckResponse {
+                                status: Some(status(7)),
+                                denied_response: Some(pb::DeniedHttpResponse {
+                                    status: Some(pb::HttpStatus { code: 401 }),
+                                    headers: vec![header_option(
+                                        "x-deny-reason",
+                                        "no-ticket",
+                                        None,
+                                        0,
+                                    )],
+                                    body: "denied by grpc".into(),
+                                }),
+                                ok_response: None,
+                            }
+                        };
+                        let msg = resp.encode_to_vec();
+                        let mut framed = vec![0u8];
+                        framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+                        framed.extend_from_slice(&msg);
+                        // grpc-status in the trailers, after the message.
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        let body = http_body_util::StreamBody::new(futures_util::stream::iter([
+                            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                                Bytes::from(framed),
+                            )),
+                            Ok(hyper::body::Frame::trailers(trailers)),
+                        ]));
+                        let r = http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(body.boxed())
+                            .unwrap();
+                        Ok(r)
+                    }
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+            });
+        }
+    });
+    (addr, log)
+}
+
+fn grpc_providers(authz: SocketAddr) -> String {
+    format!(
+        "extensionProviders:
+- name: opa
+  envoyExtAuthzGrpc:
+    service: {ip}
+    port: {port}
+    timeout: 500ms
+    statusOnError: '503'
+",
+        ip = authz.ip(),
+        port = authz.port()
+    )
+}
+
+/// Envoy's filters for the CUSTOM policy with the gRPC provider, as istiod builds them
+/// (extauthz.go `generateGRPCConfig`: `envoy_grpc` with the cluster and an authority made
+/// from it, the provider's timeout), between the same RBAC filters as
+/// [`istiod_custom_filters`].
+fn istiod_grpc_custom_filters(cluster: &str) -> Vec<serde_json::Value> {
+    let mut filters = istiod_custom_filters(cluster);
+    filters[1] = serde_json::json!({
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            "transport_api_version": "V3",
+            "status_on_error": {"code": 503},
+            "failure_mode_allow": false,
+            "grpc_service": {
+                "envoy_grpc": {"cluster_name": cluster, "authority": cluster.replace('|', "_.")},
+                "timeout": "0.5s"
+            },
+            "filter_enabled_metadata": filters[1]["typed_config"]["filter_enabled_metadata"].clone()
+        }
+    });
+    filters
+}
+
+/// What one request did through a gRPC provider, compared between Envoy and Outrigger.
+#[derive(Debug, PartialEq)]
+struct GrpcSeen {
+    /// The CheckRequest, less what differs by nature (time, stream id, ports, the
+    /// `x-request-id` value, the node's service name).
+    check: Option<pb::CheckRequest>,
+    status: u16,
+    body: Option<String>,
+    headers: Vec<(&'static str, Option<String>)>,
+    /// The mutated request headers as the application saw them (every value).
+    app: Vec<(&'static str, Vec<String>)>,
+}
+
+fn normalized(mut c: pb::CheckRequest) -> pb::CheckRequest {
+    if let Some(a) = c.attributes.as_mut() {
+        for p in [a.source.as_mut(), a.destination.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(s) = p.address.as_mut().and_then(|a| a.socket_address.as_mut()) {
+                s.port_value = 0;
+            }
+        }
+        if let Some(d) = a.destination.as_mut() {
+            d.service = "<node>".into();
+        }
+        if let Some(r) = a.request.as_mut() {
+            r.time = None;
+            if let Some(h) = r.http.as_mut() {
+                h.id = "<stream>".into();
+                if let Some(v) = h.headers.get_mut("x-request-id") {
+                    *v = "<id>".into();
+                }
+            }
+        }
+    }
+    c
+}
+
+async fn ask_grpc_both_ways(
+    mesh: &Mesh,
+    addr: SocketAddr,
+    who: &Issued,
+    path: &str,
+    log: &CheckLog,
+) -> GrpcSeen {
+    log.lock().unwrap().clear();
+    let mut c = mesh.connect(addr, who, false).await;
+    let mut req = get(path, false);
+    for (k, v) in [
+        ("x-ticket", "t1"),
+        ("x-user", "mallory"),
+        ("x-added", "a1"),
+        ("x-joined", "j1"),
+        ("x-if-absent", "old"),
+        ("x-remove-me", "r"),
+        ("authorization", "Basic dTpw"),
+    ] {
+        req.headers_mut()
+            .insert(k, http::HeaderValue::from_static(v));
+    }
+    let got = c.fetch(req).await.unwrap();
+    let check = log.lock().unwrap().first().cloned().map(normalized);
+    let header = |n: &str| got.headers.get(n).map(|v| v.to_str().unwrap().to_string());
+    let ok = got.status == 200;
+    let app_names = [
+        "x-user",
+        "x-added",
+        "x-joined",
+        "x-if-absent",
+        "x-only-if-there",
+        "x-remove-me",
+    ];
+    GrpcSeen {
+        check,
+        status: got.status,
+        body: (!ok).then(|| got.text()),
+        headers: ["x-deny-reason", "x-allow-note", "content-type"]
+            .into_iter()
+            .filter(|n| !ok || *n != "content-type")
+            .map(|n| (n, header(n)))
+            .collect(),
+        app: if ok {
+            let seen = got.seen();
+            app_names
+                .into_iter()
+                .map(|n| (n, seen.headers.get(n).cloned().unwrap_or_default()))
+                .collect()
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+/// The CUSTOM policy with an `envoyExtAuthzGrpc` provider through Envoy 1.40 (as istiod
+/// configures a sidecar) and through Outrigger, against the same gRPC authorizer: the
+/// CheckRequest it receives, the header mutations the application sees and the client's
+/// answers are the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_provider_answers_as_envoys_ext_authz() {
+    let Some(bin) = common::envoy::envoy_or_skip("grpc_provider_answers_as_envoys_ext_authz")
+    else {
+        return;
+    };
+    let (authz, log) = start_grpc_authorizer().await;
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    mesh.policy("ext.yaml", &CUSTOM.replace("PROVIDER", "opa"));
+    mesh.policy("deny.yaml", DENY_BOTH);
+    let app = start_echo().await;
+    let tcp = start_tcp_echo().await;
+    let cluster = "outbound|9191||opa.legacy.svc.cluster.local";
+    let mut grpc_cluster = common::envoy::static_cluster(cluster, authz);
+    grpc_cluster["typed_extension_protocol_options"] = serde_json::json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}
+        }
+    });
+    let envoy = common::envoy::start_sidecar_inbound_with_clusters(
+        &bin,
+        mesh.dir(),
+        &mesh.agent,
+        app,
+        tcp,
+        istiod_grpc_custom_filters(cluster),
+        vec![grpc_cluster],
+    )
+    .await;
+    let cfg = mesh.config(&[("web", app, "http")], &grpc_providers(authz));
+    let agent = AgentProc::start(mesh.dir(), &cfg);
+    let sleep = mesh.pki.issue("default", "sleep");
+
+    let mut diffs = Vec::new();
+    for path in [
+        "/allow/a?q=1",
+        "/private",
+        "/plain-deny",
+        "/public/x",
+        "/both",
+        "/allow/both",
+        "/boom",
+        "/slow",
+    ] {
+        let from_envoy = ask_grpc_both_ways(&mesh, envoy.listener, &sleep, path, &log).await;
+        let from_outrigger = ask_grpc_both_ways(&mesh, agent.addr("web"), &sleep, path, &log).await;
+        if from_envoy != from_outrigger {
+            diffs.push(format!(
+                "{path}:\n  envoy:     {from_envoy:?}\n  outrigger: {from_outrigger:?}"
+            ));
+        }
+    }
+    assert!(diffs.is_empty(), "{}\n{}", diffs.join("\n"), envoy.tail());
 }

@@ -256,7 +256,8 @@ pub async fn start_sidecar_inbound_with_clusters(
         "upgrade_configs": [{"upgrade_type": "websocket"}],
         "stream_idle_timeout": "0s",
         "forward_client_cert_details": "APPEND_FORWARD",
-        "set_current_client_cert_details": {"uri": true},
+        // istiod's inbound HTTP options (networking/core listener.go, buildSidecarInboundHTTPOpts).
+        "set_current_client_cert_details": {"subject": true, "uri": true, "dns": true},
         "route_config": {"virtual_hosts": [{
             "name": "inbound|http|8080",
             "domains": ["*"],

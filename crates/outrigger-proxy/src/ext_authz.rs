@@ -43,7 +43,10 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use std::sync::Arc;
+
 use crate::ext_authz_proto as pb;
+use crate::outbound::Destination;
 
 /// istiod's `HttpUri.timeout` when the provider sets none (extauthz.go: "Use a large value as
 /// a placeholder").
@@ -234,12 +237,27 @@ fn is_framing(name: &HeaderName) -> bool {
     )
 }
 
-/// Calls the provider for one request.
-pub(crate) async fn check(p: &Provider, input: &CheckInput<'_>) -> Outcome {
+/// The outbound destination (`outbound:` of the agent configuration) that is the provider's
+/// `service:port`, if one is declared: the check then goes through it, over mTLS with its
+/// pinned identities, as a sidecar reaches a mesh authorizer (istiod points ext_authz at the
+/// service's outbound cluster, `outbound|PORT||HOST`).
+pub(crate) fn route<'a>(p: &Provider, dests: &'a [Arc<Destination>]) -> Option<&'a Destination> {
+    dests
+        .iter()
+        .find(|d| d.cfg.host == p.service && d.cfg.port == p.port)
+        .map(|d| d.as_ref())
+}
+
+/// Calls the provider for one request, through `via` when it is a mesh destination.
+pub(crate) async fn check(
+    p: &Provider,
+    input: &CheckInput<'_>,
+    via: Option<&Destination>,
+) -> Outcome {
     let call = async {
         match &p.api {
-            Api::Http(h) => call_http(p, h, input).await,
-            Api::Grpc => call_grpc(p, input).await,
+            Api::Http(h) => call_http(p, h, input, via).await,
+            Api::Grpc => call_grpc(p, input, via).await,
         }
     };
     match tokio::time::timeout(p.timeout, call).await {
@@ -260,13 +278,65 @@ fn error(p: &Provider, why: String) -> Outcome {
     }
 }
 
-/// Sends one request to the provider on a new connection (HTTP/2 prior knowledge for gRPC)
-/// and collects the answer, its body capped.
+/// An answer: its head, its body (capped) and its trailers.
+type Answer = (http::response::Parts, Bytes, Option<HeaderMap>);
+
+/// Sends one request to the provider and collects the answer: through the mesh destination
+/// `via` (mTLS, its endpoints and connection pool), or in plaintext on a new connection
+/// (HTTP/2 prior knowledge for gRPC).
 async fn exchange(
     p: &Provider,
     req: http::Request<Full<Bytes>>,
     h2: bool,
-) -> Result<(http::response::Parts, Bytes, Option<HeaderMap>), String> {
+    via: Option<&Destination>,
+) -> Result<Answer, String> {
+    match via {
+        Some(dest) => exchange_via(dest, req, h2).await,
+        None => exchange_plain(p, req, h2).await,
+    }
+}
+
+async fn exchange_via(
+    dest: &Destination,
+    req: http::Request<Full<Bytes>>,
+    h2: bool,
+) -> Result<Answer, String> {
+    use crate::outbound::endpoints::Outcome as Health;
+    let ep = dest
+        .endpoints
+        .pick(&[])
+        .ok_or_else(|| format!("{}: no endpoint available", dest.cfg.name))?;
+    let sent = crate::outbound::pool::send(dest, &ep, req.map(http_body_util::Either::Right), h2)
+        .await
+        .map_err(|e| {
+            dest.endpoints.report(&ep, Health::GatewayError);
+            format!("{}: {}", dest.cfg.name, e.describe())
+        })?;
+    let (parts, body) = sent.response.into_parts();
+    let collected = Limited::new(body, MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| format!("response body: {e}"))?;
+    dest.endpoints.report(
+        &ep,
+        match parts.status.as_u16() {
+            502..=504 => Health::GatewayError,
+            500..=599 => Health::ServerError,
+            _ => Health::Success,
+        },
+    );
+    if let Some(lease) = sent.lease {
+        lease.release(&ep, dest.cfg.pool.max_requests_per_connection);
+    }
+    let trailers = collected.trailers().cloned();
+    Ok((parts, collected.to_bytes(), trailers))
+}
+
+async fn exchange_plain(
+    p: &Provider,
+    req: http::Request<Full<Bytes>>,
+    h2: bool,
+) -> Result<Answer, String> {
     let tcp = TcpStream::connect((p.service.as_str(), p.port))
         .await
         .map_err(|e| format!("connect to {}:{}: {e}", p.service, p.port))?;
@@ -302,7 +372,12 @@ async fn exchange(
     out
 }
 
-async fn call_http(p: &Provider, h: &HttpApi, input: &CheckInput<'_>) -> Result<Outcome, String> {
+async fn call_http(
+    p: &Provider,
+    h: &HttpApi,
+    input: &CheckInput<'_>,
+    via: Option<&Destination>,
+) -> Result<Outcome, String> {
     let mut b = http::Request::builder()
         .method(input.method.clone())
         .uri(format!("{}{}", h.path_prefix, input.path_and_query));
@@ -325,7 +400,7 @@ async fn call_http(p: &Provider, h: &HttpApi, input: &CheckInput<'_>) -> Result<
     let req = b
         .body(Full::new(Bytes::new()))
         .map_err(|e| format!("invalid check request: {e}"))?;
-    let (parts, body, _) = exchange(p, req, false).await?;
+    let (parts, body, _) = exchange(p, req, false, via).await?;
     decide_http(h, parts.status, &parts.headers, body)
 }
 
@@ -455,7 +530,11 @@ pub(crate) fn check_request(input: &CheckInput<'_>) -> pb::CheckRequest {
     }
 }
 
-async fn call_grpc(p: &Provider, input: &CheckInput<'_>) -> Result<Outcome, String> {
+async fn call_grpc(
+    p: &Provider,
+    input: &CheckInput<'_>,
+    via: Option<&Destination>,
+) -> Result<Outcome, String> {
     use bytes::{BufMut, BytesMut};
     use prost::Message;
     let msg = check_request(input);
@@ -473,7 +552,7 @@ async fn call_grpc(p: &Provider, input: &CheckInput<'_>) -> Result<Outcome, Stri
         .header("grpc-timeout", format!("{}m", p.timeout.as_millis()))
         .body(Full::new(body.freeze()))
         .map_err(|e| format!("invalid check request: {e}"))?;
-    let (parts, body, trailers) = exchange(p, req, true).await?;
+    let (parts, body, trailers) = exchange(p, req, true, via).await?;
     if parts.status != StatusCode::OK {
         return Err(format!(
             "authorizer answered HTTP {}",

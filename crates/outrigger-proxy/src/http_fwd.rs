@@ -898,7 +898,8 @@ async fn ask_custom(
         destination_principal: w.identity.to_string(),
         destination_service: format!("{}.{}", w.canonical_service, w.namespace),
     };
-    let outcome = crate::ext_authz::check(provider, &input).await;
+    let via = crate::ext_authz::route(provider, &ctx.outbound);
+    let outcome = crate::ext_authz::check(provider, &input, via).await;
     let path = parts.uri.path().to_string();
     let (answer, result) = match outcome {
         Outcome::Allow {

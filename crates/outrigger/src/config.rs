@@ -1303,8 +1303,13 @@ impl Validator<'_> {
             )?,
             identity_headers,
         };
-        let (outbound, outbound_proxy) =
-            self.outbound(&raw.outbound, raw.outbound_proxy.as_ref(), &trust_domains)?;
+        let extension_providers = self.extension_providers(&raw.extension_providers)?;
+        let (outbound, outbound_proxy) = self.outbound(
+            &raw.outbound,
+            raw.outbound_proxy.as_ref(),
+            &trust_domains,
+            &extension_providers,
+        )?;
         let (hbone, network) = self.hbone(raw.hbone.as_ref(), &inbound)?;
         let t = &raw.timeouts;
         let worker_threads = match &raw.runtime.worker_threads {
@@ -1315,7 +1320,6 @@ impl Validator<'_> {
         };
         let connections = self.connections(&raw.connections)?;
         let rate_limits = self.rate_limits(&raw.rate_limits, &inbound)?;
-        let extension_providers = self.extension_providers(&raw.extension_providers)?;
         let tracing = self.tracing(raw.tracing.as_ref(), &raw.trust_domain.value)?;
         Ok(AgentConfig {
             file: self.file.to_path_buf(),

@@ -239,9 +239,11 @@ impl Validator<'_> {
         }
         // istiod takes `namespace/host` or a host; the agent dials the host.
         let host = match service.value.split_once('/') {
-            Some((_, host)) => host.to_string(),
-            None => service.value.clone(),
-        };
+            Some((_, host)) => host,
+            None => service.value.as_str(),
+        }
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
         let port = match u16::try_from(port.value) {
             Ok(p) if p > 0 => p,
             _ => {

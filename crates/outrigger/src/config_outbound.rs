@@ -230,6 +230,7 @@ impl Validator<'_> {
         raw: &[RawOutbound],
         proxy: Option<&RawOutboundProxy>,
         trust: &TrustDomains,
+        authorizers: &[std::sync::Arc<outrigger_proxy::ext_authz::Provider>],
     ) -> Result<(Vec<OutboundConfig>, Option<OutboundProxyConfig>), ConfigError> {
         let mut out = Vec::new();
         let mut names = std::collections::BTreeSet::new();
@@ -291,7 +292,15 @@ impl Validator<'_> {
                     ));
                 }
             };
-            if listen.is_none() && (protocol == OutboundProtocol::Tcp || proxy.is_none()) {
+            // An external authorizer's service (`extensionProviders`, same host and port) is
+            // reached by the agent itself: it needs no listener for the application.
+            let authorizer = authorizers
+                .iter()
+                .any(|a| a.service == host && a.port == o.port.value);
+            if listen.is_none()
+                && !authorizer
+                && (protocol == OutboundProtocol::Tcp || proxy.is_none())
+            {
                 return Err(self.err(
                     &o.name,
                     &field("listen"),

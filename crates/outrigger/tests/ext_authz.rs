@@ -842,3 +842,135 @@ async fn grpc_provider_answers_as_envoys_ext_authz() {
     }
     assert!(diffs.is_empty(), "{}\n{}", diffs.join("\n"), envoy.tail());
 }
+
+/// A provider that is a mesh service: declared under `outbound:` with the same host and port,
+/// the check goes through that destination — over mTLS, to the authorizer's sidecar (a real
+/// Envoy in STRICT mode), with the authorizer's identity pinned — as a sidecar reaches it
+/// through the service's outbound cluster. A wrong pin is an error (`statusOnError`), never a
+/// plaintext fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_in_the_mesh_is_reached_over_mtls() {
+    let Some(bin) = common::envoy::envoy_or_skip("provider_in_the_mesh_is_reached_over_mtls")
+    else {
+        return;
+    };
+    let (authz, log) = start_authorizer().await;
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    mesh.policy("ext.yaml", &CUSTOM.replace("PROVIDER", "ext"));
+    let authz_certs = mesh.pki.issue("legacy", "ext-authz");
+    let unused = start_tcp_echo().await;
+    let sidecar =
+        common::envoy::start_sidecar_inbound(&bin, mesh.dir(), &authz_certs, authz, unused).await;
+    let app = start_echo().await;
+    let host = "ext-authz.legacy.svc.cluster.local";
+    let cfg = |sa: &str| {
+        mesh.config(
+            &[("web", app, "http")],
+            &format!(
+                "outbound:
+  - name: ext-authz
+    host: {host}
+    port: 8000
+    endpoints: [\"{s}\"]
+    identity: {{serviceAccount: {sa}}}
+extensionProviders:
+- name: ext
+  envoyExtAuthzHttp:
+    service: legacy/{host}
+    port: 8000
+    timeout: 2s
+    pathPrefix: /check
+    headersToUpstreamOnAllow: [x-user]
+    statusOnError: '503'
+",
+                s = sidecar.listener
+            ),
+        )
+    };
+    let agent = AgentProc::start(mesh.dir(), &cfg("ext-authz"));
+    let sleep = mesh.pki.issue("default", "sleep");
+
+    let got = ask(&mesh, agent.addr("web"), &sleep, "/allow/x").await;
+    assert_eq!(got.status, 200, "{}\n{}", got.text(), sidecar.tail());
+    assert_eq!(got.seen().header("x-user"), Some("alice"));
+    {
+        let l = log.lock().unwrap();
+        let (_, path, h) = l.last().unwrap();
+        assert_eq!(path, "/check/allow/x");
+        // The sidecar verified Outrigger's certificate and says so to the authorizer.
+        let xfcc = h.get("x-forwarded-client-cert").unwrap().to_str().unwrap();
+        assert!(
+            xfcc.contains("URI=spiffe://cluster.local/ns/legacy/sa/windows-app"),
+            "{xfcc}"
+        );
+    }
+    let got = ask(&mesh, agent.addr("web"), &sleep, "/private").await;
+    assert_eq!(got.status, 401);
+    drop(agent);
+
+    // The authorizer's sidecar is not who the pin says: the check fails (statusOnError).
+    let before = log.lock().unwrap().len();
+    let agent = AgentProc::start(mesh.dir(), &cfg("someone-else"));
+    let got = ask(&mesh, agent.addr("web"), &sleep, "/allow/x").await;
+    assert_eq!(got.status, 503, "{}", got.text());
+    assert_eq!(
+        log.lock().unwrap().len(),
+        before,
+        "the authorizer was reached"
+    );
+}
+
+/// A gRPC provider that is a mesh service, behind its own Outrigger (`default/opa`, a `grpc`
+/// inbound listener): the Check call goes through the declared outbound destination, HTTP/2
+/// over mTLS with the authorizer's identity pinned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_provider_in_the_mesh_is_reached_over_mtls() {
+    let (authz, log) = start_grpc_authorizer().await;
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    mesh.policy("ext.yaml", &CUSTOM.replace("PROVIDER", "opa"));
+    let (opa_agent, _) = start_server_agent(&mesh, "opa", authz, "grpc");
+    let app = start_echo().await;
+    let host = "opa.default.svc.cluster.local";
+    let cfg = mesh.config(
+        &[("web", app, "http")],
+        &format!(
+            "outbound:
+  - name: opa
+    host: {host}
+    port: 9191
+    protocol: grpc
+    endpoints: [\"{s}\"]
+    identity: {{serviceAccount: opa}}
+extensionProviders:
+- name: opa
+  envoyExtAuthzGrpc: {{service: {host}, port: 9191, timeout: 2s, statusOnError: '503'}}
+",
+            s = opa_agent.addr("web")
+        ),
+    );
+    let agent = AgentProc::start(mesh.dir(), &cfg);
+    let sleep = mesh.pki.issue("default", "sleep");
+
+    let got = ask(&mesh, agent.addr("web"), &sleep, "/allow/x").await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.seen().header("x-user"), Some("alice"));
+    {
+        let l = log.lock().unwrap();
+        let http = l[0].attributes.as_ref().unwrap().request.as_ref().unwrap();
+        assert_eq!(http.http.as_ref().unwrap().path, "/allow/x");
+    }
+    let got = ask(&mesh, agent.addr("web"), &sleep, "/private").await;
+    assert_eq!(got.status, 401);
+    assert_eq!(got.text(), "denied by grpc");
+    // The authorizer's own Outrigger counted the calls as mTLS from this workload.
+    opa_agent.wait_metric(
+        "istio_requests_total",
+        &[
+            "source_principal=\"spiffe://cluster.local/ns/legacy/sa/windows-app\"",
+            "request_protocol=\"grpc\"",
+        ],
+        2.0,
+    );
+}

@@ -16,7 +16,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,7 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use common::{AgentProc, Mesh, free_port, metric_value};
+use common::{AgentProc, Mesh, agent_yaml, free_port, metric_value, start_server_agent};
 use outrigger_testkit::{Issued, start_echo, start_tcp_echo};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -41,37 +40,6 @@ const CLIENT_ID: &str = "spiffe://cluster.local/ns/legacy/sa/windows-app";
 
 // ---------------------------------------------------------------------------------------------
 // Agents
-
-/// An agent config for `ns/sa` with certificates in `certs`, and the given inbound / outbound
-/// sections (YAML, already indented as list items).
-fn agent_yaml(mesh: &Mesh, certs: &Path, ns: &str, sa: &str, inbound: &str, extra: &str) -> String {
-    format!(
-        "trustDomain: cluster.local
-workload:
-  namespace: {ns}
-  serviceAccount: {sa}
-  labels: {{app: {sa}, version: v1}}
-certificates:
-  files:
-    certChain: {c}/cert-chain.pem
-    key: {c}/key.pem
-    rootCert: {c}/root-cert.pem
-policy:
-  paths: [{p}]
-admin:
-  listen: 127.0.0.1:0
-accessLog: stdout
-timeouts:
-  detect: 300ms
-  drain: 2s
-runtime:
-  workerThreads: 1
-inbound:
-{inbound}{extra}",
-        c = certs.display(),
-        p = mesh.policies.display(),
-    )
-}
 
 /// Starts the client agent (legacy/windows-app) with an outbound section.
 fn start_client(mesh: &Mesh, outbound: &str) -> AgentProc {
@@ -86,23 +54,6 @@ fn start_client(mesh: &Mesh, outbound: &str) -> AgentProc {
         outbound,
     );
     AgentProc::start(&dir, &cfg)
-}
-
-/// Starts a server agent `default/<sa>` whose inbound `web` fronts `backend`.
-fn start_server_agent(
-    mesh: &Mesh,
-    sa: &str,
-    backend: SocketAddr,
-    protocol: &str,
-) -> (AgentProc, Issued) {
-    let issued = mesh.pki.issue("default", sa);
-    let dir = mesh.dir().join(format!("server-{sa}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let inbound = format!(
-        "  - {{name: web, listen: \"127.0.0.1:0\", backend: \"{backend}\", protocol: {protocol}}}\n"
-    );
-    let cfg = agent_yaml(mesh, &issued.dir, "default", sa, &inbound, "");
-    (AgentProc::start(&dir, &cfg), issued)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -428,42 +428,6 @@ async fn with_tracing_off_the_callers_trace_id_is_logged() {
     agent.wait_for_log("\"trace_id\":\"0af7651916cd43dd8448eb211c80319c\"");
 }
 
-/// An agent configuration for `ns/sa` (certificates in `certs`), as tests/outbound.rs writes
-/// one.
-fn agent_yaml(
-    mesh: &Mesh,
-    certs: &std::path::Path,
-    ns: &str,
-    sa: &str,
-    inbound: &str,
-    extra: &str,
-) -> String {
-    format!(
-        "trustDomain: cluster.local
-workload:
-  namespace: {ns}
-  serviceAccount: {sa}
-  labels: {{app: {sa}, version: v1}}
-certificates:
-  files:
-    certChain: {c}/cert-chain.pem
-    key: {c}/key.pem
-    rootCert: {c}/root-cert.pem
-policy:
-  paths: [{p}]
-admin:
-  listen: 127.0.0.1:0
-accessLog: stdout
-timeouts:
-  detect: 300ms
-  drain: 2s
-inbound:
-{inbound}{extra}",
-        c = certs.display(),
-        p = mesh.policies.display(),
-    )
-}
-
 /// Outbound: the application calls a mesh service through Outrigger's outbound listener, and
 /// that service's own Outrigger serves it. The client agent records a CLIENT span, the server
 /// agent a SERVER span whose parent it is, and the application behind the server sees the

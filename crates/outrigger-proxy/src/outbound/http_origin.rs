@@ -27,7 +27,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Empty, Full};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -275,7 +275,7 @@ struct Replay {
 
 impl Replay {
     fn build(&self) -> Request<UpBody> {
-        let mut r = Request::new(Either::Right(Empty::new()));
+        let mut r = Request::new(Either::Right(Full::new(Bytes::new())));
         *r.method_mut() = self.method.clone();
         *r.uri_mut() = self.uri.clone();
         *r.version_mut() = self.version;
@@ -336,7 +336,7 @@ async fn forward(
         headers: parts.headers.clone(),
     });
     let up_body: UpBody = if empty {
-        Either::Right(Empty::new())
+        Either::Right(Full::new(Bytes::new()))
     } else {
         Either::Left(Metered {
             inner: body,

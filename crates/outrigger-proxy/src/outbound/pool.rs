@@ -39,9 +39,10 @@ use super::{DestTransport, Destination};
 use crate::hbone::{DEFAULT_PORT as HBONE_PORT, HboneError, HboneStream};
 use crate::metrics::Lv;
 
-/// The body sent upstream: the application's (counted), or nothing.
+/// The body sent upstream: the application's (counted), or one of Outrigger's own (empty when
+/// a request without a body is replayed; an external authorizer's check).
 pub(crate) type UpBody =
-    http_body_util::Either<crate::http_common::Metered<Incoming>, http_body_util::Empty<Bytes>>;
+    http_body_util::Either<crate::http_common::Metered<Incoming>, http_body_util::Full<Bytes>>;
 
 /// Istio's ALPN overrides for upstream mTLS (istio/istio `alpn` filter): the Istio value first
 /// (it selects the sidecar's filter chain), then the generic ones.
@@ -328,6 +329,16 @@ pub(crate) enum SendError {
     /// The request was (at least partly) sent and the connection failed before the response
     /// head arrived.
     Sent(hyper::Error),
+}
+
+impl SendError {
+    /// What went wrong, for a log line.
+    pub fn describe(&self) -> String {
+        match self {
+            SendError::Connect(e, _) => e.to_string(),
+            SendError::Sent(e) => format!("the connection failed before the answer: {e}"),
+        }
+    }
 }
 
 /// A response and what it holds of its connection.

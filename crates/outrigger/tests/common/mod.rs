@@ -404,3 +404,58 @@ pub async fn mtls_status(mesh: &Mesh, addr: SocketAddr, who: &Issued) -> anyhow:
     let mut conn = HttpConn::new(tls, false).await?;
     Ok(conn.fetch(outrigger_testkit::get("/", false)).await?.status)
 }
+
+/// An agent config for `ns/sa` with certificates in `certs`, and the given inbound / outbound
+/// sections (YAML, already indented as list items).
+pub fn agent_yaml(
+    mesh: &Mesh,
+    certs: &Path,
+    ns: &str,
+    sa: &str,
+    inbound: &str,
+    extra: &str,
+) -> String {
+    format!(
+        "trustDomain: cluster.local
+workload:
+  namespace: {ns}
+  serviceAccount: {sa}
+  labels: {{app: {sa}, version: v1}}
+certificates:
+  files:
+    certChain: {c}/cert-chain.pem
+    key: {c}/key.pem
+    rootCert: {c}/root-cert.pem
+policy:
+  paths: [{p}]
+admin:
+  listen: 127.0.0.1:0
+accessLog: stdout
+timeouts:
+  detect: 300ms
+  drain: 2s
+runtime:
+  workerThreads: 1
+inbound:
+{inbound}{extra}",
+        c = certs.display(),
+        p = mesh.policies.display(),
+    )
+}
+
+/// Starts a server agent `default/<sa>` whose inbound `web` fronts `backend`.
+pub fn start_server_agent(
+    mesh: &Mesh,
+    sa: &str,
+    backend: SocketAddr,
+    protocol: &str,
+) -> (AgentProc, Issued) {
+    let issued = mesh.pki.issue("default", sa);
+    let dir = mesh.dir().join(format!("server-{sa}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let inbound = format!(
+        "  - {{name: web, listen: \"127.0.0.1:0\", backend: \"{backend}\", protocol: {protocol}}}\n"
+    );
+    let cfg = agent_yaml(mesh, &issued.dir, "default", sa, &inbound, "");
+    (AgentProc::start(&dir, &cfg), issued)
+}

@@ -102,7 +102,55 @@ pub struct Provider {
     pub timeout: Duration,
     pub fail_open: bool,
     pub status_on_error: StatusCode,
+    /// `includeRequestBodyInCheck`; `None`: no body is sent.
+    pub body: Option<BodySettings>,
     pub api: Api,
+}
+
+/// MeshConfig's `includeRequestBodyInCheck` (Envoy's `BufferSettings`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodySettings {
+    /// `maxRequestBytes`: how much of the body is sent (and, without `allow_partial`, the
+    /// largest body accepted: a longer one is answered `413`).
+    pub max_bytes: u32,
+    /// `allowPartialMessage`: send the first `max_bytes` of a longer body.
+    pub allow_partial: bool,
+    /// `packAsBytes` (gRPC): the body in `raw_body`, not in `body` as (sanitized) UTF-8.
+    pub pack_as_bytes: bool,
+}
+
+/// The start of the request body sent to the authorizer.
+pub(crate) struct CheckBody {
+    /// At most `maxRequestBytes`.
+    pub data: Bytes,
+    /// The body was longer than what is sent (`x-envoy-auth-partial-body`).
+    pub partial: bool,
+    /// How much of the body had been read (Envoy's `bytesReceived`, the gRPC check's `size`):
+    /// whole frames, so possibly more than `data`.
+    pub read: usize,
+}
+
+/// The header Envoy adds to a check that carries the body: was it cut?
+const PARTIAL_BODY: &str = "x-envoy-auth-partial-body";
+
+/// Envoy's `MessageUtil::sanitizeUtf8String`: every byte that is not part of valid UTF-8
+/// becomes `!`.
+fn sanitize_utf8(mut b: &[u8]) -> String {
+    let mut out = String::with_capacity(b.len());
+    loop {
+        match std::str::from_utf8(b) {
+            Ok(s) => {
+                out.push_str(s);
+                return out;
+            }
+            Err(e) => {
+                let (ok, bad) = b.split_at(e.valid_up_to());
+                out.push_str(std::str::from_utf8(ok).unwrap_or_default());
+                out.push('!');
+                b = bad.get(1..).unwrap_or_default();
+            }
+        }
+    }
 }
 
 /// How the provider is asked.
@@ -210,6 +258,8 @@ pub(crate) struct CheckInput<'a> {
     pub destination_principal: String,
     /// This workload as Envoy's node cluster names it (`<service>.<namespace>`).
     pub destination_service: String,
+    /// The start of the body, when the provider asks for it and the request has one.
+    pub body: Option<CheckBody>,
 }
 
 /// The one request header Envoy always copies into the check request besides the
@@ -393,12 +443,24 @@ async fn call_http(
     if let Ok(v) = HeaderValue::from_str(input.host) {
         hs.insert(http::header::HOST, v);
     }
-    hs.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    // `content-length: 0`, or the body's, which the check then carries (with
+    // `x-envoy-auth-partial-body`, as the CheckRequest's headers have it).
+    let body = match &input.body {
+        Some(b) => {
+            hs.insert(
+                HeaderName::from_static(PARTIAL_BODY),
+                HeaderValue::from_static(if b.partial { "true" } else { "false" }),
+            );
+            b.data.clone()
+        }
+        None => Bytes::new(),
+    };
+    hs.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     for (n, v) in &h.additional_headers {
         hs.insert(n.clone(), v.clone());
     }
     let req = b
-        .body(Full::new(Bytes::new()))
+        .body(Full::new(body))
         .map_err(|e| format!("invalid check request: {e}"))?;
     let (parts, body, _) = exchange(p, req, false, via).await?;
     decide_http(h, parts.status, &parts.headers, body)
@@ -453,7 +515,7 @@ fn decide_http(
 
 /// The check request Envoy's gRPC client sends (`check_request_utils.cc`,
 /// `createHttpCheck`): the peers, the request's attributes, every request header.
-pub(crate) fn check_request(input: &CheckInput<'_>) -> pb::CheckRequest {
+pub(crate) fn check_request(input: &CheckInput<'_>, pack_as_bytes: bool) -> pb::CheckRequest {
     let peer = |addr: std::net::SocketAddr, principal: String, service: String| pb::Peer {
         address: Some(pb::Address {
             socket_address: Some(pb::SocketAddress {
@@ -487,7 +549,17 @@ pub(crate) fn check_request(input: &CheckInput<'_>) -> pb::CheckRequest {
         if n == http::header::HOST {
             continue;
         }
-        put(n.as_str(), &String::from_utf8_lossy(v.as_bytes()));
+        put(n.as_str(), &sanitize_utf8(v.as_bytes()));
+    }
+    // `setHttpRequest`: the body, and whether it was cut, in a header of the map.
+    let (mut body, mut raw_body) = (String::new(), Vec::new());
+    if let Some(b) = &input.body {
+        if pack_as_bytes {
+            raw_body = b.data.to_vec();
+        } else {
+            body = sanitize_utf8(&b.data);
+        }
+        headers.insert(PARTIAL_BODY.to_string(), b.partial.to_string());
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -517,9 +589,11 @@ pub(crate) fn check_request(input: &CheckInput<'_>) -> pb::CheckRequest {
                     path: input.path_and_query.to_string(),
                     host: input.host.to_string(),
                     scheme: input.scheme.to_string(),
-                    // `stream_info.bytesReceived()`: no body has been read yet.
-                    size: 0,
+                    // `stream_info.bytesReceived()`: what was read of the body for the check.
+                    size: input.body.as_ref().map_or(0, |b| b.read as i64),
                     protocol: input.protocol.to_string(),
+                    body,
+                    raw_body,
                     ..Default::default()
                 }),
             }),
@@ -537,7 +611,7 @@ async fn call_grpc(
 ) -> Result<Outcome, String> {
     use bytes::{BufMut, BytesMut};
     use prost::Message;
-    let msg = check_request(input);
+    let msg = check_request(input, p.body.is_some_and(|b| b.pack_as_bytes));
     let mut body = BytesMut::with_capacity(msg.encoded_len() + 5);
     body.put_u8(0);
     body.put_u32(msg.encoded_len() as u32);
@@ -663,5 +737,61 @@ mod tests {
         assert!(!NameMatch::parse("x-foo").matches("x-foob"));
         // generateHeaders looks for the leading `*` first.
         assert_eq!(NameMatch::parse("*a*"), NameMatch::Suffix("a*".into()));
+    }
+
+    /// Envoy's `sanitizeUtf8String`: one `!` per byte that is not valid UTF-8.
+    #[test]
+    fn bodies_and_header_values_are_sanitized_as_envoy_does() {
+        assert_eq!(sanitize_utf8(b"caf\xc3\xa9"), "caf\u{e9}");
+        assert_eq!(sanitize_utf8(b"a\xffb\xfe\xfd"), "a!b!!");
+        assert_eq!(sanitize_utf8(b"\xc3"), "!");
+        assert_eq!(sanitize_utf8(b""), "");
+    }
+
+    /// `packAsBytes`: the body in `raw_body` as it came; else in `body`, sanitized.
+    #[test]
+    fn a_body_goes_in_body_or_raw_body() {
+        let headers = HeaderMap::new();
+        let input = |data: &'static [u8]| CheckInput {
+            method: &Method::POST,
+            host: "h",
+            path_and_query: "/",
+            headers: &headers,
+            protocol: "HTTP/1.1",
+            scheme: "https",
+            source: "127.0.0.1:1".parse().unwrap(),
+            destination: "127.0.0.1:2".parse().unwrap(),
+            source_principal: None,
+            destination_principal: String::new(),
+            destination_service: String::new(),
+            body: Some(CheckBody {
+                data: Bytes::from_static(data),
+                partial: false,
+                read: data.len(),
+            }),
+        };
+        let http = |r: pb::CheckRequest| r.attributes.unwrap().request.unwrap().http.unwrap();
+        let packed = http(check_request(&input(b"\xff\x00"), true));
+        assert_eq!(
+            (packed.raw_body, packed.body),
+            (vec![0xff, 0], String::new())
+        );
+        let text = http(check_request(&input(b"\xff\x00"), false));
+        assert_eq!((text.raw_body, text.body), (vec![], "!\0".to_string()));
+        assert_eq!(text.headers.get(PARTIAL_BODY).unwrap(), "false");
+        assert_eq!(text.size, 2);
+    }
+
+    /// A Check answer that is not one uncompressed gRPC message is an error, never a decision.
+    #[test]
+    fn malformed_answers_are_errors() {
+        assert!(read_grpc_answer(b"").is_err());
+        assert!(read_grpc_answer(&[1, 0, 0, 0, 0]).is_err(), "compressed");
+        assert!(read_grpc_answer(&[0, 0, 0, 0, 9, 1]).is_err(), "short");
+        // An empty CheckResponse: status OK (0) allows.
+        assert!(matches!(
+            read_grpc_answer(&[0, 0, 0, 0, 0]),
+            Ok(Outcome::Allow { .. })
+        ));
     }
 }

@@ -192,6 +192,58 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Metered<B> {
     }
 }
 
+/// A request body whose first frames were read already (an external authorizer's check is
+/// sent the start of the body: `includeRequestBodyInCheck`), followed by the rest. With nothing
+/// read, it is the body itself.
+pub(crate) struct Prefixed<B> {
+    pub(crate) head: std::collections::VecDeque<Frame<Bytes>>,
+    pub(crate) rest: B,
+}
+
+impl<B> Prefixed<B> {
+    pub(crate) fn new(rest: B) -> Self {
+        Prefixed {
+            head: std::collections::VecDeque::new(),
+            rest,
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Prefixed<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(f) = self.head.pop_front() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.head.is_empty() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let read: u64 = self
+            .head
+            .iter()
+            .filter_map(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+            .sum();
+        let rest = self.rest.size_hint();
+        let mut h = SizeHint::new();
+        h.set_lower(rest.lower() + read);
+        if let Some(u) = rest.upper() {
+            h.set_upper(u + read);
+        }
+        h
+    }
+}
+
 /// Sets a request's version and target for the protocol it is sent upstream in, with
 /// `authority` as the target host. HTTP/2 carries the authority in `:authority` (from an
 /// absolute URI, scheme `http`: cleartext to the next hop) and RFC 9113 §8.3.1 forbids a `Host`

@@ -29,8 +29,8 @@ use crate::access_log::{AccessRecord, now_rfc3339};
 use crate::authz;
 use crate::h1_guard;
 use crate::http_common::{
-    Metered, TunnelEnd, drive_until, is_websocket_upgrade, retarget, set_websocket_upgrade,
-    strip_hop_by_hop, tunnel,
+    Metered, Prefixed, TunnelEnd, drive_until, is_websocket_upgrade, retarget,
+    set_websocket_upgrade, strip_hop_by_hop, tunnel,
 };
 use crate::inbound::ConnInfo;
 use crate::limits::{Active, Activity};
@@ -192,7 +192,7 @@ fn record_codec_refusal(
     rec.finish();
 }
 
-type ReqBody = Metered<Incoming>;
+type ReqBody = Metered<Prefixed<Incoming>>;
 
 enum Sender {
     H1(client1::SendRequest<ReqBody>),
@@ -645,11 +645,29 @@ async fn authorize_and_forward(
     // CUSTOM first (crate::ext_authz): the authorizer's denial or error answers; after its
     // allow, the DENY and ALLOW decision applies.
     let mut on_allow_downstream = Vec::new();
+    let mut body = Prefixed::new(body);
     let custom_refusal = match verdict.custom.take() {
-        Some(custom) => ask_custom(&ctx, &conn, &mut parts, &mut verdict, &custom)
-            .await
-            .map(|headers| on_allow_downstream = headers)
-            .err(),
+        Some(custom) => {
+            // `includeRequestBodyInCheck`: the start of the body goes with the check (Envoy's
+            // ext_authz buffers it, unless the request has none or is an upgrade).
+            let check_body = match custom.provider.body {
+                Some(settings) if !websocket && !body.rest.is_end_stream() => {
+                    match read_for_check(&mut body, settings).await {
+                        Ok(b) => Some(b),
+                        Err(status) => {
+                            rec.authz_result = Some("body_refused");
+                            let reason = status.canonical_reason().unwrap_or("");
+                            return Ok(local_reply(status, reason, rec));
+                        }
+                    }
+                }
+                _ => None,
+            };
+            ask_custom(&ctx, &conn, &mut parts, &mut verdict, &custom, check_body)
+                .await
+                .map(|headers| on_allow_downstream = headers)
+                .err()
+        }
         None => None,
     };
     rec.authz_policy = verdict.policy.clone();
@@ -860,6 +878,42 @@ impl CustomRefusal {
     }
 }
 
+/// Reads the start of the request body for an external authorizer's check, keeping what it
+/// reads for the application: until `maxRequestBytes` are read (with `allowPartialMessage`) or
+/// the body ends. `Err`: what to answer instead — `413` for a body longer than
+/// `maxRequestBytes` without `allowPartialMessage` (Envoy's ext_authz sets that as the
+/// stream's buffer limit, whose overflow is `413 Payload Too Large`), `400` for a malformed one.
+async fn read_for_check(
+    body: &mut Prefixed<Incoming>,
+    s: crate::ext_authz::BodySettings,
+) -> Result<crate::ext_authz::CheckBody, StatusCode> {
+    use http_body_util::BodyExt;
+    let max = s.max_bytes as usize;
+    let mut read = bytes::BytesMut::new();
+    while !(s.allow_partial && read.len() >= max) {
+        match body.rest.frame().await {
+            None => break,
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    read.extend_from_slice(d);
+                }
+                body.head.push_back(f);
+                if !s.allow_partial && read.len() > max {
+                    return Err(StatusCode::PAYLOAD_TOO_LARGE);
+                }
+            }
+            Some(Err(_)) => return Err(StatusCode::BAD_REQUEST),
+        }
+    }
+    let total = read.len();
+    read.truncate(max);
+    Ok(crate::ext_authz::CheckBody {
+        data: read.freeze(),
+        partial: total > max,
+        read: total,
+    })
+}
+
 /// Istio's CUSTOM action for one request: asks the provider ([`crate::ext_authz`]) and settles
 /// the verdict. `Ok`: allowed by the authorizer (or its failure, with `failOpen`), the
 /// request's headers updated; the headers to apply to the response the client gets. `Err`:
@@ -870,6 +924,7 @@ async fn ask_custom(
     parts: &mut http::request::Parts,
     verdict: &mut authz::Verdict,
     custom: &authz::Custom,
+    body: Option<crate::ext_authz::CheckBody>,
 ) -> Result<Vec<crate::ext_authz::Mutation>, CustomRefusal> {
     use crate::ext_authz::{CheckInput, Outcome};
     let provider = &custom.provider;
@@ -897,6 +952,7 @@ async fn ask_custom(
             .map(|p| format!("spiffe://{p}")),
         destination_principal: w.identity.to_string(),
         destination_service: format!("{}.{}", w.canonical_service, w.namespace),
+        body,
     };
     let via = crate::ext_authz::route(provider, &ctx.outbound);
     let outcome = crate::ext_authz::check(provider, &input, via).await;

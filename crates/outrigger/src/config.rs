@@ -2239,7 +2239,8 @@ outboundProxy:
     includeRequestHeadersInCheck: [\"*-Id\", x-ticket]
     includeHeadersInCheck: [x-old]
 - name: opa
-  envoyExtAuthzGrpc: {{service: opa.opa.svc.cluster.local, port: 9191, timeout: 250ms, failOpen: true}}
+  envoyExtAuthzGrpc: {{service: opa.opa.svc.cluster.local, port: 9191, timeout: 250ms, failOpen: true,
+    includeRequestBodyInCheck: {{maxRequestBytes: 4096, allowPartialMessage: true, packAsBytes: true}}}}
 "
         ))
         .unwrap();
@@ -2250,6 +2251,15 @@ outboundProxy:
             (opa.port, opa.timeout, opa.fail_open),
             (9191, Duration::from_millis(250), true)
         );
+        assert_eq!(
+            opa.body,
+            Some(outrigger_proxy::ext_authz::BodySettings {
+                max_bytes: 4096,
+                allow_partial: true,
+                pack_as_bytes: true
+            })
+        );
+        assert_eq!(a.body, None);
         // `namespace/host`: the host is dialed.
         assert_eq!(a.service, "ext-authz.foo.svc.cluster.local");
         assert_eq!(a.timeout, Duration::from_secs(600));
@@ -2291,8 +2301,13 @@ outboundProxy:
             ),
             (
                 "- name: a\n  envoyExtAuthzGrpc: {service: s, port: 1, includeRequestBodyInCheck: {}}\n",
-                "extensionProviders[0].envoyExtAuthzGrpc.includeRequestBodyInCheck",
-                "not supported yet",
+                "extensionProviders[0].envoyExtAuthzGrpc.includeRequestBodyInCheck.maxRequestBytes",
+                "more than 0",
+            ),
+            (
+                "- name: a\n  envoyExtAuthzHttp: {service: s, port: 1, includeRequestBodyInCheck: {maxRequestBytes: 0}}\n",
+                "extensionProviders[0].envoyExtAuthzHttp.includeRequestBodyInCheck.maxRequestBytes",
+                "found: 0",
             ),
             (
                 "- name: a\n  envoyExtAuthzGrpc: {service: s, port: 1}\n  envoyExtAuthzHttp: {service: s, port: 1}\n",

@@ -14,7 +14,9 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use outrigger_proxy::ext_authz::{Api, DEFAULT_TIMEOUT, HttpApi, NameMatch, Provider};
+use outrigger_proxy::ext_authz::{
+    Api, BodySettings, DEFAULT_TIMEOUT, HttpApi, NameMatch, Provider,
+};
 
 use super::{ConfigError, Range, Validator};
 
@@ -26,6 +28,18 @@ pub(super) struct RawProvider {
     envoy_ext_authz_http: Option<Spanned<RawHttp>>,
     #[serde(default)]
     envoy_ext_authz_grpc: Option<Spanned<RawGrpc>>,
+}
+
+/// MeshConfig's `EnvoyExternalAuthorizationRequestBody`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawBody {
+    #[serde(default)]
+    max_request_bytes: Option<Spanned<u64>>,
+    #[serde(default)]
+    allow_partial_message: bool,
+    #[serde(default)]
+    pack_as_bytes: bool,
 }
 
 /// MeshConfig's `EnvoyExternalAuthorizationGrpcProvider`.
@@ -41,7 +55,7 @@ struct RawGrpc {
     #[serde(default)]
     status_on_error: Option<Spanned<String>>,
     #[serde(default)]
-    include_request_body_in_check: Option<Spanned<serde_json::Value>>,
+    include_request_body_in_check: Option<Spanned<RawBody>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -65,7 +79,7 @@ struct RawHttp {
     #[serde(default)]
     include_additional_headers_in_check: BTreeMap<String, Spanned<String>>,
     #[serde(default)]
-    include_request_body_in_check: Option<Spanned<serde_json::Value>>,
+    include_request_body_in_check: Option<Spanned<RawBody>>,
     #[serde(default)]
     headers_to_upstream_on_allow: Vec<Spanned<String>>,
     #[serde(default)]
@@ -223,15 +237,15 @@ impl Validator<'_> {
     }
 
     /// What both kinds of provider share, validated as extauthz.go does (`parsePort`,
-    /// `parseStatusOnError`): service, port, timeout, statusOnError; and the request body,
-    /// which is not sent yet. `name`, `fail_open` and `api` are the caller's.
+    /// `parseStatusOnError`): service, port, timeout, statusOnError, includeRequestBodyInCheck.
+    /// `name`, `fail_open` and `api` are the caller's.
     fn provider_common(
         &self,
         service: &Spanned<String>,
         port: &Spanned<u64>,
         timeout: &Option<Spanned<String>>,
         status_on_error: &Option<Spanned<String>>,
-        body: &Option<Spanned<serde_json::Value>>,
+        body: &Option<Spanned<RawBody>>,
         f: &dyn Fn(&str) -> String,
     ) -> Result<Provider, ConfigError> {
         if service.value.is_empty() {
@@ -272,13 +286,35 @@ impl Validator<'_> {
                 }
             },
         };
-        if let Some(b) = body {
-            return Err(self.err(
-                b,
-                &f("includeRequestBodyInCheck"),
-                "sending the request body is not supported yet",
-            ));
-        }
+        // Envoy's BufferSettings: `max_request_bytes` must be above 0 (`gt: 0`), so a
+        // provider without it cannot be loaded by a sidecar either.
+        let body = match body {
+            None => None,
+            Some(b) => {
+                let max_bytes = match &b.value.max_request_bytes {
+                    Some(m) if m.value > 0 && m.value <= u64::from(u32::MAX) => m.value as u32,
+                    Some(m) => {
+                        return Err(self.err(
+                            m,
+                            &f("includeRequestBodyInCheck.maxRequestBytes"),
+                            format!("must be 1 to {}, found: {}", u32::MAX, m.value),
+                        ));
+                    }
+                    None => {
+                        return Err(self.err(
+                            b,
+                            &f("includeRequestBodyInCheck.maxRequestBytes"),
+                            "set how many bytes of the body to send (Envoy requires more than 0)",
+                        ));
+                    }
+                };
+                Some(BodySettings {
+                    max_bytes,
+                    allow_partial: b.value.allow_partial_message,
+                    pack_as_bytes: b.value.pack_as_bytes,
+                })
+            }
+        };
         Ok(Provider {
             name: String::new(),
             service: host,
@@ -286,6 +322,7 @@ impl Validator<'_> {
             timeout,
             fail_open: false,
             status_on_error,
+            body,
             api: Api::Grpc,
         })
     }

@@ -18,8 +18,8 @@ use hyper_util::rt::TokioIo;
 use outrigger_testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// What the authorizer saw: method, path, and headers.
-type Log = Arc<Mutex<Vec<(String, String, http::HeaderMap)>>>;
+/// What the authorizer saw: method, path, headers and body.
+type Log = Arc<Mutex<Vec<(String, String, http::HeaderMap, Bytes)>>>;
 
 /// An authorizer that decides by path: `/allow*` → 200 with `x-user: alice`,
 /// `x-allow-note: yes` and `x-not-listed`; `/slow*` → no answer for 5 s; `/boom*` → 500;
@@ -40,15 +40,19 @@ async fn start_authorizer() -> (SocketAddr, Log) {
                 let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let log = log.clone();
                     async move {
+                        use http_body_util::BodyExt;
                         let path = req.uri().to_string();
+                        let (head, body) = req.into_parts();
+                        let body = body.collect().await.unwrap().to_bytes();
                         log.lock().unwrap().push((
-                            req.method().to_string(),
+                            head.method.to_string(),
                             path.clone(),
-                            req.headers().clone(),
+                            head.headers.clone(),
+                            body,
                         ));
                         let p = path.trim_start_matches("/check");
                         let b = http::Response::builder();
-                        let r = if p.starts_with("/allow") {
+                        let r = if p.starts_with("/allow") || p.starts_with("/echo") {
                             b.status(200)
                                 .header("x-user", "alice")
                                 .header("x-allow-note", "yes")
@@ -152,7 +156,7 @@ async fn http_provider_allows_denies_and_fails_as_configured() {
     assert!(got.headers.get("x-user").is_none());
     {
         let l = log.lock().unwrap();
-        let (method, path, h) = l.last().unwrap();
+        let (method, path, h, _) = l.last().unwrap();
         assert_eq!(method, "GET");
         // pathPrefix + the original path with its query.
         assert_eq!(path, "/check/allow/a?q=1");
@@ -340,7 +344,7 @@ async fn ask_both_ways(mesh: &Mesh, addr: SocketAddr, who: &Issued, path: &str, 
             .insert(k, http::HeaderValue::from_static(v));
     }
     let got = c.fetch(req).await.unwrap();
-    let check = log.lock().unwrap().first().map(|(m, p, h)| {
+    let check = log.lock().unwrap().first().map(|(m, p, h, _)| {
         let mut hs: Vec<(String, String)> = h
             .iter()
             .filter(|(n, _)| !n.as_str().starts_with("x-envoy-"))
@@ -567,7 +571,7 @@ async fn start_grpc_authorizer() -> (SocketAddr, CheckLog) {
                             code,
                             message: String::new(),
                         };
-                        let resp = if path.starts_with("/allow") {
+                        let resp = if path.starts_with("/allow") || path.starts_with("/echo") {
                             pb::CheckResponse {
                                 status: Some(status(0)),
                                 ok_response: Some(pb::OkHttpResponse {
@@ -659,6 +663,7 @@ fn grpc_providers(authz: SocketAddr) -> String {
     port: {port}
     timeout: 500ms
     statusOnError: '503'
+    includeRequestBodyInCheck: {{maxRequestBytes: 8, allowPartialMessage: true}}
 ",
         ip = authz.ip(),
         port = authz.port()
@@ -682,6 +687,7 @@ fn istiod_grpc_custom_filters(cluster: &str) -> Vec<serde_json::Value> {
                 "envoy_grpc": {"cluster_name": cluster, "authority": cluster.replace('|', "_.")},
                 "timeout": "0.5s"
             },
+            "with_request_body": {"max_request_bytes": 8, "allow_partial_message": true},
             "filter_enabled_metadata": filters[1]["typed_config"]["filter_enabled_metadata"].clone()
         }
     });
@@ -731,12 +737,15 @@ async fn ask_grpc_both_ways(
     mesh: &Mesh,
     addr: SocketAddr,
     who: &Issued,
-    path: &str,
+    (path, body): (&str, Option<&'static str>),
     log: &CheckLog,
 ) -> GrpcSeen {
     log.lock().unwrap().clear();
     let mut c = mesh.connect(addr, who, false).await;
-    let mut req = get(path, false);
+    let mut req = match body {
+        Some(b) => with_body(path, b),
+        None => get(path, false),
+    };
     for (k, v) in [
         ("x-ticket", "t1"),
         ("x-user", "mallory"),
@@ -822,21 +831,25 @@ async fn grpc_provider_answers_as_envoys_ext_authz() {
     let sleep = mesh.pki.issue("default", "sleep");
 
     let mut diffs = Vec::new();
-    for path in [
-        "/allow/a?q=1",
-        "/private",
-        "/plain-deny",
-        "/public/x",
-        "/both",
-        "/allow/both",
-        "/boom",
-        "/slow",
+    for case in [
+        ("/allow/a?q=1", None),
+        ("/private", None),
+        ("/plain-deny", None),
+        ("/public/x", None),
+        ("/both", None),
+        ("/allow/both", None),
+        ("/boom", None),
+        ("/slow", None),
+        // includeRequestBodyInCheck (8 bytes, partial allowed): a short body and a cut one.
+        ("/allow/body", Some("hello")),
+        ("/allow/body", Some("0123456789abcdef")),
+        ("/private", Some("caf\u{e9}!")),
     ] {
-        let from_envoy = ask_grpc_both_ways(&mesh, envoy.listener, &sleep, path, &log).await;
-        let from_outrigger = ask_grpc_both_ways(&mesh, agent.addr("web"), &sleep, path, &log).await;
+        let from_envoy = ask_grpc_both_ways(&mesh, envoy.listener, &sleep, case, &log).await;
+        let from_outrigger = ask_grpc_both_ways(&mesh, agent.addr("web"), &sleep, case, &log).await;
         if from_envoy != from_outrigger {
             diffs.push(format!(
-                "{path}:\n  envoy:     {from_envoy:?}\n  outrigger: {from_outrigger:?}"
+                "{case:?}:\n  envoy:     {from_envoy:?}\n  outrigger: {from_outrigger:?}"
             ));
         }
     }
@@ -896,7 +909,7 @@ extensionProviders:
     assert_eq!(got.seen().header("x-user"), Some("alice"));
     {
         let l = log.lock().unwrap();
-        let (_, path, h) = l.last().unwrap();
+        let (_, path, h, _) = l.last().unwrap();
         assert_eq!(path, "/check/allow/x");
         // The sidecar verified Outrigger's certificate and says so to the authorizer.
         let xfcc = h.get("x-forwarded-client-cert").unwrap().to_str().unwrap();
@@ -973,4 +986,132 @@ extensionProviders:
         ],
         2.0,
     );
+}
+
+/// A request with `body`, as the test clients send it.
+fn with_body(path: &str, body: &'static str) -> http::Request<TestBody> {
+    use http_body_util::BodyExt;
+    let mut req = get(path, false);
+    *req.method_mut() = http::Method::POST;
+    *req.body_mut() = Full::new(Bytes::from_static(body.as_bytes()))
+        .map_err(|never| match never {})
+        .boxed();
+    req
+}
+
+/// A check request with its body: path, headers, body.
+type BodyCheck = (String, Vec<(String, String)>, Bytes);
+
+/// What a request with a body did, compared between Envoy and Outrigger.
+#[derive(Debug, PartialEq)]
+struct BodySeen {
+    /// The check: path, headers but Envoy's own `x-envoy-*` (the partial-body one kept), body.
+    check: Option<BodyCheck>,
+    status: u16,
+    /// What the client got back (the echo of the whole body when allowed).
+    body: String,
+}
+
+async fn ask_with_body(
+    mesh: &Mesh,
+    addr: SocketAddr,
+    who: &Issued,
+    path: &str,
+    body: &'static str,
+    log: &Log,
+) -> BodySeen {
+    log.lock().unwrap().clear();
+    let mut c = mesh.connect(addr, who, false).await;
+    let got = c.fetch(with_body(path, body)).await.unwrap();
+    let check = log.lock().unwrap().first().map(|(_, p, h, b)| {
+        let mut hs: Vec<(String, String)> = h
+            .iter()
+            .filter(|(n, _)| {
+                !n.as_str().starts_with("x-envoy-") || n.as_str() == "x-envoy-auth-partial-body"
+            })
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
+            .collect();
+        hs.sort();
+        (p.clone(), hs, b.clone())
+    });
+    BodySeen {
+        check,
+        status: got.status,
+        body: got.text(),
+    }
+}
+
+/// `includeRequestBodyInCheck` through Envoy 1.40 (`with_request_body`, as istiod sets it) and
+/// through Outrigger, with and without `allowPartialMessage`: the authorizer receives the same
+/// body, `content-length` and `x-envoy-auth-partial-body`; the application still receives the
+/// whole body; a body over `maxRequestBytes` without partial messages is answered alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_body_goes_to_the_authorizer_as_envoy_sends_it() {
+    let Some(bin) =
+        common::envoy::envoy_or_skip("request_body_goes_to_the_authorizer_as_envoy_sends_it")
+    else {
+        return;
+    };
+    let mut diffs = Vec::new();
+    for partial in [true, false] {
+        let (authz, log) = start_authorizer().await;
+        let mesh = Mesh::new();
+        mesh.policy("pa.yaml", MESH_STRICT);
+        mesh.policy("ext.yaml", &CUSTOM.replace("PROVIDER", "ext"));
+        let app = start_echo().await;
+        let tcp = start_tcp_echo().await;
+        let cluster = "outbound|8000||ext-authz.legacy.svc.cluster.local";
+        let mut filters = istiod_custom_filters(cluster);
+        // extauthz.go `withBodyRequest`: MaxRequestBytes, AllowPartialMessage, PackAsBytes.
+        filters[1]["typed_config"]["with_request_body"] =
+            serde_json::json!({"max_request_bytes": 8, "allow_partial_message": partial});
+        let envoy = common::envoy::start_sidecar_inbound_with_clusters(
+            &bin,
+            mesh.dir(),
+            &mesh.agent,
+            app,
+            tcp,
+            filters,
+            vec![common::envoy::static_cluster(cluster, authz)],
+        )
+        .await;
+        let cfg = mesh.config(
+            &[("web", app, "http")],
+            &providers(authz).replacen(
+                "    statusOnError: '503'\n",
+                &format!(
+                    "    statusOnError: '503'\n    includeRequestBodyInCheck: {{maxRequestBytes: 8, allowPartialMessage: {partial}}}\n"
+                ),
+                1,
+            ),
+        );
+        let agent = AgentProc::start(mesh.dir(), &cfg);
+        let sleep = mesh.pki.issue("default", "sleep");
+        for (path, body) in [
+            ("/echo", "hello"),
+            ("/echo", "0123456789abcdef"),
+            ("/private", "01234567"),
+            ("/private", "0123456789"),
+        ] {
+            let from_envoy = ask_with_body(&mesh, envoy.listener, &sleep, path, body, &log).await;
+            let from_outrigger =
+                ask_with_body(&mesh, agent.addr("web"), &sleep, path, body, &log).await;
+            // What the comparison stands on, spelled out for one case.
+            if partial && body.len() == 16 {
+                let (_, headers, sent) = from_outrigger.check.clone().unwrap();
+                assert_eq!(sent, "01234567");
+                assert!(headers.contains(&("x-envoy-auth-partial-body".into(), "true".into())));
+                assert_eq!(
+                    (from_outrigger.status, from_outrigger.body.as_str()),
+                    (200, body)
+                );
+            }
+            if from_envoy != from_outrigger {
+                diffs.push(format!(
+                    "partial {partial}, {path} {body:?}:\n  envoy:     {from_envoy:?}\n  outrigger: {from_outrigger:?}"
+                ));
+            }
+        }
+    }
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
 }

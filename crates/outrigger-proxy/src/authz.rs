@@ -337,7 +337,24 @@ fn bad_path() -> Verdict {
     }
 }
 
-/// Authorizes a TCP connection (L4 attributes only).
+/// The two ends of a connection as an external authorizer's check names them.
+pub(crate) fn peers(ctx: &Ctx, conn: &ConnInfo) -> crate::ext_authz::Peers {
+    let w = &ctx.workload;
+    crate::ext_authz::Peers {
+        source: conn.src,
+        destination: conn.dst,
+        source_principal: conn
+            .peer_principal
+            .as_ref()
+            .map(|p| format!("spiffe://{p}")),
+        destination_principal: w.identity.to_string(),
+        destination_service: format!("{}.{}", w.canonical_service, w.namespace),
+    }
+}
+
+/// Authorizes a TCP connection (L4 attributes only) when it opens. When a CUSTOM policy with
+/// a gRPC provider matches, `custom` is left for the caller, which makes the network check
+/// (`crate::ext_authz::check_connection`) and settles the verdict (`settle_custom`).
 pub(crate) fn check_tcp(ctx: &Ctx, conn: &ConnInfo) -> Verdict {
     let policy = ctx.policy.load();
     let d = policy.snapshot.authorize(&base_request(conn));
@@ -347,27 +364,27 @@ pub(crate) fn check_tcp(ctx: &Ctx, conn: &ConnInfo) -> Verdict {
             // An envoyExtAuthzHttp provider has no TCP check: istiod's builder "ignored CUSTOM
             // action with HTTP provider on TCP filter chain" (pilot/pkg/security/authz/builder/
             // builder.go), so a sidecar lets DENY and ALLOW decide.
-            crate::ext_authz::Api::Http(_) => crate::warn_limited!(
-                policy = c.policy,
-                provider = c.provider.name,
-                "CUSTOM policy matched a TCP connection; its HTTP provider has no TCP check and \
-                 is ignored there, as istiod does (DENY and ALLOW policies still apply)"
-            ),
-            // A gRPC provider has one on a sidecar (the network ext_authz filter), which
-            // Outrigger does not make yet: the connection is refused rather than let through
-            // unchecked.
-            crate::ext_authz::Api::Grpc => {
+            crate::ext_authz::Api::Http(_) => {
                 crate::warn_limited!(
                     policy = c.policy,
                     provider = c.provider.name,
-                    "CUSTOM policy with a gRPC provider matched a TCP connection; Outrigger has \
-                     no TCP check for it yet: closing the connection"
+                    "CUSTOM policy matched a TCP connection; its HTTP provider has no TCP check \
+                     and is ignored there, as istiod does (DENY and ALLOW policies still apply)"
                 );
-                v.deny = Some((StatusCode::FORBIDDEN, RBAC_DENIED));
-                v.result = "custom_tcp_unsupported";
-                v.policy = Some(c.policy.clone());
+                record(ctx, conn, "tcp", &v);
             }
+            // A gRPC provider checks the connection (the network ext_authz filter).
+            crate::ext_authz::Api::Grpc => v.custom = Some(c),
         }
+    }
+    v
+}
+
+/// Authorizes an open TCP connection again (policy changed). The external authorizer is not
+/// asked again (Envoy's network ext_authz checks a connection once): DENY and ALLOW decide.
+pub(crate) fn recheck_tcp(ctx: &Ctx, conn: &ConnInfo) -> Verdict {
+    let mut v = check_tcp(ctx, conn);
+    if v.custom.take().is_some() {
         record(ctx, conn, "tcp", &v);
     }
     v

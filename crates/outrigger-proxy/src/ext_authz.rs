@@ -251,6 +251,14 @@ pub(crate) struct CheckInput<'a> {
     pub protocol: &'static str,
     /// `https` on a TLS connection, else `http`.
     pub scheme: &'static str,
+    pub peers: Peers,
+    /// The start of the body, when the provider asks for it and the request has one.
+    pub body: Option<CheckBody>,
+}
+
+/// The two ends of the connection, as a check names them (`AttributeContext.source`,
+/// `.destination`).
+pub(crate) struct Peers {
     pub source: std::net::SocketAddr,
     pub destination: std::net::SocketAddr,
     /// SPIFFE URIs (`spiffe://td/ns/x/sa/y`) of the peer and of this workload.
@@ -258,8 +266,36 @@ pub(crate) struct CheckInput<'a> {
     pub destination_principal: String,
     /// This workload as Envoy's node cluster names it (`<service>.<namespace>`).
     pub destination_service: String,
-    /// The start of the body, when the provider asks for it and the request has one.
-    pub body: Option<CheckBody>,
+}
+
+impl Peers {
+    /// `setAttrContextPeer` for both ends: address, principal, and the local service.
+    fn attributes(&self) -> (pb::Peer, pb::Peer) {
+        let peer = |addr: std::net::SocketAddr, principal: String, service: String| pb::Peer {
+            address: Some(pb::Address {
+                socket_address: Some(pb::SocketAddress {
+                    protocol: 0,
+                    address: addr.ip().to_string(),
+                    port_value: u32::from(addr.port()),
+                }),
+            }),
+            service,
+            principal,
+            ..Default::default()
+        };
+        (
+            peer(
+                self.source,
+                self.source_principal.clone().unwrap_or_default(),
+                String::new(),
+            ),
+            peer(
+                self.destination,
+                self.destination_principal.clone(),
+                self.destination_service.clone(),
+            ),
+        )
+    }
 }
 
 /// The one request header Envoy always copies into the check request besides the
@@ -307,14 +343,48 @@ pub(crate) async fn check(
     let call = async {
         match &p.api {
             Api::Http(h) => call_http(p, h, input, via).await,
-            Api::Grpc => call_grpc(p, input, via).await,
+            Api::Grpc => {
+                let msg = check_request(input, p.body.is_some_and(|b| b.pack_as_bytes));
+                call_grpc(p, msg, via).await
+            }
         }
     };
+    within_timeout(p, call).await
+}
+
+/// The provider's answer within its `timeout`; a failure is an error (or, with `failOpen`,
+/// lets the request through).
+async fn within_timeout(
+    p: &Provider,
+    call: impl std::future::Future<Output = Result<Outcome, String>>,
+) -> Outcome {
     match tokio::time::timeout(p.timeout, call).await {
         Ok(Ok(o)) => o,
         Ok(Err(why)) => error(p, why),
         Err(_) => error(p, format!("no answer within {:?}", p.timeout)),
     }
+}
+
+/// The network check of a TCP connection (Envoy's network ext_authz filter, which istiod
+/// configures for gRPC providers only: `generateGRPCConfig`): `createTcpCheck`'s CheckRequest
+/// has the two peers and no request. `None` for an HTTP provider, which has no such check.
+pub(crate) async fn check_connection(
+    p: &Provider,
+    peers: &Peers,
+    via: Option<&Destination>,
+) -> Option<Outcome> {
+    if let Api::Http(_) = p.api {
+        return None;
+    }
+    let (source, destination) = peers.attributes();
+    let msg = pb::CheckRequest {
+        attributes: Some(pb::AttributeContext {
+            source: Some(source),
+            destination: Some(destination),
+            ..Default::default()
+        }),
+    };
+    Some(within_timeout(p, call_grpc(p, msg, via)).await)
 }
 
 fn error(p: &Provider, why: String) -> Outcome {
@@ -516,18 +586,6 @@ fn decide_http(
 /// The check request Envoy's gRPC client sends (`check_request_utils.cc`,
 /// `createHttpCheck`): the peers, the request's attributes, every request header.
 pub(crate) fn check_request(input: &CheckInput<'_>, pack_as_bytes: bool) -> pb::CheckRequest {
-    let peer = |addr: std::net::SocketAddr, principal: String, service: String| pb::Peer {
-        address: Some(pb::Address {
-            socket_address: Some(pb::SocketAddress {
-                protocol: 0,
-                address: addr.ip().to_string(),
-                port_value: u32::from(addr.port()),
-            }),
-        }),
-        service,
-        principal,
-        ..Default::default()
-    };
     // `setHttpRequest`: the header map with its pseudo-headers (`Host` is `:authority`);
     // a repeated name keeps its first value there (`find(key) == end()`) and is joined with
     // `,` otherwise (`absl::StrAppend(..., ",", value)`); values are UTF-8-sanitized.
@@ -564,18 +622,11 @@ pub(crate) fn check_request(input: &CheckInput<'_>, pack_as_bytes: bool) -> pb::
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
+    let (source, destination) = input.peers.attributes();
     pb::CheckRequest {
         attributes: Some(pb::AttributeContext {
-            source: Some(peer(
-                input.source,
-                input.source_principal.clone().unwrap_or_default(),
-                String::new(),
-            )),
-            destination: Some(peer(
-                input.destination,
-                input.destination_principal.clone(),
-                input.destination_service.clone(),
-            )),
+            source: Some(source),
+            destination: Some(destination),
             request: Some(pb::Request {
                 time: Some(prost_types::Timestamp {
                     seconds: now.as_secs() as i64,
@@ -606,12 +657,11 @@ pub(crate) fn check_request(input: &CheckInput<'_>, pack_as_bytes: bool) -> pb::
 
 async fn call_grpc(
     p: &Provider,
-    input: &CheckInput<'_>,
+    msg: pb::CheckRequest,
     via: Option<&Destination>,
 ) -> Result<Outcome, String> {
     use bytes::{BufMut, BytesMut};
     use prost::Message;
-    let msg = check_request(input, p.body.is_some_and(|b| b.pack_as_bytes));
     let mut body = BytesMut::with_capacity(msg.encoded_len() + 5);
     body.put_u8(0);
     body.put_u32(msg.encoded_len() as u32);
@@ -759,11 +809,13 @@ mod tests {
             headers: &headers,
             protocol: "HTTP/1.1",
             scheme: "https",
-            source: "127.0.0.1:1".parse().unwrap(),
-            destination: "127.0.0.1:2".parse().unwrap(),
-            source_principal: None,
-            destination_principal: String::new(),
-            destination_service: String::new(),
+            peers: Peers {
+                source: "127.0.0.1:1".parse().unwrap(),
+                destination: "127.0.0.1:2".parse().unwrap(),
+                source_principal: None,
+                destination_principal: String::new(),
+                destination_service: String::new(),
+            },
             body: Some(CheckBody {
                 data: Bytes::from_static(data),
                 partial: false,

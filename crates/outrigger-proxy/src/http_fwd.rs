@@ -928,7 +928,6 @@ async fn ask_custom(
 ) -> Result<Vec<crate::ext_authz::Mutation>, CustomRefusal> {
     use crate::ext_authz::{CheckInput, Outcome};
     let provider = &custom.provider;
-    let w = &ctx.workload;
     let input = CheckInput {
         method: &parts.method,
         host: authz::authority(parts),
@@ -944,14 +943,7 @@ async fn ask_custom(
         } else {
             "http"
         },
-        source: conn.src,
-        destination: conn.dst,
-        source_principal: conn
-            .peer_principal
-            .as_ref()
-            .map(|p| format!("spiffe://{p}")),
-        destination_principal: w.identity.to_string(),
-        destination_service: format!("{}.{}", w.canonical_service, w.namespace),
+        peers: authz::peers(ctx, conn),
         body,
     };
     let via = crate::ext_authz::route(provider, &ctx.outbound);

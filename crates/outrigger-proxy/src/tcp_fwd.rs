@@ -47,6 +47,41 @@ where
     ctx.metrics.tcp_opened.get_or_create(&labels).inc();
     let counts = Arc::new(ByteCounts::default());
     let mut verdict = authz::check_tcp(&ctx, &conn);
+    // CUSTOM with a gRPC provider: Envoy's network ext_authz check, before the backend is
+    // dialed; its denial or error closes the connection (response flag `UAEX`).
+    let mut custom_refused = false;
+    if let Some(custom) = verdict.custom.take() {
+        let via = crate::ext_authz::route(&custom.provider, &ctx.outbound);
+        let peers = authz::peers(&ctx, &conn);
+        if let Some(outcome) =
+            crate::ext_authz::check_connection(&custom.provider, &peers, via).await
+        {
+            use crate::ext_authz::Outcome;
+            let answer = match outcome {
+                Outcome::Allow { .. } => authz::CustomAnswer::Allowed,
+                Outcome::FailedOpen { why } => {
+                    crate::warn_limited!(
+                        provider = custom.provider.name,
+                        "external authorization of a TCP connection failed: {why}; allowed (failOpen)"
+                    );
+                    authz::CustomAnswer::FailedOpen
+                }
+                Outcome::Deny { .. } => authz::CustomAnswer::Denied,
+                Outcome::Error { why, .. } => {
+                    crate::warn_limited!(
+                        provider = custom.provider.name,
+                        "external authorization of a TCP connection failed: {why}; closing it"
+                    );
+                    authz::CustomAnswer::Error
+                }
+            };
+            custom_refused = matches!(
+                answer,
+                authz::CustomAnswer::Denied | authz::CustomAnswer::Error
+            );
+            authz::settle_custom(&ctx, &conn, "tcp", &mut verdict, &custom, answer);
+        }
+    }
     let mut published = (0u64, 0u64);
 
     let dialed = if verdict.deny.is_some() {
@@ -91,6 +126,7 @@ where
         Err(why) => {
             open(Err(why));
             match why {
+                Refusal::Denied if custom_refused => "UAEX",
                 Refusal::Denied => "RBAC",
                 Refusal::Upstream => "UF",
             }
@@ -176,7 +212,7 @@ where
                     continue;
                 }
                 // "Long-lived connections are re-authorized when policy changes."
-                let v = authz::check_tcp(ctx, conn);
+                let v = authz::recheck_tcp(ctx, conn);
                 if v.deny.is_some() {
                     tracing::info!(
                         src = %conn.src,

@@ -402,6 +402,7 @@ async fn custom_answers_as_envoys_ext_authz() {
         app,
         tcp,
         istiod_custom_filters(cluster),
+        vec![],
         vec![common::envoy::static_cluster(cluster, authz)],
     )
     .await;
@@ -448,21 +449,113 @@ async fn http_provider_is_ignored_on_tcp_as_istiod_does() {
     agent.wait_for_log("its HTTP provider has no TCP check");
 }
 
-/// A gRPC provider has a TCP check on a sidecar (the network ext_authz filter), which Outrigger
-/// does not make yet: the connection is closed, never let through unchecked.
+/// A CUSTOM policy with a gRPC provider checks TCP connections: Envoy's network ext_authz
+/// filter, which istiod configures for gRPC providers (`generateGRPCConfig`: the network filter
+/// after an RBAC filter with the CUSTOM rules as shadow rules). Compared with Envoy 1.40: the
+/// CheckRequest the authorizer receives, and whether the connection reaches the backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_provider_closes_tcp_connections_until_their_check_exists() {
+async fn grpc_provider_checks_tcp_connections_as_envoy_does() {
+    use serde_json::json;
+    let Some(bin) =
+        common::envoy::envoy_or_skip("grpc_provider_checks_tcp_connections_as_envoy_does")
+    else {
+        return;
+    };
     let (authz, log) = start_grpc_authorizer().await;
     let (agent, mesh) = tcp_behind_custom("opa", &grpc_providers(authz)).await;
-    let mut s = tcp_client(&agent, &mesh).await;
-    let _ = s.write_all(b"ping").await;
-    let (got, _) = read_until_close(&mut s).await;
-    assert!(
-        got.is_empty(),
-        "a TCP connection reached the backend unchecked"
+    let cluster = "outbound|9191||opa.legacy.svc.cluster.local";
+    let mut grpc_cluster = common::envoy::static_cluster(cluster, authz);
+    grpc_cluster["typed_extension_protocol_options"] = json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}
+        }
+    });
+    let tcp_filters = vec![
+        json!({
+            "name": "envoy.filters.network.rbac",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC",
+                "stat_prefix": "tcp.",
+                "shadow_rules": {"action": "DENY", "policies": {
+                    "istio-ext-authz-ns[legacy]-policy[ext-all]-rule[0]": {
+                        "permissions": [{"any": true}],
+                        "principals": [{"any": true}]
+                    }
+                }},
+                "shadow_rules_stat_prefix": "istio_ext_authz_"
+            }
+        }),
+        json!({
+            "name": "envoy.filters.network.ext_authz",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.ext_authz.v3.ExtAuthz",
+                "stat_prefix": "tcp.",
+                "failure_mode_allow": false,
+                "transport_api_version": "V3",
+                "grpc_service": {
+                    "envoy_grpc": {"cluster_name": cluster, "authority": cluster.replace('|', "_.")},
+                    "timeout": "0.5s"
+                },
+                "filter_enabled_metadata": {
+                    "filter": "envoy.filters.network.rbac",
+                    "path": [{"key": "istio_ext_authz_shadow_effective_policy_id"}],
+                    "value": {"string_match": {"prefix": "istio-ext-authz"}}
+                }
+            }
+        }),
+    ];
+    let tcp_echo = start_tcp_echo().await;
+    let envoy = common::envoy::start_sidecar_inbound_with_clusters(
+        &bin,
+        mesh.dir(),
+        &mesh.agent,
+        start_echo().await,
+        tcp_echo,
+        vec![],
+        tcp_filters,
+        vec![grpc_cluster],
+    )
+    .await;
+
+    let mut diffs = Vec::new();
+    for who in ["etl", "intruder"] {
+        let peer = mesh.pki.issue("default", who);
+        let mut seen = Vec::new();
+        for addr in [envoy.listener, agent.addr("db")] {
+            log.lock().unwrap().clear();
+            let tls = outrigger_tls::client_config(
+                &peer.certs,
+                &mesh.pki.trust(),
+                &[mesh.agent_id()],
+                &[b"istio"],
+            )
+            .unwrap();
+            let mut s = tls_connect(addr, tls).await.unwrap();
+            let _ = s.write_all(b"ping").await;
+            let mut buf = [0u8; 4];
+            let echoed = matches!(
+                tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await,
+                Ok(Ok(_))
+            );
+            let check = log.lock().unwrap().first().cloned().map(normalized);
+            seen.push((echoed, check));
+        }
+        assert_eq!(seen[1].0, who == "etl", "{who}: {seen:?}");
+        if seen[0] != seen[1] {
+            diffs.push(format!(
+                "{who}:\n  envoy:     {:?}\n  outrigger: {:?}",
+                seen[0], seen[1]
+            ));
+        }
+    }
+    assert!(diffs.is_empty(), "{}\n{}", diffs.join("\n"), envoy.tail());
+    agent.wait_metric(
+        "outrigger_authorization_decisions_total",
+        &["action=\"deny\"", "result=\"custom_denied\""],
+        1.0,
     );
-    assert!(log.lock().unwrap().is_empty());
-    agent.wait_for_log("no TCP check for it yet");
+    agent.wait_for_log("\"response_flags\":\"UAEX\"");
 }
 
 /// A TCP listener in front of an echo server, with a CUSTOM policy (no rules: it matches every
@@ -566,12 +659,24 @@ async fn start_grpc_authorizer() -> (SocketAddr, CheckLog) {
                             .and_then(|r| r.http.as_ref())
                             .map(|h| h.path.clone())
                             .unwrap_or_default();
+                        // A TCP connection's check (no request): allowed for `sa/etl` only.
+                        let tcp_peer = check
+                            .attributes
+                            .as_ref()
+                            .filter(|a| a.request.is_none())
+                            .and_then(|a| a.source.as_ref())
+                            .map(|s| s.principal.clone());
                         log.lock().unwrap().push(check);
                         let status = |code: i32| pb::RpcStatus {
                             code,
                             message: String::new(),
                         };
-                        let resp = if path.starts_with("/allow") || path.starts_with("/echo") {
+                        let resp = if let Some(peer) = tcp_peer {
+                            pb::CheckResponse {
+                                status: Some(status(if peer.ends_with("/sa/etl") { 0 } else { 7 })),
+                                ..Default::default()
+                            }
+                        } else if path.starts_with("/allow") || path.starts_with("/echo") {
                             pb::CheckResponse {
                                 status: Some(status(0)),
                                 ok_response: Some(pb::OkHttpResponse {
@@ -823,6 +928,7 @@ async fn grpc_provider_answers_as_envoys_ext_authz() {
         app,
         tcp,
         istiod_grpc_custom_filters(cluster),
+        vec![],
         vec![grpc_cluster],
     )
     .await;
@@ -1072,6 +1178,7 @@ async fn request_body_goes_to_the_authorizer_as_envoy_sends_it() {
             app,
             tcp,
             filters,
+            vec![],
             vec![common::envoy::static_cluster(cluster, authz)],
         )
         .await;

@@ -225,12 +225,23 @@ pub async fn start_sidecar_inbound_with(
     tcp_app: SocketAddr,
     http_filters: Vec<serde_json::Value>,
 ) -> Envoy {
-    start_sidecar_inbound_with_clusters(bin, dir, certs, http_app, tcp_app, http_filters, vec![])
-        .await
+    start_sidecar_inbound_with_clusters(
+        bin,
+        dir,
+        certs,
+        http_app,
+        tcp_app,
+        http_filters,
+        vec![],
+        vec![],
+    )
+    .await
 }
 
-/// [`start_sidecar_inbound_with`] and `clusters` beside the two inbound ones (those the filters
+/// [`start_sidecar_inbound_with`], `tcp_filters` before the TCP chain's tcp_proxy (Istio's
+/// network RBAC, ext_authz …), and `clusters` beside the two inbound ones (those the filters
 /// call: an ext_authz provider, a JWKS server).
+#[allow(clippy::too_many_arguments)]
 pub async fn start_sidecar_inbound_with_clusters(
     bin: &Path,
     dir: &Path,
@@ -238,8 +249,17 @@ pub async fn start_sidecar_inbound_with_clusters(
     http_app: SocketAddr,
     tcp_app: SocketAddr,
     mut http_filters: Vec<serde_json::Value>,
+    mut tcp_filters: Vec<serde_json::Value>,
     clusters: Vec<serde_json::Value>,
 ) -> Envoy {
+    tcp_filters.push(serde_json::json!({
+        "name": "envoy.filters.network.tcp_proxy",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+            "stat_prefix": "inbound_0.0.0.0_5432",
+            "cluster": "inbound|5432||"
+        }
+    }));
     http_filters.push(serde_json::json!({
         "name": "envoy.filters.http.router",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
@@ -303,14 +323,7 @@ pub async fn start_sidecar_inbound_with_clusters(
                             "application_protocols": ["istio-peer-exchange", "istio"]
                         },
                         "transport_socket": downstream_tls(certs, &[]),
-                        "filters": [{
-                            "name": "envoy.filters.network.tcp_proxy",
-                            "typed_config": {
-                                "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-                                "stat_prefix": "inbound_0.0.0.0_5432",
-                                "cluster": "inbound|5432||"
-                            }
-                        }]
+                        "filters": tcp_filters
                     }
                 ]
             }],

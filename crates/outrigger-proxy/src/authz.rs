@@ -290,7 +290,7 @@ pub(crate) fn check_http(
             parts.uri = u;
         }
     }
-    let host = authority(parts);
+    let host = crate::http_common::authority_str(parts);
     let headers = HeaderView(&parts.headers);
     let mut req = base_request(conn).with_http(HttpAttrs {
         method: parts.method.as_str(),
@@ -309,22 +309,6 @@ pub(crate) fn check_http(
         path: normalized.path,
     });
     (verdict, inflight)
-}
-
-/// The request's authority (`:authority`, else `Host`), as policy `hosts` and the CUSTOM check
-/// see it.
-pub(crate) fn authority(parts: &http::request::Parts) -> &str {
-    parts
-        .uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| {
-            parts
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
-        .unwrap_or("")
 }
 
 fn bad_path() -> Verdict {

@@ -300,6 +300,22 @@ pub(crate) fn new_request_id() -> Option<http::HeaderValue> {
     http::HeaderValue::from_str(&id).ok()
 }
 
+/// The request's authority (`:authority`, else `Host`; empty without either), as policy
+/// `hosts`, the external authorizer and Envoy's `WWW-Authenticate` see it.
+pub(crate) fn authority_str(parts: &http::request::Parts) -> &str {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -518,17 +518,7 @@ fn start_trace(
         .service_host
         .clone()
         .unwrap_or_else(|| format!("{}.{}.svc.cluster.local", w.canonical_service, w.namespace));
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
-        .unwrap_or("");
+    let authority = crate::http_common::authority_str(parts);
     let path = parts
         .uri
         .path_and_query()
@@ -930,7 +920,7 @@ async fn ask_custom(
     let provider = &custom.provider;
     let input = CheckInput {
         method: &parts.method,
-        host: authz::authority(parts),
+        host: crate::http_common::authority_str(parts),
         path_and_query: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
         headers: &parts.headers,
         protocol: match parts.version {

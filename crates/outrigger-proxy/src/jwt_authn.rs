@@ -799,17 +799,7 @@ fn warn_on_group_overage(claims: &JwtClaims) {
 /// (`MaximumUriLength`).
 pub(crate) fn www_authenticate(parts: &http::request::Parts, tls: bool) -> HeaderValue {
     const MAXIMUM_URI_LENGTH: usize = 256;
-    let host = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| {
-            parts
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
-        .unwrap_or("");
+    let host = crate::http_common::authority_str(parts);
     let path = parts.uri.path_and_query().map_or("", |p| p.as_str());
     let mut end = path.len().min(MAXIMUM_URI_LENGTH);
     while !path.is_char_boundary(end) {

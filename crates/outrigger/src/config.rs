@@ -751,6 +751,24 @@ impl Validator<'_> {
         }
     }
 
+    /// The name of one entry of a list (`rateLimits`, `extensionProviders`): not empty, and
+    /// not among `taken` (`what`: what the list holds, for the message).
+    fn entry_name<'n>(
+        &self,
+        name: &Spanned<String>,
+        field: &str,
+        mut taken: impl Iterator<Item = &'n str>,
+        what: &str,
+    ) -> Result<(), ConfigError> {
+        if name.value.is_empty() {
+            return Err(self.err(name, field, "must not be empty"));
+        }
+        if taken.any(|t| t == name.value) {
+            return Err(self.err(name, field, format!("`{}` names two {what}", name.value)));
+        }
+        Ok(())
+    }
+
     fn err_noloc(&self, field: &str, reason: impl Into<String>) -> ConfigError {
         ConfigError {
             file: self.file.to_path_buf(),

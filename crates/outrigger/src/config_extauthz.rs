@@ -103,17 +103,9 @@ impl Validator<'_> {
         let mut out: Vec<Arc<Provider>> = Vec::new();
         for (i, r) in raw.iter().enumerate() {
             let at = |f: &str| format!("extensionProviders[{i}].{f}");
-            if r.name.value.is_empty() {
-                return Err(self.err(&r.name, &at("name"), "must not be empty"));
-            }
-            if out.iter().any(|o| o.name == r.name.value) {
-                // extauthz.go: "extension provider name must be unique".
-                return Err(self.err(
-                    &r.name,
-                    &at("name"),
-                    format!("`{}` names two providers", r.name.value),
-                ));
-            }
+            // extauthz.go: "extension provider name must not be empty", "... must be unique".
+            let taken = out.iter().map(|o| o.name.as_str());
+            self.entry_name(&r.name, &at("name"), taken, "providers")?;
             let h = match (&r.envoy_ext_authz_http, &r.envoy_ext_authz_grpc) {
                 (Some(h), None) => &h.value,
                 (None, Some(g)) => {

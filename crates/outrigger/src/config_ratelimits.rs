@@ -67,16 +67,8 @@ impl Validator<'_> {
         let mut out: Vec<RateLimitRule> = Vec::new();
         for (i, r) in raw.iter().enumerate() {
             let at = |f: &str| format!("rateLimits[{i}].{f}");
-            if r.name.value.is_empty() {
-                return Err(self.err(&r.name, &at("name"), "must not be empty"));
-            }
-            if out.iter().any(|o| o.name == r.name.value) {
-                return Err(self.err(
-                    &r.name,
-                    &at("name"),
-                    format!("`{}` names two rules", r.name.value),
-                ));
-            }
+            let taken = out.iter().map(|o| o.name.as_str());
+            self.entry_name(&r.name, &at("name"), taken, "rules")?;
             for l in &r.listeners {
                 match inbound.iter().find(|i| i.name == l.value) {
                     None => {

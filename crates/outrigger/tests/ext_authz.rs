@@ -83,6 +83,20 @@ async fn start_authorizer() -> (SocketAddr, Log) {
     (addr, log)
 }
 
+/// Records what Envoy and Outrigger did differently for one case.
+fn differ<T: PartialEq + std::fmt::Debug>(
+    diffs: &mut Vec<String>,
+    case: impl std::fmt::Debug,
+    envoy: T,
+    outrigger: T,
+) {
+    if envoy != outrigger {
+        diffs.push(format!(
+            "{case:?}:\n  envoy:     {envoy:?}\n  outrigger: {outrigger:?}"
+        ));
+    }
+}
+
 const CUSTOM: &str = "apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata:
@@ -424,11 +438,7 @@ async fn custom_answers_as_envoys_ext_authz() {
     ] {
         let from_envoy = ask_both_ways(&mesh, envoy.listener, &sleep, path, &log).await;
         let from_outrigger = ask_both_ways(&mesh, agent.addr("web"), &sleep, path, &log).await;
-        if from_envoy != from_outrigger {
-            diffs.push(format!(
-                "{path}:\n  envoy:     {from_envoy:?}\n  outrigger: {from_outrigger:?}"
-            ));
-        }
+        differ(&mut diffs, path, from_envoy, from_outrigger);
     }
     assert!(diffs.is_empty(), "{}\n{}", diffs.join("\n"), envoy.tail());
 }
@@ -542,12 +552,8 @@ async fn grpc_provider_checks_tcp_connections_as_envoy_does() {
             seen.push((echoed, check));
         }
         assert_eq!(seen[1].0, who == "etl", "{who}: {seen:?}");
-        if seen[0] != seen[1] {
-            diffs.push(format!(
-                "{who}:\n  envoy:     {:?}\n  outrigger: {:?}",
-                seen[0], seen[1]
-            ));
-        }
+        let (from_envoy, from_outrigger) = (seen.remove(0), seen.remove(0));
+        differ(&mut diffs, who, from_envoy, from_outrigger);
     }
     assert!(diffs.is_empty(), "{}\n{}", diffs.join("\n"), envoy.tail());
     agent.wait_metric(
@@ -953,11 +959,7 @@ async fn grpc_provider_answers_as_envoys_ext_authz() {
     ] {
         let from_envoy = ask_grpc_both_ways(&mesh, envoy.listener, &sleep, case, &log).await;
         let from_outrigger = ask_grpc_both_ways(&mesh, agent.addr("web"), &sleep, case, &log).await;
-        if from_envoy != from_outrigger {
-            diffs.push(format!(
-                "{case:?}:\n  envoy:     {from_envoy:?}\n  outrigger: {from_outrigger:?}"
-            ));
-        }
+        differ(&mut diffs, case, from_envoy, from_outrigger);
     }
     assert!(diffs.is_empty(), "{}\n{}", diffs.join("\n"), envoy.tail());
 }
@@ -1213,11 +1215,12 @@ async fn request_body_goes_to_the_authorizer_as_envoy_sends_it() {
                     (200, body)
                 );
             }
-            if from_envoy != from_outrigger {
-                diffs.push(format!(
-                    "partial {partial}, {path} {body:?}:\n  envoy:     {from_envoy:?}\n  outrigger: {from_outrigger:?}"
-                ));
-            }
+            differ(
+                &mut diffs,
+                (partial, path, body),
+                from_envoy,
+                from_outrigger,
+            );
         }
     }
     assert!(diffs.is_empty(), "{}", diffs.join("\n"));

@@ -475,6 +475,15 @@ async fn filter_chain(
         rl_headers = v.headers;
         if let Some(rule) = v.limited_by {
             ctx.metrics.rate_limited(&rule);
+            // On the status page's list of recent denials, as policy refusals are.
+            ctx.denials.record(crate::status::Denial {
+                at: std::time::SystemTime::now(),
+                listener: conn.listener.name.clone(),
+                source: conn.source_principal_str().to_string(),
+                request: parts.uri.path().to_string(),
+                policy: Some(rule.clone()),
+                reason: "rate_limited",
+            });
             let mut rec = Recorder::new(&ctx, &conn, &parts, protocol, start, handles);
             rec.trace = trace;
             // Envoy's response flag for a local rate limit: `RL`.

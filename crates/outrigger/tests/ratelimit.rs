@@ -138,6 +138,12 @@ async fn per_principal_buckets_refill_and_match() {
     // bucket is still empty.
     if start.elapsed() < Duration::from_millis(1500) {
         assert_eq!(third, 429);
+        // The status page lists it with the other recent denials: the rule, the reason.
+        let page = agent.admin_get("/");
+        assert!(
+            page.contains("rate_limited") && page.contains("api-per-caller"),
+            "{page}"
+        );
         // `b` has its own bucket, and paths the rule does not match are not limited.
         assert_eq!(ask(&mesh, web, &b, "/api/1").await.status, 200);
         assert_eq!(ask(&mesh, web, &a, "/other").await.status, 200);

@@ -1,10 +1,8 @@
 //! Authorization of requests and connections against the policy in force, and the mapping of
 //! a decision to what the client sees — in one place.
 //!
-//! HTTP: a denial is `403 RBAC: access denied`, Envoy's RBAC filter's answer; a path that
-//! cannot be normalized is `400`. TCP: a denied connection is closed.
+//! What a refusal looks like on each protocol is crate::refusal's to say.
 
-use http::StatusCode;
 use http::header::HeaderMap;
 
 use outrigger_policy::{Decision, HttpAttrs, Reason, Request, normalize_path};
@@ -12,14 +10,12 @@ use outrigger_policy::{Decision, HttpAttrs, Reason, Request, normalize_path};
 use crate::Ctx;
 use crate::inbound::ConnInfo;
 use crate::metrics::{AuthzDecisionLabels, Lv};
-
-/// Envoy's RBAC filter body for a denied request.
-pub(crate) const RBAC_DENIED: &str = "RBAC: access denied";
+use crate::refusal::Refusal;
 
 /// The outcome of an authorization check.
 pub(crate) struct Verdict {
-    /// `Some` when the request must not reach the application: the status and body to answer.
-    pub deny: Option<(StatusCode, &'static str)>,
+    /// `Some` when the request must not reach the application, and why.
+    pub deny: Option<Refusal>,
     /// The deciding policy and rule (`ns/name[rule]`), for the access log.
     pub policy: Option<String>,
     /// Why: `allow_matched`, `deny_matched`, `no_allow_matched`, `no_policies`, ...
@@ -119,7 +115,7 @@ fn conclude(ctx: &Ctx, conn: &ConnInfo, d: &Decision<'_>, what: &str) -> Verdict
             .join(",")
     });
     let mut v = Verdict {
-        deny: (!d.allowed).then_some((StatusCode::FORBIDDEN, RBAC_DENIED)),
+        deny: (!d.allowed).then_some(Refusal::Policy),
         policy: matched,
         result,
         custom: None,
@@ -143,7 +139,7 @@ fn conclude(ctx: &Ctx, conn: &ConnInfo, d: &Decision<'_>, what: &str) -> Verdict
                 return v;
             }
             None => {
-                v.deny = Some((StatusCode::FORBIDDEN, RBAC_DENIED));
+                v.deny = Some(Refusal::Policy);
                 v.result = "custom_provider_unavailable";
                 v.policy = Some(format!("{}[{}]", c.matched.policy, c.matched.rule));
             }
@@ -212,9 +208,14 @@ pub(crate) fn settle_custom(
         v.result = result;
         v.policy = Some(custom.policy.clone());
         if matches!(answer, CustomAnswer::Denied | CustomAnswer::Error) {
-            // The status and body are the authorizer's (or `statusOnError`), set by the
-            // caller; this marks the request as refused for the record.
-            v.deny = Some((StatusCode::FORBIDDEN, ""));
+            // The status, headers and body are the authorizer's (or `statusOnError`): the
+            // HTTP caller answers with its own `Refusal::External`; this one marks the
+            // refusal for the record and a TCP connection's close.
+            v.deny = Some(Refusal::External {
+                status: custom.provider.status_on_error,
+                headers: Vec::new(),
+                body: bytes::Bytes::new(),
+            });
         }
     }
     record(ctx, conn, what, v);
@@ -313,7 +314,7 @@ pub(crate) fn check_http(
 
 fn bad_path() -> Verdict {
     Verdict {
-        deny: Some((StatusCode::BAD_REQUEST, "Bad Request")),
+        deny: Some(Refusal::BadPath),
         policy: None,
         result: "bad_path",
         custom: None,

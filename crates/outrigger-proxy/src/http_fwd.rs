@@ -36,16 +36,12 @@ use crate::inbound::ConnInfo;
 use crate::limits::{Active, Activity};
 use crate::metrics::{Lv, RequestHandles, RequestLabels};
 use crate::peer_metadata::PeerMetadata;
+use crate::refusal::Refusal;
 use crate::{Ctx, Protocol};
 
 static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// Envoy's body for a request it could not connect upstream for, so clients and dashboards see
-/// the text they know.
-const UPSTREAM_CONNECT_ERROR: &str =
-    "upstream connect error or disconnect/reset before headers. reset reason: connection failure";
 
 /// The largest request head accepted, request line included: Envoy's
 /// `max_request_headers_kb` default of 60 KiB, which Istio's sidecar keeps (larger heads are
@@ -386,15 +382,12 @@ async fn handle(
             method = %parts.method, details = r.details,
             "request refused by the HTTP codec rules: {}", r.status
         );
-        let mut rec = Recorder::new(&ctx, &conn, &parts, protocol, start, handles);
-        rec.flags = r.flag;
-        let mut resp = local_reply(r.status, "", rec);
-        // Envoy closes an HTTP/1 connection after a protocol error.
-        if r.flag == "DPE" && parts.version != http::Version::HTTP_2 {
-            resp.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        return Ok(resp);
+        let rec = Recorder::new(&ctx, &conn, &parts, protocol, start, handles);
+        let why = Refusal::Codec {
+            status: r.status,
+            flag: r.flag,
+        };
+        return Ok(refuse(why, rec, parts.version));
     }
 
     // Istio's inbound HTTP chain starts with the metadata exchange filter (crate::peer_metadata):
@@ -486,9 +479,7 @@ async fn filter_chain(
             });
             let mut rec = Recorder::new(&ctx, &conn, &parts, protocol, start, handles);
             rec.trace = trace;
-            // Envoy's response flag for a local rate limit: `RL`.
-            rec.flags = "RL";
-            let mut resp = local_reply(StatusCode::TOO_MANY_REQUESTS, "local_rate_limited", rec);
+            let mut resp = refuse(Refusal::RateLimited, rec, parts.version);
             for (k, v) in rl_headers {
                 resp.headers_mut().append(k, v);
             }
@@ -629,10 +620,12 @@ async fn authorize_and_forward(
             });
             let challenge =
                 crate::jwt_authn::www_authenticate(&parts, conn.security_policy() == "mutual_tls");
-            let mut resp = local_reply(status, e.status.message(), rec);
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, challenge);
-            return Ok(resp);
+            let why = Refusal::Jwt {
+                status,
+                message: e.status.message(),
+                challenge,
+            };
+            return Ok(refuse(why, rec, parts.version));
         }
     };
     let (mut verdict, inflight) =
@@ -653,10 +646,9 @@ async fn authorize_and_forward(
                 Some(settings) if !websocket && !body.rest.is_end_stream() => {
                     match read_for_check(&mut body, settings).await {
                         Ok(b) => Some(b),
-                        Err(status) => {
+                        Err(why) => {
                             rec.authz_result = Some("body_refused");
-                            let reason = status.canonical_reason().unwrap_or("");
-                            return Ok(local_reply(status, reason, rec));
+                            return Ok(refuse(why, rec, parts.version));
                         }
                     }
                 }
@@ -672,23 +664,15 @@ async fn authorize_and_forward(
     rec.authz_policy = verdict.policy.clone();
     rec.authz_result = Some(verdict.result);
     rec.audit = verdict.audit.clone();
-    if let Some(refusal) = custom_refusal {
-        // Envoy's response flag for an external authorizer's denial or error.
-        rec.flags = "UAEX";
-        return Ok(refusal.reply(rec));
+    if let Some(why) = custom_refusal {
+        return Ok(refuse(why, rec, parts.version));
     }
     // Every answer from here on (the application's, a DENY or ALLOW refusal, a local error)
     // carries the authorizer's `headersToDownstreamOnAllow` headers: Envoy's ext_authz filter
     // adds them to whatever response passes back through it.
     let answer: Result<Response<ProxyBody>, Infallible> = async move {
-        if let Some((status, body)) = verdict.deny {
-            // Envoy's response flag for an RBAC denial is `RBAC`.
-            rec.flags = if status == StatusCode::FORBIDDEN {
-                "RBAC"
-            } else {
-                "-"
-            };
-            return Ok(local_reply(status, body, rec));
+        if let Some(why) = verdict.deny {
+            return Ok(refuse(why, rec, parts.version));
         }
 
         strip_hop_by_hop(&mut parts.headers);
@@ -770,11 +754,7 @@ async fn authorize_and_forward(
                     listener = %conn.listener.name, src = %conn.src,
                     "request body malformed: {e}; answering 400"
                 );
-                rec.flags = "DPE";
-                let mut resp = local_reply(StatusCode::BAD_REQUEST, "", rec);
-                resp.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                Ok(resp)
+                Ok(refuse(Refusal::MalformedBody, rec, downstream_version))
             }
             Err(e) => {
                 crate::warn_limited!(
@@ -782,12 +762,7 @@ async fn authorize_and_forward(
                     backend = %conn.listener.backend,
                     "request failed: {e}; answering 503"
                 );
-                rec.flags = "UF";
-                Ok(local_reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    UPSTREAM_CONNECT_ERROR,
-                    rec,
-                ))
+                Ok(refuse(Refusal::Upstream, rec, downstream_version))
             }
         }
     }
@@ -855,37 +830,15 @@ fn websocket_tunnel(
     )
 }
 
-/// An external authorizer's refusal: its denial (status, body, the headers it may pass to the
-/// client) or, when it could not answer, `statusOnError` with no body.
-struct CustomRefusal {
-    status: StatusCode,
-    headers: Vec<crate::ext_authz::Mutation>,
-    body: Bytes,
-}
-
-impl CustomRefusal {
-    /// Envoy's ext_authz filter answers with `sendLocalReply(status, body)` (`content-type:
-    /// text/plain` when there is a body), then applies the authorizer's headers to it.
-    fn reply(self, rec: Recorder) -> Response<ProxyBody> {
-        let empty = self.body.is_empty();
-        let mut resp = local_reply_bytes(self.status, self.body, rec);
-        if empty {
-            resp.headers_mut().remove(header::CONTENT_TYPE);
-        }
-        crate::ext_authz::apply(resp.headers_mut(), self.headers);
-        resp
-    }
-}
-
 /// Reads the start of the request body for an external authorizer's check, keeping what it
 /// reads for the application: until `maxRequestBytes` are read (with `allowPartialMessage`) or
-/// the body ends. `Err`: what to answer instead — `413` for a body longer than
-/// `maxRequestBytes` without `allowPartialMessage` (Envoy's ext_authz sets that as the
-/// stream's buffer limit, whose overflow is `413 Payload Too Large`), `400` for a malformed one.
+/// the body ends. `Err`: a body longer than `maxRequestBytes` without `allowPartialMessage`
+/// (Envoy's ext_authz sets that as the stream's buffer limit, whose overflow is `413`), or a
+/// malformed one.
 async fn read_for_check(
     body: &mut Prefixed<Incoming>,
     s: crate::ext_authz::BodySettings,
-) -> Result<crate::ext_authz::CheckBody, StatusCode> {
+) -> Result<crate::ext_authz::CheckBody, Refusal> {
     use http_body_util::BodyExt;
     let max = s.max_bytes as usize;
     let mut read = bytes::BytesMut::new();
@@ -898,10 +851,10 @@ async fn read_for_check(
                 }
                 body.head.push_back(f);
                 if !s.allow_partial && read.len() > max {
-                    return Err(StatusCode::PAYLOAD_TOO_LARGE);
+                    return Err(Refusal::BodyTooLarge);
                 }
             }
-            Some(Err(_)) => return Err(StatusCode::BAD_REQUEST),
+            Some(Err(_)) => return Err(Refusal::MalformedBody),
         }
     }
     let total = read.len();
@@ -924,7 +877,7 @@ async fn ask_custom(
     verdict: &mut authz::Verdict,
     custom: &authz::Custom,
     body: Option<crate::ext_authz::CheckBody>,
-) -> Result<Vec<crate::ext_authz::Mutation>, CustomRefusal> {
+) -> Result<Vec<crate::ext_authz::Mutation>, Refusal> {
     use crate::ext_authz::{CheckInput, Outcome};
     let provider = &custom.provider;
     let input = CheckInput {
@@ -977,7 +930,7 @@ async fn ask_custom(
                 provider = provider.name, status = status.as_u16(),
                 "denied by the external authorizer"
             );
-            let refusal = CustomRefusal {
+            let refusal = Refusal::External {
                 status,
                 headers,
                 body,
@@ -990,7 +943,7 @@ async fn ask_custom(
                 "external authorization failed: {why}; answering {}",
                 status.as_u16()
             );
-            let refusal = CustomRefusal {
+            let refusal = Refusal::External {
                 status,
                 headers: Vec::new(),
                 body: Bytes::new(),
@@ -1002,21 +955,20 @@ async fn ask_custom(
     result
 }
 
-fn local_reply(status: StatusCode, body: &'static str, rec: Recorder) -> Response<ProxyBody> {
-    local_reply_bytes(status, Bytes::from_static(body.as_bytes()), rec)
-}
-
-fn local_reply_bytes(status: StatusCode, body: Bytes, mut rec: Recorder) -> Response<ProxyBody> {
+/// Answers a request that does not reach the application (crate::refusal says how), and
+/// records it with the refusal's status and response flag.
+fn refuse(why: Refusal, mut rec: Recorder, version: http::Version) -> Response<ProxyBody> {
+    let status = why.status();
     rec.code = status.as_u16();
+    rec.flags = why.flag();
     let mut resp = Response::new(ProxyBody {
-        inner: Either::Right(Full::new(body)),
+        inner: Either::Right(Full::new(why.body())),
         reauth: None,
         rec: Some(rec),
         active: None,
     });
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    why.headers(resp.headers_mut(), version != http::Version::HTTP_2);
     resp
 }
 

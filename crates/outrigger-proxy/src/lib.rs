@@ -34,6 +34,7 @@ pub mod otlp;
 pub mod outbound;
 pub mod peer_metadata;
 pub mod ratelimit;
+mod refusal;
 pub mod status;
 mod tcp_fwd;
 pub mod trace;

@@ -11,18 +11,10 @@ use crate::access_log::{AccessRecord, now_rfc3339};
 use crate::authz;
 use crate::inbound::ConnInfo;
 use crate::io::{ByteCounts, Counted};
+use crate::refusal::Refusal;
 
 /// How often byte counters of long-lived connections are published to the metrics.
 const METRICS_FLUSH: Duration = Duration::from_secs(5);
-
-/// Why a TCP connection was refused before any byte was forwarded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Refusal {
-    /// AuthorizationPolicy denied it.
-    Denied,
-    /// The backend could not be reached.
-    Upstream,
-}
 
 /// Serves a connection already accepted (a direct mTLS or plaintext connection): a refusal
 /// closes it without a byte.
@@ -30,7 +22,12 @@ pub(crate) async fn serve<T>(io: T, conn: Arc<ConnInfo>, ctx: Arc<Ctx>)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    serve_deferred(move |r: Result<(), Refusal>| r.ok().map(|()| io), conn, ctx).await
+    serve_deferred(
+        move |r: Result<(), &Refusal>| r.ok().map(|()| io),
+        conn,
+        ctx,
+    )
+    .await
 }
 
 /// Authorizes the connection and dials the backend first, then calls `open` with the outcome:
@@ -39,7 +36,7 @@ where
 pub(crate) async fn serve_deferred<T, F>(open: F, conn: Arc<ConnInfo>, ctx: Arc<Ctx>)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    F: FnOnce(Result<(), Refusal>) -> Option<T>,
+    F: FnOnce(Result<(), &Refusal>) -> Option<T>,
 {
     let start = Instant::now();
     let start_time = ctx.access_log.enabled().then(now_rfc3339);
@@ -48,8 +45,7 @@ where
     let counts = Arc::new(ByteCounts::default());
     let mut verdict = authz::check_tcp(&ctx, &conn);
     // CUSTOM with a gRPC provider: Envoy's network ext_authz check, before the backend is
-    // dialed; its denial or error closes the connection (response flag `UAEX`).
-    let mut custom_refused = false;
+    // dialed; its denial or error closes the connection (`Refusal::External`, flag `UAEX`).
     if let Some(custom) = verdict.custom.take() {
         let via = crate::ext_authz::route(&custom.provider, &ctx.outbound);
         let peers = authz::peers(&ctx, &conn);
@@ -75,17 +71,13 @@ where
                     authz::CustomAnswer::Error
                 }
             };
-            custom_refused = matches!(
-                answer,
-                authz::CustomAnswer::Denied | authz::CustomAnswer::Error
-            );
             authz::settle_custom(&ctx, &conn, "tcp", &mut verdict, &custom, answer);
         }
     }
     let mut published = (0u64, 0u64);
 
-    let dialed = if verdict.deny.is_some() {
-        Err(Refusal::Denied)
+    let dialed = if let Some(why) = verdict.deny.take() {
+        Err(why)
     } else {
         let backend = conn.listener.backend;
         match tokio::time::timeout(ctx.settings.connect_timeout, TcpStream::connect(backend)).await
@@ -124,12 +116,8 @@ where
             }
         }
         Err(why) => {
-            open(Err(why));
-            match why {
-                Refusal::Denied if custom_refused => "UAEX",
-                Refusal::Denied => "RBAC",
-                Refusal::Upstream => "UF",
-            }
+            open(Err(&why));
+            why.flag()
         }
     };
 

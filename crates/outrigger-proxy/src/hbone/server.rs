@@ -303,15 +303,6 @@ fn accept(mut respond: h2::server::SendResponse<Bytes>) -> Option<h2::SendStream
     }
 }
 
-/// ztunnel's statuses (`src/proxy/inbound.rs`): `401 Unauthorized` when authorization denies
-/// the connection, `503 Service Unavailable` when the destination cannot be reached.
-fn refusal_status(why: tcp_fwd::Refusal) -> StatusCode {
-    match why {
-        tcp_fwd::Refusal::Denied => StatusCode::UNAUTHORIZED,
-        tcp_fwd::Refusal::Upstream => StatusCode::SERVICE_UNAVAILABLE,
-    }
-}
-
 /// Chooses the inbound listener for a CONNECT target: the port is the listener's port, and
 /// the IP must be one this connection arrived on (or the listener's own address).
 fn route(
@@ -435,10 +426,10 @@ async fn serve_connect(
         if conn.listener.protocol == Protocol::Tcp {
             // Opaque TCP: authorize and dial the backend before answering, as ztunnel does, so
             // the caller learns the outcome from the status (401 denied, 503 unreachable).
-            let open = move |r: Result<(), tcp_fwd::Refusal>| match r {
+            let open = move |r: Result<(), &crate::refusal::Refusal>| match r {
                 Ok(()) => accept(respond).map(|send| H2Io::new(recv, send)),
                 Err(why) => {
-                    reply(&mut respond, refusal_status(why));
+                    reply(&mut respond, why.hbone_status());
                     None
                 }
             };

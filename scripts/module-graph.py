@@ -4,11 +4,12 @@ which modules import which, the import cycles among them, and which modules impo
 that live in `lib.rs` (the crate root) rather than in a leaf module.
 
 Issue 14 asks that `outrigger-proxy` read top-down — shared types in leaf modules, no import
-circles, nothing importing from `lib.rs` — and that CI check it. Today the crate has both, so
-this script reports them (exit 0) unless `--check` is given, which fails on any; the redesign
-switches CI to `--check`.
+circles, nothing importing from `lib.rs` — and that CI check it. The crate has no import
+circle any more, so CI runs `--check-circles` (fails on a circle, reports the imports from
+`lib.rs`); `--check` fails on either, for when the shared context leaves `lib.rs`.
 
-usage: module-graph.py [--check] [CRATE_SRC_DIR]   (default crates/outrigger-proxy/src)
+usage: module-graph.py [--check | --check-circles] [CRATE_SRC_DIR]
+       (default crates/outrigger-proxy/src)
 """
 import os
 import re
@@ -26,8 +27,9 @@ def module_of(src, path):
 
 
 def main():
-    args = [a for a in sys.argv[1:] if a != "--check"]
+    args = [a for a in sys.argv[1:] if a not in ("--check", "--check-circles")]
     check = "--check" in sys.argv[1:]
+    check_circles = "--check-circles" in sys.argv[1:]
     src = args[0] if args else "crates/outrigger-proxy/src"
     files = []
     for root, _, names in os.walk(src):
@@ -124,7 +126,7 @@ def main():
         print(f"{mod} imports from lib.rs: {', '.join(sorted(from_root[mod]))}")
     if not comps and not from_root:
         print("no import circles; nothing imports from lib.rs")
-    if check and (comps or from_root):
+    if (check and (comps or from_root)) or (check_circles and comps):
         sys.exit(1)
 
 

@@ -27,12 +27,12 @@ use tokio::sync::watch;
 
 use crate::access_log::{AccessRecord, now_rfc3339};
 use crate::authz;
+use crate::conn::ConnInfo;
 use crate::h1_guard;
 use crate::http_common::{
     Metered, Prefixed, TunnelEnd, drive_until, is_websocket_upgrade, retarget,
     set_websocket_upgrade, strip_hop_by_hop, tunnel,
 };
-use crate::inbound::ConnInfo;
 use crate::limits::{Active, Activity};
 use crate::metrics::{Lv, RequestHandles, RequestLabels};
 use crate::peer_metadata::PeerMetadata;

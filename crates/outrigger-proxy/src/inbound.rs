@@ -10,33 +10,12 @@ use tokio::net::{TcpListener, TcpStream};
 
 use outrigger_policy::MtlsMode;
 
+use crate::conn::ConnInfo;
 use crate::detect::{self, Sniffed};
 use crate::io::Rewind;
 use crate::limits::{Overflow, Permit};
-use crate::metrics::{Lv, TcpLabels, connection_labels};
+use crate::metrics::{Lv, connection_labels};
 use crate::{Ctx, InboundConfig, Protocol};
-
-/// What one downstream connection carries to every request on it.
-pub(crate) struct ConnInfo {
-    pub listener: Arc<InboundConfig>,
-    /// The peer principal as policies write it (`td/ns/x/sa/y`).
-    pub peer_principal: Option<String>,
-    /// Envoy-format `x-forwarded-client-cert` for this peer.
-    pub xfcc: Option<HeaderValue>,
-    pub src: SocketAddr,
-    pub dst: SocketAddr,
-    pub sni: Option<String>,
-    pub labels: TcpLabels,
-}
-
-impl ConnInfo {
-    pub fn security_policy(&self) -> &'static str {
-        self.labels.connection_security_policy
-    }
-    pub fn source_principal_str(&self) -> &str {
-        &self.labels.source_principal.0
-    }
-}
 
 pub(crate) async fn serve_listener(listener: TcpListener, cfg: Arc<InboundConfig>, ctx: Arc<Ctx>) {
     let mut drain = ctx.drain.clone();

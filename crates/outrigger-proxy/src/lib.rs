@@ -15,6 +15,7 @@ pub mod access_log;
 pub mod admin;
 mod authz;
 mod codec_checks;
+mod conn;
 pub mod detect;
 pub mod egress_proxy;
 pub mod ext_authz;

@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 use crate::Ctx;
 use crate::access_log::{AccessRecord, now_rfc3339};
 use crate::authz;
-use crate::inbound::ConnInfo;
+use crate::conn::ConnInfo;
 use crate::io::{ByteCounts, Counted};
 use crate::refusal::Refusal;
 

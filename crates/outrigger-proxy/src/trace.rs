@@ -346,7 +346,7 @@ impl Default for TracingConfig {
     }
 }
 
-/// Counters of the exporter (registered in [`crate::metrics::Metrics`]).
+/// Counters of the exporter (registered with the other metrics in `Metrics`).
 #[derive(Clone, Default)]
 pub struct SpanCounters {
     pub exported: Counter,

@@ -28,12 +28,13 @@ use http::{HeaderValue, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
+use crate::conn::ConnInfo;
 use crate::hbone::request::{self, ConnectRequest};
 use crate::hbone::{
     ALPN_H2, CONNECTION_WINDOW, FRAME_SIZE, H2Io, MAX_CONCURRENT_STREAMS, MAX_HEADER_LIST,
     MAX_SEND_BUFFER, STREAM_WINDOW,
 };
-use crate::inbound::{self, ConnInfo, StreamKind};
+use crate::inbound::{self, StreamKind};
 use crate::io::{ByteCounts, Counted};
 use crate::limits::{Active, Activity, Permit};
 use crate::metrics::{Lv, TcpLabels, connection_labels};

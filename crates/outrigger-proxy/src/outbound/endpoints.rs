@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
-use super::pool::EndpointPool;
+use super::idle::EndpointPool;
 use super::{Destination, EndpointAddr, LbPolicy, OutlierDetection};
 
 /// Envoy's `max_ejection_time` default: the ejection time stops growing at 300 s (or the base

@@ -19,6 +19,7 @@
 
 pub mod endpoints;
 mod http_origin;
+mod idle;
 pub mod pool;
 mod tcp_origin;
 

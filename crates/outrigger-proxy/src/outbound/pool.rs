@@ -16,12 +16,11 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1 as client1, http2 as client2};
@@ -35,14 +34,11 @@ use outrigger_tls::CertStore;
 use outrigger_tls::rustls::ClientConfig;
 
 use super::endpoints::Endpoint;
+pub(crate) use super::idle::UpBody;
+use super::idle::{H2Conn, IdleH1};
 use super::{DestTransport, Destination};
 use crate::hbone::{DEFAULT_PORT as HBONE_PORT, HboneError, HboneStream};
 use crate::metrics::Lv;
-
-/// The body sent upstream: the application's (counted), or one of Outrigger's own (empty when
-/// a request without a body is replayed; an external authorizer's check).
-pub(crate) type UpBody =
-    http_body_util::Either<crate::http_common::Metered<Incoming>, http_body_util::Full<Bytes>>;
 
 /// Istio's ALPN overrides for upstream mTLS (istio/istio `alpn` filter): the Istio value first
 /// (it selects the sidecar's filter chain), then the generic ones.
@@ -261,38 +257,6 @@ async fn connect_tls(
     tokio::time::timeout(timeout, fut)
         .await
         .map_err(|_| ConnectError::Timeout(addr, timeout))?
-}
-
-struct IdleH1 {
-    tx: client1::SendRequest<UpBody>,
-    peer: Lv,
-    uses: u32,
-    idle_since: Instant,
-}
-
-#[derive(Clone)]
-struct H2Conn {
-    tx: client2::SendRequest<UpBody>,
-    peer: Lv,
-    uses: Arc<AtomicU32>,
-}
-
-/// The pooled connections of one endpoint.
-#[derive(Default)]
-pub(crate) struct EndpointPool {
-    h1: Mutex<Vec<IdleH1>>,
-    h2: Mutex<Option<H2Conn>>,
-    /// Serializes HTTP/2 connection establishment, so that a burst of concurrent requests
-    /// shares one new connection instead of opening one each.
-    h2_connecting: tokio::sync::Mutex<()>,
-}
-
-impl EndpointPool {
-    /// Drops every pooled connection (the endpoint was ejected).
-    pub fn clear(&self) {
-        self.h1.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    }
 }
 
 /// An HTTP/1.1 connection lent to one request; given back when the response body has ended.

@@ -1,0 +1,33 @@
+//! The per-connection context: who is on the other end of an accepted downstream connection,
+//! on which listener. A leaf module: the accept path (`inbound`, `hbone::server`) fills it, the
+//! forwarding and authorization modules read it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::HeaderValue;
+
+use crate::InboundConfig;
+use crate::metrics::TcpLabels;
+
+/// What one downstream connection carries to every request on it.
+pub(crate) struct ConnInfo {
+    pub listener: Arc<InboundConfig>,
+    /// The peer principal as policies write it (`td/ns/x/sa/y`).
+    pub peer_principal: Option<String>,
+    /// Envoy-format `x-forwarded-client-cert` for this peer.
+    pub xfcc: Option<HeaderValue>,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub sni: Option<String>,
+    pub labels: TcpLabels,
+}
+
+impl ConnInfo {
+    pub fn security_policy(&self) -> &'static str {
+        self.labels.connection_security_policy
+    }
+    pub fn source_principal_str(&self) -> &str {
+        &self.labels.source_principal.0
+    }
+}

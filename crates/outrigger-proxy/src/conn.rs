@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use http::HeaderValue;
 
-use crate::InboundConfig;
 use crate::metrics::TcpLabels;
+use crate::workload::InboundConfig;
 
 /// What one downstream connection carries to every request on it.
 pub(crate) struct ConnInfo {

@@ -25,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::Ctx;
 use crate::access_log::{AccessRecord, now_rfc3339};
 use crate::authz;
 use crate::conn::ConnInfo;
@@ -37,7 +38,7 @@ use crate::limits::{Active, Activity};
 use crate::metrics::{Lv, RequestHandles, RequestLabels};
 use crate::peer_metadata::PeerMetadata;
 use crate::refusal::Refusal;
-use crate::{Ctx, Protocol};
+use crate::workload::Protocol;
 
 static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -553,7 +554,7 @@ async fn authorize_and_forward(
     body: Incoming,
     protocol: &'static str,
     start: Instant,
-    policy: Arc<crate::PolicyState>,
+    policy: Arc<crate::policy_state::PolicyState>,
     conn: Arc<ConnInfo>,
     ctx: Arc<Ctx>,
     backend: Arc<Backend>,

@@ -10,12 +10,14 @@ use tokio::net::{TcpListener, TcpStream};
 
 use outrigger_policy::MtlsMode;
 
+use crate::Ctx;
 use crate::conn::ConnInfo;
 use crate::detect::{self, Sniffed};
 use crate::io::Rewind;
 use crate::limits::{Overflow, Permit};
 use crate::metrics::{Lv, connection_labels};
-use crate::{Ctx, InboundConfig, Protocol};
+use crate::workload::InboundConfig;
+use crate::workload::Protocol;
 
 pub(crate) async fn serve_listener(listener: TcpListener, cfg: Arc<InboundConfig>, ctx: Arc<Ctx>) {
     let mut drain = ctx.drain.clone();

@@ -34,281 +34,29 @@ pub mod metrics;
 pub mod otlp;
 pub mod outbound;
 pub mod peer_metadata;
+mod policy_state;
 pub mod ratelimit;
 mod refusal;
+mod settings;
 pub mod status;
 mod tcp_fwd;
 pub mod trace;
+mod workload;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use outrigger_identity::Identity;
-use outrigger_policy::Snapshot;
 use outrigger_tls::CertStore;
 
 pub use access_log::{AccessLog, AccessLogConfig, AccessLogFormat};
 pub use metrics::Metrics;
-
-/// How an inbound listener treats the bytes inside the (m)TLS session, and which protocol the
-/// application speaks: Istio's service-port protocols. As an Istio sidecar does, Outrigger talks
-/// to the application in the port's protocol, whatever the caller negotiated (istio/istio
-/// `pilot/pkg/networking/core/cluster_builder.go`, `setUpstreamProtocol`): `http` → HTTP/1.1,
-/// `http2`/`grpc`/`grpc-web` → HTTP/2 cleartext (h2c).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    /// HTTP from callers (HTTP/1.1 or HTTP/2, by ALPN or preface); HTTP/1.1 to the application.
-    Http,
-    /// HTTP from callers; HTTP/2 cleartext to the application.
-    Http2,
-    /// gRPC: as `Http2`.
-    Grpc,
-    /// gRPC-Web: as `Http2` (Istio's `IsHTTP2()` includes it).
-    GrpcWeb,
-    /// Opaque bytes: L4 authorization only (also Istio's `tls`, `https`, `mongo`, `mysql`,
-    /// `redis`, which a sidecar proxies as TCP by default).
-    Tcp,
-    /// HTTP when the first bytes are HTTP, opaque TCP otherwise (Istio's protocol sniffing).
-    Auto,
-}
-
-impl Protocol {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Http => "http",
-            Protocol::Http2 => "http2",
-            Protocol::Grpc => "grpc",
-            Protocol::GrpcWeb => "grpc-web",
-            Protocol::Tcp => "tcp",
-            Protocol::Auto => "auto",
-        }
-    }
-
-    /// Declared HTTP of some kind (non-HTTP bytes are answered with HTTP's 400, not tunnelled).
-    pub fn is_http(self) -> bool {
-        matches!(
-            self,
-            Protocol::Http | Protocol::Http2 | Protocol::Grpc | Protocol::GrpcWeb
-        )
-    }
-
-    /// The application speaks HTTP/2 cleartext (Istio's `Protocol.IsHTTP2()`).
-    pub fn app_speaks_h2(self) -> bool {
-        matches!(self, Protocol::Http2 | Protocol::Grpc | Protocol::GrpcWeb)
-    }
-
-    /// Istio's protocol names, case-insensitive as Istio's `protocol.Parse` reads them; `None`
-    /// for a name Istio does not know (or `udp`, which Outrigger cannot carry).
-    pub fn parse(s: &str) -> Option<Protocol> {
-        Some(match s.to_ascii_lowercase().as_str() {
-            "http" => Protocol::Http,
-            "http2" => Protocol::Http2,
-            "grpc" => Protocol::Grpc,
-            "grpc-web" => Protocol::GrpcWeb,
-            "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" => Protocol::Tcp,
-            "auto" => Protocol::Auto,
-            _ => return None,
-        })
-    }
-
-    /// Istio's port-naming convention, `<protocol>[-<suffix>]` (e.g. `http-web`, `grpc-api`):
-    /// the protocol a port name selects when no protocol is given
-    /// (https://istio.io/latest/docs/ops/configuration/traffic-management/protocol-selection/).
-    /// `grpc-web` is matched whole before the prefix rule would read it as `grpc`.
-    pub fn from_port_name(name: &str) -> Option<Protocol> {
-        let lower = name.to_ascii_lowercase();
-        if lower == "grpc-web" || lower.starts_with("grpc-web-") {
-            return Some(Protocol::GrpcWeb);
-        }
-        let prefix = lower.split('-').next().unwrap_or("");
-        Protocol::parse(prefix).filter(|p| *p != Protocol::Auto)
-    }
-}
-
-/// One mesh-facing listener and the application port behind it.
-#[derive(Debug, Clone)]
-pub struct InboundConfig {
-    pub name: String,
-    pub listen: SocketAddr,
-    pub backend: SocketAddr,
-    pub protocol: Protocol,
-}
-
-/// What the proxy knows of the workload it fronts; used for metric labels and headers.
-#[derive(Debug, Clone)]
-pub struct WorkloadInfo {
-    pub identity: Identity,
-    pub namespace: String,
-    /// The workload name (Istio: the Deployment; here: `workload.name`, default the service
-    /// account).
-    pub name: String,
-    pub app: String,
-    pub version: String,
-    pub canonical_service: String,
-    pub canonical_revision: String,
-    /// The mesh hostname of the service this workload backs, if configured.
-    pub service_host: Option<String>,
-    pub cluster: String,
-}
-
-/// Envoy's default HTTP connection idle timeout (`HttpProtocolOptions.idle_timeout`: "If not
-/// specified, this defaults to 1 hour").
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
-
-/// Timeouts and limits. Defaults follow Envoy's where one exists.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// How long to wait for a client's first bytes (TLS peek, HTTP sniff).
-    pub detect_timeout: Duration,
-    /// TLS handshake deadline.
-    pub handshake_timeout: Duration,
-    /// Connect timeout to the backend (Istio's `connectTimeout` default: 10 s).
-    pub connect_timeout: Duration,
-    /// After a shutdown signal, how long in-flight requests may finish.
-    pub drain_timeout: Duration,
-    /// Path normalization before authorization.
-    pub path_normalization: outrigger_policy::PathNormalization,
-    /// How long an inbound HTTP connection (direct or HBONE) may have no request in progress
-    /// before it is closed; `None`: never. Envoy's `common_http_protocol_options.idle_timeout`,
-    /// which Istio's sidecar leaves at Envoy's default of 1 hour unless the proxy metadata
-    /// `IDLE_TIMEOUT` is set (istio/istio pilot/pkg/networking/core/listener_builder.go).
-    pub idle_timeout: Option<Duration>,
-    /// The caps on downstream connections (see [`limits`]).
-    pub limits: limits::ConnectionLimits,
-    /// Local rate limits on inbound HTTP (see [`ratelimit`]).
-    pub rate_limits: Vec<ratelimit::RateLimitRule>,
-    /// The CUSTOM action's providers (MeshConfig `extensionProviders`; see [`ext_authz`]).
-    pub extension_providers: Vec<Arc<ext_authz::Provider>>,
-    /// Distributed tracing (see [`trace`]); `None`: off (`x-request-id` is still generated).
-    pub tracing: Option<trace::TracingConfig>,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            detect_timeout: Duration::from_secs(1),
-            handshake_timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(10),
-            drain_timeout: Duration::from_secs(30),
-            path_normalization: outrigger_policy::PathNormalization::default(),
-            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
-            limits: limits::ConnectionLimits::default(),
-            rate_limits: Vec::new(),
-            extension_providers: Vec::new(),
-            tracing: None,
-        }
-    }
-}
-
-/// The policy in force and where it came from.
-pub struct PolicyState {
-    pub snapshot: Snapshot,
-    /// Local rate limits from Istio `EnvoyFilter`s in the policy files (added to the
-    /// configuration's `rateLimits`).
-    pub rate_limits: Vec<ratelimit::RateLimitRule>,
-    /// The files the snapshot was built from.
-    pub sources: Vec<String>,
-    /// Increases with every successful (re)load.
-    pub version: u64,
-    pub loaded_at: SystemTime,
-}
-
-/// The last failed reload, kept for `/config_dump` until a reload succeeds.
-#[derive(Debug, Clone)]
-pub struct ReloadFailure {
-    pub at: SystemTime,
-    pub error: String,
-}
-
-/// A change to the policy files that has been seen but not applied yet: it must read the same
-/// for a while first (see `outrigger_tls::settle`), so that a file caught mid-write is never
-/// applied.
-#[derive(Debug, Clone)]
-pub struct PendingChange {
-    /// When the change was first seen.
-    pub since: SystemTime,
-    /// Whether it removes every policy, or every policy of a file (it then waits longer and is
-    /// logged as a warning when applied).
-    pub removal: bool,
-    /// What the change is waiting for, for operators.
-    pub detail: String,
-}
-
-/// The published policy: swapped atomically, watched by long-lived connections.
-pub struct PolicyHandle {
-    current: ArcSwap<PolicyState>,
-    last_failure: ArcSwap<Option<ReloadFailure>>,
-    pending: ArcSwap<Option<PendingChange>>,
-    /// The cluster policy source's state (`policy.kubernetes`), for `/config_dump`.
-    cluster: ArcSwap<Option<serde_json::Value>>,
-    changed: watch::Sender<u64>,
-}
-
-impl PolicyHandle {
-    pub fn new(state: PolicyState) -> Arc<Self> {
-        let (changed, _) = watch::channel(state.version);
-        Arc::new(PolicyHandle {
-            current: ArcSwap::from_pointee(state),
-            last_failure: ArcSwap::from_pointee(None),
-            pending: ArcSwap::from_pointee(None),
-            cluster: ArcSwap::from_pointee(None),
-            changed,
-        })
-    }
-
-    /// The policy in force (lock-free).
-    pub fn load(&self) -> Arc<PolicyState> {
-        self.current.load_full()
-    }
-
-    /// Swaps in a new policy; every later decision uses it.
-    pub fn publish(&self, state: PolicyState) {
-        let v = state.version;
-        self.current.store(Arc::new(state));
-        self.last_failure.store(Arc::new(None));
-        self.changed.send_replace(v);
-    }
-
-    /// Records a failed reload: the previous policy stays in force.
-    pub fn record_failure(&self, error: String) {
-        self.last_failure.store(Arc::new(Some(ReloadFailure {
-            at: SystemTime::now(),
-            error,
-        })));
-    }
-
-    pub fn last_failure(&self) -> Option<ReloadFailure> {
-        (**self.last_failure.load()).clone()
-    }
-
-    /// Records the change waiting to settle (`None`: nothing pending).
-    pub fn set_pending(&self, pending: Option<PendingChange>) {
-        self.pending.store(Arc::new(pending));
-    }
-
-    pub fn pending(&self) -> Option<PendingChange> {
-        (**self.pending.load()).clone()
-    }
-
-    /// Records the cluster policy source's state (shown as `policy.cluster` in `/config_dump`).
-    pub fn set_cluster_status(&self, status: Option<serde_json::Value>) {
-        self.cluster.store(Arc::new(status));
-    }
-
-    pub fn cluster_status(&self) -> Option<serde_json::Value> {
-        (**self.cluster.load()).clone()
-    }
-
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changed.subscribe()
-    }
-}
+pub use policy_state::{PendingChange, PolicyHandle, PolicyState, ReloadFailure};
+pub use settings::{DEFAULT_IDLE_TIMEOUT, Settings};
+pub use workload::{InboundConfig, Protocol, WorkloadInfo};
 
 /// State shared by every connection.
 pub(crate) struct Ctx {

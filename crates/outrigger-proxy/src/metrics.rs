@@ -446,7 +446,7 @@ impl Metrics {
 }
 
 /// The destination half of the labels: fixed for the life of the proxy.
-pub fn destination_labels(w: &crate::WorkloadInfo) -> TcpLabels {
+pub fn destination_labels(w: &crate::workload::WorkloadInfo) -> TcpLabels {
     let or_unknown = |s: &str| {
         if s.is_empty() {
             Lv::unknown()
@@ -566,7 +566,7 @@ pub fn connection_labels(
 /// which a certificate alone does not carry: they stay `unknown`. "connection_security_policy
 /// [...] is set to `unknown` when report is from source since security policy cannot be
 /// properly populated."
-pub fn source_labels(w: &crate::WorkloadInfo) -> TcpLabels {
+pub fn source_labels(w: &crate::workload::WorkloadInfo) -> TcpLabels {
     let or_unknown = |s: &str| {
         if s.is_empty() {
             Lv::unknown()

@@ -33,7 +33,7 @@ use prost::Message;
 use prost_types::value::Kind;
 use prost_types::{Struct, Value};
 
-use crate::WorkloadInfo;
+use crate::workload::WorkloadInfo;
 
 pub static HEADER: HeaderName = HeaderName::from_static("x-envoy-peer-metadata");
 pub static HEADER_ID: HeaderName = HeaderName::from_static("x-envoy-peer-metadata-id");

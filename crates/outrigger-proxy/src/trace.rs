@@ -391,12 +391,12 @@ pub(crate) struct SpanStart<'a> {
     pub peer: std::net::SocketAddr,
     pub upstream_cluster: &'a str,
     pub node_id: &'a str,
-    pub workload: &'a crate::WorkloadInfo,
+    pub workload: &'a crate::workload::WorkloadInfo,
 }
 
 impl<'a> SpanStart<'a> {
     /// For a tracer that is off: nothing of it is read.
-    pub fn none(workload: &'a crate::WorkloadInfo) -> Self {
+    pub fn none(workload: &'a crate::workload::WorkloadInfo) -> Self {
         SpanStart {
             kind: Kind::Server,
             name: "",
@@ -507,7 +507,7 @@ impl Tracer {
     /// runtime).
     pub fn new(
         cfg: &TracingConfig,
-        workload: &crate::WorkloadInfo,
+        workload: &crate::workload::WorkloadInfo,
         counters: SpanCounters,
         access_log: bool,
     ) -> Self {
@@ -843,7 +843,7 @@ fn encode(req: &otlp::ExportTraceServiceRequest, grpc: bool) -> Bytes {
 
 /// The `node_id` tag: Istio's proxy node id, `sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`
 /// (istio/istio `pkg/model/proxy.go`, `ServiceNode`), with the workload name for the pod.
-pub(crate) fn node_id(w: &crate::WorkloadInfo, ip: std::net::IpAddr) -> String {
+pub(crate) fn node_id(w: &crate::workload::WorkloadInfo, ip: std::net::IpAddr) -> String {
     format!(
         "sidecar~{ip}~{}.{}~{}.svc.cluster.local",
         w.name, w.namespace, w.namespace

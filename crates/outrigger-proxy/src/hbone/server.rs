@@ -28,6 +28,7 @@ use http::{HeaderValue, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
+use crate::Ctx;
 use crate::conn::ConnInfo;
 use crate::hbone::request::{self, ConnectRequest};
 use crate::hbone::{
@@ -39,7 +40,8 @@ use crate::io::{ByteCounts, Counted};
 use crate::limits::{Active, Activity, Permit};
 use crate::metrics::{Lv, TcpLabels, connection_labels};
 use crate::tcp_fwd;
-use crate::{Ctx, InboundConfig, Protocol};
+use crate::workload::InboundConfig;
+use crate::workload::Protocol;
 
 /// The listener name in logs and `outrigger_connections_rejected`.
 pub(crate) const LISTENER_NAME: &str = "hbone";

@@ -328,7 +328,7 @@ impl Destination {
     }
 }
 
-/// Outbound listeners bound by [`crate::Proxy::bind`], served by [`crate::Proxy::run`].
+/// Outbound listeners bound by `Proxy::bind` (lib.rs), served by `Proxy::run`.
 pub(crate) struct Bound {
     pub listeners: Vec<(Arc<Destination>, TcpListener)>,
     pub proxy: Option<(Arc<http_origin::ProxyRoutes>, TcpListener)>,
@@ -352,7 +352,7 @@ impl Bound {
 }
 
 /// Who this workload is, as ztunnel tells its HBONE peers in `baggage`.
-fn hbone_source(w: &crate::WorkloadInfo) -> crate::hbone::SourceInfo {
+fn hbone_source(w: &crate::workload::WorkloadInfo) -> crate::hbone::SourceInfo {
     let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
     crate::hbone::SourceInfo {
         baggage: crate::hbone::Baggage {
@@ -376,7 +376,7 @@ fn bind_err(what: &str, addr: SocketAddr, e: std::io::Error) -> std::io::Error {
 pub(crate) async fn bind(
     configs: &[OutboundConfig],
     proxy: Option<&OutboundProxyConfig>,
-    workload: &crate::WorkloadInfo,
+    workload: &crate::workload::WorkloadInfo,
     certs: &outrigger_tls::CertStore,
 ) -> std::io::Result<Bound> {
     let source = crate::metrics::source_labels(workload);

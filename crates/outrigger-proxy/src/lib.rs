@@ -9,6 +9,13 @@
 //! [`PolicyHandle`] and [`outrigger_tls::CertStore`]; the proxy loads them once per connection
 //! (credentials) or per request (policy, so a policy change applies to the next request on a
 //! keep-alive connection without waiting for it to close).
+//!
+//! Reading order, top-down: this file (the `Proxy`, the shared `Ctx`) → `inbound` (accept,
+//! PeerAuthentication, TLS, protocol) and `hbone::server` → `http_fwd` / `tcp_fwd` (forwarding)
+//! → `authz`, `jwt_authn`, `ext_authz`, `ratelimit` (decisions) → `refusal` (how every refusal
+//! is said). Leaves shared by all: `workload`, `settings`, `policy_state`, `conn` (the
+//! per-connection context), `metrics`, `access_log`. No module imports another that imports it
+//! back (`scripts/module-graph.py --check-circles`, run by CI).
 #![forbid(unsafe_code)]
 
 pub mod access_log;

@@ -1,6 +1,8 @@
-//! Every way inbound traffic is refused, protocol-neutral, and how each protocol says it: the
-//! HTTP status, body and headers, Envoy's response flag, ztunnel's HBONE status — decided here
-//! and nowhere else (issue 14, "one refusal type"). The strings are Envoy's and Istio's.
+//! Every way traffic is refused, protocol-neutral, and how each protocol says it: the HTTP
+//! status, body and headers, Envoy's response flag, ztunnel's HBONE status — decided here and
+//! nowhere else (issue 14, "one refusal type"). Inbound (a mesh peer calling the application)
+//! and outbound (the application calling the mesh). The strings are Envoy's and Istio's, and
+//! Outrigger's own where only Outrigger refuses (its HTTP proxy's routing).
 
 use bytes::Bytes;
 use http::StatusCode;
@@ -15,6 +17,11 @@ pub(crate) const RBAC_DENIED: &str = "RBAC: access denied";
 /// it when the application is not listening.
 pub(crate) const UPSTREAM_CONNECT_ERROR: &str =
     "upstream connect error or disconnect/reset before headers. reset reason: connection failure";
+
+/// Envoy's local-reply bodies for an outbound request with no endpoint left (`UH`) and one
+/// that ran out of time (`UT`).
+const NO_HEALTHY_UPSTREAM: &str = "no healthy upstream";
+const UPSTREAM_TIMEOUT: &str = "upstream request timeout";
 
 /// Why a request or connection does not reach the application.
 #[derive(Debug)]
@@ -50,6 +57,24 @@ pub(crate) enum Refusal {
     BodyTooLarge,
     /// The application could not be reached.
     Upstream,
+    // The application calling the mesh (outbound):
+    /// Outrigger's HTTP proxy: the request names no host (no absolute URI, no `Host`).
+    NoHost,
+    /// Outrigger's HTTP proxy: `CONNECT` (it carries plain HTTP; TCP services have their own
+    /// listener).
+    ConnectMethod { authority: String },
+    /// Outrigger's HTTP proxy: the host is not a configured mesh service and plain egress is
+    /// off; `known` lists the configured ones.
+    UnknownService { authority: String, known: String },
+    /// Every endpoint was tried or ejected.
+    NoHealthyUpstream,
+    /// The destination's `timeout` (or per-try timeout) ran out.
+    UpstreamTimeout,
+    /// No connection could be made to the destination (`transport`: why, Envoy's "transport
+    /// failure reason").
+    UpstreamConnect { transport: String },
+    /// The connection failed after the request was sent, before the answer's head.
+    UpstreamReset { reason: String },
 }
 
 impl Refusal {
@@ -63,22 +88,55 @@ impl Refusal {
             | Refusal::Codec { status, .. } => *status,
             Refusal::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Refusal::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Refusal::Upstream => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::Upstream
+            | Refusal::NoHealthyUpstream
+            | Refusal::UpstreamConnect { .. }
+            | Refusal::UpstreamReset { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::NoHost => StatusCode::BAD_REQUEST,
+            Refusal::ConnectMethod { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::UnknownService { .. } => StatusCode::BAD_GATEWAY,
+            Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
     /// The body of the HTTP answer.
     pub(crate) fn body(&self) -> Bytes {
-        Bytes::from_static(match self {
-            Refusal::Policy => RBAC_DENIED.as_bytes(),
-            Refusal::BadPath => b"Bad Request",
-            Refusal::Jwt { message, .. } => message.as_bytes(),
+        let text = match self {
             Refusal::External { body, .. } => return body.clone(),
-            Refusal::RateLimited => b"local_rate_limited",
-            Refusal::BodyTooLarge => b"Payload Too Large",
-            Refusal::Codec { .. } | Refusal::MalformedBody => b"",
-            Refusal::Upstream => UPSTREAM_CONNECT_ERROR.as_bytes(),
-        })
+            Refusal::Policy => RBAC_DENIED,
+            Refusal::BadPath => "Bad Request",
+            Refusal::Jwt { message, .. } => message,
+            Refusal::RateLimited => "local_rate_limited",
+            Refusal::BodyTooLarge => "Payload Too Large",
+            Refusal::Codec { .. } | Refusal::MalformedBody => "",
+            Refusal::Upstream => UPSTREAM_CONNECT_ERROR,
+            Refusal::NoHealthyUpstream => NO_HEALTHY_UPSTREAM,
+            Refusal::UpstreamTimeout => UPSTREAM_TIMEOUT,
+            Refusal::NoHost => {
+                "outrigger HTTP proxy: the request names no host (no absolute URI, no Host header)\n"
+            }
+            Refusal::ConnectMethod { authority } => {
+                return Bytes::from(format!(
+                    "outrigger HTTP proxy: CONNECT {authority} is not supported; call mesh services over plain HTTP (Outrigger adds mTLS), or give a TCP service its own outbound listener\n"
+                ));
+            }
+            Refusal::UnknownService { authority, known } => {
+                return Bytes::from(format!(
+                    "outrigger HTTP proxy: `{authority}` is not a mesh service configured on this agent (configured: {known}). Add it under `outbound:` in the agent configuration, or set `outboundProxy.allowPlainEgress: true` to let non-mesh hosts through in plaintext.\n"
+                ));
+            }
+            Refusal::UpstreamConnect { transport } => {
+                return Bytes::from(format!(
+                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: {transport}"
+                ));
+            }
+            Refusal::UpstreamReset { reason } => {
+                return Bytes::from(format!(
+                    "upstream connect error or disconnect/reset before headers. reset reason: connection termination ({reason})"
+                ));
+            }
+        };
+        Bytes::from_static(text.as_bytes())
     }
 
     /// Envoy's response flag (access log, `response_flags`).
@@ -89,8 +147,14 @@ impl Refusal {
             Refusal::RateLimited => "RL",
             Refusal::Codec { flag, .. } => flag,
             Refusal::MalformedBody => "DPE",
-            Refusal::Upstream => "UF",
+            Refusal::Upstream | Refusal::UpstreamConnect { .. } => "UF",
             Refusal::BadPath | Refusal::Jwt { .. } | Refusal::BodyTooLarge => "-",
+            Refusal::NoHost | Refusal::ConnectMethod { .. } | Refusal::UnknownService { .. } => {
+                "NR"
+            }
+            Refusal::NoHealthyUpstream => "UH",
+            Refusal::UpstreamTimeout => "UT",
+            Refusal::UpstreamReset { .. } => "UR",
         }
     }
 

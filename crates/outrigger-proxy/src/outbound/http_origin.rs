@@ -43,10 +43,7 @@ use crate::http_common::{
     tunnel,
 };
 use crate::metrics::{Lv, RequestLabels, TcpLabels};
-
-/// Envoy's local-reply bodies, so that applications and dashboards see the text they know.
-const NO_HEALTHY_UPSTREAM: &str = "no healthy upstream";
-const UPSTREAM_TIMEOUT: &str = "upstream request timeout";
+use crate::refusal::Refusal;
 
 /// Where a listener's requests go.
 #[derive(Clone)]
@@ -206,12 +203,7 @@ async fn handle(
                     dst,
                     start,
                 );
-                return Ok(local_reply(
-                    StatusCode::BAD_REQUEST,
-                    "outrigger HTTP proxy: the request names no host (no absolute URI, no Host header)\n".into(),
-                    "NR",
-                    rec,
-                ));
+                return Ok(refuse(Refusal::NoHost, rec));
             };
             if parts.method == Method::CONNECT {
                 let rec = Rec::new(
@@ -223,14 +215,10 @@ async fn handle(
                     dst,
                     start,
                 );
-                return Ok(local_reply(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    format!(
-                        "outrigger HTTP proxy: CONNECT {authority} is not supported; call mesh services over plain HTTP (Outrigger adds mTLS), or give a TCP service its own outbound listener\n"
-                    ),
-                    "NR",
-                    rec,
-                ));
+                let why = Refusal::ConnectMethod {
+                    authority: authority.to_string(),
+                };
+                return Ok(refuse(why, rec));
             }
             match routes.lookup(authority.host(), authority.port_u16()) {
                 Some(dest) => {
@@ -250,15 +238,11 @@ async fn handle(
                         host = %authority,
                         "HTTP proxy: not a configured mesh service and plain egress is off; answering 502"
                     );
-                    Ok(local_reply(
-                        StatusCode::BAD_GATEWAY,
-                        format!(
-                            "outrigger HTTP proxy: `{authority}` is not a mesh service configured on this agent (configured: {}). Add it under `outbound:` in the agent configuration, or set `outboundProxy.allowPlainEgress: true` to let non-mesh hosts through in plaintext.\n",
-                            routes.known
-                        ),
-                        "NR",
-                        rec,
-                    ))
+                    let why = Refusal::UnknownService {
+                        authority: authority.to_string(),
+                        known: routes.known.clone(),
+                    };
+                    Ok(refuse(why, rec))
                 }
             }
         }
@@ -352,11 +336,7 @@ async fn forward(
     let per_try = dest.cfg.retries.per_try_timeout;
     let attempts = 1 + dest.cfg.retries.attempts;
     let mut tried: Vec<SocketAddr> = Vec::with_capacity(2);
-    let mut failure: (StatusCode, String, &'static str) = (
-        StatusCode::SERVICE_UNAVAILABLE,
-        NO_HEALTHY_UPSTREAM.to_string(),
-        "UH",
-    );
+    let mut failure = Refusal::NoHealthyUpstream;
     for attempt in 0..attempts {
         let Some(request) = req.take() else { break };
         let Some(ep) = dest.endpoints.pick(&tried) else {
@@ -389,11 +369,7 @@ async fn forward(
                 Ok(r) => r,
                 Err(_) => {
                     dest.endpoints.report(&ep, Outcome::GatewayError);
-                    failure = (
-                        StatusCode::GATEWAY_TIMEOUT,
-                        UPSTREAM_TIMEOUT.to_string(),
-                        "UT",
-                    );
+                    failure = Refusal::UpstreamTimeout;
                     crate::warn_limited!(
                         destination = %dest.authority, endpoint = %ep.addr,
                         "upstream request timed out; answering 504"
@@ -479,13 +455,9 @@ async fn forward(
                         "upstream connection failed: {e}"
                     );
                 }
-                failure = (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!(
-                        "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: {e}"
-                    ),
-                    "UF",
-                );
+                failure = Refusal::UpstreamConnect {
+                    transport: e.to_string(),
+                };
                 req = Some(*back);
             }
             Err(SendError::Sent(e)) => {
@@ -495,19 +467,14 @@ async fn forward(
                     retry = replay.is_some() && attempt + 1 < attempts,
                     "upstream connection failed after the request was sent: {e}"
                 );
-                failure = (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!(
-                        "upstream connect error or disconnect/reset before headers. reset reason: connection termination ({e})"
-                    ),
-                    "UR",
-                );
+                failure = Refusal::UpstreamReset {
+                    reason: e.to_string(),
+                };
                 req = replay.as_ref().map(Replay::build);
             }
         }
     }
-    let (status, body, flags) = failure;
-    local_reply(status, body, flags, rec)
+    refuse(failure, rec)
 }
 
 /// Plain HTTP to a host outside the mesh (`allowPlainEgress`), one connection per request.
@@ -551,20 +518,12 @@ async fn egress(
     let stream = match tokio::time::timeout(Duration::from_secs(10), connect).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            return local_reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("upstream connect error: {authority}: {e}"),
-                "UF",
-                rec,
-            );
+            let transport = format!("{authority}: {e}");
+            return refuse(Refusal::UpstreamConnect { transport }, rec);
         }
         Err(_) => {
-            return local_reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("upstream connect error: {authority}: connection timed out"),
-                "UF",
-                rec,
-            );
+            let transport = format!("{authority}: connection timed out");
+            return refuse(Refusal::UpstreamConnect { transport }, rec);
         }
     };
     rec.upstream = stream.peer_addr().ok();
@@ -597,32 +556,28 @@ async fn egress(
                 },
             )
         }
-        Err(e) => local_reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("upstream connect error or disconnect/reset before headers: {e}"),
-            "UR",
+        Err(e) => refuse(
+            Refusal::UpstreamReset {
+                reason: e.to_string(),
+            },
             rec,
         ),
     }
 }
 
-fn local_reply(
-    status: StatusCode,
-    body: String,
-    flags: &'static str,
-    mut rec: Rec,
-) -> Response<OutBody> {
+/// Answers the application with a refusal (crate::refusal says how) and records it.
+fn refuse(why: Refusal, mut rec: Rec) -> Response<OutBody> {
+    let status = why.status();
     rec.code = status.as_u16();
-    rec.flags = flags;
+    rec.flags = why.flag();
     let mut resp = Response::new(OutBody {
-        inner: Either::Right(Full::new(Bytes::from(body))),
+        inner: Either::Right(Full::new(why.body())),
         lease: None,
         rec: Some(rec),
         _active: None,
     });
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    why.headers(resp.headers_mut(), true);
     resp
 }
 

@@ -18,6 +18,7 @@ use crate::Ctx;
 use crate::access_log::{AccessRecord, now_rfc3339};
 use crate::io::{ByteCounts, Counted};
 use crate::metrics::{Lv, TcpLabels};
+use crate::refusal::Refusal;
 
 /// How often byte counters of long-lived connections are published to the metrics.
 const METRICS_FLUSH: Duration = Duration::from_secs(5);
@@ -36,7 +37,8 @@ pub(crate) async fn serve(
     labels.request_protocol = "tcp";
     let attempts = 1 + dest.cfg.retries.attempts;
     let mut tried = Vec::new();
-    let mut flags = "UH";
+    // Why the application's connection was not carried, until one is made.
+    let mut refused = Some(Refusal::NoHealthyUpstream);
     let mut upstream = None;
     let mut peer = Lv::unknown();
     for attempt in 0..attempts {
@@ -50,7 +52,7 @@ pub(crate) async fn serve(
                 dest.endpoints.report(&ep, Outcome::Success);
                 peer = p;
                 labels.destination_principal = peer.clone();
-                flags = "-";
+                refused = None;
                 let _active = ActiveGuard::new(ep.clone());
                 ctx.metrics.tcp_opened.get_or_create(&labels).inc();
                 pump(stream, tls, &ctx, &counts, &labels).await;
@@ -58,7 +60,9 @@ pub(crate) async fn serve(
             }
             Err(e) => {
                 dest.endpoints.report(&ep, Outcome::GatewayError);
-                flags = "UF";
+                refused = Some(Refusal::UpstreamConnect {
+                    transport: e.to_string(),
+                });
                 if e.identity_mismatch() {
                     crate::warn_limited!(destination = %dest.authority, endpoint = %ep.addr, "server identity refused: {e}");
                 } else {
@@ -71,6 +75,7 @@ pub(crate) async fn serve(
             }
         }
     }
+    let flags = refused.as_ref().map_or("-", Refusal::flag);
     if flags != "-" {
         // Never connected: the application's connection is closed without a byte.
         labels.response_flags = flags;

@@ -1,7 +1,7 @@
-//! Authorization of requests and connections against the policy in force, and the mapping of
-//! a decision to what the client sees — in one place.
-//!
-//! What a refusal looks like on each protocol is crate::refusal's to say.
+//! Authorization of requests and connections against the policy in force: the decision
+//! (CUSTOM, then DENY, then ALLOW), and its record — the decision metric, the status page's
+//! denials, AUDIT and dry-run log lines. What a refusal looks like on each protocol is
+//! crate::refusal's to say.
 
 use http::header::HeaderMap;
 

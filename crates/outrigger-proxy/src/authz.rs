@@ -46,6 +46,19 @@ pub(crate) enum CustomAnswer {
     Error,
 }
 
+impl CustomAnswer {
+    /// The kind of answer an outcome is.
+    pub(crate) fn of(o: &crate::ext_authz::Outcome) -> Self {
+        use crate::ext_authz::Outcome;
+        match o {
+            Outcome::Allow { .. } => CustomAnswer::Allowed,
+            Outcome::FailedOpen => CustomAnswer::FailedOpen,
+            Outcome::Deny { .. } => CustomAnswer::Denied,
+            Outcome::Error { .. } => CustomAnswer::Error,
+        }
+    }
+}
+
 /// Request headers for policy `request.headers[...]` conditions.
 struct HeaderView<'a>(&'a HeaderMap);
 
@@ -173,14 +186,7 @@ fn record(ctx: &Ctx, conn: &ConnInfo, what: &str, v: &Verdict) {
             request = what, reason = v.result, policy = v.policy.as_deref().unwrap_or("-"),
             "denied by authorization policy"
         );
-        ctx.denials.record(crate::status::Denial {
-            at: std::time::SystemTime::now(),
-            listener: conn.listener.name.clone(),
-            source: conn.source_principal_str().to_string(),
-            request: what.to_string(),
-            policy: v.policy.clone(),
-            reason: v.result,
-        });
+        ctx.denials.refused(conn, what, v.policy.clone(), v.result);
     }
 }
 

@@ -234,10 +234,10 @@ pub enum Outcome {
         headers: Vec<Mutation>,
         body: Bytes,
     },
-    /// The check could not be made (and the provider does not fail open).
-    Error { status: StatusCode, why: String },
+    /// The check could not be made (and the provider does not fail open): `statusOnError`.
+    Error { status: StatusCode },
     /// The check could not be made, and `failOpen` let the request through.
-    FailedOpen { why: String },
+    FailedOpen,
 }
 
 /// The request being authorized, as the check needs it.
@@ -367,15 +367,13 @@ async fn within_timeout(
 
 /// The network check of a TCP connection (Envoy's network ext_authz filter, which istiod
 /// configures for gRPC providers only: `generateGRPCConfig`): `createTcpCheck`'s CheckRequest
-/// has the two peers and no request. `None` for an HTTP provider, which has no such check.
+/// has the two peers and no request. Which providers check connections is decided once, in
+/// `authz::check_tcp` (only gRPC ones reach here).
 pub(crate) async fn check_connection(
     p: &Provider,
     peers: &Peers,
     via: Option<&Destination>,
-) -> Option<Outcome> {
-    if let Api::Http(_) = p.api {
-        return None;
-    }
+) -> Outcome {
     let (source, destination) = peers.attributes();
     let msg = pb::CheckRequest {
         attributes: Some(pb::AttributeContext {
@@ -384,16 +382,26 @@ pub(crate) async fn check_connection(
             ..Default::default()
         }),
     };
-    Some(within_timeout(p, call_grpc(p, msg, via)).await)
+    within_timeout(p, call_grpc(p, msg, via)).await
 }
 
+/// The check could not be made: said in the log here, for requests and connections alike,
+/// then `failOpen` decides.
 fn error(p: &Provider, why: String) -> Outcome {
     if p.fail_open {
-        Outcome::FailedOpen { why }
+        crate::warn_limited!(
+            provider = p.name,
+            "external authorization failed: {why}; allowed (failOpen)"
+        );
+        Outcome::FailedOpen
     } else {
+        crate::warn_limited!(
+            provider = p.name,
+            "external authorization failed: {why}; refused ({})",
+            p.status_on_error.as_u16()
+        );
         Outcome::Error {
             status: p.status_on_error,
-            why,
         }
     }
 }

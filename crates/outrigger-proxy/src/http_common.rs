@@ -300,8 +300,9 @@ pub(crate) fn new_request_id() -> Option<http::HeaderValue> {
     http::HeaderValue::from_str(&id).ok()
 }
 
-/// The request's authority (`:authority`, else `Host`; empty without either), as policy
-/// `hosts`, the external authorizer and Envoy's `WWW-Authenticate` see it.
+/// The request's authority as written (`:authority` or the absolute URI's, else `Host`; empty
+/// without either), as policy `hosts`, the external authorizer, Envoy's `WWW-Authenticate`
+/// and the access log see it.
 pub(crate) fn authority_str(parts: &http::request::Parts) -> &str {
     parts
         .uri
@@ -314,6 +315,14 @@ pub(crate) fn authority_str(parts: &http::request::Parts) -> &str {
                 .and_then(|h| h.to_str().ok())
         })
         .unwrap_or("")
+}
+
+/// [`authority_str`], parsed: `None` without one or when it is not a valid authority.
+pub(crate) fn request_authority(parts: &http::request::Parts) -> Option<http::uri::Authority> {
+    match parts.uri.authority() {
+        Some(a) => Some(a.clone()),
+        None => authority_str(parts).parse().ok(),
+    }
 }
 
 #[cfg(test)]

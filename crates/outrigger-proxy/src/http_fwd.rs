@@ -470,14 +470,8 @@ async fn filter_chain(
         if let Some(rule) = v.limited_by {
             ctx.metrics.rate_limited(&rule);
             // On the status page's list of recent denials, as policy refusals are.
-            ctx.denials.record(crate::status::Denial {
-                at: std::time::SystemTime::now(),
-                listener: conn.listener.name.clone(),
-                source: conn.source_principal_str().to_string(),
-                request: parts.uri.path().to_string(),
-                policy: Some(rule.clone()),
-                reason: "rate_limited",
-            });
+            ctx.denials
+                .refused(&conn, parts.uri.path(), Some(rule.clone()), "rate_limited");
             let mut rec = Recorder::new(&ctx, &conn, &parts, protocol, start, handles);
             rec.trace = trace;
             let mut resp = refuse(Refusal::RateLimited, rec, parts.version);
@@ -611,14 +605,8 @@ async fn authorize_and_forward(
                 "JWT refused: {}; answering {} {}", e.reason, status.as_u16(), e.status.message()
             );
             rec.authz_result = Some("jwt_invalid");
-            ctx.denials.record(crate::status::Denial {
-                at: std::time::SystemTime::now(),
-                listener: conn.listener.name.clone(),
-                source: conn.source_principal_str().to_string(),
-                request: parts.uri.path().to_string(),
-                policy: None,
-                reason: "jwt_invalid",
-            });
+            ctx.denials
+                .refused(&conn, parts.uri.path(), None, "jwt_invalid");
             let challenge =
                 crate::jwt_authn::www_authenticate(&parts, conn.security_policy() == "mutual_tls");
             let why = Refusal::Jwt {
@@ -690,17 +678,7 @@ async fn authorize_and_forward(
         let to_h2 = client_upgrade.is_none() && upstream_is_h2(conn.listener.protocol, &parts);
         let downstream_version = parts.version;
         // The caller's authority (`:authority`, or `Host`), else the application's address.
-        let authority = parts
-            .uri
-            .authority()
-            .cloned()
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .and_then(|h| h.parse().ok())
-            })
+        let authority = crate::http_common::request_authority(&parts)
             .or_else(|| conn.listener.backend.to_string().parse().ok());
         if let Some(a) = &authority {
             retarget(&mut parts, to_h2, a);
@@ -902,7 +880,8 @@ async fn ask_custom(
     let via = crate::ext_authz::route(provider, &ctx.outbound);
     let outcome = crate::ext_authz::check(provider, &input, via).await;
     let path = parts.uri.path().to_string();
-    let (answer, result) = match outcome {
+    let answer = authz::CustomAnswer::of(&outcome);
+    let result = match outcome {
         Outcome::Allow {
             upstream,
             remove,
@@ -912,15 +891,9 @@ async fn ask_custom(
                 parts.headers.remove(n);
             }
             crate::ext_authz::apply(&mut parts.headers, upstream);
-            (authz::CustomAnswer::Allowed, Ok(downstream))
+            Ok(downstream)
         }
-        Outcome::FailedOpen { why } => {
-            crate::warn_limited!(
-                provider = provider.name,
-                "external authorization failed: {why}; allowed (failOpen)"
-            );
-            (authz::CustomAnswer::FailedOpen, Ok(Vec::new()))
-        }
+        Outcome::FailedOpen => Ok(Vec::new()),
         Outcome::Deny {
             status,
             headers,
@@ -931,26 +904,17 @@ async fn ask_custom(
                 provider = provider.name, status = status.as_u16(),
                 "denied by the external authorizer"
             );
-            let refusal = Refusal::External {
+            Err(Refusal::External {
                 status,
                 headers,
                 body,
-            };
-            (authz::CustomAnswer::Denied, Err(refusal))
+            })
         }
-        Outcome::Error { status, why } => {
-            crate::warn_limited!(
-                provider = provider.name,
-                "external authorization failed: {why}; answering {}",
-                status.as_u16()
-            );
-            let refusal = Refusal::External {
-                status,
-                headers: Vec::new(),
-                body: Bytes::new(),
-            };
-            (authz::CustomAnswer::Error, Err(refusal))
-        }
+        Outcome::Error { status } => Err(Refusal::External {
+            status,
+            headers: Vec::new(),
+            body: Bytes::new(),
+        }),
     };
     authz::settle_custom(ctx, conn, &path, verdict, custom, answer);
     result
@@ -1214,18 +1178,7 @@ impl Recorder {
         let log = ctx.access_log.enabled().then(|| LogFields {
             start_time: now_rfc3339(),
             method: parts.method.to_string(),
-            authority: parts
-                .uri
-                .authority()
-                .map(|a| a.as_str())
-                .or_else(|| {
-                    parts
-                        .headers
-                        .get(header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                })
-                .unwrap_or("")
-                .to_string(),
+            authority: crate::http_common::authority_str(parts).to_string(),
             path: parts
                 .uri
                 .path_and_query()

@@ -36,6 +36,24 @@ pub struct Denial {
 pub struct Denials(Mutex<VecDeque<Denial>>);
 
 impl Denials {
+    /// Lists a refusal of `request` (a path, or `tcp`) on `conn`, now.
+    pub(crate) fn refused(
+        &self,
+        conn: &crate::conn::ConnInfo,
+        request: &str,
+        policy: Option<String>,
+        reason: &'static str,
+    ) {
+        self.record(Denial {
+            at: SystemTime::now(),
+            listener: conn.listener.name.clone(),
+            source: conn.source_principal_str().to_string(),
+            request: request.to_string(),
+            policy,
+            reason,
+        });
+    }
+
     pub fn record(&self, d: Denial) {
         let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if q.len() == DENIALS_KEPT {

@@ -49,30 +49,9 @@ where
     if let Some(custom) = verdict.custom.take() {
         let via = crate::ext_authz::route(&custom.provider, &ctx.outbound);
         let peers = authz::peers(&ctx, &conn);
-        if let Some(outcome) =
-            crate::ext_authz::check_connection(&custom.provider, &peers, via).await
-        {
-            use crate::ext_authz::Outcome;
-            let answer = match outcome {
-                Outcome::Allow { .. } => authz::CustomAnswer::Allowed,
-                Outcome::FailedOpen { why } => {
-                    crate::warn_limited!(
-                        provider = custom.provider.name,
-                        "external authorization of a TCP connection failed: {why}; allowed (failOpen)"
-                    );
-                    authz::CustomAnswer::FailedOpen
-                }
-                Outcome::Deny { .. } => authz::CustomAnswer::Denied,
-                Outcome::Error { why, .. } => {
-                    crate::warn_limited!(
-                        provider = custom.provider.name,
-                        "external authorization of a TCP connection failed: {why}; closing it"
-                    );
-                    authz::CustomAnswer::Error
-                }
-            };
-            authz::settle_custom(&ctx, &conn, "tcp", &mut verdict, &custom, answer);
-        }
+        let outcome = crate::ext_authz::check_connection(&custom.provider, &peers, via).await;
+        let answer = authz::CustomAnswer::of(&outcome);
+        authz::settle_custom(&ctx, &conn, "tcp", &mut verdict, &custom, answer);
     }
     let mut published = (0u64, 0u64);
 

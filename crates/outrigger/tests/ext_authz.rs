@@ -21,65 +21,84 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// What the authorizer saw: method, path, headers and body.
 type Log = Arc<Mutex<Vec<(String, String, http::HeaderMap, Bytes)>>>;
 
-/// An authorizer that decides by path: `/allow*` → 200 with `x-user: alice`,
-/// `x-allow-note: yes` and `x-not-listed`; `/slow*` → no answer for 5 s; `/boom*` → 500;
-/// anything else → 401 with `www-authenticate`, `location`, `x-deny-reason`, `x-not-listed`
-/// and a body.
-async fn start_authorizer() -> (SocketAddr, Log) {
+/// Serves `handle` on 127.0.0.1 (port 0): HTTP/1.1, or HTTP/2 with prior knowledge (`h2`).
+async fn serve_test_peer<H, F, B>(h2: bool, handle: H) -> SocketAddr
+where
+    H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<http::Response<B>, std::convert::Infallible>>
+        + Send
+        + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    let log: Log = Arc::default();
-    let log2 = log.clone();
     tokio::spawn(async move {
         loop {
             let Ok((s, _)) = l.accept().await else {
                 continue;
             };
-            let log = log2.clone();
+            let svc = service_fn(handle.clone());
             tokio::spawn(async move {
-                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let log = log.clone();
-                    async move {
-                        use http_body_util::BodyExt;
-                        let path = req.uri().to_string();
-                        let (head, body) = req.into_parts();
-                        let body = body.collect().await.unwrap().to_bytes();
-                        log.lock().unwrap().push((
-                            head.method.to_string(),
-                            path.clone(),
-                            head.headers.clone(),
-                            body,
-                        ));
-                        let p = path.trim_start_matches("/check");
-                        let b = http::Response::builder();
-                        let r = if p.starts_with("/allow") || p.starts_with("/echo") {
-                            b.status(200)
-                                .header("x-user", "alice")
-                                .header("x-allow-note", "yes")
-                                .header("x-not-listed", "n")
-                                .body(Full::new(Bytes::new()))
-                        } else if p.starts_with("/slow") {
-                            tokio::time::sleep(Duration::from_secs(5)).await;
-                            b.status(200).body(Full::new(Bytes::new()))
-                        } else if p.starts_with("/boom") {
-                            b.status(500).body(Full::new(Bytes::from("oops")))
-                        } else {
-                            b.status(401)
-                                .header("www-authenticate", "Bearer realm=\"x\"")
-                                .header("location", "/login")
-                                .header("x-deny-reason", "no-ticket")
-                                .header("x-not-listed", "n")
-                                .body(Full::new(Bytes::from("denied by ext")))
-                        };
-                        Ok::<_, std::convert::Infallible>(r.unwrap())
-                    }
-                });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
+                let io = TokioIo::new(s);
+                let _ = if h2 {
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(io, svc)
+                        .await
+                } else {
+                    http1::Builder::new().serve_connection(io, svc).await
+                };
             });
         }
     });
+    addr
+}
+
+/// An authorizer that decides by path: `/allow*` → 200 with `x-user: alice`,
+/// `x-allow-note: yes` and `x-not-listed`; `/slow*` → no answer for 5 s; `/boom*` → 500;
+/// anything else → 401 with `www-authenticate`, `location`, `x-deny-reason`, `x-not-listed`
+/// and a body.
+async fn start_authorizer() -> (SocketAddr, Log) {
+    let log: Log = Arc::default();
+    let log2 = log.clone();
+    let addr = serve_test_peer(false, move |req: http::Request<hyper::body::Incoming>| {
+        let log = log2.clone();
+        async move {
+            use http_body_util::BodyExt;
+            let path = req.uri().to_string();
+            let (head, body) = req.into_parts();
+            let body = body.collect().await.unwrap().to_bytes();
+            log.lock().unwrap().push((
+                head.method.to_string(),
+                path.clone(),
+                head.headers.clone(),
+                body,
+            ));
+            let p = path.trim_start_matches("/check");
+            let b = http::Response::builder();
+            let r = if p.starts_with("/allow") || p.starts_with("/echo") {
+                b.status(200)
+                    .header("x-user", "alice")
+                    .header("x-allow-note", "yes")
+                    .header("x-not-listed", "n")
+                    .body(Full::new(Bytes::new()))
+            } else if p.starts_with("/slow") {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                b.status(200).body(Full::new(Bytes::new()))
+            } else if p.starts_with("/boom") {
+                b.status(500).body(Full::new(Bytes::from("oops")))
+            } else {
+                b.status(401)
+                    .header("www-authenticate", "Bearer realm=\"x\"")
+                    .header("location", "/login")
+                    .header("x-deny-reason", "no-ticket")
+                    .header("x-not-listed", "n")
+                    .body(Full::new(Bytes::from("denied by ext")))
+            };
+            Ok::<_, std::convert::Infallible>(r.unwrap())
+        }
+    })
+    .await;
     (addr, log)
 }
 
@@ -450,7 +469,8 @@ async fn custom_answers_as_envoys_ext_authz() {
 async fn http_provider_is_ignored_on_tcp_as_istiod_does() {
     let (authz, log) = start_authorizer().await;
     let (agent, mesh) = tcp_behind_custom("ext", &providers(authz)).await;
-    let mut s = tcp_client(&agent, &mesh).await;
+    let etl = mesh.pki.issue("default", "etl");
+    let mut s = tcp_client(&mesh, &etl, agent.addr("db")).await;
     s.write_all(b"ping").await.unwrap();
     let mut buf = [0u8; 4];
     s.read_exact(&mut buf).await.unwrap();
@@ -534,14 +554,7 @@ async fn grpc_provider_checks_tcp_connections_as_envoy_does() {
         let mut seen = Vec::new();
         for addr in [envoy.listener, agent.addr("db")] {
             log.lock().unwrap().clear();
-            let tls = outrigger_tls::client_config(
-                &peer.certs,
-                &mesh.pki.trust(),
-                &[mesh.agent_id()],
-                &[b"istio"],
-            )
-            .unwrap();
-            let mut s = tls_connect(addr, tls).await.unwrap();
+            let mut s = tcp_client(&mesh, &peer, addr).await;
             let _ = s.write_all(b"ping").await;
             let mut buf = [0u8; 4];
             let echoed = matches!(
@@ -591,19 +604,20 @@ spec:
     (AgentProc::start(mesh.dir(), &cfg), mesh)
 }
 
+/// A TCP connection to `addr` over the mesh's mTLS (ALPN `istio`) as `who`.
 async fn tcp_client(
-    agent: &AgentProc,
     mesh: &Mesh,
+    who: &Issued,
+    addr: SocketAddr,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let etl = mesh.pki.issue("default", "etl");
     let tls = outrigger_tls::client_config(
-        &etl.certs,
+        &who.certs,
         &mesh.pki.trust(),
         &[mesh.agent_id()],
         &[b"istio"],
     )
     .unwrap();
-    tls_connect(agent.addr("db"), tls).await.unwrap()
+    tls_connect(addr, tls).await.unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -640,128 +654,106 @@ fn header_option(
 /// `x-deny-reason` and a body; `/plain-deny*` → PERMISSION_DENIED with no denied_response.
 async fn start_grpc_authorizer() -> (SocketAddr, CheckLog) {
     use prost::Message;
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
     let log: CheckLog = Arc::default();
     let log2 = log.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else {
-                continue;
+    let addr = serve_test_peer(true, move |req: http::Request<hyper::body::Incoming>| {
+        let log = log2.clone();
+        async move {
+            use http_body_util::BodyExt;
+            assert_eq!(req.uri().path(), pb::CHECK_PATH);
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let check = pb::CheckRequest::decode(&body[5..]).unwrap();
+            let path = check
+                .attributes
+                .as_ref()
+                .and_then(|a| a.request.as_ref())
+                .and_then(|r| r.http.as_ref())
+                .map(|h| h.path.clone())
+                .unwrap_or_default();
+            // A TCP connection's check (no request): allowed for `sa/etl` only.
+            let tcp_peer = check
+                .attributes
+                .as_ref()
+                .filter(|a| a.request.is_none())
+                .and_then(|a| a.source.as_ref())
+                .map(|s| s.principal.clone());
+            log.lock().unwrap().push(check);
+            let status = |code: i32| pb::RpcStatus {
+                code,
+                message: String::new(),
             };
-            let log = log2.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let log = log.clone();
-                    async move {
-                        use http_body_util::BodyExt;
-                        assert_eq!(req.uri().path(), pb::CHECK_PATH);
-                        let body = req.into_body().collect().await.unwrap().to_bytes();
-                        let check = pb::CheckRequest::decode(&body[5..]).unwrap();
-                        let path = check
-                            .attributes
-                            .as_ref()
-                            .and_then(|a| a.request.as_ref())
-                            .and_then(|r| r.http.as_ref())
-                            .map(|h| h.path.clone())
-                            .unwrap_or_default();
-                        // A TCP connection's check (no request): allowed for `sa/etl` only.
-                        let tcp_peer = check
-                            .attributes
-                            .as_ref()
-                            .filter(|a| a.request.is_none())
-                            .and_then(|a| a.source.as_ref())
-                            .map(|s| s.principal.clone());
-                        log.lock().unwrap().push(check);
-                        let status = |code: i32| pb::RpcStatus {
-                            code,
-                            message: String::new(),
-                        };
-                        let resp = if let Some(peer) = tcp_peer {
-                            pb::CheckResponse {
-                                status: Some(status(if peer.ends_with("/sa/etl") { 0 } else { 7 })),
-                                ..Default::default()
-                            }
-                        } else if path.starts_with("/allow") || path.starts_with("/echo") {
-                            pb::CheckResponse {
-                                status: Some(status(0)),
-                                ok_response: Some(pb::OkHttpResponse {
-                                    headers: vec![
-                                        header_option("x-user", "alice", Some(false), 0),
-                                        header_option("x-added", "a2", None, 0),
-                                        header_option("x-joined", "j2", Some(true), 0),
-                                        header_option("x-if-absent", "new", None, 1),
-                                        header_option("x-only-if-there", "new", None, 3),
-                                    ],
-                                    headers_to_remove: vec!["x-remove-me".into()],
-                                    response_headers_to_add: vec![header_option(
-                                        "x-allow-note",
-                                        "yes",
-                                        None,
-                                        0,
-                                    )],
-                                }),
-                                denied_response: None,
-                            }
-                        } else if path.starts_with("/slow") {
-                            tokio::time::sleep(Duration::from_secs(5)).await;
-                            pb::CheckResponse::default()
-                        } else if path.starts_with("/boom") {
-                            // A trailers-only answer: grpc-status in the headers.
-                            let r = http::Response::builder()
-                                .header("content-type", "application/grpc")
-                                .header("grpc-status", "14")
-                                .body(Full::new(Bytes::new()).boxed())
-                                .unwrap();
-                            return Ok::<_, std::convert::Infallible>(r);
-                        } else if path.starts_with("/plain-deny") {
-                            pb::CheckResponse {
-                                status: Some(status(7)),
-                                ..Default::default()
-                            }
-                        } else {
-                            pb::CheckResponse {
-                                status: Some(status(7)),
-                                denied_response: Some(pb::DeniedHttpResponse {
-                                    status: Some(pb::HttpStatus { code: 401 }),
-                                    headers: vec![header_option(
-                                        "x-deny-reason",
-                                        "no-ticket",
-                                        None,
-                                        0,
-                                    )],
-                                    body: "denied by grpc".into(),
-                                }),
-                                ok_response: None,
-                            }
-                        };
-                        let msg = resp.encode_to_vec();
-                        let mut framed = vec![0u8];
-                        framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-                        framed.extend_from_slice(&msg);
-                        // grpc-status in the trailers, after the message.
-                        let mut trailers = http::HeaderMap::new();
-                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-                        let body = http_body_util::StreamBody::new(futures_util::stream::iter([
-                            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
-                                Bytes::from(framed),
-                            )),
-                            Ok(hyper::body::Frame::trailers(trailers)),
-                        ]));
-                        let r = http::Response::builder()
-                            .header("content-type", "application/grpc")
-                            .body(body.boxed())
-                            .unwrap();
-                        Ok(r)
-                    }
-                });
-                let _ =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-            });
+            let resp = if let Some(peer) = tcp_peer {
+                pb::CheckResponse {
+                    status: Some(status(if peer.ends_with("/sa/etl") { 0 } else { 7 })),
+                    ..Default::default()
+                }
+            } else if path.starts_with("/allow") || path.starts_with("/echo") {
+                pb::CheckResponse {
+                    status: Some(status(0)),
+                    ok_response: Some(pb::OkHttpResponse {
+                        headers: vec![
+                            header_option("x-user", "alice", Some(false), 0),
+                            header_option("x-added", "a2", None, 0),
+                            header_option("x-joined", "j2", Some(true), 0),
+                            header_option("x-if-absent", "new", None, 1),
+                            header_option("x-only-if-there", "new", None, 3),
+                        ],
+                        headers_to_remove: vec!["x-remove-me".into()],
+                        response_headers_to_add: vec![header_option(
+                            "x-allow-note",
+                            "yes",
+                            None,
+                            0,
+                        )],
+                    }),
+                    denied_response: None,
+                }
+            } else if path.starts_with("/slow") {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                pb::CheckResponse::default()
+            } else if path.starts_with("/boom") {
+                // A trailers-only answer: grpc-status in the headers.
+                let r = http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .header("grpc-status", "14")
+                    .body(Full::new(Bytes::new()).boxed())
+                    .unwrap();
+                return Ok::<_, std::convert::Infallible>(r);
+            } else if path.starts_with("/plain-deny") {
+                pb::CheckResponse {
+                    status: Some(status(7)),
+                    ..Default::default()
+                }
+            } else {
+                pb::CheckResponse {
+                    status: Some(status(7)),
+                    denied_response: Some(pb::DeniedHttpResponse {
+                        status: Some(pb::HttpStatus { code: 401 }),
+                        headers: vec![header_option("x-deny-reason", "no-ticket", None, 0)],
+                        body: "denied by grpc".into(),
+                    }),
+                    ok_response: None,
+                }
+            };
+            let msg = resp.encode_to_vec();
+            let mut framed = vec![0u8];
+            framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+            framed.extend_from_slice(&msg);
+            // grpc-status in the trailers, after the message.
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            let body = http_body_util::StreamBody::new(futures_util::stream::iter([
+                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from(framed))),
+                Ok(hyper::body::Frame::trailers(trailers)),
+            ]));
+            let r = http::Response::builder()
+                .header("content-type", "application/grpc")
+                .body(body.boxed())
+                .unwrap();
+            Ok(r)
         }
-    });
+    })
+    .await;
     (addr, log)
 }
 

@@ -138,17 +138,6 @@ pub(crate) async fn serve(stream: TcpStream, src: SocketAddr, route: Route, ctx:
     }
 }
 
-/// The request's target host and port: the absolute-form URI (proxy requests), else `Host`.
-fn request_authority(parts: &http::request::Parts) -> Option<Authority> {
-    parts.uri.authority().cloned().or_else(|| {
-        parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.parse::<Authority>().ok())
-    })
-}
-
 /// An authority that only makes sense on this host (`127.0.0.1:9080`, `localhost`): the
 /// application addressed the listener, not the service.
 fn is_local_authority(a: &Authority) -> bool {
@@ -180,7 +169,8 @@ async fn handle(
     {
         parts.headers.insert("x-request-id", id);
     }
-    let app_authority = request_authority(&parts);
+    // The target: the absolute-form URI (proxy requests), else `Host`.
+    let app_authority = crate::http_common::request_authority(&parts);
     match route {
         Route::Fixed(dest) => {
             // The application called the loopback listener: the service's own name goes

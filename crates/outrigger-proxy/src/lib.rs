@@ -11,7 +11,8 @@
 //! keep-alive connection without waiting for it to close).
 //!
 //! Reading order, top-down: this file (the `Proxy`, the shared `Ctx`) → `inbound` (accept,
-//! PeerAuthentication, TLS, protocol) and `hbone::server` → `http_fwd` / `tcp_fwd` (forwarding)
+//! PeerAuthentication, TLS, protocol) and `hbone::server` → `http_fwd` / `tcp_fwd` (forwarding;
+//! `backend`: the pooled connections to the application)
 //! → `authz`, `jwt_authn`, `ext_authz`, `ratelimit` (decisions) → `refusal` (how every refusal
 //! is said). Leaves shared by all: `workload`, `settings`, `policy_state`, `conn` (the
 //! per-connection context), `metrics`, `access_log`. No module imports another that imports it
@@ -21,6 +22,7 @@
 pub mod access_log;
 pub mod admin;
 mod authz;
+mod backend;
 mod codec_checks;
 mod conn;
 pub mod detect;
@@ -76,6 +78,8 @@ pub(crate) struct Ctx {
     pub tracer: trace::Tracer,
     pub workload: WorkloadInfo,
     pub settings: Settings,
+    /// The connections to the application, pooled per backend address.
+    pub backends: backend::Backends,
     pub dest_labels: metrics::TcpLabels,
     /// This workload's side of Istio's HTTP metadata exchange.
     pub peer_exchange: peer_metadata::Local,
@@ -222,6 +226,11 @@ impl Proxy {
             dest_labels,
             peer_exchange: peer_metadata::Local::new(&opts.workload),
             workload: opts.workload,
+            backends: backend::Backends::new(
+                listeners.iter().map(|(c, _)| c.backend),
+                opts.settings.connect_timeout,
+                opts.settings.limits.max,
+            ),
             settings: opts.settings,
             ready: AtomicBool::new(false),
             inbound: listeners.iter().map(|(c, _)| (**c).clone()).collect(),

@@ -336,6 +336,39 @@ fn full(s: String) -> EchoBody {
     BodyExt::boxed(Full::new(Bytes::from(s)).map_err(|e: Infallible| match e {}))
 }
 
+/// An HTTP/1.1 application on 127.0.0.1 that reads each request body and answers with its
+/// length, and says (once) when the first body bytes have reached it — so a test can act while
+/// a request is known to be in flight, instead of sleeping.
+pub async fn start_signalling_sink() -> (SocketAddr, tokio::sync::oneshot::Receiver<()>) {
+    let (arrived_tx, arrived) = tokio::sync::oneshot::channel::<()>();
+    let arrived_tx = Arc::new(std::sync::Mutex::new(Some(arrived_tx)));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let arrived_tx = arrived_tx.clone();
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let arrived_tx = arrived_tx.clone();
+                async move {
+                    let mut body = req.into_body();
+                    let mut n = 0usize;
+                    while let Some(Ok(f)) = body.frame().await {
+                        n += f.data_ref().map_or(0, |d| d.len());
+                        if let Some(tx) = arrived_tx.lock().unwrap().take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok::<_, Infallible>(Response::new(full(n.to_string())))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc),
+            );
+        }
+    });
+    (addr, arrived)
+}
+
 /// A TCP echo server on 127.0.0.1.
 pub async fn start_tcp_echo() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

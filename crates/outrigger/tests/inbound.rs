@@ -661,7 +661,8 @@ fn config_errors_name_file_line_and_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests() {
     let mesh = Mesh::new();
-    let echo = start_echo().await;
+    // The SIGTERM is sent once the request is known to have reached the application.
+    let (echo, arrived) = start_signalling_sink().await;
     let mut agent = mesh.start(&[("web", echo, "http")]);
     let sleep = mesh.pki.issue("default", "sleep");
     let mut c = mesh.connect(agent.addr("web"), &sleep, false).await;
@@ -674,19 +675,27 @@ async fn sigterm_drains_in_flight_requests() {
     tx.send(Ok(Frame::data(Bytes::from_static(b"before "))))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::timeout(Duration::from_secs(10), arrived)
+        .await
+        .expect("the request reaches the application")
+        .unwrap();
     let pid = agent.child.id();
     let _ = std::process::Command::new("kill")
         .arg("-TERM")
         .arg(pid.to_string())
         .status();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // New connections are refused while draining...
-    assert!(
-        tokio::net::TcpStream::connect(agent.addr("web"))
-            .await
-            .is_err()
-    );
+    // New connections are refused once the drain has started...
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(agent.addr("web"))
+        .await
+        .is_ok()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the listener still accepts 10 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // ...but the request in flight finishes.
     tx.send(Ok(Frame::data(Bytes::from_static(b"after"))))
         .await

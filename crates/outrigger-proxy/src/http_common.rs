@@ -104,7 +104,7 @@ pub(crate) async fn tunnel(
     };
     let mut client = crate::io::Counted::new(hyper_util::rt::TokioIo::new(client), counts);
     let mut server = hyper_util::rt::TokioIo::new(server);
-    let copy = tokio::io::copy_bidirectional(&mut client, &mut server);
+    let copy = crate::copy::copy_bidirectional(&mut client, &mut server);
     tokio::pin!(copy);
     tokio::pin!(stop);
     tokio::select! {

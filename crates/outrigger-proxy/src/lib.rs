@@ -25,6 +25,7 @@ mod authz;
 mod backend;
 mod codec_checks;
 mod conn;
+mod copy;
 pub mod detect;
 pub mod egress_proxy;
 pub mod ext_authz;

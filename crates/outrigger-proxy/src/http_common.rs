@@ -288,16 +288,20 @@ pub(crate) fn new_request_id() -> Option<http::HeaderValue> {
         .ok()?;
     b[6] = (b[6] & 0x0f) | 0x40; // version 4
     b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
-    let h = hex::encode(b);
-    let id = format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    );
-    http::HeaderValue::from_str(&id).ok()
+    // 8-4-4-4-12 hex digits, written in place: one allocation per request, the header's.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 36];
+    let mut j = 0;
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            id[j] = b'-';
+            j += 1;
+        }
+        id[j] = HEX[usize::from(byte >> 4)];
+        id[j + 1] = HEX[usize::from(byte & 0x0f)];
+        j += 2;
+    }
+    http::HeaderValue::from_bytes(&id).ok()
 }
 
 /// The request's authority as written (`:authority` or the absolute URI's, else `Host`; empty
@@ -328,6 +332,26 @@ pub(crate) fn request_authority(parts: &http::request::Parts) -> Option<http::ur
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_ids_are_version_4_uuids_in_lowercase() {
+        let a = new_request_id().unwrap();
+        let a = a.to_str().unwrap();
+        assert_eq!(a.len(), 36, "{a}");
+        let groups: Vec<&str> = a.split('-').collect();
+        assert_eq!(
+            groups.iter().map(|g| g.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12],
+            "{a}"
+        );
+        assert!(
+            a.bytes()
+                .all(|c| c == b'-' || c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+        );
+        assert_eq!(&a[14..15], "4", "version: {a}");
+        assert!("89ab".contains(&a[19..20]), "variant: {a}");
+        assert_ne!(new_request_id().unwrap(), a, "random");
+    }
 
     fn parts(version: http::Version, headers: &[(&str, &str)]) -> http::request::Parts {
         let mut b = http::Request::get("/chat").version(version);

@@ -8,7 +8,10 @@
 //!
 //! The copy itself is tokio's (`tokio/src/io/util/copy.rs` and `copy_bidirectional.rs`, MIT;
 //! the same read, write, flush-before-waiting and half-close semantics), with the buffer
-//! replaced by a larger one once it is empty and a threshold is passed. tokio's cooperative
+//! replaced by a larger one once it is empty and a threshold is passed, and filled by as many
+//! reads as are ready before it is written (ztunnel writes an HBONE stream's frames with one
+//! `writev`; measured on a 32 MiB upload before this: Outrigger 33–42 writes per MiB to the
+//! application, ztunnel 9–15). tokio's cooperative
 //! budget is internal to tokio; the sockets under the copy still consume it.
 
 use std::future::poll_fn;
@@ -111,7 +114,20 @@ impl CopyBuffer {
         loop {
             if self.cap < self.buf.len() && !self.read_done {
                 match self.poll_fill_buf(cx, reader.as_mut()) {
-                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Ok(())) => {
+                        // Unlike tokio's copy, keep reading while more is ready and there is
+                        // room, so that a stream of small reads (an HBONE stream's DATA
+                        // frames) goes out in few large writes. A socket that had less than
+                        // asked for answers the next read from tokio's readiness state, without
+                        // a system call.
+                        while !self.read_done && self.cap > self.pos && self.cap < self.buf.len() {
+                            match self.poll_fill_buf(cx, reader.as_mut()) {
+                                Poll::Ready(Ok(())) => {}
+                                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                                Poll::Pending => break,
+                            }
+                        }
+                    }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
                         // Nothing to write and nothing to read: flush before waiting.

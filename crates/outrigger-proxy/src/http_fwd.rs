@@ -445,6 +445,8 @@ async fn filter_chain(
     backend: Arc<Backend>,
     handles: Arc<MetricHandles>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    // The `x-envoy-*` instructions no caller may give (`x-envoy-force-trace` among them).
+    crate::http_common::clean_internal_headers(&mut parts.headers);
     // Envoy's connection manager gives every request an `x-request-id` before any filter
     // (conn_manager_utility.cc `mutateRequestHeaders`): one a mesh peer sent is kept (the
     // inbound listener does not use the remote address, so the request is internal), a

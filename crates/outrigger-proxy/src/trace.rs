@@ -17,6 +17,14 @@
 //!   request id's 15th character (envoy `source/extensions/request_id/uuid/config.cc`,
 //!   `UUIDRequestIDExtension::setTraceReason`: `'9'` sampled, `'a'` forced, `'b'` client;
 //!   `'4'`, a fresh UUIDv4, not traced), so the next hop sees it.
+//! - Forcing a trace (same function): a request with `x-client-trace-id` is traced whatever
+//!   the sampling rate (reason "client", `'b'`), as Istio sets `client_sampling` to 100%
+//!   (pilot/pkg/networking/core/tracing.go `configureSampling`); the span gets the header's
+//!   value as its `guid:x-client-trace-id` tag (tracer_impl.cc `finalizeDownstreamSpan`).
+//!   `x-envoy-force-trace` ("forced", `'a'`) is honoured by Envoy only from an internal
+//!   request, and no request to an Istio sidecar is internal: Outrigger removes it with the
+//!   other internal `x-envoy-*` headers before deciding (`http_common::clean_internal_headers`),
+//!   so it neither forces a trace nor puts `x-request-id` on the response.
 //! - The span (envoy `source/extensions/tracers/opentelemetry/tracer.cc`, `Tracer::startSpan`):
 //!   with a valid incoming `traceparent` the span continues that trace, its parent is the
 //!   caller's span, and "Respect the previous span's sampled flag" — the caller's flag, not
@@ -49,6 +57,7 @@ static B3_PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentspani
 static B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
 static B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_CLIENT_TRACE_ID: HeaderName = HeaderName::from_static("x-client-trace-id");
 
 /// A trace context read from a request's headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -248,14 +257,21 @@ fn request_id_decision(h: &mut HeaderMap, sampling: u32) -> bool {
     {
         return true;
     }
+    // A caller's `x-client-trace-id` forces the trace (`featureEnabled("tracing.client_enabled",
+    // client_sampling)`, which Istio sets to 100%); otherwise
     // `featureEnabled("tracing.random_sampling", random_sampling, result)`: result % 10000 <
-    // numerator.
-    if n % 10_000 >= u64::from(sampling) {
+    // numerator. (`x-envoy-force-trace`, checked between the two, never reaches here.)
+    let reason = if h.contains_key(&X_CLIENT_TRACE_ID) {
+        TRACE_CLIENT
+    } else if n % 10_000 < u64::from(sampling) {
+        TRACE_SAMPLED
+    } else {
         return false;
-    }
+    };
+    // `setTraceReason` marks a 36-character id only; another is traced unmarked.
     if b.len() == UUID_LENGTH {
         let mut marked = b.to_vec();
-        marked[TRACE_BYTE_POSITION] = TRACE_SAMPLED;
+        marked[TRACE_BYTE_POSITION] = reason;
         if let Ok(v) = HeaderValue::from_bytes(&marked) {
             h.insert(X_REQUEST_ID.clone(), v);
         }
@@ -626,7 +642,7 @@ impl Tracer {
             // custom tags Istio adds (pilot/pkg/networking/core/tracing.go,
             // `buildServiceTags`: istio.canonical_service, istio.canonical_revision,
             // istio.mesh_id, istio.namespace, istio.cluster_id).
-            let attributes = vec![
+            let mut attributes = vec![
                 kv("node_id", s.node_id),
                 kv("zone", ""),
                 kv("guid:x-request-id", request_id),
@@ -645,6 +661,12 @@ impl Tracer {
                 kv("istio.namespace", &w.namespace),
                 kv("istio.cluster_id", &w.cluster),
             ];
+            if let Some(id) = h.get(&X_CLIENT_TRACE_ID) {
+                attributes.push(kv(
+                    "guid:x-client-trace-id",
+                    &String::from_utf8_lossy(id.as_bytes()),
+                ));
+            }
             Box::new(ActiveSpan {
                 start: std::time::Instant::now(),
                 span: otlp::Span {
@@ -939,6 +961,24 @@ mod tests {
         );
         assert!(request_id_decision(&mut h, 0));
         // Not a UUID: never sampled from the id.
+        h.insert("x-request-id", "caller-chosen-id".parse().unwrap());
+        assert!(!request_id_decision(&mut h, 10_000));
+        // `x-client-trace-id` forces the trace at 0%: marked 'b' (client) ...
+        h.insert("x-client-trace-id", "case-4711".parse().unwrap());
+        h.insert(
+            "x-request-id",
+            "00000064-1111-4222-8333-444444444444".parse().unwrap(),
+        );
+        assert!(request_id_decision(&mut h, 0));
+        assert_eq!(h["x-request-id"], "00000064-1111-b222-8333-444444444444");
+        // ... an id already marked keeps its reason ...
+        h.insert(
+            "x-request-id",
+            "00000064-1111-9222-8333-444444444444".parse().unwrap(),
+        );
+        assert!(request_id_decision(&mut h, 0));
+        assert_eq!(h["x-request-id"], "00000064-1111-9222-8333-444444444444");
+        // ... and an id that is no UUID still decides nothing.
         h.insert("x-request-id", "caller-chosen-id".parse().unwrap());
         assert!(!request_id_decision(&mut h, 10_000));
     }

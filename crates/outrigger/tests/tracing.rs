@@ -576,6 +576,72 @@ async fn get_seen(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> See
     serde_json::from_slice(&body).unwrap()
 }
 
+/// The real Envoy's bootstrap as an inbound sidecar listener (`traffic_direction: INBOUND`)
+/// with its OpenTelemetry tracer (envoy.tracers.opentelemetry, OTLP/gRPC to `collector`) and
+/// the tracing settings istiod gives it (pilot/pkg/networking/core/tracing.go: the UUID
+/// request id with `use_request_id_for_trace_sampling`, `client_sampling` and
+/// `overall_sampling` 100%, `random_sampling` the configured percentage; no
+/// `internal_address_config`, no `use_remote_address`), forwarding to `app`.
+fn otel_inbound_bootstrap(
+    collector: SocketAddr,
+    app: SocketAddr,
+    sampling: f64,
+) -> serde_json::Value {
+    let mut otel = common::envoy::static_cluster("otel", collector);
+    otel["typed_extension_protocol_options"] = serde_json::json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}
+        }
+    });
+    serde_json::json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "virtualInbound",
+                "traffic_direction": "INBOUND",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "inbound_0.0.0.0_8080",
+                        "request_id_extension": {"typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
+                            "use_request_id_for_trace_sampling": true
+                        }},
+                        "tracing": {
+                            "client_sampling": {"value": 100},
+                            "random_sampling": {"value": sampling},
+                            "overall_sampling": {"value": 100},
+                            "provider": {
+                                "name": "envoy.tracers.opentelemetry",
+                                "typed_config": {
+                                    "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                                    "grpc_service": {"envoy_grpc": {"cluster_name": "otel"}, "timeout": "5s"},
+                                    "service_name": "envoy-web"
+                                }
+                            }
+                        },
+                        "route_config": {"name": "inbound", "virtual_hosts": [{
+                            "name": "inbound", "domains": ["*"],
+                            "routes": [{"match": {"prefix": "/"},
+                                        "decorator": {"operation": "web.test:8080/*"},
+                                        // Istio's inbound route has no timeout (route.go
+                                        // `BuildDefaultHTTPInboundRoute`: `Notimeout`), so
+                                        // the router adds no x-envoy-expected-rq-timeout-ms.
+                                        "route": {"cluster": "inbound|8080||", "timeout": "0s"}}]
+                        }]},
+                        "http_filters": [{"name": "envoy.filters.http.router",
+                            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
+                    }
+                }]}]
+            }],
+            "clusters": [common::envoy::static_cluster("inbound|8080||", app), otel]
+        }
+    })
+}
+
 /// The real Envoy with its OpenTelemetry tracer (envoy.tracers.opentelemetry, OTLP/gRPC to the
 /// same in-test collector), as an inbound listener (`traffic_direction: INBOUND`) with Istio's
 /// request id settings (`use_request_id_for_trace_sampling`) and 100% sampling, against
@@ -593,54 +659,7 @@ async fn propagation_and_span_shape_match_envoys_opentelemetry_tracer() {
     let echo = start_echo().await;
     let mesh = Mesh::new();
     mesh.policy("pa.yaml", MESH_STRICT);
-    let mut otel = common::envoy::static_cluster("otel", collector);
-    otel["typed_extension_protocol_options"] = serde_json::json!({
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": {"http2_protocol_options": {}}
-        }
-    });
-    let bootstrap = serde_json::json!({
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
-        "static_resources": {
-            "listeners": [{
-                "name": "virtualInbound",
-                "traffic_direction": "INBOUND",
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                        "stat_prefix": "inbound_0.0.0.0_8080",
-                        "request_id_extension": {"typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
-                            "use_request_id_for_trace_sampling": true
-                        }},
-                        "tracing": {
-                            "random_sampling": {"value": 100},
-                            "provider": {
-                                "name": "envoy.tracers.opentelemetry",
-                                "typed_config": {
-                                    "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
-                                    "grpc_service": {"envoy_grpc": {"cluster_name": "otel"}, "timeout": "5s"},
-                                    "service_name": "envoy-web"
-                                }
-                            }
-                        },
-                        "route_config": {"name": "inbound", "virtual_hosts": [{
-                            "name": "inbound", "domains": ["*"],
-                            "routes": [{"match": {"prefix": "/"},
-                                        "decorator": {"operation": "web.test:8080/*"},
-                                        "route": {"cluster": "inbound|8080||"}}]
-                        }]},
-                        "http_filters": [{"name": "envoy.filters.http.router",
-                            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
-                    }
-                }]}]
-            }],
-            "clusters": [common::envoy::static_cluster("inbound|8080||", echo), otel]
-        }
-    });
+    let bootstrap = otel_inbound_bootstrap(collector, echo, 100.0);
     let envoy = common::envoy::launch_envoy(&bin, mesh.dir(), "tracing", &bootstrap).await;
     let extra = format!(
         "tracing:
@@ -775,6 +794,164 @@ spec:
                 .iter()
                 .all(|(_, s)| hex::encode(&s.trace_id) != t3),
             "{who}"
+        );
+    }
+    drop(envoy);
+}
+
+/// One plaintext GET with extra headers: the response's headers and the echo backend's view.
+async fn get_seen_and_response(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (http::HeaderMap, Seen) {
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut b = http::Request::get(path).header("host", "outrigger.test");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(http_body_util::Empty::<Bytes>::new()).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (parts.headers, serde_json::from_slice(&body).unwrap())
+}
+
+/// The internal `x-envoy-*` headers Envoy removes from a request that is not internal
+/// (conn_manager_utility.cc `cleanInternalHeaders`, and `x-envoy-internal`).
+const ENVOY_INTERNAL: [&str; 15] = [
+    "x-envoy-internal",
+    "x-envoy-retriable-status-codes",
+    "x-envoy-retriable-header-names",
+    "x-envoy-retry-on",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-max-retries",
+    "x-envoy-upstream-alt-stat-name",
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response",
+    "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-force-trace",
+    "x-envoy-ip-tags",
+    "x-envoy-original-url",
+    "x-envoy-hedge-on-per-try-timeout",
+];
+
+/// Forcing a trace, side by side with the real Envoy configured as istiod configures an
+/// inbound sidecar, at 0% random sampling:
+/// - `x-client-trace-id` forces the trace (request id marked `'b'`, "client"; sampled
+///   `traceparent`), the application still sees the header, and the span carries it as
+///   `guid:x-client-trace-id`; a caller's unsampled `traceparent` still wins (the request id
+///   is marked, the context stays unsampled);
+/// - `x-envoy-force-trace` is removed and forces nothing — even with a private single
+///   `x-forwarded-for` address, since no address is internal to an Istio sidecar — and no
+///   `x-request-id` comes back on the response; the other internal `x-envoy-*` headers are
+///   removed with it, an unknown `x-envoy-*` header is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forcing_a_trace_matches_envoy() {
+    let Some(bin) = common::envoy::envoy_or_skip("forcing_a_trace_matches_envoy") else {
+        return;
+    };
+    let (collector, got) = start_collector(Duration::ZERO).await;
+    let echo = start_echo().await;
+    let mesh = Mesh::new();
+    mesh.policy(
+        "pa.yaml",
+        "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: default
+  namespace: istio-system
+spec:
+  mtls:
+    mode: PERMISSIVE
+",
+    );
+    let bootstrap = otel_inbound_bootstrap(collector, echo, 0.0);
+    let envoy = common::envoy::launch_envoy(&bin, mesh.dir(), "tracing", &bootstrap).await;
+    let extra = format!(
+        "tracing:
+  sampling: 0
+  propagation: [w3c]
+  opentelemetry: {{service: 127.0.0.1, port: {}}}
+",
+        collector.port()
+    );
+    let agent = AgentProc::start(mesh.dir(), &mesh.config(&[("web", echo, "http")], &extra));
+
+    for (who, addr) in [("envoy", envoy.listener), ("outrigger", agent.addr("web"))] {
+        let client_id = format!("case-4711-{who}");
+        // x-client-trace-id at 0%: traced, for the reason "client".
+        let (_, seen) =
+            get_seen_and_response(addr, "/client", &[("x-client-trace-id", &client_id)]).await;
+        let (trace, span, flags) = traceparent(seen.header("traceparent").unwrap());
+        assert_eq!(flags, "01", "{who}");
+        let rid = seen.header("x-request-id").unwrap().to_string();
+        assert_eq!(rid.as_bytes()[14], b'b', "{who}: {rid}");
+        assert_eq!(
+            seen.header("x-client-trace-id"),
+            Some(client_id.as_str()),
+            "{who}"
+        );
+        let (_, s) = wait_for_span(&got, &trace).await;
+        assert_eq!(hex::encode(&s.span_id), span, "{who}");
+        assert_eq!(
+            attr(&s, "guid:x-client-trace-id"),
+            Some(client_id.as_str()),
+            "{who}"
+        );
+        assert_eq!(attr(&s, "guid:x-request-id"), Some(rid.as_str()), "{who}");
+
+        // A caller's unsampled context wins over x-client-trace-id; the id is still marked.
+        let (_, seen) = get_seen_and_response(
+            addr,
+            "/client-unsampled",
+            &[
+                ("x-client-trace-id", "case-4712"),
+                (
+                    "traceparent",
+                    "00-2af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+                ),
+            ],
+        )
+        .await;
+        let (t, _, f) = traceparent(seen.header("traceparent").unwrap());
+        assert_eq!(
+            (t.as_str(), f.as_str()),
+            ("2af7651916cd43dd8448eb211c80319c", "00"),
+            "{who}"
+        );
+        assert_eq!(
+            seen.header("x-request-id").unwrap().as_bytes()[14],
+            b'b',
+            "{who}"
+        );
+
+        // x-envoy-force-trace from a caller that is not internal: removed, forces nothing.
+        let mut headers: Vec<(&str, &str)> = ENVOY_INTERNAL.iter().map(|h| (*h, "1")).collect();
+        headers.push(("x-envoy-force-trace", "true"));
+        headers.push(("x-forwarded-for", "10.1.2.3"));
+        headers.push(("x-envoy-something-else", "kept"));
+        let (resp, seen) = get_seen_and_response(addr, "/forced", &headers).await;
+        let (_, _, flags) = traceparent(seen.header("traceparent").unwrap());
+        assert_eq!(flags, "00", "{who}");
+        let rid = seen.header("x-request-id").unwrap();
+        assert_eq!(rid.as_bytes()[14], b'4', "{who}: {rid}");
+        for h in ENVOY_INTERNAL {
+            assert_eq!(seen.header(h), None, "{who}: {h} reached the application");
+        }
+        assert_eq!(seen.header("x-envoy-something-else"), Some("kept"), "{who}");
+        assert!(
+            resp.get("x-request-id").is_none(),
+            "{who}: x-request-id on the response: {resp:?}"
         );
     }
     drop(envoy);

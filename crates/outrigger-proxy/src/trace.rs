@@ -326,6 +326,29 @@ pub struct OtlpHttp {
     pub path: String,
 }
 
+/// A custom tag's value: Istio's Telemetry API `tracing[].customTags` and MeshConfig
+/// `defaultConfig.tracing.custom_tags` (istio/api `telemetry/v1alpha1/telemetry.proto`,
+/// `Tracing.CustomTag`: `literal`, `environment`, `header`), which istiod turns into Envoy's
+/// `type.tracing.v3.CustomTag` (pilot/pkg/networking/core/tracing.go
+/// `buildCustomTagsFromProvider`). Envoy sets a tag only when its value is not empty
+/// (source/common/tracing/custom_tag_impl.cc `CustomTagBase::applySpan`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum CustomTag {
+    Literal(String),
+    /// An environment variable of the agent, read once when tracing starts (Envoy reads it
+    /// when the configuration is loaded), or `default` when it is not set.
+    Environment {
+        name: String,
+        default: String,
+    },
+    /// The request header's first value (what the next hop receives), or `default` when the
+    /// request has none.
+    Header {
+        name: HeaderName,
+        default: String,
+    },
+}
+
 /// `tracing:` of the agent configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TracingConfig {
@@ -338,6 +361,8 @@ pub struct TracingConfig {
     pub resource_attributes: Vec<(String, String)>,
     /// Istio's `istio.mesh_id` tag (MeshConfig `meshId`, default the trust domain).
     pub mesh_id: String,
+    /// `customTags`, by tag name, in the order istiod gives them to Envoy (sorted by name).
+    pub custom_tags: Vec<(String, CustomTag)>,
     pub propagation: Propagation,
     /// `None`: decisions and headers only, no span is exported.
     pub provider: Option<OtlpProvider>,
@@ -354,6 +379,7 @@ impl Default for TracingConfig {
             service_name: None,
             resource_attributes: Vec::new(),
             mesh_id: "cluster.local".into(),
+            custom_tags: Vec::new(),
             propagation: Propagation::default(),
             provider: None,
             max_queue: 2048,
@@ -379,8 +405,28 @@ struct Inner {
     sampling: u32,
     propagation: Propagation,
     mesh_id: String,
+    /// `customTags`, environment variables read: (tag, literal value) or (tag, header,
+    /// default).
+    custom_tags: Vec<(String, TagValue)>,
     tx: Option<mpsc::Sender<otlp::Span>>,
     counters: SpanCounters,
+}
+
+/// A custom tag's value once the environment has been read.
+enum TagValue {
+    Literal(String),
+    Header(HeaderName, String),
+}
+
+/// Sets a span attribute, replacing one of the same key: OpenTelemetry attribute keys are
+/// unique, and Envoy's OpenTelemetry span overwrites an existing key (so a custom tag named
+/// like a built-in one replaces it).
+fn set_attr(attrs: &mut Vec<otlp::KeyValue>, key: &str, value: &str) {
+    let kv = otlp::KeyValue::string(key, value);
+    match attrs.iter_mut().find(|a| a.key == key) {
+        Some(a) => *a = kv,
+        None => attrs.push(kv),
+    }
 }
 
 /// What the request path knows of a request's trace.
@@ -480,25 +526,17 @@ impl ReqTrace {
         span.end_time_unix_nano = span
             .start_time_unix_nano
             .saturating_add(active.start.elapsed().as_nanos() as u64);
+        // Set after the custom tags, as in Envoy, so that these win over one of the same name.
         let attrs = &mut span.attributes;
-        attrs.push(otlp::KeyValue::string(
-            "http.status_code",
-            end.status.to_string(),
-        ));
-        attrs.push(otlp::KeyValue::string("response_flags", end.flags));
-        attrs.push(otlp::KeyValue::string(
-            "request_size",
-            end.request_size.to_string(),
-        ));
-        attrs.push(otlp::KeyValue::string(
-            "response_size",
-            end.response_size.to_string(),
-        ));
+        set_attr(attrs, "http.status_code", &end.status.to_string());
+        set_attr(attrs, "response_flags", end.flags);
+        set_attr(attrs, "request_size", &end.request_size.to_string());
+        set_attr(attrs, "response_size", &end.response_size.to_string());
         // Envoy's HCM tags `error: true` on a 5xx or a reset (no status), and its
         // OpenTelemetry span turns the `error` tag into status ERROR (tracers/opentelemetry
         // span `setTag`).
         if end.status == 0 || end.status >= 500 {
-            attrs.push(otlp::KeyValue::string("error", "true"));
+            set_attr(attrs, "error", "true");
             span.status = Some(otlp::Status {
                 message: String::new(),
                 code: otlp::status_code::ERROR,
@@ -550,11 +588,28 @@ impl Tracer {
         });
         // `sampling` is a percentage; Envoy's FractionalPercent is in ten-thousandths.
         let sampling = (cfg.sampling.clamp(0.0, 100.0) * 100.0).round() as u32;
+        let custom_tags = cfg
+            .custom_tags
+            .iter()
+            .map(|(tag, v)| {
+                let v = match v {
+                    CustomTag::Literal(l) => TagValue::Literal(l.clone()),
+                    CustomTag::Environment { name, default } => {
+                        TagValue::Literal(std::env::var(name).unwrap_or_else(|_| default.clone()))
+                    }
+                    CustomTag::Header { name, default } => {
+                        TagValue::Header(name.clone(), default.clone())
+                    }
+                };
+                (tag.clone(), v)
+            })
+            .collect();
         Tracer {
             inner: Some(Inner {
                 sampling,
                 propagation: cfg.propagation,
                 mesh_id: cfg.mesh_id.clone(),
+                custom_tags,
                 tx,
                 counters,
             }),
@@ -666,6 +721,20 @@ impl Tracer {
                     "guid:x-client-trace-id",
                     &String::from_utf8_lossy(id.as_bytes()),
                 ));
+            }
+            // `customTags`, after the tags above as in Envoy (finalizeDownstreamSpan applies
+            // them after the request's tags); an empty value sets nothing.
+            for (tag, v) in &inner.custom_tags {
+                let value = match v {
+                    TagValue::Literal(l) => std::borrow::Cow::Borrowed(l.as_str()),
+                    TagValue::Header(name, default) => match h.get(name) {
+                        Some(v) => String::from_utf8_lossy(v.as_bytes()),
+                        None => std::borrow::Cow::Borrowed(default.as_str()),
+                    },
+                };
+                if !value.is_empty() {
+                    set_attr(&mut attributes, tag, &value);
+                }
             }
             Box::new(ActiveSpan {
                 start: std::time::Instant::now(),

@@ -2438,4 +2438,81 @@ outboundProxy:
             .to_string();
         assert!(e.contains("sampleRate"), "{e}");
     }
+
+    /// `tracing.customTags`: the Telemetry API's three kinds, sorted by tag name as istiod
+    /// sorts them, and each mistake refused at its line with its field.
+    #[test]
+    fn tracing_custom_tags() {
+        use outrigger_proxy::trace::CustomTag;
+        let t = parse(&format!(
+            "{GOOD}tracing:
+  customTags:
+    team: {{literal: {{value: payments}}}}
+    host: {{environment: {{name: COMPUTERNAME, defaultValue: unknown}}}}
+    user: {{header: {{name: X-User, defaultValue: anonymous}}}}
+"
+        ))
+        .unwrap()
+        .tracing
+        .unwrap();
+        assert_eq!(
+            t.custom_tags,
+            vec![
+                (
+                    "host".to_string(),
+                    CustomTag::Environment {
+                        name: "COMPUTERNAME".into(),
+                        default: "unknown".into()
+                    }
+                ),
+                ("team".to_string(), CustomTag::Literal("payments".into())),
+                (
+                    "user".to_string(),
+                    CustomTag::Header {
+                        name: http::HeaderName::from_static("x-user"),
+                        default: "anonymous".into()
+                    }
+                ),
+            ]
+        );
+        let line = GOOD.lines().count() + 3;
+        for (tag, field, reason) in [
+            ("{}", "tracing.customTags.a", "names no value"),
+            (
+                "{literal: {value: x}, header: {name: x-a}}",
+                "tracing.customTags.a",
+                "more than one",
+            ),
+            (
+                "{header: {name: \"bad name\"}}",
+                "tracing.customTags.a.header.name",
+                "not a header name",
+            ),
+            (
+                "{environment: {name: \"\"}}",
+                "tracing.customTags.a.environment.name",
+                "not an environment variable",
+            ),
+            (
+                "{formatter: {value: \"%REQ(x)%\"}}",
+                "tracing.customTags.a.formatter",
+                "not supported",
+            ),
+        ] {
+            let e = parse(&format!("{GOOD}tracing:\n  customTags:\n    a: {tag}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with(&format!("/etc/outrigger/agent.yaml:{line}:")),
+                "{e}"
+            );
+            assert!(e.contains(field) && e.contains(reason), "{e}");
+        }
+        let e = parse(&format!(
+            "{GOOD}tracing:\n  customTags:\n    a: {{literal: {{valu: x}}}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("valu"), "{e}");
+    }
 }

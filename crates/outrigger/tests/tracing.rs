@@ -956,3 +956,58 @@ spec:
     }
     drop(envoy);
 }
+
+/// `tracing.customTags` (the Telemetry API's `customTags`) on the exported spans: a literal,
+/// an environment variable of the agent (set, and unset with its default), a request header
+/// (sent, and absent with its default), and a tag whose value is empty, which Envoy does not
+/// set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_tags_reach_the_collector() {
+    let (collector, got) = start_collector(Duration::ZERO).await;
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    let backend = start_echo().await;
+    let extra = format!(
+        "tracing:
+  sampling: 100
+  opentelemetry: {{service: 127.0.0.1, port: {}}}
+  customTags:
+    team: {{literal: {{value: payments}}}}
+    region: {{environment: {{name: OUTRIGGER_TEST_REGION, defaultValue: nowhere}}}}
+    rack: {{environment: {{name: OUTRIGGER_TEST_UNSET_RACK, defaultValue: r0}}}}
+    user: {{header: {{name: x-user, defaultValue: anonymous}}}}
+    empty: {{header: {{name: x-absent}}}}
+",
+        collector.port()
+    );
+    let agent = AgentProc::start_with(
+        mesh.dir(),
+        &mesh.config(&[("web", backend, "http")], &extra),
+        &[("OUTRIGGER_TEST_REGION", "eu-west")],
+    );
+    let sleep = mesh.pki.issue("default", "sleep");
+    let mut c = mesh.connect(agent.addr("web"), &sleep, false).await;
+
+    let mut req = get("/with-user", false);
+    req.headers_mut().insert("x-user", "alice".parse().unwrap());
+    let seen = c.fetch(req).await.unwrap().seen();
+    let (with_user, _, _) = traceparent(seen.header("traceparent").unwrap());
+    let seen = c.fetch(get("/anonymous", false)).await.unwrap().seen();
+    let (anonymous, _, _) = traceparent(seen.header("traceparent").unwrap());
+
+    for (trace, user) in [(with_user, "alice"), (anonymous, "anonymous")] {
+        let (_, span) = wait_for_span(&got, &trace).await;
+        assert_eq!(attr(&span, "team"), Some("payments"));
+        assert_eq!(attr(&span, "region"), Some("eu-west"));
+        assert_eq!(attr(&span, "rack"), Some("r0"));
+        assert_eq!(attr(&span, "user"), Some(user));
+        assert_eq!(attr(&span, "empty"), None);
+        // Istio's own tags are still there, each key once.
+        assert_eq!(attr(&span, "istio.namespace"), Some("legacy"));
+        let mut keys: Vec<&str> = span.attributes.iter().map(|a| a.key.as_str()).collect();
+        keys.sort();
+        let n = keys.len();
+        keys.dedup();
+        assert_eq!(keys.len(), n, "duplicate attribute keys: {keys:?}");
+    }
+}

@@ -1,6 +1,6 @@
 //! Distributed tracing: the trace context of a request (W3C `traceparent`/`tracestate`, B3),
 //! the sampling decision Envoy's connection manager makes, one span per request, and an OTLP
-//! exporter (gRPC or HTTP/protobuf) with a bounded queue.
+//! exporter (gRPC or HTTP/protobuf, plaintext or TLS) with a bounded queue.
 //!
 //! The request path calls [`Tracer::start`] once when a request arrives (after its
 //! `x-request-id` is set) and [`ReqTrace::finish`] once when it is over. With tracing off
@@ -39,6 +39,7 @@
 //!   instrumented for either continues the trace.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -317,6 +318,20 @@ pub struct OtlpProvider {
     pub timeout: Duration,
     /// Extra request headers (`http.headers`, or gRPC metadata).
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// `None`: plaintext (h2c for gRPC).
+    pub tls: Option<OtlpTls>,
+}
+
+/// `tls:` of the provider: OTLP over TLS (gRPC with TLS, or HTTPS), as an Istio sidecar's
+/// Envoy exports when a DestinationRule for the collector's service says
+/// `tls: {mode: SIMPLE, caCertificates, sni}` (istio/api `ClientTLSSettings`): the collector's
+/// certificate is verified against the roots and the name; no client certificate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OtlpTls {
+    /// `caCertificates`: the only trust anchors; empty: the system's trust store.
+    pub roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// `sni`: the name sent and verified (a DNS name or an IP address); default `service`.
+    pub server_name: String,
 }
 
 /// `http:` of the provider (istio/api `HttpService`).
@@ -780,6 +795,122 @@ struct Exporter {
     counters: SpanCounters,
 }
 
+/// One connection to a collector over TLS, opened on first use and reopened after it closes
+/// or fails. The exporter sends one request at a time, so one connection is enough.
+struct TlsChannel {
+    config: Arc<rustls::ClientConfig>,
+    name: rustls_pki_types::ServerName<'static>,
+    grpc: bool,
+    conn: Option<TlsSender>,
+}
+
+enum TlsSender {
+    H1(hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>),
+}
+
+impl TlsChannel {
+    /// `None` (logged) when the name is neither a DNS name nor an address.
+    fn new(tls: &OtlpTls, grpc: bool) -> Option<Self> {
+        let name = match rustls_pki_types::ServerName::try_from(tls.server_name.clone()) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(
+                    "tracing: `{}` is no TLS server name ({e}): no span will be exported",
+                    tls.server_name
+                );
+                return None;
+            }
+        };
+        let mut config = if tls.roots.is_empty() {
+            // The system's trust store, as for JWKS fetches.
+            (*outrigger_tls::control::web_client_config(&[])).clone()
+        } else {
+            let mut roots = rustls::RootCertStore::empty();
+            let _ = roots.add_parsable_certificates(tls.roots.iter().cloned());
+            match rustls::ClientConfig::builder_with_provider(outrigger_tls::crypto_provider())
+                .with_safe_default_protocol_versions()
+            {
+                Ok(b) => b.with_root_certificates(roots).with_no_client_auth(),
+                Err(e) => {
+                    tracing::error!("tracing: TLS to the collector: {e}: no span will be exported");
+                    return None;
+                }
+            }
+        };
+        // gRPC needs HTTP/2, negotiated by ALPN over TLS (as Envoy's gRPC client does).
+        config.alpn_protocols = vec![if grpc {
+            b"h2".to_vec()
+        } else {
+            b"http/1.1".to_vec()
+        }];
+        Some(TlsChannel {
+            config: Arc::new(config),
+            name,
+            grpc,
+            conn: None,
+        })
+    }
+
+    async fn connect(&self, host: &str, port: u16) -> Result<TlsSender, String> {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let tcp = tokio::net::TcpStream::connect((host, port))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio_rustls::TlsConnector::from(self.config.clone())
+            .connect(self.name.clone(), tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        let io = TokioIo::new(tls);
+        if self.grpc {
+            let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            Ok(TlsSender::H2(send))
+        } else {
+            let (send, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            Ok(TlsSender::H1(send))
+        }
+    }
+
+    async fn send(
+        &mut self,
+        host: &str,
+        port: u16,
+        req: http::Request<http_body_util::Full<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, String> {
+        let usable = match &self.conn {
+            Some(TlsSender::H1(s)) => !s.is_closed(),
+            Some(TlsSender::H2(s)) => !s.is_closed(),
+            None => false,
+        };
+        if !usable {
+            self.conn = Some(self.connect(host, port).await?);
+        }
+        let result = match self.conn.as_mut() {
+            Some(TlsSender::H1(s)) => match s.ready().await {
+                Ok(()) => s.send_request(req).await,
+                Err(e) => Err(e),
+            },
+            Some(TlsSender::H2(s)) => match s.ready().await {
+                Ok(()) => s.send_request(req).await,
+                Err(e) => Err(e),
+            },
+            None => return Err("no connection".into()),
+        };
+        result.map_err(|e| {
+            // The next export opens a new connection.
+            self.conn = None;
+            e.to_string()
+        })
+    }
+}
+
 /// How long spans may wait for a batch to fill (the OpenTelemetry SDK's batch span
 /// processor's default `scheduledDelayMillis` is 5000; a proxy's spans are small and many, so
 /// a shorter wait keeps the queue short).
@@ -794,6 +925,19 @@ impl Exporter {
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
             .http2_only(grpc)
             .build_http();
+        let mut tls = match &self.provider.tls {
+            Some(t) => match TlsChannel::new(t, grpc) {
+                Some(c) => Some(c),
+                // Logged: every span is dropped, none is sent in plaintext instead.
+                None => {
+                    while let Some(_span) = rx.recv().await {
+                        self.counters.dropped.inc();
+                    }
+                    return;
+                }
+            },
+            None => None,
+        };
         let mut batch: VecDeque<otlp::Span> = VecDeque::new();
         loop {
             // Wait for a first span, then up to BATCH_DELAY for the batch to fill.
@@ -842,8 +986,17 @@ impl Exporter {
             } else {
                 p.service.clone()
             };
-            let uri = format!("http://{host}:{}{path}", p.port);
-            let mut b = http::Request::post(uri);
+            // Over a TLS connection of its own, an HTTP/1.1 request names its target in
+            // origin form with a `host` header; otherwise the absolute URI (the pooled client
+            // and HTTP/2 take the authority from it).
+            let authority = format!("{host}:{}", p.port);
+            let mut b = match &tls {
+                Some(_) if !grpc => {
+                    http::Request::post(path).header(http::header::HOST, &authority)
+                }
+                Some(_) => http::Request::post(format!("https://{authority}{path}")),
+                None => http::Request::post(format!("http://{authority}{path}")),
+            };
             if grpc {
                 b = b
                     .header(http::header::CONTENT_TYPE, "application/grpc")
@@ -863,7 +1016,10 @@ impl Exporter {
                 request.headers_mut().append(k.clone(), v.clone());
             }
             let send = async {
-                let resp = client.request(request).await.map_err(|e| e.to_string())?;
+                let resp = match tls.as_mut() {
+                    Some(ch) => ch.send(&p.service, p.port, request).await?,
+                    None => client.request(request).await.map_err(|e| e.to_string())?,
+                };
                 let status = resp.status();
                 let collected = resp
                     .into_body()

@@ -17,7 +17,9 @@ use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use outrigger_proxy::trace::{CustomTag, OtlpHttp, OtlpProvider, Propagation, TracingConfig};
+use outrigger_proxy::trace::{
+    CustomTag, OtlpHttp, OtlpProvider, OtlpTls, Propagation, TracingConfig,
+};
 
 use super::{ConfigError, Range, Validator};
 
@@ -80,6 +82,21 @@ struct RawOtel {
     http: Option<Spanned<RawHttp>>,
     #[serde(default)]
     grpc: Option<RawGrpc>,
+    #[serde(default)]
+    tls: Option<Spanned<RawTls>>,
+}
+
+/// `tls:` of the provider, in the shape of istio/api `ClientTLSSettings` (what a
+/// DestinationRule for the collector's service would say).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawTls {
+    #[serde(default)]
+    mode: Option<Spanned<String>>,
+    #[serde(default)]
+    ca_certificates: Option<Spanned<String>>,
+    #[serde(default)]
+    sni: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -330,12 +347,82 @@ impl Validator<'_> {
             })?;
             headers.push((name, value));
         }
+        let tls = match &o.tls {
+            Some(t) => self.otel_tls(&t.value, &o.service)?,
+            None => None,
+        };
         Ok(OtlpProvider {
             service: o.service.value.clone(),
             port,
             http,
             timeout,
             headers,
+            tls,
         })
+    }
+
+    /// `tls: {mode, caCertificates, sni}`: `mode` SIMPLE (the default) or DISABLE; the CA file
+    /// is read and parsed here, so that a missing or bad one is an error at its line.
+    fn otel_tls(
+        &self,
+        t: &RawTls,
+        service: &Spanned<String>,
+    ) -> Result<Option<OtlpTls>, ConfigError> {
+        const F: &str = "tracing.opentelemetry.tls";
+        if let Some(m) = &t.mode {
+            match m.value.as_str() {
+                "SIMPLE" => {}
+                "DISABLE" => return Ok(None),
+                other => {
+                    return Err(self.err(
+                        m,
+                        &format!("{F}.mode"),
+                        format!(
+                            "`{other}` is not supported: SIMPLE (verify the collector) or DISABLE                              (plaintext); the collector gets no client certificate"
+                        ),
+                    ));
+                }
+            }
+        }
+        let (name, at, field) = match &t.sni {
+            Some(sni) => (&sni.value, sni, format!("{F}.sni")),
+            None => (
+                &service.value,
+                service,
+                "tracing.opentelemetry.service".to_string(),
+            ),
+        };
+        if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
+            return Err(self.err(
+                at,
+                &field,
+                format!("`{name}` is not a DNS name or an IP address to verify the collector by"),
+            ));
+        }
+        let mut roots = Vec::new();
+        if let Some(ca) = &t.ca_certificates {
+            use rustls_pki_types::pem::PemObject;
+            let field = format!("{F}.caCertificates");
+            let path = self.path(&ca.value);
+            let pem = std::fs::read(&path).map_err(|e| {
+                self.err(ca, &field, format!("cannot read {}: {e}", path.display()))
+            })?;
+            for c in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+                roots.push(c.map_err(|e| {
+                    self.err(ca, &field, format!("{}: bad PEM: {e}", path.display()))
+                })?);
+            }
+            if roots.is_empty() {
+                return Err(self.err(
+                    ca,
+                    &field,
+                    format!("{}: no CERTIFICATE in the file", path.display()),
+                ));
+            }
+        }
+        Ok(Some(OtlpTls {
+            roots,
+            server_name: name.clone(),
+        }))
     }
 }

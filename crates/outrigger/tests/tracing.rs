@@ -31,6 +31,15 @@ struct Export {
 /// OTLP/gRPC (`TraceService/Export`) over h2c, both decoded with the OTLP messages and kept.
 /// `delay`: how long it waits before answering (a slow collector).
 async fn start_collector(delay: Duration) -> (SocketAddr, Arc<Mutex<Vec<Export>>>) {
+    start_collector_with(delay, None).await
+}
+
+/// The same collector, over TLS when `tls` is given (it serves what the client's ALPN
+/// negotiated: `h2` or HTTP/1.1).
+async fn start_collector_with(
+    delay: Duration,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> (SocketAddr, Arc<Mutex<Vec<Export>>>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let got = Arc::new(Mutex::new(Vec::new()));
@@ -41,6 +50,7 @@ async fn start_collector(delay: Duration) -> (SocketAddr, Arc<Mutex<Vec<Export>>
                 continue;
             };
             let store = store.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
                     move |req: hyper::Request<hyper::body::Incoming>| {
@@ -94,9 +104,18 @@ async fn start_collector(delay: Duration) -> (SocketAddr, Arc<Mutex<Vec<Export>>
                         }
                     },
                 );
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                match tls {
+                    Some(acceptor) => {
+                        let Ok(t) = acceptor.accept(s).await else {
+                            return;
+                        };
+                        let _ = builder.serve_connection(TokioIo::new(t), svc).await;
+                    }
+                    None => {
+                        let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+                    }
+                }
             });
         }
     });
@@ -1010,4 +1029,122 @@ async fn custom_tags_reach_the_collector() {
         keys.dedup();
         assert_eq!(keys.len(), n, "duplicate attribute keys: {keys:?}");
     }
+}
+
+/// A TLS acceptor for a collector whose certificate (from the test CA) names `otel.test`,
+/// offering `h2` and `http/1.1`.
+fn collector_tls(pki: &TestPki) -> tokio_rustls::TlsAcceptor {
+    let mut o = outrigger_tls::ca::IssueOptions::workload(
+        &pki.id("observability", "otel"),
+        Duration::from_secs(3600),
+    );
+    o.dns_sans = vec!["otel.test".into()];
+    let cert = pki.ca.issue_with(&o).unwrap();
+    use rustls_pki_types::pem::PemObject;
+    let chain: Vec<_> =
+        rustls_pki_types::CertificateDer::pem_slice_iter(cert.cert_chain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+    let mut tls = rustls::ServerConfig::builder_with_provider(outrigger_tls::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(tls))
+}
+
+/// OTLP over TLS to a real TLS collector on 127.0.0.1, verified by `caCertificates` and the
+/// `sni` name: gRPC (ALPN h2) and OTLP/HTTP (https). A collector whose certificate the
+/// configured CA did not sign gets nothing: the spans are dropped and counted, never sent
+/// another way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_a_tls_collector_verified_by_its_ca() {
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    let backend = start_echo().await;
+    std::fs::write(mesh.dir().join("otel-ca.pem"), mesh.pki.ca.root_pem()).unwrap();
+    let sleep = mesh.pki.issue("default", "sleep");
+    for http in [false, true] {
+        let (collector, got) =
+            start_collector_with(Duration::ZERO, Some(collector_tls(&mesh.pki))).await;
+        let extra = format!(
+            "tracing:
+  sampling: 100
+  opentelemetry:
+    service: 127.0.0.1
+    port: {}
+    tls: {{mode: SIMPLE, caCertificates: otel-ca.pem, sni: otel.test}}
+{}",
+            collector.port(),
+            if http {
+                "    http: {path: /v1/traces}\n"
+            } else {
+                ""
+            }
+        );
+        let agent = AgentProc::start(
+            mesh.dir(),
+            &mesh.config(&[("web", backend, "http")], &extra),
+        );
+        let mut c = mesh.connect(agent.addr("web"), &sleep, false).await;
+        for i in 0..2 {
+            let seen = c
+                .fetch(get(&format!("/tls/{i}"), false))
+                .await
+                .unwrap()
+                .seen();
+            let (trace, span, _) = traceparent(seen.header("traceparent").unwrap());
+            let (_, s) = wait_for_span(&got, &trace).await;
+            assert_eq!(hex::encode(&s.span_id), span);
+        }
+        let e = got.lock().unwrap()[0].clone();
+        if http {
+            assert_eq!(
+                (e.path.as_str(), e.content_type.as_str()),
+                ("/v1/traces", "application/x-protobuf")
+            );
+        } else {
+            assert_eq!(
+                e.path,
+                "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+            );
+            assert!(e.content_type.starts_with("application/grpc"));
+        }
+    }
+
+    // A collector with a certificate from another CA: nothing is exported.
+    let other = TestPki::new();
+    let (collector, got) = start_collector_with(Duration::ZERO, Some(collector_tls(&other))).await;
+    let extra = format!(
+        "tracing:
+  sampling: 100
+  opentelemetry:
+    service: 127.0.0.1
+    port: {}
+    tls: {{caCertificates: otel-ca.pem, sni: otel.test}}
+",
+        collector.port()
+    );
+    let agent = AgentProc::start(
+        mesh.dir(),
+        &mesh.config(&[("web", backend, "http")], &extra),
+    );
+    let mut c = mesh.connect(agent.addr("web"), &sleep, false).await;
+    let _ = c.fetch(get("/untrusted", false)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric_value(
+        &agent.metrics(),
+        "outrigger_tracing_spans_dropped_total",
+        &[],
+    )
+    .unwrap_or(0.0)
+        < 1.0
+    {
+        assert!(Instant::now() < deadline, "{}", agent.metrics());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(got.lock().unwrap().is_empty());
 }

@@ -277,6 +277,45 @@ pub(crate) fn retarget(
     }
 }
 
+/// The `x-envoy-*` request headers Envoy's connection manager removes from a request it does
+/// not consider internal (envoyproxy/envoy source/common/http/conn_manager_utility.cc
+/// `cleanInternalHeaders`, the part for every such request; the part for edge requests needs
+/// `use_remote_address`, which an Istio sidecar leaves off), and `x-envoy-internal`, which
+/// `mutateRequestHeaders` removes from every request ("Clean proxy headers").
+///
+/// No request reaching an Istio sidecar is internal: internal means a single trusted address
+/// in `x-forwarded-for` that `internal_address_config` lists; istiod sets that config only
+/// with `useRemoteAddress` or `PILOT_ENABLE_HCM_INTERNAL_NETWORKS` and `meshNetworks` CIDRs
+/// (istio/istio pilot/pkg/networking/core/listener_builder.go), and since Envoy 1.36 an unset
+/// one trusts no address (the `explicit_internal_address_config` guard was removed). So a
+/// caller — the mesh peer inbound, the application outbound — can neither force a trace with
+/// `x-envoy-force-trace` nor hand retry or timeout instructions to the next proxy.
+const ENVOY_INTERNAL_HEADERS: [&str; 15] = [
+    "x-envoy-internal",
+    "x-envoy-retriable-status-codes",
+    "x-envoy-retriable-header-names",
+    "x-envoy-retry-on",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-max-retries",
+    "x-envoy-upstream-alt-stat-name",
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response",
+    "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-force-trace",
+    "x-envoy-ip-tags",
+    "x-envoy-original-url",
+    "x-envoy-hedge-on-per-try-timeout",
+];
+
+/// Removes what a caller may not tell the mesh ([`ENVOY_INTERNAL_HEADERS`]), before the
+/// request id and the trace decision, as Envoy does.
+pub(crate) fn clean_internal_headers(h: &mut HeaderMap) {
+    for name in ENVOY_INTERNAL_HEADERS {
+        h.remove(name);
+    }
+}
+
 /// A new `x-request-id`: a random (version 4) UUID in its usual lowercase form, as Envoy's
 /// `UUIDRequestIdExtension` makes one (`Random::RandomGeneratorImpl::uuid`). `None` only if the
 /// system random generator fails, in which case the request simply goes without one.

@@ -173,6 +173,17 @@ fn record_codec_refusal(
         listener = %conn.listener.name, src = %conn.src,
         "request refused by the HTTP codec: {e}; answered {status}"
     );
+    // On the status page too, with the response code details Envoy's HTTP/1 codec gives a
+    // head it cannot parse (envoyproxy/envoy source/common/http/http1/codec_impl.cc
+    // `Http1ResponseCodeDetailValues`): `http1.headers_too_large` for a head over the limit
+    // (Envoy counts the request target in the header size, so a target too long is one too),
+    // `http1.codec_error` otherwise. The path is unknown.
+    let details = if status == StatusCode::BAD_REQUEST {
+        "http1.codec_error"
+    } else {
+        "http1.headers_too_large"
+    };
+    ctx.denials.refused(conn, "-", None, details);
     let parts = Request::new(()).into_parts().0;
     let mut rec = Recorder::new(ctx, conn, &parts, "HTTP/1.1", Instant::now(), handles);
     if let Some(log) = &mut rec.log {
@@ -232,6 +243,10 @@ async fn handle(
             method = %parts.method, details = r.details,
             "request refused by the HTTP codec rules: {}", r.status
         );
+        // On the status page's list of recent denials, with Envoy's response code details
+        // as the reason.
+        ctx.denials
+            .refused(&conn, parts.uri.path(), None, r.details);
         let rec = Recorder::new(&ctx, &conn, &parts, protocol, start, handles);
         let why = Refusal::Codec {
             status: r.status,
@@ -279,6 +294,8 @@ async fn filter_chain(
     backend: Arc<Pool>,
     handles: Arc<MetricHandles>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    // The `x-envoy-*` instructions no caller may give (`x-envoy-force-trace` among them).
+    crate::http_common::clean_internal_headers(&mut parts.headers);
     // Envoy's connection manager gives every request an `x-request-id` before any filter
     // (conn_manager_utility.cc `mutateRequestHeaders`): one a mesh peer sent is kept (the
     // inbound listener does not use the remote address, so the request is internal), a

@@ -25,10 +25,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::Ctx;
 use crate::access_log::{AccessRecord, now_rfc3339};
 use crate::authz;
 use crate::conn::ConnInfo;
+use crate::ctx::Ctx;
 use crate::h1_guard;
 use crate::http_common::{
     Metered, Prefixed, TunnelEnd, drive_until, is_websocket_upgrade, retarget,

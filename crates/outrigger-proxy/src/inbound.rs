@@ -10,8 +10,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use outrigger_policy::MtlsMode;
 
-use crate::Ctx;
 use crate::conn::ConnInfo;
+use crate::ctx::Ctx;
 use crate::detect::{self, Sniffed};
 use crate::io::Rewind;
 use crate::limits::{Overflow, Permit};

@@ -28,8 +28,8 @@ use http::{HeaderValue, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
-use crate::Ctx;
 use crate::conn::ConnInfo;
+use crate::ctx::Ctx;
 use crate::hbone::request::{self, ConnectRequest};
 use crate::hbone::{
     ALPN_H2, CONNECTION_WINDOW, FRAME_SIZE, H2Io, MAX_CONCURRENT_STREAMS, MAX_HEADER_LIST,

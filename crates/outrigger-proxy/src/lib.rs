@@ -11,15 +11,18 @@
 //! keep-alive connection without waiting for it to close).
 //!
 //! Reading order, top-down: this file (the `Proxy`: binding and running the listeners) →
-//! `inbound` (accept, PeerAuthentication, TLS, protocol) and `hbone::server` → `http_fwd` /
-//! `tcp_fwd` (forwarding) → `authz`, `jwt_authn`, `ext_authz`, `ratelimit` (decisions) →
-//! `refusal` (how every refusal is said). Leaves shared by all: `ctx` (the shared context every
-//! task holds), `workload`, `settings`, `policy_state`, `conn` (the per-connection context),
-//! `status_state`, `log_control`, `metrics`, `access_log`. No module imports another that
-//! imports it back, and none imports from this file (`scripts/module-graph.py --check`, run by
-//! CI).
+//! `accept` (a connection was accepted and authenticated: the accept loop with its caps and
+//! drain, the mTLS handshake, the peer's SPIFFE identity, the reject metrics, the per-connection
+//! `ConnInfo` and its XFCC) → `inbound` (PeerAuthentication, protocol) and `hbone::server`
+//! (HTTP/2 CONNECT streams, each served like a direct connection) → `http_fwd` / `tcp_fwd`
+//! (forwarding) → `authz`, `jwt_authn`, `ext_authz`, `ratelimit` (decisions) → `refusal` (how
+//! every refusal is said). Leaves shared by all: `ctx` (the shared context every task holds),
+//! `workload`, `settings`, `policy_state`, `conn` (the per-connection context), `status_state`,
+//! `log_control`, `metrics`, `access_log`. No module imports another that imports it back, and
+//! none imports from this file (`scripts/module-graph.py --check`, run by CI).
 #![forbid(unsafe_code)]
 
+mod accept;
 pub mod access_log;
 pub mod admin;
 mod authz;

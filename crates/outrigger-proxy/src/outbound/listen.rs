@@ -4,11 +4,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 
 use super::{Bound, DestTransport, OutboundProtocol, endpoints, http_origin, tcp_origin};
+use crate::accept;
 use crate::ctx::Ctx;
 
 /// Spawns the listeners and the DNS refresh tasks. Every task ends on drain.
@@ -31,15 +31,16 @@ pub(crate) fn spawn(bound: Bound, ctx: &Arc<Ctx>, tasks: &mut tokio::task::JoinS
             sni = %dest.cfg.sni(),
             "outbound listener ready"
         );
+        let name = dest.cfg.name.clone();
         match dest.cfg.protocol {
             OutboundProtocol::Tcp => {
-                tasks.spawn(serve_listener(l, ctx.clone(), move |s, src, ctx| {
+                tasks.spawn(serve_listener(l, ctx.clone(), name, move |s, src, ctx| {
                     tcp_origin::serve(s, src, dest.clone(), ctx)
                 }));
             }
             OutboundProtocol::Http | OutboundProtocol::Http2 => {
                 let route = http_origin::Route::Fixed(dest);
-                tasks.spawn(serve_listener(l, ctx.clone(), move |s, src, ctx| {
+                tasks.spawn(serve_listener(l, ctx.clone(), name, move |s, src, ctx| {
                     http_origin::serve(s, src, route.clone(), ctx)
                 }));
             }
@@ -52,32 +53,21 @@ pub(crate) fn spawn(bound: Bound, ctx: &Arc<Ctx>, tasks: &mut tokio::task::JoinS
             "outbound HTTP proxy ready"
         );
         let route = http_origin::Route::Proxy(routes);
-        tasks.spawn(serve_listener(l, ctx.clone(), move |s, src, ctx| {
+        let name = "http-proxy".to_string();
+        tasks.spawn(serve_listener(l, ctx.clone(), name, move |s, src, ctx| {
             http_origin::serve(s, src, route.clone(), ctx)
         }));
     }
 }
 
-async fn serve_listener<F, Fut>(listener: TcpListener, ctx: Arc<Ctx>, handle: F)
+async fn serve_listener<F, Fut>(listener: TcpListener, ctx: Arc<Ctx>, name: String, handle: F)
 where
     F: Fn(tokio::net::TcpStream, SocketAddr, Arc<Ctx>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let mut drain = ctx.drain.clone();
-    loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = drain.wait_for(|d| *d) => break,
-        };
-        match accepted {
-            Ok((stream, src)) => {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(stream, src, ctx.clone()));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "outbound accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    accept::until_drained(&listener, &ctx, &name, |stream, src| {
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(handle(stream, src, ctx.clone()));
+    })
+    .await;
 }

@@ -5,6 +5,7 @@
 #   bench/run.sh                       # everything, 10 s per scenario per target (~5 min)
 #   bench/run.sh --duration 5          # shorter
 #   bench/run.sh --targets outrigger,envoy --scenarios newconn
+#   bench/run.sh --scenarios idleconns,h2c   # RSS per idle mTLS connection; h2c to the backend
 #   bench/run.sh --outbound            # mTLS ORIGINATION: the proxy calls a shared Outrigger inbound
 #   bench/run.sh --help                # all options (bench/bench.py)
 #

@@ -73,6 +73,8 @@ def main():
         text = open(path).read()
         # Test modules may reach anywhere: only non-test code counts.
         text = text.split("#[cfg(test)]")[0]
+        # Comments (doc comments too) name paths without importing them.
+        text = re.sub(r"(?m)^\s*//.*$", "", text)
         deps = set()
         for m in re.finditer(r"\bcrate::((?:\w+::)*\w+|\{[^}]*\})", text):
             body = m.group(1)

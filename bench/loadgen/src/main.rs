@@ -7,7 +7,16 @@
 //!   - `keepalive`: N HTTP/1.1 keep-alive connections, one request in flight on each;
 //!   - `newconn`: N concurrent workers, each doing TCP connect + full TLS handshake + one
 //!     request (`Connection: close`) per iteration — handshakes/s;
-//!   - `h2`: C HTTP/2 connections x S concurrent streams each.
+//!   - `h2`: C HTTP/2 connections x S concurrent streams each;
+//!   - `idleconns`: open N connections (at most `--open-concurrency` handshakes at a time), one
+//!     HTTP/1.1 request on each, then hold them all open and idle until a line (or EOF) arrives
+//!     on stdin or `--duration` has passed since the start, whichever is first. A first JSON
+//!     line (`"event": "open"`) says when they are open, so the caller can measure the target
+//!     meanwhile; the result line says how many were still open when the hold ended.
+//!
+//! When the backend runs with `--version-header`, `loadgen run` counts the HTTP version each
+//! response says the request reached the backend with (`backend_versions` in the JSON), so a
+//! benchmark can check which protocol a proxy really spoke upstream.
 //!
 //! Every loop is bounded by a deadline (`--duration`) and a total request budget (`--requests`);
 //! every await on the network is bounded by `--timeout`.
@@ -88,6 +97,8 @@ enum Scenario {
     Newconn,
     /// HTTP/2: `--connections` connections x `--streams` concurrent streams.
     H2,
+    /// `--connections` HTTP/1.1 connections, one request each, then held open and idle.
+    Idleconns,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -110,13 +121,18 @@ struct RunArgs {
     /// Speak TLS to the target (otherwise plaintext HTTP).
     #[arg(long)]
     tls: bool,
-    /// Connections (keepalive, h2) or concurrent workers (newconn).
+    /// Connections (keepalive, h2, idleconns) or concurrent workers (newconn).
     #[arg(long, default_value_t = 50)]
     connections: usize,
+    /// idleconns: at most this many connections being opened (handshake + first request) at
+    /// a time.
+    #[arg(long, default_value_t = 50)]
+    open_concurrency: usize,
     /// Concurrent streams per HTTP/2 connection.
     #[arg(long, default_value_t = 10)]
     streams: usize,
-    /// How long to run, seconds.
+    /// How long to run, seconds (idleconns: the longest the connections are held, counted
+    /// from the start).
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
     /// Stop after this many requests in total (whichever comes first).
@@ -417,6 +433,8 @@ struct Shared {
     errors: Mutex<BTreeMap<String, u64>>,
     /// What the first TLS handshake negotiated (version, suite, group, ALPN).
     negotiated: std::sync::OnceLock<serde_json::Value>,
+    /// Responses by the backend's `x-backend-http-version` (HTTP/1.1, HTTP/2, other or none).
+    backend_versions: [AtomicU64; 3],
 }
 
 impl Shared {
@@ -431,6 +449,45 @@ impl Shared {
     }
     fn remaining(&self) -> Duration {
         self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// Reads a whole response; an error unless its status is `--expect-status`.
+    async fn read_response(&self, resp: Response<Incoming>) -> std::result::Result<(), String> {
+        let status = resp.status().as_u16();
+        let seen = match resp
+            .headers()
+            .get("x-backend-http-version")
+            .map(|v| v.as_bytes())
+        {
+            Some(b"HTTP/1.1") => 0,
+            Some(b"HTTP/2") => 1,
+            _ => 2,
+        };
+        self.backend_versions[seen].fetch_add(1, Ordering::Relaxed);
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?;
+        drop(body);
+        if status != self.a.expect_status {
+            return Err(format!("status {status}"));
+        }
+        Ok(())
+    }
+
+    fn backend_versions_json(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        for (name, n) in ["HTTP/1.1", "HTTP/2", "unknown"]
+            .iter()
+            .zip(&self.backend_versions)
+        {
+            let n = n.load(Ordering::Relaxed);
+            if n > 0 {
+                m.insert(name.to_string(), n.into());
+            }
+        }
+        m.into()
     }
 
     async fn connect(&self) -> Result<Box<dyn Io>> {
@@ -480,20 +537,6 @@ fn record(h: &mut Histogram<u64>, t0: Instant) {
     h.saturating_record(us);
 }
 
-async fn read_response(resp: Response<Incoming>, expect: u16) -> std::result::Result<(), String> {
-    let status = resp.status().as_u16();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("body: {e}"))?;
-    drop(body);
-    if status != expect {
-        return Err(format!("status {status}"));
-    }
-    Ok(())
-}
-
 async fn keepalive_worker(sh: Arc<Shared>) -> Histogram<u64> {
     let mut h = new_hist();
     'conns: while !sh.remaining().is_zero() {
@@ -530,7 +573,7 @@ async fn keepalive_worker(sh: Arc<Shared>) -> Histogram<u64> {
                     .send_request(sh.h1_request(false))
                     .await
                     .map_err(|e| format!("request: {e}"))?;
-                read_response(resp, sh.a.expect_status).await
+                sh.read_response(resp).await
             })
             .await;
             match r {
@@ -565,7 +608,7 @@ async fn newconn_worker(sh: Arc<Shared>) -> Histogram<u64> {
                 .send_request(sh.h1_request(true))
                 .await
                 .map_err(|e| format!("request: {e}"))?;
-            read_response(resp, sh.a.expect_status).await?;
+            sh.read_response(resp).await?;
             drop(send);
             // Let the connection finish closing (bounded by the outer timeout).
             let _ = driver.await;
@@ -628,7 +671,7 @@ async fn h2_connection(sh: Arc<Shared>) -> Histogram<u64> {
                             .send_request(sh.h2_request())
                             .await
                             .map_err(|e| format!("request: {e}"))?;
-                        read_response(resp, sh.a.expect_status).await
+                        sh.read_response(resp).await
                     })
                     .await;
                     match r {
@@ -658,9 +701,142 @@ async fn h2_connection(sh: Arc<Shared>) -> Histogram<u64> {
     h
 }
 
+/// One connection held open by `idleconns`: dropping `send` lets it close; `driver` (hyper's
+/// connection task) has finished once the connection is closed, by either side.
+struct Held {
+    send: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+/// Connect, TLS handshake, HTTP/1.1 handshake and one keep-alive request; the connection is
+/// then left idle.
+async fn open_idle(sh: &Shared) -> std::result::Result<Held, String> {
+    let io = sh.connect().await.map_err(|e| format!("{e:#}"))?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| format!("http handshake: {e}"))?;
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let r = async {
+        send.ready().await.map_err(|e| format!("ready: {e}"))?;
+        let resp = send
+            .send_request(sh.h1_request(false))
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        sh.read_response(resp).await
+    }
+    .await;
+    match r {
+        Ok(()) => Ok(Held { send, driver }),
+        Err(e) => {
+            driver.abort();
+            Err(e)
+        }
+    }
+}
+
+/// The `idleconns` scenario (see the crate docs): returns the fields of the result line.
+async fn idleconns(sh: Arc<Shared>, start: Instant) -> serde_json::Value {
+    let permits = Arc::new(tokio::sync::Semaphore::new(sh.a.open_concurrency));
+    let mut opening = Vec::with_capacity(sh.a.connections);
+    for _ in 0..sh.a.connections {
+        let sh = sh.clone();
+        let permits = permits.clone();
+        opening.push(tokio::spawn(async move {
+            // The semaphore is never closed, so acquiring only waits for a turn.
+            let _turn = permits.acquire_owned().await.ok()?;
+            if sh.remaining().is_zero() {
+                sh.error("not opened before --duration ran out");
+                return None;
+            }
+            let t0 = Instant::now();
+            match timeout(sh.req_timeout, open_idle(&sh)).await {
+                Ok(Ok(held)) => {
+                    sh.connections.fetch_add(1, Ordering::Relaxed);
+                    Some((held, t0.elapsed()))
+                }
+                Ok(Err(e)) => {
+                    sh.error(e);
+                    None
+                }
+                Err(_) => {
+                    sh.error("timeout");
+                    None
+                }
+            }
+        }));
+    }
+    // Each task ends by the deadline plus one --timeout.
+    let mut held = Vec::with_capacity(sh.a.connections);
+    let mut hist = new_hist();
+    for t in opening {
+        match t.await {
+            Ok(Some((h, took))) => {
+                hist.saturating_record((took.as_micros() as u64).clamp(1, 60_000_000));
+                held.push(h);
+            }
+            Ok(None) => {}
+            Err(e) => sh.error(format!("worker: {e}")),
+        }
+    }
+    let open_s = start.elapsed().as_secs_f64();
+    let n_err: u64 = sh.errors.lock().unwrap().values().sum();
+    println!(
+        "{}",
+        serde_json::json!({"event": "open", "opened": held.len(), "errors": n_err, "open_s": open_s})
+    );
+    {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }
+    // Hold until the caller says so (a line or EOF on stdin) or the deadline passes. A plain
+    // thread reads stdin (tokio's stdin needs a feature the main workspace does not build);
+    // it may stay blocked after a deadline, which does not keep the process alive.
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+        let _ = tx.send(());
+    });
+    let held_from = Instant::now();
+    let released_by = tokio::select! {
+        _ = rx => "stdin",
+        _ = tokio::time::sleep_until(sh.deadline.into()) => "deadline",
+    };
+    let held_s = held_from.elapsed().as_secs_f64();
+    // Still open: neither side has closed it (a close by the target ends hyper's connection
+    // task, and marks the sender closed).
+    let still_open = held
+        .iter()
+        .filter(|h| !h.driver.is_finished() && !h.send.is_closed())
+        .count();
+    for h in held {
+        drop(h.send);
+        h.driver.abort();
+    }
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    serde_json::json!({
+        "opened": hist.len(),
+        "open_s": open_s,
+        "held_s": held_s,
+        "released_by": released_by,
+        "still_open": still_open,
+        "open_concurrency": sh.a.open_concurrency,
+        "open_latency_ms": {
+            "p50": ms(0.50),
+            "p99": ms(0.99),
+            "max": hist.max() as f64 / 1000.0,
+        },
+    })
+}
+
 async fn run(a: RunArgs) -> Result<serde_json::Value> {
-    if a.connections == 0 || a.streams == 0 {
-        bail!("--connections and --streams must be at least 1");
+    if a.connections == 0 || a.streams == 0 || a.open_concurrency == 0 {
+        bail!("--connections, --streams and --open-concurrency must be at least 1");
+    }
+    if a.connections > 100_000 {
+        bail!("--connections must be at most 100000");
     }
     if !(a.duration > 0.0 && a.duration <= 3600.0) {
         bail!("--duration must be in (0, 3600] seconds");
@@ -682,7 +858,29 @@ async fn run(a: RunArgs) -> Result<serde_json::Value> {
         connections: AtomicU64::new(0),
         errors: Mutex::new(BTreeMap::new()),
         negotiated: std::sync::OnceLock::new(),
+        backend_versions: Default::default(),
     });
+    if a.scenario == Scenario::Idleconns {
+        let mut out = idleconns(sh.clone(), start).await;
+        let errors = sh.errors.lock().unwrap().clone();
+        let fields = out.as_object_mut().expect("an object");
+        for (k, v) in [
+            ("label", serde_json::json!(a.label)),
+            ("scenario", "idleconns".into()),
+            ("target", a.target.to_string().into()),
+            ("tls", a.tls.into()),
+            ("connections", a.connections.into()),
+            ("requests", sh.connections.load(Ordering::Relaxed).into()),
+            ("errors", errors.values().sum::<u64>().into()),
+            ("error_kinds", serde_json::json!(errors)),
+            ("negotiated", sh.negotiated.get().cloned().into()),
+            ("backend_versions", sh.backend_versions_json()),
+            ("elapsed_s", start.elapsed().as_secs_f64().into()),
+        ] {
+            fields.insert(k.to_string(), v);
+        }
+        return Ok(out);
+    }
     let mut tasks = Vec::with_capacity(a.connections);
     for _ in 0..a.connections {
         let sh = sh.clone();
@@ -691,6 +889,8 @@ async fn run(a: RunArgs) -> Result<serde_json::Value> {
                 Scenario::Keepalive => keepalive_worker(sh).await,
                 Scenario::Newconn => newconn_worker(sh).await,
                 Scenario::H2 => h2_connection(sh).await,
+                // Handled above; never spawned here.
+                Scenario::Idleconns => new_hist(),
             }
         }));
     }
@@ -725,6 +925,7 @@ async fn run(a: RunArgs) -> Result<serde_json::Value> {
         "error_kinds": errors,
         "connections_opened": sh.connections.load(Ordering::Relaxed),
         "negotiated": sh.negotiated.get().cloned(),
+        "backend_versions": sh.backend_versions_json(),
         "rps": ok as f64 / elapsed,
         "latency_ms": {
             "p50": ms(0.50),

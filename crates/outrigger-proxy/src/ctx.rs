@@ -19,7 +19,7 @@ use crate::policy_state::PolicyHandle;
 use crate::settings::Settings;
 use crate::status_state::{Denials, Rates};
 use crate::workload::{InboundConfig, WorkloadInfo};
-use crate::{jwt_authn, limits, peer_metadata, ratelimit, trace};
+use crate::{backend, jwt_authn, limits, peer_metadata, ratelimit, trace};
 
 /// State shared by every connection.
 pub(crate) struct Ctx {
@@ -32,6 +32,8 @@ pub(crate) struct Ctx {
     pub tracer: trace::Tracer,
     pub workload: WorkloadInfo,
     pub settings: Settings,
+    /// The connections to the application, pooled per backend address.
+    pub backends: backend::Backends,
     pub dest_labels: metrics::TcpLabels,
     /// This workload's side of Istio's HTTP metadata exchange.
     pub peer_exchange: peer_metadata::Local,

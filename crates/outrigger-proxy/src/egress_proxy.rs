@@ -417,7 +417,7 @@ mod tests {
                         s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
                             .await
                             .unwrap();
-                        let _ = tokio::io::copy_bidirectional(&mut s, &mut up).await;
+                        let _ = crate::copy::copy_bidirectional(&mut s, &mut up).await;
                     } else {
                         s.write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
                             .await

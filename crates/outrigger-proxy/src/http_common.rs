@@ -104,7 +104,7 @@ pub(crate) async fn tunnel(
     };
     let mut client = crate::io::Counted::new(hyper_util::rt::TokioIo::new(client), counts);
     let mut server = hyper_util::rt::TokioIo::new(server);
-    let copy = tokio::io::copy_bidirectional(&mut client, &mut server);
+    let copy = crate::copy::copy_bidirectional(&mut client, &mut server);
     tokio::pin!(copy);
     tokio::pin!(stop);
     tokio::select! {
@@ -277,6 +277,45 @@ pub(crate) fn retarget(
     }
 }
 
+/// The `x-envoy-*` request headers Envoy's connection manager removes from a request it does
+/// not consider internal (envoyproxy/envoy source/common/http/conn_manager_utility.cc
+/// `cleanInternalHeaders`, the part for every such request; the part for edge requests needs
+/// `use_remote_address`, which an Istio sidecar leaves off), and `x-envoy-internal`, which
+/// `mutateRequestHeaders` removes from every request ("Clean proxy headers").
+///
+/// No request reaching an Istio sidecar is internal: internal means a single trusted address
+/// in `x-forwarded-for` that `internal_address_config` lists; istiod sets that config only
+/// with `useRemoteAddress` or `PILOT_ENABLE_HCM_INTERNAL_NETWORKS` and `meshNetworks` CIDRs
+/// (istio/istio pilot/pkg/networking/core/listener_builder.go), and since Envoy 1.36 an unset
+/// one trusts no address (the `explicit_internal_address_config` guard was removed). So a
+/// caller — the mesh peer inbound, the application outbound — can neither force a trace with
+/// `x-envoy-force-trace` nor hand retry or timeout instructions to the next proxy.
+const ENVOY_INTERNAL_HEADERS: [&str; 15] = [
+    "x-envoy-internal",
+    "x-envoy-retriable-status-codes",
+    "x-envoy-retriable-header-names",
+    "x-envoy-retry-on",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-max-retries",
+    "x-envoy-upstream-alt-stat-name",
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response",
+    "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-force-trace",
+    "x-envoy-ip-tags",
+    "x-envoy-original-url",
+    "x-envoy-hedge-on-per-try-timeout",
+];
+
+/// Removes what a caller may not tell the mesh ([`ENVOY_INTERNAL_HEADERS`]), before the
+/// request id and the trace decision, as Envoy does.
+pub(crate) fn clean_internal_headers(h: &mut HeaderMap) {
+    for name in ENVOY_INTERNAL_HEADERS {
+        h.remove(name);
+    }
+}
+
 /// A new `x-request-id`: a random (version 4) UUID in its usual lowercase form, as Envoy's
 /// `UUIDRequestIdExtension` makes one (`Random::RandomGeneratorImpl::uuid`). `None` only if the
 /// system random generator fails, in which case the request simply goes without one.
@@ -288,16 +327,20 @@ pub(crate) fn new_request_id() -> Option<http::HeaderValue> {
         .ok()?;
     b[6] = (b[6] & 0x0f) | 0x40; // version 4
     b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
-    let h = hex::encode(b);
-    let id = format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    );
-    http::HeaderValue::from_str(&id).ok()
+    // 8-4-4-4-12 hex digits, written in place: one allocation per request, the header's.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 36];
+    let mut j = 0;
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            id[j] = b'-';
+            j += 1;
+        }
+        id[j] = HEX[usize::from(byte >> 4)];
+        id[j + 1] = HEX[usize::from(byte & 0x0f)];
+        j += 2;
+    }
+    http::HeaderValue::from_bytes(&id).ok()
 }
 
 /// The request's authority as written (`:authority` or the absolute URI's, else `Host`; empty
@@ -328,6 +371,26 @@ pub(crate) fn request_authority(parts: &http::request::Parts) -> Option<http::ur
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_ids_are_version_4_uuids_in_lowercase() {
+        let a = new_request_id().unwrap();
+        let a = a.to_str().unwrap();
+        assert_eq!(a.len(), 36, "{a}");
+        let groups: Vec<&str> = a.split('-').collect();
+        assert_eq!(
+            groups.iter().map(|g| g.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12],
+            "{a}"
+        );
+        assert!(
+            a.bytes()
+                .all(|c| c == b'-' || c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+        );
+        assert_eq!(&a[14..15], "4", "version: {a}");
+        assert!("89ab".contains(&a[19..20]), "variant: {a}");
+        assert_ne!(new_request_id().unwrap(), a, "random");
+    }
 
     fn parts(version: http::Version, headers: &[(&str, &str)]) -> http::request::Parts {
         let mut b = http::Request::get("/chat").version(version);

@@ -1,9 +1,9 @@
-//! HTTP forwarding: one hyper server connection per downstream connection, one backend
-//! connection (HTTP/1.1, or HTTP/2 multiplexed) per downstream connection, bodies streamed both
-//! ways (so a 1 GiB upload holds only a few buffers), trailers (gRPC) passed through.
+//! HTTP forwarding: one hyper server connection per downstream connection; each request goes
+//! to the application over a connection from the backend's pool (crate::backend, shared by
+//! every downstream connection), bodies streamed both ways (so a 1 GiB upload holds only a few
+//! buffers), trailers (gRPC) passed through.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,16 +17,15 @@ use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1 as client1, http2 as client2};
 use hyper::server::conn::{http1 as server1, http2 as server2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::access_log::{AccessRecord, now_rfc3339};
 use crate::authz;
+use crate::backend::{Lease, Pool};
 use crate::conn::ConnInfo;
 use crate::ctx::Ctx;
 use crate::h1_guard;
@@ -58,10 +57,7 @@ where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn_src = conn.src;
-    let backend = Arc::new(Backend::new(
-        conn.listener.backend,
-        ctx.settings.connect_timeout,
-    ));
+    let backend = ctx.backends.pool(conn.listener.backend);
     let mut drain = ctx.drain.clone();
     let svc_ctx = ctx.clone();
     let handles = Arc::new(MetricHandles::default());
@@ -177,6 +173,17 @@ fn record_codec_refusal(
         listener = %conn.listener.name, src = %conn.src,
         "request refused by the HTTP codec: {e}; answered {status}"
     );
+    // On the status page too, with the response code details Envoy's HTTP/1 codec gives a
+    // head it cannot parse (envoyproxy/envoy source/common/http/http1/codec_impl.cc
+    // `Http1ResponseCodeDetailValues`): `http1.headers_too_large` for a head over the limit
+    // (Envoy counts the request target in the header size, so a target too long is one too),
+    // `http1.codec_error` otherwise. The path is unknown.
+    let details = if status == StatusCode::BAD_REQUEST {
+        "http1.codec_error"
+    } else {
+        "http1.headers_too_large"
+    };
+    ctx.denials.refused(conn, "-", None, details);
     let parts = Request::new(()).into_parts().0;
     let mut rec = Recorder::new(ctx, conn, &parts, "HTTP/1.1", Instant::now(), handles);
     if let Some(log) = &mut rec.log {
@@ -187,22 +194,6 @@ fn record_codec_refusal(
     rec.code = status.as_u16();
     rec.flags = "DPE";
     rec.finish();
-}
-
-type ReqBody = Metered<Prefixed<Incoming>>;
-
-enum Sender {
-    H1(client1::SendRequest<ReqBody>),
-    H2(client2::SendRequest<ReqBody>),
-}
-
-/// The backend connections of one downstream connection — one HTTP/1.1 and one HTTP/2, each
-/// opened on first use and reopened if the application closed it.
-struct Backend {
-    addr: SocketAddr,
-    connect_timeout: Duration,
-    h1: tokio::sync::Mutex<Option<Sender>>,
-    h2: tokio::sync::Mutex<Option<Sender>>,
 }
 
 /// The protocol Outrigger speaks to the application for one request: the listener's, as an
@@ -225,137 +216,6 @@ fn upstream_is_h2(protocol: Protocol, parts: &http::request::Parts) -> bool {
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
-#[derive(Debug, thiserror::Error)]
-enum BackendError {
-    #[error("cannot connect to backend {0}: {1}")]
-    Connect(SocketAddr, std::io::Error),
-    #[error("connect to backend {0} timed out")]
-    ConnectTimeout(SocketAddr),
-    #[error("backend {0}: {1}")]
-    Http(SocketAddr, hyper::Error),
-}
-
-impl Backend {
-    fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
-        Backend {
-            addr,
-            connect_timeout,
-            h1: tokio::sync::Mutex::new(None),
-            h2: tokio::sync::Mutex::new(None),
-        }
-    }
-
-    async fn connect(&self, h2: bool) -> Result<Sender, BackendError> {
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr))
-            .await
-            .map_err(|_| BackendError::ConnectTimeout(self.addr))?
-            .map_err(|e| BackendError::Connect(self.addr, e))?;
-        let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(stream);
-        if h2 {
-            let (tx, conn) = client2::Builder::new(TokioExecutor::new())
-                .timer(hyper_util::rt::TokioTimer::new())
-                .handshake(io)
-                .await
-                .map_err(|e| BackendError::Http(self.addr, e))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "backend HTTP/2 connection ended");
-                }
-            });
-            Ok(Sender::H2(tx))
-        } else {
-            let (tx, conn) = client1::handshake(io)
-                .await
-                .map_err(|e| BackendError::Http(self.addr, e))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "backend HTTP/1 connection ended");
-                }
-            });
-            Ok(Sender::H1(tx))
-        }
-    }
-
-    /// Sends a WebSocket upgrade request on a connection of its own: after a `101` the
-    /// connection belongs to the tunnel, so it must not be the one later requests share.
-    async fn upgrade(&self, req: Request<ReqBody>) -> Result<Response<Incoming>, BackendError> {
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr))
-            .await
-            .map_err(|_| BackendError::ConnectTimeout(self.addr))?
-            .map_err(|e| BackendError::Connect(self.addr, e))?;
-        let _ = stream.set_nodelay(true);
-        let (mut tx, conn) = client1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| BackendError::Http(self.addr, e))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "backend WebSocket connection ended");
-            }
-        });
-        tx.send_request(req)
-            .await
-            .map_err(|e| BackendError::Http(self.addr, e))
-    }
-
-    /// Sends one request. A request that never left because the pooled connection had just
-    /// been closed by the application is sent again on a fresh connection.
-    async fn send(
-        &self,
-        req: Request<ReqBody>,
-        h2: bool,
-    ) -> Result<Response<Incoming>, BackendError> {
-        let mut req = req;
-        let slot = if h2 { &self.h2 } else { &self.h1 };
-        for attempt in 0..2 {
-            let mut sender = {
-                let mut slot = slot.lock().await;
-                match slot.take() {
-                    Some(s) if !is_closed(&s) => s,
-                    _ => self.connect(h2).await?,
-                }
-            };
-            let fut = match &mut sender {
-                Sender::H1(tx) => {
-                    if tx.ready().await.is_err() {
-                        continue;
-                    }
-                    future::Either::Left(tx.try_send_request(req))
-                }
-                Sender::H2(tx) => {
-                    if tx.ready().await.is_err() {
-                        continue;
-                    }
-                    future::Either::Right(tx.try_send_request(req))
-                }
-            };
-            // HTTP/2 senders are shared by concurrent streams; HTTP/1 requests on one
-            // downstream connection are sequential (the next one is read only after this
-            // response ends), so the sender can go back to the slot now in both cases.
-            *slot.lock().await = Some(sender);
-            let res = fut.await;
-            match res {
-                Ok(resp) => return Ok(resp),
-                Err(mut e) => match e.take_message() {
-                    Some(back) if attempt == 0 => req = back,
-                    _ => return Err(BackendError::Http(self.addr, e.into_error())),
-                },
-            }
-        }
-        Err(BackendError::Connect(
-            self.addr,
-            std::io::Error::other("backend connection closed twice in a row"),
-        ))
-    }
-}
-
-fn is_closed(s: &Sender) -> bool {
-    match s {
-        Sender::H1(tx) => tx.is_closed(),
-        Sender::H2(tx) => tx.is_closed(),
-    }
-}
-
 /// One request, in the order an Istio sidecar's inbound HTTP chain handles it: what the codec
 /// refuses, then local rate limiting (the filter Istio's rate-limiting task inserts first),
 /// then authentication, authorization and forwarding ([`authorize_and_forward`]).
@@ -364,7 +224,7 @@ async fn handle(
     codec_verdict: Option<crate::codec_checks::Refusal>,
     conn: Arc<ConnInfo>,
     ctx: Arc<Ctx>,
-    backend: Arc<Backend>,
+    backend: Arc<Pool>,
     handles: Arc<MetricHandles>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
@@ -383,6 +243,10 @@ async fn handle(
             method = %parts.method, details = r.details,
             "request refused by the HTTP codec rules: {}", r.status
         );
+        // On the status page's list of recent denials, with Envoy's response code details
+        // as the reason.
+        ctx.denials
+            .refused(&conn, parts.uri.path(), None, r.details);
         let rec = Recorder::new(&ctx, &conn, &parts, protocol, start, handles);
         let why = Refusal::Codec {
             status: r.status,
@@ -427,9 +291,11 @@ async fn filter_chain(
     start: Instant,
     conn: Arc<ConnInfo>,
     ctx: Arc<Ctx>,
-    backend: Arc<Backend>,
+    backend: Arc<Pool>,
     handles: Arc<MetricHandles>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    // The `x-envoy-*` instructions no caller may give (`x-envoy-force-trace` among them).
+    crate::http_common::clean_internal_headers(&mut parts.headers);
     // Envoy's connection manager gives every request an `x-request-id` before any filter
     // (conn_manager_utility.cc `mutateRequestHeaders`): one a mesh peer sent is kept (the
     // inbound listener does not use the remote address, so the request is internal), a
@@ -551,7 +417,7 @@ async fn authorize_and_forward(
     policy: Arc<crate::policy_state::PolicyState>,
     conn: Arc<ConnInfo>,
     ctx: Arc<Ctx>,
-    backend: Arc<Backend>,
+    backend: Arc<Pool>,
     handles: Arc<MetricHandles>,
     trace: crate::trace::ReqTrace,
 ) -> Result<Response<ProxyBody>, Infallible> {
@@ -693,17 +559,17 @@ async fn authorize_and_forward(
             },
         );
         let sent = match client_upgrade {
-            Some(_) => backend.upgrade(req).await,
-            None => backend.send(req, to_h2).await,
+            Some(_) => backend.upgrade(req).await.map(|r| (r, None)),
+            None => backend.send(req, to_h2).await.map(|(r, l)| (r, Some(l))),
         };
-        if let (Some(client), Ok(resp)) = (client_upgrade, &sent)
-            && resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        {
-            let resp = sent.expect("matched Ok");
-            return Ok(websocket_tunnel(client, resp, rec, inflight, &ctx));
-        }
+        let sent = match (client_upgrade, sent) {
+            (Some(client), Ok((resp, _))) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                return Ok(websocket_tunnel(client, resp, rec, inflight, &ctx));
+            }
+            (_, sent) => sent,
+        };
         match sent {
-            Ok(resp) => {
+            Ok((resp, lease)) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 parts.version = downstream_version;
@@ -722,6 +588,7 @@ async fn authorize_and_forward(
                         }),
                         rec: Some(rec),
                         active: None,
+                        lease,
                     },
                 ))
             }
@@ -741,7 +608,7 @@ async fn authorize_and_forward(
                     backend = %conn.listener.backend,
                     "request failed: {e}; answering 503"
                 );
-                Ok(refuse(Refusal::Upstream, rec, downstream_version))
+                Ok(refuse(e.refusal(), rec, downstream_version))
             }
         }
     }
@@ -805,6 +672,7 @@ fn websocket_tunnel(
             reauth: None,
             rec: None,
             active: None,
+            lease: None,
         },
     )
 }
@@ -931,6 +799,7 @@ fn refuse(why: Refusal, mut rec: Recorder, version: http::Version) -> Response<P
         reauth: None,
         rec: Some(rec),
         active: None,
+        lease: None,
     });
     *resp.status_mut() = status;
     why.headers(resp.headers_mut(), version != http::Version::HTTP_2);
@@ -946,9 +815,22 @@ pub(crate) struct ProxyBody {
     /// Present while an allowed response streams: a policy change re-authorizes it.
     reauth: Option<Reauth>,
     rec: Option<Recorder>,
+    /// The application's connection (or HTTP/2 stream) this response came on, given back to
+    /// the pool when the body has been read to its end (crate::backend).
+    lease: Option<Lease>,
 }
 
 impl ProxyBody {
+    /// The response has been read to its end: record it and give its connection back.
+    fn ended(&mut self) {
+        if let Some(rec) = self.rec.take() {
+            rec.finish();
+        }
+        if let Some(lease) = self.lease.take() {
+            lease.finish();
+        }
+    }
+
     fn holding(mut self, active: Active) -> Self {
         self.active = Some(active);
         self
@@ -1062,17 +944,11 @@ impl Body for ProxyBody {
                 }
                 // hyper stops polling a body that says it has ended, so this may be the last
                 // look: record now, before the client can see the response end.
-                if this.inner.is_end_stream()
-                    && let Some(rec) = this.rec.take()
-                {
-                    rec.finish();
+                if this.inner.is_end_stream() {
+                    this.ended();
                 }
             }
-            Poll::Ready(None) => {
-                if let Some(rec) = this.rec.take() {
-                    rec.finish();
-                }
-            }
+            Poll::Ready(None) => this.ended(),
             Poll::Ready(Some(Err(_))) => {
                 if let Some(rec) = &mut this.rec {
                     rec.flags = "UR";
@@ -1094,8 +970,16 @@ impl Body for ProxyBody {
 
 impl Drop for ProxyBody {
     fn drop(&mut self) {
-        if let Some(rec) = self.rec.take() {
-            rec.finish();
+        // A body hyper never polled because it was empty (HEAD, 204, 304) has ended too; one
+        // dropped half-way takes its HTTP/1.1 connection with it (the rest of the response is
+        // still on the wire).
+        if self.inner.is_end_stream() {
+            self.ended();
+        } else {
+            self.lease = None;
+            if let Some(rec) = self.rec.take() {
+                rec.finish();
+            }
         }
     }
 }

@@ -15,19 +15,22 @@
 //! drain, the mTLS handshake, the peer's SPIFFE identity, the reject metrics, the per-connection
 //! `ConnInfo` and its XFCC) → `inbound` (PeerAuthentication, protocol) and `hbone::server`
 //! (HTTP/2 CONNECT streams, each served like a direct connection) → `http_fwd` / `tcp_fwd`
-//! (forwarding) → `authz`, `jwt_authn`, `ext_authz`, `ratelimit` (decisions) → `refusal` (how
-//! every refusal is said). Leaves shared by all: `ctx` (the shared context every task holds),
-//! `workload`, `settings`, `policy_state`, `conn` (the per-connection context), `status_state`,
-//! `log_control`, `metrics`, `access_log`. No module imports another that imports it back, and
-//! none imports from this file (`scripts/module-graph.py --check`, run by CI).
+//! (forwarding; `backend`: the pooled connections to the application) → `authz`, `jwt_authn`,
+//! `ext_authz`, `ratelimit` (decisions) → `refusal` (how every refusal is said). Leaves shared
+//! by all: `ctx` (the shared context every task holds), `workload`, `settings`, `policy_state`,
+//! `conn` (the per-connection context), `status_state`, `log_control`, `metrics`, `access_log`.
+//! No module imports another that imports it back, and none imports from this file
+//! (`scripts/module-graph.py --check`, run by CI).
 #![forbid(unsafe_code)]
 
 mod accept;
 pub mod access_log;
 pub mod admin;
 mod authz;
+mod backend;
 mod codec_checks;
 mod conn;
+mod copy;
 mod ctx;
 pub mod detect;
 pub mod egress_proxy;
@@ -198,6 +201,11 @@ impl Proxy {
             dest_labels,
             peer_exchange: peer_metadata::Local::new(&opts.workload),
             workload: opts.workload,
+            backends: backend::Backends::new(
+                listeners.iter().map(|(c, _)| c.backend),
+                opts.settings.connect_timeout,
+                opts.settings.limits.max,
+            ),
             settings: opts.settings,
             ready: AtomicBool::new(false),
             inbound: listeners.iter().map(|(c, _)| (**c).clone()).collect(),

@@ -455,10 +455,10 @@ pub fn destination_labels(w: &crate::workload::WorkloadInfo) -> TcpLabels {
         }
     };
     // istio_stats.cc, server reporter: `destination_service` is the service host, else the
-    // canonical service name; `destination_service_name` the host's first label, else the
-    // canonical service name.
+    // canonical service name; `destination_service_name` the service's name (see
+    // `istio_service_name`), else the canonical service name.
     let (service, service_name) = match &w.service_host {
-        Some(h) => (Lv::new(h), Lv::new(h.split('.').next().unwrap_or(h))),
+        Some(h) => (Lv::new(h), Lv::new(istio_service_name(h).0)),
         None => (
             or_unknown(&w.canonical_service),
             or_unknown(&w.canonical_service),
@@ -602,17 +602,37 @@ pub fn source_labels(w: &crate::workload::WorkloadInfo) -> TcpLabels {
     }
 }
 
+/// The name and namespace Istio gives the service `host` in its metrics
+/// (`destination_service_name`, `destination_service_namespace`): istio_stats.cc reads them
+/// from the `name` and `namespace` of the cluster's `istio.services` metadata, which istiod
+/// writes from the service's attributes (istio/istio `pilot/pkg/networking/core/cluster.go`,
+/// `buildServiceMetadata`). A Kubernetes Service (`name.ns.svc[.domain]`) is named by its
+/// first label, in the namespace of its second; a ServiceEntry host is named by the whole
+/// host (`pilot/pkg/serviceregistry/serviceentry/conversion.go`: `Name: ha.host`), in the
+/// ServiceEntry's namespace, which a host name does not say. Kiali finds the ServiceEntry of
+/// a service node by that whole host (kiali `graph/telemetry/istio/appender/service_entry.go`,
+/// `getServiceEntry`), and two external hosts sharing a first label stay two nodes.
+pub fn istio_service_name(host: &str) -> (&str, Option<&str>) {
+    let mut parts = host.split('.');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(name), Some(ns), Some("svc")) if !name.is_empty() && !ns.is_empty() => {
+            (name, Some(ns))
+        }
+        _ => (host, None),
+    }
+}
+
 /// `source` labels for a call to the service `host`: `destination_service` is the host,
-/// `destination_service_name` its first label and, for a Kubernetes name
-/// (`name.ns.svc[.domain]`), `destination_service_namespace` its second.
+/// `destination_service_name` and, for a Kubernetes Service, `destination_service_namespace`
+/// as [`istio_service_name`] says.
 pub fn destination_service_labels(source: &TcpLabels, host: &str) -> TcpLabels {
     let mut l = source.clone();
-    let parts: Vec<&str> = host.split('.').collect();
+    let (name, namespace) = istio_service_name(host);
     l.destination_service = Lv::new(host);
-    l.destination_service_name = Lv::new(parts[0]);
-    if parts.len() >= 3 && parts[2] == "svc" {
-        l.destination_service_namespace = Lv::new(parts[1]);
-        l.destination_workload_namespace = Lv::new(parts[1]);
+    l.destination_service_name = Lv::new(name);
+    if let Some(ns) = namespace {
+        l.destination_service_namespace = Lv::new(ns);
+        l.destination_workload_namespace = Lv::new(ns);
     }
     l
 }
@@ -620,6 +640,65 @@ pub fn destination_service_labels(source: &TcpLabels, host: &str) -> TcpLabels {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn workload(service_host: Option<&str>) -> crate::workload::WorkloadInfo {
+        crate::workload::WorkloadInfo {
+            identity: "spiffe://cluster.local/ns/legacy/sa/billing"
+                .parse()
+                .unwrap(),
+            namespace: "legacy".into(),
+            name: "billing".into(),
+            app: "billing".into(),
+            version: "v1".into(),
+            canonical_service: "billing".into(),
+            canonical_revision: "v1".into(),
+            service_host: service_host.map(str::to_string),
+            cluster: "Kubernetes".into(),
+        }
+    }
+
+    /// `destination_service_name` / `_namespace` as istiod names the service: a Kubernetes
+    /// Service by its first label and namespace, a ServiceEntry host by the whole host (the
+    /// name Kiali matches a ServiceEntry by), on both reporters.
+    #[test]
+    fn service_names_are_istios() {
+        let source = source_labels(&workload(None));
+        for (host, name, ns) in [
+            ("ratings.default.svc.cluster.local", "ratings", "default"),
+            ("ratings.default.svc", "ratings", "default"),
+            ("api.example.com", "api.example.com", "unknown"),
+            ("db.corp.internal", "db.corp.internal", "unknown"),
+            ("ratings", "ratings", "unknown"),
+            ("10.1.2.3", "10.1.2.3", "unknown"),
+            (".x.svc", ".x.svc", "unknown"),
+        ] {
+            let l = destination_service_labels(&source, host);
+            assert_eq!(&*l.destination_service.0, host);
+            assert_eq!(
+                (
+                    &*l.destination_service_name.0,
+                    &*l.destination_service_namespace.0
+                ),
+                (name, ns),
+                "{host}"
+            );
+        }
+        for (host, name) in [
+            ("billing.legacy.svc.cluster.local", "billing"),
+            ("billing.corp.example", "billing.corp.example"),
+        ] {
+            let l = destination_labels(&workload(Some(host)));
+            assert_eq!(&*l.destination_service.0, host);
+            assert_eq!(&*l.destination_service_name.0, name, "{host}");
+            // The server reporter's service namespace is its own (istio_stats.cc).
+            assert_eq!(&*l.destination_service_namespace.0, "legacy");
+        }
+        let l = destination_labels(&workload(None));
+        assert_eq!(
+            (&*l.destination_service.0, &*l.destination_service_name.0),
+            ("billing", "billing")
+        );
+    }
 
     #[test]
     fn names_and_labels_are_istios() {

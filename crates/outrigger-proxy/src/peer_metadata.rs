@@ -12,7 +12,8 @@
 //!   `x-envoy-peer-metadata` (base64 of a deterministically serialized
 //!   `google.protobuf.Struct`: `NAME`, `NAMESPACE`, `WORKLOAD_NAME`, `CLUSTER_ID`, `OWNER` and
 //!   `LABELS` with `service.istio.io/canonical-name`, `service.istio.io/canonical-revision`,
-//!   `app`, `version`), decoded with `Base64::decodeWithoutPadding` (padding optional);
+//!   `app`, `version`, or the recommended `app.kubernetes.io/name` and `/version`, which win),
+//!   decoded with `Base64::decodeWithoutPadding` (padding optional);
 //! - the server (`downstream_discovery` + `downstream_propagation`) reads and removes both from
 //!   the request — the application never sees them — and answers with its own id when the
 //!   request carried an id, and its own metadata when the request carried metadata
@@ -58,6 +59,8 @@ const CANONICAL_NAME: &str = "service.istio.io/canonical-name";
 const CANONICAL_REVISION: &str = "service.istio.io/canonical-revision";
 const APP: &str = "app";
 const VERSION: &str = "version";
+const APP_QUALIFIED: &str = "app.kubernetes.io/name";
+const VERSION_QUALIFIED: &str = "app.kubernetes.io/version";
 
 /// A peer's workload, as its proxy described it (`WorkloadMetadataObject`). Empty = not sent.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -93,6 +96,11 @@ impl PeerMetadata {
 
     /// `convertStructToWorkloadMetadata`: the known fields; anything else is ignored, and a
     /// field of another type reads as empty (protobuf's `string_value()` of a non-string).
+    /// The app and version are the Kubernetes recommended labels `app.kubernetes.io/name` and
+    /// `app.kubernetes.io/version` when the peer has them, else `app` and `version`
+    /// (metadata_object.cc: `AppNameQualifiedLabel` wins over `AppNameLabel`, which is taken
+    /// only "`&& app_name.empty()`"), so a pod labelled only the recommended way is still
+    /// `source_app` / `destination_app` on Istio's metrics.
     fn from_struct(s: &Struct) -> PeerMetadata {
         fn text(v: &Value) -> String {
             match &v.kind {
@@ -101,6 +109,7 @@ impl PeerMetadata {
             }
         }
         let mut m = PeerMetadata::default();
+        let (mut app_qualified, mut version_qualified) = (String::new(), String::new());
         for (k, v) in &s.fields {
             match k.as_str() {
                 NAME => m.instance = text(v),
@@ -115,6 +124,8 @@ impl PeerMetadata {
                                 CANONICAL_REVISION => m.canonical_revision = text(v),
                                 APP => m.app = text(v),
                                 VERSION => m.version = text(v),
+                                APP_QUALIFIED => app_qualified = text(v),
+                                VERSION_QUALIFIED => version_qualified = text(v),
                                 _ => {}
                             }
                         }
@@ -122,6 +133,12 @@ impl PeerMetadata {
                 }
                 _ => {}
             }
+        }
+        if !app_qualified.is_empty() {
+            m.app = app_qualified;
+        }
+        if !version_qualified.is_empty() {
+            m.version = version_qualified;
         }
         m
     }
@@ -361,6 +378,51 @@ mod tests {
         let raw = base64::engine::general_purpose::STANDARD_NO_PAD.encode(&wire);
         assert_eq!(PeerMetadata::decode(raw.as_bytes()), Some(m.clone()));
         assert_eq!(PeerMetadata::decode(encoded.as_bytes()), Some(m));
+    }
+
+    /// A peer labelled the Kubernetes recommended way: metadata_object.cc takes
+    /// `app.kubernetes.io/name` / `app.kubernetes.io/version` over `app` / `version`, in
+    /// whatever order the map holds them, and `app` / `version` alone when those are absent.
+    #[test]
+    fn recommended_app_labels_win_over_app_and_version() {
+        fn string(v: &str) -> Value {
+            Value {
+                kind: Some(Kind::StringValue(v.into())),
+            }
+        }
+        fn peer(labels: &[(&str, &str)]) -> PeerMetadata {
+            let labels = Struct {
+                fields: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), string(v)))
+                    .collect(),
+            };
+            let s = Struct {
+                fields: [(
+                    LABELS.to_string(),
+                    Value {
+                        kind: Some(Kind::StructValue(labels)),
+                    },
+                )]
+                .into_iter()
+                .collect(),
+            };
+            let b64 = base64::engine::general_purpose::STANDARD.encode(s.encode_to_vec());
+            PeerMetadata::decode(b64.as_bytes()).unwrap()
+        }
+        let both = peer(&[
+            ("app", "legacy-name"),
+            ("app.kubernetes.io/name", "reviews"),
+            ("app.kubernetes.io/version", "v3"),
+            ("version", "old"),
+        ]);
+        assert_eq!((&*both.app, &*both.version), ("reviews", "v3"));
+        let plain = peer(&[("app", "ratings"), ("version", "v1")]);
+        assert_eq!((&*plain.app, &*plain.version), ("ratings", "v1"));
+        // An empty recommended label leaves the plain one in place (in Envoy the outcome then
+        // depends on the map's iteration order; the non-empty value is the useful one).
+        let empty = peer(&[("app", "ratings"), ("app.kubernetes.io/name", "")]);
+        assert_eq!(&*empty.app, "ratings");
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub(crate) enum Refusal {
     BodyTooLarge,
     /// The application could not be reached.
     Upstream,
+    /// Every connection to the application the descriptor budget allows is open and busy
+    /// (crate::backend): Envoy's circuit-breaker overflow.
+    UpstreamOverflow,
     // The application calling the mesh (outbound):
     /// Outrigger's HTTP proxy: the request names no host (no absolute URI, no `Host`).
     NoHost,
@@ -91,7 +94,8 @@ impl Refusal {
             Refusal::Upstream
             | Refusal::NoHealthyUpstream
             | Refusal::UpstreamConnect { .. }
-            | Refusal::UpstreamReset { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | Refusal::UpstreamReset { .. }
+            | Refusal::UpstreamOverflow => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::NoHost => StatusCode::BAD_REQUEST,
             Refusal::ConnectMethod { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::UnknownService { .. } => StatusCode::BAD_GATEWAY,
@@ -110,6 +114,11 @@ impl Refusal {
             Refusal::BodyTooLarge => "Payload Too Large",
             Refusal::Codec { .. } | Refusal::MalformedBody => "",
             Refusal::Upstream => UPSTREAM_CONNECT_ERROR,
+            // Envoy's router, `onUpstreamReset` with `StreamResetReason::Overflow`
+            // (source/common/router/router.cc; `resetReasonToString`: "overflow").
+            Refusal::UpstreamOverflow => {
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+            }
             Refusal::NoHealthyUpstream => NO_HEALTHY_UPSTREAM,
             Refusal::UpstreamTimeout => UPSTREAM_TIMEOUT,
             Refusal::NoHost => {
@@ -155,6 +164,7 @@ impl Refusal {
             Refusal::NoHealthyUpstream => "UH",
             Refusal::UpstreamTimeout => "UT",
             Refusal::UpstreamReset { .. } => "UR",
+            Refusal::UpstreamOverflow => "UO",
         }
     }
 
@@ -169,7 +179,7 @@ impl Refusal {
     /// reached).
     pub(crate) fn hbone_status(&self) -> StatusCode {
         match self {
-            Refusal::Upstream => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::Upstream | Refusal::UpstreamOverflow => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::UNAUTHORIZED,
         }
     }
@@ -193,6 +203,14 @@ impl Refusal {
                 h.insert(http::header::WWW_AUTHENTICATE, challenge);
             }
             Refusal::External { headers, .. } => crate::ext_authz::apply(h, headers),
+            // Envoy's router marks a circuit-breaker overflow (`x-envoy-overloaded: true`,
+            // router.cc, unless `suppress_envoy_headers`, which Istio's sidecar leaves off).
+            Refusal::UpstreamOverflow => {
+                h.insert(
+                    http::header::HeaderName::from_static("x-envoy-overloaded"),
+                    HeaderValue::from_static("true"),
+                );
+            }
             _ => {}
         }
     }

@@ -148,7 +148,7 @@ where
 {
     let mut down = Counted::new(io, counts.clone());
     let mut up = upstream;
-    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+    let copy = crate::copy::copy_bidirectional(&mut down, &mut up);
     tokio::pin!(copy);
     let mut policy_rx = ctx.policy.subscribe();
     let mut drain = ctx.drain.clone();

@@ -1,6 +1,6 @@
 //! Distributed tracing: the trace context of a request (W3C `traceparent`/`tracestate`, B3),
 //! the sampling decision Envoy's connection manager makes, one span per request, and an OTLP
-//! exporter (gRPC or HTTP/protobuf) with a bounded queue.
+//! exporter (gRPC or HTTP/protobuf, plaintext or TLS) with a bounded queue.
 //!
 //! The request path calls [`Tracer::start`] once when a request arrives (after its
 //! `x-request-id` is set) and [`ReqTrace::finish`] once when it is over. With tracing off
@@ -17,6 +17,14 @@
 //!   request id's 15th character (envoy `source/extensions/request_id/uuid/config.cc`,
 //!   `UUIDRequestIDExtension::setTraceReason`: `'9'` sampled, `'a'` forced, `'b'` client;
 //!   `'4'`, a fresh UUIDv4, not traced), so the next hop sees it.
+//! - Forcing a trace (same function): a request with `x-client-trace-id` is traced whatever
+//!   the sampling rate (reason "client", `'b'`), as Istio sets `client_sampling` to 100%
+//!   (pilot/pkg/networking/core/tracing.go `configureSampling`); the span gets the header's
+//!   value as its `guid:x-client-trace-id` tag (tracer_impl.cc `finalizeDownstreamSpan`).
+//!   `x-envoy-force-trace` ("forced", `'a'`) is honoured by Envoy only from an internal
+//!   request, and no request to an Istio sidecar is internal: Outrigger removes it with the
+//!   other internal `x-envoy-*` headers before deciding (`http_common::clean_internal_headers`),
+//!   so it neither forces a trace nor puts `x-request-id` on the response.
 //! - The span (envoy `source/extensions/tracers/opentelemetry/tracer.cc`, `Tracer::startSpan`):
 //!   with a valid incoming `traceparent` the span continues that trace, its parent is the
 //!   caller's span, and "Respect the previous span's sampled flag" — the caller's flag, not
@@ -31,6 +39,7 @@
 //!   instrumented for either continues the trace.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -49,6 +58,7 @@ static B3_PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentspani
 static B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
 static B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_CLIENT_TRACE_ID: HeaderName = HeaderName::from_static("x-client-trace-id");
 
 /// A trace context read from a request's headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -248,14 +258,21 @@ fn request_id_decision(h: &mut HeaderMap, sampling: u32) -> bool {
     {
         return true;
     }
+    // A caller's `x-client-trace-id` forces the trace (`featureEnabled("tracing.client_enabled",
+    // client_sampling)`, which Istio sets to 100%); otherwise
     // `featureEnabled("tracing.random_sampling", random_sampling, result)`: result % 10000 <
-    // numerator.
-    if n % 10_000 >= u64::from(sampling) {
+    // numerator. (`x-envoy-force-trace`, checked between the two, never reaches here.)
+    let reason = if h.contains_key(&X_CLIENT_TRACE_ID) {
+        TRACE_CLIENT
+    } else if n % 10_000 < u64::from(sampling) {
+        TRACE_SAMPLED
+    } else {
         return false;
-    }
+    };
+    // `setTraceReason` marks a 36-character id only; another is traced unmarked.
     if b.len() == UUID_LENGTH {
         let mut marked = b.to_vec();
-        marked[TRACE_BYTE_POSITION] = TRACE_SAMPLED;
+        marked[TRACE_BYTE_POSITION] = reason;
         if let Ok(v) = HeaderValue::from_bytes(&marked) {
             h.insert(X_REQUEST_ID.clone(), v);
         }
@@ -301,6 +318,20 @@ pub struct OtlpProvider {
     pub timeout: Duration,
     /// Extra request headers (`http.headers`, or gRPC metadata).
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// `None`: plaintext (h2c for gRPC).
+    pub tls: Option<OtlpTls>,
+}
+
+/// `tls:` of the provider: OTLP over TLS (gRPC with TLS, or HTTPS), as an Istio sidecar's
+/// Envoy exports when a DestinationRule for the collector's service says
+/// `tls: {mode: SIMPLE, caCertificates, sni}` (istio/api `ClientTLSSettings`): the collector's
+/// certificate is verified against the roots and the name; no client certificate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OtlpTls {
+    /// `caCertificates`: the only trust anchors; empty: the system's trust store.
+    pub roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// `sni`: the name sent and verified (a DNS name or an IP address); default `service`.
+    pub server_name: String,
 }
 
 /// `http:` of the provider (istio/api `HttpService`).
@@ -308,6 +339,29 @@ pub struct OtlpProvider {
 pub struct OtlpHttp {
     /// The request path, `/v1/traces` by default (the OTLP/HTTP specification's path).
     pub path: String,
+}
+
+/// A custom tag's value: Istio's Telemetry API `tracing[].customTags` and MeshConfig
+/// `defaultConfig.tracing.custom_tags` (istio/api `telemetry/v1alpha1/telemetry.proto`,
+/// `Tracing.CustomTag`: `literal`, `environment`, `header`), which istiod turns into Envoy's
+/// `type.tracing.v3.CustomTag` (pilot/pkg/networking/core/tracing.go
+/// `buildCustomTagsFromProvider`). Envoy sets a tag only when its value is not empty
+/// (source/common/tracing/custom_tag_impl.cc `CustomTagBase::applySpan`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum CustomTag {
+    Literal(String),
+    /// An environment variable of the agent, read once when tracing starts (Envoy reads it
+    /// when the configuration is loaded), or `default` when it is not set.
+    Environment {
+        name: String,
+        default: String,
+    },
+    /// The request header's first value (what the next hop receives), or `default` when the
+    /// request has none.
+    Header {
+        name: HeaderName,
+        default: String,
+    },
 }
 
 /// `tracing:` of the agent configuration.
@@ -322,6 +376,8 @@ pub struct TracingConfig {
     pub resource_attributes: Vec<(String, String)>,
     /// Istio's `istio.mesh_id` tag (MeshConfig `meshId`, default the trust domain).
     pub mesh_id: String,
+    /// `customTags`, by tag name, in the order istiod gives them to Envoy (sorted by name).
+    pub custom_tags: Vec<(String, CustomTag)>,
     pub propagation: Propagation,
     /// `None`: decisions and headers only, no span is exported.
     pub provider: Option<OtlpProvider>,
@@ -338,6 +394,7 @@ impl Default for TracingConfig {
             service_name: None,
             resource_attributes: Vec::new(),
             mesh_id: "cluster.local".into(),
+            custom_tags: Vec::new(),
             propagation: Propagation::default(),
             provider: None,
             max_queue: 2048,
@@ -363,8 +420,28 @@ struct Inner {
     sampling: u32,
     propagation: Propagation,
     mesh_id: String,
+    /// `customTags`, environment variables read: (tag, literal value) or (tag, header,
+    /// default).
+    custom_tags: Vec<(String, TagValue)>,
     tx: Option<mpsc::Sender<otlp::Span>>,
     counters: SpanCounters,
+}
+
+/// A custom tag's value once the environment has been read.
+enum TagValue {
+    Literal(String),
+    Header(HeaderName, String),
+}
+
+/// Sets a span attribute, replacing one of the same key: OpenTelemetry attribute keys are
+/// unique, and Envoy's OpenTelemetry span overwrites an existing key (so a custom tag named
+/// like a built-in one replaces it).
+fn set_attr(attrs: &mut Vec<otlp::KeyValue>, key: &str, value: &str) {
+    let kv = otlp::KeyValue::string(key, value);
+    match attrs.iter_mut().find(|a| a.key == key) {
+        Some(a) => *a = kv,
+        None => attrs.push(kv),
+    }
 }
 
 /// What the request path knows of a request's trace.
@@ -464,25 +541,17 @@ impl ReqTrace {
         span.end_time_unix_nano = span
             .start_time_unix_nano
             .saturating_add(active.start.elapsed().as_nanos() as u64);
+        // Set after the custom tags, as in Envoy, so that these win over one of the same name.
         let attrs = &mut span.attributes;
-        attrs.push(otlp::KeyValue::string(
-            "http.status_code",
-            end.status.to_string(),
-        ));
-        attrs.push(otlp::KeyValue::string("response_flags", end.flags));
-        attrs.push(otlp::KeyValue::string(
-            "request_size",
-            end.request_size.to_string(),
-        ));
-        attrs.push(otlp::KeyValue::string(
-            "response_size",
-            end.response_size.to_string(),
-        ));
+        set_attr(attrs, "http.status_code", &end.status.to_string());
+        set_attr(attrs, "response_flags", end.flags);
+        set_attr(attrs, "request_size", &end.request_size.to_string());
+        set_attr(attrs, "response_size", &end.response_size.to_string());
         // Envoy's HCM tags `error: true` on a 5xx or a reset (no status), and its
         // OpenTelemetry span turns the `error` tag into status ERROR (tracers/opentelemetry
         // span `setTag`).
         if end.status == 0 || end.status >= 500 {
-            attrs.push(otlp::KeyValue::string("error", "true"));
+            set_attr(attrs, "error", "true");
             span.status = Some(otlp::Status {
                 message: String::new(),
                 code: otlp::status_code::ERROR,
@@ -534,11 +603,28 @@ impl Tracer {
         });
         // `sampling` is a percentage; Envoy's FractionalPercent is in ten-thousandths.
         let sampling = (cfg.sampling.clamp(0.0, 100.0) * 100.0).round() as u32;
+        let custom_tags = cfg
+            .custom_tags
+            .iter()
+            .map(|(tag, v)| {
+                let v = match v {
+                    CustomTag::Literal(l) => TagValue::Literal(l.clone()),
+                    CustomTag::Environment { name, default } => {
+                        TagValue::Literal(std::env::var(name).unwrap_or_else(|_| default.clone()))
+                    }
+                    CustomTag::Header { name, default } => {
+                        TagValue::Header(name.clone(), default.clone())
+                    }
+                };
+                (tag.clone(), v)
+            })
+            .collect();
         Tracer {
             inner: Some(Inner {
                 sampling,
                 propagation: cfg.propagation,
                 mesh_id: cfg.mesh_id.clone(),
+                custom_tags,
                 tx,
                 counters,
             }),
@@ -626,7 +712,7 @@ impl Tracer {
             // custom tags Istio adds (pilot/pkg/networking/core/tracing.go,
             // `buildServiceTags`: istio.canonical_service, istio.canonical_revision,
             // istio.mesh_id, istio.namespace, istio.cluster_id).
-            let attributes = vec![
+            let mut attributes = vec![
                 kv("node_id", s.node_id),
                 kv("zone", ""),
                 kv("guid:x-request-id", request_id),
@@ -645,6 +731,26 @@ impl Tracer {
                 kv("istio.namespace", &w.namespace),
                 kv("istio.cluster_id", &w.cluster),
             ];
+            if let Some(id) = h.get(&X_CLIENT_TRACE_ID) {
+                attributes.push(kv(
+                    "guid:x-client-trace-id",
+                    &String::from_utf8_lossy(id.as_bytes()),
+                ));
+            }
+            // `customTags`, after the tags above as in Envoy (finalizeDownstreamSpan applies
+            // them after the request's tags); an empty value sets nothing.
+            for (tag, v) in &inner.custom_tags {
+                let value = match v {
+                    TagValue::Literal(l) => std::borrow::Cow::Borrowed(l.as_str()),
+                    TagValue::Header(name, default) => match h.get(name) {
+                        Some(v) => String::from_utf8_lossy(v.as_bytes()),
+                        None => std::borrow::Cow::Borrowed(default.as_str()),
+                    },
+                };
+                if !value.is_empty() {
+                    set_attr(&mut attributes, tag, &value);
+                }
+            }
             Box::new(ActiveSpan {
                 start: std::time::Instant::now(),
                 span: otlp::Span {
@@ -689,6 +795,122 @@ struct Exporter {
     counters: SpanCounters,
 }
 
+/// One connection to a collector over TLS, opened on first use and reopened after it closes
+/// or fails. The exporter sends one request at a time, so one connection is enough.
+struct TlsChannel {
+    config: Arc<rustls::ClientConfig>,
+    name: rustls_pki_types::ServerName<'static>,
+    grpc: bool,
+    conn: Option<TlsSender>,
+}
+
+enum TlsSender {
+    H1(hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>),
+}
+
+impl TlsChannel {
+    /// `None` (logged) when the name is neither a DNS name nor an address.
+    fn new(tls: &OtlpTls, grpc: bool) -> Option<Self> {
+        let name = match rustls_pki_types::ServerName::try_from(tls.server_name.clone()) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(
+                    "tracing: `{}` is no TLS server name ({e}): no span will be exported",
+                    tls.server_name
+                );
+                return None;
+            }
+        };
+        let mut config = if tls.roots.is_empty() {
+            // The system's trust store, as for JWKS fetches.
+            (*outrigger_tls::control::web_client_config(&[])).clone()
+        } else {
+            let mut roots = rustls::RootCertStore::empty();
+            let _ = roots.add_parsable_certificates(tls.roots.iter().cloned());
+            match rustls::ClientConfig::builder_with_provider(outrigger_tls::crypto_provider())
+                .with_safe_default_protocol_versions()
+            {
+                Ok(b) => b.with_root_certificates(roots).with_no_client_auth(),
+                Err(e) => {
+                    tracing::error!("tracing: TLS to the collector: {e}: no span will be exported");
+                    return None;
+                }
+            }
+        };
+        // gRPC needs HTTP/2, negotiated by ALPN over TLS (as Envoy's gRPC client does).
+        config.alpn_protocols = vec![if grpc {
+            b"h2".to_vec()
+        } else {
+            b"http/1.1".to_vec()
+        }];
+        Some(TlsChannel {
+            config: Arc::new(config),
+            name,
+            grpc,
+            conn: None,
+        })
+    }
+
+    async fn connect(&self, host: &str, port: u16) -> Result<TlsSender, String> {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let tcp = tokio::net::TcpStream::connect((host, port))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio_rustls::TlsConnector::from(self.config.clone())
+            .connect(self.name.clone(), tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        let io = TokioIo::new(tls);
+        if self.grpc {
+            let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            Ok(TlsSender::H2(send))
+        } else {
+            let (send, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            Ok(TlsSender::H1(send))
+        }
+    }
+
+    async fn send(
+        &mut self,
+        host: &str,
+        port: u16,
+        req: http::Request<http_body_util::Full<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, String> {
+        let usable = match &self.conn {
+            Some(TlsSender::H1(s)) => !s.is_closed(),
+            Some(TlsSender::H2(s)) => !s.is_closed(),
+            None => false,
+        };
+        if !usable {
+            self.conn = Some(self.connect(host, port).await?);
+        }
+        let result = match self.conn.as_mut() {
+            Some(TlsSender::H1(s)) => match s.ready().await {
+                Ok(()) => s.send_request(req).await,
+                Err(e) => Err(e),
+            },
+            Some(TlsSender::H2(s)) => match s.ready().await {
+                Ok(()) => s.send_request(req).await,
+                Err(e) => Err(e),
+            },
+            None => return Err("no connection".into()),
+        };
+        result.map_err(|e| {
+            // The next export opens a new connection.
+            self.conn = None;
+            e.to_string()
+        })
+    }
+}
+
 /// How long spans may wait for a batch to fill (the OpenTelemetry SDK's batch span
 /// processor's default `scheduledDelayMillis` is 5000; a proxy's spans are small and many, so
 /// a shorter wait keeps the queue short).
@@ -703,6 +925,19 @@ impl Exporter {
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
             .http2_only(grpc)
             .build_http();
+        let mut tls = match &self.provider.tls {
+            Some(t) => match TlsChannel::new(t, grpc) {
+                Some(c) => Some(c),
+                // Logged: every span is dropped, none is sent in plaintext instead.
+                None => {
+                    while let Some(_span) = rx.recv().await {
+                        self.counters.dropped.inc();
+                    }
+                    return;
+                }
+            },
+            None => None,
+        };
         let mut batch: VecDeque<otlp::Span> = VecDeque::new();
         loop {
             // Wait for a first span, then up to BATCH_DELAY for the batch to fill.
@@ -751,8 +986,17 @@ impl Exporter {
             } else {
                 p.service.clone()
             };
-            let uri = format!("http://{host}:{}{path}", p.port);
-            let mut b = http::Request::post(uri);
+            // Over a TLS connection of its own, an HTTP/1.1 request names its target in
+            // origin form with a `host` header; otherwise the absolute URI (the pooled client
+            // and HTTP/2 take the authority from it).
+            let authority = format!("{host}:{}", p.port);
+            let mut b = match &tls {
+                Some(_) if !grpc => {
+                    http::Request::post(path).header(http::header::HOST, &authority)
+                }
+                Some(_) => http::Request::post(format!("https://{authority}{path}")),
+                None => http::Request::post(format!("http://{authority}{path}")),
+            };
             if grpc {
                 b = b
                     .header(http::header::CONTENT_TYPE, "application/grpc")
@@ -772,7 +1016,10 @@ impl Exporter {
                 request.headers_mut().append(k.clone(), v.clone());
             }
             let send = async {
-                let resp = client.request(request).await.map_err(|e| e.to_string())?;
+                let resp = match tls.as_mut() {
+                    Some(ch) => ch.send(&p.service, p.port, request).await?,
+                    None => client.request(request).await.map_err(|e| e.to_string())?,
+                };
                 let status = resp.status();
                 let collected = resp
                     .into_body()
@@ -939,6 +1186,24 @@ mod tests {
         );
         assert!(request_id_decision(&mut h, 0));
         // Not a UUID: never sampled from the id.
+        h.insert("x-request-id", "caller-chosen-id".parse().unwrap());
+        assert!(!request_id_decision(&mut h, 10_000));
+        // `x-client-trace-id` forces the trace at 0%: marked 'b' (client) ...
+        h.insert("x-client-trace-id", "case-4711".parse().unwrap());
+        h.insert(
+            "x-request-id",
+            "00000064-1111-4222-8333-444444444444".parse().unwrap(),
+        );
+        assert!(request_id_decision(&mut h, 0));
+        assert_eq!(h["x-request-id"], "00000064-1111-b222-8333-444444444444");
+        // ... an id already marked keeps its reason ...
+        h.insert(
+            "x-request-id",
+            "00000064-1111-9222-8333-444444444444".parse().unwrap(),
+        );
+        assert!(request_id_decision(&mut h, 0));
+        assert_eq!(h["x-request-id"], "00000064-1111-9222-8333-444444444444");
+        // ... and an id that is no UUID still decides nothing.
         h.insert("x-request-id", "caller-chosen-id".parse().unwrap());
         assert!(!request_id_decision(&mut h, 10_000));
     }

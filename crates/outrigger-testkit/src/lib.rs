@@ -196,6 +196,10 @@ pub struct Seen {
     pub path: String,
     pub version: String,
     pub headers: BTreeMap<String, Vec<String>>,
+    /// The address the request's connection came from (the proxy's end of its backend
+    /// connection), to tell which requests shared a connection.
+    #[serde(default)]
+    pub conn: String,
 }
 
 impl Seen {
@@ -230,16 +234,18 @@ async fn serve_echo(http1_only: bool) -> SocketAddr {
             let Ok((s, _)) = l.accept().await else {
                 continue;
             };
+            let conn = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
             tokio::spawn(async move {
                 let io = TokioIo::new(s);
+                let svc = service_fn(move |req| echo(req, conn.clone()));
                 let _ = if http1_only {
                     hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, service_fn(echo))
+                        .serve_connection(io, svc)
                         .await
                         .map_err(|e| e.into())
                 } else {
                     hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(io, service_fn(echo))
+                        .serve_connection(io, svc)
                         .await
                 };
             });
@@ -250,7 +256,7 @@ async fn serve_echo(http1_only: bool) -> SocketAddr {
 
 type EchoBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 
-async fn echo(req: Request<Incoming>) -> Result<Response<EchoBody>, Infallible> {
+async fn echo(req: Request<Incoming>, conn: String) -> Result<Response<EchoBody>, Infallible> {
     let path = req.uri().path().to_string();
     match path.as_str() {
         "/echo" => {
@@ -319,6 +325,7 @@ async fn echo(req: Request<Incoming>) -> Result<Response<EchoBody>, Infallible> 
                     .unwrap_or_default(),
                 version: format!("{:?}", req.version()),
                 headers,
+                conn,
             };
             Ok(Response::new(full(serde_json::to_string(&seen).unwrap())))
         }
@@ -327,6 +334,39 @@ async fn echo(req: Request<Incoming>) -> Result<Response<EchoBody>, Infallible> 
 
 fn full(s: String) -> EchoBody {
     BodyExt::boxed(Full::new(Bytes::from(s)).map_err(|e: Infallible| match e {}))
+}
+
+/// An HTTP/1.1 application on 127.0.0.1 that reads each request body and answers with its
+/// length, and says (once) when the first body bytes have reached it — so a test can act while
+/// a request is known to be in flight, instead of sleeping.
+pub async fn start_signalling_sink() -> (SocketAddr, tokio::sync::oneshot::Receiver<()>) {
+    let (arrived_tx, arrived) = tokio::sync::oneshot::channel::<()>();
+    let arrived_tx = Arc::new(std::sync::Mutex::new(Some(arrived_tx)));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let arrived_tx = arrived_tx.clone();
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let arrived_tx = arrived_tx.clone();
+                async move {
+                    let mut body = req.into_body();
+                    let mut n = 0usize;
+                    while let Some(Ok(f)) = body.frame().await {
+                        n += f.data_ref().map_or(0, |d| d.len());
+                        if let Some(tx) = arrived_tx.lock().unwrap().take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok::<_, Infallible>(Response::new(full(n.to_string())))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc),
+            );
+        }
+    });
+    (addr, arrived)
 }
 
 /// A TCP echo server on 127.0.0.1.

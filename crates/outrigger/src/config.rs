@@ -2438,4 +2438,147 @@ outboundProxy:
             .to_string();
         assert!(e.contains("sampleRate"), "{e}");
     }
+
+    /// `tracing.opentelemetry.tls`: SIMPLE with the CA file read and parsed at load, DISABLE,
+    /// and each mistake at its line and field.
+    #[test]
+    fn tracing_tls() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.yaml");
+        let pki =
+            outrigger_tls::ca::BuiltinCa::init(&dir.path().join("ca"), "cluster.local").unwrap();
+        std::fs::write(dir.path().join("ca.pem"), pki.root_pem()).unwrap();
+        std::fs::write(dir.path().join("empty.pem"), "").unwrap();
+        let otel = |tls: &str| {
+            format!(
+                "{GOOD}tracing:\n  opentelemetry:\n    service: otel.test\n    port: 4317\n    tls: {tls}\n"
+            )
+        };
+        let t = AgentConfig::parse(&path, &otel("{caCertificates: ca.pem}"))
+            .unwrap()
+            .tracing
+            .unwrap()
+            .provider
+            .unwrap()
+            .tls
+            .unwrap();
+        assert_eq!((t.roots.len(), t.server_name.as_str()), (1, "otel.test"));
+        let t = AgentConfig::parse(&path, &otel("{mode: SIMPLE, sni: collector.example}"))
+            .unwrap()
+            .tracing
+            .unwrap()
+            .provider
+            .unwrap()
+            .tls
+            .unwrap();
+        assert!(t.roots.is_empty());
+        assert_eq!(t.server_name, "collector.example");
+        let p = AgentConfig::parse(&path, &otel("{mode: DISABLE}"))
+            .unwrap()
+            .tracing
+            .unwrap()
+            .provider
+            .unwrap();
+        assert!(p.tls.is_none());
+        let line = GOOD.lines().count() as u64 + 5;
+        for (tls, field, reason) in [
+            ("{mode: MUTUAL}", "tracing.opentelemetry.tls.mode", "MUTUAL"),
+            (
+                "{caCertificates: missing.pem}",
+                "tracing.opentelemetry.tls.caCertificates",
+                "cannot read",
+            ),
+            (
+                "{caCertificates: empty.pem}",
+                "tracing.opentelemetry.tls.caCertificates",
+                "no CERTIFICATE",
+            ),
+            (
+                "{sni: \"not a name\"}",
+                "tracing.opentelemetry.tls.sni",
+                "not a DNS name",
+            ),
+        ] {
+            let e = AgentConfig::parse(&path, &otel(tls)).unwrap_err();
+            assert_eq!((e.field.as_str(), e.line), (field, line), "{e}");
+            assert!(e.reason.contains(reason), "{e}");
+        }
+    }
+
+    /// `tracing.customTags`: the Telemetry API's three kinds, sorted by tag name as istiod
+    /// sorts them, and each mistake refused at its line with its field.
+    #[test]
+    fn tracing_custom_tags() {
+        use outrigger_proxy::trace::CustomTag;
+        let t = parse(&format!(
+            "{GOOD}tracing:
+  customTags:
+    team: {{literal: {{value: payments}}}}
+    host: {{environment: {{name: COMPUTERNAME, defaultValue: unknown}}}}
+    user: {{header: {{name: X-User, defaultValue: anonymous}}}}
+"
+        ))
+        .unwrap()
+        .tracing
+        .unwrap();
+        assert_eq!(
+            t.custom_tags,
+            vec![
+                (
+                    "host".to_string(),
+                    CustomTag::Environment {
+                        name: "COMPUTERNAME".into(),
+                        default: "unknown".into()
+                    }
+                ),
+                ("team".to_string(), CustomTag::Literal("payments".into())),
+                (
+                    "user".to_string(),
+                    CustomTag::Header {
+                        name: http::HeaderName::from_static("x-user"),
+                        default: "anonymous".into()
+                    }
+                ),
+            ]
+        );
+        let line = GOOD.lines().count() + 3;
+        for (tag, field, reason) in [
+            ("{}", "tracing.customTags.a", "names no value"),
+            (
+                "{literal: {value: x}, header: {name: x-a}}",
+                "tracing.customTags.a",
+                "more than one",
+            ),
+            (
+                "{header: {name: \"bad name\"}}",
+                "tracing.customTags.a.header.name",
+                "not a header name",
+            ),
+            (
+                "{environment: {name: \"\"}}",
+                "tracing.customTags.a.environment.name",
+                "not an environment variable",
+            ),
+            (
+                "{formatter: {value: \"%REQ(x)%\"}}",
+                "tracing.customTags.a.formatter",
+                "not supported",
+            ),
+        ] {
+            let e = parse(&format!("{GOOD}tracing:\n  customTags:\n    a: {tag}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with(&format!("/etc/outrigger/agent.yaml:{line}:")),
+                "{e}"
+            );
+            assert!(e.contains(field) && e.contains(reason), "{e}");
+        }
+        let e = parse(&format!(
+            "{GOOD}tracing:\n  customTags:\n    a: {{literal: {{valu: x}}}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("valu"), "{e}");
+    }
 }

@@ -3,8 +3,12 @@
 //! default 1%), the OTLP collector in the shape of MeshConfig
 //! `extensionProviders[].opentelemetry` (istio/api `mesh/v1alpha1/config.proto`,
 //! `OpenTelemetryTracingProvider`: `service`, `port`, `http: {path, timeout, headers}`,
-//! `grpc: {timeout, initialMetadata}`), the exported resource, and the propagation formats. A
-//! child module of `config`, so that it shares the validator and its file:line:field errors.
+//! `grpc: {timeout, initialMetadata}`), the exported resource, the propagation formats, and
+//! custom tags in the shape of the Telemetry API's `tracing[].customTags` (istio/api
+//! `telemetry/v1alpha1/telemetry.proto`, `Tracing.CustomTag`: `literal: {value}`,
+//! `environment: {name, defaultValue}`, `header: {name, defaultValue}`; MeshConfig
+//! `defaultConfig.tracing.custom_tags` has the same three). A child module of `config`, so
+//! that it shares the validator and its file:line:field errors.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -13,7 +17,9 @@ use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use outrigger_proxy::trace::{OtlpHttp, OtlpProvider, Propagation, TracingConfig};
+use outrigger_proxy::trace::{
+    CustomTag, OtlpHttp, OtlpProvider, OtlpTls, Propagation, TracingConfig,
+};
 
 use super::{ConfigError, Range, Validator};
 
@@ -32,6 +38,39 @@ pub(super) struct RawTracing {
     propagation: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     opentelemetry: Option<Spanned<RawOtel>>,
+    #[serde(default)]
+    custom_tags: BTreeMap<String, Spanned<RawCustomTag>>,
+}
+
+/// One of `customTags`: exactly one of its fields (a protobuf `oneof` in Istio's API).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawCustomTag {
+    #[serde(default)]
+    literal: Option<RawLiteral>,
+    #[serde(default)]
+    environment: Option<RawTagSource>,
+    #[serde(default)]
+    header: Option<RawTagSource>,
+    /// Istio 1.29's `formatter` (Envoy command operators): read to name it in the error.
+    #[serde(default)]
+    formatter: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawLiteral {
+    #[serde(default)]
+    value: String,
+}
+
+/// `environment` and `header` alike: a name and the value when it is absent.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawTagSource {
+    name: Spanned<String>,
+    #[serde(default)]
+    default_value: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -43,6 +82,21 @@ struct RawOtel {
     http: Option<Spanned<RawHttp>>,
     #[serde(default)]
     grpc: Option<RawGrpc>,
+    #[serde(default)]
+    tls: Option<Spanned<RawTls>>,
+}
+
+/// `tls:` of the provider, in the shape of istio/api `ClientTLSSettings` (what a
+/// DestinationRule for the collector's service would say).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawTls {
+    #[serde(default)]
+    mode: Option<Spanned<String>>,
+    #[serde(default)]
+    ca_certificates: Option<Spanned<String>>,
+    #[serde(default)]
+    sni: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -144,7 +198,66 @@ impl Validator<'_> {
         if let Some(o) = &raw.opentelemetry {
             cfg.provider = Some(self.otel(&o.value, o)?);
         }
+        for (tag, t) in &raw.custom_tags {
+            cfg.custom_tags
+                .push((tag.clone(), self.custom_tag(tag, t)?));
+        }
         Ok(Some(cfg))
+    }
+
+    fn custom_tag(&self, tag: &str, t: &Spanned<RawCustomTag>) -> Result<CustomTag, ConfigError> {
+        let f = format!("tracing.customTags.{tag}");
+        if tag.is_empty() {
+            return Err(self.err(t, "tracing.customTags", "a tag name must not be empty"));
+        }
+        let raw = &t.value;
+        if raw.formatter.is_some() {
+            return Err(self.err(
+                t,
+                &format!("{f}.formatter"),
+                "is not supported (Envoy command operators); use literal, environment or header",
+            ));
+        }
+        match (&raw.literal, &raw.environment, &raw.header) {
+            (Some(l), None, None) => Ok(CustomTag::Literal(l.value.clone())),
+            (None, Some(e), None) => {
+                let n = &e.name;
+                if n.value.is_empty() || n.value.contains(['=', '\0']) {
+                    return Err(self.err(
+                        n,
+                        &format!("{f}.environment.name"),
+                        format!("`{}` is not an environment variable name", n.value),
+                    ));
+                }
+                Ok(CustomTag::Environment {
+                    name: n.value.clone(),
+                    default: e.default_value.clone(),
+                })
+            }
+            (None, None, Some(h)) => {
+                let name = HeaderName::from_bytes(h.name.value.as_bytes()).map_err(|_| {
+                    self.err(
+                        &h.name,
+                        &format!("{f}.header.name"),
+                        format!("`{}` is not a header name", h.name.value),
+                    )
+                })?;
+                Ok(CustomTag::Header {
+                    name,
+                    default: h.default_value.clone(),
+                })
+            }
+            (None, None, None) => Err(self.err(
+                t,
+                &f,
+                "names no value: one of literal, environment or header",
+            )),
+            _ => Err(self.err(
+                t,
+                &f,
+                "sets more than one of literal, environment and header",
+            )),
+        }
     }
 
     fn otel(&self, o: &RawOtel, at: &Spanned<RawOtel>) -> Result<OtlpProvider, ConfigError> {
@@ -234,12 +347,82 @@ impl Validator<'_> {
             })?;
             headers.push((name, value));
         }
+        let tls = match &o.tls {
+            Some(t) => self.otel_tls(&t.value, &o.service)?,
+            None => None,
+        };
         Ok(OtlpProvider {
             service: o.service.value.clone(),
             port,
             http,
             timeout,
             headers,
+            tls,
         })
+    }
+
+    /// `tls: {mode, caCertificates, sni}`: `mode` SIMPLE (the default) or DISABLE; the CA file
+    /// is read and parsed here, so that a missing or bad one is an error at its line.
+    fn otel_tls(
+        &self,
+        t: &RawTls,
+        service: &Spanned<String>,
+    ) -> Result<Option<OtlpTls>, ConfigError> {
+        const F: &str = "tracing.opentelemetry.tls";
+        if let Some(m) = &t.mode {
+            match m.value.as_str() {
+                "SIMPLE" => {}
+                "DISABLE" => return Ok(None),
+                other => {
+                    return Err(self.err(
+                        m,
+                        &format!("{F}.mode"),
+                        format!(
+                            "`{other}` is not supported: SIMPLE (verify the collector) or DISABLE                              (plaintext); the collector gets no client certificate"
+                        ),
+                    ));
+                }
+            }
+        }
+        let (name, at, field) = match &t.sni {
+            Some(sni) => (&sni.value, sni, format!("{F}.sni")),
+            None => (
+                &service.value,
+                service,
+                "tracing.opentelemetry.service".to_string(),
+            ),
+        };
+        if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
+            return Err(self.err(
+                at,
+                &field,
+                format!("`{name}` is not a DNS name or an IP address to verify the collector by"),
+            ));
+        }
+        let mut roots = Vec::new();
+        if let Some(ca) = &t.ca_certificates {
+            use rustls_pki_types::pem::PemObject;
+            let field = format!("{F}.caCertificates");
+            let path = self.path(&ca.value);
+            let pem = std::fs::read(&path).map_err(|e| {
+                self.err(ca, &field, format!("cannot read {}: {e}", path.display()))
+            })?;
+            for c in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+                roots.push(c.map_err(|e| {
+                    self.err(ca, &field, format!("{}: bad PEM: {e}", path.display()))
+                })?);
+            }
+            if roots.is_empty() {
+                return Err(self.err(
+                    ca,
+                    &field,
+                    format!("{}: no CERTIFICATE in the file", path.display()),
+                ));
+            }
+        }
+        Ok(Some(OtlpTls {
+            roots,
+            server_name: name.clone(),
+        }))
     }
 }

@@ -481,3 +481,78 @@ async fn pipelined_requests_after_bodies_get_envoys_answers_in_order() {
     assert_eq!(e, ["200", "200", "200", "400"], "Envoy");
     assert_eq!(o, e, "Outrigger");
 }
+
+/// A request the codec refuses is a denial like any other: the status page lists it with its
+/// path (`-` when the head could not be parsed), the caller and Envoy's response code details
+/// as the reason — whichever of Outrigger's three codec layers refused it (the raw-head guard,
+/// the parsed-head checks, or hyper's parser).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codec_refusals_are_listed_on_the_status_page() {
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    let app = start_echo().await;
+    let agent = mesh.start(&[("web", app, "http")]);
+    let sleep = mesh.pki.issue("default", "sleep");
+    let web = agent.addr("web");
+    let h = "Host: outrigger.test\r\nConnection: close\r\n";
+    // (request, status, the row's path, the row's reason)
+    let cases: [(Vec<u8>, u16, &str, &str); 4] = [
+        (
+            format!("FOO /unknown-method HTTP/1.1\r\n{h}\r\n").into_bytes(),
+            400,
+            "/unknown-method",
+            "http1.codec_error{HPE_INVALID_METHOD}",
+        ),
+        (
+            "GET /old-version HTTP/1.0\r\nHost: outrigger.test\r\n\r\n".into(),
+            426,
+            "/old-version",
+            "low_version",
+        ),
+        (
+            format!("GET /frag#x HTTP/1.1\r\n{h}\r\n").into_bytes(),
+            400,
+            "/frag",
+            "http1.invalid_url_fragment",
+        ),
+        (
+            format!("GET /bad-header HTTP/1.1\r\n{h}Bad Name: x\r\n\r\n").into_bytes(),
+            400,
+            "-",
+            "http1.codec_error",
+        ),
+    ];
+    for (raw, status, ..) in &cases {
+        assert_eq!(raw_status(&mesh, web, &sleep, raw).await, *status);
+    }
+    // The last refusal is recorded when its connection ends: wait for all four rows.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let rows: Vec<String> = loop {
+        let page = agent.admin_get("/");
+        let table = page
+            .split("id=\"denials\"")
+            .nth(1)
+            .and_then(|t| t.split("</table>").next())
+            .unwrap_or_default()
+            .to_string();
+        let rows: Vec<String> = table.split("<tr>").skip(2).map(str::to_string).collect();
+        if rows.len() >= cases.len() || std::time::Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for (_, _, path, reason) in &cases {
+        let row = rows
+            .iter()
+            .find(|r| r.contains(&format!("<td>{reason}</td>")))
+            .unwrap_or_else(|| panic!("no denial with reason {reason}: {rows:?}"));
+        assert!(row.contains(&format!("<td>{path}</td>")), "{row}");
+        assert!(row.contains("<td>web</td>"), "{row}");
+        assert!(
+            row.contains("<td>spiffe://cluster.local/ns/default/sa/sleep</td>"),
+            "{row}"
+        );
+        // No policy decided it.
+        assert!(row.contains("<td>-</td>"), "{row}");
+    }
+}

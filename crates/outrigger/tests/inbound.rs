@@ -397,6 +397,76 @@ async fn http2_multiplexes_and_streams_both_ways_with_trailers() {
     );
 }
 
+/// The application's connections are pooled across callers, as Envoy's inbound cluster pools
+/// them (crate::backend in outrigger-proxy): a second mTLS connection, from another workload,
+/// reuses the backend connection the first one left idle — each request still carrying its own
+/// caller's XFCC — and two streams of one HTTP/2 caller to an HTTP/1.1 application do not wait
+/// for each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_connections_are_shared_by_callers_and_streams() {
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    let echo = start_echo_http1_only().await;
+    let agent = mesh.start(&[("web", echo, "http")]);
+    let sleep = mesh.pki.issue("default", "sleep");
+    let other = mesh.pki.issue("ops", "backup");
+
+    let mut a = mesh.connect(agent.addr("web"), &sleep, false).await;
+    let first = a.fetch(get("/a", false)).await.unwrap().seen();
+    drop(a);
+    let mut b = mesh.connect(agent.addr("web"), &other, false).await;
+    let second = b.fetch(get("/b", false)).await.unwrap().seen();
+    assert_eq!(
+        second.conn, first.conn,
+        "the idle backend connection is reused"
+    );
+    let xfcc = |s: &Seen| {
+        s.header("x-forwarded-client-cert")
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(
+        xfcc(&first).ends_with("URI=spiffe://cluster.local/ns/default/sa/sleep"),
+        "{}",
+        xfcc(&first)
+    );
+    assert!(
+        xfcc(&second).ends_with("URI=spiffe://cluster.local/ns/ops/sa/backup"),
+        "{}",
+        xfcc(&second)
+    );
+
+    // An HTTP/2 caller: a streaming request holds one backend connection open while another
+    // stream is answered on a second one.
+    let mut c = mesh.connect(agent.addr("web"), &sleep, true).await;
+    let (body_tx, req_body) = channel_body();
+    let req = http::Request::post("https://outrigger.test/echo")
+        .body(req_body)
+        .unwrap();
+    let resp = c.send(req).await.unwrap();
+    let mut body = resp.into_body();
+    body_tx
+        .send(Ok(Frame::data(Bytes::from_static(b"held"))))
+        .await
+        .unwrap();
+    let f = tokio::time::timeout(
+        Duration::from_secs(10),
+        http_body_util::BodyExt::frame(&mut body),
+    )
+    .await
+    .expect("the echo answers while the request is open")
+    .unwrap()
+    .unwrap();
+    assert_eq!(f.into_data().unwrap(), "held");
+    let got = tokio::time::timeout(Duration::from_secs(10), c.fetch(get("/c", true)))
+        .await
+        .expect("a second stream is not queued behind the open one")
+        .unwrap();
+    assert_eq!(got.status, 200);
+    assert_ne!(got.seen().conn, "", "{}", got.text());
+    drop(body_tx);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_is_forwarded_and_counted() {
     let mesh = Mesh::new();
@@ -591,7 +661,8 @@ fn config_errors_name_file_line_and_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests() {
     let mesh = Mesh::new();
-    let echo = start_echo().await;
+    // The SIGTERM is sent once the request is known to have reached the application.
+    let (echo, arrived) = start_signalling_sink().await;
     let mut agent = mesh.start(&[("web", echo, "http")]);
     let sleep = mesh.pki.issue("default", "sleep");
     let mut c = mesh.connect(agent.addr("web"), &sleep, false).await;
@@ -604,19 +675,27 @@ async fn sigterm_drains_in_flight_requests() {
     tx.send(Ok(Frame::data(Bytes::from_static(b"before "))))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::timeout(Duration::from_secs(10), arrived)
+        .await
+        .expect("the request reaches the application")
+        .unwrap();
     let pid = agent.child.id();
     let _ = std::process::Command::new("kill")
         .arg("-TERM")
         .arg(pid.to_string())
         .status();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // New connections are refused while draining...
-    assert!(
-        tokio::net::TcpStream::connect(agent.addr("web"))
-            .await
-            .is_err()
-    );
+    // New connections are refused once the drain has started...
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(agent.addr("web"))
+        .await
+        .is_ok()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the listener still accepts 10 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // ...but the request in flight finishes.
     tx.send(Ok(Frame::data(Bytes::from_static(b"after"))))
         .await

@@ -138,11 +138,12 @@ async fn a_deny_policy_in_the_cluster_is_added_changed_and_deleted() {
 
     // A bookmark, then a dropped watch: the watch resumes from the bookmark, no relist.
     let lists = api.list_count();
+    // No wait is needed between these: each watch stream carries the bookmark, the change and
+    // its end in the order they were made (one broadcast, read in order by each stream's task,
+    // and a body's end comes after its queued events), so the agent reads them in that order.
     let bookmark_rv = api.bookmark();
-    tokio::time::sleep(Duration::from_millis(300)).await;
     // A change after the bookmark: its own stream resumes from it, the others from the bookmark.
     api.apply(deny("other", "nobody"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
     api.drop_watches();
     let marker = format!("resourceVersion={bookmark_rv}");
     wait_until(

@@ -178,9 +178,22 @@ impl MeshServer {
     }
 
     /// The process "dies": the listener closes and every connection is cut.
-    fn kill(&self) {
-        for t in self.tasks.lock().unwrap().drain(..) {
+    fn kill(&self) -> Vec<tokio::task::AbortHandle> {
+        let tasks: Vec<_> = self.tasks.lock().unwrap().drain(..).collect();
+        for t in &tasks {
             t.abort();
+        }
+        tasks
+    }
+
+    /// [`MeshServer::kill`], returning once every task has stopped (an aborted task stops at
+    /// its next await).
+    async fn kill_and_wait(&self) {
+        let tasks = self.kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !tasks.iter().all(|t| t.is_finished()) {
+            assert!(Instant::now() < deadline, "the server's tasks did not stop");
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 }
@@ -603,10 +616,9 @@ async fn endpoint_dies_mid_run_then_recovers() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let s1_addr = s1.addr;
-    s1.kill();
-    // An aborted task stops at its next await: a request s1 was already reading when it was
-    // killed may still be counted. Count from once the aborts have taken effect.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A request s1 was already reading when it was killed may still be counted: count from
+    // once its tasks have stopped.
+    s1.kill_and_wait().await;
     let s1_hits_at_kill = s1.hits.load(Ordering::SeqCst);
     while set.join_next().await.is_some() {}
     let failures = failures.lock().unwrap().clone();

@@ -31,6 +31,15 @@ struct Export {
 /// OTLP/gRPC (`TraceService/Export`) over h2c, both decoded with the OTLP messages and kept.
 /// `delay`: how long it waits before answering (a slow collector).
 async fn start_collector(delay: Duration) -> (SocketAddr, Arc<Mutex<Vec<Export>>>) {
+    start_collector_with(delay, None).await
+}
+
+/// The same collector, over TLS when `tls` is given (it serves what the client's ALPN
+/// negotiated: `h2` or HTTP/1.1).
+async fn start_collector_with(
+    delay: Duration,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> (SocketAddr, Arc<Mutex<Vec<Export>>>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let got = Arc::new(Mutex::new(Vec::new()));
@@ -41,6 +50,7 @@ async fn start_collector(delay: Duration) -> (SocketAddr, Arc<Mutex<Vec<Export>>
                 continue;
             };
             let store = store.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
                     move |req: hyper::Request<hyper::body::Incoming>| {
@@ -94,9 +104,18 @@ async fn start_collector(delay: Duration) -> (SocketAddr, Arc<Mutex<Vec<Export>>
                         }
                     },
                 );
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                match tls {
+                    Some(acceptor) => {
+                        let Ok(t) = acceptor.accept(s).await else {
+                            return;
+                        };
+                        let _ = builder.serve_connection(TokioIo::new(t), svc).await;
+                    }
+                    None => {
+                        let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+                    }
+                }
             });
         }
     });
@@ -576,6 +595,72 @@ async fn get_seen(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> See
     serde_json::from_slice(&body).unwrap()
 }
 
+/// The real Envoy's bootstrap as an inbound sidecar listener (`traffic_direction: INBOUND`)
+/// with its OpenTelemetry tracer (envoy.tracers.opentelemetry, OTLP/gRPC to `collector`) and
+/// the tracing settings istiod gives it (pilot/pkg/networking/core/tracing.go: the UUID
+/// request id with `use_request_id_for_trace_sampling`, `client_sampling` and
+/// `overall_sampling` 100%, `random_sampling` the configured percentage; no
+/// `internal_address_config`, no `use_remote_address`), forwarding to `app`.
+fn otel_inbound_bootstrap(
+    collector: SocketAddr,
+    app: SocketAddr,
+    sampling: f64,
+) -> serde_json::Value {
+    let mut otel = common::envoy::static_cluster("otel", collector);
+    otel["typed_extension_protocol_options"] = serde_json::json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}
+        }
+    });
+    serde_json::json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "virtualInbound",
+                "traffic_direction": "INBOUND",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "inbound_0.0.0.0_8080",
+                        "request_id_extension": {"typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
+                            "use_request_id_for_trace_sampling": true
+                        }},
+                        "tracing": {
+                            "client_sampling": {"value": 100},
+                            "random_sampling": {"value": sampling},
+                            "overall_sampling": {"value": 100},
+                            "provider": {
+                                "name": "envoy.tracers.opentelemetry",
+                                "typed_config": {
+                                    "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                                    "grpc_service": {"envoy_grpc": {"cluster_name": "otel"}, "timeout": "5s"},
+                                    "service_name": "envoy-web"
+                                }
+                            }
+                        },
+                        "route_config": {"name": "inbound", "virtual_hosts": [{
+                            "name": "inbound", "domains": ["*"],
+                            "routes": [{"match": {"prefix": "/"},
+                                        "decorator": {"operation": "web.test:8080/*"},
+                                        // Istio's inbound route has no timeout (route.go
+                                        // `BuildDefaultHTTPInboundRoute`: `Notimeout`), so
+                                        // the router adds no x-envoy-expected-rq-timeout-ms.
+                                        "route": {"cluster": "inbound|8080||", "timeout": "0s"}}]
+                        }]},
+                        "http_filters": [{"name": "envoy.filters.http.router",
+                            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
+                    }
+                }]}]
+            }],
+            "clusters": [common::envoy::static_cluster("inbound|8080||", app), otel]
+        }
+    })
+}
+
 /// The real Envoy with its OpenTelemetry tracer (envoy.tracers.opentelemetry, OTLP/gRPC to the
 /// same in-test collector), as an inbound listener (`traffic_direction: INBOUND`) with Istio's
 /// request id settings (`use_request_id_for_trace_sampling`) and 100% sampling, against
@@ -593,54 +678,7 @@ async fn propagation_and_span_shape_match_envoys_opentelemetry_tracer() {
     let echo = start_echo().await;
     let mesh = Mesh::new();
     mesh.policy("pa.yaml", MESH_STRICT);
-    let mut otel = common::envoy::static_cluster("otel", collector);
-    otel["typed_extension_protocol_options"] = serde_json::json!({
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": {"http2_protocol_options": {}}
-        }
-    });
-    let bootstrap = serde_json::json!({
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
-        "static_resources": {
-            "listeners": [{
-                "name": "virtualInbound",
-                "traffic_direction": "INBOUND",
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                        "stat_prefix": "inbound_0.0.0.0_8080",
-                        "request_id_extension": {"typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
-                            "use_request_id_for_trace_sampling": true
-                        }},
-                        "tracing": {
-                            "random_sampling": {"value": 100},
-                            "provider": {
-                                "name": "envoy.tracers.opentelemetry",
-                                "typed_config": {
-                                    "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
-                                    "grpc_service": {"envoy_grpc": {"cluster_name": "otel"}, "timeout": "5s"},
-                                    "service_name": "envoy-web"
-                                }
-                            }
-                        },
-                        "route_config": {"name": "inbound", "virtual_hosts": [{
-                            "name": "inbound", "domains": ["*"],
-                            "routes": [{"match": {"prefix": "/"},
-                                        "decorator": {"operation": "web.test:8080/*"},
-                                        "route": {"cluster": "inbound|8080||"}}]
-                        }]},
-                        "http_filters": [{"name": "envoy.filters.http.router",
-                            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
-                    }
-                }]}]
-            }],
-            "clusters": [common::envoy::static_cluster("inbound|8080||", echo), otel]
-        }
-    });
+    let bootstrap = otel_inbound_bootstrap(collector, echo, 100.0);
     let envoy = common::envoy::launch_envoy(&bin, mesh.dir(), "tracing", &bootstrap).await;
     let extra = format!(
         "tracing:
@@ -778,4 +816,335 @@ spec:
         );
     }
     drop(envoy);
+}
+
+/// One plaintext GET with extra headers: the response's headers and the echo backend's view.
+async fn get_seen_and_response(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (http::HeaderMap, Seen) {
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut b = http::Request::get(path).header("host", "outrigger.test");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(http_body_util::Empty::<Bytes>::new()).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (parts.headers, serde_json::from_slice(&body).unwrap())
+}
+
+/// The internal `x-envoy-*` headers Envoy removes from a request that is not internal
+/// (conn_manager_utility.cc `cleanInternalHeaders`, and `x-envoy-internal`).
+const ENVOY_INTERNAL: [&str; 15] = [
+    "x-envoy-internal",
+    "x-envoy-retriable-status-codes",
+    "x-envoy-retriable-header-names",
+    "x-envoy-retry-on",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-max-retries",
+    "x-envoy-upstream-alt-stat-name",
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response",
+    "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-force-trace",
+    "x-envoy-ip-tags",
+    "x-envoy-original-url",
+    "x-envoy-hedge-on-per-try-timeout",
+];
+
+/// Forcing a trace, side by side with the real Envoy configured as istiod configures an
+/// inbound sidecar, at 0% random sampling:
+/// - `x-client-trace-id` forces the trace (request id marked `'b'`, "client"; sampled
+///   `traceparent`), the application still sees the header, and the span carries it as
+///   `guid:x-client-trace-id`; a caller's unsampled `traceparent` still wins (the request id
+///   is marked, the context stays unsampled);
+/// - `x-envoy-force-trace` is removed and forces nothing — even with a private single
+///   `x-forwarded-for` address, since no address is internal to an Istio sidecar — and no
+///   `x-request-id` comes back on the response; the other internal `x-envoy-*` headers are
+///   removed with it, an unknown `x-envoy-*` header is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forcing_a_trace_matches_envoy() {
+    let Some(bin) = common::envoy::envoy_or_skip("forcing_a_trace_matches_envoy") else {
+        return;
+    };
+    let (collector, got) = start_collector(Duration::ZERO).await;
+    let echo = start_echo().await;
+    let mesh = Mesh::new();
+    mesh.policy(
+        "pa.yaml",
+        "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: default
+  namespace: istio-system
+spec:
+  mtls:
+    mode: PERMISSIVE
+",
+    );
+    let bootstrap = otel_inbound_bootstrap(collector, echo, 0.0);
+    let envoy = common::envoy::launch_envoy(&bin, mesh.dir(), "tracing", &bootstrap).await;
+    let extra = format!(
+        "tracing:
+  sampling: 0
+  propagation: [w3c]
+  opentelemetry: {{service: 127.0.0.1, port: {}}}
+",
+        collector.port()
+    );
+    let agent = AgentProc::start(mesh.dir(), &mesh.config(&[("web", echo, "http")], &extra));
+
+    for (who, addr) in [("envoy", envoy.listener), ("outrigger", agent.addr("web"))] {
+        let client_id = format!("case-4711-{who}");
+        // x-client-trace-id at 0%: traced, for the reason "client".
+        let (_, seen) =
+            get_seen_and_response(addr, "/client", &[("x-client-trace-id", &client_id)]).await;
+        let (trace, span, flags) = traceparent(seen.header("traceparent").unwrap());
+        assert_eq!(flags, "01", "{who}");
+        let rid = seen.header("x-request-id").unwrap().to_string();
+        assert_eq!(rid.as_bytes()[14], b'b', "{who}: {rid}");
+        assert_eq!(
+            seen.header("x-client-trace-id"),
+            Some(client_id.as_str()),
+            "{who}"
+        );
+        let (_, s) = wait_for_span(&got, &trace).await;
+        assert_eq!(hex::encode(&s.span_id), span, "{who}");
+        assert_eq!(
+            attr(&s, "guid:x-client-trace-id"),
+            Some(client_id.as_str()),
+            "{who}"
+        );
+        assert_eq!(attr(&s, "guid:x-request-id"), Some(rid.as_str()), "{who}");
+
+        // A caller's unsampled context wins over x-client-trace-id; the id is still marked.
+        let (_, seen) = get_seen_and_response(
+            addr,
+            "/client-unsampled",
+            &[
+                ("x-client-trace-id", "case-4712"),
+                (
+                    "traceparent",
+                    "00-2af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+                ),
+            ],
+        )
+        .await;
+        let (t, _, f) = traceparent(seen.header("traceparent").unwrap());
+        assert_eq!(
+            (t.as_str(), f.as_str()),
+            ("2af7651916cd43dd8448eb211c80319c", "00"),
+            "{who}"
+        );
+        assert_eq!(
+            seen.header("x-request-id").unwrap().as_bytes()[14],
+            b'b',
+            "{who}"
+        );
+
+        // x-envoy-force-trace from a caller that is not internal: removed, forces nothing.
+        let mut headers: Vec<(&str, &str)> = ENVOY_INTERNAL.iter().map(|h| (*h, "1")).collect();
+        headers.push(("x-envoy-force-trace", "true"));
+        headers.push(("x-forwarded-for", "10.1.2.3"));
+        headers.push(("x-envoy-something-else", "kept"));
+        let (resp, seen) = get_seen_and_response(addr, "/forced", &headers).await;
+        let (_, _, flags) = traceparent(seen.header("traceparent").unwrap());
+        assert_eq!(flags, "00", "{who}");
+        let rid = seen.header("x-request-id").unwrap();
+        assert_eq!(rid.as_bytes()[14], b'4', "{who}: {rid}");
+        for h in ENVOY_INTERNAL {
+            assert_eq!(seen.header(h), None, "{who}: {h} reached the application");
+        }
+        assert_eq!(seen.header("x-envoy-something-else"), Some("kept"), "{who}");
+        assert!(
+            resp.get("x-request-id").is_none(),
+            "{who}: x-request-id on the response: {resp:?}"
+        );
+    }
+    drop(envoy);
+}
+
+/// `tracing.customTags` (the Telemetry API's `customTags`) on the exported spans: a literal,
+/// an environment variable of the agent (set, and unset with its default), a request header
+/// (sent, and absent with its default), and a tag whose value is empty, which Envoy does not
+/// set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_tags_reach_the_collector() {
+    let (collector, got) = start_collector(Duration::ZERO).await;
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    let backend = start_echo().await;
+    let extra = format!(
+        "tracing:
+  sampling: 100
+  opentelemetry: {{service: 127.0.0.1, port: {}}}
+  customTags:
+    team: {{literal: {{value: payments}}}}
+    region: {{environment: {{name: OUTRIGGER_TEST_REGION, defaultValue: nowhere}}}}
+    rack: {{environment: {{name: OUTRIGGER_TEST_UNSET_RACK, defaultValue: r0}}}}
+    user: {{header: {{name: x-user, defaultValue: anonymous}}}}
+    empty: {{header: {{name: x-absent}}}}
+",
+        collector.port()
+    );
+    let agent = AgentProc::start_with(
+        mesh.dir(),
+        &mesh.config(&[("web", backend, "http")], &extra),
+        &[("OUTRIGGER_TEST_REGION", "eu-west")],
+    );
+    let sleep = mesh.pki.issue("default", "sleep");
+    let mut c = mesh.connect(agent.addr("web"), &sleep, false).await;
+
+    let mut req = get("/with-user", false);
+    req.headers_mut().insert("x-user", "alice".parse().unwrap());
+    let seen = c.fetch(req).await.unwrap().seen();
+    let (with_user, _, _) = traceparent(seen.header("traceparent").unwrap());
+    let seen = c.fetch(get("/anonymous", false)).await.unwrap().seen();
+    let (anonymous, _, _) = traceparent(seen.header("traceparent").unwrap());
+
+    for (trace, user) in [(with_user, "alice"), (anonymous, "anonymous")] {
+        let (_, span) = wait_for_span(&got, &trace).await;
+        assert_eq!(attr(&span, "team"), Some("payments"));
+        assert_eq!(attr(&span, "region"), Some("eu-west"));
+        assert_eq!(attr(&span, "rack"), Some("r0"));
+        assert_eq!(attr(&span, "user"), Some(user));
+        assert_eq!(attr(&span, "empty"), None);
+        // Istio's own tags are still there, each key once.
+        assert_eq!(attr(&span, "istio.namespace"), Some("legacy"));
+        let mut keys: Vec<&str> = span.attributes.iter().map(|a| a.key.as_str()).collect();
+        keys.sort();
+        let n = keys.len();
+        keys.dedup();
+        assert_eq!(keys.len(), n, "duplicate attribute keys: {keys:?}");
+    }
+}
+
+/// A TLS acceptor for a collector whose certificate (from the test CA) names `otel.test`,
+/// offering `h2` and `http/1.1`.
+fn collector_tls(pki: &TestPki) -> tokio_rustls::TlsAcceptor {
+    let mut o = outrigger_tls::ca::IssueOptions::workload(
+        &pki.id("observability", "otel"),
+        Duration::from_secs(3600),
+    );
+    o.dns_sans = vec!["otel.test".into()];
+    let cert = pki.ca.issue_with(&o).unwrap();
+    use rustls_pki_types::pem::PemObject;
+    let chain: Vec<_> =
+        rustls_pki_types::CertificateDer::pem_slice_iter(cert.cert_chain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+    let mut tls = rustls::ServerConfig::builder_with_provider(outrigger_tls::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(tls))
+}
+
+/// OTLP over TLS to a real TLS collector on 127.0.0.1, verified by `caCertificates` and the
+/// `sni` name: gRPC (ALPN h2) and OTLP/HTTP (https). A collector whose certificate the
+/// configured CA did not sign gets nothing: the spans are dropped and counted, never sent
+/// another way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_a_tls_collector_verified_by_its_ca() {
+    let mesh = Mesh::new();
+    mesh.policy("pa.yaml", MESH_STRICT);
+    let backend = start_echo().await;
+    std::fs::write(mesh.dir().join("otel-ca.pem"), mesh.pki.ca.root_pem()).unwrap();
+    let sleep = mesh.pki.issue("default", "sleep");
+    for http in [false, true] {
+        let (collector, got) =
+            start_collector_with(Duration::ZERO, Some(collector_tls(&mesh.pki))).await;
+        let extra = format!(
+            "tracing:
+  sampling: 100
+  opentelemetry:
+    service: 127.0.0.1
+    port: {}
+    tls: {{mode: SIMPLE, caCertificates: otel-ca.pem, sni: otel.test}}
+{}",
+            collector.port(),
+            if http {
+                "    http: {path: /v1/traces}\n"
+            } else {
+                ""
+            }
+        );
+        let agent = AgentProc::start(
+            mesh.dir(),
+            &mesh.config(&[("web", backend, "http")], &extra),
+        );
+        let mut c = mesh.connect(agent.addr("web"), &sleep, false).await;
+        for i in 0..2 {
+            let seen = c
+                .fetch(get(&format!("/tls/{i}"), false))
+                .await
+                .unwrap()
+                .seen();
+            let (trace, span, _) = traceparent(seen.header("traceparent").unwrap());
+            let (_, s) = wait_for_span(&got, &trace).await;
+            assert_eq!(hex::encode(&s.span_id), span);
+        }
+        let e = got.lock().unwrap()[0].clone();
+        if http {
+            assert_eq!(
+                (e.path.as_str(), e.content_type.as_str()),
+                ("/v1/traces", "application/x-protobuf")
+            );
+        } else {
+            assert_eq!(
+                e.path,
+                "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+            );
+            assert!(e.content_type.starts_with("application/grpc"));
+        }
+    }
+
+    // A collector with a certificate from another CA: nothing is exported.
+    let other = TestPki::new();
+    let (collector, got) = start_collector_with(Duration::ZERO, Some(collector_tls(&other))).await;
+    let extra = format!(
+        "tracing:
+  sampling: 100
+  opentelemetry:
+    service: 127.0.0.1
+    port: {}
+    tls: {{caCertificates: otel-ca.pem, sni: otel.test}}
+",
+        collector.port()
+    );
+    let agent = AgentProc::start(
+        mesh.dir(),
+        &mesh.config(&[("web", backend, "http")], &extra),
+    );
+    let mut c = mesh.connect(agent.addr("web"), &sleep, false).await;
+    let _ = c.fetch(get("/untrusted", false)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric_value(
+        &agent.metrics(),
+        "outrigger_tracing_spans_dropped_total",
+        &[],
+    )
+    .unwrap_or(0.0)
+        < 1.0
+    {
+        assert!(Instant::now() < deadline, "{}", agent.metrics());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(got.lock().unwrap().is_empty());
 }

@@ -17,7 +17,9 @@
 //!   as an application sees it: plain TCP and HTTP to the agent's loopback outbound listeners
 //!   (`transport: hbone`) reach a workload behind ztunnel and ztunnel's own :15020.
 //! * With `ZTUNNEL_BENCH_MIB` set: the same bulk upload through each HBONE server, with wall
-//!   time and the server process's CPU time (run with `--release`).
+//!   time, the server process's CPU time and (where `perf` and the syscall tracepoints work) its
+//!   system calls per MiB; `ZTUNNEL_BENCH_RUNS=N` repeats it N times, alternating which server
+//!   goes first (run with `--release`).
 
 mod common;
 
@@ -523,6 +525,88 @@ spec:
 ";
 
 /// Uploads `bytes` through one HBONE stream to a sink; returns (seconds, server CPU seconds).
+/// The system calls the benchmark counts in the HBONE server during an upload (Linux
+/// tracepoints through `perf stat`), to see where the CPU per byte goes: how many reads and
+/// writes a MiB takes (so how large they are), and how often the server waits.
+const SYSCALL_EVENTS: &[&str] = &[
+    "raw_syscalls:sys_enter",
+    "syscalls:sys_enter_recvfrom",
+    "syscalls:sys_enter_read",
+    "syscalls:sys_enter_sendto",
+    "syscalls:sys_enter_write",
+    "syscalls:sys_enter_writev",
+    "syscalls:sys_enter_epoll_wait",
+    "syscalls:sys_enter_futex",
+];
+
+/// `perf stat` attached to a process, started disabled and enabled through its control FIFO
+/// (acknowledged), so the count covers exactly the measured upload. `None` when perf or the
+/// tracepoints are not available: the benchmark then reports CPU time only.
+struct SyscallCount {
+    child: Child,
+    ctl: std::fs::File,
+    ack: std::io::BufReader<std::fs::File>,
+}
+
+impl SyscallCount {
+    fn start(pid: u32, dir: &Path) -> Option<Self> {
+        let (ctl, ack) = (
+            dir.join(format!("perf-ctl-{pid}")),
+            dir.join(format!("perf-ack-{pid}")),
+        );
+        for f in [&ctl, &ack] {
+            let _ = std::fs::remove_file(f);
+            let ok = Command::new("mkfifo").arg(f).status().ok()?.success();
+            if !ok {
+                return None;
+            }
+        }
+        let child = Command::new("perf")
+            .args(["stat", "-x,", "-D", "-1", "-e", &SYSCALL_EVENTS.join(",")])
+            .arg("--control")
+            .arg(format!("fifo:{},{}", ctl.display(), ack.display()))
+            .args(["-p", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .ok()?;
+        // Opening a FIFO blocks until the other end opens it: perf opens both at start.
+        let ctl = std::fs::OpenOptions::new().write(true).open(&ctl).ok()?;
+        let ack = std::io::BufReader::new(std::fs::File::open(&ack).ok()?);
+        let mut c = SyscallCount { child, ctl, ack };
+        c.command("enable")?;
+        Some(c)
+    }
+
+    fn command(&mut self, cmd: &str) -> Option<()> {
+        use std::io::BufRead;
+        writeln!(self.ctl, "{cmd}").ok()?;
+        let mut line = String::new();
+        self.ack.read_line(&mut line).ok()?;
+        line.starts_with("ack").then_some(())
+    }
+
+    /// Stops counting; the counts by event.
+    fn finish(mut self) -> Vec<(String, u64)> {
+        let _ = self.command("disable");
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        let _ = self.child.wait();
+        // CSV: count,unit,event,...
+        err.lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                Some((f.get(2)?.to_string(), f.first()?.parse().ok()?))
+            })
+            .collect()
+    }
+}
+
 async fn upload(
     client: &HboneClient,
     peer: SocketAddr,
@@ -531,6 +615,22 @@ async fn upload(
     bytes: u64,
     server_pid: u32,
 ) -> (f64, f64) {
+    let (secs, cpu, _) = upload_counted(client, peer, id, target, bytes, server_pid, None).await;
+    (secs, cpu)
+}
+
+/// An upload of `bytes` through `peer`; wall seconds, the server's CPU seconds, and its
+/// system calls when `count_in` (a scratch directory) is given and perf works.
+async fn upload_counted(
+    client: &HboneClient,
+    peer: SocketAddr,
+    id: &outrigger_identity::Identity,
+    target: SocketAddr,
+    bytes: u64,
+    server_pid: u32,
+    count_in: Option<&Path>,
+) -> (f64, f64, Vec<(String, u64)>) {
+    let counter = count_in.and_then(|d| SyscallCount::start(server_pid, d));
     let cpu0 = cpu_seconds(server_pid);
     let t0 = Instant::now();
     let mut s = client.connect(peer, id, target).await.unwrap();
@@ -548,8 +648,10 @@ async fn upload(
         .expect("sink answered in time")
         .unwrap();
     let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(server_pid) - cpu0;
+    let syscalls = counter.map(SyscallCount::finish).unwrap_or_default();
     assert_eq!(answer.trim(), bytes.to_string(), "the sink got every byte");
-    (secs, cpu_seconds(server_pid) - cpu0)
+    (secs, cpu, syscalls)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -770,32 +872,41 @@ async fn ztunnel_and_outrigger_speak_hbone_both_ways() {
             agent.child.id(),
         )
         .await;
-        let (zt_s, zt_cpu) = upload(
-            &bench_client,
-            zt_hbone,
-            &zt_id,
-            helper_addr,
-            bytes,
-            ztunnel.child.id(),
-        )
-        .await;
-        let (or_s, or_cpu) = upload(
-            &bench_client,
-            our_hbone,
-            &me,
-            our_sink,
-            bytes,
-            agent.child.id(),
-        )
-        .await;
+        // `ZTUNNEL_BENCH_RUNS` rounds (default 1), the order of the two servers alternating
+        // from one round to the next so that neither always runs on a warmer machine.
+        let runs: usize = std::env::var("ZTUNNEL_BENCH_RUNS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
         let gib = bytes as f64 / (1u64 << 30) as f64;
-        for (name, s, cpu) in [("ztunnel", zt_s, zt_cpu), ("outrigger", or_s, or_cpu)] {
-            eprintln!(
-                "BENCH hbone-upload server={name} bytes={bytes} seconds={s:.2} MiB/s={:.0} server_cpu_s={cpu:.2} cpu_s_per_GiB={:.2} MiB_per_cpu_s={:.0}",
-                mib as f64 / s,
-                cpu / gib,
-                mib as f64 / cpu.max(0.001),
-            );
+        let servers = [
+            ("ztunnel", zt_hbone, &zt_id, helper_addr, ztunnel.child.id()),
+            ("outrigger", our_hbone, &me, our_sink, agent.child.id()),
+        ];
+        for run in 0..runs {
+            let order: Vec<_> = if run % 2 == 0 {
+                servers.iter().collect()
+            } else {
+                servers.iter().rev().collect()
+            };
+            for (name, peer, id, target, pid) in order {
+                let (s, cpu, calls) =
+                    upload_counted(&bench_client, *peer, id, *target, bytes, *pid, Some(dir)).await;
+                let per_mib: Vec<String> = calls
+                    .iter()
+                    .map(|(event, n)| {
+                        let short = event.rsplit(':').next().unwrap_or(event);
+                        format!("{short}_per_MiB={:.1}", *n as f64 / mib as f64)
+                    })
+                    .collect();
+                eprintln!(
+                    "BENCH hbone-upload run={run} server={name} bytes={bytes} seconds={s:.2} MiB/s={:.0} server_cpu_s={cpu:.2} cpu_s_per_GiB={:.2} MiB_per_cpu_s={:.0} {}",
+                    mib as f64 / s,
+                    cpu / gib,
+                    mib as f64 / cpu.max(0.001),
+                    per_mib.join(" "),
+                );
+            }
         }
     }
 }

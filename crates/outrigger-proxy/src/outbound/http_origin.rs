@@ -161,9 +161,13 @@ async fn handle(
 ) -> Result<Response<OutBody>, Infallible> {
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
+    // The `x-envoy-*` instructions no caller may give, as on the inbound side: an Istio
+    // sidecar's outbound listener trusts no address either (http_common).
+    crate::http_common::clean_internal_headers(&mut parts.headers);
     // The outbound listener's connection manager gives the request an `x-request-id` as the
-    // inbound one does (envoy conn_manager_utility.cc `mutateRequestHeaders`; the
-    // application is on loopback, so the request is internal and its own id is kept).
+    // inbound one does (envoy conn_manager_utility.cc `mutateRequestHeaders`; the listener
+    // does not use the remote address, so the request is no edge request and the
+    // application's own id is kept).
     if !parts.headers.contains_key("x-request-id")
         && let Some(id) = crate::http_common::new_request_id()
     {

@@ -125,7 +125,7 @@ async fn pump(
     // `sent`: bytes written to it ("bytes sent during response").
     let mut down = Counted::new(app, counts.clone());
     let mut up = upstream;
-    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+    let copy = crate::copy::copy_bidirectional(&mut down, &mut up);
     tokio::pin!(copy);
     let mut published = (0u64, 0u64);
     let mut tick = tokio::time::interval(METRICS_FLUSH);

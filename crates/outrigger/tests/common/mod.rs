@@ -53,11 +53,14 @@ impl AgentProc {
         std::fs::write(&cfg, config).unwrap();
         let ready = dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
+        // `OUTRIGGER_AGENT_BIN`: another build of the agent for the agents these tests start
+        // (the ztunnel benchmark runs a release agent from a debug test build).
+        let bin = std::env::var("OUTRIGGER_AGENT_BIN").unwrap_or_else(|_| BIN.to_string());
         let mut cmd = match wrapper {
-            [] => Command::new(BIN),
+            [] => Command::new(&bin),
             [program, args @ ..] => {
                 let mut c = Command::new(program);
-                c.args(args).arg(BIN);
+                c.args(args).arg(&bin);
                 c
             }
         };

@@ -14,15 +14,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::Ctx;
+use crate::ctx::Ctx;
 
-/// The agent's log filter, as the admin API sees it (the binary owns the logger).
-pub trait LogControl: Send + Sync {
-    /// The filter in force (`info`, `info,outrigger_proxy=debug` …).
-    fn current(&self) -> String;
-    /// Replaces it; `Err` says why the value was refused (the filter in force stays).
-    fn set(&self, filter: &str) -> Result<String, String>;
-}
+pub use crate::log_control::LogControl;
 
 /// Which endpoints a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

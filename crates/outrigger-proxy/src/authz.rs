@@ -7,8 +7,8 @@ use http::header::HeaderMap;
 
 use outrigger_policy::{Decision, HttpAttrs, Reason, Request, normalize_path};
 
-use crate::Ctx;
 use crate::conn::ConnInfo;
+use crate::ctx::Ctx;
 use crate::metrics::{AuthzDecisionLabels, Lv};
 use crate::refusal::Refusal;
 

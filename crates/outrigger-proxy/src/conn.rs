@@ -1,6 +1,7 @@
 //! The per-connection context: who is on the other end of an accepted downstream connection,
-//! on which listener. A leaf module: the accept path (`inbound`, `hbone::server`) fills it, the
-//! forwarding and authorization modules read it.
+//! on which listener. A leaf module: `accept` builds it (one per HBONE stream, with the stream's
+//! destination, and `hbone::server` adds the stream's baggage to the labels), the forwarding
+//! and authorization modules read it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

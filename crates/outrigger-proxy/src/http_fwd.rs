@@ -23,11 +23,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
-use crate::Ctx;
 use crate::access_log::{AccessRecord, now_rfc3339};
 use crate::authz;
 use crate::backend::{Lease, Pool};
 use crate::conn::ConnInfo;
+use crate::ctx::Ctx;
 use crate::h1_guard;
 use crate::http_common::{
     Metered, Prefixed, TunnelEnd, drive_until, is_websocket_upgrade, retarget,

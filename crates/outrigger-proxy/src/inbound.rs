@@ -1,65 +1,46 @@
-//! The inbound path: accept, apply PeerAuthentication, terminate mTLS, pick the protocol,
-//! hand over to HTTP or TCP forwarding.
+//! The direct inbound path: apply PeerAuthentication to each accepted connection, terminate
+//! mTLS (`accept`: handshake, peer identity, connection context), pick the protocol, hand over
+//! to HTTP or TCP forwarding. The HBONE listener (`hbone::server`) joins this path at
+//! [`classify_stream`] for each of its CONNECT streams.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::HeaderValue;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 use outrigger_policy::MtlsMode;
 
-use crate::Ctx;
+use crate::accept;
 use crate::conn::ConnInfo;
+use crate::ctx::Ctx;
 use crate::detect::{self, Sniffed};
 use crate::io::Rewind;
-use crate::limits::{Overflow, Permit};
-use crate::metrics::{Lv, connection_labels};
+use crate::limits::Permit;
 use crate::workload::InboundConfig;
 use crate::workload::Protocol;
 
 pub(crate) async fn serve_listener(listener: TcpListener, cfg: Arc<InboundConfig>, ctx: Arc<Ctx>) {
-    let mut drain = ctx.drain.clone();
-    let listener_lv = Lv::new(&cfg.name);
-    loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = drain.wait_for(|d| *d) => break,
-        };
-        match accepted {
-            Ok((stream, src)) => {
-                // The global cap is checked at accept, before any work, as Envoy's global
-                // connection limit is: the socket is closed at once.
-                let permit = match ctx.conns.try_acquire() {
-                    Ok(p) => p,
-                    Err(o) => {
-                        drop(stream);
-                        refuse_overflow(&ctx, &listener_lv, &cfg.name, src, None, o);
-                        continue;
-                    }
-                };
-                ctx.status_rates
-                    .connections
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let ctx = ctx.clone();
-                let cfg = cfg.clone();
-                let lv = listener_lv.clone();
-                tokio::spawn(async move {
-                    handle_connection(stream, src, cfg, lv, ctx, permit).await;
-                });
-            }
-            Err(e) => accept_failed(&cfg.name, &e).await,
-        }
-    }
-    tracing::debug!(listener = %cfg.name, "listener stopped accepting");
+    let door = Arc::new(accept::Listener::direct(&cfg.name));
+    accept::serve(listener, &ctx, &door, |stream, src, permit| {
+        ctx.status_rates
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ctx = ctx.clone();
+        let cfg = cfg.clone();
+        let door = door.clone();
+        tokio::spawn(async move {
+            handle_connection(stream, src, cfg, door, ctx, permit).await;
+        });
+    })
+    .await;
 }
 
 async fn handle_connection(
     stream: TcpStream,
     src: SocketAddr,
     cfg: Arc<InboundConfig>,
-    listener_lv: Lv,
+    door: Arc<accept::Listener>,
     ctx: Arc<Ctx>,
     mut permit: Permit,
 ) {
@@ -85,7 +66,7 @@ async fn handle_connection(
     match (mtls.mode, is_tls) {
         // A connection that sent nothing is not a plaintext client: say which it was.
         (MtlsMode::Strict, false) if first.is_none() => {
-            ctx.metrics.reject(&listener_lv, "no_client_hello");
+            ctx.metrics.reject(&door.lv, "no_client_hello");
             crate::warn_limited!(
                 listener = %cfg.name, %src,
                 "connection closed: no TLS ClientHello within timeouts.detect ({:?}); mTLS \
@@ -95,7 +76,7 @@ async fn handle_connection(
             );
         }
         (MtlsMode::Strict, false) => {
-            ctx.metrics.reject(&listener_lv, "plaintext");
+            ctx.metrics.reject(&door.lv, "plaintext");
             crate::warn_limited!(
                 listener = %cfg.name, %src,
                 peer_authentication = policy_name,
@@ -106,129 +87,21 @@ async fn handle_connection(
         (MtlsMode::Disable, _) | (MtlsMode::Permissive, false) => {
             // DISABLE: "Connection is not tunneled" — bytes pass as they come, TLS included,
             // exactly as a sidecar with mTLS disabled does.
-            let conn = ConnInfo {
-                listener: cfg,
-                peer_principal: None,
-                xfcc: None,
-                src,
-                dst,
-                sni: None,
-                labels: connection_labels(&ctx.dest_labels, None),
-            };
+            let conn = accept::plaintext(&ctx, cfg, src, dst);
             serve_stream(stream, None, Arc::new(conn), ctx).await;
         }
         (MtlsMode::Strict | MtlsMode::Permissive, true) => {
-            let acceptor = tokio_rustls::TlsAcceptor::from(ctx.certs.server_config());
-            let tls = match tokio::time::timeout(
-                ctx.settings.handshake_timeout,
-                acceptor.accept(stream),
-            )
-            .await
-            {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    ctx.metrics.reject(
-                        &listener_lv,
-                        outrigger_tls::verify::handshake_refusal_reason(&e),
-                    );
-                    crate::warn_limited!(
-                        listener = %cfg.name, %src,
-                        "mTLS handshake refused: {}",
-                        outrigger_tls::verify::describe_handshake_error(&e)
-                    );
-                    return;
-                }
-                Err(_) => {
-                    ctx.metrics.reject(&listener_lv, "tls_timeout");
-                    crate::warn_limited!(listener = %cfg.name, %src, "mTLS handshake timed out");
-                    return;
-                }
+            let Some((tls, peer)) = accept::mtls(stream, src, &ctx, &door, &mut permit).await
+            else {
+                return;
             };
             let (_, session) = tls.get_ref();
-            let peer_chain = session.peer_certificates().unwrap_or(&[]);
-            // The verifier already required a trusted chain with one SPIFFE ID from a trusted
-            // domain; this only reads it back.
-            let peer = match outrigger_tls::peer_identity(peer_chain) {
-                Ok(id) => id,
-                Err(e) => {
-                    ctx.metrics.reject(&listener_lv, "identity");
-                    crate::warn_limited!(listener = %cfg.name, %src, "peer identity refused: {e}");
-                    return;
-                }
-            };
-            let peer_id = peer.to_string();
-            if let Err(o) = permit.charge_identity(&peer_id) {
-                drop(tls);
-                refuse_overflow(&ctx, &listener_lv, &cfg.name, src, Some(&peer_id), o);
-                return;
-            }
-            let xfcc = peer_chain
-                .first()
-                .and_then(|leaf| xfcc_header(&ctx, leaf.as_ref(), &peer));
             let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
             let sni = session.server_name().map(str::to_string);
-            let conn = ConnInfo {
-                listener: cfg,
-                peer_principal: Some(peer.principal()),
-                labels: connection_labels(&ctx.dest_labels, Some(&peer)),
-                xfcc,
-                src,
-                dst,
-                sni,
-            };
+            let conn = peer.conn(cfg, src, dst, sni);
             serve_stream(tls, alpn.as_deref(), Arc::new(conn), ctx).await;
         }
     }
-}
-
-/// Counts and logs (rate-limited, `warn_limited!`) a connection refused by a connection cap.
-/// The caller has already closed it.
-pub(crate) fn refuse_overflow(
-    ctx: &Ctx,
-    listener_lv: &Lv,
-    listener: &str,
-    src: SocketAddr,
-    peer: Option<&str>,
-    why: Overflow,
-) {
-    ctx.metrics.reject(listener_lv, why.reason());
-    let limits = ctx.conns.limits();
-    match why {
-        Overflow::Global => crate::warn_limited!(
-            listener, %src, max = limits.max,
-            "connection refused: {} downstream connections are open (connections.max)",
-            limits.max
-        ),
-        Overflow::Identity => crate::warn_limited!(
-            listener, %src, peer = peer.unwrap_or("-"), max_per_identity = limits.max_per_identity,
-            "connection refused: this identity has {} connections open \
-             (connections.maxPerIdentity)",
-            limits.max_per_identity
-        ),
-    }
-}
-
-/// `accept` failed (EMFILE and friends, which the connection caps should prevent): log it
-/// (rate-limited) and back off briefly instead of spinning.
-pub(crate) async fn accept_failed(listener: &str, e: &std::io::Error) {
-    crate::warn_limited!(listener, error = %e, "accept failed");
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-}
-
-/// Envoy-format `x-forwarded-client-cert` for a verified peer: `By=` this workload, `Hash=`
-/// the peer leaf's SHA-256, `URI=` the peer's SPIFFE ID.
-pub(crate) fn xfcc_header(
-    ctx: &Ctx,
-    leaf_der: &[u8],
-    peer: &outrigger_identity::Identity,
-) -> Option<HeaderValue> {
-    HeaderValue::from_str(&format!(
-        "By={};Hash={};Subject=\"\";URI={}",
-        ctx.workload.identity,
-        outrigger_tls::cert_sha256_hex(leaf_der),
-        peer
-    ))
-    .ok()
 }
 
 /// The protocol an ALPN value commits the client to. Istio's sidecars offer `istio-http/1.1`

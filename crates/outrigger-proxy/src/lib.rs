@@ -10,15 +10,20 @@
 //! (credentials) or per request (policy, so a policy change applies to the next request on a
 //! keep-alive connection without waiting for it to close).
 //!
-//! Reading order, top-down: this file (the `Proxy`, the shared `Ctx`) → `inbound` (accept,
-//! PeerAuthentication, TLS, protocol) and `hbone::server` → `http_fwd` / `tcp_fwd` (forwarding;
-//! `backend`: the pooled connections to the application)
-//! → `authz`, `jwt_authn`, `ext_authz`, `ratelimit` (decisions) → `refusal` (how every refusal
-//! is said). Leaves shared by all: `workload`, `settings`, `policy_state`, `conn` (the
-//! per-connection context), `metrics`, `access_log`. No module imports another that imports it
-//! back (`scripts/module-graph.py --check-circles`, run by CI).
+//! Reading order, top-down: this file (the `Proxy`: binding and running the listeners) →
+//! `accept` (a connection was accepted and authenticated: the accept loop with its caps and
+//! drain, the mTLS handshake, the peer's SPIFFE identity, the reject metrics, the per-connection
+//! `ConnInfo` and its XFCC) → `inbound` (PeerAuthentication, protocol) and `hbone::server`
+//! (HTTP/2 CONNECT streams, each served like a direct connection) → `http_fwd` / `tcp_fwd`
+//! (forwarding; `backend`: the pooled connections to the application) → `authz`, `jwt_authn`,
+//! `ext_authz`, `ratelimit` (decisions) → `refusal` (how every refusal is said). Leaves shared
+//! by all: `ctx` (the shared context every task holds), `workload`, `settings`, `policy_state`,
+//! `conn` (the per-connection context), `status_state`, `log_control`, `metrics`, `access_log`.
+//! No module imports another that imports it back, and none imports from this file
+//! (`scripts/module-graph.py --check`, run by CI).
 #![forbid(unsafe_code)]
 
+mod accept;
 pub mod access_log;
 pub mod admin;
 mod authz;
@@ -26,6 +31,7 @@ mod backend;
 mod codec_checks;
 mod conn;
 mod copy;
+mod ctx;
 pub mod detect;
 pub mod egress_proxy;
 pub mod ext_authz;
@@ -39,6 +45,7 @@ pub mod inbound;
 pub mod io;
 pub mod jwt_authn;
 pub mod limits;
+mod log_control;
 pub mod log_limit;
 pub mod metrics;
 pub mod otlp;
@@ -49,6 +56,7 @@ pub mod ratelimit;
 mod refusal;
 mod settings;
 pub mod status;
+mod status_state;
 mod tcp_fwd;
 pub mod trace;
 mod workload;
@@ -62,47 +70,13 @@ use tokio::sync::watch;
 
 use outrigger_tls::CertStore;
 
+use ctx::Ctx;
+
 pub use access_log::{AccessLog, AccessLogConfig, AccessLogFormat};
 pub use metrics::Metrics;
 pub use policy_state::{PendingChange, PolicyHandle, PolicyState, ReloadFailure};
 pub use settings::{DEFAULT_IDLE_TIMEOUT, Settings};
 pub use workload::{InboundConfig, Protocol, WorkloadInfo};
-
-/// State shared by every connection.
-pub(crate) struct Ctx {
-    /// `POST /logging`: the agent's log filter, changed at run time.
-    pub log_control: Option<Arc<dyn admin::LogControl>>,
-    pub certs: CertStore,
-    pub policy: Arc<PolicyHandle>,
-    pub metrics: Arc<Metrics>,
-    pub access_log: AccessLog,
-    pub tracer: trace::Tracer,
-    pub workload: WorkloadInfo,
-    pub settings: Settings,
-    /// The connections to the application, pooled per backend address.
-    pub backends: backend::Backends,
-    pub dest_labels: metrics::TcpLabels,
-    /// This workload's side of Istio's HTTP metadata exchange.
-    pub peer_exchange: peer_metadata::Local,
-    pub ready: AtomicBool,
-    pub inbound: Vec<InboundConfig>,
-    /// The outbound destinations (for `/config_dump`).
-    pub(crate) outbound: Vec<Arc<outbound::Destination>>,
-    /// The HBONE listener's bound address, if enabled.
-    pub hbone: Option<SocketAddr>,
-    pub jwks: Arc<jwt_authn::JwksCache>,
-    /// The downstream connections open, against their caps.
-    pub conns: Arc<limits::ConnTracker>,
-    /// The local rate limits' buckets, for the policy version they were built for (the
-    /// configuration's rules and the policy files' EnvoyFilters).
-    pub ratelimit: arc_swap::ArcSwap<ratelimit::RateLimiter>,
-    /// Dropped receivers tell the drain that a connection has finished.
-    pub drain: watch::Receiver<bool>,
-    /// The last denials, for the status page.
-    pub denials: status::Denials,
-    /// Request and connection counts, for the status page's rates.
-    pub status_rates: status::Rates,
-}
 
 /// The running data plane.
 pub struct Proxy {

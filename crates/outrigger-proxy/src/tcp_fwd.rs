@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::Ctx;
 use crate::access_log::{AccessRecord, now_rfc3339};
 use crate::authz;
 use crate::conn::ConnInfo;
+use crate::ctx::Ctx;
 use crate::io::{ByteCounts, Counted};
 use crate::refusal::Refusal;
 

@@ -24,12 +24,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode};
+use http::{Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
-use crate::Ctx;
-use crate::conn::ConnInfo;
+use crate::accept;
+use crate::ctx::Ctx;
 use crate::hbone::request::{self, ConnectRequest};
 use crate::hbone::{
     ALPN_H2, CONNECTION_WINDOW, FRAME_SIZE, H2Io, MAX_CONCURRENT_STREAMS, MAX_HEADER_LIST,
@@ -38,7 +38,7 @@ use crate::hbone::{
 use crate::inbound::{self, StreamKind};
 use crate::io::{ByteCounts, Counted};
 use crate::limits::{Active, Activity, Permit};
-use crate::metrics::{Lv, TcpLabels, connection_labels};
+use crate::metrics::{Lv, TcpLabels};
 use crate::tcp_fwd;
 use crate::workload::InboundConfig;
 use crate::workload::Protocol;
@@ -51,46 +51,25 @@ struct Shared {
     ctx: Arc<Ctx>,
     /// The inbound listeners a CONNECT may target.
     targets: Vec<Arc<InboundConfig>>,
-    lv: Lv,
+    door: accept::Listener,
 }
 
 pub(crate) async fn serve_listener(listener: TcpListener, ctx: Arc<Ctx>) {
-    let mut drain = ctx.drain.clone();
     let shared = Arc::new(Shared {
         targets: ctx.inbound.iter().cloned().map(Arc::new).collect(),
         ctx,
-        lv: Lv::new(LISTENER_NAME),
+        door: accept::Listener::hbone(LISTENER_NAME, ALPN_H2),
     });
-    loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = drain.wait_for(|d| *d) => break,
-        };
-        match accepted {
-            Ok((stream, src)) => {
-                // The global cap, at accept (see `crate::limits`).
-                let permit = match shared.ctx.conns.try_acquire() {
-                    Ok(p) => p,
-                    Err(o) => {
-                        drop(stream);
-                        inbound::refuse_overflow(
-                            &shared.ctx,
-                            &shared.lv,
-                            LISTENER_NAME,
-                            src,
-                            None,
-                            o,
-                        );
-                        continue;
-                    }
-                };
-                let shared = shared.clone();
-                tokio::spawn(async move { handle_connection(stream, src, shared, permit).await });
-            }
-            Err(e) => inbound::accept_failed(LISTENER_NAME, &e).await,
-        }
-    }
-    tracing::debug!(listener = LISTENER_NAME, "HBONE listener stopped accepting");
+    accept::serve(
+        listener,
+        &shared.ctx,
+        &shared.door,
+        |stream, src, permit| {
+            let shared = shared.clone();
+            tokio::spawn(async move { handle_connection(stream, src, shared, permit).await });
+        },
+    )
+    .await;
 }
 
 /// An IPv4-mapped IPv6 address as the IPv4 address it is.
@@ -116,61 +95,9 @@ async fn handle_connection(
         return;
     };
     let src = SocketAddr::new(canonical(src.ip()), src.port());
-    let acceptor = tokio_rustls::TlsAcceptor::from(ctx.certs.server_config());
-    let tls = match tokio::time::timeout(ctx.settings.handshake_timeout, acceptor.accept(stream))
-        .await
-    {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            ctx.metrics.reject(
-                &shared.lv,
-                outrigger_tls::verify::handshake_refusal_reason(&e),
-            );
-            crate::warn_limited!(
-                listener = LISTENER_NAME, %src,
-                "HBONE mTLS handshake refused: {}",
-                outrigger_tls::verify::describe_handshake_error(&e)
-            );
-            return;
-        }
-        Err(_) => {
-            ctx.metrics.reject(&shared.lv, "tls_timeout");
-            crate::warn_limited!(listener = LISTENER_NAME, %src, "HBONE mTLS handshake timed out");
-            return;
-        }
-    };
-    let (_, session) = tls.get_ref();
-    if let Some(alpn) = session.alpn_protocol()
-        && alpn != ALPN_H2
-    {
-        ctx.metrics.reject(&shared.lv, "alpn");
-        crate::warn_limited!(
-            listener = LISTENER_NAME, %src,
-            alpn = %String::from_utf8_lossy(alpn),
-            "HBONE connection refused: it negotiated ALPN other than h2"
-        );
+    let Some((tls, peer)) = accept::mtls(stream, src, ctx, &shared.door, &mut permit).await else {
         return;
-    }
-    let peer_chain = session.peer_certificates().unwrap_or(&[]);
-    let peer = match outrigger_tls::peer_identity(peer_chain) {
-        Ok(id) => id,
-        Err(e) => {
-            ctx.metrics.reject(&shared.lv, "identity");
-            crate::warn_limited!(listener = LISTENER_NAME, %src, "HBONE peer identity refused: {e}");
-            return;
-        }
     };
-    let xfcc = peer_chain
-        .first()
-        .and_then(|leaf| inbound::xfcc_header(ctx, leaf.as_ref(), &peer));
-    let peer_id = peer.to_string();
-    if let Err(o) = permit.charge_identity(&peer_id) {
-        drop(tls);
-        inbound::refuse_overflow(ctx, &shared.lv, LISTENER_NAME, src, Some(&peer_id), o);
-        return;
-    }
-    let peer_principal = peer.principal();
-    let labels = connection_labels(&ctx.dest_labels, Some(&peer));
 
     let mut h2 = match tokio::time::timeout(
         ctx.settings.handshake_timeout,
@@ -187,25 +114,18 @@ async fn handle_connection(
     {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            ctx.metrics.reject(&shared.lv, "http2");
-            crate::warn_limited!(listener = LISTENER_NAME, %src, peer = %peer, "HBONE HTTP/2 handshake failed: {e}");
+            ctx.metrics.reject(&shared.door.lv, "http2");
+            crate::warn_limited!(listener = LISTENER_NAME, %src, peer = %peer.id, "HBONE HTTP/2 handshake failed: {e}");
             return;
         }
         Err(_) => {
-            ctx.metrics.reject(&shared.lv, "http2");
-            crate::warn_limited!(listener = LISTENER_NAME, %src, peer = %peer, "HBONE HTTP/2 handshake timed out");
+            ctx.metrics.reject(&shared.door.lv, "http2");
+            crate::warn_limited!(listener = LISTENER_NAME, %src, peer = %peer.id, "HBONE HTTP/2 handshake timed out");
             return;
         }
     };
-    tracing::debug!(listener = LISTENER_NAME, %src, peer = %peer, "HBONE connection established");
-    let outer = Arc::new(Outer {
-        src,
-        local,
-        peer_principal,
-        peer_id,
-        xfcc,
-        labels,
-    });
+    tracing::debug!(listener = LISTENER_NAME, %src, peer = %peer.id, "HBONE connection established");
+    let outer = Arc::new(Outer { src, local, peer });
     // The idle timeout: no CONNECT stream open for that long closes the connection (GOAWAY,
     // as Envoy drains an idle HTTP/2 connection). The timer runs from the handshake, so a
     // connection that never opens a stream is closed too.
@@ -230,7 +150,7 @@ async fn handle_connection(
                     continue;
                 }
                 tracing::info!(
-                    listener = LISTENER_NAME, %src, peer = %outer.peer_principal,
+                    listener = LISTENER_NAME, %src, peer = %outer.peer.principal,
                     "HBONE peer did not answer PING in time: closing the connection"
                 );
                 h2.abrupt_shutdown(h2::Reason::NO_ERROR);
@@ -247,7 +167,7 @@ async fn handle_connection(
                 idle_over = true;
                 ctx.metrics.idle_timeouts.inc();
                 tracing::debug!(
-                    listener = LISTENER_NAME, %src, peer = %outer.peer_principal,
+                    listener = LISTENER_NAME, %src, peer = %outer.peer.principal,
                     "HBONE connection idle: closing it (connections.idleTimeout)"
                 );
                 h2.graceful_shutdown();
@@ -274,11 +194,7 @@ async fn handle_connection(
 struct Outer {
     src: SocketAddr,
     local: SocketAddr,
-    peer_principal: String,
-    /// The SPIFFE ID, as the connection caps count it.
-    peer_id: String,
-    xfcc: Option<HeaderValue>,
-    labels: TcpLabels,
+    peer: accept::Peer,
 }
 
 fn reply(respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode) {
@@ -292,7 +208,7 @@ fn reply(respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode) {
 }
 
 /// Answers a CONNECT with `200`: the stream is open.
-fn accept(mut respond: h2::server::SendResponse<Bytes>) -> Option<h2::SendStream<Bytes>> {
+fn accept_stream(mut respond: h2::server::SendResponse<Bytes>) -> Option<h2::SendStream<Bytes>> {
     let ok = Response::builder()
         .status(StatusCode::OK)
         .body(())
@@ -326,11 +242,10 @@ fn route(
     Ok(listener)
 }
 
-/// The metric labels of one stream: the outer connection's plus the source workload's
+/// The metric labels of one stream: the outer connection's (`l`) plus the source workload's
 /// metadata from `baggage` where the certificate says nothing (ztunnel's "derived source").
 /// The namespace stays the verified one from the SPIFFE ID.
-fn stream_labels(outer: &TcpLabels, c: &ConnectRequest) -> TcpLabels {
-    let mut l = outer.clone();
+fn add_baggage(l: &mut TcpLabels, c: &ConnectRequest) {
     let b = &c.baggage;
     if let Some(w) = &b.workload_name {
         l.source_workload = Lv::new(w);
@@ -346,7 +261,6 @@ fn stream_labels(outer: &TcpLabels, c: &ConnectRequest) -> TcpLabels {
     if let Some(c) = &b.cluster {
         l.source_cluster = Lv::new(c);
     }
-    l
 }
 
 async fn serve_connect(
@@ -358,15 +272,15 @@ async fn serve_connect(
 ) {
     // Each stream holds a backend connection of its own, so it counts against the caps like
     // a connection (a refused stream gets 503, as ztunnel answers a stream it cannot serve).
-    let _permit = match shared.ctx.conns.try_acquire_for(&outer.peer_id) {
+    let _permit = match shared.ctx.conns.try_acquire_for(&outer.peer.id) {
         Ok(p) => p,
         Err(o) => {
-            inbound::refuse_overflow(
+            accept::refuse_overflow(
                 &shared.ctx,
-                &shared.lv,
+                &shared.door.lv,
                 LISTENER_NAME,
                 outer.src,
-                Some(&outer.peer_id),
+                Some(&outer.peer.id),
                 o,
             );
             reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
@@ -377,7 +291,7 @@ async fn serve_connect(
     let connect = match request::parse(&parts.method, &parts.uri, &parts.headers) {
         Ok(c) => c,
         Err(e) => {
-            shared.ctx.metrics.reject(&shared.lv, "hbone_request");
+            shared.ctx.metrics.reject(&shared.door.lv, "hbone_request");
             tracing::info!(listener = LISTENER_NAME, src = %outer.src, "HBONE request refused: {e}");
             reply(&mut respond, e.status());
             return;
@@ -386,7 +300,10 @@ async fn serve_connect(
     let listener = match route(&shared.targets, outer.local, connect.target) {
         Ok(l) => l.clone(),
         Err(status) => {
-            shared.ctx.metrics.reject(&shared.lv, "hbone_destination");
+            shared
+                .ctx
+                .metrics
+                .reject(&shared.door.lv, "hbone_destination");
             let why = if status == StatusCode::BAD_REQUEST {
                 "the destination IP is not an address of this host"
             } else {
@@ -411,17 +328,11 @@ async fn serve_connect(
         forwarded_host = %connect.forwarded_host.as_deref().unwrap_or("-"),
     );
     async move {
-        let conn = Arc::new(ConnInfo {
-            listener,
-            peer_principal: Some(outer.peer_principal.clone()),
-            xfcc: outer.xfcc.clone(),
-            src: outer.src,
-            dst: connect.target,
-            sni: None,
-            labels: stream_labels(&outer.labels, &connect),
-        });
+        let mut conn = outer.peer.conn(listener, outer.src, connect.target, None);
+        add_baggage(&mut conn.labels, &connect);
+        let conn = Arc::new(conn);
         tracing::debug!(
-            source = %outer.peer_principal,
+            source = %outer.peer.principal,
             baggage_workload = %connect.baggage.workload_name.as_deref().unwrap_or("-"),
             "HBONE stream accepted"
         );
@@ -430,7 +341,7 @@ async fn serve_connect(
             // Opaque TCP: authorize and dial the backend before answering, as ztunnel does, so
             // the caller learns the outcome from the status (401 denied, 503 unreachable).
             let open = move |r: Result<(), &crate::refusal::Refusal>| match r {
-                Ok(()) => accept(respond).map(|send| H2Io::new(recv, send)),
+                Ok(()) => accept_stream(respond).map(|send| H2Io::new(recv, send)),
                 Err(why) => {
                     reply(&mut respond, why.hbone_status());
                     None
@@ -441,7 +352,9 @@ async fn serve_connect(
         }
         // HTTP or `auto`: the protocol (and so which rules apply) is known only from the
         // stream's first bytes, which the caller sends after the 200.
-        let Some(send) = accept(respond) else { return };
+        let Some(send) = accept_stream(respond) else {
+            return;
+        };
         let io = H2Io::new(recv, send);
         let Some((io, kind)) = inbound::classify_stream(io, None, &conn, &ctx).await else {
             return;

@@ -36,8 +36,8 @@ use tokio::net::TcpStream;
 use super::endpoints::{ActiveGuard, Endpoint, Outcome};
 use super::pool::{self, H1Lease, SendError, UpBody};
 use super::{Destination, OutboundProtocol};
-use crate::Ctx;
 use crate::access_log::{AccessRecord, now_rfc3339};
+use crate::ctx::Ctx;
 use crate::http_common::{
     Metered, drive_with, is_websocket_upgrade, retarget, set_websocket_upgrade, strip_hop_by_hop,
     tunnel,

@@ -15,13 +15,16 @@
 //!
 //! Module map: [`endpoints`] (endpoint set, DNS, outlier detection), [`pool`] (TLS
 //! origination and connection pools), `http_origin` (HTTP origination, retries, HTTP-proxy mode),
-//! `tcp_origin` (opaque TCP origination).
+//! `tcp_origin` (opaque TCP origination), `listen` (serving the listeners).
 
 pub mod endpoints;
 mod http_origin;
 mod idle;
+mod listen;
 pub mod pool;
 mod tcp_origin;
+
+pub(crate) use listen::spawn;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,7 +34,6 @@ use tokio::net::TcpListener;
 
 use outrigger_identity::Identity;
 
-use crate::Ctx;
 use crate::metrics::{Lv, TcpLabels};
 
 /// What the application speaks to an outbound listener, and therefore how the upstream
@@ -459,75 +461,4 @@ pub(crate) async fn bind(
         proxy,
         destinations,
     })
-}
-
-/// Spawns the listeners and the DNS refresh tasks. Every task ends on drain.
-pub(crate) fn spawn(bound: Bound, ctx: &Arc<Ctx>, tasks: &mut tokio::task::JoinSet<()>) {
-    for dest in &bound.destinations {
-        if dest.endpoints.has_dns() {
-            tasks.spawn(endpoints::refresh_loop(dest.clone(), ctx.drain.clone()));
-        }
-    }
-    for (dest, l) in bound.listeners {
-        tracing::info!(
-            listener = %dest.cfg.name,
-            listen = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            destination = %dest.authority,
-            protocol = dest.cfg.protocol.as_str(),
-            transport = match dest.transport {
-                DestTransport::Mtls => "mtls",
-                DestTransport::Hbone { .. } => "hbone",
-            },
-            sni = %dest.cfg.sni(),
-            "outbound listener ready"
-        );
-        match dest.cfg.protocol {
-            OutboundProtocol::Tcp => {
-                tasks.spawn(serve_listener(l, ctx.clone(), move |s, src, ctx| {
-                    tcp_origin::serve(s, src, dest.clone(), ctx)
-                }));
-            }
-            OutboundProtocol::Http | OutboundProtocol::Http2 => {
-                let route = http_origin::Route::Fixed(dest);
-                tasks.spawn(serve_listener(l, ctx.clone(), move |s, src, ctx| {
-                    http_origin::serve(s, src, route.clone(), ctx)
-                }));
-            }
-        }
-    }
-    if let Some((routes, l)) = bound.proxy {
-        tracing::info!(
-            listen = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            destinations = routes.len(),
-            "outbound HTTP proxy ready"
-        );
-        let route = http_origin::Route::Proxy(routes);
-        tasks.spawn(serve_listener(l, ctx.clone(), move |s, src, ctx| {
-            http_origin::serve(s, src, route.clone(), ctx)
-        }));
-    }
-}
-
-async fn serve_listener<F, Fut>(listener: TcpListener, ctx: Arc<Ctx>, handle: F)
-where
-    F: Fn(tokio::net::TcpStream, SocketAddr, Arc<Ctx>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let mut drain = ctx.drain.clone();
-    loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = drain.wait_for(|d| *d) => break,
-        };
-        match accepted {
-            Ok((stream, src)) => {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(stream, src, ctx.clone()));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "outbound accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
 }

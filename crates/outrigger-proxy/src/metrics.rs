@@ -624,7 +624,13 @@ pub fn istio_service_name(host: &str) -> (&str, Option<&str>) {
 
 /// `source` labels for a call to the service `host`: `destination_service` is the host,
 /// `destination_service_name` and, for a Kubernetes Service, `destination_service_namespace`
-/// as [`istio_service_name`] says.
+/// as [`istio_service_name`] says (what istiod writes in the cluster's `istio.services`
+/// metadata). `destination_workload_namespace` stays `unknown`: istio_stats.cc
+/// (`Reporter::ClientSidecar`) fills it only from what identifies the server once connected —
+/// the namespace of its certificate's SPIFFE ID, else its peer metadata, else the endpoint's
+/// metadata from istiod — never from the service's name, so a request that reached no server
+/// (`UH`, `UF`) reports it `unknown`, which is what Kiali's "reached no workload" query
+/// (`destination_workload_namespace="unknown"`) looks for.
 pub fn destination_service_labels(source: &TcpLabels, host: &str) -> TcpLabels {
     let mut l = source.clone();
     let (name, namespace) = istio_service_name(host);
@@ -632,9 +638,60 @@ pub fn destination_service_labels(source: &TcpLabels, host: &str) -> TcpLabels {
     l.destination_service_name = Lv::new(name);
     if let Some(ns) = namespace {
         l.destination_service_namespace = Lv::new(ns);
-        l.destination_workload_namespace = Lv::new(ns);
     }
     l
+}
+
+/// Istio's catch-all clusters, which name the destination service of traffic to a host that
+/// is not a mesh service (istio/istio `pilot/pkg/networking/util/util.go`:
+/// `PassthroughCluster`, route `allow_any`; `BlackHoleCluster`, route `block_all`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CatchAll {
+    /// Sent on as it is (`outboundTrafficPolicy: ALLOW_ANY`; Outrigger's `allowPlainEgress`).
+    Passthrough,
+    /// Refused with a 502 (`REGISTRY_ONLY`; Outrigger without `allowPlainEgress`).
+    BlackHole,
+}
+
+/// `source` labels for a request the catch-all route took: istio_stats.cc
+/// (`populatePeerInfo`) sets `destination_service_name` to `PassthroughCluster` or
+/// `BlackHoleCluster` when the route is `allow_any` or `block_all`, and
+/// `destination_service` to the request's `Host` header as it came (port included), since no
+/// cluster metadata names a service; `destination_service_namespace` and the workload labels
+/// come from the server's certificate or metadata only, which plain egress and a refusal
+/// never have: `unknown`.
+pub fn catch_all_labels(source: &TcpLabels, host_header: &str, route: CatchAll) -> TcpLabels {
+    let mut l = source.clone();
+    l.destination_service = Lv::new(host_header);
+    l.destination_service_name = Lv::new(match route {
+        CatchAll::Passthrough => "PassthroughCluster",
+        CatchAll::BlackHole => "BlackHoleCluster",
+    });
+    l
+}
+
+/// The server's certificate on the source side (istio_stats.cc, `Reporter::ClientSidecar`):
+/// `destination_principal` is its URI SAN, and the SPIFFE ID's namespace is
+/// `destination_workload_namespace` ("fallback from using the namespace from SAN if available
+/// to using peer metadata") and, when the service's own namespace is not known,
+/// `destination_service_namespace` (`service_namespace`, else `peer_namespace`).
+pub fn apply_destination_principal(l: &mut TcpLabels, principal: &Lv) {
+    l.destination_principal = principal.clone();
+    if let Some(ns) = spiffe_namespace(&principal.0) {
+        l.destination_workload_namespace = Lv::new(ns);
+        if l.destination_service_namespace.0.as_ref() == "unknown" {
+            l.destination_service_namespace = Lv::new(ns);
+        }
+    }
+}
+
+/// The namespace of a SPIFFE ID `spiffe://<td>/ns/<ns>/sa/<sa>` (istio_stats.cc
+/// `getNamespace`).
+pub fn spiffe_namespace(principal: &str) -> Option<&str> {
+    let rest = principal.strip_prefix("spiffe://")?;
+    let (_, path) = rest.split_once('/')?;
+    let ns = path.strip_prefix("ns/")?.split('/').next()?;
+    (!ns.is_empty()).then_some(ns)
 }
 
 #[cfg(test)]

@@ -158,9 +158,12 @@ impl Refusal {
             Refusal::MalformedBody => "DPE",
             Refusal::Upstream | Refusal::UpstreamConnect { .. } => "UF",
             Refusal::BadPath | Refusal::Jwt { .. } | Refusal::BodyTooLarge => "-",
-            Refusal::NoHost | Refusal::ConnectMethod { .. } | Refusal::UnknownService { .. } => {
-                "NR"
-            }
+            // A sidecar's `block_all` route answers a host that is not a mesh service with a
+            // direct response (istio/istio httproute.go `buildCatchAllVirtualHost`), and
+            // Envoy's router sets no flag for one (envoy `source/common/router/router.cc`,
+            // `Filter::decodeHeaders`: `NoRouteFound` only when no route matched).
+            Refusal::UnknownService { .. } => "-",
+            Refusal::NoHost | Refusal::ConnectMethod { .. } => "NR",
             Refusal::NoHealthyUpstream => "UH",
             Refusal::UpstreamTimeout => "UT",
             Refusal::UpstreamReset { .. } => "UR",

@@ -234,27 +234,31 @@ impl Loaded {
         let access_log = AccessLog::start(cfg.access_log.clone(), metrics.clone())?;
         let labels = &cfg.workload.labels;
         let label = |k: &str| labels.get(k).cloned().unwrap_or_default();
-        let app = label("app");
+        // The first of these labels present, as istiod gives a workload its canonical
+        // service and revision (istio/istio `pkg/kube/labels/labels.go`, `CanonicalService`:
+        // `nameLabels`, `revisionLabels`), else the workload's name and `latest`.
+        let first = |keys: [&str; 3]| keys.iter().find_map(|k| labels.get(*k).cloned());
         let workload = WorkloadInfo {
             identity: cfg.identity.clone(),
             namespace: cfg.workload.namespace.clone(),
             name: cfg.workload.name.clone(),
-            canonical_service: labels
-                .get("service.istio.io/canonical-name")
-                .cloned()
-                .unwrap_or_else(|| {
-                    if app.is_empty() {
-                        cfg.workload.name.clone()
-                    } else {
-                        app.clone()
-                    }
-                }),
-            canonical_revision: labels
-                .get("service.istio.io/canonical-revision")
-                .cloned()
-                .or_else(|| labels.get("version").cloned())
-                .unwrap_or_else(|| "latest".into()),
-            app,
+            canonical_service: first([
+                "service.istio.io/canonical-name",
+                "app.kubernetes.io/name",
+                "app",
+            ])
+            .unwrap_or_else(|| cfg.workload.name.clone()),
+            canonical_revision: first([
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ])
+            .unwrap_or_else(|| "latest".into()),
+            // A sidecar's own `app` and `version` labels on its metrics are its `app` and
+            // `version` labels only (istio/proxy istio_stats.cc, `Context`:
+            // `extractMapString(node.metadata(), "LABELS", "app")`); the
+            // `app.kubernetes.io/*` fallback is for the peer's (metadata_object.cc).
+            app: label("app"),
             version: label("version"),
             service_host: cfg.workload.service.clone(),
             cluster: cfg.workload.cluster.clone(),

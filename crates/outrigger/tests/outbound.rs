@@ -430,11 +430,30 @@ async fn outrigger_outbound_to_outrigger_inbound_and_wrong_identity_refused() {
         ],
     );
     assert_eq!(n, Some(7.0), "{metrics}");
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "istio_requests_total",
+            &[
+                &format!("destination_principal=\"{RATINGS_ID}\"") as &str,
+                "destination_workload_namespace=\"default\"",
+            ],
+        ),
+        Some(7.0),
+        "{metrics}"
+    );
+    // A request that reached no server: the service's namespace is the configured host's,
+    // the workload's is `unknown`, as istio_stats.cc takes it only from the server's
+    // certificate or metadata (Kiali's "reached no workload" query).
     let refused = metric_value(
         &metrics,
         "istio_requests_total",
         &[
             "reporter=\"source\"",
+            "destination_service_name=\"reviews\"",
+            "destination_service_namespace=\"default\"",
+            "destination_workload_namespace=\"unknown\"",
+            "destination_principal=\"unknown\"",
             "response_code=\"503\"",
             "response_flags=\"UF\"",
         ],
@@ -664,8 +683,16 @@ async fn tcp_outbound_to_outrigger_inbound() {
     protocol: tcp
     endpoints: [\"{s}\"]
     identity: {RATINGS_ID}
+  - name: down
+    listen: 127.0.0.1:0
+    host: {REVIEWS}
+    port: 5432
+    protocol: tcp
+    endpoints: [\"127.0.0.1:{closed}\"]
+    identity: {REVIEWS_ID}
 ",
-            s = server.addr("web")
+            s = server.addr("web"),
+            closed = free_port(),
         ),
     );
     let addr = client.outbound("db");
@@ -689,6 +716,8 @@ async fn tcp_outbound_to_outrigger_inbound() {
             &[
                 "reporter=\"source\"",
                 &format!("destination_principal=\"{RATINGS_ID}\""),
+                // From the server's certificate (istio_stats.cc `getNamespace(peer_san)`).
+                "destination_workload_namespace=\"default\"",
             ],
         );
         let sent = metric_value(
@@ -702,6 +731,27 @@ async fn tcp_outbound_to_outrigger_inbound() {
         assert!(Instant::now() < deadline, "{m}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A connection that reached no server (`UF`): the workload's namespace is `unknown`,
+    // the service's the configured host's.
+    let mut s = TcpStream::connect(client.outbound("down")).await.unwrap();
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    client.wait_metric(
+        "istio_tcp_connections_closed_total",
+        &[
+            "reporter=\"source\"",
+            "destination_service_name=\"reviews\"",
+            "destination_service_namespace=\"default\"",
+            "destination_workload_namespace=\"unknown\"",
+            "destination_principal=\"unknown\"",
+            "response_flags=\"UF\"",
+        ],
+        1.0,
+    );
     let sm = server.metrics();
     assert!(
         metric_value(
@@ -770,8 +820,48 @@ outboundProxy:
         body.contains("example.com") && body.contains("allowPlainEgress") && body.contains(RATINGS),
         "{body}"
     );
+    // A Kubernetes name that is not a configured service is refused the same way.
+    let (status, _) = app_get(proxy, "http://details.other.svc.cluster.local:9080/d")
+        .await
+        .unwrap();
+    assert_eq!(status, 502);
     assert_eq!(ratings.hits.load(Ordering::SeqCst), 2);
     assert_eq!(reviews.hits.load(Ordering::SeqCst), 2);
+    // A sidecar under REGISTRY_ONLY answers these from its `block_all` route, a direct 502
+    // with no response flag, which istio_stats.cc labels `BlackHoleCluster` with the `Host`
+    // as `destination_service` and nothing about a server it never reached — not even the
+    // namespace in a Kubernetes name (istio/proxy istio_stats.cc `populatePeerInfo`).
+    for (host, n) in [
+        ("example.com", 1.0),
+        ("details.other.svc.cluster.local:9080", 1.0),
+    ] {
+        client.wait_metric(
+            "istio_requests_total",
+            &[
+                "reporter=\"source\"",
+                &format!("destination_service=\"{host}\""),
+                "destination_service_name=\"BlackHoleCluster\"",
+                "destination_service_namespace=\"unknown\"",
+                "destination_workload=\"unknown\"",
+                "destination_workload_namespace=\"unknown\"",
+                "destination_principal=\"unknown\"",
+                "response_code=\"502\"",
+                "response_flags=\"-\"",
+            ],
+            n,
+        );
+    }
+    // The mesh services keep their own names, and the namespace of the certificate.
+    client.wait_metric(
+        "istio_requests_total",
+        &[
+            "destination_service_name=\"reviews\"",
+            "destination_service_namespace=\"default\"",
+            "destination_workload_namespace=\"default\"",
+            "response_code=\"200\"",
+        ],
+        2.0,
+    );
 }
 
 /// With `allowPlainEgress`, a host outside the mesh is reached in plaintext.
@@ -807,6 +897,79 @@ outboundProxy:
     let (status, _) = app_get(proxy, "http://ratings:8080/mesh").await.unwrap();
     assert_eq!(status, 200);
     assert_eq!(ratings.hits.load(Ordering::SeqCst), 1);
+    // A sidecar under ALLOW_ANY sends it by its `allow_any` route to `PassthroughCluster`,
+    // which istio_stats.cc names as the service, with the `Host` as `destination_service`
+    // and no server identity (plaintext: no certificate, no metadata).
+    client.wait_metric(
+        "istio_requests_total",
+        &[
+            "reporter=\"source\"",
+            &format!("destination_service=\"{outside}\""),
+            "destination_service_name=\"PassthroughCluster\"",
+            "destination_service_namespace=\"unknown\"",
+            "destination_workload=\"unknown\"",
+            "destination_workload_namespace=\"unknown\"",
+            "destination_principal=\"unknown\"",
+            "response_code=\"200\"",
+            "response_flags=\"-\"",
+        ],
+        1.0,
+    );
+}
+
+/// The workload's own canonical service and revision as istiod derives them from its labels
+/// (istio/istio `pkg/kube/labels/labels.go`, `CanonicalService`): Kubernetes' recommended
+/// `app.kubernetes.io/name` and `app.kubernetes.io/version` when there is no
+/// `service.istio.io/canonical-*` label, ahead of `app` and `version`; `*_app` and
+/// `*_version` stay the `app` and `version` labels (istio_stats.cc `Context`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canonical_service_from_kubernetes_recommended_labels() {
+    let mesh = Mesh::new();
+    let dir = mesh.dir().join("client");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = agent_yaml(
+        &mesh,
+        &mesh.agent.dir,
+        common::AGENT_NS,
+        common::AGENT_SA,
+        "  []\n",
+        &format!(
+            "outbound:
+  - name: ratings
+    listen: 127.0.0.1:0
+    host: {RATINGS}
+    port: 8080
+    endpoints: [\"127.0.0.1:{closed}\"]
+    identity: {RATINGS_ID}
+outboundProxy:
+  listen: 127.0.0.1:0
+",
+            closed = free_port()
+        ),
+    );
+    let labels = format!("labels: {{app: {}, version: v1}}", common::AGENT_SA);
+    assert!(cfg.contains(&labels), "{cfg}");
+    let cfg = cfg.replace(
+        &labels,
+        "labels: {app.kubernetes.io/name: billing, app.kubernetes.io/version: v2, version: v1}",
+    );
+    let client = AgentProc::start(&dir, &cfg);
+    let (status, _) = app_get(client.outbound("http-proxy"), "http://example.com/")
+        .await
+        .unwrap();
+    assert_eq!(status, 502);
+    client.wait_metric(
+        "istio_requests_total",
+        &[
+            "reporter=\"source\"",
+            "source_canonical_service=\"billing\"",
+            "source_canonical_revision=\"v2\"",
+            "source_app=\"unknown\"",
+            "source_version=\"v1\"",
+            "destination_service_name=\"BlackHoleCluster\"",
+        ],
+        1.0,
+    );
 }
 
 /// `connectTimeout` bounds the TCP connect and the mTLS handshake (a server that accepts but

@@ -222,9 +222,13 @@ async fn handle(
                     Ok(egress(parts, body, authority, &routes, src, dst, ctx, start).await)
                 }
                 None => {
-                    let labels = crate::metrics::destination_service_labels(
+                    // A sidecar's catch-all route under REGISTRY_ONLY, `block_all`: a direct
+                    // 502 (istio/istio `pilot/pkg/networking/core/httproute.go`,
+                    // `buildCatchAllVirtualHost`), labelled `BlackHoleCluster`.
+                    let labels = crate::metrics::catch_all_labels(
                         &routes.source,
-                        authority.host(),
+                        authority.as_str(),
+                        crate::metrics::CatchAll::BlackHole,
                     );
                     let mut rec = Rec::new(&ctx, labels, listener, &parts, src, dst, start);
                     rec.authority = Some(authority.as_str().to_string());
@@ -483,7 +487,13 @@ async fn egress(
     ctx: Arc<Ctx>,
     start: Instant,
 ) -> Response<OutBody> {
-    let labels = crate::metrics::destination_service_labels(&routes.source, authority.host());
+    // A sidecar's catch-all route under ALLOW_ANY, `allow_any` to `PassthroughCluster`
+    // (`buildCatchAllVirtualHost`), which istio_stats.cc labels by that cluster's name.
+    let labels = crate::metrics::catch_all_labels(
+        &routes.source,
+        authority.as_str(),
+        crate::metrics::CatchAll::Passthrough,
+    );
     let mut rec = Rec::new(&ctx, labels, Lv::new("http-proxy"), &parts, src, dst, start);
     rec.authority = Some(authority.as_str().to_string());
     rec.security = "none";
@@ -780,12 +790,9 @@ impl Rec {
     fn finish(mut self) {
         let elapsed = self.start.elapsed();
         let mut conn = self.labels;
-        conn.destination_principal = self.peer.clone();
         // The namespace from the server's certificate first (istio_stats.cc: "fallback from
         // using the namespace from SAN if available to using peer metadata").
-        if let Some(ns) = spiffe_namespace(&self.peer.0) {
-            conn.destination_workload_namespace = Lv::new(ns);
-        }
+        crate::metrics::apply_destination_principal(&mut conn, &self.peer);
         if let Some(peer) = &self.dest_peer {
             crate::metrics::apply_destination_peer(&mut conn, peer);
         }
@@ -851,14 +858,6 @@ impl Rec {
             });
         }
     }
-}
-
-/// The namespace of a SPIFFE ID `spiffe://<td>/ns/<ns>/sa/<sa>`.
-fn spiffe_namespace(principal: &str) -> Option<&str> {
-    let rest = principal.strip_prefix("spiffe://")?;
-    let (_, path) = rest.split_once('/')?;
-    let ns = path.strip_prefix("ns/")?.split('/').next()?;
-    (!ns.is_empty()).then_some(ns)
 }
 
 #[cfg(test)]

@@ -51,7 +51,10 @@ pub(crate) async fn serve(
             Ok((tls, p)) => {
                 dest.endpoints.report(&ep, Outcome::Success);
                 peer = p;
-                labels.destination_principal = peer.clone();
+                // The server's certificate names it: principal and namespace, as
+                // istio_stats.cc's client reporter takes them (`getNamespace(peer_san)`), and
+                // as the HTTP origin does. A connection never made keeps them `unknown`.
+                crate::metrics::apply_destination_principal(&mut labels, &peer);
                 refused = None;
                 let _active = ActiveGuard::new(ep.clone());
                 ctx.metrics.tcp_opened.get_or_create(&labels).inc();

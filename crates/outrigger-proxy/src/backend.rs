@@ -304,7 +304,9 @@ impl<B: PoolBody> Pool<B> {
         for fresh in [false, true] {
             let mut tx = match (fresh, self.take_idle().await) {
                 (false, Some(tx)) => tx,
-                _ => self.dial_h1().await?,
+                // Boxed: the dial's future is large and rarely needed, and would otherwise be
+                // copied into every request's future.
+                _ => Box::pin(self.dial_h1()).await?,
             };
             match tx.try_send_request(req).await {
                 Ok(resp) => {
@@ -459,6 +461,15 @@ impl<B: PoolBody> Pool<B> {
         if !fresh && let Some(found) = self.h2_with_room() {
             return Ok(found);
         }
+        // Boxed, as the HTTP/1.1 dial: large, and rarely needed.
+        Box::pin(self.open_h2(fresh)).await
+    }
+
+    /// Opens an HTTP/2 connection (unless another request opened one meanwhile).
+    async fn open_h2(
+        &self,
+        fresh: bool,
+    ) -> Result<(client2::SendRequest<B>, StreamSlot), BackendError> {
         let _dialing = self.h2_dial.lock().await;
         // Someone else may have opened one meanwhile.
         if !fresh && let Some(found) = self.h2_with_room() {

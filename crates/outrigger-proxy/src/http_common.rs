@@ -311,6 +311,12 @@ const ENVOY_INTERNAL_HEADERS: [&str; 15] = [
 /// Removes what a caller may not tell the mesh ([`ENVOY_INTERNAL_HEADERS`]), before the
 /// request id and the trace decision, as Envoy does.
 pub(crate) fn clean_internal_headers(h: &mut HeaderMap) {
+    // Almost no request carries an `x-envoy-` header: one pass over the names, without the
+    // parse and hash each of fifteen lookups by name costs (2 % of a keep-alive request's CPU
+    // in the profile).
+    if !h.keys().any(|k| k.as_str().starts_with("x-envoy-")) {
+        return;
+    }
     for name in ENVOY_INTERNAL_HEADERS {
         h.remove(name);
     }

@@ -42,6 +42,7 @@ use crate::workload::Protocol;
 static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// The largest request head accepted, request line included: Envoy's
 /// `max_request_headers_kb` default of 60 KiB, which Istio's sidecar keeps (larger heads are
@@ -438,7 +439,18 @@ async fn authorize_and_forward(
 
     // Compiled with the snapshot (outrigger_policy::request_authn): nothing parsed here.
     let jwt_rules = policy.snapshot.jwt_rules();
-    let jwt = match crate::jwt_authn::authenticate(&ctx.jwks, jwt_rules, &mut parts).await {
+    // Without rules nothing is awaited: the verifying future (JWKS fetches included) is boxed
+    // so that its size is not copied into every request's future.
+    let authenticated = if jwt_rules.is_empty() {
+        crate::jwt_authn::strip_claim_headers(&ctx.jwks, jwt_rules, &mut parts);
+        Ok(None)
+    } else {
+        Box::pin(crate::jwt_authn::authenticate(
+            &ctx.jwks, jwt_rules, &mut parts,
+        ))
+        .await
+    };
+    let jwt = match authenticated {
         Ok(claims) => {
             if !jwt_rules.is_empty() {
                 ctx.metrics
@@ -499,7 +511,7 @@ async fn authorize_and_forward(
             // ext_authz buffers it, unless the request has none or is an upgrade).
             let check_body = match custom.provider.body {
                 Some(settings) if !websocket && !body.rest.is_end_stream() => {
-                    match read_for_check(&mut body, settings).await {
+                    match Box::pin(read_for_check(&mut body, settings)).await {
                         Ok(b) => Some(b),
                         Err(why) => {
                             rec.authz_result = Some("body_refused");
@@ -509,10 +521,17 @@ async fn authorize_and_forward(
                 }
                 _ => None,
             };
-            ask_custom(&ctx, &conn, &mut parts, &mut verdict, &custom, check_body)
-                .await
-                .map(|headers| on_allow_downstream = headers)
-                .err()
+            Box::pin(ask_custom(
+                &ctx,
+                &conn,
+                &mut parts,
+                &mut verdict,
+                &custom,
+                check_body,
+            ))
+            .await
+            .map(|headers| on_allow_downstream = headers)
+            .err()
         }
         None => None,
     };
@@ -559,7 +578,7 @@ async fn authorize_and_forward(
             },
         );
         let sent = match client_upgrade {
-            Some(_) => backend.upgrade(req).await.map(|r| (r, None)),
+            Some(_) => Box::pin(backend.upgrade(req)).await.map(|r| (r, None)),
             None => backend.send(req, to_h2).await.map(|(r, l)| (r, Some(l))),
         };
         let sent = match (client_upgrade, sent) {
@@ -574,7 +593,7 @@ async fn authorize_and_forward(
                 strip_hop_by_hop(&mut parts.headers);
                 parts.version = downstream_version;
                 rec.code = parts.status.as_u16();
-                if let Some(s) = parts.headers.get("grpc-status") {
+                if let Some(s) = parts.headers.get(&GRPC_STATUS) {
                     rec.grpc_status = s.to_str().ok().map(Lv::new);
                 }
                 Ok(Response::from_parts(
@@ -937,7 +956,7 @@ impl Body for ProxyBody {
                     if let Some(d) = f.data_ref() {
                         rec.sent += d.len() as u64;
                     } else if let Some(t) = f.trailers_ref()
-                        && let Some(s) = t.get("grpc-status")
+                        && let Some(s) = t.get(&GRPC_STATUS)
                     {
                         rec.grpc_status = s.to_str().ok().map(Lv::new);
                     }

@@ -626,7 +626,21 @@ pub async fn authenticate(
     rules: &[JwtRuleModel],
     parts: &mut http::request::Parts,
 ) -> Result<Option<JwtClaims>, Unauthenticated> {
-    // Headers derived from verified claims are ours alone.
+    strip_claim_headers(cache, rules, parts);
+    if rules.is_empty() || is_cors_preflight(parts) {
+        return Ok(None);
+    }
+    verify(cache, rules, parts).await
+}
+
+/// Removes the headers only verified claims may set (`outputPayloadToHeader`,
+/// `outputClaimToHeaders`, the configured identity headers): they are ours alone. Done for
+/// every request, with or without rules.
+pub fn strip_claim_headers(
+    cache: &Arc<JwksCache>,
+    rules: &[JwtRuleModel],
+    parts: &mut http::request::Parts,
+) {
     for rule in rules {
         if let Some(h) = &rule.output_payload_to_header {
             parts.headers.remove(h.as_str());
@@ -638,10 +652,13 @@ pub async fn authenticate(
     for (h, _) in &cache.settings.identity_headers {
         parts.headers.remove(h);
     }
-    if rules.is_empty() || is_cors_preflight(parts) {
-        return Ok(None);
-    }
+}
 
+async fn verify(
+    cache: &Arc<JwksCache>,
+    rules: &[JwtRuleModel],
+    parts: &mut http::request::Parts,
+) -> Result<Option<JwtClaims>, Unauthenticated> {
     // (token, location, index of the rule that found it)
     let mut found: Vec<(String, Location, usize)> = Vec::new();
     {

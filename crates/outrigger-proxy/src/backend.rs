@@ -445,10 +445,13 @@ impl<B: PoolBody> Pool<B> {
             idle.conns.push((tx, Instant::now()));
             !std::mem::replace(&mut idle.sweeping, true)
         };
-        if start_sweeper && let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(sweep(Arc::downgrade(self)));
-        } else if start_sweeper {
-            locked(&self.idle).sweeping = false;
+        if start_sweeper {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn(sweep(Arc::downgrade(self)))),
+                // No runtime (shutting down): nobody will sweep, so the next one given back
+                // tries again.
+                Err(_) => locked(&self.idle).sweeping = false,
+            }
         }
     }
 

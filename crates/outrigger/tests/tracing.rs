@@ -576,23 +576,7 @@ async fn outbound_client_span_is_the_parent_of_the_inbound_server_span() {
 
 /// One plaintext GET with extra headers on a new connection; the echo backend's view of it.
 async fn get_seen(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Seen {
-    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let mut b = http::Request::get(path).header("host", "outrigger.test");
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    let req = b.body(http_body_util::Empty::<Bytes>::new()).unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    serde_json::from_slice(&body).unwrap()
+    get_seen_and_response(addr, path, headers).await.1
 }
 
 /// The real Envoy's bootstrap as an inbound sidecar listener (`traffic_direction: INBOUND`)

@@ -36,16 +36,24 @@ pub(crate) struct Listener {
     log_prefix: &'static str,
     /// The ALPN protocol a client must have negotiated, if it negotiated one at all.
     alpn: Option<&'static [u8]>,
+    /// The listener may carry TCP: `istio-peer-exchange` is selected when offered
+    /// (crate::tcp_mx; `outrigger_tls::CertStore::server_config_peer_exchange`).
+    peer_exchange: bool,
 }
 
 impl Listener {
-    /// A direct mTLS (or plaintext) inbound listener.
-    pub fn direct(name: &str) -> Listener {
+    /// A direct mTLS (or plaintext) inbound listener. `tcp`: its connections may be TCP (its
+    /// protocol is `tcp` or `auto`), so a sidecar's offer of Istio's TCP metadata exchange
+    /// (`istio-peer-exchange`) is taken, as by a sidecar's TCP filter chain; a listener
+    /// declared HTTP never selects it, as a sidecar's HTTP chain (ALPN `h2`, `http/1.1`) never
+    /// does (istio/istio `pilot/pkg/security/authn/utils/utils.go`, `BuildInboundTLS`).
+    pub fn direct(name: &str, tcp: bool) -> Listener {
         Listener {
             name: name.to_string(),
             lv: Lv::new(name),
             log_prefix: "",
             alpn: None,
+            peer_exchange: tcp,
         }
     }
 
@@ -57,6 +65,7 @@ impl Listener {
             lv: Lv::new(name),
             log_prefix: "HBONE ",
             alpn: Some(alpn),
+            peer_exchange: false,
         }
     }
 
@@ -205,7 +214,11 @@ pub(crate) async fn mtls(
     door: &Listener,
     permit: &mut Permit,
 ) -> Option<(TlsStream<TcpStream>, Peer)> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(ctx.certs.server_config());
+    let acceptor = tokio_rustls::TlsAcceptor::from(if door.peer_exchange {
+        ctx.certs.server_config_peer_exchange()
+    } else {
+        ctx.certs.server_config()
+    });
     let tls = match tokio::time::timeout(ctx.settings.handshake_timeout, acceptor.accept(stream))
         .await
     {
@@ -468,7 +481,7 @@ mod tests {
         let h = harness(Settings::default()).await;
         let client = h.pki.issue("web", "client");
         let (l, addr) = listen().await;
-        let door = Listener::direct("web-in");
+        let door = Listener::direct("web-in", false);
         let dialed = dial(addr, connector(&h, &client, &[b"istio-http/1.1"]));
         let (tcp, src) = l.accept().await.unwrap();
         let dst = tcp.local_addr().unwrap();
@@ -550,7 +563,7 @@ mod tests {
     async fn a_client_without_a_certificate_is_refused_and_counted() {
         let h = harness(Settings::default()).await;
         let (l, addr) = listen().await;
-        let door = Listener::direct("web-in");
+        let door = Listener::direct("web-in", false);
         let dialed = dial(
             addr,
             TlsConnector::from(outrigger_testkit::no_cert_client_config(&[b"istio"])),
@@ -570,7 +583,7 @@ mod tests {
         })
         .await;
         let (l, addr) = listen().await;
-        let door = Listener::direct("web-in");
+        let door = Listener::direct("web-in", false);
         let silent = TcpStream::connect(addr).await.unwrap();
         let (tcp, src) = l.accept().await.unwrap();
         let mut permit = h.ctx.conns.try_acquire().unwrap();
@@ -610,7 +623,7 @@ mod tests {
         let client = h.pki.issue("web", "client");
         let other = h.pki.issue("web", "other");
         let (l, addr) = listen().await;
-        let door = Listener::direct("web-in");
+        let door = Listener::direct("web-in", false);
 
         let _d1 = dial(addr, connector(&h, &client, &[b"istio"]));
         let first = handshake(&l, &h, &door).await;
@@ -635,7 +648,7 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let ctx = h.ctx.clone();
         let server = tokio::spawn(async move {
-            let door = Listener::direct("web-in");
+            let door = Listener::direct("web-in", false);
             serve(l, &ctx, &door, move |stream, src, permit| {
                 let _ = tx.send((stream, src, permit));
             })

@@ -148,6 +148,24 @@ pub struct AccessRecord<'a> {
     pub requested_server_name: Option<&'a str>,
 }
 
+/// The workloads Istio's metadata exchange named for a TCP connection (crate::tcp_mx; an HBONE
+/// stream's baggage), as its metrics label them: appended to its access log line as
+/// `source_workload` / `destination_workload`, each only when named.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Workloads<'a> {
+    pub source: Option<&'a str>,
+    pub destination: Option<&'a str>,
+}
+
+impl<'a> Workloads<'a> {
+    fn fields(&self) -> [(&'static str, Option<&'a str>); 2] {
+        [
+            ("source_workload", self.source),
+            ("destination_workload", self.destination),
+        ]
+    }
+}
+
 /// Writes `v` for a text line: `-` when empty (as Envoy writes a missing value), `"` and `\`
 /// escaped with a backslash and control characters as `\xNN`, so that a value can never end
 /// the line or its quotes early.
@@ -170,7 +188,29 @@ fn text_value(out: &mut String, v: Option<&str>) {
 impl AccessRecord<'_> {
     /// The JSON line (with its newline).
     pub fn to_json_line(&self) -> String {
-        let mut line = serde_json::to_string(self).unwrap_or_default();
+        self.to_json_line_with(&Workloads::default())
+    }
+
+    /// The JSON line with the named workloads after the record's fields.
+    pub fn to_json_line_with(&self, extra: &Workloads<'_>) -> String {
+        let named: Vec<_> = extra
+            .fields()
+            .into_iter()
+            .filter_map(|(k, v)| v.filter(|v| !v.is_empty()).map(|v| (k, v)))
+            .collect();
+        let mut line = if named.is_empty() {
+            serde_json::to_string(self).unwrap_or_default()
+        } else {
+            match serde_json::to_value(self) {
+                Ok(serde_json::Value::Object(mut o)) => {
+                    for (k, v) in named {
+                        o.insert(k.to_string(), v.into());
+                    }
+                    serde_json::Value::Object(o).to_string()
+                }
+                _ => String::new(),
+            }
+        };
         line.push('\n');
         line
     }
@@ -195,6 +235,11 @@ impl AccessRecord<'_> {
     /// method, path or protocol (`"- - -"`) and response code `0`, as Envoy's TCP proxy logs.
     /// The upstream cluster is named as a sidecar names it: `inbound|<port>||`.
     pub fn to_text_line(&self) -> String {
+        self.to_text_line_with(&Workloads::default())
+    }
+
+    /// The text line with the named workloads after Outrigger's own fields.
+    pub fn to_text_line_with(&self, extra: &Workloads<'_>) -> String {
         let mut o = String::with_capacity(400);
         let q = |o: &mut String, v: Option<&str>| {
             o.push('"');
@@ -258,7 +303,10 @@ impl AccessRecord<'_> {
             ("authz_result", self.authz_result),
             ("audit", self.audit),
             ("trace_id", self.trace_id),
-        ] {
+        ]
+        .into_iter()
+        .chain(extra.fields())
+        {
             if let Some(v) = v.filter(|v| !v.is_empty()) {
                 o.push(' ');
                 o.push_str(k);
@@ -437,10 +485,15 @@ impl AccessLog {
     }
 
     pub fn log(&self, record: &AccessRecord<'_>) {
+        self.log_with(record, &Workloads::default());
+    }
+
+    /// [`log`](Self::log) with the workloads the metadata exchange named (TCP connections).
+    pub fn log_with(&self, record: &AccessRecord<'_>, named: &Workloads<'_>) {
         let Some(tx) = &self.tx else { return };
         let line = match self.format {
-            AccessLogFormat::Json => record.to_json_line(),
-            AccessLogFormat::Text => record.to_text_line(),
+            AccessLogFormat::Json => record.to_json_line_with(named),
+            AccessLogFormat::Text => record.to_text_line_with(named),
         };
         if tx.try_send(line).is_err() {
             self.metrics.access_log_dropped.inc();
@@ -489,6 +542,30 @@ mod tests {
             user_agent: Some("curl/8\u{1}"),
             ..Default::default()
         }
+    }
+
+    /// A TCP connection's line names the workloads the metadata exchange named, after the
+    /// record's own fields, in both formats; an unnamed one is left out.
+    #[test]
+    fn named_workloads_are_appended() {
+        let mut r = record();
+        r.kind = "tcp";
+        let named = Workloads {
+            source: Some("productpage-v1"),
+            destination: None,
+        };
+        let json: serde_json::Value = serde_json::from_str(&r.to_json_line_with(&named)).unwrap();
+        assert_eq!(json["source_workload"], "productpage-v1");
+        assert!(json.get("destination_workload").is_none());
+        assert_eq!(json["listener"], "web");
+        let text = r.to_text_line_with(&named);
+        assert!(
+            text.ends_with(" source_workload=\"productpage-v1\"\n"),
+            "{text}"
+        );
+        assert!(!text.contains("destination_workload"));
+        assert_eq!(r.to_json_line_with(&Workloads::default()), r.to_json_line());
+        assert_eq!(r.to_text_line_with(&Workloads::default()), r.to_text_line());
     }
 
     #[test]

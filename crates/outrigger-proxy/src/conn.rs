@@ -12,6 +12,7 @@ use crate::metrics::TcpLabels;
 use crate::workload::InboundConfig;
 
 /// What one downstream connection carries to every request on it.
+#[derive(Clone)]
 pub(crate) struct ConnInfo {
     pub listener: Arc<InboundConfig>,
     /// The peer principal as policies write it (`td/ns/x/sa/y`).

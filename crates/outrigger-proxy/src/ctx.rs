@@ -37,6 +37,9 @@ pub(crate) struct Ctx {
     pub dest_labels: metrics::TcpLabels,
     /// This workload's side of Istio's HTTP metadata exchange.
     pub peer_exchange: peer_metadata::Local,
+    /// This workload's side of Istio's TCP metadata exchange (crate::tcp_mx), header included:
+    /// written first on every stream whose ALPN is `istio-peer-exchange`.
+    pub tcp_exchange: Vec<u8>,
     pub ready: AtomicBool,
     pub inbound: Vec<InboundConfig>,
     /// The outbound destinations (for `/config_dump`).

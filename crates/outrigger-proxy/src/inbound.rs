@@ -17,11 +17,12 @@ use crate::ctx::Ctx;
 use crate::detect::{self, Sniffed};
 use crate::io::Rewind;
 use crate::limits::Permit;
+use crate::tcp_mx;
 use crate::workload::InboundConfig;
 use crate::workload::Protocol;
 
 pub(crate) async fn serve_listener(listener: TcpListener, cfg: Arc<InboundConfig>, ctx: Arc<Ctx>) {
-    let door = Arc::new(accept::Listener::direct(&cfg.name));
+    let door = Arc::new(accept::Listener::direct(&cfg.name, !cfg.protocol.is_http()));
     accept::serve(listener, &ctx, &door, |stream, src, permit| {
         ctx.status_rates
             .connections
@@ -106,10 +107,15 @@ async fn handle_connection(
 
 /// The protocol an ALPN value commits the client to. Istio's sidecars offer `istio-http/1.1`
 /// or `istio-h2` for HTTP and `istio` / `istio-peer-exchange` for TCP or unknown protocols.
+/// `istio-peer-exchange` is TCP: Istio's inbound listener sends a connection offering it to
+/// its TCP filter chain (`mtlsTCPWithMxcALPNs`, istio/istio `pilot/pkg/networking/core/
+/// filterchain_options.go`), without sniffing; its stream starts with the metadata exchange
+/// (crate::tcp_mx), not with the application's bytes.
 fn alpn_protocol(alpn: Option<&[u8]>) -> Option<Sniffed> {
     match alpn? {
         b"h2" | b"istio-h2" => Some(Sniffed::Http2),
         b"http/1.1" | b"http/1.0" | b"istio-http/1.1" | b"istio-http/1.0" => Some(Sniffed::Http1),
+        a if a == tcp_mx::ALPN => Some(Sniffed::Opaque),
         _ => None,
     }
 }
@@ -119,7 +125,11 @@ where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     if let Some((io, kind)) = classify_stream(io, alpn, &conn, &ctx).await {
-        serve_classified(io, kind, conn, ctx).await;
+        if kind == StreamKind::Tcp && alpn == Some(tcp_mx::ALPN) {
+            crate::tcp_fwd::serve_exchange(io, conn, ctx).await;
+        } else {
+            serve_classified(io, kind, conn, ctx).await;
+        }
     }
 }
 

@@ -58,6 +58,7 @@ mod settings;
 pub mod status;
 mod status_state;
 mod tcp_fwd;
+pub mod tcp_mx;
 pub mod trace;
 mod workload;
 
@@ -191,6 +192,8 @@ impl Proxy {
             ),
             None => trace::Tracer::off(opts.access_log.enabled()),
         };
+        let peer_exchange = peer_metadata::Local::new(&opts.workload);
+        let tcp_exchange = tcp_mx::encode(peer_exchange.workload(), peer_exchange.node_id());
         let ctx = Arc::new(Ctx {
             tracer,
             log_control: opts.log_control,
@@ -199,7 +202,8 @@ impl Proxy {
             metrics: opts.metrics,
             access_log: opts.access_log,
             dest_labels,
-            peer_exchange: peer_metadata::Local::new(&opts.workload),
+            peer_exchange,
+            tcp_exchange,
             workload: opts.workload,
             backends: backend::Backends::new(
                 listeners.iter().map(|(c, _)| c.backend),

@@ -101,7 +101,7 @@ impl PeerMetadata {
     /// (metadata_object.cc: `AppNameQualifiedLabel` wins over `AppNameLabel`, which is taken
     /// only "`&& app_name.empty()`"), so a pod labelled only the recommended way is still
     /// `source_app` / `destination_app` on Istio's metrics.
-    fn from_struct(s: &Struct) -> PeerMetadata {
+    pub(crate) fn from_struct(s: &Struct) -> PeerMetadata {
         fn text(v: &Value) -> String {
             match &v.kind {
                 Some(Kind::StringValue(s)) => s.clone(),
@@ -146,7 +146,7 @@ impl PeerMetadata {
     /// `convertWorkloadMetadataToStruct`: empty fields left out; `LABELS` always present.
     /// `OWNER` is not sent: it names a Kubernetes controller (`kubernetes://apis/apps/v1/...`),
     /// which a host outside the cluster does not have.
-    fn to_struct(&self) -> Struct {
+    pub(crate) fn to_struct(&self) -> Struct {
         fn put(fields: &mut std::collections::BTreeMap<String, Value>, k: &str, v: &str) {
             if !v.is_empty() {
                 fields.insert(
@@ -187,6 +187,8 @@ impl PeerMetadata {
 /// This workload's side of the exchange, built once, and the peers it has met.
 #[derive(Debug)]
 pub struct Local {
+    /// This workload as peers see it (also the TCP exchange's, crate::tcp_mx).
+    me: PeerMetadata,
     id: HeaderValue,
     value: HeaderValue,
     /// Every distinct peer seen, shared (one `Arc` per workload), at most [`MAX_PEERS`].
@@ -218,12 +220,24 @@ impl Local {
             w.namespace
         );
         Local {
+            me,
             // Base64 and the configured names (validated as DNS labels) are valid header
             // text; an unexpected byte drops the exchange rather than the agent.
             id: HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("")),
             value: HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("")),
             known: Default::default(),
         }
+    }
+
+    /// This workload's metadata, as sent to peers.
+    pub fn workload(&self) -> &PeerMetadata {
+        &self.me
+    }
+
+    /// This workload's node id (`x-envoy-peer-metadata-id`; the TCP exchange's
+    /// `x-envoy-peer-metadata-id` field too).
+    pub fn node_id(&self) -> &str {
+        self.id.to_str().unwrap_or_default()
     }
 
     /// Reads and removes the exchange headers from a request (inbound) or a response
@@ -261,7 +275,7 @@ impl Local {
     }
 
     /// The shared `Arc` of a peer, or `None` past [`MAX_PEERS`] distinct ones.
-    fn admit(&self, peer: PeerMetadata) -> Option<Arc<PeerMetadata>> {
+    pub(crate) fn admit(&self, peer: PeerMetadata) -> Option<Arc<PeerMetadata>> {
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = known.get(&peer) {
             return Some(p.clone());

@@ -51,10 +51,11 @@ pub use rustls_pki_types;
 /// clients, ztunnel and waypoints. The protocol-specific values come first so that a client
 /// offering several tells us the protocol it speaks.
 ///
-/// `istio-peer-exchange` is deliberately absent: selecting it obliges the server to take part
-/// in Istio's TCP metadata exchange (the client then prefixes the stream with its node
-/// metadata), which Outrigger does not implement — forwarding those bytes would corrupt the
-/// application's stream. Sidecars always offer `istio` beside it, which is selected instead.
+/// `istio-peer-exchange` is not in this list: a listener that may carry TCP selects it with
+/// [`CertStore::server_config_peer_exchange`] (the list with [`PEER_EXCHANGE_ALPN`] first), as
+/// an Istio sidecar's TCP filter chain does (istio/istio `pilot/pkg/security/authn/utils/
+/// utils.go`, `BuildInboundTLS`: `ALPNDownstreamWithMxc` for `ListenerProtocolTCP`), while its
+/// HTTP chains offer only `h2`/`http/1.1` and never select it.
 pub const ISTIO_ALPNS: &[&[u8]] = &[
     b"istio-h2",
     b"h2",
@@ -63,6 +64,23 @@ pub const ISTIO_ALPNS: &[&[u8]] = &[
     b"http/1.1",
     b"istio",
 ];
+
+/// The ALPN value of Istio's TCP metadata exchange (istio/istio `pilot/pkg/networking/util/
+/// util.go`: `ALPNInMeshWithMxc = {"istio-peer-exchange", "istio"}` for a sidecar's TCP
+/// clusters, `ALPNDownstreamWithMxc = {"istio-peer-exchange", "h2", "http/1.1"}` for its TCP
+/// filter chains). Selecting it obliges both ends to exchange their workload metadata at the
+/// start of the stream (outrigger-proxy's `tcp_mx`).
+pub const PEER_EXCHANGE_ALPN: &[u8] = b"istio-peer-exchange";
+
+/// `alpn` with [`PEER_EXCHANGE_ALPN`] first: a client that offers it (a sidecar's TCP
+/// connection) gets it, as Istio's inbound filter chain match sends any connection offering
+/// `istio-peer-exchange` to the TCP chain (`mtlsTCPWithMxcALPNs`, istio/istio
+/// `pilot/pkg/networking/core/filterchain_options.go`), whose TLS context then selects it.
+pub fn with_peer_exchange(alpn: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    std::iter::once(PEER_EXCHANGE_ALPN.to_vec())
+        .chain(alpn.iter().filter(|p| *p != PEER_EXCHANGE_ALPN).cloned())
+        .collect()
+}
 
 /// The crypto provider every config of this crate is built with: aws-lc-rs, created once and
 /// shared. It is passed explicitly to each builder; rustls' process-global default is never

@@ -41,6 +41,10 @@ pub enum CertSource {
 struct Current {
     certs: Arc<WorkloadCerts>,
     server: Arc<ServerConfig>,
+    /// `server` with `istio-peer-exchange` selected first ([`crate::with_peer_exchange`]), for
+    /// listeners that may carry TCP. A clone of `server`: it shares its session cache and
+    /// ticketer, so a session resumes on either.
+    server_peer_exchange: Arc<ServerConfig>,
     /// SHA-256 over the three files' contents (Files source).
     fingerprint: Option<[u8; 32]>,
     /// When we obtained these credentials: rotation is due at half the time from here to
@@ -69,8 +73,11 @@ impl Current {
         fingerprint: Option<[u8; 32]>,
         obtained_at: SystemTime,
     ) -> Current {
+        let mut mx = (*server).clone();
+        mx.alpn_protocols = crate::with_peer_exchange(&server.alpn_protocols);
         Current {
             certs: Arc::new(certs),
+            server_peer_exchange: Arc::new(mx),
             server,
             fingerprint,
             obtained_at,
@@ -286,6 +293,14 @@ impl CertStore {
     /// once per accepted connection.
     pub fn server_config(&self) -> Arc<ServerConfig> {
         self.inner.current.load().server.clone()
+    }
+
+    /// [`server_config`](Self::server_config) with `istio-peer-exchange` the first choice
+    /// (see [`crate::with_peer_exchange`]): for a listener whose connections may be TCP, where
+    /// a sidecar's offer of Istio's TCP metadata exchange is accepted. Lock-free, as
+    /// `server_config`.
+    pub fn server_config_peer_exchange(&self) -> Arc<ServerConfig> {
+        self.inner.current.load().server_peer_exchange.clone()
     }
 
     /// The current credentials.

@@ -6,7 +6,9 @@ mod common;
 use common::*;
 use outrigger_identity::{Identity, TrustDomains};
 use outrigger_tls::rustls::ProtocolVersion;
-use outrigger_tls::{ISTIO_ALPNS, cert_sha256_hex, client_config, peer_identity, server_config};
+use outrigger_tls::{
+    ISTIO_ALPNS, cert_sha256_hex, client_config, peer_identity, server_config, with_peer_exchange,
+};
 
 /// Good mTLS in both directions: each side sees the other's SPIFFE identity.
 #[tokio::test]
@@ -44,35 +46,53 @@ async fn mutual_tls_both_sides_see_identities() {
 }
 
 /// The server picks from its own list in order; `h2` is chosen when that is what the client
-/// offers, and Istio's TCP ALPN wins over plain HTTP ones when both are offered.
+/// offers, and Istio's TCP ALPN wins over plain HTTP ones when both are offered. With
+/// [`ISTIO_ALPNS`] (a listener that only carries HTTP) a sidecar's TCP offer gets `istio`, as
+/// a sidecar's HTTP filter chain (`ALPNHttp`: `h2`, `http/1.1`) never selects
+/// `istio-peer-exchange`; with `with_peer_exchange(ISTIO_ALPNS)` (a TCP or `auto` listener) it
+/// gets `istio-peer-exchange`, as the TCP chain does (istio/istio `pilot/pkg/security/authn/
+/// utils/utils.go`, `BuildInboundTLS`: `ALPNDownstreamWithMxc`), and HTTP offers still get
+/// their HTTP value.
 #[tokio::test]
 async fn alpn_negotiation() {
     let ca = ca();
-    let server_cfg = server_config(&workload(&ca, "a", "srv"), &trust(), ISTIO_ALPNS).unwrap();
-    let (addr, mut outcomes) = echo_server(move || server_cfg.clone()).await;
-    let client_certs = workload(&ca, "a", "cli");
-
-    for (offer, chosen) in [
-        (vec![&b"h2"[..], b"http/1.1"], &b"h2"[..]),
-        (vec![&b"http/1.1"[..]], b"http/1.1"),
-        (vec![&b"istio-h2"[..], b"h2"], b"istio-h2"),
-        // The protocol-specific value wins over the generic `istio`.
-        (vec![&b"istio"[..], b"istio-http/1.1"], b"istio-http/1.1"),
-        // A sidecar's TCP offer: never `istio-peer-exchange` (metadata exchange is not
-        // implemented), always `istio`.
-        (vec![&b"istio-peer-exchange"[..], b"istio"], b"istio"),
+    let tcp_alpns = with_peer_exchange(&ISTIO_ALPNS.iter().map(|a| a.to_vec()).collect::<Vec<_>>());
+    let tcp_alpns: Vec<&[u8]> = tcp_alpns.iter().map(Vec::as_slice).collect();
+    for (server_alpns, peer_exchange) in [
+        (ISTIO_ALPNS, b"istio" as &[u8]),
+        (&tcp_alpns[..], b"istio-peer-exchange"),
     ] {
-        let cfg = client_config(&client_certs, &trust(), &[], &offer).unwrap();
-        let tls = connect(cfg, addr, "srv").await.unwrap();
-        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(chosen));
-        let accepted = next_outcome(&mut outcomes).await.unwrap();
-        assert_eq!(accepted.alpn.as_deref(), Some(chosen));
-    }
+        let server_cfg = server_config(&workload(&ca, "a", "srv"), &trust(), server_alpns).unwrap();
+        let (addr, mut outcomes) = echo_server(move || server_cfg.clone()).await;
+        let client_certs = workload(&ca, "a", "cli");
 
-    // No ALPN offered at all is fine (plain TLS clients).
-    let cfg = client_config(&client_certs, &trust(), &[], &[]).unwrap();
-    connect(cfg, addr, "srv").await.unwrap();
-    assert_eq!(next_outcome(&mut outcomes).await.unwrap().alpn, None);
+        for (offer, chosen) in [
+            (vec![&b"h2"[..], b"http/1.1"], &b"h2"[..]),
+            (vec![&b"http/1.1"[..]], b"http/1.1"),
+            (vec![&b"istio-h2"[..], b"h2"], b"istio-h2"),
+            // The protocol-specific value wins over the generic `istio`.
+            (vec![&b"istio"[..], b"istio-http/1.1"], b"istio-http/1.1"),
+            (
+                vec![&b"istio-http/1.1"[..], b"istio", b"http/1.1"],
+                b"istio-http/1.1",
+            ),
+            // A sidecar's TCP offer (`ALPNInMeshWithMxc`).
+            (vec![&b"istio-peer-exchange"[..], b"istio"], peer_exchange),
+            // A sidecar with `PILOT_DISABLE_MX_ALPN` (`ALPNInMesh`).
+            (vec![&b"istio"[..]], b"istio"),
+        ] {
+            let cfg = client_config(&client_certs, &trust(), &[], &offer).unwrap();
+            let tls = connect(cfg, addr, "srv").await.unwrap();
+            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(chosen), "{offer:?}");
+            let accepted = next_outcome(&mut outcomes).await.unwrap();
+            assert_eq!(accepted.alpn.as_deref(), Some(chosen));
+        }
+
+        // No ALPN offered at all is fine (plain TLS clients).
+        let cfg = client_config(&client_certs, &trust(), &[], &[]).unwrap();
+        connect(cfg, addr, "srv").await.unwrap();
+        assert_eq!(next_outcome(&mut outcomes).await.unwrap().alpn, None);
+    }
 }
 
 /// TLS 1.2 and 1.3 both complete with a verified client certificate on our server, and our

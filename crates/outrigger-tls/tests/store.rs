@@ -86,6 +86,29 @@ async fn file_rotation_serves_new_cert_and_keeps_open_connections() {
     assert_eq!(server_leaf(&old_conn), first_leaf);
     ping(&mut new_conn).await.unwrap();
 
+    // The TCP listeners' config (`istio-peer-exchange` first) follows the rotation too.
+    let mx_store = store.clone();
+    let (mx_addr, mut mx_outcomes) =
+        echo_server(move || mx_store.server_config_peer_exchange()).await;
+    let tcp_client = client_config(
+        &workload(&ca, "a", "cli"),
+        &trust(),
+        &[id("a", "srv")],
+        &[b"istio-peer-exchange", b"istio"],
+    )
+    .unwrap();
+    let mx_conn = connect(tcp_client.clone(), mx_addr, "srv").await.unwrap();
+    next_outcome(&mut mx_outcomes).await.unwrap();
+    assert_eq!(server_leaf(&mx_conn), second_leaf);
+    assert_eq!(
+        mx_conn.get_ref().1.alpn_protocol(),
+        Some(&b"istio-peer-exchange"[..])
+    );
+    // The plain config still answers the same offer with `istio`.
+    let plain = connect(tcp_client, addr, "srv").await.unwrap();
+    next_outcome(&mut outcomes).await.unwrap();
+    assert_eq!(plain.get_ref().1.alpn_protocol(), Some(&b"istio"[..]));
+
     refresh.abort();
 }
 

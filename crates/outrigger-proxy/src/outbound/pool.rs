@@ -44,10 +44,12 @@ use crate::metrics::Lv;
 /// (it selects the sidecar's filter chain), then the generic ones.
 pub const ALPN_HTTP1: &[&[u8]] = &[b"istio-http/1.1", b"istio", b"http/1.1"];
 pub const ALPN_HTTP2: &[&[u8]] = &[b"istio-h2", b"istio", b"h2"];
-/// TCP: only `istio`. A sidecar also offers `istio-peer-exchange`, which obliges both sides to
-/// run Istio's TCP metadata exchange inside the stream; Outrigger does not, so it must not
-/// offer it.
-pub const ALPN_TCP: &[&[u8]] = &[b"istio"];
+/// TCP: `istio-peer-exchange` then `istio`, as a sidecar's TCP cluster offers them (istio/istio
+/// `pilot/pkg/networking/core/cluster_tls.go`: `util.ALPNInMeshWithMxc` unless
+/// `PILOT_DISABLE_MX_ALPN`). A server that selects `istio-peer-exchange` (a sidecar's or
+/// Outrigger's TCP listener) runs Istio's TCP metadata exchange with us at the start of the
+/// stream (crate::tcp_mx); one that selects `istio` or nothing does not.
+pub const ALPN_TCP: &[&[u8]] = &[outrigger_tls::PEER_EXCHANGE_ALPN, b"istio"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Alpn {
@@ -129,6 +131,16 @@ impl TlsConfigs {
 pub(crate) enum Upstream {
     Tls(Box<TlsStream<TcpStream>>),
     Hbone(HboneStream),
+}
+
+impl Upstream {
+    /// The ALPN protocol the server selected (an HBONE stream has none of its own).
+    pub fn alpn(&self) -> Option<&[u8]> {
+        match self {
+            Upstream::Tls(s) => s.get_ref().1.alpn_protocol(),
+            Upstream::Hbone(_) => None,
+        }
+    }
 }
 
 impl AsyncRead for Upstream {
@@ -569,7 +581,8 @@ mod tests {
         assert_eq!(h2.alpn_protocols[0], b"istio-h2".to_vec());
         assert_eq!(
             tls.get(Alpn::Tcp).unwrap().alpn_protocols,
-            vec![b"istio".to_vec()]
+            vec![b"istio-peer-exchange".to_vec(), b"istio".to_vec()],
+            "a sidecar's TCP offer (ALPNInMeshWithMxc)"
         );
 
         // Rotation: a new certificate in the same files.

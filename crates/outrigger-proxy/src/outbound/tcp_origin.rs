@@ -1,5 +1,6 @@
-//! Opaque TCP origination: the application's bytes inside mTLS (ALPN `istio`) or inside an
-//! HBONE CONNECT stream, with Istio's
+//! Opaque TCP origination: the application's bytes inside mTLS (ALPN `istio-peer-exchange` or
+//! `istio`, as a sidecar offers them; with the first, Istio's TCP metadata exchange names the
+//! server's workload, crate::tcp_mx) or inside an HBONE CONNECT stream, with Istio's
 //! `istio_tcp_*` metrics (reporter="source") and one access-log line per connection.
 //!
 //! A connection that cannot be made is tried on another endpoint (nothing was sent yet); once
@@ -14,11 +15,13 @@ use tokio::net::TcpStream;
 use super::Destination;
 use super::endpoints::{ActiveGuard, Outcome};
 use super::pool::{self, Alpn};
-use crate::access_log::{AccessRecord, now_rfc3339};
+use crate::access_log::{AccessRecord, Workloads, now_rfc3339};
 use crate::ctx::Ctx;
-use crate::io::{ByteCounts, Counted};
+use crate::io::{ByteCounts, Counted, MxRead};
 use crate::metrics::{Lv, TcpLabels};
+use crate::peer_metadata::PeerMetadata;
 use crate::refusal::Refusal;
+use crate::tcp_mx;
 
 /// How often byte counters of long-lived connections are published to the metrics.
 const METRICS_FLUSH: Duration = Duration::from_secs(5);
@@ -47,18 +50,23 @@ pub(crate) async fn serve(
         };
         tried.push(ep.addr);
         upstream = Some(ep.addr);
-        match pool::connect(&dest, ep.addr, Alpn::Tcp).await {
-            Ok((tls, p)) => {
+        match connect(&dest, ep.addr, &ctx).await {
+            Ok((up, p, named)) => {
                 dest.endpoints.report(&ep, Outcome::Success);
                 peer = p;
                 // The server's certificate names it: principal and namespace, as
                 // istio_stats.cc's client reporter takes them (`getNamespace(peer_san)`), and
                 // as the HTTP origin does. A connection never made keeps them `unknown`.
                 crate::metrics::apply_destination_principal(&mut labels, &peer);
+                // Its TCP metadata exchange names its workload (istio_stats.cc,
+                // `Reporter::ClientSidecar`: the `upstream_peer` the filter set).
+                if let Some(w) = &named {
+                    crate::metrics::apply_destination_peer(&mut labels, w);
+                }
                 refused = None;
                 let _active = ActiveGuard::new(ep.clone());
                 ctx.metrics.tcp_opened.get_or_create(&labels).inc();
-                pump(stream, tls, &ctx, &counts, &labels).await;
+                pump(stream, up, &ctx, &counts, &labels).await;
                 break;
             }
             Err(e) => {
@@ -86,7 +94,7 @@ pub(crate) async fn serve(
     }
     ctx.metrics.tcp_closed.get_or_create(&labels).inc();
     if let Some(start_time) = start_time {
-        ctx.access_log.log(&AccessRecord {
+        let record = AccessRecord {
             start_time,
             kind: "tcp",
             listener: &dest.cfg.name,
@@ -110,7 +118,54 @@ pub(crate) async fn serve(
             authz_policy: None,
             authz_result: None,
             ..Default::default()
-        });
+        };
+        ctx.access_log.log_with(
+            &record,
+            &Workloads {
+                source: None,
+                destination: crate::tcp_fwd::named(&labels.destination_workload),
+            },
+        );
+    }
+}
+
+/// One upstream connection for TCP, with Istio's TCP metadata exchange when the server
+/// selected `istio-peer-exchange` (crate::tcp_mx; Envoy's `metadata_exchange` upstream filter,
+/// which istiod puts on every outbound cluster: istio/istio `pilot/pkg/networking/core/
+/// cluster_builder.go`, `applyMetadataExchange`). Returns the stream (the server's exchange
+/// read off it), the server's SPIFFE ID and the workload its exchange named. An exchange that
+/// fails is a connection that failed: nothing of the application's was sent, and another
+/// endpoint may be tried.
+async fn connect(
+    dest: &Destination,
+    addr: SocketAddr,
+    ctx: &Ctx,
+) -> Result<(MxRead<pool::Upstream>, Lv, Option<Arc<PeerMetadata>>), Failed> {
+    let (up, peer) = pool::connect(dest, addr, Alpn::Tcp)
+        .await
+        .map_err(Failed::Connect)?;
+    if up.alpn() != Some(tcp_mx::ALPN) {
+        return Ok((MxRead::through(up), peer, None));
+    }
+    let mut up = MxRead::new(up);
+    let named = crate::tcp_fwd::exchange(&mut up, ctx, &dest.cfg.name, addr)
+        .await
+        .map_err(|e| Failed::Exchange(addr, e))?;
+    Ok((up, peer, named))
+}
+
+/// Why an upstream connection for TCP could not be used.
+#[derive(Debug, thiserror::Error)]
+enum Failed {
+    #[error("{0}")]
+    Connect(pool::ConnectError),
+    #[error("istio-peer-exchange with {0} failed: {1}")]
+    Exchange(SocketAddr, std::io::Error),
+}
+
+impl Failed {
+    fn identity_mismatch(&self) -> bool {
+        matches!(self, Failed::Connect(e) if e.identity_mismatch())
     }
 }
 
@@ -119,7 +174,7 @@ pub(crate) async fn serve(
 /// timeout closes it.
 async fn pump(
     app: TcpStream,
-    upstream: pool::Upstream,
+    upstream: MxRead<pool::Upstream>,
     ctx: &Arc<Ctx>,
     counts: &Arc<ByteCounts>,
     labels: &TcpLabels,

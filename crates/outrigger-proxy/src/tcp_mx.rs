@@ -423,6 +423,48 @@ mod tests {
         );
     }
 
+    use proptest::arbitrary::any as arb;
+    use proptest::prelude::{Just, prop_assert_eq, prop_oneof, proptest};
+
+    proptest! {
+        /// The outcome is the same however much of the stream has arrived once it is known
+        /// (what crate::io::MxRead relies on: it parses after every read), whatever the bytes.
+        #[test]
+        fn the_outcome_does_not_depend_on_read_boundaries(
+            magic in prop_oneof![Just(MAGIC), arb::<u32>()],
+            body in proptest::collection::vec(arb::<u8>(), 0..160),
+            tail in proptest::collection::vec(arb::<u8>(), 0..16),
+        ) {
+            let mut buf = magic.to_be_bytes().to_vec();
+            buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            buf.extend_from_slice(&body);
+            buf.extend_from_slice(&tail);
+            let whole = parse(&buf, false);
+            let first = (0..=buf.len())
+                .map(|k| parse(&buf[..k], false))
+                .find(|p| *p != Parsed::NeedMore)
+                .unwrap_or(Parsed::NeedMore);
+            prop_assert_eq!(first, whole);
+        }
+
+        /// Any workload this side can describe is read back as itself.
+        #[test]
+        fn any_workload_round_trips(
+            workload in ".{0,40}", namespace in "[a-z0-9-]{0,20}", app in ".{0,20}",
+            revision in ".{0,10}", id in ".{0,60}",
+        ) {
+            let me = PeerMetadata {
+                workload, namespace, app, canonical_revision: revision,
+                ..Default::default()
+            };
+            let bytes = encode(&me, &id);
+            prop_assert_eq!(
+                parse(&bytes, true),
+                Parsed::Exchanged { consumed: bytes.len(), peer: Some(me) }
+            );
+        }
+    }
+
     #[test]
     fn garbage_never_panics() {
         let mut seed = 0x2545_f491_4f6c_dd1du64;

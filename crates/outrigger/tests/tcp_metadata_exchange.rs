@@ -460,3 +460,53 @@ async fn two_agents_name_each_other_over_tcp() {
     server.wait_for_log("\"source_workload\":\"windows-app\"");
     client.wait_for_log("\"destination_workload\":\"ratings\"");
 }
+
+/// The exchange comes before authorization, as Istio orders a sidecar's inbound TCP chain
+/// (istio/istio `pilot/pkg/networking/core/networkfilter.go`: "Metadata exchange goes first,
+/// so RBAC failures, etc can access the state"): a connection an AuthorizationPolicy refuses
+/// is still named by its caller's workload, on its metrics and its access log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_is_named_too() {
+    let echo = start_tcp_echo().await;
+    let mesh = Mesh::new();
+    mesh.policy(
+        "deny.yaml",
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-productpage, namespace: legacy}
+spec:
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/bookinfo-productpage]}}]}]
+",
+    );
+    let agent = AgentProc::start(
+        mesh.dir(),
+        &(mesh.config(&[("db", echo, "tcp")], "") + "accessLog: stdout\n"),
+    );
+    let mut tls = sidecar_connect(&mesh, agent.addr("db"), SIDECAR_ALPN).await;
+    assert!(matches!(
+        read_agents_exchange(&mut tls).await,
+        Parsed::Exchanged { peer: Some(_), .. }
+    ));
+    let mut first = sidecar_exchange();
+    first.extend_from_slice(b"hello");
+    tls.write_all(&first).await.unwrap();
+    let (rest, _) = read_until_close(&mut tls).await;
+    assert!(rest.is_empty(), "refused: nothing reaches the application");
+    agent.wait_metric(
+        "istio_tcp_connections_closed_total",
+        &[
+            "reporter=\"destination\"",
+            "source_workload=\"productpage-v1\"",
+            "source_canonical_service=\"productpage\"",
+        ],
+        1.0,
+    );
+    let log = agent.wait_for_log("\"authz_result\":\"deny_matched\"");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"authz_result\":\"deny_matched\"")
+                && l.contains("\"source_workload\":\"productpage-v1\"")),
+        "{log}"
+    );
+}

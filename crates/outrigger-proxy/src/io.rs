@@ -10,6 +10,8 @@ use std::time::Duration;
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::copy::Side;
+
 /// A stream that first yields `prefix` (bytes already read while detecting the protocol) and
 /// then reads from the inner stream. Writes go straight through.
 pub struct Rewind<T> {
@@ -36,6 +38,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+/// The replayed bytes are a chunk already held: handed to a copy as they are.
+impl<T: Side> Side for Rewind<T> {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
+        if !self.prefix.is_empty() {
+            return Some(Poll::Ready(Ok(std::mem::take(&mut self.prefix))));
+        }
+        self.inner.poll_chunk(cx)
     }
 }
 
@@ -153,6 +165,21 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
         let n = (buf.filled().len() - before) as u64;
         if n > 0 {
             self.counts.received.fetch_add(n, Ordering::Relaxed);
+            self.counts.moved();
+        }
+        res
+    }
+}
+
+impl<T: Side> Side for Counted<T> {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
+        let res = self.inner.poll_chunk(cx);
+        if let Some(Poll::Ready(Ok(chunk))) = &res
+            && !chunk.is_empty()
+        {
+            self.counts
+                .received
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
             self.counts.moved();
         }
         res

@@ -3,12 +3,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::access_log::{AccessRecord, now_rfc3339};
 use crate::authz;
 use crate::conn::ConnInfo;
+use crate::copy::Side;
 use crate::ctx::Ctx;
 use crate::io::{ByteCounts, Counted};
 use crate::refusal::Refusal;
@@ -20,7 +20,7 @@ const METRICS_FLUSH: Duration = Duration::from_secs(5);
 /// closes it without a byte.
 pub(crate) async fn serve<T>(io: T, conn: Arc<ConnInfo>, ctx: Arc<Ctx>)
 where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: Side + Send + 'static,
 {
     serve_deferred(
         move |r: Result<(), &Refusal>| r.ok().map(|()| io),
@@ -35,7 +35,7 @@ where
 /// caller tell the peer why (an HBONE CONNECT is answered `401` or `503`, as ztunnel does).
 pub(crate) async fn serve_deferred<T, F>(open: F, conn: Arc<ConnInfo>, ctx: Arc<Ctx>)
 where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: Side + Send + 'static,
     F: FnOnce(Result<(), &Refusal>) -> Option<T>,
 {
     let start = Instant::now();
@@ -144,7 +144,7 @@ async fn pump<T>(
     published: &mut (u64, u64),
 ) -> (&'static str, Option<authz::Verdict>)
 where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: Side + Send + 'static,
 {
     let mut down = Counted::new(io, counts.clone());
     let mut up = upstream;

@@ -36,6 +36,7 @@ pub mod detect;
 pub mod egress_proxy;
 pub mod ext_authz;
 pub mod ext_authz_proto;
+pub mod grpc_frames;
 pub mod h1_guard;
 mod h2_close;
 pub mod hbone;

@@ -569,12 +569,20 @@ async fn authorize_and_forward(
             retarget(&mut parts, to_h2, a);
         }
         let body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // A gRPC request's messages (crate::grpc_stats), published as counted: the caller is
+        // known already (istio_stats.cc, server reporter: the metadata exchange ran on the
+        // request's headers).
+        rec.grpc = crate::grpc_stats::GrpcStats::for_request(&parts);
+        if let Some(g) = &rec.grpc {
+            g.peer_known(&ctx.metrics, &rec.peer_labels());
+        }
         let req = Request::from_parts(
             parts,
             Metered {
                 inner: body,
                 counter: received,
                 failed: Some(body_failed.clone()),
+                grpc: rec.grpc.as_ref().map(|g| g.request_body()),
             },
         );
         let sent = match client_upgrade {
@@ -595,6 +603,9 @@ async fn authorize_and_forward(
                 rec.code = parts.status.as_u16();
                 if let Some(s) = parts.headers.get(&GRPC_STATUS) {
                     rec.grpc_status = s.to_str().ok().map(Lv::new);
+                }
+                if let Some(g) = &mut rec.grpc {
+                    g.response_headers(&parts);
                 }
                 Ok(Response::from_parts(
                     parts,
@@ -955,6 +966,9 @@ impl Body for ProxyBody {
                 if let Some(rec) = &mut this.rec {
                     if let Some(d) = f.data_ref() {
                         rec.sent += d.len() as u64;
+                        if let Some(g) = &mut rec.grpc {
+                            g.response_data(d);
+                        }
                     } else if let Some(t) = f.trailers_ref()
                         && let Some(s) = t.get(&GRPC_STATUS)
                     {
@@ -1026,6 +1040,8 @@ pub(crate) struct Recorder {
     log: Option<LogFields>,
     handles: Arc<MetricHandles>,
     trace: crate::trace::ReqTrace,
+    /// A gRPC request's message counts (crate::grpc_stats).
+    grpc: Option<crate::grpc_stats::GrpcStats>,
 }
 
 /// The request series (count, duration, sizes) of each label set seen on one connection, so
@@ -1122,7 +1138,18 @@ impl Recorder {
             log,
             handles,
             trace: Default::default(),
+            grpc: None,
         }
+    }
+
+    /// The labels of this request's series before the response is known: the connection's,
+    /// with the caller's metadata.
+    fn peer_labels(&self) -> crate::metrics::TcpLabels {
+        let mut l = self.conn.labels.clone();
+        if let Some(peer) = &self.peer {
+            crate::metrics::apply_source_peer(&mut l, peer);
+        }
+        l
     }
 
     fn finish(mut self) {
@@ -1151,12 +1178,9 @@ impl Recorder {
             match cache.iter().find(|(k, _)| *k == key) {
                 Some((_, h)) => h.clone(),
                 None => {
-                    let mut conn_labels = self.conn.labels.clone();
+                    let mut conn_labels = self.peer_labels();
                     conn_labels.request_protocol = key.protocol;
                     conn_labels.response_flags = key.flags;
-                    if let Some(peer) = &key.peer {
-                        crate::metrics::apply_source_peer(&mut conn_labels, peer);
-                    }
                     let labels = RequestLabels {
                         conn: conn_labels,
                         response_code: key.code,

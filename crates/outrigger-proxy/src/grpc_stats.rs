@@ -50,6 +50,63 @@ fn has_grpc_content_type(headers: &http::HeaderMap) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.first() == Some(&b'+'))
 }
 
+/// Istio's `request_protocol` and `grpc_response_status` labels of a request's series, as
+/// istio_stats.cc `log` sets them: `grpc` and a gRPC status only for a request the stats
+/// filter saw as gRPC (`is_grpc_`, from the request's headers in `decodeHeaders`; a request
+/// refused by an earlier filter never reaches it, so `is_grpc` is whether this request got a
+/// [`GrpcStats`]), else `http` and an empty status. The status is Envoy's
+/// `Grpc::Common::getGrpcStatus(trailers, headers, info)` (`source/common/grpc/common.cc`):
+/// the `grpc-status` of the trailers, else of the headers (`last_grpc_status`: the last
+/// non-empty one seen), else the HTTP status mapped by `httpToGrpcStatus`, else (no answer,
+/// `response_code` 0) empty.
+pub(crate) fn protocol_labels(
+    is_grpc: bool,
+    last_grpc_status: Option<&str>,
+    response_code: u16,
+) -> (&'static str, Option<i64>) {
+    if !is_grpc {
+        return ("http", None);
+    }
+    let status = match last_grpc_status {
+        Some(s) => Some(parse_grpc_status(s)),
+        None if response_code != 0 => Some(http_to_grpc_status(response_code)),
+        None => None,
+    };
+    ("grpc", status)
+}
+
+/// A `grpc-status` header or trailer as sent, for [`protocol_labels`]: `None` when empty (Envoy
+/// reads an empty value as absent); a value that is not text is kept as one that does not parse.
+pub(crate) fn sent_status(v: &http::HeaderValue) -> Option<crate::metrics::Lv> {
+    (!v.is_empty()).then(|| crate::metrics::Lv::new(v.to_str().unwrap_or("?")))
+}
+
+/// Envoy `Grpc::Common::getGrpcStatus(const ResponseHeaderOrTrailerMap&, false)` for a non-empty
+/// value: `absl::SimpleAtoi` into a `uint64_t` (surrounding ASCII whitespace and a `+` sign
+/// allowed), and `InvalidCode` (-1) for anything else or above `MaximumKnown` (16,
+/// `Unauthenticated`).
+fn parse_grpc_status(v: &str) -> i64 {
+    let t = v.trim_ascii();
+    let t = t.strip_prefix('+').unwrap_or(t);
+    match t.parse::<u64>() {
+        Ok(n) if n <= 16 && t.bytes().all(|b| b.is_ascii_digit()) => n as i64,
+        _ => -1,
+    }
+}
+
+/// Envoy `Grpc::Utility::httpToGrpcStatus` (`source/common/grpc/status.cc`, after gRPC's
+/// `doc/http-grpc-status-mapping.md`).
+fn http_to_grpc_status(code: u16) -> i64 {
+    match code {
+        400 => 13,                   // Internal
+        401 => 16,                   // Unauthenticated
+        403 => 7,                    // PermissionDenied
+        404 => 12,                   // Unimplemented
+        429 | 502 | 503 | 504 => 14, // Unavailable
+        _ => 2,                      // Unknown
+    }
+}
+
 /// The index of the request's count in [`Tally`]'s arrays, and of the response's.
 const REQUEST: usize = 0;
 const RESPONSE: usize = 1;
@@ -203,6 +260,52 @@ impl RequestCount {
         if n > 0 {
             self.tally.add(REQUEST, n);
         }
+    }
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+
+    /// istio_stats.cc `log` with Envoy's `getGrpcStatus` and `httpToGrpcStatus`.
+    #[test]
+    fn protocol_and_grpc_status_labels_are_istios() {
+        // Not gRPC: `http` and an empty status, whatever the answer carried.
+        assert_eq!(protocol_labels(false, Some("0"), 200), ("http", None));
+        // gRPC: the status sent.
+        assert_eq!(protocol_labels(true, Some("0"), 200), ("grpc", Some(0)));
+        assert_eq!(protocol_labels(true, Some("14"), 200), ("grpc", Some(14)));
+        assert_eq!(protocol_labels(true, Some(" +5 "), 200), ("grpc", Some(5)));
+        // Not a number, or above Unauthenticated (16): InvalidCode.
+        for bad in ["17", "x", "-1", "1 2", "99999999999999999999999"] {
+            assert_eq!(
+                protocol_labels(true, Some(bad), 200),
+                ("grpc", Some(-1)),
+                "{bad}"
+            );
+        }
+        assert_eq!(protocol_labels(true, Some("16"), 200), ("grpc", Some(16)));
+        // No grpc-status: the HTTP status, mapped.
+        for (code, want) in [
+            (200, 2),
+            (400, 13),
+            (401, 16),
+            (403, 7),
+            (404, 12),
+            (429, 14),
+            (500, 2),
+            (502, 14),
+            (503, 14),
+            (504, 14),
+        ] {
+            assert_eq!(
+                protocol_labels(true, None, code),
+                ("grpc", Some(want)),
+                "{code}"
+            );
+        }
+        // No answer at all: empty.
+        assert_eq!(protocol_labels(true, None, 0), ("grpc", None));
     }
 }
 

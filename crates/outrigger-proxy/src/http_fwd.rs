@@ -602,7 +602,7 @@ async fn authorize_and_forward(
                 parts.version = downstream_version;
                 rec.code = parts.status.as_u16();
                 if let Some(s) = parts.headers.get(&GRPC_STATUS) {
-                    rec.grpc_status = s.to_str().ok().map(Lv::new);
+                    rec.grpc_status = crate::grpc_stats::sent_status(s).or(rec.grpc_status.take());
                 }
                 if let Some(g) = &mut rec.grpc {
                     g.response_headers(&parts);
@@ -972,7 +972,8 @@ impl Body for ProxyBody {
                     } else if let Some(t) = f.trailers_ref()
                         && let Some(s) = t.get(&GRPC_STATUS)
                     {
-                        rec.grpc_status = s.to_str().ok().map(Lv::new);
+                        rec.grpc_status =
+                            crate::grpc_stats::sent_status(s).or(rec.grpc_status.take());
                     }
                 }
                 // hyper stops polling a body that says it has ended, so this may be the last
@@ -1158,15 +1159,16 @@ impl Recorder {
             .status_rates
             .requests
             .fetch_add(1, Ordering::Relaxed);
+        let (protocol, grpc) = crate::grpc_stats::protocol_labels(
+            self.grpc.is_some(),
+            self.grpc_status.as_ref().map(|s| &*s.0),
+            self.code,
+        );
         let key = HandleKey {
             code: self.code,
             flags: self.flags,
-            protocol: if self.grpc_status.is_some() {
-                "grpc"
-            } else {
-                "http"
-            },
-            grpc: self.grpc_status.clone(),
+            protocol,
+            grpc: grpc.map(|n| Lv::new(&n.to_string())),
             peer: self.peer.clone(),
         };
         let handles = {

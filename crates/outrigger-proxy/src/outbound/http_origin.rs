@@ -430,7 +430,7 @@ async fn forward(
                 rparts.version = downstream_version;
                 rec.code = status.as_u16();
                 if let Some(s) = rparts.headers.get("grpc-status") {
-                    rec.grpc_status = s.to_str().ok().map(Lv::new);
+                    rec.grpc_status = crate::grpc_stats::sent_status(s).or(rec.grpc_status.take());
                 }
                 rec.grpc_response(&rparts);
                 let max = dest.cfg.pool.max_requests_per_connection;
@@ -632,7 +632,8 @@ impl Body for OutBody {
                     } else if let Some(t) = f.trailers_ref()
                         && let Some(s) = t.get("grpc-status")
                     {
-                        rec.grpc_status = s.to_str().ok().map(Lv::new);
+                        rec.grpc_status =
+                            crate::grpc_stats::sent_status(s).or(rec.grpc_status.take());
                     }
                 }
             }
@@ -838,16 +839,17 @@ impl Rec {
         if let Some(g) = &self.grpc {
             g.peer_known(&self.ctx.metrics, &conn);
         }
-        conn.request_protocol = if self.grpc_status.is_some() {
-            "grpc"
-        } else {
-            "http"
-        };
+        let (protocol, grpc) = crate::grpc_stats::protocol_labels(
+            self.grpc.is_some(),
+            self.grpc_status.as_ref().map(|s| &*s.0),
+            self.code,
+        );
+        conn.request_protocol = protocol;
         conn.response_flags = self.flags;
         let labels = RequestLabels {
             conn,
             response_code: self.code,
-            grpc_response_status: self.grpc_status.clone().unwrap_or_else(|| Lv::new("")),
+            grpc_response_status: Lv::new(&grpc.map(|n| n.to_string()).unwrap_or_default()),
         };
         self.ctx.metrics.request_handles(&labels).record(
             elapsed,

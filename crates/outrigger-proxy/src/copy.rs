@@ -13,13 +13,43 @@
 //! `writev`; measured on a 32 MiB upload before this: Outrigger 33–42 writes per MiB to the
 //! application, ztunnel 9–15). tokio's cooperative
 //! budget is internal to tokio; the sockets under the copy still consume it.
+//!
+//! A side that already holds what it received as chunks of its own — an HBONE stream's
+//! HTTP/2 DATA frames ([`Side::poll_chunk`]) — hands each chunk over as it is, and the copy
+//! writes it without copying it into a buffer first, as ztunnel writes an HTTP/2 stream's
+//! `Bytes` to the application (istio/ztunnel `src/proxy/h2.rs`, `ResizeBufRead::poll_bytes`
+//! for `H2StreamReadHalf`, and `src/copy.rs` `CopyBuf`: one write per DATA frame). On the
+//! HBONE upload benchmark that copy was the CPU per byte Outrigger spent above ztunnel's
+//! (BENCHMARKS.md, "Issue 14 targets").
 
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// One side of a copy: a byte stream that may hold its received bytes as chunks of its own.
+pub(crate) trait Side: AsyncRead + AsyncWrite + Unpin {
+    /// The next chunk this side received, handed over without a copy: `Some(Ready(Ok(b)))`
+    /// with `b` empty at the end of the stream; `None` when this side has no chunks of its own
+    /// (a socket), so the copy reads it into its buffer. Asked again before every read.
+    fn poll_chunk(&mut self, _cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
+        None
+    }
+}
+
+impl Side for tokio::net::TcpStream {}
+impl<T: AsyncRead + AsyncWrite + Unpin> Side for tokio_rustls::server::TlsStream<T> {}
+impl<T: AsyncRead + AsyncWrite + Unpin> Side for tokio_rustls::client::TlsStream<T> {}
+impl Side for tokio::io::DuplexStream {}
+impl<T: hyper::rt::Read + hyper::rt::Write + Unpin> Side for hyper_util::rt::TokioIo<T> {}
+impl<T: Side + ?Sized> Side for &mut T {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
+        (**self).poll_chunk(cx)
+    }
+}
 
 /// ztunnel's buffer sizes and the bytes after which each is used (a direction's total).
 const INITIAL: usize = 1024;
@@ -45,7 +75,11 @@ struct CopyBuffer {
     pos: usize,
     cap: usize,
     amt: u64,
+    /// Allocated at the first read into it: a reader that hands over chunks never needs it.
     buf: Box<[u8]>,
+    /// The unwritten rest of a chunk the reader handed over (taken only while `buf` is empty,
+    /// so the bytes stay in order).
+    chunk: Bytes,
 }
 
 impl CopyBuffer {
@@ -56,8 +90,30 @@ impl CopyBuffer {
             pos: 0,
             cap: 0,
             amt: 0,
-            buf: vec![0; INITIAL].into_boxed_slice(),
+            buf: Box::default(),
+            chunk: Bytes::new(),
         }
+    }
+
+    /// Writes the held chunk to its end.
+    fn poll_write_chunk<W: AsyncWrite + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut writer: Pin<&mut W>,
+    ) -> Poll<io::Result<()>> {
+        while !self.chunk.is_empty() {
+            let n = match writer.as_mut().poll_write(cx, &self.chunk) {
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                res => ready!(res)?,
+            };
+            if n == 0 {
+                return Poll::Ready(Err(write_zero()));
+            }
+            self.chunk.advance(n);
+            self.amt += n as u64;
+            self.need_flush = true;
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn poll_fill_buf<R: AsyncRead + ?Sized>(
@@ -105,13 +161,38 @@ impl CopyBuffer {
         }
     }
 
-    fn poll_copy<R: AsyncRead + ?Sized, W: AsyncWrite + ?Sized>(
+    fn poll_copy<R: Side + ?Sized, W: AsyncWrite + ?Sized>(
         &mut self,
         cx: &mut Context<'_>,
         mut reader: Pin<&mut R>,
         mut writer: Pin<&mut W>,
     ) -> Poll<io::Result<u64>> {
         loop {
+            ready!(self.poll_write_chunk(cx, writer.as_mut()))?;
+            if self.pos == self.cap && !self.read_done {
+                match reader.as_mut().get_mut().poll_chunk(cx) {
+                    Some(Poll::Ready(Ok(chunk))) => {
+                        self.read_done = chunk.is_empty();
+                        self.chunk = chunk;
+                        continue;
+                    }
+                    Some(Poll::Ready(Err(e))) => return Poll::Ready(Err(e)),
+                    Some(Poll::Pending) => {
+                        if self.need_flush {
+                            ready!(writer.as_mut().poll_flush(cx))?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                    None => {
+                        // Empty: the moment to (re)size without moving unwritten bytes.
+                        let want = size_for(self.amt);
+                        if want > self.buf.len() {
+                            self.buf = vec![0; want].into_boxed_slice();
+                        }
+                    }
+                }
+            }
             if self.cap < self.buf.len() && !self.read_done {
                 match self.poll_fill_buf(cx, reader.as_mut()) {
                     Poll::Ready(Ok(())) => {
@@ -144,10 +225,7 @@ impl CopyBuffer {
             while self.pos < self.cap {
                 let n = ready!(self.poll_write_buf(cx, reader.as_mut(), writer.as_mut()))?;
                 if n == 0 {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "write zero byte into writer",
-                    )));
+                    return Poll::Ready(Err(write_zero()));
                 }
                 self.pos += n;
                 self.amt += n as u64;
@@ -155,17 +233,16 @@ impl CopyBuffer {
             }
             self.pos = 0;
             self.cap = 0;
-            // Empty: the moment to grow without moving unwritten bytes.
-            let want = size_for(self.amt);
-            if want > self.buf.len() {
-                self.buf = vec![0; want].into_boxed_slice();
-            }
             if self.read_done {
                 ready!(writer.as_mut().poll_flush(cx))?;
                 return Poll::Ready(Ok(self.amt));
             }
         }
     }
+}
+
+fn write_zero() -> io::Error {
+    io::Error::new(io::ErrorKind::WriteZero, "write zero byte into writer")
 }
 
 enum TransferState {
@@ -181,8 +258,8 @@ fn transfer_one_direction<A, B>(
     w: &mut B,
 ) -> Poll<io::Result<u64>>
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: Side + ?Sized,
+    B: Side + ?Sized,
 {
     let mut r = Pin::new(r);
     let mut w = Pin::new(w);
@@ -206,8 +283,8 @@ where
 /// `tokio::io::copy_bidirectional`, with growing buffers.
 pub(crate) async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: Side + ?Sized,
+    B: Side + ?Sized,
 {
     let mut a_to_b = TransferState::Running(CopyBuffer::new());
     let mut b_to_a = TransferState::Running(CopyBuffer::new());
@@ -271,6 +348,93 @@ mod tests {
         fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
             Pin::new(&mut self.inner).poll_shutdown(cx)
         }
+    }
+
+    impl Side for Counting {}
+
+    /// A side whose received bytes are chunks of its own, as an HBONE stream's DATA frames;
+    /// it answers `Pending` (and wakes itself) before every other chunk, as a stream whose
+    /// next frame has not arrived yet.
+    struct Chunks {
+        chunks: std::collections::VecDeque<Bytes>,
+        pending_next: bool,
+    }
+
+    impl Side for Chunks {
+        fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
+            self.pending_next = !self.pending_next;
+            if self.pending_next {
+                cx.waker().wake_by_ref();
+                return Some(Poll::Pending);
+            }
+            Some(Poll::Ready(Ok(self.chunks.pop_front().unwrap_or_default())))
+        }
+    }
+
+    impl AsyncRead for Chunks {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            panic!("a side with chunks of its own is never read into the copy's buffer")
+        }
+    }
+
+    impl AsyncWrite for Chunks {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Each chunk is written as it came, whole and in order, one write per chunk (ztunnel's
+    /// `CopyBuf`), and the copy never allocates a buffer of its own for that direction.
+    #[tokio::test]
+    async fn chunks_are_written_as_they_came_without_a_buffer() {
+        let sizes = [1usize, 16_384, 70_000, 3, 262_144, 5];
+        let mut next = 0u8;
+        let chunks: std::collections::VecDeque<Bytes> = sizes
+            .iter()
+            .map(|n| {
+                Bytes::from_iter((0..*n).map(|_| {
+                    next = next.wrapping_add(1);
+                    next
+                }))
+            })
+            .collect();
+        let want: Vec<u8> = chunks.iter().flatten().copied().collect();
+        let mut reader = Chunks {
+            chunks,
+            pending_next: false,
+        };
+        let (near, mut far) = tokio::io::duplex(1 << 20);
+        let mut writer = Counting {
+            inner: near,
+            writes: 0,
+            largest: 0,
+        };
+        let mut buf = CopyBuffer::new();
+        let copied = poll_fn(|cx| buf.poll_copy(cx, Pin::new(&mut reader), Pin::new(&mut writer)))
+            .await
+            .unwrap();
+        assert_eq!(copied as usize, want.len());
+        assert_eq!(writer.writes, sizes.len());
+        assert_eq!(writer.largest, 262_144);
+        assert!(buf.buf.is_empty(), "no buffer was allocated");
+        drop(writer);
+        let mut got = Vec::new();
+        far.read_to_end(&mut got).await.unwrap();
+        assert!(got == want, "every byte in order");
     }
 
     /// Real sockets on 127.0.0.1: 16 MiB one way and an answer the other way after the

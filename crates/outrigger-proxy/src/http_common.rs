@@ -149,13 +149,15 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-/// A request body that counts the bytes it yields.
+/// A request body that counts the bytes it yields, and a gRPC request's messages.
 pub(crate) struct Metered<B> {
     pub(crate) inner: B,
     pub(crate) counter: Arc<AtomicU64>,
     /// Set when the body itself fails (a downstream protocol error such as a malformed chunk),
     /// so that a failed upstream request can be told apart from a failed upstream.
     pub(crate) failed: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Only for a gRPC request (crate::grpc_stats).
+    pub(crate) grpc: Option<crate::grpc_stats::RequestCount>,
 }
 
 impl<B: Body<Data = Bytes> + Unpin> Body for Metered<B> {
@@ -171,6 +173,9 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Metered<B> {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     self.counter.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    if let Some(g) = &mut self.grpc {
+                        g.data(d);
+                    }
                 }
             }
             Poll::Ready(Some(Err(_))) => {

@@ -569,12 +569,20 @@ async fn authorize_and_forward(
             retarget(&mut parts, to_h2, a);
         }
         let body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // A gRPC request's messages (crate::grpc_stats), published as counted: the caller is
+        // known already (istio_stats.cc, server reporter: the metadata exchange ran on the
+        // request's headers).
+        rec.grpc = crate::grpc_stats::GrpcStats::for_request(&parts);
+        if let Some(g) = &rec.grpc {
+            g.peer_known(&ctx.metrics, &rec.peer_labels());
+        }
         let req = Request::from_parts(
             parts,
             Metered {
                 inner: body,
                 counter: received,
                 failed: Some(body_failed.clone()),
+                grpc: rec.grpc.as_ref().map(|g| g.request_body()),
             },
         );
         let sent = match client_upgrade {
@@ -594,7 +602,10 @@ async fn authorize_and_forward(
                 parts.version = downstream_version;
                 rec.code = parts.status.as_u16();
                 if let Some(s) = parts.headers.get(&GRPC_STATUS) {
-                    rec.grpc_status = s.to_str().ok().map(Lv::new);
+                    rec.grpc_status = crate::grpc_stats::sent_status(s).or(rec.grpc_status.take());
+                }
+                if let Some(g) = &mut rec.grpc {
+                    g.response_headers(&parts);
                 }
                 Ok(Response::from_parts(
                     parts,
@@ -955,10 +966,14 @@ impl Body for ProxyBody {
                 if let Some(rec) = &mut this.rec {
                     if let Some(d) = f.data_ref() {
                         rec.sent += d.len() as u64;
+                        if let Some(g) = &mut rec.grpc {
+                            g.response_data(d);
+                        }
                     } else if let Some(t) = f.trailers_ref()
                         && let Some(s) = t.get(&GRPC_STATUS)
                     {
-                        rec.grpc_status = s.to_str().ok().map(Lv::new);
+                        rec.grpc_status =
+                            crate::grpc_stats::sent_status(s).or(rec.grpc_status.take());
                     }
                 }
                 // hyper stops polling a body that says it has ended, so this may be the last
@@ -1026,6 +1041,8 @@ pub(crate) struct Recorder {
     log: Option<LogFields>,
     handles: Arc<MetricHandles>,
     trace: crate::trace::ReqTrace,
+    /// A gRPC request's message counts (crate::grpc_stats).
+    grpc: Option<crate::grpc_stats::GrpcStats>,
 }
 
 /// The request series (count, duration, sizes) of each label set seen on one connection, so
@@ -1122,7 +1139,18 @@ impl Recorder {
             log,
             handles,
             trace: Default::default(),
+            grpc: None,
         }
+    }
+
+    /// The labels of this request's series before the response is known: the connection's,
+    /// with the caller's metadata.
+    fn peer_labels(&self) -> crate::metrics::TcpLabels {
+        let mut l = self.conn.labels.clone();
+        if let Some(peer) = &self.peer {
+            crate::metrics::apply_source_peer(&mut l, peer);
+        }
+        l
     }
 
     fn finish(mut self) {
@@ -1131,15 +1159,16 @@ impl Recorder {
             .status_rates
             .requests
             .fetch_add(1, Ordering::Relaxed);
+        let (protocol, grpc) = crate::grpc_stats::protocol_labels(
+            self.grpc.is_some(),
+            self.grpc_status.as_ref().map(|s| &*s.0),
+            self.code,
+        );
         let key = HandleKey {
             code: self.code,
             flags: self.flags,
-            protocol: if self.grpc_status.is_some() {
-                "grpc"
-            } else {
-                "http"
-            },
-            grpc: self.grpc_status.clone(),
+            protocol,
+            grpc: grpc.map(|n| Lv::new(&n.to_string())),
             peer: self.peer.clone(),
         };
         let handles = {
@@ -1151,12 +1180,9 @@ impl Recorder {
             match cache.iter().find(|(k, _)| *k == key) {
                 Some((_, h)) => h.clone(),
                 None => {
-                    let mut conn_labels = self.conn.labels.clone();
+                    let mut conn_labels = self.peer_labels();
                     conn_labels.request_protocol = key.protocol;
                     conn_labels.response_flags = key.flags;
-                    if let Some(peer) = &key.peer {
-                        crate::metrics::apply_source_peer(&mut conn_labels, peer);
-                    }
                     let labels = RequestLabels {
                         conn: conn_labels,
                         response_code: key.code,

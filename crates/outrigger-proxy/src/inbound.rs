@@ -122,7 +122,7 @@ fn alpn_protocol(alpn: Option<&[u8]>) -> Option<Sniffed> {
 
 pub(crate) async fn serve_stream<T>(io: T, alpn: Option<&[u8]>, conn: Arc<ConnInfo>, ctx: Arc<Ctx>)
 where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: crate::copy::Side + Send + 'static,
 {
     if let Some((io, kind)) = classify_stream(io, alpn, &conn, &ctx).await {
         if kind == StreamKind::Tcp && alpn == Some(tcp_mx::ALPN) {
@@ -180,7 +180,7 @@ where
 /// (per-connection authorization).
 pub(crate) async fn serve_classified<T>(io: T, kind: StreamKind, conn: Arc<ConnInfo>, ctx: Arc<Ctx>)
 where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: crate::copy::Side + Send + 'static,
 {
     match kind {
         StreamKind::Http(h2) => crate::http_fwd::serve(io, h2, conn, ctx).await,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::copy::Side;
 use crate::peer_metadata::PeerMetadata;
 use crate::tcp_mx::{self, Parsed};
 
@@ -40,6 +41,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+/// The replayed bytes are a chunk already held: handed to a copy as they are.
+impl<T: Side> Side for Rewind<T> {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
+        if !self.prefix.is_empty() {
+            return Some(Poll::Ready(Ok(std::mem::take(&mut self.prefix))));
+        }
+        self.inner.poll_chunk(cx)
     }
 }
 
@@ -157,6 +168,21 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
         let n = (buf.filled().len() - before) as u64;
         if n > 0 {
             self.counts.received.fetch_add(n, Ordering::Relaxed);
+            self.counts.moved();
+        }
+        res
+    }
+}
+
+impl<T: Side> Side for Counted<T> {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
+        let res = self.inner.poll_chunk(cx);
+        if let Some(Poll::Ready(Ok(chunk))) = &res
+            && !chunk.is_empty()
+        {
+            self.counts
+                .received
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
             self.counts.moved();
         }
         res
@@ -368,6 +394,30 @@ impl<T: AsyncRead + Unpin> AsyncRead for MxRead<T> {
                 MxState::Through => return Pin::new(&mut this.inner).poll_read(cx, buf),
                 MxState::Ended => return Poll::Ready(Ok(())),
             }
+        }
+    }
+}
+
+/// Once the exchange is read, the bytes that came with it are a chunk already held, and the
+/// stream's own chunks follow; while it is being read, the copy reads (`poll_read` finishes it).
+impl<T: Side> Side for MxRead<T> {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
+        match &mut self.state {
+            MxState::Reading(_) => None,
+            MxState::Replay { rest, eof } => {
+                let chunk = std::mem::take(rest);
+                self.state = if *eof {
+                    MxState::Ended
+                } else {
+                    MxState::Through
+                };
+                if chunk.is_empty() {
+                    return self.poll_chunk(cx);
+                }
+                Some(Poll::Ready(Ok(chunk)))
+            }
+            MxState::Through => self.inner.poll_chunk(cx),
+            MxState::Ended => Some(Poll::Ready(Ok(Bytes::new()))),
         }
     }
 }

@@ -18,7 +18,9 @@
 //! (forwarding; `backend`: the pooled connections to the application) → `authz`, `jwt_authn`,
 //! `ext_authz`, `ratelimit` (decisions) → `refusal` (how every refusal is said). Leaves shared
 //! by all: `ctx` (the shared context every task holds), `workload`, `settings`, `policy_state`,
-//! `conn` (the per-connection context), `status_state`, `log_control`, `metrics`, `access_log`.
+//! `conn` (the per-connection context), `status_state`, `log_control`, `metrics`, `access_log`,
+//! `grpc_frames` (gRPC message framing) and `grpc_stats` (a gRPC call's message counters,
+//! over `metrics`).
 //! No module imports another that imports it back, and none imports from this file
 //! (`scripts/module-graph.py --check`, run by CI).
 #![forbid(unsafe_code)]
@@ -36,6 +38,8 @@ pub mod detect;
 pub mod egress_proxy;
 pub mod ext_authz;
 pub mod ext_authz_proto;
+pub mod grpc_frames;
+mod grpc_stats;
 pub mod h1_guard;
 mod h2_close;
 pub mod hbone;

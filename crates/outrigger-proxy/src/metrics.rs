@@ -10,7 +10,11 @@
 //! body sizes", "Tcp Byte Sent
 //! (istio_tcp_sent_bytes_total)", "Tcp Byte Received (istio_tcp_received_bytes_total)", "Tcp
 //! Connections Opened (istio_tcp_connections_opened_total)", "Tcp Connections Closed
-//! (istio_tcp_connections_closed_total)".
+//! (istio_tcp_connections_closed_total)", "gRPC Request Message Count
+//! (istio_request_messages_total): This is a COUNTER incremented for every gRPC message sent
+//! from a client", "gRPC Response Message Count (istio_response_messages_total): This is a
+//! COUNTER incremented for every gRPC message sent from a server" (crate::grpc_stats counts
+//! them).
 
 use std::sync::Arc;
 
@@ -82,6 +86,64 @@ pub struct RequestLabels {
     pub conn: TcpLabels,
     pub response_code: u16,
     pub grpc_response_status: Lv,
+}
+
+/// The labels of `istio_request_messages_total` and `istio_response_messages_total`: the
+/// reporter and the two workloads only. istio_stats.cc (`reportHelper`) adds the message
+/// counts with the tags `populatePeerInfo` has pushed by then — before `request_protocol`,
+/// `response_code`, `grpc_response_status`, `response_flags` and
+/// `connection_security_policy`, which `log` pushes after it — as istio/proxy
+/// `testdata/metric/client_request_messages.yaml.tmpl` and `server_response_messages.yaml.tmpl`
+/// show. In the order of those templates.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct MessageLabels {
+    pub reporter: &'static str,
+    pub source_workload: Lv,
+    pub source_canonical_service: Lv,
+    pub source_canonical_revision: Lv,
+    pub source_workload_namespace: Lv,
+    pub source_principal: Lv,
+    pub source_app: Lv,
+    pub source_version: Lv,
+    pub source_cluster: Lv,
+    pub destination_workload: Lv,
+    pub destination_workload_namespace: Lv,
+    pub destination_principal: Lv,
+    pub destination_app: Lv,
+    pub destination_version: Lv,
+    pub destination_service: Lv,
+    pub destination_canonical_service: Lv,
+    pub destination_canonical_revision: Lv,
+    pub destination_service_name: Lv,
+    pub destination_service_namespace: Lv,
+    pub destination_cluster: Lv,
+}
+
+impl From<&TcpLabels> for MessageLabels {
+    fn from(l: &TcpLabels) -> Self {
+        MessageLabels {
+            reporter: l.reporter,
+            source_workload: l.source_workload.clone(),
+            source_canonical_service: l.source_canonical_service.clone(),
+            source_canonical_revision: l.source_canonical_revision.clone(),
+            source_workload_namespace: l.source_workload_namespace.clone(),
+            source_principal: l.source_principal.clone(),
+            source_app: l.source_app.clone(),
+            source_version: l.source_version.clone(),
+            source_cluster: l.source_cluster.clone(),
+            destination_workload: l.destination_workload.clone(),
+            destination_workload_namespace: l.destination_workload_namespace.clone(),
+            destination_principal: l.destination_principal.clone(),
+            destination_app: l.destination_app.clone(),
+            destination_version: l.destination_version.clone(),
+            destination_service: l.destination_service.clone(),
+            destination_canonical_service: l.destination_canonical_service.clone(),
+            destination_canonical_revision: l.destination_canonical_revision.clone(),
+            destination_service_name: l.destination_service_name.clone(),
+            destination_service_namespace: l.destination_service_namespace.clone(),
+            destination_cluster: l.destination_cluster.clone(),
+        }
+    }
 }
 
 /// Why a connection was refused before it reached the application.
@@ -158,6 +220,9 @@ pub struct Metrics {
     pub request_duration: HistogramFamily<RequestLabels>,
     pub request_bytes: HistogramFamily<RequestLabels>,
     pub response_bytes: HistogramFamily<RequestLabels>,
+    /// gRPC messages received from the client and sent by the server (crate::grpc_stats).
+    pub request_messages: Family<MessageLabels, Counter>,
+    pub response_messages: Family<MessageLabels, Counter>,
     pub tcp_opened: Family<TcpLabels, Counter>,
     pub tcp_closed: Family<TcpLabels, Counter>,
     pub tcp_received: Family<TcpLabels, Counter>,
@@ -238,6 +303,8 @@ impl Metrics {
         let request_duration = histograms();
         let request_bytes = histograms();
         let response_bytes = histograms();
+        let request_messages = Family::<MessageLabels, Counter>::default();
+        let response_messages = Family::<MessageLabels, Counter>::default();
         let tcp_opened = Family::<TcpLabels, Counter>::default();
         let tcp_closed = Family::<TcpLabels, Counter>::default();
         let tcp_received = Family::<TcpLabels, Counter>::default();
@@ -306,6 +373,16 @@ impl Metrics {
             response_bytes.clone(),
         );
         registry.register(
+            "istio_request_messages",
+            "gRPC messages sent by the client",
+            request_messages.clone(),
+        );
+        registry.register(
+            "istio_response_messages",
+            "gRPC messages sent by the server",
+            response_messages.clone(),
+        );
+        registry.register(
             "istio_tcp_connections_opened",
             "TCP connections opened",
             tcp_opened.clone(),
@@ -367,6 +444,8 @@ impl Metrics {
             request_duration,
             request_bytes,
             response_bytes,
+            request_messages,
+            response_messages,
             tcp_opened,
             tcp_closed,
             tcp_received,

@@ -10,6 +10,7 @@ use tokio::net::TcpStream;
 use crate::access_log::{AccessRecord, Workloads, now_rfc3339};
 use crate::authz;
 use crate::conn::ConnInfo;
+use crate::copy::Side;
 use crate::ctx::Ctx;
 use crate::io::{ByteCounts, Counted, MxOutcome, MxRead};
 use crate::peer_metadata::PeerMetadata;
@@ -22,7 +23,7 @@ const METRICS_FLUSH: Duration = Duration::from_secs(5);
 /// closes it without a byte.
 pub(crate) async fn serve<T>(io: T, conn: Arc<ConnInfo>, ctx: Arc<Ctx>)
 where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: Side + Send + 'static,
 {
     serve_deferred(
         move |r: Result<(), &Refusal>| r.ok().map(|()| io),
@@ -43,7 +44,7 @@ where
 /// drained them, and the filter writes its own past it (`injectWriteDataToFilterChain`).
 pub(crate) async fn serve_exchange<T>(io: T, conn: Arc<ConnInfo>, ctx: Arc<Ctx>)
 where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: Side + Send + 'static,
 {
     let mut io = MxRead::new(io);
     let peer = match exchange(&mut io, &ctx, &conn.listener.name, conn.src).await {
@@ -151,7 +152,7 @@ where
 /// caller tell the peer why (an HBONE CONNECT is answered `401` or `503`, as ztunnel does).
 pub(crate) async fn serve_deferred<T, F>(open: F, conn: Arc<ConnInfo>, ctx: Arc<Ctx>)
 where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: Side + Send + 'static,
     F: FnOnce(Result<(), &Refusal>) -> Option<T>,
 {
     let start = Instant::now();
@@ -267,7 +268,7 @@ async fn pump<T>(
     published: &mut (u64, u64),
 ) -> (&'static str, Option<authz::Verdict>)
 where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: Side + Send + 'static,
 {
     let mut down = Counted::new(io, counts.clone());
     let mut up = upstream;

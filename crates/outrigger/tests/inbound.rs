@@ -342,9 +342,17 @@ async fn http2_multiplexes_and_streams_both_ways_with_trailers() {
         assert_eq!(seen.path, format!("/s/{i}"));
         assert_eq!(seen.version, "HTTP/2.0");
     }
+    // Not gRPC: no gRPC message series (istio_stats.cc counts messages only when `is_grpc_`).
+    let m = agent.wait_metric("istio_requests_total", &[], 20.0);
+    for name in [
+        "istio_request_messages_total",
+        "istio_response_messages_total",
+    ] {
+        assert_eq!(common::metric_series(&m, name), vec![], "{m}");
+    }
 
-    // gRPC-style bidirectional stream: each message is echoed before the next is sent, and
-    // the response ends with trailers.
+    // gRPC bidirectional stream: each message is echoed before the next is sent, and the
+    // response ends with trailers.
     let (body_tx, req_body) = channel_body();
     let req = http::Request::post("https://outrigger.test/echo")
         .header("content-type", "application/grpc")
@@ -357,7 +365,7 @@ async fn http2_multiplexes_and_streams_both_ways_with_trailers() {
     let mut body = resp.into_body();
     let mut total = 0usize;
     for i in 0..10u8 {
-        let msg = Bytes::from(vec![i; 1000 + i as usize]);
+        let msg = Bytes::from(grpc_message(&vec![i; 1000 + i as usize]));
         body_tx.send(Ok(Frame::data(msg.clone()))).await.unwrap();
         let mut got = Vec::new();
         while got.len() < msg.len() {
@@ -395,6 +403,42 @@ async fn http2_multiplexes_and_streams_both_ways_with_trailers() {
         Some(1.0),
         "{m}"
     );
+    // Istio's gRPC message counters (istio_stats.cc `reportHelper`, with Envoy's `grpc_stats`
+    // counting): the 10 messages each way, labelled as the call's `istio_requests_total`
+    // series without the five labels a sidecar adds after reporting them (istio/proxy
+    // `testdata/metric/server_request_messages.yaml.tmpl`).
+    let m = agent.wait_metric("istio_response_messages_total", &[], 10.0);
+    let grpc: Vec<_> = common::metric_series(&m, "istio_requests_total")
+        .into_iter()
+        .filter(|(l, _)| l["request_protocol"] == "grpc")
+        .collect();
+    assert_eq!(grpc.len(), 1, "{m}");
+    let mut labels = grpc[0].0.clone();
+    for l in [
+        "request_protocol",
+        "response_code",
+        "grpc_response_status",
+        "response_flags",
+        "connection_security_policy",
+    ] {
+        labels.remove(l).unwrap();
+    }
+    assert_eq!(labels.len(), 20, "{labels:?}");
+    assert_eq!(labels["reporter"], "destination");
+    assert_eq!(
+        labels["source_principal"],
+        "spiffe://cluster.local/ns/default/sa/sleep"
+    );
+    for name in [
+        "istio_request_messages_total",
+        "istio_response_messages_total",
+    ] {
+        assert_eq!(
+            common::metric_series(&m, name),
+            vec![(labels.clone(), 10.0)],
+            "{name}\n{m}"
+        );
+    }
 }
 
 /// The application's connections are pooled across callers, as Envoy's inbound cluster pools

@@ -1252,3 +1252,239 @@ spec:
     );
     assert!(opened >= Some(3.0), "{opened:?}\n{sm}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// gRPC message counts
+
+/// The complete messages of a gRPC body.
+fn grpc_messages(body: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut rest = body;
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
+        if rest.len() < 5 + len {
+            break;
+        }
+        out.push(rest[5..5 + len].to_vec());
+        rest = &rest[5 + len..];
+    }
+    out
+}
+
+/// `stream` cut into chunks of 1, 4, 9, 50, 1, 4, … bytes: messages split across chunks,
+/// prefixes cut in two, chunks holding the end of one message and the start of the next.
+fn awkward_chunks(stream: &[u8]) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut rest = stream;
+    for size in [1usize, 4, 9, 50].into_iter().cycle() {
+        if rest.is_empty() {
+            break;
+        }
+        let n = size.min(rest.len());
+        out.push(Bytes::copy_from_slice(&rest[..n]));
+        rest = &rest[n..];
+    }
+    out
+}
+
+/// A gRPC application (h2c): reads a request's body to its end, then answers `x-replies`
+/// messages in awkward chunks, with the request's content type, and — to a gRPC request — the
+/// trailers `grpc-status: 0` and `x-request-messages: <the messages it read>` (gRPC-Web
+/// carries its trailers in the body: none).
+async fn start_grpc_app() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = service_fn(|req: http::Request<Incoming>| async move {
+                    let replies: usize = req
+                        .headers()
+                        .get("x-replies")
+                        .and_then(|v| v.to_str().ok()?.parse().ok())
+                        .unwrap_or(0);
+                    let content_type = req.headers().get("content-type").cloned();
+                    let body = req.into_body().collect().await?.to_bytes();
+                    let read = grpc_messages(&body).len();
+                    let stream: Vec<u8> = (0..replies)
+                        .flat_map(|i| common::grpc_message(&vec![i as u8; 100 * i]))
+                        .collect();
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", "0".parse().unwrap());
+                    trailers.insert("x-request-messages", read.to_string().parse().unwrap());
+                    let grpc = content_type
+                        .as_ref()
+                        .is_some_and(|c| c == "application/grpc");
+                    let frames = awkward_chunks(&stream)
+                        .into_iter()
+                        .map(hyper::body::Frame::data)
+                        .chain(grpc.then(|| hyper::body::Frame::trailers(trailers)))
+                        .map(Ok::<_, std::convert::Infallible>);
+                    let mut resp = http::Response::new(http_body_util::StreamBody::new(
+                        futures_util::stream::iter(frames),
+                    ));
+                    if let Some(ct) = content_type {
+                        resp.headers_mut().insert("content-type", ct);
+                    }
+                    Ok::<_, hyper::Error>(resp)
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// What one call through the client agent's outbound got back: the status, the response's
+/// messages and its trailers.
+struct Call {
+    status: u16,
+    messages: Vec<Vec<u8>>,
+    trailers: http::HeaderMap,
+}
+
+/// One streaming call from the application (h2c) through `outbound`: `messages` sent in
+/// awkward chunks, one after the other on the open stream, `replies` asked for.
+async fn grpc_call(
+    outbound: SocketAddr,
+    content_type: &str,
+    messages: &[Vec<u8>],
+    replies: usize,
+) -> Call {
+    tokio::time::timeout(WAIT, async {
+        let tcp = TcpStream::connect(outbound).await.unwrap();
+        let mut app = outrigger_testkit::HttpConn::new(tcp, true).await.unwrap();
+        let (tx, body) = outrigger_testkit::channel_body();
+        let req = http::Request::post(format!("http://{RATINGS}:8080/pkg.Ratings/Stream"))
+            .header("content-type", content_type)
+            .header("te", "trailers")
+            .header("x-replies", replies.to_string())
+            .body(body)
+            .unwrap();
+        let stream: Vec<u8> = messages
+            .iter()
+            .flat_map(|m| common::grpc_message(m))
+            .collect();
+        let send = async move {
+            for chunk in awkward_chunks(&stream) {
+                tx.send(Ok(hyper::body::Frame::data(chunk))).await.unwrap();
+            }
+        };
+        let (resp, ()) = tokio::join!(app.send(req), send);
+        let resp = resp.unwrap();
+        let status = resp.status().as_u16();
+        let collected = resp.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().unwrap_or_default();
+        Call {
+            status,
+            messages: grpc_messages(&collected.to_bytes()),
+            trailers,
+        }
+    })
+    .await
+    .expect("the call ends")
+}
+
+/// The labels of `istio_requests_total` that Istio's message counters do not carry
+/// (istio_stats.cc `log` adds them after `reportHelper` has reported the messages).
+const NOT_ON_MESSAGES: [&str; 5] = [
+    "request_protocol",
+    "response_code",
+    "grpc_response_status",
+    "response_flags",
+    "connection_security_policy",
+];
+
+/// Istio's gRPC message counters on both reporters of one call (istio_stats.cc
+/// `reportHelper`, counting as Envoy's `grpc_stats` filter counts, crate::grpc_stats in
+/// outrigger-proxy): an application streams 5 messages (one empty) to a mesh service through
+/// its agent's outbound, cut across HTTP/2 DATA frames at awkward places, and the service
+/// answers 3; the client agent (`reporter="source"`) and the server's agent
+/// (`reporter="destination"`) each write `istio_request_messages_total` 5 and
+/// `istio_response_messages_total` 3, labelled as the call's `istio_requests_total` series
+/// without `request_protocol`, `response_code`, `grpc_response_status`, `response_flags` and
+/// `connection_security_policy` — the label set of istio/proxy
+/// `testdata/metric/client_request_messages.yaml.tmpl` and the server's. A plain HTTP request
+/// and a gRPC-Web one (framed the same, but not gRPC to Envoy's `hasGrpcContentType`) make no
+/// series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_messages_are_counted_on_both_reporters() {
+    let mesh = Mesh::new();
+    let app = start_grpc_app().await;
+    let (server, _) = start_server_agent(&mesh, "ratings", app, "grpc");
+    let client = start_client(
+        &mesh,
+        &format!(
+            "outbound:
+  - name: ratings
+    listen: 127.0.0.1:0
+    host: {RATINGS}
+    port: 8080
+    protocol: grpc
+    endpoints: [\"{s}\"]
+    identity: {{serviceAccount: ratings}}
+",
+            s = server.addr("web")
+        ),
+    );
+    let outbound = client.outbound("ratings");
+    let sent: Vec<Vec<u8>> = [0usize, 3, 70, 1, 300]
+        .iter()
+        .map(|&n| vec![b'm'; n])
+        .collect();
+    let call = grpc_call(outbound, "application/grpc", &sent, 3).await;
+    assert_eq!(call.status, 200, "{}", client.stderr());
+    assert_eq!(call.trailers["grpc-status"], "0");
+    assert_eq!(call.trailers["x-request-messages"], "5");
+    assert_eq!(call.messages.len(), 3);
+
+    // Not gRPC: no message series.
+    let web = grpc_call(outbound, "application/grpc-web+proto", &sent, 2).await;
+    assert_eq!((web.status, web.messages.len()), (200, 2));
+    let (status, _) = app_get(outbound, "/plain").await.unwrap();
+    assert_eq!(status, 200);
+
+    for (agent, reporter, peer) in [
+        (&client, "source", "destination_principal"),
+        (&server, "destination", "source_principal"),
+    ] {
+        let needle = format!("reporter=\"{reporter}\"");
+        agent.wait_metric("istio_requests_total", &[&needle], 3.0);
+        agent.wait_metric("istio_request_messages_total", &[], 5.0);
+        let m = agent.wait_metric("istio_response_messages_total", &[], 3.0);
+        let requests = common::metric_series(&m, "istio_requests_total");
+        let grpc: Vec<_> = requests
+            .iter()
+            .filter(|(l, _)| l["request_protocol"] == "grpc")
+            .collect();
+        assert_eq!(grpc.len(), 1, "{m}");
+        let mut expected = grpc[0].0.clone();
+        for l in NOT_ON_MESSAGES {
+            expected.remove(l);
+        }
+        assert_eq!(expected["reporter"], reporter);
+        assert_eq!(expected["source_workload"], "windows-app", "{m}");
+        assert_eq!(expected["destination_workload"], "ratings", "{m}");
+        let principal = if reporter == "source" {
+            RATINGS_ID
+        } else {
+            CLIENT_ID
+        };
+        assert_eq!(expected[peer], principal, "{m}");
+        for (name, want) in [
+            ("istio_request_messages_total", 5.0),
+            ("istio_response_messages_total", 3.0),
+        ] {
+            assert_eq!(
+                common::metric_series(&m, name),
+                vec![(expected.clone(), want)],
+                "{reporter}: {name}\n{m}"
+            );
+        }
+    }
+}

@@ -824,7 +824,9 @@ async fn windows_service_under_wine_installs_serves_drains_and_uninstalls() {
     let pki = TestPki::new();
     let agent_certs = pki.issue("legacy", "windows-app");
     std::fs::create_dir_all(pki.path().join("policies")).unwrap();
-    let echo = start_echo().await;
+    // The application answers every request with the number of body bytes it read, and says
+    // when the first of them arrived (so the test knows the upload is in flight, without a sleep).
+    let (echo, upload_arrived) = outrigger_testkit::start_signalling_sink().await;
     // The service writes no ready file: give it a port up front.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -926,8 +928,12 @@ async fn windows_service_under_wine_installs_serves_drains_and_uninstalls() {
         .body(req_body)
         .unwrap();
     let in_flight = tokio::spawn(async move { c.fetch(req).await });
-    // Let the request reach the agent: an idle connection would simply be closed by the drain.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Wait until the upload reached the application: an idle connection would simply be
+    // closed by the drain.
+    tokio::time::timeout(Duration::from_secs(30), upload_arrived)
+        .await
+        .expect("the upload reached the application")
+        .unwrap();
     let stopper = {
         let (wine, exe, name) = (wine.clone(), exe.clone(), name.clone());
         std::thread::spawn(move || wine_run(&wine, &exe, &["service", "stop", "--name", &name]))

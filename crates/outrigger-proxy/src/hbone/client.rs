@@ -509,6 +509,12 @@ impl HboneStream {
     }
 }
 
+impl crate::copy::Side for HboneStream {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
+        self.io.poll_chunk(cx)
+    }
+}
+
 impl AsyncRead for HboneStream {
     fn poll_read(
         mut self: Pin<&mut Self>,

@@ -147,6 +147,39 @@ pub(crate) fn h2_to_io(e: h2::Error) -> io::Error {
     io::Error::new(kind, e)
 }
 
+impl H2Io {
+    /// Waits until `buf` holds the rest of a DATA frame; `Ok(false)` at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        while self.buf.is_empty() {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => self.buf = data,
+                Some(Err(e)) => {
+                    // The peer reset with NO_ERROR after sending everything: an orderly end.
+                    if e.reason() == Some(h2::Reason::NO_ERROR) {
+                        return Poll::Ready(Ok(false));
+                    }
+                    return Poll::Ready(Err(h2_to_io(e)));
+                }
+                None => return Poll::Ready(Ok(false)),
+            }
+        }
+        Poll::Ready(Ok(true))
+    }
+}
+
+/// A copy takes each DATA frame as it came (no copy into its buffer). The window is given back
+/// when the frame is handed over: the copy holds at most one frame until it is written, so
+/// the back-pressure is the same as a reader's.
+impl crate::copy::Side for H2Io {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
+        Some(self.poll_fill(cx).map_ok(|_| {
+            let chunk = std::mem::take(&mut self.buf);
+            let _ = self.recv.flow_control().release_capacity(chunk.len());
+            chunk
+        }))
+    }
+}
+
 impl AsyncRead for H2Io {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -154,18 +187,8 @@ impl AsyncRead for H2Io {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        while this.buf.is_empty() {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => this.buf = data,
-                Some(Err(e)) => {
-                    // The peer reset with NO_ERROR after sending everything: an orderly end.
-                    if e.reason() == Some(h2::Reason::NO_ERROR) {
-                        return Poll::Ready(Ok(()));
-                    }
-                    return Poll::Ready(Err(h2_to_io(e)));
-                }
-                None => return Poll::Ready(Ok(())),
-            }
+        if !ready!(this.poll_fill(cx))? {
+            return Poll::Ready(Ok(()));
         }
         let n = this.buf.len().min(out.remaining());
         out.put_slice(&this.buf[..n]);

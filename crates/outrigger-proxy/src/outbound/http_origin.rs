@@ -317,6 +317,9 @@ async fn forward(
         version: parts.version,
         headers: parts.headers.clone(),
     });
+    // A gRPC request's messages (crate::grpc_stats): counted from the first byte sent,
+    // published once the answer says who the server is.
+    rec.grpc = crate::grpc_stats::GrpcStats::for_request(&parts);
     let up_body: UpBody = if empty {
         Either::Right(Full::new(Bytes::new()))
     } else {
@@ -324,6 +327,7 @@ async fn forward(
             inner: body,
             counter: rec.received.clone(),
             failed: None,
+            grpc: rec.grpc.as_ref().map(|g| g.request_body()),
         })
     };
     let mut req = Some(Request::from_parts(parts, up_body));
@@ -426,8 +430,9 @@ async fn forward(
                 rparts.version = downstream_version;
                 rec.code = status.as_u16();
                 if let Some(s) = rparts.headers.get("grpc-status") {
-                    rec.grpc_status = s.to_str().ok().map(Lv::new);
+                    rec.grpc_status = crate::grpc_stats::sent_status(s).or(rec.grpc_status.take());
                 }
+                rec.grpc_response(&rparts);
                 let max = dest.cfg.pool.max_requests_per_connection;
                 return Response::from_parts(
                     rparts,
@@ -531,10 +536,12 @@ async fn egress(
         }
     };
     rec.upstream = stream.peer_addr().ok();
+    rec.grpc = crate::grpc_stats::GrpcStats::for_request(&parts);
     let up_body: UpBody = Either::Left(Metered {
         inner: body,
         counter: rec.received.clone(),
         failed: None,
+        grpc: rec.grpc.as_ref().map(|g| g.request_body()),
     });
     let result = async {
         let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
@@ -550,6 +557,7 @@ async fn egress(
             strip_hop_by_hop(&mut rparts.headers);
             rparts.version = downstream_version;
             rec.code = rparts.status.as_u16();
+            rec.grpc_response(&rparts);
             Response::from_parts(
                 rparts,
                 OutBody {
@@ -618,10 +626,14 @@ impl Body for OutBody {
                 if let Some(rec) = &mut this.rec {
                     if let Some(d) = f.data_ref() {
                         rec.sent += d.len() as u64;
+                        if let Some(g) = &mut rec.grpc {
+                            g.response_data(d);
+                        }
                     } else if let Some(t) = f.trailers_ref()
                         && let Some(s) = t.get("grpc-status")
                     {
-                        rec.grpc_status = s.to_str().ok().map(Lv::new);
+                        rec.grpc_status =
+                            crate::grpc_stats::sent_status(s).or(rec.grpc_status.take());
                     }
                 }
             }
@@ -685,6 +697,8 @@ struct Rec {
     protocol: &'static str,
     log: Option<LogFields>,
     trace: crate::trace::ReqTrace,
+    /// A gRPC request's message counts (crate::grpc_stats).
+    grpc: Option<crate::grpc_stats::GrpcStats>,
 }
 
 /// Starts an outbound request's trace: a CLIENT span named as Istio's outbound route
@@ -784,28 +798,58 @@ impl Rec {
             },
             log,
             trace: Default::default(),
+            grpc: None,
         }
+    }
+
+    /// The labels of this request's series as far as the server is known: the destination's
+    /// (`labels`), with the server's certificate and metadata.
+    fn with_server(
+        mut labels: TcpLabels,
+        principal: &Lv,
+        dest_peer: Option<&Arc<crate::peer_metadata::PeerMetadata>>,
+    ) -> TcpLabels {
+        // The namespace from the server's certificate first (istio_stats.cc: "fallback from
+        // using the namespace from SAN if available to using peer metadata").
+        crate::metrics::apply_destination_principal(&mut labels, principal);
+        if let Some(peer) = dest_peer {
+            crate::metrics::apply_destination_peer(&mut labels, peer);
+        }
+        labels
+    }
+
+    /// The server's answer has come, and with it who the server is (istio_stats.cc, client
+    /// reporter: `peer_read_` once the metadata exchange has read the response headers): a
+    /// gRPC request's messages are published from now on, and a gRPC response's counted.
+    fn grpc_response(&mut self, parts: &http::response::Parts) {
+        let Some(mut g) = self.grpc.take() else {
+            return;
+        };
+        g.response_headers(parts);
+        let labels = Self::with_server(self.labels.clone(), &self.peer, self.dest_peer.as_ref());
+        g.peer_known(&self.ctx.metrics, &labels);
+        self.grpc = Some(g);
     }
 
     fn finish(mut self) {
         let elapsed = self.start.elapsed();
-        let mut conn = self.labels;
-        // The namespace from the server's certificate first (istio_stats.cc: "fallback from
-        // using the namespace from SAN if available to using peer metadata").
-        crate::metrics::apply_destination_principal(&mut conn, &self.peer);
-        if let Some(peer) = &self.dest_peer {
-            crate::metrics::apply_destination_peer(&mut conn, peer);
+        let mut conn = Self::with_server(self.labels, &self.peer, self.dest_peer.as_ref());
+        // A request that ended before an answer (istio_stats.cc `reportHelper(true)`: the
+        // labels as they are at the end).
+        if let Some(g) = &self.grpc {
+            g.peer_known(&self.ctx.metrics, &conn);
         }
-        conn.request_protocol = if self.grpc_status.is_some() {
-            "grpc"
-        } else {
-            "http"
-        };
+        let (protocol, grpc) = crate::grpc_stats::protocol_labels(
+            self.grpc.is_some(),
+            self.grpc_status.as_ref().map(|s| &*s.0),
+            self.code,
+        );
+        conn.request_protocol = protocol;
         conn.response_flags = self.flags;
         let labels = RequestLabels {
             conn,
             response_code: self.code,
-            grpc_response_status: self.grpc_status.clone().unwrap_or_else(|| Lv::new("")),
+            grpc_response_status: Lv::new(&grpc.map(|n| n.to_string()).unwrap_or_default()),
         };
         self.ctx.metrics.request_handles(&labels).record(
             elapsed,

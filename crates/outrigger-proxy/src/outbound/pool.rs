@@ -156,6 +156,15 @@ impl AsyncRead for Upstream {
     }
 }
 
+impl crate::copy::Side for Upstream {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<std::io::Result<bytes::Bytes>>> {
+        match self {
+            Upstream::Tls(_) => None,
+            Upstream::Hbone(s) => s.poll_chunk(cx),
+        }
+    }
+}
+
 impl AsyncWrite for Upstream {
     fn poll_write(
         self: Pin<&mut Self>,

@@ -296,6 +296,52 @@ pub fn metric_value(metrics: &str, name: &str, needles: &[&str]) -> Option<f64> 
         .reduce(|a, b| a + b)
 }
 
+/// Every series of the metric `name` (exactly that name): its labels and its value.
+pub fn metric_series(metrics: &str, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
+    let mut out = Vec::new();
+    for line in metrics.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (labels, value) = match rest.strip_prefix('{') {
+            Some(r) => {
+                let end = r.rfind('}').unwrap();
+                (&r[..end], &r[end + 1..])
+            }
+            None if rest.starts_with(' ') => ("", rest),
+            None => continue,
+        };
+        let mut map = BTreeMap::new();
+        let mut chars = labels.chars().peekable();
+        while chars.peek().is_some() {
+            let key: String = chars.by_ref().take_while(|&c| c != '=').collect();
+            assert_eq!(chars.next(), Some('"'), "{line}");
+            let mut v = String::new();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => v.push(chars.next().unwrap()),
+                    '"' => break,
+                    c => v.push(c),
+                }
+            }
+            map.insert(key.trim_start_matches(',').to_string(), v);
+            if chars.peek() == Some(&',') {
+                chars.next();
+            }
+        }
+        out.push((map, value.trim().parse().unwrap()));
+    }
+    out
+}
+
+/// A gRPC message: flags 0, the payload's length (4 bytes, big-endian), the payload.
+pub fn grpc_message(payload: &[u8]) -> Vec<u8> {
+    let mut m = vec![0];
+    m.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
 /// A loopback port that was free a moment ago (for configs that must name a port up front,
 /// such as a `portLevelMtls` policy).
 pub fn free_port() -> u16 {

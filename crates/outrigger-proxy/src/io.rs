@@ -10,6 +10,18 @@ use std::time::Duration;
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// A downstream stream with its type erased, as the inbound path serves it once the
+/// connection is accepted (a TCP stream, a TLS stream, an HBONE stream): the HTTP and TCP
+/// forwarding code is compiled once instead of once per stream type (each copy held its own
+/// hyper HTTP/1 and HTTP/2 server), and a connection's task holds a pointer instead of the
+/// stream. One indirect call per read or write.
+pub(crate) trait AnyStream: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + ?Sized> AnyStream for T {}
+
+/// See [`AnyStream`].
+pub(crate) type BoxStream = Box<dyn AnyStream>;
+
 /// A stream that first yields `prefix` (bytes already read while detecting the protocol) and
 /// then reads from the inner stream. Writes go straight through.
 pub struct Rewind<T> {

@@ -20,7 +20,6 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1 as server1, http2 as server2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
 use crate::access_log::{AccessRecord, now_rfc3339};
@@ -33,6 +32,7 @@ use crate::http_common::{
     Metered, Prefixed, TunnelEnd, drive_until, is_websocket_upgrade, retarget,
     set_websocket_upgrade, strip_hop_by_hop, tunnel,
 };
+use crate::io::BoxStream;
 use crate::limits::{Active, Activity};
 use crate::metrics::{Lv, RequestHandles, RequestLabels};
 use crate::peer_metadata::PeerMetadata;
@@ -53,10 +53,15 @@ const MAX_REQUEST_HEADERS_BYTES: usize = 60 * 1024;
 /// it is closed (Envoy's HCM `drain_timeout` default).
 const IDLE_DRAIN: Duration = Duration::from_millis(5000);
 
-pub(crate) async fn serve<T>(io: T, h2: bool, conn: Arc<ConnInfo>, ctx: Arc<Ctx>)
-where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+/// The future of one request, boxed: hyper keeps room for a request's future in every
+/// connection for the connection's life (HTTP/1's dispatcher holds `Box<Option<S::Future>>`),
+/// so an unboxed one — several KiB, and written in full when a request starts — stayed
+/// resident in every idle keep-alive connection. Boxed, an idle connection keeps a pointer; the
+/// request's state is allocated when it starts and freed when its response is done.
+type RequestFuture =
+    Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static>>;
+
+pub(crate) async fn serve(io: BoxStream, h2: bool, conn: Arc<ConnInfo>, ctx: Arc<Ctx>) {
     let conn_src = conn.src;
     let backend = ctx.backends.pool(conn.listener.backend);
     let mut drain = ctx.drain.clone();
@@ -82,10 +87,11 @@ where
             backend.clone(),
             handles.clone(),
         );
-        async move {
+        let fut: RequestFuture = Box::pin(async move {
             let resp = resp.await?;
             Ok::<_, Infallible>(resp.map(|b| b.holding(active)))
-        }
+        });
+        fut
     });
     // Envoy's connection idle timeout (`crate::limits::Activity`): when no request has been
     // in progress for `idle_timeout` (from the connection's start, so a connection that never
@@ -122,7 +128,9 @@ where
             .max_header_size(MAX_REQUEST_HEADERS_BYTES)
             .serve_connection(io, svc)
             .with_upgrades();
-        drive_until(c, stop, |c| c.graceful_shutdown()).await
+        // Boxed, as is the HTTP/2 connection below: the connection's task then holds one
+        // pointer instead of room for both protocols' connection state.
+        Box::pin(drive_until(c, stop, |c| c.graceful_shutdown())).await
     } else {
         // A malformed request closes the connection, as in Envoy (crate::h2_close).
         let io = TokioIo::new(crate::h2_close::H2Close::new(io));
@@ -130,7 +138,7 @@ where
             .timer(hyper_util::rt::TokioTimer::new())
             .max_header_list_size(MAX_REQUEST_HEADERS_BYTES as u32)
             .serve_connection(io, svc);
-        drive_until(c, stop, |c| c.graceful_shutdown()).await
+        Box::pin(drive_until(c, stop, |c| c.graceful_shutdown())).await
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "downstream HTTP connection ended with an error");

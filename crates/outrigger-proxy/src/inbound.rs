@@ -15,7 +15,7 @@ use crate::accept;
 use crate::conn::ConnInfo;
 use crate::ctx::Ctx;
 use crate::detect::{self, Sniffed};
-use crate::io::Rewind;
+use crate::io::{BoxStream, Rewind};
 use crate::limits::Permit;
 use crate::tcp_mx;
 use crate::workload::InboundConfig;
@@ -89,10 +89,14 @@ async fn handle_connection(
             // DISABLE: "Connection is not tunneled" — bytes pass as they come, TLS included,
             // exactly as a sidecar with mTLS disabled does.
             let conn = accept::plaintext(&ctx, cfg, src, dst);
-            serve_stream(stream, None, Arc::new(conn), ctx).await;
+            serve_stream(Box::new(stream), None, Arc::new(conn), ctx).await;
         }
         (MtlsMode::Strict | MtlsMode::Permissive, true) => {
-            let Some((tls, peer)) = accept::mtls(stream, src, &ctx, &door, &mut permit).await
+            // The handshake's state (the TLS session mid-handshake, its timeout) lives in an
+            // allocation of its own, freed when the handshake ends, so that the connection's
+            // task does not keep room for it while the connection sits idle.
+            let Some((tls, peer)) =
+                Box::pin(accept::mtls(stream, src, &ctx, &door, &mut permit)).await
             else {
                 return;
             };
@@ -100,7 +104,7 @@ async fn handle_connection(
             let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
             let sni = session.server_name().map(str::to_string);
             let conn = peer.conn(cfg, src, dst, sni);
-            serve_stream(tls, alpn.as_deref(), Arc::new(conn), ctx).await;
+            serve_stream(Box::new(tls), alpn.as_deref(), Arc::new(conn), ctx).await;
         }
     }
 }
@@ -120,10 +124,9 @@ fn alpn_protocol(alpn: Option<&[u8]>) -> Option<Sniffed> {
     }
 }
 
-pub(crate) async fn serve_stream<T>(io: T, alpn: Option<&[u8]>, conn: Arc<ConnInfo>, ctx: Arc<Ctx>)
-where
-    T: crate::copy::Side + Send + 'static,
-{
+/// Serves an accepted direct connection (mTLS already terminated, or plaintext). The stream
+/// is boxed ([`BoxStream`]): the task of an idle connection holds a pointer to it.
+async fn serve_stream(io: BoxStream, alpn: Option<&[u8]>, conn: Arc<ConnInfo>, ctx: Arc<Ctx>) {
     if let Some((io, kind)) = classify_stream(io, alpn, &conn, &ctx).await {
         if kind == StreamKind::Tcp && alpn == Some(tcp_mx::ALPN) {
             crate::tcp_fwd::serve_exchange(io, conn, ctx).await;
@@ -177,13 +180,50 @@ where
 }
 
 /// Serves a classified stream: HTTP forwarding (per-request authorization) or TCP forwarding
-/// (per-connection authorization).
+/// (per-connection authorization). Whatever the stream's type, it is served as a
+/// [`BoxStream`], by one copy of the forwarding code.
 pub(crate) async fn serve_classified<T>(io: T, kind: StreamKind, conn: Arc<ConnInfo>, ctx: Arc<Ctx>)
 where
     T: crate::copy::Side + Send + 'static,
 {
+    serve_boxed(Box::new(io), kind, conn, ctx).await
+}
+
+async fn serve_boxed(io: BoxStream, kind: StreamKind, conn: Arc<ConnInfo>, ctx: Arc<Ctx>) {
     match kind {
         StreamKind::Http(h2) => crate::http_fwd::serve(io, h2, conn, ctx).await,
-        StreamKind::Tcp => crate::tcp_fwd::serve(io, conn, ctx).await,
+        // Boxed: the TCP path's state (the external authorizer's check among it) would
+        // otherwise size every connection's task, HTTP ones included.
+        StreamKind::Tcp => Box::pin(crate::tcp_fwd::serve(io, conn, ctx)).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future an async function returns, from the function alone.
+    fn future_size<A, B, C, D, E, G, F: Future>(_: impl FnOnce(A, B, C, D, E, G) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    fn future_size4<A, B, C, D, F: Future>(_: impl FnOnce(A, B, C, D) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every accepted connection's task is allocated at accept with room for the largest state
+    /// any connection could reach, and holds it while the connection sits idle. The large
+    /// phases (the handshake, HTTP/1 and HTTP/2 connection state, TCP forwarding with its
+    /// external authorization call) are boxed when they start, so the task stays small: it was
+    /// 26 KiB per connection before (BENCHMARKS.md "Memory: per idle connection").
+    #[test]
+    fn a_connection_task_keeps_no_room_for_its_large_phases() {
+        let task = future_size(handle_connection);
+        assert!(task <= 4096, "a connection's task future is {task} bytes");
+        let classified = future_size4(serve_boxed);
+        assert!(
+            classified <= 1024,
+            "serving a classified stream takes {classified} bytes in the task"
+        );
     }
 }

@@ -15,6 +15,20 @@ use crate::copy::Side;
 use crate::peer_metadata::PeerMetadata;
 use crate::tcp_mx::{self, Parsed};
 
+/// A downstream stream with its type erased, as the inbound path serves it once the
+/// connection is accepted (a TCP stream, a TLS stream, an HBONE stream): the HTTP and TCP
+/// forwarding code is compiled once instead of once per stream type (each copy held its own
+/// hyper HTTP/1 and HTTP/2 server), and a connection's task holds a pointer instead of the
+/// stream. One indirect call per read or write. It stays a [`Side`], so an HBONE stream's
+/// DATA frames still reach the copy without a copy of their own.
+pub(crate) type BoxStream = Box<dyn Side + Send>;
+
+impl<T: Side + Send + ?Sized> Side for Box<T> {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
+        (**self).poll_chunk(cx)
+    }
+}
+
 /// A stream that first yields `prefix` (bytes already read while detecting the protocol) and
 /// then reads from the inner stream. Writes go straight through.
 pub struct Rewind<T> {

@@ -129,7 +129,9 @@ fn alpn_protocol(alpn: Option<&[u8]>) -> Option<Sniffed> {
 async fn serve_stream(io: BoxStream, alpn: Option<&[u8]>, conn: Arc<ConnInfo>, ctx: Arc<Ctx>) {
     if let Some((io, kind)) = classify_stream(io, alpn, &conn, &ctx).await {
         if kind == StreamKind::Tcp && alpn == Some(tcp_mx::ALPN) {
-            crate::tcp_fwd::serve_exchange(io, conn, ctx).await;
+            // Boxed, as the other phases (serve_boxed): the exchange and TCP forwarding
+            // would otherwise size every connection's task.
+            Box::pin(crate::tcp_fwd::serve_exchange(io, conn, ctx)).await;
         } else {
             serve_classified(io, kind, conn, ctx).await;
         }

@@ -80,6 +80,10 @@ cargo_tool cargo-deb cargo-deb 3.8.0
 cargo_tool cargo-generate-rpm cargo-generate-rpm 0.21.1
 
 # 2. Dependency policy: licences, bans, sources (deny.toml), without the network.
+# cargo-deny reads every package of Cargo.lock, those of other platforms too (wasm's `wasi`,
+# `bumpalo`), which no build on this machine downloads: fetch them first, then check offline.
+log "cargo fetch --locked (every package in Cargo.lock, for cargo deny)"
+timeout 600 cargo fetch --locked
 log "cargo deny check licenses bans sources (offline)"
 timeout 300 cargo deny --frozen check --hide-inclusion-graph licenses bans sources
 

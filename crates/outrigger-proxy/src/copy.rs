@@ -45,11 +45,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Side for tokio_rustls::server::TlsStream
 impl<T: AsyncRead + AsyncWrite + Unpin> Side for tokio_rustls::client::TlsStream<T> {}
 impl Side for tokio::io::DuplexStream {}
 impl<T: hyper::rt::Read + hyper::rt::Write + Unpin> Side for hyper_util::rt::TokioIo<T> {}
-impl<T: Side + ?Sized> Side for &mut T {
-    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
-        (**self).poll_chunk(cx)
-    }
-}
 
 /// ztunnel's buffer sizes and the bytes after which each is used (a direction's total).
 const INITIAL: usize = 1024;

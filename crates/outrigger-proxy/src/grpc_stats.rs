@@ -75,6 +75,20 @@ pub(crate) fn protocol_labels(
     ("grpc", status)
 }
 
+/// A status of [`protocol_labels`] as its label value (only -1 to 16 occur), without
+/// formatting it per request.
+pub(crate) fn status_label(status: i64) -> &'static str {
+    const LABELS: [&str; 18] = [
+        "-1", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15",
+        "16",
+    ];
+    usize::try_from(status + 1)
+        .ok()
+        .and_then(|i| LABELS.get(i))
+        .copied()
+        .unwrap_or("-1")
+}
+
 /// A `grpc-status` header or trailer as sent, for [`protocol_labels`]: `None` when empty (Envoy
 /// reads an empty value as absent); a value that is not text is kept as one that does not parse.
 pub(crate) fn sent_status(v: &http::HeaderValue) -> Option<crate::metrics::Lv> {
@@ -334,19 +348,7 @@ mod tests {
     }
 
     fn labels() -> TcpLabels {
-        crate::metrics::source_labels(&crate::workload::WorkloadInfo {
-            identity: "spiffe://cluster.local/ns/legacy/sa/billing"
-                .parse()
-                .unwrap(),
-            namespace: "legacy".into(),
-            name: "billing".into(),
-            app: "billing".into(),
-            version: "v1".into(),
-            canonical_service: "billing".into(),
-            canonical_revision: "v1".into(),
-            service_host: None,
-            cluster: "Kubernetes".into(),
-        })
+        crate::metrics::source_labels(&crate::workload::WorkloadInfo::test_billing(None))
     }
 
     fn message(payload: &[u8]) -> Vec<u8> {

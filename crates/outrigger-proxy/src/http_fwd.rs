@@ -1176,7 +1176,7 @@ impl Recorder {
             code: self.code,
             flags: self.flags,
             protocol,
-            grpc: grpc.map(|n| Lv::new(&n.to_string())),
+            grpc: grpc.map(|n| Lv::new(crate::grpc_stats::status_label(n))),
             peer: self.peer.clone(),
         };
         let handles = {

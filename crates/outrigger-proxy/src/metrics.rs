@@ -776,29 +776,14 @@ pub fn spiffe_namespace(principal: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn workload(service_host: Option<&str>) -> crate::workload::WorkloadInfo {
-        crate::workload::WorkloadInfo {
-            identity: "spiffe://cluster.local/ns/legacy/sa/billing"
-                .parse()
-                .unwrap(),
-            namespace: "legacy".into(),
-            name: "billing".into(),
-            app: "billing".into(),
-            version: "v1".into(),
-            canonical_service: "billing".into(),
-            canonical_revision: "v1".into(),
-            service_host: service_host.map(str::to_string),
-            cluster: "Kubernetes".into(),
-        }
-    }
+    use crate::workload::WorkloadInfo;
 
     /// `destination_service_name` / `_namespace` as istiod names the service: a Kubernetes
     /// Service by its first label and namespace, a ServiceEntry host by the whole host (the
     /// name Kiali matches a ServiceEntry by), on both reporters.
     #[test]
     fn service_names_are_istios() {
-        let source = source_labels(&workload(None));
+        let source = source_labels(&WorkloadInfo::test_billing(None));
         for (host, name, ns) in [
             ("ratings.default.svc.cluster.local", "ratings", "default"),
             ("ratings.default.svc", "ratings", "default"),
@@ -823,13 +808,13 @@ mod tests {
             ("billing.legacy.svc.cluster.local", "billing"),
             ("billing.corp.example", "billing.corp.example"),
         ] {
-            let l = destination_labels(&workload(Some(host)));
+            let l = destination_labels(&WorkloadInfo::test_billing(Some(host)));
             assert_eq!(&*l.destination_service.0, host);
             assert_eq!(&*l.destination_service_name.0, name, "{host}");
             // The server reporter's service namespace is its own (istio_stats.cc).
             assert_eq!(&*l.destination_service_namespace.0, "legacy");
         }
-        let l = destination_labels(&workload(None));
+        let l = destination_labels(&WorkloadInfo::test_billing(None));
         assert_eq!(
             (&*l.destination_service.0, &*l.destination_service_name.0),
             ("billing", "billing")

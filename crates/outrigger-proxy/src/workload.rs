@@ -105,3 +105,23 @@ pub struct WorkloadInfo {
     pub service_host: Option<String>,
     pub cluster: String,
 }
+
+#[cfg(test)]
+impl WorkloadInfo {
+    /// The workload the unit tests label their metrics with (`legacy/billing`, v1).
+    pub(crate) fn test_billing(service_host: Option<&str>) -> WorkloadInfo {
+        WorkloadInfo {
+            identity: "spiffe://cluster.local/ns/legacy/sa/billing"
+                .parse()
+                .unwrap(),
+            namespace: "legacy".into(),
+            name: "billing".into(),
+            app: "billing".into(),
+            version: "v1".into(),
+            canonical_service: "billing".into(),
+            canonical_revision: "v1".into(),
+            service_host: service_host.map(str::to_string),
+            cluster: "Kubernetes".into(),
+        }
+    }
+}

@@ -849,7 +849,7 @@ impl Rec {
         let labels = RequestLabels {
             conn,
             response_code: self.code,
-            grpc_response_status: Lv::new(&grpc.map(|n| n.to_string()).unwrap_or_default()),
+            grpc_response_status: Lv::new(grpc.map_or("", crate::grpc_stats::status_label)),
         };
         self.ctx.metrics.request_handles(&labels).record(
             elapsed,
